@@ -1,0 +1,101 @@
+"""Opening the catalog: engine, sessions, and automatic migrations on start."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from sqlalchemy import create_engine, event, inspect, text
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from vmkeep.errors import CatalogError
+
+# Bump together with a new file in migrations/versions; a unit test checks they agree.
+HEAD_REVISION = "0001"
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def _redact(url: str) -> str:
+    """Never show a password from a catalog URL."""
+    from sqlalchemy.engine import make_url
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - an unparsable URL is shown by scheme only
+        return url.split(":", 1)[0] + "://…"
+
+
+class Catalog:
+    """The catalog database. ``with catalog.session() as s:`` commits on success, rolls back on error."""
+
+    def __init__(self, url: str, *, migrate: bool = True) -> None:
+        self.url = url
+        self.display_url = _redact(url)
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.engine: Engine = create_engine(url, future=True)
+        except (SQLAlchemyError, ImportError) as err:
+            raise CatalogError(f"cannot open {self.display_url}: {err}") from err
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        if migrate:
+            self.migrate()
+
+    def current_revision(self) -> str | None:
+        try:
+            with self.engine.connect() as conn:
+                if not inspect(conn).has_table("alembic_version"):
+                    return None
+                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+        except SQLAlchemyError as err:
+            raise CatalogError(f"cannot read {self.display_url}: {err}") from err
+
+    def migrate(self) -> None:
+        """Bring the schema to HEAD. The fast path (already at head) costs one query."""
+        if self.current_revision() == HEAD_REVISION:
+            return
+        from alembic import command
+        from alembic.config import Config as AlembicConfig
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["connection_url"] = self.url
+        try:
+            with self.engine.begin() as conn:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+        except SQLAlchemyError as err:
+            raise CatalogError(f"migrating {self.display_url} failed: {err}") from err
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        s = self._sessions()
+        try:
+            yield s
+            s.commit()
+        except SQLAlchemyError as err:
+            s.rollback()
+            raise CatalogError(str(err)) from err
+        except BaseException:
+            s.rollback()
+            raise
+        finally:
+            s.close()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
+    cur = dbapi_conn.cursor()
+    # WAL lets the daemon and the CLI read while a backup writes; busy_timeout serialises writers.
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()

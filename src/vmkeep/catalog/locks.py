@@ -1,0 +1,82 @@
+"""Locks are catalog rows (host, pid, reason), so the CLI and the daemon see the same locks.
+
+A lock whose holder is a dead process on this host is reclaimed (Benji ``with_lock``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+
+from vmkeep.catalog.db import Catalog
+from vmkeep.catalog.tables import Lock
+from vmkeep.errors import Locked
+
+log = logging.getLogger(__name__)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire(catalog: Catalog, name: str, reason: str) -> None:
+    host, pid = socket.gethostname(), os.getpid()
+    for _ in range(2):
+        try:
+            with catalog.engine.begin() as conn:
+                conn.execute(
+                    Lock.__table__.insert().values(name=name, host=host, pid=pid, reason=reason)
+                )
+            return
+        except IntegrityError:
+            with catalog.session() as s:
+                holder = s.execute(select(Lock).where(Lock.name == name)).scalar_one_or_none()
+                if holder is None:
+                    continue  # released meanwhile: try again
+                if holder.host == host and not pid_alive(holder.pid):
+                    log.warning(
+                        "reclaiming lock %s left by dead process %s (%s)",
+                        name, holder.pid, holder.reason,
+                    )
+                    # Delete only that exact stale row: a racing reclaimer cannot steal a fresh lock.
+                    s.execute(
+                        delete(Lock).where(
+                            Lock.name == name, Lock.host == holder.host, Lock.pid == holder.pid
+                        )
+                    )
+                    continue
+                raise Locked(
+                    name, holder.host, holder.pid, holder.acquired_at.isoformat(timespec="seconds"),
+                    holder.reason,
+                ) from None
+    raise Locked(name, "?", "?", "?", "could not take the lock")
+
+
+def release(catalog: Catalog, name: str) -> None:
+    with catalog.session() as s:
+        s.execute(
+            delete(Lock).where(
+                Lock.name == name, Lock.host == socket.gethostname(), Lock.pid == os.getpid()
+            )
+        )
+
+
+@contextmanager
+def lock(catalog: Catalog, name: str, reason: str) -> Iterator[None]:
+    acquire(catalog, name, reason)
+    try:
+        yield
+    finally:
+        release(catalog, name)

@@ -1,0 +1,126 @@
+"""SQLAlchemy 2 ORM models: the catalog is the source of truth for VMs, backups, jobs and locks.
+
+Schema changes go through an Alembic migration in ``migrations/versions``; a unit test checks that
+the migrations produce exactly these tables.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, ForeignKey, Integer, String, Text, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import DateTime, TypeDecorator
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the catalog")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UtcDateTime}
+
+
+class Vm(Base):
+    __tablename__ = "vms"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    host_uri: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(32))
+    lcm_state: Mapped[str] = mapped_column(String(32))
+    pool: Mapped[str | None] = mapped_column(String(255), default=None)
+    backup_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    quiesced_at: Mapped[datetime | None] = mapped_column(default=None)
+    imported_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Datastore(Base):
+    __tablename__ = "datastores"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    driver: Mapped[str] = mapped_column(String(32))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Backup(Base):
+    """One restore chain: a full (increment 0) plus its increments."""
+
+    __tablename__ = "backups"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    datastore_id: Mapped[int] = mapped_column(ForeignKey("datastores.id"))
+    mode: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16))
+    active_flatten: Mapped[bool] = mapped_column(default=False)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    vm: Mapped[Vm] = relationship()
+    datastore: Mapped[Datastore] = relationship()
+    increments: Mapped[list[Increment]] = relationship(
+        back_populates="backup", order_by="Increment.seq", cascade="all, delete-orphan"
+    )
+
+
+class Increment(Base):
+    __tablename__ = "increments"
+    __table_args__ = (UniqueConstraint("backup_id", "seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    backup_id: Mapped[int] = mapped_column(ForeignKey("backups.id"))
+    seq: Mapped[int] = mapped_column(Integer)  # 0 = full, as OpenNebula numbers them
+    parent: Mapped[int | None] = mapped_column(Integer, default=None)
+    checkpoint: Mapped[str | None] = mapped_column(String(255), default=None)
+    status: Mapped[str] = mapped_column(String(16))
+    consistency: Mapped[str | None] = mapped_column(String(16), default=None)
+    size: Mapped[int] = mapped_column(default=0)
+    files: Mapped[list[Any]] = mapped_column(default=list)
+    freeze_ms: Mapped[float | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    backup: Mapped[Backup] = relationship(back_populates="increments")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(16))
+    progress: Mapped[float] = mapped_column(default=0.0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Lock(Base):
+    __tablename__ = "locks"
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(String(255))
+    acquired_at: Mapped[datetime] = mapped_column(default=utcnow)

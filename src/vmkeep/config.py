@@ -1,0 +1,153 @@
+"""Configuration: one TOML file, typed models, ``VMKEEP_`` environment overrides.
+
+Lookup order for the file: ``--config``, ``$VMKEEP_CONFIG``, ``~/.config/vmkeep/config.toml``
+(``/etc/vmkeep/config.toml`` for root). With no file at all vmkeep runs on embedded defaults.
+
+Environment overrides are ``VMKEEP_<SECTION>_<KEY>``, e.g. ``VMKEEP_CATALOG_URL`` or
+``VMKEEP_LIBVIRT_URI``; they win over the file.
+
+    version = 1
+    [catalog]
+    url = "sqlite:////var/lib/vmkeep/catalog.db"   # or postgresql+psycopg://user@host/db
+    [libvirt]
+    uri = "qemu:///system"
+    [agent]
+    timeout = 10          # seconds for every guest-agent call
+    [lab]
+    dir = "/var/lib/vmkeep/lab"
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vmkeep.errors import ConfigError
+
+CONFIG_VERSION = 1
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_data_dir() -> Path:
+    if is_root():
+        return Path("/var/lib/vmkeep")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "vmkeep"
+
+
+def default_config_path() -> Path:
+    if is_root():
+        return Path("/etc/vmkeep/config.toml")
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "vmkeep" / "config.toml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CatalogConfig(_Section):
+    url: str = ""  # empty = SQLite file in the data dir
+
+    def resolved_url(self, data_dir: Path) -> str:
+        return self.url or f"sqlite:///{data_dir / 'catalog.db'}"
+
+
+class LibvirtConfig(_Section):
+    uri: str = "qemu:///system"
+
+
+class AgentConfig(_Section):
+    timeout: float = Field(default=10.0, gt=0, le=600)
+
+
+class QuiesceConfig(_Section):
+    max_seconds: float = Field(default=60.0, gt=0, le=3600)
+
+
+class LabConfig(_Section):
+    # Not under /root: QEMU runs as libvirt-qemu and must traverse the path to the images.
+    dir: Path = Path("/var/lib/vmkeep/lab")
+
+
+class Config(_Section):
+    version: int = CONFIG_VERSION
+    data_dir: Path = Field(default_factory=default_data_dir)
+    catalog: CatalogConfig = CatalogConfig()
+    libvirt: LibvirtConfig = LibvirtConfig()
+    agent: AgentConfig = AgentConfig()
+    quiesce: QuiesceConfig = QuiesceConfig()
+    lab: LabConfig = LabConfig()
+
+    @property
+    def catalog_url(self) -> str:
+        return self.catalog.resolved_url(self.data_dir)
+
+
+def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
+    """Map VMKEEP_<SECTION>_<KEY> variables onto the nested config dict."""
+    out: dict[str, Any] = {}
+    if "VMKEEP_DATA_DIR" in environ:
+        out["data_dir"] = environ["VMKEEP_DATA_DIR"]
+    for section, model in Config.model_fields.items():
+        sub = model.annotation
+        if not (isinstance(sub, type) and issubclass(sub, _Section)):
+            continue
+        for key in sub.model_fields:
+            name = f"VMKEEP_{section}_{key}".upper()
+            if name in environ:
+                out.setdefault(section, {})[key] = environ[name]
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _loc(err: dict[str, Any]) -> str:
+    parts: list[str] = []
+    for p in err["loc"]:
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or "<root>"
+
+
+def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
+    """Load the config file (if any), apply env overrides, validate. Errors name the bad key."""
+    env = dict(os.environ if environ is None else environ)
+    explicit = path or env.get("VMKEEP_CONFIG")
+    file = Path(explicit) if explicit else default_config_path()
+    data: dict[str, Any] = {}
+    if file.exists():
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(str(file), f"not valid TOML ({err})") from err
+        except OSError as err:
+            raise ConfigError(str(file), f"cannot read ({err.strerror})") from err
+    elif explicit:
+        raise ConfigError(str(file), "file does not exist")
+    version = data.get("version", CONFIG_VERSION)
+    if version != CONFIG_VERSION:
+        raise ConfigError(f"{file}: version", f"{version!r} is not supported; use {CONFIG_VERSION}")
+    data = _merge(data, _env_overrides(env))
+    try:
+        return Config.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        raise ConfigError(f"{file}: {_loc(dict(first))}", first["msg"]) from err

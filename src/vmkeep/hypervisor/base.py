@@ -1,0 +1,75 @@
+"""The hypervisor interface the engine talks to (OpenNebula's VMM driver actions).
+
+The engine's unit tests use a fake behind this interface; end-to-end tests use the native libvirt
+implementation in ``native.py`` against a real libvirtd.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from vmkeep.model import DomainInfo, GuestExecResult
+
+
+class Hypervisor(ABC):
+    uri: str
+
+    # --- inventory -----------------------------------------------------------------------------
+    @abstractmethod
+    def list_domains(self) -> list[DomainInfo]:
+        """Every domain libvirt knows (running and defined)."""
+
+    @abstractmethod
+    def domain(self, name: str) -> DomainInfo:
+        """One domain; raises DomainNotFound."""
+
+    @abstractmethod
+    def domain_xml(self, name: str, *, inactive: bool = False) -> str:
+        """The domain's XML (``inactive=True``: the persistent definition)."""
+
+    # --- lifecycle (deploy / cancel / shutdown / save-restore in OpenNebula's terms) ------------
+    @abstractmethod
+    def define(self, xml: str) -> str:
+        """Define a persistent domain from XML; returns its name."""
+
+    @abstractmethod
+    def start(self, name: str) -> None: ...
+
+    @abstractmethod
+    def destroy(self, name: str) -> None:
+        """Hard power-off (OpenNebula 'cancel'); no error if already off."""
+
+    @abstractmethod
+    def undefine(self, name: str) -> None:
+        """Remove the definition (and its checkpoint metadata); no error if absent."""
+
+    @abstractmethod
+    def suspend(self, name: str) -> None:
+        """Pause the vCPUs."""
+
+    @abstractmethod
+    def resume(self, name: str) -> None:
+        """Resume paused vCPUs; no error if already running."""
+
+    # --- guest agent: every call has a timeout --------------------------------------------------
+    @abstractmethod
+    def guest_ping(self, name: str, timeout: float) -> bool:
+        """True when the guest agent answers within ``timeout``."""
+
+    @abstractmethod
+    def fs_freeze(self, name: str, timeout: float) -> int:
+        """Freeze the guest file systems; returns how many were frozen.
+
+        Raises AgentUnavailable when there is no agent, AgentTimeout when it does not answer."""
+
+    @abstractmethod
+    def fs_thaw(self, name: str, timeout: float) -> int:
+        """Thaw the guest file systems; returns how many were thawed."""
+
+    @abstractmethod
+    def fs_freeze_status(self, name: str, timeout: float) -> str:
+        """'frozen' or 'thawed', as the guest agent reports it."""
+
+    @abstractmethod
+    def guest_exec(self, name: str, argv: list[str], timeout: float) -> GuestExecResult:
+        """Run a program in the guest through the agent and wait for it (tests and the lab)."""

@@ -1,0 +1,270 @@
+"""Native libvirt implementation of the hypervisor interface.
+
+This package is the only one importing ``libvirt``; every ``libvirtError`` is turned into a vmkeep
+error by its ``get_error_code()`` (as virtnbdbackup's ``virt/client.py`` does).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
+import libvirt
+import libvirt_qemu
+
+from vmkeep.errors import (
+    AgentTimeout,
+    AgentUnavailable,
+    DomainNotFound,
+    HypervisorError,
+    HypervisorUnreachable,
+)
+from vmkeep.hypervisor.base import Hypervisor
+from vmkeep.model import DiskInfo, DomainInfo, GuestExecResult, VmState
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# libvirt prints every error to stderr by default; vmkeep reports them itself.
+libvirt.registerErrorHandler(lambda _ctx, _err: None, None)
+
+_STATES = {
+    libvirt.VIR_DOMAIN_RUNNING: VmState.ACTIVE,
+    libvirt.VIR_DOMAIN_BLOCKED: VmState.ACTIVE,
+    libvirt.VIR_DOMAIN_PAUSED: VmState.ACTIVE,
+    libvirt.VIR_DOMAIN_SHUTDOWN: VmState.ACTIVE,
+    libvirt.VIR_DOMAIN_SHUTOFF: VmState.POWEROFF,
+    libvirt.VIR_DOMAIN_CRASHED: VmState.POWEROFF,
+    libvirt.VIR_DOMAIN_PMSUSPENDED: VmState.SUSPENDED,
+}
+
+_AGENT_MISSING_HINTS = ("not connected", "not configured", "not available", "not running")
+
+
+def parse_disks(xml: str) -> tuple[DiskInfo, ...]:
+    """Disks of a domain XML, in target order as libvirt lists them."""
+    root = ET.fromstring(xml)
+    disks: list[DiskInfo] = []
+    for disk in root.findall("./devices/disk"):
+        target = disk.find("target")
+        source = disk.find("source")
+        driver = disk.find("driver")
+        if target is None:
+            continue
+        path = ""
+        if source is not None:
+            path = source.get("file") or source.get("dev") or source.get("name") or ""
+        disks.append(
+            DiskInfo(
+                target=target.get("dev", ""),
+                path=path,
+                fmt=(driver.get("type", "raw") if driver is not None else "raw"),
+                device=disk.get("device", "disk"),
+                readonly=disk.find("readonly") is not None,
+                transient=disk.find("transient") is not None,
+            )
+        )
+    return tuple(disks)
+
+
+def has_agent_channel(xml: str) -> bool:
+    root = ET.fromstring(xml)
+    return any(
+        t.get("name") == "org.qemu.guest_agent.0"
+        for t in root.findall("./devices/channel/target")
+    )
+
+
+class LibvirtHypervisor(Hypervisor):
+    def __init__(self, uri: str = "qemu:///system") -> None:
+        self.uri = uri
+        self._conn: libvirt.virConnect | None = None
+
+    # --- plumbing -------------------------------------------------------------------------------
+    @property
+    def conn(self) -> libvirt.virConnect:
+        if self._conn is None or not self._conn.isAlive():
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as err:
+                raise HypervisorUnreachable(self.uri, err.get_error_message()) from err
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except libvirt.libvirtError:
+                pass
+            self._conn = None
+
+    def _dom(self, name: str) -> libvirt.virDomain:
+        try:
+            return self.conn.lookupByName(name)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise DomainNotFound(name, self.uri) from err
+            raise HypervisorError(err.get_error_message()) from err
+
+    def _call(self, fn: Callable[[], T], what: str) -> T:
+        try:
+            return fn()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                raise DomainNotFound(what, self.uri) from err
+            raise HypervisorError(f"{what}: {err.get_error_message()}") from err
+
+    @contextmanager
+    def _agent(self, name: str, command: str, timeout: float) -> Iterator[libvirt.virDomain]:
+        """Run an agent call with a bounded wait; map libvirt's agent errors."""
+        dom = self._dom(name)
+        try:
+            # Bound libvirt's own wait for the agent (default: block forever).
+            dom.agentSetResponseTimeout(max(1, int(round(timeout))))
+            yield dom
+        except libvirt.libvirtError as err:
+            code, msg = err.get_error_code(), err.get_error_message() or ""
+            if code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
+                if any(h in msg for h in _AGENT_MISSING_HINTS):
+                    raise AgentUnavailable(name, msg) from err
+                raise AgentTimeout(name, command, timeout) from err
+            if code in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+                raise AgentUnavailable(name, msg) from err
+            if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+                raise AgentTimeout(name, command, timeout) from err
+            raise HypervisorError(f"{command} on {name}: {msg}") from err
+
+    def _agent_command(self, name: str, payload: dict[str, Any], timeout: float) -> Any:
+        command = payload["execute"]
+        with self._agent(name, command, timeout) as dom:
+            raw = libvirt_qemu.qemuAgentCommand(dom, json.dumps(payload), int(timeout) or 1, 0)
+        return json.loads(raw)["return"]
+
+    def _info(self, dom: libvirt.virDomain) -> DomainInfo:
+        state, _reason = dom.state()
+        xml = dom.XMLDesc(0)
+        try:
+            checkpoints = tuple(c.getName() for c in dom.listAllCheckpoints())
+        except libvirt.libvirtError:
+            checkpoints = ()
+        return DomainInfo(
+            name=dom.name(),
+            uuid=dom.UUIDString(),
+            state=_STATES.get(state, VmState.UNKNOWN),
+            paused=state == libvirt.VIR_DOMAIN_PAUSED,
+            persistent=bool(dom.isPersistent()),
+            disks=parse_disks(xml),
+            has_agent_channel=has_agent_channel(xml),
+            checkpoints=checkpoints,
+        )
+
+    # --- inventory ------------------------------------------------------------------------------
+    def list_domains(self) -> list[DomainInfo]:
+        doms = self._call(lambda: self.conn.listAllDomains(0), "list domains")
+        return sorted((self._info(d) for d in doms), key=lambda d: d.name)
+
+    def domain(self, name: str) -> DomainInfo:
+        dom = self._dom(name)
+        return self._call(lambda: self._info(dom), name)
+
+    def domain_xml(self, name: str, *, inactive: bool = False) -> str:
+        dom = self._dom(name)
+        flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0
+        return self._call(lambda: dom.XMLDesc(flags), name)
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def define(self, xml: str) -> str:
+        dom = self._call(lambda: self.conn.defineXML(xml), "define domain")
+        return str(dom.name())
+
+    def start(self, name: str) -> None:
+        dom = self._dom(name)
+        self._call(dom.create, f"start {name}")
+
+    def destroy(self, name: str) -> None:
+        try:
+            dom = self._dom(name)
+        except DomainNotFound:
+            return
+        if dom.isActive():
+            self._call(dom.destroy, f"destroy {name}")
+
+    def undefine(self, name: str) -> None:
+        try:
+            dom = self._dom(name)
+        except DomainNotFound:
+            return
+        flags = (
+            libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | libvirt.VIR_DOMAIN_UNDEFINE_NVRAM
+        )
+        self._call(lambda: dom.undefineFlags(flags), f"undefine {name}")
+
+    def suspend(self, name: str) -> None:
+        dom = self._dom(name)
+        self._call(dom.suspend, f"suspend {name}")
+
+    def resume(self, name: str) -> None:
+        dom = self._dom(name)
+        state, _ = dom.state()
+        if state == libvirt.VIR_DOMAIN_PAUSED:
+            self._call(dom.resume, f"resume {name}")
+
+    # --- guest agent ----------------------------------------------------------------------------
+    def guest_ping(self, name: str, timeout: float) -> bool:
+        try:
+            self._agent_command(name, {"execute": "guest-ping"}, timeout)
+        except (AgentUnavailable, AgentTimeout):
+            return False
+        return True
+
+    def fs_freeze(self, name: str, timeout: float) -> int:
+        with self._agent(name, "guest-fsfreeze-freeze", timeout) as dom:
+            return int(dom.fsFreeze())
+
+    def fs_thaw(self, name: str, timeout: float) -> int:
+        with self._agent(name, "guest-fsfreeze-thaw", timeout) as dom:
+            return int(dom.fsThaw())
+
+    def fs_freeze_status(self, name: str, timeout: float) -> str:
+        return str(self._agent_command(name, {"execute": "guest-fsfreeze-status"}, timeout))
+
+    def guest_exec(self, name: str, argv: list[str], timeout: float) -> GuestExecResult:
+        started = self._agent_command(
+            name,
+            {
+                "execute": "guest-exec",
+                "arguments": {"path": argv[0], "arg": argv[1:], "capture-output": True},
+            },
+            min(timeout, 30),
+        )
+        pid = started["pid"]
+        deadline = time.monotonic() + timeout
+        delay = 0.05
+        while True:
+            status = self._agent_command(
+                name, {"execute": "guest-exec-status", "arguments": {"pid": pid}}, min(timeout, 30)
+            )
+            if status.get("exited"):
+                break
+            if time.monotonic() > deadline:
+                raise AgentTimeout(name, f"guest-exec {argv[0]}", timeout)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+        def decode(key: str) -> str:
+            data = status.get(key)
+            return base64.b64decode(data).decode(errors="replace") if data else ""
+
+        return GuestExecResult(
+            exit_code=int(status.get("exitcode", -1)),
+            stdout=decode("out-data"),
+            stderr=decode("err-data"),
+        )
