@@ -219,3 +219,7 @@ def exit_code_table() -> str:
         rows.append(f"| {cls.exit_code} | {cls.http_status} | `{cls.__name__}` | {template} |")
     rows.append("| 130 | – | – | interrupted (Ctrl-C / SIGTERM); work in progress was cleaned up |")
     return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(exit_code_table(), end="")

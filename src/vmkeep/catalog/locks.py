@@ -11,7 +11,7 @@ import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from vmkeep.catalog.db import Catalog
@@ -36,9 +36,7 @@ def acquire(catalog: Catalog, name: str, reason: str) -> None:
     for _ in range(2):
         try:
             with catalog.engine.begin() as conn:
-                conn.execute(
-                    Lock.__table__.insert().values(name=name, host=host, pid=pid, reason=reason)
-                )
+                conn.execute(insert(Lock).values(name=name, host=host, pid=pid, reason=reason))
             return
         except IntegrityError:
             with catalog.session() as s:
@@ -48,7 +46,9 @@ def acquire(catalog: Catalog, name: str, reason: str) -> None:
                 if holder.host == host and not pid_alive(holder.pid):
                     log.warning(
                         "reclaiming lock %s left by dead process %s (%s)",
-                        name, holder.pid, holder.reason,
+                        name,
+                        holder.pid,
+                        holder.reason,
                     )
                     # Delete only that exact stale row: a racing reclaimer cannot steal a fresh lock.
                     s.execute(
@@ -58,7 +58,10 @@ def acquire(catalog: Catalog, name: str, reason: str) -> None:
                     )
                     continue
                 raise Locked(
-                    name, holder.host, holder.pid, holder.acquired_at.isoformat(timespec="seconds"),
+                    name,
+                    holder.host,
+                    holder.pid,
+                    holder.acquired_at.isoformat(timespec="seconds"),
                     holder.reason,
                 ) from None
     raise Locked(name, "?", "?", "?", "could not take the lock")

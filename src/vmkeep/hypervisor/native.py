@@ -7,6 +7,7 @@ error by its ``get_error_code()`` (as virtnbdbackup's ``virt/client.py`` does).
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import time
@@ -76,8 +77,7 @@ def parse_disks(xml: str) -> tuple[DiskInfo, ...]:
 def has_agent_channel(xml: str) -> bool:
     root = ET.fromstring(xml)
     return any(
-        t.get("name") == "org.qemu.guest_agent.0"
-        for t in root.findall("./devices/channel/target")
+        t.get("name") == "org.qemu.guest_agent.0" for t in root.findall("./devices/channel/target")
     )
 
 
@@ -98,10 +98,8 @@ class LibvirtHypervisor(Hypervisor):
 
     def close(self) -> None:
         if self._conn is not None:
-            try:
+            with contextlib.suppress(libvirt.libvirtError):
                 self._conn.close()
-            except libvirt.libvirtError:
-                pass
             self._conn = None
 
     def _dom(self, name: str) -> libvirt.virDomain:

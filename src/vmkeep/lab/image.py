@@ -21,7 +21,14 @@ from vmkeep.lab.cpio import Archive
 
 # What the guest needs; their dependencies come from modules.dep. crc32c_generic is ext4's
 # checksum through the crypto API, a soft dependency modules.dep does not list.
-WANTED_MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "libcrc32c", "ext4")
+WANTED_MODULES = (
+    "virtio_pci",
+    "virtio_blk",
+    "virtio_console",
+    "crc32c_generic",
+    "libcrc32c",
+    "ext4",
+)
 QEMU_GA = Path("/usr/sbin/qemu-ga")
 BUSYBOX = Path("/bin/busybox")
 

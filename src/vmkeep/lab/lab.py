@@ -62,8 +62,21 @@ def make_ext4_qcow2(path: Path, size: int, populate: Path | None = None) -> None
             argv += ["-d", str(populate)]
         run([*argv, str(raw)])
         tmp_qcow = path.with_suffix(".tmp")
-        run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", "-o", "compat=1.1",
-             str(raw), str(tmp_qcow)])
+        run(
+            [
+                "qemu-img",
+                "convert",
+                "-q",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-o",
+                "compat=1.1",
+                str(raw),
+                str(tmp_qcow),
+            ]
+        )
         tmp_qcow.replace(path)
 
 

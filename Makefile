@@ -1,0 +1,20 @@
+# The two commands a user needs (README): `make demo` runs a real backup + restore of a real VM,
+# `make test` runs every test (unit, contract, e2e on real libvirt/QEMU guests).
+.PHONY: setup demo test lint bench
+
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/vmkeep lab demo
+
+test: setup
+	.venv/bin/pytest --junitxml=.pytest-report.xml tests
+
+lint: setup
+	.venv/bin/ruff check src tests bench
+	.venv/bin/ruff format --check src tests bench
+	.venv/bin/mypy
+
+bench: setup
+	.venv/bin/python bench/backup.py

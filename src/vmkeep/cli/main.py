@@ -1,0 +1,85 @@
+"""``vmkeep`` entry point. Only ``main()`` calls ``sys.exit``; exit codes come from errors.py."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from typing import Any
+
+import click
+
+from vmkeep import __version__
+from vmkeep.config import load_config
+from vmkeep.engine.context import Context
+from vmkeep.errors import EXIT_INTERRUPTED, VmkeepError
+
+
+class LazyGroup(click.Group):
+    """Imports a command family only when it is used: a no-op command stays fast."""
+
+    families = {
+        "vm": "vmkeep.cli.vm_cmd:vm",
+        "lab": "vmkeep.cli.lab_cmd:lab",
+    }
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.families})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.families:
+            module, attr = self.families[name].split(":")
+            mod = __import__(module, fromlist=[attr])
+            cmd: click.Command = getattr(mod, attr)
+            return cmd
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vmkeep")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Config file (default: $VMKEEP_CONFIG, then ~/.config/vmkeep/config.toml).",
+)
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def cli(click_ctx: click.Context, config_path: str | None, verbose: int) -> None:
+    """vmkeep: consistent backups, group snapshots and restore for KVM/libvirt VMs."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    click_ctx.obj = Context(load_config(config_path))
+
+
+def _on_sigterm(_signum: int, _frame: Any) -> None:
+    # Turn SIGTERM into the same clean-up path as Ctrl-C.
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    code = 0
+    try:
+        with cli.make_context("vmkeep", list(sys.argv[1:] if argv is None else argv)) as ctx:
+            cli.invoke(ctx)
+            code = int(ctx.meta.get("vmkeep.exit_code", 0))
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        e.show()
+        code = 2
+    except click.exceptions.Abort:
+        code = EXIT_INTERRUPTED
+    except VmkeepError as e:
+        click.echo(f"vmkeep: error: {e}", err=True)
+        code = e.exit_code
+    except KeyboardInterrupt:
+        click.echo("vmkeep: interrupted", err=True)
+        code = EXIT_INTERRUPTED
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

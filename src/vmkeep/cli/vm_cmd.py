@@ -1,0 +1,87 @@
+"""``vmkeep vm ...``: inventory, backup config, quiesce/unquiesce, reset-state."""
+
+from __future__ import annotations
+
+import click
+
+from vmkeep.cli.output import ctx_of, emit_json, json_option, kv, render, table
+from vmkeep.engine import vms
+
+COLUMNS = ("id", "name", "state", "lcm_state", "host")
+
+
+@click.group()
+def vm() -> None:
+    """VMs known to vmkeep."""
+
+
+@vm.command("list")
+@json_option
+@click.pass_context
+def list_cmd(c: click.Context, as_json: bool) -> None:
+    """List imported VMs with their current state."""
+    rows = vms.list_vms(ctx_of(c))
+    render(rows, as_json, lambda r: table(r, COLUMNS))
+
+
+@vm.command("show")
+@click.argument("ref", metavar="VM")
+@json_option
+@click.pass_context
+def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
+    """Show one VM (name or id): state, disks, backup config."""
+    render(vms.show_vm(ctx_of(c), ref), as_json, kv)
+
+
+@vm.command("import")
+@click.argument("domain", required=False)
+@click.option("--all", "all_", is_flag=True, help="Import every libvirt domain.")
+@json_option
+@click.pass_context
+def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) -> None:
+    """Import a libvirt domain (or --all) into the catalog."""
+    if bool(domain) == all_:
+        raise click.UsageError("give a DOMAIN or --all (not both)")
+    rows = vms.import_all(ctx_of(c)) if all_ else [vms.import_vm(ctx_of(c), domain or "")]
+    if as_json:
+        emit_json(rows)
+    else:
+        for r in rows:
+            click.echo(f"imported {r['name']} (id {r['id']}, {r['lcm_state']})")
+
+
+@vm.command("quiesce")
+@click.argument("ref", metavar="VM")
+@json_option
+@click.pass_context
+def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
+    """Freeze the guest file systems (RUNNING -> QUIESCED)."""
+    res = vms.quiesce(ctx_of(c), ref)
+    render(
+        res,
+        as_json,
+        lambda r: click.echo(f"{r['vm']}: QUIESCED ({r['filesystems']} file systems frozen)"),
+    )
+
+
+@vm.command("unquiesce")
+@click.argument("ref", metavar="VM")
+@json_option
+@click.pass_context
+def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
+    """Thaw the guest file systems (QUIESCED -> RUNNING)."""
+    res = vms.unquiesce(ctx_of(c), ref)
+    render(
+        res,
+        as_json,
+        lambda r: click.echo(f"{r['vm']}: RUNNING ({r['filesystems']} file systems thawed)"),
+    )
+
+
+@vm.command("reset-state")
+@click.argument("ref", metavar="VM")
+@json_option
+@click.pass_context
+def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
+    """Admin: thaw/resume the guest and take the state from libvirt (clears ERROR)."""
+    render(vms.reset_state(ctx_of(c), ref), as_json, kv)

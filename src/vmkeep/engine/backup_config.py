@@ -1,0 +1,73 @@
+"""BACKUP_CONFIG (OpenNebula): KEEP_LAST, BACKUP_VOLATILE, FS_FREEZE, MODE.
+
+Stored per VM as a dict of the keys the user set; ``resolve`` layers VM over pool over the defaults
+(stoney's VM -> pool -> global inheritance).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from vmkeep.errors import InvalidValue
+from vmkeep.model import BackupMode, FsFreeze
+
+KEYS = ("keep_last", "backup_volatile", "fs_freeze", "mode")
+
+
+@dataclass(frozen=True)
+class BackupConfig:
+    keep_last: int | None = None  # None = keep all
+    backup_volatile: bool = False
+    fs_freeze: FsFreeze = FsFreeze.NONE
+    mode: BackupMode = BackupMode.FULL
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fs_freeze"] = str(self.fs_freeze)
+        d["mode"] = str(self.mode)
+        return d
+
+
+def validate(key: str, value: Any) -> Any:
+    """Normalise one user-given value; errors name the key, the value and what is allowed."""
+    if key == "keep_last":
+        if value in (None, "", "none", "all"):
+            return None
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            raise InvalidValue("keep_last", value, "use a whole number >= 1, or 'all'") from None
+        if n < 1:
+            raise InvalidValue("keep_last", value, "use a whole number >= 1, or 'all'")
+        return n
+    if key == "backup_volatile":
+        if isinstance(value, bool):
+            return value
+        text = str(value).lower()
+        if text in ("yes", "true", "1", "on"):
+            return True
+        if text in ("no", "false", "0", "off"):
+            return False
+        raise InvalidValue("backup_volatile", value, "use yes or no")
+    if key == "fs_freeze":
+        try:
+            return FsFreeze(str(value).upper())
+        except ValueError:
+            raise InvalidValue("fs_freeze", value, "use none, agent or suspend") from None
+    if key == "mode":
+        text = str(value).upper()
+        text = "INCREMENT" if text in ("INCREMENTAL", "INCREMENT", "INC") else text
+        try:
+            return BackupMode(text)
+        except ValueError:
+            raise InvalidValue("mode", value, "use full or increment") from None
+    raise InvalidValue("backup_config", key, f"known keys are {', '.join(KEYS)}")
+
+
+def resolve(*layers: dict[str, Any] | None) -> BackupConfig:
+    """Merge layers, most specific first (VM, pool, global), over the defaults."""
+    merged: dict[str, Any] = {}
+    for layer in reversed([x for x in layers if x]):
+        merged.update({k: validate(k, v) for k, v in layer.items()})
+    return BackupConfig(**merged)

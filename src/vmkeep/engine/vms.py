@@ -1,0 +1,227 @@
+"""VM inventory and the per-VM quiesce contract (OpenNebula DispatchManager / Nova quiesce spec).
+
+Every action checks the VM's state first and refuses a wrong state with ``WrongState``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog import lock
+from vmkeep.catalog.tables import Vm
+from vmkeep.engine.context import Context
+from vmkeep.errors import (
+    AgentTimeout,
+    AgentUnavailable,
+    DomainNotFound,
+    HypervisorError,
+    VmNotFound,
+    WrongState,
+)
+from vmkeep.model import DomainInfo, LcmState, VmState
+
+log = logging.getLogger(__name__)
+
+# lcm states that mean "vmkeep is doing something"; a refresh from libvirt leaves them alone.
+BUSY_STATES = {
+    LcmState.BACKUP,
+    LcmState.BACKUP_POWEROFF,
+    LcmState.QUIESCING,
+    LcmState.QUIESCED,
+    LcmState.UNQUIESCING,
+    LcmState.RESTORE,
+    LcmState.ERROR,
+}
+
+
+def _states(info: DomainInfo) -> tuple[VmState, LcmState]:
+    if info.state == VmState.ACTIVE and info.paused:
+        return VmState.SUSPENDED, LcmState.SUSPENDED
+    if info.state == VmState.ACTIVE:
+        return VmState.ACTIVE, LcmState.RUNNING
+    if info.state == VmState.POWEROFF:
+        return VmState.POWEROFF, LcmState.POWEROFF
+    if info.state == VmState.SUSPENDED:
+        return VmState.SUSPENDED, LcmState.SUSPENDED
+    return VmState.UNKNOWN, LcmState.UNKNOWN
+
+
+def find_vm(s: Session, ref: str) -> Vm:
+    """A VM by name or numeric id."""
+    query = (
+        select(Vm).where(Vm.id == int(ref)) if ref.isdigit() else select(Vm).where(Vm.name == ref)
+    )
+    vm = s.execute(query).scalar_one_or_none()
+    if vm is None:
+        raise VmNotFound(ref)
+    return vm
+
+
+def _refresh(ctx: Context, vm: Vm) -> None:
+    try:
+        info = ctx.hv.domain(vm.name)
+    except DomainNotFound:
+        vm.state = VmState.UNKNOWN
+        if vm.lcm_state not in BUSY_STATES:
+            vm.lcm_state = LcmState.UNKNOWN
+        return
+    state, lcm = _states(info)
+    vm.state = state
+    if vm.lcm_state not in BUSY_STATES:
+        vm.lcm_state = lcm
+
+
+def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
+    """Add a libvirt domain to the catalog (idempotent: re-import refreshes it)."""
+    info = ctx.hv.domain(domain)
+    state, lcm = _states(info)
+    with ctx.catalog.session() as s:
+        vm = s.execute(select(Vm).where(Vm.uuid == info.uuid)).scalar_one_or_none()
+        if vm is None:
+            vm = s.execute(select(Vm).where(Vm.name == info.name)).scalar_one_or_none()
+        if vm is None:
+            vm = Vm(name=info.name, uuid=info.uuid, host_uri=ctx.hv.uri, backup_config={})
+            s.add(vm)
+        vm.name, vm.uuid, vm.host_uri, vm.state = info.name, info.uuid, ctx.hv.uri, state
+        if vm.lcm_state is None or vm.lcm_state not in BUSY_STATES:
+            vm.lcm_state = lcm
+        s.flush()
+        return vm_dict(vm, info)
+
+
+def import_all(ctx: Context) -> list[dict[str, Any]]:
+    return [import_vm(ctx, d.name) for d in ctx.hv.list_domains()]
+
+
+def list_vms(ctx: Context) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        vms = s.execute(select(Vm).order_by(Vm.id)).scalars().all()
+        for vm in vms:
+            _refresh(ctx, vm)
+        return [vm_dict(vm) for vm in vms]
+
+
+def show_vm(ctx: Context, ref: str) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        _refresh(ctx, vm)
+        try:
+            info: DomainInfo | None = ctx.hv.domain(vm.name)
+        except DomainNotFound:
+            info = None
+        return vm_dict(vm, info)
+
+
+def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
+    from vmkeep.engine.backup_config import resolve
+
+    out: dict[str, Any] = {
+        "id": vm.id,
+        "name": vm.name,
+        "uuid": vm.uuid,
+        "host": vm.host_uri,
+        "state": vm.state,
+        "lcm_state": vm.lcm_state,
+        "pool": vm.pool,
+        "backup_config": resolve(vm.backup_config).as_dict(),
+        "error": vm.error,
+    }
+    if info is not None:
+        out["disks"] = [
+            {"target": d.target, "path": d.path, "format": d.fmt, "device": d.device}
+            for d in info.disks
+        ]
+        out["agent_channel"] = info.has_agent_channel
+        out["checkpoints"] = list(info.checkpoints)
+    return out
+
+
+def set_lcm(
+    ctx: Context, vm_id: int, lcm: LcmState, error: str | None = None, **fields: Any
+) -> None:
+    with ctx.catalog.session() as s:
+        vm = s.get(Vm, vm_id)
+        assert vm is not None
+        vm.lcm_state = lcm
+        vm.error = error
+        for k, v in fields.items():
+            setattr(vm, k, v)
+
+
+@contextmanager
+def vm_action(ctx: Context, ref: str, action: str, needs: set[LcmState]) -> Iterator[Vm]:
+    """Lock the VM and check its lcm state for ``action``; yields a detached Vm row."""
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        _refresh(ctx, vm)
+        vm_id = vm.id
+    with lock(ctx.catalog, f"vm:{vm_id}", action):
+        with ctx.catalog.session() as s:
+            vm = find_vm(s, str(vm_id))
+            if vm.lcm_state not in needs:
+                raise WrongState(vm.name, vm.lcm_state, action, " or ".join(sorted(needs)))
+        yield vm
+
+
+def quiesce(ctx: Context, ref: str) -> dict[str, Any]:
+    """RUNNING -> QUIESCING -> QUIESCED: freeze the guest file systems through the agent."""
+    with vm_action(ctx, ref, "quiesce", {LcmState.RUNNING}) as vm:
+        set_lcm(ctx, vm.id, LcmState.QUIESCING)
+        try:
+            frozen = ctx.hv.fs_freeze(vm.name, ctx.agent_timeout)
+        except AgentUnavailable:
+            # Nothing happened in the guest: the VM stays RUNNING and the caller is told why.
+            set_lcm(ctx, vm.id, LcmState.RUNNING)
+            raise
+        except (AgentTimeout, HypervisorError) as err:
+            _best_effort_thaw(ctx, vm.name)
+            set_lcm(ctx, vm.id, LcmState.ERROR, error=f"quiesce failed: {err}")
+            raise
+        set_lcm(ctx, vm.id, LcmState.QUIESCED, quiesced_at=datetime.now(UTC))
+        return {"vm": vm.name, "lcm_state": LcmState.QUIESCED, "filesystems": frozen}
+
+
+def unquiesce(ctx: Context, ref: str) -> dict[str, Any]:
+    """QUIESCED -> UNQUIESCING -> RUNNING: thaw the guest file systems."""
+    with vm_action(ctx, ref, "unquiesce", {LcmState.QUIESCED}) as vm:
+        set_lcm(ctx, vm.id, LcmState.UNQUIESCING)
+        try:
+            thawed = ctx.hv.fs_thaw(vm.name, ctx.agent_timeout)
+        except HypervisorError as err:
+            set_lcm(ctx, vm.id, LcmState.ERROR, error=f"unquiesce failed: {err}")
+            raise
+        set_lcm(ctx, vm.id, LcmState.RUNNING, quiesced_at=None)
+        return {"vm": vm.name, "lcm_state": LcmState.RUNNING, "filesystems": thawed}
+
+
+def reset_state(ctx: Context, ref: str) -> dict[str, Any]:
+    """Admin recovery: make sure the guest is thawed and resumed, then take the state from libvirt."""
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        name, vm_id = vm.name, vm.id
+    info = ctx.hv.domain(name)
+    thawed = _best_effort_thaw(ctx, name) if info.state == VmState.ACTIVE else None
+    if info.paused:
+        ctx.hv.resume(name)
+    state, lcm = _states(ctx.hv.domain(name))
+    set_lcm(ctx, vm_id, lcm, state=state, quiesced_at=None)
+    return {"vm": name, "state": state, "lcm_state": lcm, "thawed": thawed}
+
+
+def _best_effort_thaw(ctx: Context, name: str) -> bool:
+    """Thaw, tolerating an agent that is gone; True when the guest reports thawed."""
+    try:
+        ctx.hv.fs_thaw(name, ctx.agent_timeout)
+    except HypervisorError as err:
+        log.warning("thaw of %s failed: %s", name, err)
+    try:
+        return ctx.hv.fs_freeze_status(name, ctx.agent_timeout) == "thawed"
+    except HypervisorError:
+        return False

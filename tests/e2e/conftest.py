@@ -1,0 +1,84 @@
+"""E2E fixtures: real libvirtd, real QEMU (TCG), real qemu-guest-agent in lab guests.
+
+These tests never skip: a host without libvirtd fails them with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vmkeep.errors import HypervisorUnreachable
+from vmkeep.hypervisor import Hypervisor, connect
+from vmkeep.lab import Lab
+
+LAB_DIR = Path(os.environ.get("VMKEEP_E2E_LAB_DIR", "/var/lib/vmkeep/lab"))
+PREFIX = "vmkeep-e2e-"
+
+
+@pytest.fixture(scope="session")
+def hv() -> Hypervisor:
+    hv = connect("qemu:///system")
+    try:
+        hv.list_domains()
+    except HypervisorUnreachable as err:
+        pytest.fail(f"e2e tests need a running libvirtd (start it with 'libvirtd -d'): {err}")
+    return hv
+
+
+@pytest.fixture(scope="session")
+def lab(hv: Hypervisor) -> Iterator[Lab]:
+    lab = Lab(hv, LAB_DIR, prefix=PREFIX)
+    lab.down()
+    yield lab
+    lab.down()
+
+
+@pytest.fixture(scope="session")
+def agent_vm(lab: Lab) -> str:
+    """A running lab VM with qemu-guest-agent and one 256 MiB ext4 data disk at /mnt/vda."""
+    return lab.create(f"{PREFIX}agent", [256 << 20])
+
+
+@pytest.fixture(scope="session")
+def noagent_vm(lab: Lab) -> str:
+    """A running lab VM whose agent channel exists but no agent runs in the guest."""
+    return lab.create(f"{PREFIX}noagent", [64 << 20], agent=False)
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    def json(self) -> object:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def vmkeep(clean_env: Path) -> object:
+    """Run the real CLI in a subprocess with the test's isolated environment."""
+
+    def run(*args: str, check: int | None = 0, timeout: float = 600) -> Result:
+        proc = subprocess.run(
+            [sys.executable, "-m", "vmkeep.cli.main", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=dict(os.environ),
+        )
+        res = Result(proc.returncode, proc.stdout, proc.stderr)
+        if check is not None:
+            assert res.code == check, f"vmkeep {' '.join(args)} -> {res.code}\n{res.out}\n{res.err}"
+        assert "Traceback" not in res.err, res.err
+        return res
+
+    return run
