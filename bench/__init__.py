@@ -1,0 +1,1 @@
+"""Benchmarks: vmkeep vs baselines measured side by side in one run, printed as ratios."""
