@@ -71,6 +71,7 @@ class Backup(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
     datastore_id: Mapped[int] = mapped_column(ForeignKey("datastores.id"))
+    chain: Mapped[str] = mapped_column(String(512))  # datastore key: <vm name>/<backup id>
     mode: Mapped[str] = mapped_column(String(16))
     status: Mapped[str] = mapped_column(String(16))
     active_flatten: Mapped[bool] = mapped_column(default=False)

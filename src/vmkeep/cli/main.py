@@ -21,6 +21,10 @@ class LazyGroup(click.Group):
     families = {
         "vm": "vmkeep.cli.vm_cmd:vm",
         "lab": "vmkeep.cli.lab_cmd:lab",
+        "datastore": "vmkeep.cli.datastore_cmd:datastore",
+        "backup": "vmkeep.cli.backup_cmd:backup",
+        "backups": "vmkeep.cli.backups_cmd:backups",
+        "restore": "vmkeep.cli.restore_cmd:restore",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -85,3 +85,22 @@ def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Admin: thaw/resume the guest and take the state from libvirt (clears ERROR)."""
     render(vms.reset_state(ctx_of(c), ref), as_json, kv)
+
+
+@vm.command("config")
+@click.argument("ref", metavar="VM")
+@click.option("--keep-last", help="Restore points to keep (a number, or 'all').")
+@click.option("--mode", help="full | increment")
+@click.option("--fs-freeze", help="none | agent | suspend")
+@click.option("--backup-volatile", help="yes | no")
+@json_option
+@click.pass_context
+def config_cmd(c: click.Context, ref: str, as_json: bool, **opts: str | None) -> None:
+    """Set the VM's BACKUP_CONFIG (shown by 'vm show')."""
+    changes = {k: v for k, v in opts.items() if v is not None}
+    if not changes:
+        raise click.UsageError(
+            "give at least one of --keep-last, --mode, --fs-freeze, --backup-volatile"
+        )
+    res = vms.configure(ctx_of(c), ref, changes)
+    render(res["backup_config"], as_json, kv)

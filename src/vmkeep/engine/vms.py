@@ -225,3 +225,18 @@ def _best_effort_thaw(ctx: Context, name: str) -> bool:
         return ctx.hv.fs_freeze_status(name, ctx.agent_timeout) == "thawed"
     except HypervisorError:
         return False
+
+
+def configure(ctx: Context, ref: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Set BACKUP_CONFIG keys of a VM (validated; errors name the bad value)."""
+    from vmkeep.engine.backup_config import validate
+
+    normalised = {k: validate(k, v) for k, v in changes.items()}
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        cfg = dict(vm.backup_config or {})
+        for k, v in normalised.items():
+            cfg[k] = str(v) if hasattr(v, "value") else v
+        vm.backup_config = cfg
+        s.flush()
+        return vm_dict(vm)

@@ -33,7 +33,8 @@ class Hypervisor(ABC):
         """Define a persistent domain from XML; returns its name."""
 
     @abstractmethod
-    def start(self, name: str) -> None: ...
+    def start(self, name: str, *, paused: bool = False) -> None:
+        """Start a defined domain (``paused``: no vCPU runs; used to read disks of an off VM)."""
 
     @abstractmethod
     def destroy(self, name: str) -> None:
@@ -73,3 +74,30 @@ class Hypervisor(ABC):
     @abstractmethod
     def guest_exec(self, name: str, argv: list[str], timeout: float) -> GuestExecResult:
         """Run a program in the guest through the agent and wait for it (tests and the lab)."""
+
+    # --- backup API (push mode) and checkpoints -------------------------------------------------
+    @abstractmethod
+    def backup_begin(self, name: str, backup_xml: str, checkpoint_xml: str | None) -> None:
+        """Start a push-mode backup job; the point in time is fixed when this returns.
+
+        Raises CheckpointInvalid when the incremental's checkpoint is missing or inconsistent."""
+
+    @abstractmethod
+    def job_progress(self, name: str) -> tuple[bool, int, int]:
+        """(active, processed bytes, total bytes) of the domain's current job."""
+
+    @abstractmethod
+    def job_result(self, name: str) -> tuple[bool, str]:
+        """(success, error message) of the domain's last completed job."""
+
+    @abstractmethod
+    def abort_job(self, name: str) -> None:
+        """Abort the domain's running job; no error when there is none."""
+
+    @abstractmethod
+    def checkpoints(self, name: str) -> list[str]:
+        """Checkpoint names of the domain."""
+
+    @abstractmethod
+    def delete_checkpoint(self, name: str, checkpoint: str) -> None:
+        """Delete a checkpoint (its bitmap merges into the parent); no error when absent."""

@@ -22,6 +22,7 @@ import libvirt_qemu
 from vmkeep.errors import (
     AgentTimeout,
     AgentUnavailable,
+    CheckpointInvalid,
     DomainNotFound,
     HypervisorError,
     HypervisorUnreachable,
@@ -181,9 +182,10 @@ class LibvirtHypervisor(Hypervisor):
         dom = self._call(lambda: self.conn.defineXML(xml), "define domain")
         return str(dom.name())
 
-    def start(self, name: str) -> None:
+    def start(self, name: str, *, paused: bool = False) -> None:
         dom = self._dom(name)
-        self._call(dom.create, f"start {name}")
+        flags = libvirt.VIR_DOMAIN_START_PAUSED if paused else 0
+        self._call(lambda: dom.createWithFlags(flags), f"start {name}")
 
     def destroy(self, name: str) -> None:
         try:
@@ -266,3 +268,72 @@ class LibvirtHypervisor(Hypervisor):
             stdout=decode("out-data"),
             stderr=decode("err-data"),
         )
+
+    # --- backup API -----------------------------------------------------------------------------
+    def backup_begin(self, name: str, backup_xml: str, checkpoint_xml: str | None) -> None:
+        dom = self._dom(name)
+        try:
+            dom.backupBegin(backup_xml, checkpoint_xml, 0)
+        except libvirt.libvirtError as err:
+            code, msg = err.get_error_code(), err.get_error_message() or ""
+            if code in (
+                libvirt.VIR_ERR_CHECKPOINT_INCONSISTENT,
+                libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT,
+            ):
+                raise CheckpointInvalid("(incremental base)", name, msg) from err
+            if "bitmap" in msg and (
+                "missing" in msg or "inconsistent" in msg or "not found" in msg
+            ):
+                raise CheckpointInvalid("(incremental base)", name, msg) from err
+            raise HypervisorError(f"backup begin on {name}: {msg}") from err
+
+    def job_progress(self, name: str) -> tuple[bool, int, int]:
+        dom = self._dom(name)
+        stats = self._call(lambda: dom.jobStats(0), f"job stats of {name}")
+        active = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
+        return active, int(stats.get("disk_processed", 0)), int(stats.get("disk_total", 0))
+
+    def job_result(self, name: str) -> tuple[bool, str]:
+        dom = self._dom(name)
+        stats = self._call(
+            lambda: dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED), f"job result of {name}"
+        )
+        ok = stats.get("type") == libvirt.VIR_DOMAIN_JOB_COMPLETED and stats.get("success", True)
+        return bool(ok), str(stats.get("errmsg", "") or ("" if ok else "job did not complete"))
+
+    def abort_job(self, name: str) -> None:
+        dom = self._dom(name)
+        try:
+            dom.abortJob()
+        except libvirt.libvirtError as err:
+            if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # no job running
+                raise HypervisorError(f"abort job on {name}: {err.get_error_message()}") from err
+
+    def checkpoints(self, name: str) -> list[str]:
+        dom = self._dom(name)
+        return [c.getName() for c in self._call(dom.listAllCheckpoints, f"checkpoints of {name}")]
+
+    def delete_checkpoint(self, name: str, checkpoint: str) -> None:
+        dom = self._dom(name)
+        try:
+            cp = dom.checkpointLookupByName(checkpoint)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT:
+                return
+            raise HypervisorError(
+                f"checkpoint {checkpoint} of {name}: {err.get_error_message()}"
+            ) from err
+        try:
+            cp.delete(0)
+        except libvirt.libvirtError as err:
+            # The bitmap may already be gone (deleted behind our back): drop the metadata only.
+            log.warning(
+                "deleting checkpoint %s of %s: %s; removing metadata only",
+                checkpoint,
+                name,
+                err.get_error_message(),
+            )
+            self._call(
+                lambda: cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY),
+                f"delete checkpoint {checkpoint} of {name}",
+            )

@@ -40,6 +40,7 @@ def upgrade() -> None:
         sa.Column("id", sa.Integer, primary_key=True),
         sa.Column("vm_id", sa.Integer, sa.ForeignKey("vms.id"), nullable=False),
         sa.Column("datastore_id", sa.Integer, sa.ForeignKey("datastores.id"), nullable=False),
+        sa.Column("chain", sa.String(512), nullable=False),
         sa.Column("mode", sa.String(16), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("active_flatten", sa.Boolean, nullable=False),

@@ -1,0 +1,85 @@
+"""``vmkeep backup VM --datastore D [--reset]`` and ``vmkeep backup cancel VM``."""
+
+from __future__ import annotations
+
+import click
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+from vmkeep.cli.output import ctx_of, emit_json, err_console, json_option, render, report_warnings
+from vmkeep.engine import backup as engine
+
+
+class DefaultGroup(click.Group):
+    """``backup VM ...`` runs the default command; ``backup cancel VM`` the subcommand."""
+
+    default = "run"
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args.insert(0, self.default)
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=DefaultGroup)
+def backup() -> None:
+    """Back up a VM (vmkeep backup VM --datastore D), or cancel a running backup."""
+
+
+@backup.command("run")
+@click.argument("vm")
+@click.option("--datastore", "-d", required=True, help="Target datastore (name or id).")
+@click.option("--reset", is_flag=True, help="Start a new full chain (INCREMENT mode).")
+@json_option
+@click.pass_context
+def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: bool) -> None:
+    """Back up VM to a datastore (full, or an increment per the VM's BACKUP_CONFIG)."""
+    ctx = ctx_of(c)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=as_json or not err_console.is_terminal,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"backup {vm}", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        outcome = engine.run_backup(ctx, vm, datastore, reset=reset, progress=progress)
+    r = outcome.result
+    if as_json:
+        emit_json(r)
+    else:
+        inc = next(i for i in r["increments"] if i["id"] == r["increment"])
+        kind = "full" if inc["parent"] is None else f"increment of {inc['parent']}"
+        click.echo(
+            f"backup {r['id']} increment {r['increment']} ({kind}) of {r['vm']}: {r['status']}, "
+            f"{inc['size']} bytes, {inc['consistency']}, {r['seconds']} s"
+        )
+    report_warnings(outcome.warnings)
+
+
+@backup.command("cancel")
+@click.argument("vm")
+@json_option
+@click.pass_context
+def cancel_cmd(c: click.Context, vm: str, as_json: bool) -> None:
+    """Cancel the running backup of VM (aborts the job, removes partial files)."""
+    res = engine.cancel_backup(ctx_of(c), vm)
+    render(
+        res,
+        as_json,
+        lambda r: click.echo(
+            f"{r['vm']}: backup cancelled" if r["cancelled"] else f"{r['vm']}: {r['reason']}"
+        ),
+    )

@@ -1,0 +1,36 @@
+"""``vmkeep restore ID [--increment N] [--disk N] [--name NEW] [--path DIR] [--no-nic] [--no-ip] [--start]``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings
+from vmkeep.engine.restore import RestoreOptions
+from vmkeep.engine.restore import restore as engine_restore
+
+
+@click.command()
+@click.argument("backup_id", type=int)
+@click.option(
+    "--increment", type=int, default=None, help="Restore point (0 = full; default newest)."
+)
+@click.option("--disk", default=None, help="Only this disk (target name or index) to --path.")
+@click.option("--name", default=None, help="Name of the new domain.")
+@click.option(
+    "--path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Folder for the disks (a file path with --disk).",
+)
+@click.option("--no-nic", is_flag=True, help="Drop network interfaces.")
+@click.option("--no-ip", is_flag=True, help="Keep NICs but drop MAC and fixed addresses.")
+@click.option("--start", is_flag=True, help="Start the restored VM.")
+@json_option
+@click.pass_context
+def restore(c: click.Context, backup_id: int, as_json: bool, **opts: object) -> None:
+    """Restore a backup as a new VM, or one disk image."""
+    res, warnings = engine_restore(ctx_of(c), backup_id, RestoreOptions(**opts))  # type: ignore[arg-type]
+    render(res, as_json, kv)
+    report_warnings(warnings)

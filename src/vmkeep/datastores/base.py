@@ -1,0 +1,121 @@
+"""The datastore driver contract (OpenNebula DATASTORE operations: backup, restore, monitor, rm, stat,
+download URL).
+
+A driver stores the files of backup chains under a *chain key* (``<vm name>/<backup id>``). Files of
+one chain reference each other by relative name (qcow2 backing files), so a driver keeps a chain's
+files together. Optional operations have a slow-but-correct default a driver may override.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from vmkeep.errors import AlreadyExists, DatastoreError, InvalidValue
+
+CHUNK = 4 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def qemu_img_info(path: Path) -> dict[str, Any]:
+    out = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    info: dict[str, Any] = json.loads(out)
+    return info
+
+
+class DriverOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DatastoreDriver(ABC):
+    driver: ClassVar[str]
+    options_model: ClassVar[type[DriverOptions]]
+    # "local": files are readable in place (restore needs no copy)
+    capabilities: ClassVar[frozenset[str]] = frozenset()
+
+    def __init__(self, name: str, options: dict[str, Any]) -> None:
+        self.name = name
+        try:
+            self.options = self.options_model.model_validate(options)
+        except ValidationError as err:
+            first = err.errors()[0]
+            key = ".".join(str(p) for p in first["loc"]) or "options"
+            raise InvalidValue(
+                f"datastore {name} option {key}", first.get("input"), first["msg"]
+            ) from err
+
+    # --- required -------------------------------------------------------------------------------
+    @abstractmethod
+    def monitor(self) -> tuple[int, int]:
+        """(total bytes, free bytes) of the datastore."""
+
+    @abstractmethod
+    def backup(self, chain: str, staged: list[Path]) -> None:
+        """Store staged files into ``chain`` atomically per file: a file is either absent or complete.
+        A file with the same name is replaced. The staged files may be moved away."""
+
+    @abstractmethod
+    def restore(self, chain: str, names: list[str], workdir: Path) -> dict[str, Path]:
+        """Make the named files of ``chain`` readable locally (in ``workdir`` or in place)."""
+
+    @abstractmethod
+    def rm(self, chain: str, names: list[str] | None = None) -> None:
+        """Remove files of ``chain`` (``None``: the whole chain). Absent files are no error."""
+
+    @abstractmethod
+    def chains(self) -> list[str]:
+        """Chain keys present in the datastore."""
+
+    # --- optional, with slow-but-correct defaults -----------------------------------------------
+    def stat(self, chain: str, name: str, workdir: Path) -> int:
+        """Restored (virtual) size of a disk file. Default: fetch it and ask qemu-img."""
+        path = self.restore(chain, [name], workdir)[name]
+        return int(qemu_img_info(path)["virtual-size"])
+
+    def url(self, chain: str, name: str) -> str:
+        """Download pseudo-URL ``<driver>://<datastore>/<chain>/<file>``."""
+        return f"{self.driver}://{self.name}/{chain}/{name}"
+
+    def check(self) -> None:
+        """Validate that the datastore is usable (called on ``datastore add``)."""
+        self.monitor()
+
+
+REGISTRY: dict[str, type[DatastoreDriver]] = {}
+
+
+def register(cls: type[DatastoreDriver]) -> type[DatastoreDriver]:
+    if cls.driver in REGISTRY:
+        raise AlreadyExists(f"datastore driver {cls.driver!r}")
+    REGISTRY[cls.driver] = cls
+    return cls
+
+
+def make_driver(driver: str, name: str, options: dict[str, Any]) -> DatastoreDriver:
+    factory: Callable[[str, dict[str, Any]], DatastoreDriver] | None = REGISTRY.get(driver)
+    if factory is None:
+        raise InvalidValue("--driver", driver, f"known drivers are {', '.join(sorted(REGISTRY))}")
+    return factory(name, options)
+
+
+def wrap_oserror(ds: str, what: str, err: OSError) -> DatastoreError:
+    return DatastoreError(ds, f"{what}: {err.strerror or err}")

@@ -1,0 +1,119 @@
+"""``dir`` driver: backups as plain qcow2 files in a folder, restorable with nothing but qemu-img.
+
+Layout: ``<path>/<vm name>/<backup id>/{N.<disk>.qcow2, N.domain.xml, manifest.json}``. Files are
+written under a ``.partial`` name, fsynced and renamed: a crash never leaves a file that looks
+complete but is not.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register, wrap_oserror
+from vmkeep.errors import DatastoreError
+
+PARTIAL = ".partial"
+
+
+class DirOptions(DriverOptions):
+    path: Path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@register
+class DirDriver(DatastoreDriver):
+    driver = "dir"
+    options_model = DirOptions
+    capabilities = frozenset({"local"})
+    options: DirOptions
+
+    @property
+    def root(self) -> Path:
+        return self.options.path
+
+    def _chain_dir(self, chain: str) -> Path:
+        d = (self.root / chain).resolve()
+        if self.root.resolve() not in d.parents:
+            raise DatastoreError(self.name, f"chain key {chain!r} escapes the datastore")
+        return d
+
+    def check(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            probe = self.root / ".vmkeep-write-test"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as err:
+            raise wrap_oserror(self.name, f"{self.root} is not writable", err) from err
+
+    def monitor(self) -> tuple[int, int]:
+        try:
+            st = os.statvfs(self.root)
+        except OSError as err:
+            raise wrap_oserror(self.name, f"cannot stat {self.root}", err) from err
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def backup(self, chain: str, staged: list[Path]) -> None:
+        dest = self._chain_dir(chain)
+        try:
+            dest.mkdir(parents=True, exist_ok=True)
+            for src in staged:
+                final = dest / src.name
+                tmp = dest / (src.name + PARTIAL)
+                try:
+                    os.rename(src, tmp)  # same file system: no copy
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, final)
+            _fsync_dir(dest)
+        except OSError as err:
+            raise wrap_oserror(self.name, f"storing into {dest}", err) from err
+
+    def restore(self, chain: str, names: list[str], workdir: Path) -> dict[str, Path]:
+        d = self._chain_dir(chain)
+        out = {}
+        for n in names:
+            p = d / n
+            if not p.is_file():
+                raise DatastoreError(self.name, f"{p} is missing")
+            out[n] = p
+        return out
+
+    def rm(self, chain: str, names: list[str] | None = None) -> None:
+        d = self._chain_dir(chain)
+        try:
+            if names is None:
+                shutil.rmtree(d, ignore_errors=False) if d.exists() else None
+                if d.parent != self.root and d.parent.exists() and not any(d.parent.iterdir()):
+                    d.parent.rmdir()
+                return
+            for n in names:
+                (d / n).unlink(missing_ok=True)
+                (d / (n + PARTIAL)).unlink(missing_ok=True)
+        except OSError as err:
+            raise wrap_oserror(self.name, f"removing from {d}", err) from err
+
+    def chains(self) -> list[str]:
+        if not self.root.exists():
+            return []
+        return sorted(
+            f"{vm.name}/{b.name}"
+            for vm in self.root.iterdir()
+            if vm.is_dir() and not vm.name.startswith(".")
+            for b in vm.iterdir()
+            if b.is_dir()
+        )

@@ -1,0 +1,621 @@
+"""Backup of a running or powered-off VM (DESIGN.md "Backup of a running VM").
+
+1. lock the VM, check its state, lcm_state = BACKUP (BACKUP_POWEROFF for an off VM);
+2. plan: new full chain, or an increment of the last chain when its checkpoint is still there
+   (a missing/inconsistent checkpoint falls back to a new full chain with a warning);
+3. quiesce (agent freeze / suspend / nothing) around ``backupBegin`` only, undone in ``finally``;
+4. wait for the push job with progress; Ctrl-C, SIGTERM or ``backup cancel`` abort it;
+5. rebase increments onto their parent file, checksum, hand to the datastore driver;
+6. VALID only after the driver confirmed; then checkpoint clean-up and retention.
+
+A powered-off VM is started *paused* (no guest code runs) so libvirt's backup job and persistent
+checkpoints work exactly as for a running VM, and destroyed again in ``finally``: incremental
+chains survive power cycles.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.locks import pid_alive
+from vmkeep.catalog.tables import Backup, Increment, Lock, Vm
+from vmkeep.datastores import DatastoreDriver
+from vmkeep.datastores.base import sha256_file
+from vmkeep.engine.backup_config import BackupConfig, resolve
+from vmkeep.engine.context import Context
+from vmkeep.engine.datastores import driver_of, find_datastore
+from vmkeep.engine.vms import _states, find_vm, set_lcm, vm_action
+from vmkeep.errors import (
+    AgentTimeout,
+    AgentUnavailable,
+    BackupFailed,
+    CheckpointInvalid,
+    HypervisorError,
+    VmkeepError,
+)
+from vmkeep.hypervisor.backup_xml import backup_xml, checkpoint_xml
+from vmkeep.model import (
+    BackupMode,
+    BackupStatus,
+    Consistency,
+    DiskInfo,
+    DomainInfo,
+    FsFreeze,
+    LcmState,
+    VmState,
+    Warnings,
+)
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]
+CHECKPOINT_PREFIX = "vmkeep-"
+THAW_ATTEMPTS = 3
+
+
+def checkpoint_name(backup_id: int, seq: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{backup_id}-{seq}"
+
+
+def disk_file(seq: int, disk: str) -> str:
+    return f"{seq}.{disk}.qcow2"
+
+
+@dataclass
+class Plan:
+    backup_id: int
+    seq: int
+    parent: int | None
+    chain: str
+    incremental_from: str | None  # checkpoint the increment is taken against
+    checkpoint: str | None  # checkpoint this backup creates
+    new_chain: bool
+
+
+@dataclass
+class Quiesce:
+    consistency: Consistency = Consistency.CRASH
+    freeze_ms: float | None = None
+
+
+@dataclass
+class BackupOutcome:
+    result: dict[str, Any]
+    warnings: Warnings = field(default_factory=Warnings)
+
+
+def select_disks(info: DomainInfo, cfg: BackupConfig) -> list[DiskInfo]:
+    disks = []
+    for d in info.disks:
+        if d.device != "disk" or not d.path:
+            continue
+        if d.transient and not cfg.backup_volatile:
+            log.info("skipping volatile disk %s (BACKUP_VOLATILE=NO)", d.target)
+            continue
+        disks.append(d)
+    if not disks:
+        raise BackupFailed(info.name, "it has no disk to back up")
+    return disks
+
+
+# --- quiesce -------------------------------------------------------------------------------------
+@contextmanager
+def quiesced(ctx: Context, name: str, mode: FsFreeze, warnings: Warnings) -> Iterator[Quiesce]:
+    """Freeze (agent) or suspend the guest for the body only; always undone, with retries."""
+    q = Quiesce()
+    timeout = ctx.agent_timeout
+    undo: Callable[[], object] | None = None
+    t0 = time.monotonic()
+    if mode == FsFreeze.AGENT:
+        try:
+            ctx.hv.fs_freeze(name, timeout)
+            q.consistency = Consistency.AGENT_FROZEN
+            undo = lambda: ctx.hv.fs_thaw(name, timeout)  # noqa: E731
+        except AgentUnavailable as err:
+            warnings.add(f"{err} The backup is crash-consistent.")
+        except AgentTimeout as err:
+            # The freeze may have half-happened in the guest: thaw for safety.
+            with suppress(HypervisorError):
+                ctx.hv.fs_thaw(name, timeout)
+            warnings.add(f"{err} The backup is crash-consistent.")
+    elif mode == FsFreeze.SUSPEND:
+        ctx.hv.suspend(name)
+        q.consistency = Consistency.SUSPENDED
+        undo = lambda: ctx.hv.resume(name)  # noqa: E731
+    try:
+        yield q
+    finally:
+        if undo is not None:
+            _undo_with_retries(name, undo)
+            q.freeze_ms = (time.monotonic() - t0) * 1000
+
+
+def _undo_with_retries(name: str, undo: Callable[[], object]) -> None:
+    last: Exception | None = None
+    for attempt in range(THAW_ATTEMPTS):
+        try:
+            undo()
+            return
+        except HypervisorError as err:
+            last = err
+            log.error("unquiesce of %s failed (attempt %d): %s", name, attempt + 1, err)
+            time.sleep(0.5 * (attempt + 1))
+    raise HypervisorError(f"could not thaw/resume {name} after {THAW_ATTEMPTS} attempts: {last}")
+
+
+# --- planning ------------------------------------------------------------------------------------
+def _latest_chain(s: Session, vm_id: int, ds_id: int) -> Backup | None:
+    return (
+        s.execute(
+            select(Backup)
+            .where(
+                Backup.vm_id == vm_id,
+                Backup.datastore_id == ds_id,
+                Backup.status == BackupStatus.VALID,
+                Backup.mode == BackupMode.INCREMENT,
+            )
+            .order_by(Backup.id.desc())
+        )
+        .scalars()
+        .first()
+    )
+
+
+def valid_increments(b: Backup) -> list[Increment]:
+    return [i for i in b.increments if i.status == BackupStatus.VALID]
+
+
+def _new_chain(s: Session, vm: Vm, ds_id: int, mode: BackupMode) -> Plan:
+    b = Backup(vm_id=vm.id, datastore_id=ds_id, mode=mode, status=BackupStatus.RUNNING, chain="")
+    s.add(b)
+    s.flush()
+    b.chain = f"{vm.name}/{b.id}"
+    s.add(Increment(backup_id=b.id, seq=0, parent=None, status=BackupStatus.RUNNING))
+    s.flush()
+    cp = checkpoint_name(b.id, 0) if mode == BackupMode.INCREMENT else None
+    return Plan(b.id, 0, None, b.chain, None, cp, True)
+
+
+def plan_backup(
+    ctx: Context,
+    vm_id: int,
+    ds_id: int,
+    cfg: BackupConfig,
+    disks: list[DiskInfo],
+    reset: bool,
+    warnings: Warnings,
+) -> Plan:
+    mode = cfg.mode
+    raw = [d.target for d in disks if d.fmt != "qcow2"]
+    if mode == BackupMode.INCREMENT and raw:
+        warnings.add(
+            f"disk(s) {', '.join(raw)} are not qcow2; incremental backups need qcow2 v3 "
+            "(dirty bitmaps), so this is a full backup"
+        )
+        mode = BackupMode.FULL
+    with ctx.catalog.session() as s:
+        vm = s.get(Vm, vm_id)
+        assert vm is not None
+        if mode == BackupMode.INCREMENT and not reset:
+            chain = _latest_chain(s, vm_id, ds_id)
+            last = valid_increments(chain)[-1] if chain and valid_increments(chain) else None
+            if chain and last and last.checkpoint:
+                if last.checkpoint in ctx.hv.checkpoints(vm.name):
+                    seq = max(i.seq for i in chain.increments) + 1
+                    s.add(
+                        Increment(
+                            backup_id=chain.id,
+                            seq=seq,
+                            parent=last.seq,
+                            status=BackupStatus.RUNNING,
+                        )
+                    )
+                    s.flush()
+                    return Plan(
+                        chain.id,
+                        seq,
+                        last.seq,
+                        chain.chain,
+                        last.checkpoint,
+                        checkpoint_name(chain.id, seq),
+                        False,
+                    )
+                warnings.add(
+                    f"checkpoint {last.checkpoint} of VM {vm.name} is missing (deleted outside "
+                    f"vmkeep, or the VM was recreated); starting a new full backup chain"
+                )
+        return _new_chain(s, vm, ds_id, mode)
+
+
+def _abandon_plan(ctx: Context, plan: Plan) -> None:
+    """Remove the rows of a plan that never started (replaced by a new full chain)."""
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, plan.backup_id)
+        assert b is not None
+        if plan.new_chain:
+            s.delete(b)
+        else:
+            for inc in list(b.increments):
+                if inc.seq == plan.seq:
+                    b.increments.remove(inc)
+
+
+# --- running -------------------------------------------------------------------------------------
+def _begin(
+    ctx: Context,
+    name: str,
+    fs_freeze: FsFreeze,
+    plan: Plan,
+    disks: list[DiskInfo],
+    staging: Path,
+    warnings: Warnings,
+    offline: bool,
+) -> Quiesce:
+    targets = {d.target: str(staging / disk_file(plan.seq, d.target)) for d in disks}
+    bxml = backup_xml(targets, plan.incremental_from)
+    cxml = None
+    if plan.checkpoint:
+        cxml = checkpoint_xml(
+            plan.checkpoint,
+            [d.target for d in disks if d.fmt == "qcow2"],
+            [d.target for d in disks if d.fmt != "qcow2"],
+        )
+    if offline:
+        ctx.hv.backup_begin(name, bxml, cxml)
+        return Quiesce(Consistency.OFFLINE)
+    with quiesced(ctx, name, fs_freeze, warnings) as q:
+        ctx.hv.backup_begin(name, bxml, cxml)
+    return q
+
+
+def wait_job(ctx: Context, name: str, progress: ProgressFn | None) -> None:
+    delay = 0.02
+    while True:
+        active, done, total = ctx.hv.job_progress(name)
+        if progress is not None:
+            progress(done, total)
+        if not active:
+            break
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.25)
+    ok, msg = ctx.hv.job_result(name)
+    if not ok:
+        raise BackupFailed(name, f"the libvirt backup job failed: {msg}")
+
+
+def _qemu_img(*args: str) -> None:
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise BackupFailed("?", f"qemu-img {' '.join(args)}: {proc.stderr.strip()}")
+
+
+def _prepare_staging(ctx: Context, plan: Plan) -> Path:
+    root = ctx.config.data_dir / "staging"
+    staging = root / f"{plan.backup_id}-{plan.seq}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    # QEMU runs as an unprivileged user and must reach the target files libvirt creates here.
+    for d in (staging, root, ctx.config.data_dir):
+        d.chmod(d.stat().st_mode | 0o711)
+    blocked = [p for p in staging.parents if p.exists() and not p.stat().st_mode & 0o001]
+    if blocked:
+        raise BackupFailed(
+            "?",
+            f"QEMU cannot reach the staging folder {staging}: {blocked[0]} is not "
+            "searchable by other users (chmod o+x, or set VMKEEP_DATA_DIR elsewhere)",
+        )
+    return staging
+
+
+def _finish(
+    ctx: Context,
+    driver: DatastoreDriver,
+    plan: Plan,
+    disks: list[DiskInfo],
+    staging: Path,
+    domain_xml: str,
+    q: Quiesce,
+) -> None:
+    files: list[dict[str, Any]] = []
+    staged: list[Path] = []
+    for d in disks:
+        f = staging / disk_file(plan.seq, d.target)
+        if plan.parent is None:
+            _qemu_img("rebase", "-u", "-f", "qcow2", "-b", "", str(f))
+        else:
+            _qemu_img(
+                "rebase",
+                "-u",
+                "-f",
+                "qcow2",
+                "-b",
+                disk_file(plan.parent, d.target),
+                "-F",
+                "qcow2",
+                str(f),
+            )
+        staged.append(f)
+    xml_file = staging / f"{plan.seq}.domain.xml"
+    xml_file.write_text(domain_xml)
+    staged.append(xml_file)
+    targets: list[str | None] = [d.target for d in disks] + [None]
+    for f, target in zip(staged, targets, strict=True):
+        files.append(
+            {
+                "disk": target,
+                "name": f.name,
+                "size": f.stat().st_size,
+                "sha256": sha256_file(f),
+            }
+        )
+    driver.backup(plan.chain, staged)
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, plan.backup_id)
+        assert b is not None
+        inc = next(i for i in b.increments if i.seq == plan.seq)
+        inc.files = files
+        inc.size = sum(f["size"] for f in files if f["disk"])
+        inc.checkpoint = plan.checkpoint
+        inc.consistency = q.consistency
+        inc.freeze_ms = q.freeze_ms
+        inc.finished_at = datetime.now(UTC)
+        inc.status = BackupStatus.VALID
+        b.status = BackupStatus.VALID
+        b.finished_at = inc.finished_at
+    write_manifest(ctx, driver, plan.backup_id)
+
+
+def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> None:
+    """The chain's manifest.json (per-file sha256), replaced atomically by the driver."""
+    import json
+    import tempfile
+
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        assert b is not None
+        data = backup_dict(b)
+    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+        path = Path(tmp) / "manifest.json"
+        path.write_text(json.dumps(data, indent=2, default=str))
+        driver.backup(data["chain"], [path])
+
+
+def _fail(
+    ctx: Context,
+    driver: DatastoreDriver,
+    name: str,
+    plan: Plan,
+    staging: Path | None,
+    err: BaseException,
+) -> None:
+    """Leave catalog, checkpoints and datastore consistent after a failed or cancelled backup."""
+    cancelled = isinstance(err, KeyboardInterrupt)
+    with suppress(VmkeepError):
+        ctx.hv.abort_job(name)
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
+    if plan.checkpoint:
+        # libvirt merges the new checkpoint's bitmap into its parent: the chain stays usable.
+        try:
+            ctx.hv.delete_checkpoint(name, plan.checkpoint)
+        except VmkeepError as e:
+            log.error("could not delete checkpoint %s of %s: %s", plan.checkpoint, name, e)
+    status = BackupStatus.CANCELLED if cancelled else BackupStatus.FAILED
+    reason = "cancelled" if cancelled else str(err)
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, plan.backup_id)
+        assert b is not None
+        inc = next(i for i in b.increments if i.seq == plan.seq)
+        inc.status, inc.error, inc.finished_at = status, reason, datetime.now(UTC)
+        if plan.new_chain:
+            b.status, b.error, b.finished_at = status, reason, inc.finished_at
+    with suppress(VmkeepError):
+        if plan.new_chain:
+            driver.rm(plan.chain)
+        else:
+            names = _chain_file_names(ctx, plan.backup_id, plan.seq)
+            driver.rm(plan.chain, names)
+
+
+def _chain_file_names(ctx: Context, backup_id: int, seq: int) -> list[str]:
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        assert b is not None
+        disks = {f["disk"] for i in b.increments for f in i.files if f["disk"]}
+    return [disk_file(seq, d) for d in disks] + [f"{seq}.domain.xml"]
+
+
+def _prune_checkpoints(ctx: Context, vm_id: int, name: str) -> None:
+    """Keep only checkpoints that are the base of a future increment of some VALID chain."""
+    with ctx.catalog.session() as s:
+        chains = s.execute(
+            select(Backup).where(Backup.vm_id == vm_id, Backup.status == BackupStatus.VALID)
+        ).scalars()
+        keep = set()
+        for b in chains:
+            valid = valid_increments(b)
+            if valid and valid[-1].checkpoint:
+                keep.add(valid[-1].checkpoint)
+    for cp in ctx.hv.checkpoints(name):
+        if cp.startswith(CHECKPOINT_PREFIX) and cp not in keep:
+            ctx.hv.delete_checkpoint(name, cp)
+
+
+def run_backup(
+    ctx: Context,
+    vm_ref: str,
+    ds_ref: str,
+    *,
+    reset: bool = False,
+    progress: ProgressFn | None = None,
+) -> BackupOutcome:
+    from vmkeep.engine.retention import apply_retention
+
+    out = BackupOutcome({})
+    warnings = out.warnings
+    with vm_action(ctx, vm_ref, "backup", {LcmState.RUNNING, LcmState.POWEROFF}) as vm:
+        with ctx.catalog.session() as s:
+            ds = find_datastore(s, ds_ref)
+            driver, ds_id = driver_of(ds), ds.id
+        info = ctx.hv.domain(vm.name)
+        if info.uuid != vm.uuid:
+            warnings.add(
+                f"domain {vm.name} was recreated (UUID changed); starting a new full chain"
+            )
+            reset = True
+            with ctx.catalog.session() as s:
+                find_vm(s, str(vm.id)).uuid = info.uuid
+        cfg = resolve(vm.backup_config)
+        disks = select_disks(info, cfg)
+        offline = info.state == VmState.POWEROFF
+        set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if offline else LcmState.BACKUP)
+        try:
+            plan = plan_backup(ctx, vm.id, ds_id, cfg, disks, reset, warnings)
+            staging: Path | None = None
+            try:
+                staging = _prepare_staging(ctx, plan)
+                domain_xml = ctx.hv.domain_xml(vm.name, inactive=True)
+                t0 = time.monotonic()
+                if offline:
+                    ctx.hv.start(vm.name, paused=True)
+                try:
+                    try:
+                        q = _begin(
+                            ctx, vm.name, cfg.fs_freeze, plan, disks, staging, warnings, offline
+                        )
+                    except CheckpointInvalid as err:
+                        if plan.incremental_from is None:
+                            raise
+                        warnings.add(f"{err}; starting a new full backup chain")
+                        _abandon_plan(ctx, plan)
+                        plan = plan_backup(ctx, vm.id, ds_id, cfg, disks, True, warnings)
+                        shutil.rmtree(staging, ignore_errors=True)
+                        staging = _prepare_staging(ctx, plan)
+                        q = _begin(
+                            ctx, vm.name, cfg.fs_freeze, plan, disks, staging, warnings, offline
+                        )
+                    wait_job(ctx, vm.name, progress)
+                finally:
+                    if offline:
+                        ctx.hv.destroy(vm.name)
+                _finish(ctx, driver, plan, disks, staging, domain_xml, q)
+                shutil.rmtree(staging, ignore_errors=True)
+                elapsed = time.monotonic() - t0
+            except BaseException as err:
+                _fail(ctx, driver, vm.name, plan, staging, err)
+                if isinstance(err, (VmkeepError, KeyboardInterrupt)):
+                    raise
+                raise BackupFailed(vm.name, err) from err
+            _prune_checkpoints(ctx, vm.id, vm.name)
+            for msg in apply_retention(ctx, vm.id, ds_id, cfg):
+                log.info(msg)
+            with ctx.catalog.session() as s:
+                b = s.get(Backup, plan.backup_id)
+                assert b is not None
+                out.result = backup_dict(b) | {"increment": plan.seq, "seconds": round(elapsed, 3)}
+        finally:
+            with suppress(VmkeepError):
+                state, lcm = _states(ctx.hv.domain(vm.name))
+                set_lcm(ctx, vm.id, lcm, state=state)
+    return out
+
+
+# --- cancel --------------------------------------------------------------------------------------
+def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, Any]:
+    """Cancel the running backup of a VM: signal the vmkeep process that runs it (it aborts the
+    libvirt job and cleans up); if that process is gone, abort the job and clean up here."""
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, vm_ref)
+        name, vm_id = vm.name, vm.id
+        holder = s.get(Lock, f"vm:{vm_id}")
+        holder_info = (holder.host, holder.pid, holder.reason) if holder else None
+    if (
+        holder_info
+        and holder_info[2] == "backup"
+        and holder_info[0] == socket.gethostname()
+        and pid_alive(holder_info[1])
+    ):
+        os.kill(holder_info[1], signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with ctx.catalog.session() as s:
+                if s.get(Lock, f"vm:{vm_id}") is None:
+                    return {"vm": name, "cancelled": True, "pid": holder_info[1]}
+            time.sleep(0.2)
+        raise BackupFailed(name, f"process {holder_info[1]} did not stop within {wait:.0f} s")
+    # No live vmkeep process: recover a stale RUNNING increment, if any.
+    with ctx.catalog.session() as s:
+        stale = s.execute(
+            select(Increment, Backup)
+            .join(Backup)
+            .where(Backup.vm_id == vm_id, Increment.status == BackupStatus.RUNNING)
+        ).all()
+        plans = [
+            (b.id, i.seq, i.parent, b.chain, i.checkpoint, i.seq == 0, b.datastore)
+            for i, b in stale
+        ]
+    if not plans:
+        return {"vm": name, "cancelled": False, "reason": "no backup is running"}
+    for bid, seq, parent, chain, _cp, new, ds in plans:
+        plan = Plan(bid, seq, parent, chain, None, checkpoint_name(bid, seq), new)
+        _fail(
+            ctx,
+            driver_of(ds),
+            name,
+            plan,
+            ctx.config.data_dir / "staging" / f"{bid}-{seq}",
+            KeyboardInterrupt(),
+        )
+    with suppress(VmkeepError):
+        state, lcm = _states(ctx.hv.domain(name))
+        set_lcm(ctx, vm_id, lcm, state=state)
+    return {"vm": name, "cancelled": True, "pid": None}
+
+
+# --- rendering -----------------------------------------------------------------------------------
+def increment_dict(i: Increment) -> dict[str, Any]:
+    return {
+        "id": i.seq,
+        "parent": i.parent,
+        "status": i.status,
+        "checkpoint": i.checkpoint,
+        "size": i.size,
+        "consistency": i.consistency,
+        "freeze_ms": i.freeze_ms,
+        "started": i.started_at,
+        "finished": i.finished_at,
+        "error": i.error,
+        "files": i.files,
+    }
+
+
+def backup_dict(b: Backup) -> dict[str, Any]:
+    return {
+        "id": b.id,
+        "vm": b.vm.name,
+        "vm_id": b.vm_id,
+        "datastore": b.datastore.name,
+        "chain": b.chain,
+        "mode": b.mode,
+        "status": b.status,
+        "active_flatten": b.active_flatten,
+        "created": b.created_at,
+        "finished": b.finished_at,
+        "error": b.error,
+        "increments": [increment_dict(i) for i in b.increments],
+    }

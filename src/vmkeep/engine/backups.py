@@ -1,0 +1,29 @@
+"""Reading the backup catalog: list and show (JSON rows carry the increments)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+
+from vmkeep.catalog.tables import Backup
+from vmkeep.engine.backup import backup_dict
+from vmkeep.engine.context import Context
+from vmkeep.engine.vms import find_vm
+from vmkeep.errors import BackupNotFound
+
+
+def list_backups(ctx: Context, vm_ref: str | None = None) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        q = select(Backup).order_by(Backup.id)
+        if vm_ref is not None:
+            q = q.where(Backup.vm_id == find_vm(s, vm_ref).id)
+        return [backup_dict(b) for b in s.execute(q).scalars()]
+
+
+def show_backup(ctx: Context, backup_id: int) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            raise BackupNotFound(backup_id)
+        return backup_dict(b)

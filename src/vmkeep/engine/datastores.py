@@ -1,0 +1,69 @@
+"""Backup datastores in the catalog: add, list, show (with monitor: total/free bytes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.tables import Datastore
+from vmkeep.datastores import DatastoreDriver, make_driver
+from vmkeep.engine.context import Context
+from vmkeep.errors import AlreadyExists, DatastoreError, DatastoreNotFound
+
+
+def find_datastore(s: Session, ref: str) -> Datastore:
+    q = select(Datastore).where(
+        Datastore.id == int(ref) if ref.isdigit() else Datastore.name == ref
+    )
+    ds = s.execute(q).scalar_one_or_none()
+    if ds is None:
+        raise DatastoreNotFound(ref)
+    return ds
+
+
+def driver_of(ds: Datastore) -> DatastoreDriver:
+    return make_driver(ds.driver, ds.name, ds.options)
+
+
+def add(ctx: Context, name: str, driver: str, options: dict[str, Any]) -> dict[str, Any]:
+    drv = make_driver(driver, name, options)  # validates the options before anything is stored
+    drv.check()
+    with ctx.catalog.session() as s:
+        if s.execute(select(Datastore).where(Datastore.name == name)).scalar_one_or_none():
+            raise AlreadyExists(f"datastore {name!r}")
+        ds = Datastore(name=name, driver=driver, options=drv.options.model_dump(mode="json"))
+        s.add(ds)
+        s.flush()
+        return ds_dict(ds, drv)
+
+
+def list_all(ctx: Context) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        return [ds_dict(ds) for ds in s.execute(select(Datastore).order_by(Datastore.id)).scalars()]
+
+
+def show(ctx: Context, ref: str) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        return ds_dict(find_datastore(s, ref))
+
+
+def ds_dict(ds: Datastore, drv: DatastoreDriver | None = None) -> dict[str, Any]:
+    drv = drv or driver_of(ds)
+    total: int | None = None
+    free: int | None = None
+    error = None
+    try:
+        total, free = drv.monitor()
+    except DatastoreError as err:
+        error = str(err)
+    return {
+        "id": ds.id,
+        "name": ds.name,
+        "driver": ds.driver,
+        "options": drv.options.model_dump(mode="json"),
+        "total_bytes": total,
+        "free_bytes": free,
+        "error": error,
+    }
