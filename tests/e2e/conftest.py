@@ -63,6 +63,19 @@ class Result:
         return json.loads(self.out)
 
 
+@pytest.fixture(autouse=True)
+def qemu_reachable_data_dir(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """QEMU (an unprivileged user) must reach vmkeep's staging folder: keep it out of /tmp/pytest-*."""
+    import shutil
+    import uuid
+
+    data = LAB_DIR.parent / "e2e-data" / uuid.uuid4().hex[:8]
+    data.mkdir(parents=True)
+    monkeypatch.setenv("VMKEEP_DATA_DIR", str(data))
+    yield data
+    shutil.rmtree(data, ignore_errors=True)
+
+
 @pytest.fixture
 def vmkeep(clean_env: Path) -> object:
     """Run the real CLI in a subprocess with the test's isolated environment."""

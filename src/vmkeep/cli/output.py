@@ -15,8 +15,8 @@ from rich.table import Table
 from vmkeep.engine.context import Context
 from vmkeep.model import Warnings
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 

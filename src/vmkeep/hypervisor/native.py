@@ -289,7 +289,13 @@ class LibvirtHypervisor(Hypervisor):
 
     def job_progress(self, name: str) -> tuple[bool, int, int]:
         dom = self._dom(name)
-        stats = self._call(lambda: dom.jobStats(0), f"job stats of {name}")
+        try:
+            stats = dom.jobStats(0)
+        except libvirt.libvirtError as err:
+            # While a backup job is being set up, libvirt 9 reports "backup job data missing".
+            if "job data missing" in (err.get_error_message() or ""):
+                return True, 0, 0
+            raise HypervisorError(f"job stats of {name}: {err.get_error_message()}") from err
         active = stats.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE
         return active, int(stats.get("disk_processed", 0)), int(stats.get("disk_total", 0))
 

@@ -255,3 +255,22 @@ class Lab:
 
     def sha256(self, name: str, path: str) -> str:
         return self.sh(name, f"sha256sum {shlex.quote(path)}").split()[0]
+
+
+def read_file_from_image(image: Path, path: str, workdir: Path) -> bytes:
+    """Read a file from the ext4 file system in a qcow2 image without booting it (debugfs)."""
+    raw = workdir / (image.name + ".raw")
+    run(["qemu-img", "convert", "-q", "-O", "raw", str(image), str(raw)])
+    try:
+        proc = subprocess.run(
+            ["debugfs", "-R", f"cat {path}", str(raw)], capture_output=True, check=True
+        )
+        # debugfs exits 0 even when the file is missing; it says so on stderr.
+        if b"not found" in proc.stderr or b"File not found" in proc.stderr:
+            raise LabError(f"{path} does not exist in {image}")
+        fsck = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True)
+        if fsck.returncode != 0:
+            raise LabError(f"{image}: file system not clean:\n{fsck.stdout[-1000:]}")
+        return proc.stdout
+    finally:
+        raw.unlink(missing_ok=True)
