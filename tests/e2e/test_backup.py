@@ -96,6 +96,7 @@ def test_full_and_three_increments_each_restore_point_is_bit_identical(
         for path, digest in expected[3].items():
             assert lab.sha256(name, path) == digest
         assert lab.hv.domain(name).uuid != lab.hv.domain(fresh_vm).uuid
+
         def mac(vm: str) -> str:
             return re.findall(r"<mac address='([^']+)'", lab.hv.domain_xml(vm, inactive=True))[0]
 

@@ -1,0 +1,35 @@
+"""Generated libvirt XML against golden files (virt-manager style). Regenerate with REGOLDEN=1."""
+
+import os
+from pathlib import Path
+
+from vmkeep.hypervisor.backup_xml import backup_xml, checkpoint_xml
+
+DATA = Path(__file__).parent / "data"
+
+
+def golden(name: str, text: str) -> None:
+    path = DATA / name
+    if os.environ.get("REGOLDEN"):
+        path.write_text(text)
+    assert text == path.read_text()
+
+
+def test_full_backup_xml() -> None:
+    golden("backup-full.xml", backup_xml({"vda": "/s/0.vda.qcow2", "vdb": "/s/0.vdb.qcow2"}))
+
+
+def test_incremental_backup_xml() -> None:
+    golden("backup-inc.xml", backup_xml({"vda": "/s/3.vda.qcow2"}, incremental="vmkeep-1-2"))
+
+
+def test_checkpoint_xml_skips_raw_disks() -> None:
+    golden("checkpoint.xml", checkpoint_xml("vmkeep-1-3", ["vda"], ["vdb"]))
+
+
+def test_attribute_values_are_escaped() -> None:
+    import xml.etree.ElementTree as ET
+
+    root = ET.fromstring(backup_xml({"vda": "/s/it's <odd>.qcow2"}))
+    target = root.find("./disks/disk/target")
+    assert target is not None and target.get("file") == "/s/it's <odd>.qcow2"
