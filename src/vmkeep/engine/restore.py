@@ -19,12 +19,12 @@ from vmkeep.datastores.base import sha256_file
 from vmkeep.engine.backup import disk_file, valid_increments
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
+from vmkeep.engine.images import flatten
 from vmkeep.errors import (
     BackupNotFound,
     ChecksumMismatch,
     IncrementNotFound,
     InvalidValue,
-    VmkeepError,
     WrongState,
 )
 from vmkeep.model import Warnings
@@ -133,32 +133,6 @@ def verify_files(chain_key: str, expected: dict[str, str], local: dict[str, Path
             raise ChecksumMismatch(f"{chain_key}/{name}", want, got)
 
 
-def _convert(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".partial")
-    proc = subprocess.run(
-        [
-            "qemu-img",
-            "convert",
-            "-q",
-            "-f",
-            "qcow2",
-            "-O",
-            "qcow2",
-            "-o",
-            "compat=1.1",
-            str(src),
-            str(tmp),
-        ],
-        capture_output=True,
-        text=True,
-    )
-    if proc.returncode:
-        tmp.unlink(missing_ok=True)
-        raise VmkeepError(f"qemu-img convert {src.name}: {proc.stderr.strip()}")
-    tmp.replace(dest)
-
-
 def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[str, Any], Warnings]:
     from vmkeep.engine import vms
 
@@ -185,7 +159,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
             dest = opts.path or restores / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
             if dest.is_dir():
                 dest = dest / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
-            _convert(local[disk_file(seq, disks[0])], dest)
+            flatten(local[disk_file(seq, disks[0])], dest)
             return {
                 "backup": backup_id,
                 "increment": seq,
@@ -205,7 +179,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                 break
         paths = {d: folder / f"{d}.qcow2" for d in disks}
         for d, p in paths.items():
-            _convert(local[disk_file(seq, d)], p)
+            flatten(local[disk_file(seq, d)], p)
         xml = rewrite_domain_xml(
             local[xml_entry["name"]].read_text(),
             new_name,

@@ -7,7 +7,6 @@ Increment ids are stable: after a flatten the chain's base is its lowest remaini
 from __future__ import annotations
 
 import logging
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -18,7 +17,8 @@ from vmkeep.datastores.base import sha256_file
 from vmkeep.engine.backup_config import BackupConfig
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
-from vmkeep.errors import BackupFailed
+from vmkeep.engine.images import flatten
+from vmkeep.errors import BackupFailed, VmkeepError
 from vmkeep.model import BackupMode, BackupStatus
 
 log = logging.getLogger(__name__)
@@ -78,23 +78,10 @@ def _retain_full(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
 
 
 def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
-    from vmkeep.engine.backup import disk_file, valid_increments, write_manifest
+    from vmkeep.engine.backup import _latest_chain, disk_file, valid_increments, write_manifest
 
     with ctx.catalog.session() as s:
-        b = (
-            s.execute(
-                select(Backup)
-                .where(
-                    Backup.vm_id == vm_id,
-                    Backup.datastore_id == ds_id,
-                    Backup.status == BackupStatus.VALID,
-                    Backup.mode == BackupMode.INCREMENT,
-                )
-                .order_by(Backup.id.desc())
-            )
-            .scalars()
-            .first()
-        )
+        b = _latest_chain(s, vm_id, ds_id)
         if b is None:
             return []
         valid = valid_increments(b)
@@ -114,30 +101,14 @@ def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[
         for d in disks:
             src = local[disk_file(base, d)]
             out = work / disk_file(base, d)
-            # Follows the backing chain (base..oldest) and writes one self-contained, sparse qcow2.
-            proc = subprocess.run(
-                [
-                    "qemu-img",
-                    "convert",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-O",
-                    "qcow2",
-                    "-o",
-                    "compat=1.1",
-                    str(src),
-                    str(out),
-                ],
-                capture_output=True,
-                text=True,
-            )
-            if proc.returncode:
+            try:
+                flatten(src, out)  # follows the backing chain down to the oldest increment
+            except VmkeepError as err:
                 with ctx.catalog.session() as s:
                     row = s.get(Backup, bid)
                     assert row is not None
                     row.active_flatten = False
-                raise BackupFailed(chain, f"flatten of {src.name}: {proc.stderr.strip()}")
+                raise BackupFailed(chain, f"flatten of {src.name}: {err}") from err
             new_files.append(out)
         sums = {p.name: (sha256_file(p), p.stat().st_size) for p in new_files}
         driver.backup(chain, new_files)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import suppress
 
 from vmkeep.engine import datastores, vms
 from vmkeep.engine.backup import run_backup
@@ -32,10 +33,8 @@ def run_demo(ctx: Context, say: Callable[[str], None]) -> None:
     vms.import_vm(ctx, name)
     vms.configure(ctx, name, {"mode": "increment", "fs_freeze": "agent"})
     ds_path = ctx.config.data_dir / "datastores" / DEMO_DATASTORE
-    try:
+    with suppress(AlreadyExists):  # a second demo run reuses it
         datastores.add(ctx, DEMO_DATASTORE, "dir", {"path": str(ds_path)})
-    except AlreadyExists:
-        pass
     say(f"datastore '{DEMO_DATASTORE}' (dir) at {ds_path}")
 
     first = lab.write_random(name, "/mnt/vda/first.bin", 16)
