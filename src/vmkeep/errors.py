@@ -105,6 +105,14 @@ class IncrementNotFound(NotFound):
     """Backup {} has no increment {}; it has increments {}."""
 
 
+class GroupNotFound(NotFound):
+    """Group '{}' does not exist; see 'vmkeep group list'."""
+
+
+class GroupBackupNotFound(NotFound):
+    """Group backup {} does not exist; see 'vmkeep group backups'."""
+
+
 class AlreadyExists(VmkeepError):
     """{} already exists."""
 
@@ -185,6 +193,12 @@ class DatastoreError(VmkeepError):
 
     exit_code = 18
     http_status = 502
+
+
+class GroupBackupFailed(VmkeepError):
+    """Group backup {} of '{}' failed at member '{}': {}. Every member was thawed, partial data removed; each member's chain stays usable."""
+
+    exit_code = 20
 
 
 class LabError(VmkeepError):

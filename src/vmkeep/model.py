@@ -94,5 +94,8 @@ class Warnings:
     def add(self, message: str) -> None:
         self.items.append(message)
 
+    def extend(self, other: Warnings) -> None:
+        self.items.extend(other.items)
+
     def __bool__(self) -> bool:
         return bool(self.items)

@@ -125,3 +125,72 @@ class Lock(Base):
     pid: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(255))
     acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Group(Base):
+    """VMs that are backed up together (one consistent cut) and started/stopped in order."""
+
+    __tablename__ = "groups"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    members: Mapped[list[GroupMember]] = relationship(
+        back_populates="group", order_by="GroupMember.position", cascade="all, delete-orphan"
+    )
+
+
+class GroupMember(Base):
+    """``position`` is the freeze and start order; ``stop_position`` (None: reverse) the stop order."""
+
+    __tablename__ = "group_members"
+    __table_args__ = (UniqueConstraint("group_id", "vm_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    position: Mapped[int] = mapped_column(Integer)
+    stop_position: Mapped[int | None] = mapped_column(Integer, default=None)
+    group: Mapped[Group] = relationship(back_populates="members")
+    vm: Mapped[Vm] = relationship()
+
+
+class GroupBackup(Base):
+    """One group restore point: a backup increment per member, taken inside one freeze window."""
+
+    __tablename__ = "group_backups"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_id: Mapped[int] = mapped_column(ForeignKey("groups.id"))
+    datastore_id: Mapped[int] = mapped_column(ForeignKey("datastores.id"))
+    status: Mapped[str] = mapped_column(String(16))
+    parallel_freeze: Mapped[bool] = mapped_column(default=False)
+    freeze_window_ms: Mapped[float | None] = mapped_column(default=None)
+    failed_vm: Mapped[str | None] = mapped_column(String(255), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    group: Mapped[Group] = relationship()
+    datastore: Mapped[Datastore] = relationship()
+    members: Mapped[list[GroupBackupMember]] = relationship(
+        back_populates="group_backup",
+        order_by="GroupBackupMember.position",
+        cascade="all, delete-orphan",
+    )
+
+
+class GroupBackupMember(Base):
+    """A member's part of a group backup; times are ms since the group's first freeze."""
+
+    __tablename__ = "group_backup_members"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_backup_id: Mapped[int] = mapped_column(ForeignKey("group_backups.id"))
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    vm_name: Mapped[str] = mapped_column(String(255))
+    position: Mapped[int] = mapped_column(Integer)
+    backup_id: Mapped[int | None] = mapped_column(ForeignKey("backups.id"), default=None)
+    seq: Mapped[int | None] = mapped_column(Integer, default=None)
+    status: Mapped[str] = mapped_column(String(16))
+    consistency: Mapped[str | None] = mapped_column(String(16), default=None)
+    frozen_at_ms: Mapped[float | None] = mapped_column(default=None)
+    thawed_at_ms: Mapped[float | None] = mapped_column(default=None)
+    freeze_ms: Mapped[float | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    group_backup: Mapped[GroupBackup] = relationship(back_populates="members")

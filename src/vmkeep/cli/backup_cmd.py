@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import click
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
 
-from vmkeep.cli.output import ctx_of, emit_json, err_console, json_option, render, report_warnings
+from vmkeep.cli.output import (
+    ctx_of,
+    emit_json,
+    json_option,
+    render,
+    report_warnings,
+    transfer_progress,
+)
 from vmkeep.engine import backup as engine
 
 
@@ -39,23 +39,8 @@ def backup() -> None:
 @click.pass_context
 def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: bool) -> None:
     """Back up VM to a datastore (full, or an increment per the VM's BACKUP_CONFIG)."""
-    ctx = ctx_of(c)
-    with Progress(
-        "[progress.description]{task.description}",
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err_console,
-        disable=as_json or not err_console.is_terminal,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(f"backup {vm}", total=None)
-
-        def progress(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
-
-        outcome = engine.run_backup(ctx, vm, datastore, reset=reset, progress=progress)
+    with transfer_progress(f"backup {vm}", as_json) as progress:
+        outcome = engine.run_backup(ctx_of(c), vm, datastore, reset=reset, progress=progress)
     r = outcome.result
     if as_json:
         emit_json(r)

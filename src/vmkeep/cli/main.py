@@ -25,6 +25,7 @@ class LazyGroup(click.Group):
         "backup": "vmkeep.cli.backup_cmd:backup",
         "backups": "vmkeep.cli.backups_cmd:backups",
         "restore": "vmkeep.cli.restore_cmd:restore",
+        "group": "vmkeep.cli.group_cmd:group",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

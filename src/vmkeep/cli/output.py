@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -45,6 +46,36 @@ def render(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
         emit_json(data)
     else:
         human(data)
+
+
+@contextmanager
+def transfer_progress(description: str, as_json: bool) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar on stderr (only on a terminal, never with --json); yields the
+    ``progress(done, total)`` callback the engine calls."""
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err_console,
+        disable=as_json or not err_console.is_terminal,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(description, total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield progress
 
 
 def ctx_of(click_ctx: click.Context) -> Context:

@@ -23,7 +23,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,10 +36,11 @@ from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Backup, Increment, Lock, Vm
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.datastores.base import sha256_file
+from vmkeep.engine import watchdog
 from vmkeep.engine.backup_config import BackupConfig, resolve
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
-from vmkeep.engine.vms import _states, find_vm, set_lcm, vm_action
+from vmkeep.engine.vms import find_vm, set_lcm, sync_state, vm_action
 from vmkeep.errors import (
     AgentTimeout,
     AgentUnavailable,
@@ -284,18 +285,29 @@ def _begin(
 
 
 def wait_job(ctx: Context, name: str, progress: ProgressFn | None) -> None:
+    wait_jobs(ctx, [name], progress)
+
+
+def wait_jobs(ctx: Context, names: list[str], progress: ProgressFn | None) -> None:
+    """Wait for the push jobs of ``names`` (progress summed); BackupFailed names a failed one."""
+    pending = list(names)
+    done_b = dict.fromkeys(names, 0)
+    total_b = dict.fromkeys(names, 0)
     delay = 0.02
-    while True:
-        active, done, total = ctx.hv.job_progress(name)
+    while pending:
+        for name in list(pending):
+            active, done_b[name], total_b[name] = ctx.hv.job_progress(name)
+            if not active:
+                pending.remove(name)
+                ok, msg = ctx.hv.job_result(name)
+                if not ok:
+                    raise BackupFailed(name, f"the libvirt backup job failed: {msg}")
+                total_b[name] = max(total_b[name], done_b[name])
         if progress is not None:
-            progress(done, total)
-        if not active:
-            break
-        time.sleep(delay)
-        delay = min(delay * 1.5, 0.25)
-    ok, msg = ctx.hv.job_result(name)
-    if not ok:
-        raise BackupFailed(name, f"the libvirt backup job failed: {msg}")
+            progress(sum(done_b.values()), sum(total_b.values()))
+        if pending:
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.25)
 
 
 def _qemu_img(*args: str) -> None:
@@ -456,6 +468,89 @@ def _prune_checkpoints(ctx: Context, vm_id: int, name: str) -> None:
             ctx.hv.delete_checkpoint(name, cp)
 
 
+@dataclass
+class MemberJob:
+    """One VM's backup in flight; ``run_backup`` and a group backup drive it step by step."""
+
+    vm_id: int
+    name: str
+    ds_id: int
+    cfg: BackupConfig
+    disks: list[DiskInfo]
+    offline: bool
+    reset: bool = False
+    plan: Plan | None = None
+    staging: Path | None = None
+    domain_xml: str = ""
+    q: Quiesce = field(default_factory=Quiesce)
+
+
+def prepare_job(ctx: Context, vm: Vm, ds_id: int, reset: bool, warnings: Warnings) -> MemberJob:
+    """Read the domain, resolve BACKUP_CONFIG and pick the disks (no catalog rows yet)."""
+    info = ctx.hv.domain(vm.name)
+    if info.uuid != vm.uuid:
+        warnings.add(f"domain {vm.name} was recreated (UUID changed); starting a new full chain")
+        reset = True
+        with ctx.catalog.session() as s:
+            find_vm(s, str(vm.id)).uuid = info.uuid
+    cfg = resolve(vm.backup_config)
+    disks = select_disks(info, cfg)
+    return MemberJob(vm.id, vm.name, ds_id, cfg, disks, info.state == VmState.POWEROFF, reset)
+
+
+def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
+    """Full or increment (catalog rows in RUNNING), staging folder, domain XML."""
+    job.plan = plan_backup(ctx, job.vm_id, job.ds_id, job.cfg, job.disks, job.reset, warnings)
+    job.staging = _prepare_staging(ctx, job.plan)
+    job.domain_xml = ctx.hv.domain_xml(job.name, inactive=True)
+
+
+def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> None:
+    """``backupBegin`` (quiesced per ``fs_freeze``); an invalid checkpoint starts a new chain."""
+    assert job.plan is not None and job.staging is not None
+    try:
+        job.q = _begin(
+            ctx, job.name, fs_freeze, job.plan, job.disks, job.staging, warnings, job.offline
+        )
+    except CheckpointInvalid as err:
+        if job.plan.incremental_from is None:
+            raise
+        warnings.add(f"{err}; starting a new full backup chain")
+        _abandon_plan(ctx, job.plan)
+        shutil.rmtree(job.staging, ignore_errors=True)
+        job.plan, job.staging, job.reset = None, None, True
+        plan_job(ctx, job, warnings)
+        assert job.plan is not None and job.staging is not None
+        job.q = _begin(
+            ctx, job.name, fs_freeze, job.plan, job.disks, job.staging, warnings, job.offline
+        )
+
+
+def finish_job(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
+    assert job.plan is not None and job.staging is not None
+    _finish(ctx, driver, job.plan, job.disks, job.staging, job.domain_xml, job.q)
+    shutil.rmtree(job.staging, ignore_errors=True)
+
+
+def fail_job(ctx: Context, driver: DatastoreDriver, job: MemberJob, err: BaseException) -> None:
+    if job.plan is not None:
+        _fail(ctx, driver, job.name, job.plan, job.staging, err)
+
+
+def after_success(ctx: Context, job: MemberJob) -> dict[str, Any]:
+    """Checkpoint clean-up and retention; returns the backup record."""
+    from vmkeep.engine.retention import apply_retention
+
+    assert job.plan is not None
+    _prune_checkpoints(ctx, job.vm_id, job.name)
+    for msg in apply_retention(ctx, job.vm_id, job.ds_id, job.cfg):
+        log.info(msg)
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, job.plan.backup_id)
+        assert b is not None
+        return backup_dict(b) | {"increment": job.plan.seq}
+
+
 def run_backup(
     ctx: Context,
     vm_ref: str,
@@ -464,74 +559,38 @@ def run_backup(
     reset: bool = False,
     progress: ProgressFn | None = None,
 ) -> BackupOutcome:
-    from vmkeep.engine.retention import apply_retention
-
     out = BackupOutcome({})
     warnings = out.warnings
     with vm_action(ctx, vm_ref, "backup", {LcmState.RUNNING, LcmState.POWEROFF}) as vm:
         with ctx.catalog.session() as s:
             ds = find_datastore(s, ds_ref)
             driver, ds_id = driver_of(ds), ds.id
-        info = ctx.hv.domain(vm.name)
-        if info.uuid != vm.uuid:
-            warnings.add(
-                f"domain {vm.name} was recreated (UUID changed); starting a new full chain"
-            )
-            reset = True
-            with ctx.catalog.session() as s:
-                find_vm(s, str(vm.id)).uuid = info.uuid
-        cfg = resolve(vm.backup_config)
-        disks = select_disks(info, cfg)
-        offline = info.state == VmState.POWEROFF
-        set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if offline else LcmState.BACKUP)
+        job = prepare_job(ctx, vm, ds_id, reset, warnings)
+        set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)
         try:
-            plan = plan_backup(ctx, vm.id, ds_id, cfg, disks, reset, warnings)
-            staging: Path | None = None
             try:
-                staging = _prepare_staging(ctx, plan)
-                domain_xml = ctx.hv.domain_xml(vm.name, inactive=True)
+                plan_job(ctx, job, warnings)
                 t0 = time.monotonic()
-                if offline:
+                if job.offline:
                     ctx.hv.start(vm.name, paused=True)
                 try:
-                    try:
-                        q = _begin(
-                            ctx, vm.name, cfg.fs_freeze, plan, disks, staging, warnings, offline
-                        )
-                    except CheckpointInvalid as err:
-                        if plan.incremental_from is None:
-                            raise
-                        warnings.add(f"{err}; starting a new full backup chain")
-                        _abandon_plan(ctx, plan)
-                        plan = plan_backup(ctx, vm.id, ds_id, cfg, disks, True, warnings)
-                        shutil.rmtree(staging, ignore_errors=True)
-                        staging = _prepare_staging(ctx, plan)
-                        q = _begin(
-                            ctx, vm.name, cfg.fs_freeze, plan, disks, staging, warnings, offline
-                        )
+                    freezes = job.cfg.fs_freeze != FsFreeze.NONE and not job.offline
+                    with watchdog.guarding(ctx, [vm.id]) if freezes else nullcontext():
+                        begin_job(ctx, job, job.cfg.fs_freeze, warnings)
                     wait_job(ctx, vm.name, progress)
                 finally:
-                    if offline:
+                    if job.offline:
                         ctx.hv.destroy(vm.name)
-                _finish(ctx, driver, plan, disks, staging, domain_xml, q)
-                shutil.rmtree(staging, ignore_errors=True)
+                finish_job(ctx, driver, job)
                 elapsed = time.monotonic() - t0
             except BaseException as err:
-                _fail(ctx, driver, vm.name, plan, staging, err)
+                fail_job(ctx, driver, job, err)
                 if isinstance(err, (VmkeepError, KeyboardInterrupt)):
                     raise
                 raise BackupFailed(vm.name, err) from err
-            _prune_checkpoints(ctx, vm.id, vm.name)
-            for msg in apply_retention(ctx, vm.id, ds_id, cfg):
-                log.info(msg)
-            with ctx.catalog.session() as s:
-                b = s.get(Backup, plan.backup_id)
-                assert b is not None
-                out.result = backup_dict(b) | {"increment": plan.seq, "seconds": round(elapsed, 3)}
+            out.result = after_success(ctx, job) | {"seconds": round(elapsed, 3)}
         finally:
-            with suppress(VmkeepError):
-                state, lcm = _states(ctx.hv.domain(vm.name))
-                set_lcm(ctx, vm.id, lcm, state=state)
+            sync_state(ctx, vm.id, vm.name)
     return out
 
 
@@ -581,9 +640,7 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
             ctx.config.data_dir / "staging" / f"{bid}-{seq}",
             KeyboardInterrupt(),
         )
-    with suppress(VmkeepError):
-        state, lcm = _states(ctx.hv.domain(name))
-        set_lcm(ctx, vm_id, lcm, state=state)
+    sync_state(ctx, vm_id, name)
     return {"vm": name, "cancelled": True, "pid": None}
 
 
@@ -601,7 +658,19 @@ def increment_dict(i: Increment) -> dict[str, Any]:
         "finished": i.finished_at,
         "error": i.error,
         "files": i.files,
+        **_group_info(i),
     }
+
+
+def _group_info(i: Increment) -> dict[str, Any]:
+    """The group restore point (and its freeze window) an increment belongs to, if any."""
+    from sqlalchemy.orm import object_session
+
+    from vmkeep.engine.groups import group_of_increment
+
+    s = object_session(i)
+    info = group_of_increment(s, i.backup_id, i.seq) if s is not None else None
+    return {"group": info} if info else {}
 
 
 def backup_dict(b: Backup) -> dict[str, Any]:

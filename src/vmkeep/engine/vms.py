@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -16,12 +16,14 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog import lock
 from vmkeep.catalog.tables import Vm
+from vmkeep.engine import watchdog
 from vmkeep.engine.context import Context
 from vmkeep.errors import (
     AgentTimeout,
     AgentUnavailable,
     DomainNotFound,
     HypervisorError,
+    VmkeepError,
     VmNotFound,
     WrongState,
 )
@@ -155,6 +157,16 @@ def set_lcm(
             setattr(vm, k, v)
 
 
+def sync_state(ctx: Context, vm_id: int, name: str) -> None:
+    """Take the VM's state from libvirt once vmkeep's action on it is over (clears busy states)."""
+    try:
+        state, lcm = _states(ctx.hv.domain(name))
+    except VmkeepError as err:
+        log.warning("could not read the state of %s: %s", name, err)
+        return
+    set_lcm(ctx, vm_id, lcm, state=state)
+
+
 @contextmanager
 def vm_action(ctx: Context, ref: str, action: str, needs: set[LcmState]) -> Iterator[Vm]:
     """Lock the VM and check its lcm state for ``action``; yields a detached Vm row."""
@@ -184,8 +196,17 @@ def quiesce(ctx: Context, ref: str) -> dict[str, Any]:
             _best_effort_thaw(ctx, vm.name)
             set_lcm(ctx, vm.id, LcmState.ERROR, error=f"quiesce failed: {err}")
             raise
-        set_lcm(ctx, vm.id, LcmState.QUIESCED, quiesced_at=datetime.now(UTC))
-        return {"vm": vm.name, "lcm_state": LcmState.QUIESCED, "filesystems": frozen}
+        now = datetime.now(UTC)
+        set_lcm(ctx, vm.id, LcmState.QUIESCED, quiesced_at=now)
+        # A crashed or forgetful caller never leaves the guest frozen: thawed at the deadline.
+        max_s = ctx.config.quiesce.max_seconds
+        watchdog.spawn(ctx, [vm.id], quiesced_at=now)
+        return {
+            "vm": vm.name,
+            "lcm_state": LcmState.QUIESCED,
+            "filesystems": frozen,
+            "auto_unquiesce_at": now + timedelta(seconds=max_s),
+        }
 
 
 def unquiesce(ctx: Context, ref: str) -> dict[str, Any]:

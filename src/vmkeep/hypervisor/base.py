@@ -41,6 +41,10 @@ class Hypervisor(ABC):
         """Hard power-off (OpenNebula 'cancel'); no error if already off."""
 
     @abstractmethod
+    def shutdown(self, name: str) -> None:
+        """Ask the guest to power off (agent, else ACPI); returns at once, no error if off."""
+
+    @abstractmethod
     def undefine(self, name: str) -> None:
         """Remove the definition (and its checkpoint metadata); no error if absent."""
 

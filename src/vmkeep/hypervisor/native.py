@@ -195,6 +195,15 @@ class LibvirtHypervisor(Hypervisor):
         if dom.isActive():
             self._call(dom.destroy, f"destroy {name}")
 
+    def shutdown(self, name: str) -> None:
+        try:
+            dom = self._dom(name)
+        except DomainNotFound:
+            return
+        if dom.isActive():
+            # flags=0: libvirt uses the guest agent when it is connected, ACPI otherwise.
+            self._call(lambda: dom.shutdownFlags(0), f"shutdown {name}")
+
     def undefine(self, name: str) -> None:
         try:
             dom = self._dom(name)

@@ -17,6 +17,9 @@ for dev in /dev/vd?; do
   mkdir -p "/mnt/$name"
   mount -t ext4 -o noinit_itable "$dev" "/mnt/$name" && echo "VMKEEP-LAB-MOUNTED $name"
 done
+# qemu-ga's guest-shutdown runs /sbin/shutdown, which busybox lacks: power off through ACPI.
+printf '#!/bin/sh\nsync\nexec /bin/busybox poweroff -f\n' > /sbin/shutdown
+chmod 755 /sbin/shutdown
 port=""
 for p in /sys/class/virtio-ports/*; do
   [ "$(cat "$p/name" 2>/dev/null)" = "org.qemu.guest_agent.0" ] && port=${p##*/}

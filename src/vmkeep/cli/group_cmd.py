@@ -1,0 +1,248 @@
+"""``vmkeep group ...``: ordered groups of VMs, group-consistent backup, group restore, ordered
+start/stop."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from vmkeep.cli.output import (
+    ctx_of,
+    emit_json,
+    json_option,
+    render,
+    report_warnings,
+    table,
+    transfer_progress,
+)
+from vmkeep.engine import groups
+
+
+@click.group()
+def group() -> None:
+    """Groups of VMs backed up as one consistent cut, started and stopped in order."""
+
+
+def _show(g: dict[str, Any]) -> None:
+    click.echo(f"group {g['name']} (id {g['id']})")
+    click.echo(f"  start/freeze order: {' -> '.join(g['start_order']) or '(no members)'}")
+    click.echo(f"  stop order:         {' -> '.join(g['stop_order']) or '(no members)'}")
+    if g.get("backups"):
+        _backups(g["backups"])
+
+
+def _backups(rows: list[dict[str, Any]]) -> None:
+    flat = [
+        r
+        | {
+            "members": ", ".join(f"{m['vm']}:{m['backup']}/{m['increment']}" for m in r["members"]),
+            "freeze_window_ms": None
+            if r["freeze_window_ms"] is None
+            else round(r["freeze_window_ms"], 1),
+        }
+        for r in rows
+    ]
+    table(
+        flat,
+        ("id", "status", "datastore", "freeze_window_ms", "members", "failed_vm", "created"),
+    )
+
+
+@group.command("create")
+@click.argument("name")
+@click.argument("vms", nargs=-1, required=True, metavar="VM...")
+@click.option(
+    "--stop-order",
+    default=None,
+    help="Comma-separated stop order (default: the reverse of the start order).",
+)
+@json_option
+@click.pass_context
+def create_cmd(
+    c: click.Context, name: str, vms: tuple[str, ...], stop_order: str | None, as_json: bool
+) -> None:
+    """Create group NAME; the VMs' order is the freeze and start order."""
+    stop = [v.strip() for v in stop_order.split(",")] if stop_order else None
+    render(groups.create_group(ctx_of(c), name, list(vms), stop), as_json, _show)
+
+
+@group.command("list")
+@json_option
+@click.pass_context
+def list_cmd(c: click.Context, as_json: bool) -> None:
+    """List groups with their members and last group backup."""
+    rows = groups.list_groups(ctx_of(c))
+
+    def human(rows: list[dict[str, Any]]) -> None:
+        table(
+            [
+                r
+                | {
+                    "members": " -> ".join(r["members"]),
+                    "last_backup": (
+                        f"{r['last_backup']['id']} {r['last_backup']['status']}"
+                        if r["last_backup"]
+                        else ""
+                    ),
+                }
+                for r in rows
+            ],
+            ("id", "name", "members", "last_backup"),
+        )
+
+    render(rows, as_json, human)
+
+
+@group.command("show")
+@click.argument("ref", metavar="GROUP")
+@json_option
+@click.pass_context
+def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
+    """Show a group: orders, and its group backups with freeze windows."""
+    render(groups.show_group(ctx_of(c), ref), as_json, _show)
+
+
+@group.command("add")
+@click.argument("ref", metavar="GROUP")
+@click.argument("vms", nargs=-1, required=True, metavar="VM...")
+@click.option("--position", type=int, default=None, help="Insert at this 0-based position.")
+@json_option
+@click.pass_context
+def add_cmd(
+    c: click.Context, ref: str, vms: tuple[str, ...], position: int | None, as_json: bool
+) -> None:
+    """Add VMs to a group (at the end of the order, or at --position)."""
+    render(groups.add_members(ctx_of(c), ref, list(vms), position), as_json, _show)
+
+
+@group.command("remove")
+@click.argument("ref", metavar="GROUP")
+@click.argument("vms", nargs=-1, required=True, metavar="VM...")
+@json_option
+@click.pass_context
+def remove_cmd(c: click.Context, ref: str, vms: tuple[str, ...], as_json: bool) -> None:
+    """Remove VMs from a group (their backups stay)."""
+    render(groups.remove_members(ctx_of(c), ref, list(vms)), as_json, _show)
+
+
+@group.command("delete")
+@click.argument("ref", metavar="GROUP")
+@json_option
+@click.pass_context
+def delete_cmd(c: click.Context, ref: str, as_json: bool) -> None:
+    """Delete a group and its group-backup records (member backups stay)."""
+    render(
+        groups.delete_group(ctx_of(c), ref),
+        as_json,
+        lambda r: click.echo(f"deleted group {r['name']}"),
+    )
+
+
+@group.command("backup")
+@click.argument("ref", metavar="GROUP")
+@click.option("--datastore", "-d", required=True, help="Target datastore (name or id).")
+@click.option(
+    "--parallel-freeze",
+    is_flag=True,
+    help="Freeze and thaw all members at once (no order constraint; shorter window).",
+)
+@click.option("--reset", is_flag=True, help="Start new full chains for every member.")
+@json_option
+@click.pass_context
+def backup_cmd(
+    c: click.Context, ref: str, datastore: str, parallel_freeze: bool, reset: bool, as_json: bool
+) -> None:
+    """Back up every member at one consistent cut: freeze in order, begin all, thaw in reverse."""
+    from vmkeep.engine.group_backup import run_group_backup
+
+    with transfer_progress(f"group backup {ref}", as_json) as progress:
+        out = run_group_backup(
+            ctx_of(c),
+            ref,
+            datastore,
+            parallel_freeze=parallel_freeze,
+            reset=reset,
+            progress=progress,
+        )
+    r = out.result
+    if as_json:
+        emit_json(r)
+    else:
+        click.echo(
+            f"group backup {r['id']} of {r['group']}: {r['status']}, freeze window "
+            f"{r['freeze_window_ms']:.1f} ms, {r['seconds']} s"
+        )
+        for m in r["members"]:
+            frozen = "" if m["freeze_ms"] is None else f", frozen {m['freeze_ms']:.1f} ms"
+            click.echo(
+                f"  {m['vm']}: backup {m['backup']} increment {m['increment']}, "
+                f"{m['consistency']}{frozen}"
+            )
+    report_warnings(out.warnings)
+
+
+@group.command("backups")
+@click.argument("ref", metavar="[GROUP]", required=False)
+@json_option
+@click.pass_context
+def backups_cmd(c: click.Context, ref: str | None, as_json: bool) -> None:
+    """List group backups (restore points), of one group or all."""
+    render(groups.list_group_backups(ctx_of(c), ref), as_json, _backups)
+
+
+@group.command("restore")
+@click.argument("gb_id", type=int, metavar="ID")
+@click.option("--suffix", default=None, help="Appended to each member's name (default -g<ID>).")
+@click.option("--start", is_flag=True, help="Start the restored VMs.")
+@json_option
+@click.pass_context
+def restore_cmd(
+    c: click.Context, gb_id: int, suffix: str | None, start: bool, as_json: bool
+) -> None:
+    """Restore every member of group backup ID as new VMs (name + suffix)."""
+    res, warnings = groups.restore_group(ctx_of(c), gb_id, suffix, start=start)
+
+    def human(r: dict[str, Any]) -> None:
+        for m in r["members"]:
+            click.echo(
+                f"{m['from']} -> {m['vm']} (backup {m['backup']} increment {m['increment']})"
+            )
+
+    render(res, as_json, human)
+    report_warnings(warnings)
+
+
+def _actions(rows: list[dict[str, Any]]) -> None:
+    for r in rows:
+        click.echo(f"{r['vm']}: {r['action']}")
+
+
+@group.command("start")
+@click.argument("ref", metavar="GROUP")
+@click.option(
+    "--no-wait-agent",
+    is_flag=True,
+    help="Do not wait for each member's guest agent before starting the next.",
+)
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds per member.")
+@json_option
+@click.pass_context
+def start_cmd(
+    c: click.Context, ref: str, no_wait_agent: bool, timeout: float, as_json: bool
+) -> None:
+    """Start members in start order, each up before the next."""
+    rows = groups.start_group(ctx_of(c), ref, wait_agent=not no_wait_agent, timeout=timeout)
+    render(rows, as_json, _actions)
+
+
+@group.command("stop")
+@click.argument("ref", metavar="GROUP")
+@click.option("--force", is_flag=True, help="Destroy a member that is not off after --timeout.")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per member.")
+@json_option
+@click.pass_context
+def stop_cmd(c: click.Context, ref: str, force: bool, timeout: float, as_json: bool) -> None:
+    """Shut members down in stop order, each off before the next."""
+    rows = groups.stop_group(ctx_of(c), ref, force=force, timeout=timeout)
+    render(rows, as_json, _actions)
