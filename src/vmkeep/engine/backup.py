@@ -500,6 +500,9 @@ def prepare_job(ctx: Context, vm: Vm, ds_id: int, reset: bool, warnings: Warning
 
 def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
     """Full or increment (catalog rows in RUNNING), staging folder, domain XML."""
+    # Checkpoints no chain needs (left by a failed attempt or a lost catalog) go first: a
+    # leftover with the planned name would make backupBegin fail.
+    _prune_checkpoints(ctx, job.vm_id, job.name)
     job.plan = plan_backup(ctx, job.vm_id, job.ds_id, job.cfg, job.disks, job.reset, warnings)
     job.staging = _prepare_staging(ctx, job.plan)
     job.domain_xml = ctx.hv.domain_xml(job.name, inactive=True)

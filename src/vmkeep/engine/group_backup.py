@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
+from sqlalchemy import select
+
 from vmkeep.catalog import lock
 from vmkeep.catalog.tables import GroupBackup, GroupBackupMember, Vm
 from vmkeep.datastores import DatastoreDriver
@@ -232,6 +234,21 @@ def _record_start(ctx: Context, group_id: int, ds_id: int, vms: list[Vm], parall
         return gb.id
 
 
+def _close_abandoned(ctx: Context, group_id: int) -> None:
+    """A RUNNING record while we hold the group's lock was left by a process that died."""
+    with ctx.catalog.session() as s:
+        stale = s.execute(
+            select(GroupBackup).where(
+                GroupBackup.group_id == group_id, GroupBackup.status == BackupStatus.RUNNING
+            )
+        ).scalars()
+        for gb in stale:
+            gb.status, gb.finished_at = BackupStatus.FAILED, datetime.now(UTC)
+            gb.error = "abandoned: the vmkeep process running it died"
+            for m in gb.members:
+                m.status = BackupStatus.FAILED
+
+
 def _record_end(
     ctx: Context,
     gb_id: int,
@@ -289,6 +306,7 @@ def run_group_backup(
     t_start = time.monotonic()
     with ExitStack() as stack:
         stack.enter_context(lock(ctx.catalog, f"group:{group_id}", "group backup"))
+        _close_abandoned(ctx, group_id)
         needs = {LcmState.RUNNING, LcmState.POWEROFF}
         vms = [stack.enter_context(vm_action(ctx, r, "group backup", needs)) for r in refs]
         gb_id = _record_start(ctx, group_id, ds_id, vms, parallel_freeze)
