@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import time
+
+import pytest
 
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
@@ -61,3 +64,45 @@ def test_write_in_guest_is_readable_through_guest_exec(vmkeep, lab: Lab, agent_v
 def test_unknown_vm_exit_code_and_message(vmkeep) -> None:
     res = vmkeep("vm", "show", "no-such-vm", check=6)
     assert "no-such-vm" in res.err and "vmkeep vm import" in res.err
+
+
+def test_abandoned_quiesce_is_thawed_by_the_timeout(
+    vmkeep, agent_vm: str, hv: Hypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VMKEEP_QUIESCE_MAX_SECONDS", "3")
+    vmkeep("vm", "import", agent_vm)
+    try:
+        res = vmkeep("vm", "quiesce", agent_vm, "--json").json()
+        t0 = time.monotonic()
+        assert "auto_unquiesce_at" in res
+        assert hv.fs_freeze_status(agent_vm, 10) == "frozen"
+        # the caller "crashed": nobody calls unquiesce
+        while hv.fs_freeze_status(agent_vm, 10) == "frozen" and time.monotonic() - t0 < 20:
+            time.sleep(0.2)
+        elapsed = time.monotonic() - t0
+        assert hv.fs_freeze_status(agent_vm, 10) == "thawed"
+        assert 2.0 <= elapsed <= 8.0, elapsed
+        assert vmkeep("vm", "show", agent_vm, "--json").json()["lcm_state"] == "RUNNING"
+        # an unquiesce that comes too late is a wrong-state call
+        assert "needs QUIESCED" in vmkeep("vm", "unquiesce", agent_vm, check=4).err
+    finally:
+        vmkeep("vm", "reset-state", agent_vm, check=None)
+
+
+def test_unquiesce_in_time_keeps_the_watchdog_away(
+    vmkeep, agent_vm: str, hv: Hypervisor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vmkeep("vm", "import", agent_vm)
+    monkeypatch.setenv("VMKEEP_QUIESCE_MAX_SECONDS", "3")
+    t0 = time.monotonic()
+    vmkeep("vm", "quiesce", agent_vm)
+    vmkeep("vm", "unquiesce", agent_vm)
+    monkeypatch.setenv("VMKEEP_QUIESCE_MAX_SECONDS", "60")
+    vmkeep("vm", "quiesce", agent_vm)  # a new quiesce has its own, later deadline
+    try:
+        time.sleep(max(0.0, t0 + 4.5 - time.monotonic()))  # past the first deadline
+        assert hv.fs_freeze_status(agent_vm, 10) == "frozen"
+        assert vmkeep("vm", "show", agent_vm, "--json").json()["lcm_state"] == "QUIESCED"
+    finally:
+        vmkeep("vm", "unquiesce", agent_vm, check=None)
+    assert hv.fs_freeze_status(agent_vm, 10) == "thawed"
