@@ -18,10 +18,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from common import workspace  # bench/ is on sys.path when run as a script
 from vmkeep.hypervisor import connect
 from vmkeep.lab import Lab
 
@@ -48,10 +48,7 @@ def main() -> None:
     ap.add_argument("--change-mib", type=int, default=40)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="vmkeep-bench-", dir="/var/lib/vmkeep"))
-    work.chmod(0o755)
-    env = dict(os.environ, VMKEEP_DATA_DIR=str(work / "data"), VMKEEP_CONFIG=str(work / "c.toml"))
-    (work / "c.toml").write_text("version = 1\n")
+    work, env = workspace()
     vk = [sys.executable, "-m", "vmkeep.cli.main"]
     hv = connect("qemu:///system")
     lab = Lab(hv, LAB_DIR, prefix=PREFIX)

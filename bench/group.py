@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from common import workspace  # bench/ is on sys.path when run as a script
 from vmkeep.hypervisor import connect
 from vmkeep.lab import Lab
 
@@ -67,10 +66,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="vmkeep-bench-", dir="/var/lib/vmkeep"))
-    work.chmod(0o755)
-    env = dict(os.environ, VMKEEP_DATA_DIR=str(work / "data"), VMKEEP_CONFIG=str(work / "c.toml"))
-    (work / "c.toml").write_text("version = 1\n")
+    work, env = workspace()
     lab = Lab(connect("qemu:///system"), LAB_DIR, prefix=PREFIX)
     lab.down()
     vms = [f"{PREFIX}{i}" for i in (1, 2, 3)]

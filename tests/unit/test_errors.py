@@ -22,4 +22,6 @@ def test_exit_codes_are_unique_per_leaf_family() -> None:
 
 def test_docs_table_matches_code() -> None:
     doc = Path(__file__).parents[2] / "docs" / "exit-codes.md"
-    assert errors.exit_code_table() in doc.read_text(), "regenerate: python -m vmkeep.errors > ..."
+    assert errors.exit_code_table() in doc.read_text(), (
+        "regenerate: python scripts/regen_exit_codes.py"
+    )

@@ -169,9 +169,10 @@ def backup_cmd(
     if as_json:
         emit_json(r)
     else:
+        w = r["freeze_window_ms"]
+        window = "nothing frozen (all members off)" if w is None else f"freeze window {w:.1f} ms"
         click.echo(
-            f"group backup {r['id']} of {r['group']}: {r['status']}, freeze window "
-            f"{r['freeze_window_ms']:.1f} ms, {r['seconds']} s"
+            f"group backup {r['id']} of {r['group']}: {r['status']}, {window}, {r['seconds']} s"
         )
         for m in r["members"]:
             frozen = "" if m["freeze_ms"] is None else f", frozen {m['freeze_ms']:.1f} ms"

@@ -115,33 +115,43 @@ def select_disks(info: DomainInfo, cfg: BackupConfig) -> list[DiskInfo]:
 
 
 # --- quiesce -------------------------------------------------------------------------------------
-@contextmanager
-def quiesced(ctx: Context, name: str, mode: FsFreeze, warnings: Warnings) -> Iterator[Quiesce]:
-    """Freeze (agent) or suspend the guest for the body only; always undone, with retries."""
-    q = Quiesce()
+def freeze_guest(
+    ctx: Context, name: str, mode: FsFreeze
+) -> tuple[Consistency, Callable[[], object]]:
+    """Freeze (agent) or suspend the guest; returns the consistency and how to undo it.
+
+    Raises AgentUnavailable / AgentTimeout; after a timeout the guest is thawed for safety (the
+    freeze may have half-happened in it). ``mode`` NONE does nothing (CRASH consistency)."""
     timeout = ctx.agent_timeout
-    undo: Callable[[], object] | None = None
-    t0 = time.monotonic()
+    if mode == FsFreeze.SUSPEND:
+        ctx.hv.suspend(name)
+        return Consistency.SUSPENDED, lambda: ctx.hv.resume(name)
     if mode == FsFreeze.AGENT:
         try:
             ctx.hv.fs_freeze(name, timeout)
-            q.consistency = Consistency.AGENT_FROZEN
-            undo = lambda: ctx.hv.fs_thaw(name, timeout)  # noqa: E731
-        except AgentUnavailable as err:
-            warnings.add(f"{err} The backup is crash-consistent.")
-        except AgentTimeout as err:
-            # The freeze may have half-happened in the guest: thaw for safety.
+        except AgentTimeout:
             with suppress(HypervisorError):
                 ctx.hv.fs_thaw(name, timeout)
-            warnings.add(f"{err} The backup is crash-consistent.")
-    elif mode == FsFreeze.SUSPEND:
-        ctx.hv.suspend(name)
-        q.consistency = Consistency.SUSPENDED
-        undo = lambda: ctx.hv.resume(name)  # noqa: E731
+            raise
+        return Consistency.AGENT_FROZEN, lambda: ctx.hv.fs_thaw(name, timeout)
+    return Consistency.CRASH, lambda: None
+
+
+@contextmanager
+def quiesced(ctx: Context, name: str, mode: FsFreeze, warnings: Warnings) -> Iterator[Quiesce]:
+    """Freeze (agent) or suspend the guest for the body only; always undone, with retries.
+    A missing or silent agent gives a crash-consistent backup and a warning."""
+    q = Quiesce()
+    undo: Callable[[], object] | None = None
+    t0 = time.monotonic()
+    try:
+        q.consistency, undo = freeze_guest(ctx, name, mode)
+    except (AgentUnavailable, AgentTimeout) as err:
+        warnings.add(f"{err} The backup is crash-consistent.")
     try:
         yield q
     finally:
-        if undo is not None:
+        if undo is not None and mode != FsFreeze.NONE:
             _undo_with_retries(name, undo)
             q.freeze_ms = (time.monotonic() - t0) * 1000
 
@@ -282,10 +292,6 @@ def _begin(
     with quiesced(ctx, name, fs_freeze, warnings) as q:
         ctx.hv.backup_begin(name, bxml, cxml)
     return q
-
-
-def wait_job(ctx: Context, name: str, progress: ProgressFn | None) -> None:
-    wait_jobs(ctx, [name], progress)
 
 
 def wait_jobs(ctx: Context, names: list[str], progress: ProgressFn | None) -> None:
@@ -580,7 +586,7 @@ def run_backup(
                     freezes = job.cfg.fs_freeze != FsFreeze.NONE and not job.offline
                     with watchdog.guarding(ctx, [vm.id]) if freezes else nullcontext():
                         begin_job(ctx, job, job.cfg.fs_freeze, warnings)
-                    wait_job(ctx, vm.name, progress)
+                    wait_jobs(ctx, [vm.name], progress)
                 finally:
                     if job.offline:
                         ctx.hv.destroy(vm.name)
@@ -648,7 +654,7 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
 
 
 # --- rendering -----------------------------------------------------------------------------------
-def increment_dict(i: Increment) -> dict[str, Any]:
+def increment_dict(i: Increment, group: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "id": i.seq,
         "parent": i.parent,
@@ -661,22 +667,17 @@ def increment_dict(i: Increment) -> dict[str, Any]:
         "finished": i.finished_at,
         "error": i.error,
         "files": i.files,
-        **_group_info(i),
+        **({"group": group} if group else {}),
     }
 
 
-def _group_info(i: Increment) -> dict[str, Any]:
-    """The group restore point (and its freeze window) an increment belongs to, if any."""
+def backup_dict(b: Backup) -> dict[str, Any]:
     from sqlalchemy.orm import object_session
 
-    from vmkeep.engine.groups import group_of_increment
+    from vmkeep.engine.groups import group_points
 
-    s = object_session(i)
-    info = group_of_increment(s, i.backup_id, i.seq) if s is not None else None
-    return {"group": info} if info else {}
-
-
-def backup_dict(b: Backup) -> dict[str, Any]:
+    s = object_session(b)
+    groups = group_points(s, b.id) if s is not None else {}
     return {
         "id": b.id,
         "vm": b.vm.name,
@@ -689,5 +690,5 @@ def backup_dict(b: Backup) -> dict[str, Any]:
         "created": b.created_at,
         "finished": b.finished_at,
         "error": b.error,
-        "increments": [increment_dict(i) for i in b.increments],
+        "increments": [increment_dict(i, groups.get(i.seq)) for i in b.increments],
     }

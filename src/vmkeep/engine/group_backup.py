@@ -44,6 +44,7 @@ from vmkeep.engine.backup import (
     begin_job,
     fail_job,
     finish_job,
+    freeze_guest,
     plan_job,
     prepare_job,
     wait_jobs,
@@ -52,13 +53,7 @@ from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
 from vmkeep.engine.groups import find_group, group_backup_dict
 from vmkeep.engine.vms import set_lcm, sync_state, vm_action
-from vmkeep.errors import (
-    AgentTimeout,
-    BackupFailed,
-    GroupBackupFailed,
-    HypervisorError,
-    InvalidValue,
-)
+from vmkeep.errors import BackupFailed, GroupBackupFailed, HypervisorError, InvalidValue
 from vmkeep.model import BackupStatus, Consistency, FsFreeze, LcmState, Warnings
 
 log = logging.getLogger(__name__)
@@ -90,10 +85,14 @@ class Timing:
     t0: float = field(default_factory=time.monotonic)
     frozen: dict[str, float] = field(default_factory=dict)
     thawed: dict[str, float] = field(default_factory=dict)
-    window_ms: float | None = None
 
     def now(self) -> float:
         return (time.monotonic() - self.t0) * 1000
+
+    @property
+    def window_ms(self) -> float | None:
+        """First freeze -> last thaw (the first freeze starts at 0)."""
+        return max(self.thawed.values(), default=None)
 
 
 @dataclass
@@ -135,23 +134,14 @@ class _Partial(Exception):
 
 # --- the cut ---------------------------------------------------------------------------------------
 def _freeze(ctx: Context, job: MemberJob, timing: Timing) -> Callable[[], object]:
-    """Freeze (or suspend) one member; returns how to undo it."""
-    name, timeout = job.name, ctx.agent_timeout
-    timing.frozen[name] = timing.now()
-    with _member(name):
-        if job.cfg.fs_freeze == FsFreeze.SUSPEND:
-            ctx.hv.suspend(name)
-            job.q = Quiesce(Consistency.SUSPENDED)
-            return lambda: ctx.hv.resume(name)
-        try:
-            ctx.hv.fs_freeze(name, timeout)
-        except AgentTimeout:
-            # The freeze may have half-happened in the guest: thaw it for safety.
-            with suppress(HypervisorError):
-                ctx.hv.fs_thaw(name, timeout)
-            raise
-        job.q = Quiesce(Consistency.AGENT_FROZEN)
-        return lambda: ctx.hv.fs_thaw(name, timeout)
+    """Freeze (or, for FS_FREEZE=SUSPEND, suspend) one member; returns how to undo it.
+    Unlike a single backup, a member that cannot be frozen fails the group."""
+    mode = FsFreeze.SUSPEND if job.cfg.fs_freeze == FsFreeze.SUSPEND else FsFreeze.AGENT
+    timing.frozen[job.name] = timing.now()
+    with _member(job.name):
+        consistency, undo = freeze_guest(ctx, job.name, mode)
+    job.q = Quiesce(consistency)
+    return undo
 
 
 def _cut(
@@ -184,7 +174,6 @@ def _cut(
             ok = True
         finally:
             _thaw(frozen, parallel, timing, report=ok)
-    timing.window_ms = max(timing.thawed.values(), default=0.0)
     for j in online:
         j.q.freeze_ms = timing.thawed[j.name] - timing.frozen[j.name]
 
@@ -401,8 +390,6 @@ def _fail_all(
             fail_job(ctx, driver, j, cause)
         except Exception as e:  # keep cleaning up the other members
             log.error("clean-up of %s failed: %s", j.name, e)
-    if timing.thawed and timing.window_ms is None:
-        timing.window_ms = max(timing.thawed.values())
     status = BackupStatus.CANCELLED if cancelled else BackupStatus.FAILED
     _record_end(ctx, gb_id, jobs, timing, status, failed_vm, reason)
     if cancelled:

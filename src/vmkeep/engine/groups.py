@@ -21,6 +21,7 @@ from vmkeep.engine.context import Context
 from vmkeep.engine.vms import find_vm, sync_state, vm_action
 from vmkeep.errors import (
     AlreadyExists,
+    DomainNotFound,
     GroupBackupNotFound,
     GroupNotFound,
     HypervisorError,
@@ -229,21 +230,20 @@ def show_group_backup(ctx: Context, gb_id: int) -> dict[str, Any]:
         return group_backup_dict(b)
 
 
-def group_of_increment(s: Session, backup_id: int, seq: int) -> dict[str, Any] | None:
-    """The group restore point an increment belongs to (for ``backups show``), if any."""
-    m = s.execute(
-        select(GroupBackupMember).where(
-            GroupBackupMember.backup_id == backup_id, GroupBackupMember.seq == seq
-        )
-    ).scalar_one_or_none()
-    if m is None:
-        return None
-    gb = m.group_backup
+def group_points(s: Session, backup_id: int) -> dict[int, dict[str, Any]]:
+    """Per increment seq of a backup: the group restore point it belongs to (``backups show``)."""
+    rows = s.execute(
+        select(GroupBackupMember).where(GroupBackupMember.backup_id == backup_id)
+    ).scalars()
     return {
-        "group_backup": gb.id,
-        "group": gb.group.name,
-        "group_freeze_window_ms": gb.freeze_window_ms,
-        "member_freeze_ms": m.freeze_ms,
+        m.seq: {
+            "group_backup": m.group_backup.id,
+            "group": m.group_backup.group.name,
+            "group_freeze_window_ms": m.group_backup.freeze_window_ms,
+            "member_freeze_ms": m.freeze_ms,
+        }
+        for m in rows
+        if m.seq is not None
     }
 
 
@@ -253,7 +253,6 @@ def restore_group(
 ) -> tuple[dict[str, Any], Warnings]:
     """Restore every member of a VALID group restore point as a new domain named VM+suffix."""
     from vmkeep.engine.restore import RestoreOptions, restore
-    from vmkeep.errors import DomainNotFound
 
     warnings = Warnings()
     suffix = f"-g{gb_id}" if suffix is None else suffix
@@ -314,10 +313,10 @@ def start_group(
     """Start members in start order; each must be up (agent answering, when it has one) before
     the next one starts."""
     with ctx.catalog.session() as s:
-        order = [m.vm.name for m in find_group(s, ref).members]
+        order = [(m.vm_id, m.vm.name) for m in find_group(s, ref).members]
     out = []
-    for name in order:
-        with vm_action(ctx, name, "start", {LcmState.POWEROFF, LcmState.RUNNING}) as vm:
+    for vm_id, name in order:
+        with vm_action(ctx, str(vm_id), "start", {LcmState.POWEROFF, LcmState.RUNNING}) as vm:
             if vm.lcm_state == LcmState.RUNNING:
                 out.append({"vm": name, "action": "already running"})
                 continue
@@ -344,11 +343,11 @@ def stop_group(
     """Shut members down in stop order; each must be off before the next one is asked.
     ``force``: destroy a member that does not power off within ``timeout``."""
     with ctx.catalog.session() as s:
-        order = [m.vm.name for m in _stop_order(find_group(s, ref))]
+        order = [(m.vm_id, m.vm.name) for m in _stop_order(find_group(s, ref))]
     out = []
-    for name in order:
+    for vm_id, name in order:
         with vm_action(
-            ctx, name, "stop", {LcmState.POWEROFF, LcmState.RUNNING, LcmState.SUSPENDED}
+            ctx, str(vm_id), "stop", {LcmState.POWEROFF, LcmState.RUNNING, LcmState.SUSPENDED}
         ) as vm:
             if vm.lcm_state == LcmState.POWEROFF:
                 out.append({"vm": name, "action": "already off"})

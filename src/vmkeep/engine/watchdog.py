@@ -105,7 +105,11 @@ def _auto_unquiesce(ctx: Context, vm_id: int, quiesced_at: str) -> None:
             continue
         except WrongState:
             return
-        log.warning("auto-unquiesced VM %s after quiesce.max_seconds=%s", res["vm"], _max(ctx))
+        log.warning(
+            "auto-unquiesced VM %s after quiesce.max_seconds=%s",
+            res["vm"],
+            ctx.config.quiesce.max_seconds,
+        )
         return
 
 
@@ -125,10 +129,6 @@ def _thaw_now(ctx: Context, vm_ids: list[int]) -> None:
         except VmkeepError as err:
             log.error("resume of %s failed: %s", name, err)
         log.warning("watchdog thawed/resumed VM %s", name)
-
-
-def _max(ctx: Context) -> float:
-    return ctx.config.quiesce.max_seconds
 
 
 def run(
