@@ -101,9 +101,16 @@ class GroupOutcome:
     warnings: Warnings = field(default_factory=Warnings)
 
 
-def _each(fn: Callable[[MemberJob], T], jobs: Sequence[MemberJob], parallel: bool) -> list[T]:
+def _each(
+    fn: Callable[[MemberJob], T],
+    jobs: Sequence[MemberJob],
+    parallel: bool,
+    *,
+    stop_on_error: bool = True,
+) -> list[T]:
     """``fn`` on every job (in order, or concurrently); raises the first failure in job order
-    only after every call has returned, so the caller knows exactly what succeeded."""
+    only after every call has returned, so the caller knows exactly what succeeded. In order,
+    the first failure stops the rest unless ``stop_on_error`` is False (thaw: try them all)."""
     results: list[tuple[MemberJob, T | None, BaseException | None]] = []
     if parallel and len(jobs) > 1:
         with ThreadPoolExecutor(max_workers=len(jobs)) as ex:
@@ -119,7 +126,8 @@ def _each(fn: Callable[[MemberJob], T], jobs: Sequence[MemberJob], parallel: boo
                 results.append((j, fn(j), None))
             except BaseException as err:
                 results.append((j, None, err))
-                break
+                if stop_on_error:
+                    break
     errors = [e for _, _, e in results if e is not None]
     if errors:
         raise _Partial([(j, r) for j, r, e in results if e is None], errors[0])
@@ -195,7 +203,7 @@ def _thaw(
             timing.thawed[j.name] = timing.now()
 
     try:
-        _each(thaw, [j for j, _ in reversed(frozen)], parallel)
+        _each(thaw, [j for j, _ in reversed(frozen)], parallel, stop_on_error=False)
     except _Partial as p:
         # Raised unless an earlier error is already on its way out (that one names the cause).
         log.error("thaw failed: %s", p.err)
