@@ -20,6 +20,7 @@ keeps the two in sync.
     ├── InvalidValue               9  400
     ├── HypervisorError           10  502
     │   ├── HypervisorUnreachable 11  503
+    │   │   └── HypervisorConnectionLost
     │   ├── AgentUnavailable      12  409
     │   ├── AgentTimeout          13  504
     │   └── CheckpointInvalid     14  409
@@ -146,6 +147,10 @@ class HypervisorUnreachable(HypervisorError):
 
     exit_code = 11
     http_status = 503
+
+
+class HypervisorConnectionLost(HypervisorUnreachable):
+    """libvirtd connection lost ({}: {}): the daemon was stopped or restarted. vmkeep reconnects and cleans up; run the action again."""
 
 
 class AgentUnavailable(HypervisorError):

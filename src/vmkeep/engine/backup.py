@@ -38,6 +38,18 @@ from vmkeep.datastores import DatastoreDriver
 from vmkeep.datastores.base import sha256_file
 from vmkeep.engine import watchdog
 from vmkeep.engine.backup_config import BackupConfig, resolve
+from vmkeep.engine.chains import (
+    CHECKPOINT_PREFIX,
+    backup_dict,
+    chain_disks,
+    checkpoint_name,
+    checkpoints_to_keep,
+    disk_file,
+    increment_file_names,
+    latest_chain,
+    valid_increments,
+    write_manifest,
+)
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
 from vmkeep.engine.vms import find_vm, set_lcm, sync_state, vm_action
@@ -65,16 +77,7 @@ from vmkeep.model import (
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
-CHECKPOINT_PREFIX = "vmkeep-"
 THAW_ATTEMPTS = 3
-
-
-def checkpoint_name(backup_id: int, seq: int) -> str:
-    return f"{CHECKPOINT_PREFIX}{backup_id}-{seq}"
-
-
-def disk_file(seq: int, disk: str) -> str:
-    return f"{seq}.{disk}.qcow2"
 
 
 @dataclass
@@ -170,27 +173,6 @@ def _undo_with_retries(name: str, undo: Callable[[], object]) -> None:
 
 
 # --- planning ------------------------------------------------------------------------------------
-def _latest_chain(s: Session, vm_id: int, ds_id: int) -> Backup | None:
-    return (
-        s.execute(
-            select(Backup)
-            .where(
-                Backup.vm_id == vm_id,
-                Backup.datastore_id == ds_id,
-                Backup.status == BackupStatus.VALID,
-                Backup.mode == BackupMode.INCREMENT,
-            )
-            .order_by(Backup.id.desc())
-        )
-        .scalars()
-        .first()
-    )
-
-
-def valid_increments(b: Backup) -> list[Increment]:
-    return [i for i in b.increments if i.status == BackupStatus.VALID]
-
-
 def _new_chain(s: Session, vm: Vm, ds_id: int, mode: BackupMode) -> Plan:
     b = Backup(vm_id=vm.id, datastore_id=ds_id, mode=mode, status=BackupStatus.RUNNING, chain="")
     s.add(b)
@@ -223,7 +205,7 @@ def plan_backup(
         vm = s.get(Vm, vm_id)
         assert vm is not None
         if mode == BackupMode.INCREMENT and not reset:
-            chain = _latest_chain(s, vm_id, ds_id)
+            chain = latest_chain(s, vm_id, ds_id)
             last = valid_increments(chain)[-1] if chain and valid_increments(chain) else None
             if chain and last and last.checkpoint:
                 if last.checkpoint in ctx.hv.checkpoints(vm.name):
@@ -398,21 +380,6 @@ def _finish(
     write_manifest(ctx, driver, plan.backup_id)
 
 
-def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> None:
-    """The chain's manifest.json (per-file sha256), replaced atomically by the driver."""
-    import json
-    import tempfile
-
-    with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        assert b is not None
-        data = backup_dict(b)
-    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
-        path = Path(tmp) / "manifest.json"
-        path.write_text(json.dumps(data, indent=2, default=str))
-        driver.backup(data["chain"], [path])
-
-
 def _fail(
     ctx: Context,
     driver: DatastoreDriver,
@@ -446,29 +413,15 @@ def _fail(
         if plan.new_chain:
             driver.rm(plan.chain)
         else:
-            names = _chain_file_names(ctx, plan.backup_id, plan.seq)
-            driver.rm(plan.chain, names)
-
-
-def _chain_file_names(ctx: Context, backup_id: int, seq: int) -> list[str]:
-    with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        assert b is not None
-        disks = {f["disk"] for i in b.increments for f in i.files if f["disk"]}
-    return [disk_file(seq, d) for d in disks] + [f"{seq}.domain.xml"]
+            with ctx.catalog.session() as s:
+                disks = chain_disks(s, plan.backup_id)
+            driver.rm(plan.chain, increment_file_names(disks, plan.seq))
 
 
 def _prune_checkpoints(ctx: Context, vm_id: int, name: str) -> None:
     """Keep only checkpoints that are the base of a future increment of some VALID chain."""
     with ctx.catalog.session() as s:
-        chains = s.execute(
-            select(Backup).where(Backup.vm_id == vm_id, Backup.status == BackupStatus.VALID)
-        ).scalars()
-        keep = set()
-        for b in chains:
-            valid = valid_increments(b)
-            if valid and valid[-1].checkpoint:
-                keep.add(valid[-1].checkpoint)
+        keep = checkpoints_to_keep(s, vm_id)
     for cp in ctx.hv.checkpoints(name):
         if cp.startswith(CHECKPOINT_PREFIX) and cp not in keep:
             ctx.hv.delete_checkpoint(name, cp)
@@ -651,44 +604,3 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
         )
     sync_state(ctx, vm_id, name)
     return {"vm": name, "cancelled": True, "pid": None}
-
-
-# --- rendering -----------------------------------------------------------------------------------
-def increment_dict(i: Increment, group: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {
-        "id": i.seq,
-        "parent": i.parent,
-        "status": i.status,
-        "checkpoint": i.checkpoint,
-        "size": i.size,
-        "consistency": i.consistency,
-        "freeze_ms": i.freeze_ms,
-        "started": i.started_at,
-        "finished": i.finished_at,
-        "error": i.error,
-        "files": i.files,
-        **({"group": group} if group else {}),
-    }
-
-
-def backup_dict(b: Backup) -> dict[str, Any]:
-    from sqlalchemy.orm import object_session
-
-    from vmkeep.engine.groups import group_points
-
-    s = object_session(b)
-    groups = group_points(s, b.id) if s is not None else {}
-    return {
-        "id": b.id,
-        "vm": b.vm.name,
-        "vm_id": b.vm_id,
-        "datastore": b.datastore.name,
-        "chain": b.chain,
-        "mode": b.mode,
-        "status": b.status,
-        "active_flatten": b.active_flatten,
-        "created": b.created_at,
-        "finished": b.finished_at,
-        "error": b.error,
-        "increments": [increment_dict(i, groups.get(i.seq)) for i in b.increments],
-    }

@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupMember
 from vmkeep.engine.context import Context
+from vmkeep.engine.restore import RestoreOptions, restore
 from vmkeep.engine.vms import find_vm, sync_state, vm_action
 from vmkeep.errors import (
     AlreadyExists,
@@ -230,30 +231,11 @@ def show_group_backup(ctx: Context, gb_id: int) -> dict[str, Any]:
         return group_backup_dict(b)
 
 
-def group_points(s: Session, backup_id: int) -> dict[int, dict[str, Any]]:
-    """Per increment seq of a backup: the group restore point it belongs to (``backups show``)."""
-    rows = s.execute(
-        select(GroupBackupMember).where(GroupBackupMember.backup_id == backup_id)
-    ).scalars()
-    return {
-        m.seq: {
-            "group_backup": m.group_backup.id,
-            "group": m.group_backup.group.name,
-            "group_freeze_window_ms": m.group_backup.freeze_window_ms,
-            "member_freeze_ms": m.freeze_ms,
-        }
-        for m in rows
-        if m.seq is not None
-    }
-
-
 # --- restore ---------------------------------------------------------------------------------------
 def restore_group(
     ctx: Context, gb_id: int, suffix: str | None = None, *, start: bool = False
 ) -> tuple[dict[str, Any], Warnings]:
     """Restore every member of a VALID group restore point as a new domain named VM+suffix."""
-    from vmkeep.engine.restore import RestoreOptions, restore
-
     warnings = Warnings()
     suffix = f"-g{gb_id}" if suffix is None else suffix
     with ctx.catalog.session() as s:

@@ -16,16 +16,14 @@ from typing import Any
 
 from vmkeep.catalog.tables import Backup, Increment
 from vmkeep.datastores.base import sha256_file
-from vmkeep.engine.backup import disk_file, valid_increments
+from vmkeep.engine.chains import disk_file, point, valid_increments
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.images import flatten
 from vmkeep.errors import (
     BackupNotFound,
     ChecksumMismatch,
-    IncrementNotFound,
     InvalidValue,
-    WrongState,
 )
 from vmkeep.model import Warnings
 
@@ -99,20 +97,6 @@ def rewrite_domain_xml(
     return ET.tostring(root, encoding="unicode")
 
 
-def _point(b: Backup, increment: int | None) -> tuple[Increment, list[Increment]]:
-    """The chosen increment and its chain from the base, following parent links."""
-    valid = {i.seq: i for i in valid_increments(b)}
-    if not valid:
-        raise WrongState(f"backup {b.id}", b.status, "restore", "a VALID increment")
-    seq = max(valid) if increment is None else increment
-    if seq not in valid:
-        raise IncrementNotFound(b.id, seq, ", ".join(map(str, sorted(valid))))
-    chain = [valid[seq]]
-    while chain[-1].parent is not None:
-        chain.append(valid[chain[-1].parent])
-    return valid[seq], list(reversed(chain))
-
-
 def _pick_disks(target: Increment, disk: str | None) -> list[str]:
     disks = [f["disk"] for f in target.files if f["disk"]]
     if disk is None:
@@ -141,7 +125,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         b = s.get(Backup, backup_id)
         if b is None:
             raise BackupNotFound(backup_id)
-        target, chain = _point(b, opts.increment)
+        target, chain = point(b, opts.increment)
         disks = _pick_disks(target, opts.disk)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
         expected = {

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Backup
 from vmkeep.datastores.base import sha256_file
 from vmkeep.engine.backup_config import BackupConfig
+from vmkeep.engine.chains import disk_file, latest_chain, valid_increments, write_manifest
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.images import flatten
@@ -78,10 +79,8 @@ def _retain_full(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
 
 
 def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
-    from vmkeep.engine.backup import _latest_chain, disk_file, valid_increments, write_manifest
-
     with ctx.catalog.session() as s:
-        b = _latest_chain(s, vm_id, ds_id)
+        b = latest_chain(s, vm_id, ds_id)
         if b is None:
             return []
         valid = valid_increments(b)

@@ -14,6 +14,9 @@ from vmkeep.model import DomainInfo, GuestExecResult
 class Hypervisor(ABC):
     uri: str
 
+    def reconnect(self, wait: float = 60.0) -> None:  # noqa: B027 (optional; in-process fakes)
+        """Drop the connection and open a new one, waiting up to ``wait`` s for the daemon."""
+
     # --- inventory -----------------------------------------------------------------------------
     @abstractmethod
     def list_domains(self) -> list[DomainInfo]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -24,8 +25,10 @@ from vmkeep.errors import (
     AgentUnavailable,
     CheckpointInvalid,
     DomainNotFound,
+    HypervisorConnectionLost,
     HypervisorError,
     HypervisorUnreachable,
+    NotFound,
 )
 from vmkeep.hypervisor.base import Hypervisor
 from vmkeep.model import DiskInfo, DomainInfo, GuestExecResult, VmState
@@ -46,7 +49,18 @@ _STATES = {
     libvirt.VIR_DOMAIN_PMSUSPENDED: VmState.SUSPENDED,
 }
 
-_AGENT_MISSING_HINTS = ("not connected", "not configured", "not available", "not running")
+# libvirt says "Guest agent is not responding: Guest agent not available for now" when the agent
+# is there but hung (a command timed out and may still run later) and "QEMU guest agent is not
+# connected" when no agent has opened its port: only the latter is "no agent".
+_AGENT_HUNG_HINTS = ("not responding", "not available for now", "disappeared")
+_AGENT_MISSING_HINTS = ("not connected", "not configured", "not running")
+# Errors that mean the connection to libvirtd itself broke (daemon killed or restarted).
+_CONNECTION_CODES = {
+    libvirt.VIR_ERR_SYSTEM_ERROR,
+    libvirt.VIR_ERR_RPC,
+    libvirt.VIR_ERR_NO_CONNECT,
+    libvirt.VIR_ERR_INVALID_CONN,
+}
 
 
 def parse_disks(xml: str) -> tuple[DiskInfo, ...]:
@@ -82,6 +96,35 @@ def has_agent_channel(xml: str) -> bool:
     )
 
 
+def _watch_connection(cls: type[T]) -> type[T]:
+    """Wrap every public method: a call that failed because libvirtd went away raises
+    HypervisorConnectionLost (never a bare "Broken pipe"); the next call reconnects."""
+
+    def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def call(self: LibvirtHypervisor, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(self, *args, **kwargs)
+            except libvirt.libvirtError as err:
+                if self._lost(err):
+                    raise HypervisorConnectionLost(self.uri, err.get_error_message()) from err
+                raise HypervisorError(f"{fn.__name__}: {err.get_error_message()}") from err
+            except (NotFound, HypervisorUnreachable):
+                raise
+            except HypervisorError as err:
+                if self._lost(err.__cause__):
+                    raise HypervisorConnectionLost(self.uri, str(err)) from err
+                raise
+
+        return call
+
+    for attr, value in list(vars(cls).items()):
+        if callable(value) and not attr.startswith("_") and attr not in ("close", "reconnect"):
+            setattr(cls, attr, wrap(value))
+    return cls
+
+
+@_watch_connection
 class LibvirtHypervisor(Hypervisor):
     def __init__(self, uri: str = "qemu:///system") -> None:
         self.uri = uri
@@ -96,6 +139,28 @@ class LibvirtHypervisor(Hypervisor):
             except libvirt.libvirtError as err:
                 raise HypervisorUnreachable(self.uri, err.get_error_message()) from err
         return self._conn
+
+    def _lost(self, err: BaseException | None) -> bool:
+        if isinstance(err, libvirt.libvirtError) and err.get_error_code() in _CONNECTION_CODES:
+            return True
+        if self._conn is None:
+            return False
+        try:
+            return not self._conn.isAlive()
+        except libvirt.libvirtError:
+            return True
+
+    def reconnect(self, wait: float = 60.0) -> None:
+        deadline = time.monotonic() + wait
+        self.close()
+        while True:
+            try:
+                self._conn = libvirt.open(self.uri)
+                return
+            except libvirt.libvirtError as err:
+                if time.monotonic() > deadline:
+                    raise HypervisorUnreachable(self.uri, err.get_error_message()) from err
+                time.sleep(0.5)
 
     def close(self) -> None:
         if self._conn is not None:
@@ -130,6 +195,8 @@ class LibvirtHypervisor(Hypervisor):
         except libvirt.libvirtError as err:
             code, msg = err.get_error_code(), err.get_error_message() or ""
             if code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
+                if any(h in msg for h in _AGENT_HUNG_HINTS):
+                    raise AgentTimeout(name, command, timeout) from err
                 if any(h in msg for h in _AGENT_MISSING_HINTS):
                     raise AgentUnavailable(name, msg) from err
                 raise AgentTimeout(name, command, timeout) from err

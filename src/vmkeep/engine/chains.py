@@ -1,0 +1,179 @@
+"""The one place that queries backup chains: names of checkpoints and files, the latest chain of a
+VM, valid restore points, manifests and the JSON rows of backups.
+
+backup, restore, retention, groups and recovery read chains through this module only.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, object_session
+
+from vmkeep.catalog.tables import Backup, GroupBackupMember, Increment
+from vmkeep.datastores import DatastoreDriver
+from vmkeep.engine.context import Context
+from vmkeep.errors import IncrementNotFound, WrongState
+from vmkeep.model import BackupMode, BackupStatus
+
+CHECKPOINT_PREFIX = "vmkeep-"
+
+
+def checkpoint_name(backup_id: int, seq: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{backup_id}-{seq}"
+
+
+def disk_file(seq: int, disk: str) -> str:
+    return f"{seq}.{disk}.qcow2"
+
+
+def xml_file(seq: int) -> str:
+    return f"{seq}.domain.xml"
+
+
+def latest_chain(s: Session, vm_id: int, ds_id: int) -> Backup | None:
+    """The newest VALID incremental chain of a VM on a datastore (the one a new increment extends)."""
+    return (
+        s.execute(
+            select(Backup)
+            .where(
+                Backup.vm_id == vm_id,
+                Backup.datastore_id == ds_id,
+                Backup.status == BackupStatus.VALID,
+                Backup.mode == BackupMode.INCREMENT,
+            )
+            .order_by(Backup.id.desc())
+        )
+        .scalars()
+        .first()
+    )
+
+
+def valid_increments(b: Backup) -> list[Increment]:
+    return [i for i in b.increments if i.status == BackupStatus.VALID]
+
+
+def point(b: Backup, increment: int | None) -> tuple[Increment, list[Increment]]:
+    """The chosen increment (newest when None) and its chain from the base, by parent links."""
+    valid = {i.seq: i for i in valid_increments(b)}
+    if not valid:
+        raise WrongState(f"backup {b.id}", b.status, "restore", "a VALID increment")
+    seq = max(valid) if increment is None else increment
+    if seq not in valid:
+        raise IncrementNotFound(b.id, seq, ", ".join(map(str, sorted(valid))))
+    chain = [valid[seq]]
+    while chain[-1].parent is not None:
+        parent = valid.get(chain[-1].parent)
+        if parent is None:
+            raise WrongState(
+                f"backup {b.id}",
+                f"missing increment {chain[-1].parent}",
+                "restore",
+                "a whole chain",
+            )
+        chain.append(parent)
+    return valid[seq], list(reversed(chain))
+
+
+def chain_disks(s: Session, backup_id: int) -> set[str]:
+    b = s.get(Backup, backup_id)
+    return {f["disk"] for i in b.increments for f in i.files if f["disk"]} if b else set()
+
+
+def increment_file_names(disks: set[str] | list[str], seq: int) -> list[str]:
+    """Every file one increment may have in the datastore (disks and domain XML)."""
+    return [disk_file(seq, d) for d in sorted(disks)] + [xml_file(seq)]
+
+
+def running_increments(s: Session, vm_id: int) -> list[tuple[Backup, Increment]]:
+    """Increments of a VM still marked RUNNING (a live backup, or one whose process died)."""
+    rows = s.execute(
+        select(Increment, Backup)
+        .join(Backup)
+        .where(Backup.vm_id == vm_id, Increment.status == BackupStatus.RUNNING)
+    ).all()
+    return [(b, i) for i, b in rows]
+
+
+def checkpoints_to_keep(s: Session, vm_id: int) -> set[str]:
+    """Checkpoints that are the base of a future increment of some VALID chain of the VM."""
+    keep = set()
+    chains = s.execute(
+        select(Backup).where(Backup.vm_id == vm_id, Backup.status == BackupStatus.VALID)
+    ).scalars()
+    for b in chains:
+        valid = valid_increments(b)
+        if valid and valid[-1].checkpoint:
+            keep.add(valid[-1].checkpoint)
+    return keep
+
+
+def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> None:
+    """The chain's manifest.json (per-file sha256), replaced atomically by the driver."""
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        assert b is not None
+        data = backup_dict(b)
+    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+        path = Path(tmp) / "manifest.json"
+        path.write_text(json.dumps(data, indent=2, default=str))
+        driver.backup(data["chain"], [path])
+
+
+def group_points(s: Session, backup_id: int) -> dict[int, dict[str, Any]]:
+    """Per increment seq of a backup: the group restore point it belongs to (``backups show``)."""
+    rows = s.execute(
+        select(GroupBackupMember).where(GroupBackupMember.backup_id == backup_id)
+    ).scalars()
+    return {
+        m.seq: {
+            "group_backup": m.group_backup.id,
+            "group": m.group_backup.group.name,
+            "group_freeze_window_ms": m.group_backup.freeze_window_ms,
+            "member_freeze_ms": m.freeze_ms,
+        }
+        for m in rows
+        if m.seq is not None
+    }
+
+
+# --- rendering -----------------------------------------------------------------------------------
+def increment_dict(i: Increment, group: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "id": i.seq,
+        "parent": i.parent,
+        "status": i.status,
+        "checkpoint": i.checkpoint,
+        "size": i.size,
+        "consistency": i.consistency,
+        "freeze_ms": i.freeze_ms,
+        "started": i.started_at,
+        "finished": i.finished_at,
+        "error": i.error,
+        "files": i.files,
+        **({"group": group} if group else {}),
+    }
+
+
+def backup_dict(b: Backup) -> dict[str, Any]:
+    s = object_session(b)
+    groups = group_points(s, b.id) if s is not None else {}
+    return {
+        "id": b.id,
+        "vm": b.vm.name,
+        "vm_id": b.vm_id,
+        "datastore": b.datastore.name,
+        "chain": b.chain,
+        "mode": b.mode,
+        "status": b.status,
+        "active_flatten": b.active_flatten,
+        "created": b.created_at,
+        "finished": b.finished_at,
+        "error": b.error,
+        "increments": [increment_dict(i, groups.get(i.seq)) for i in b.increments],
+    }
