@@ -28,6 +28,8 @@ keeps the two in sync.
     ├── BackupCancelled           16  409
     ├── ChecksumMismatch          17  500
     ├── DatastoreError            18  502
+    ├── GroupBackupFailed         20  500
+    ├── InsufficientSpace         21  507
     └── LabError                  19  500
 
 Exit codes 0 (success), 1 (finished with warnings) and 130 (interrupted) are not errors.
@@ -122,7 +124,7 @@ class AlreadyExists(VmkeepError):
 
 
 class Locked(VmkeepError):
-    """{} is locked by {} (pid {}) since {}: {}."""
+    """{} is busy: {} by pid {} on {} since {}. Wait for it to finish (a backup can be stopped with 'vmkeep backup cancel VM')."""
 
     exit_code = 8
     http_status = 409
@@ -204,6 +206,13 @@ class GroupBackupFailed(VmkeepError):
     """Group backup {} of '{}' failed at member '{}': {}. Every member was thawed, partial data removed; each member's chain stays usable."""
 
     exit_code = 20
+
+
+class InsufficientSpace(VmkeepError):
+    """Not enough free space in {}: the backup needs about {} and {} is free. {}"""
+
+    exit_code = 21
+    http_status = 507
 
 
 class LabError(VmkeepError):

@@ -29,7 +29,7 @@ def test_lock_conflict_and_release(tmp_path: Path) -> None:
         # A row held by a live process (ourselves, seen from a "different" pid) blocks.
         with cat.session() as s:
             s.add(Lock(name="vm:2", host=os.uname().nodename, pid=1, reason="other"))
-        with pytest.raises(Locked, match="vm:2 is locked"), lock(cat, "vm:2", "x"):
+        with pytest.raises(Locked, match="vm:2 is busy: other by pid 1"), lock(cat, "vm:2", "x"):
             pass
     with cat.session() as s:
         assert [r.name for r in s.execute(select(Lock)).scalars()] == ["vm:2"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vmkeep.engine import backup
+from vmkeep.engine import quiesce
 from vmkeep.engine.group_backup import MemberFailed, MemberJob, Timing, _thaw
 from vmkeep.errors import HypervisorError
 
@@ -17,7 +17,8 @@ def _job(name: str) -> MemberJob:
 def test_a_failing_thaw_does_not_leave_the_others_frozen(
     parallel: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(backup.time, "sleep", lambda _s: None)  # retry back-off
+    monkeypatch.setattr(quiesce.time, "sleep", lambda _s: None)  # retry back-off
+    monkeypatch.setattr(quiesce, "spawn", lambda *_a, **_k: None)  # no guard process in a unit test
     thawed: list[str] = []
 
     def undo(name: str):  # type: ignore[no-untyped-def]
@@ -31,7 +32,7 @@ def test_a_failing_thaw_does_not_leave_the_others_frozen(
     frozen = [(_job(n), undo(n)) for n in ("vm1", "vm2", "vm3")]
     timing = Timing()
     with pytest.raises(MemberFailed) as exc:
-        _thaw(frozen, parallel, timing, report=True)
+        _thaw(None, frozen, parallel, timing, report=True)  # type: ignore[arg-type]
     assert exc.value.vm == "vm3"
     assert sorted(thawed) == ["vm1", "vm2"]
     if not parallel:

@@ -31,7 +31,18 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def acquire(catalog: Catalog, name: str, reason: str) -> None:
+def holder(catalog: Catalog, name: str) -> Lock | None:
+    """The current holder of a lock (a detached row), or None."""
+    with catalog.session() as s:
+        row = s.get(Lock, name)
+        if row is not None:
+            s.expunge(row)
+        return row
+
+
+def acquire(catalog: Catalog, name: str, reason: str, label: str | None = None) -> None:
+    """Take the lock ``name`` for ``reason``; ``label`` names the locked thing for people
+    ("VM web"). A lock held by a dead process on this host is reclaimed."""
     host, pid = socket.gethostname(), os.getpid()
     for _ in range(2):
         try:
@@ -58,13 +69,13 @@ def acquire(catalog: Catalog, name: str, reason: str) -> None:
                     )
                     continue
                 raise Locked(
-                    name,
-                    holder.host,
-                    holder.pid,
-                    holder.acquired_at.isoformat(timespec="seconds"),
+                    label or name,
                     holder.reason,
+                    holder.pid,
+                    holder.host,
+                    holder.acquired_at.isoformat(timespec="seconds"),
                 ) from None
-    raise Locked(name, "?", "?", "?", "could not take the lock")
+    raise Locked(label or name, "another action", "?", "?", "just now")
 
 
 def release(catalog: Catalog, name: str) -> None:
@@ -77,8 +88,8 @@ def release(catalog: Catalog, name: str) -> None:
 
 
 @contextmanager
-def lock(catalog: Catalog, name: str, reason: str) -> Iterator[None]:
-    acquire(catalog, name, reason)
+def lock(catalog: Catalog, name: str, reason: str, label: str | None = None) -> Iterator[None]:
+    acquire(catalog, name, reason, label)
     try:
         yield
     finally:

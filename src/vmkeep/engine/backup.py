@@ -22,45 +22,42 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.locks import pid_alive
-from vmkeep.catalog.tables import Backup, Increment, Lock, Vm
+from vmkeep.catalog.locks import holder, lock, pid_alive
+from vmkeep.catalog.tables import Backup, Increment, Vm
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.datastores.base import sha256_file
-from vmkeep.engine import watchdog
+from vmkeep.engine import quiesce, space
 from vmkeep.engine.backup_config import BackupConfig, resolve
 from vmkeep.engine.chains import (
     CHECKPOINT_PREFIX,
     backup_dict,
-    chain_disks,
     checkpoint_name,
     checkpoints_to_keep,
     disk_file,
-    increment_file_names,
     latest_chain,
     valid_increments,
     write_manifest,
 )
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
-from vmkeep.engine.vms import find_vm, set_lcm, sync_state, vm_action
+from vmkeep.engine.quiesce import Quiesce, quiesced
+from vmkeep.engine.recovery import Attempt, discard_attempt, recover_vm, staging_dir
+from vmkeep.engine.vms import vm_action
+from vmkeep.engine.vmstate import find_vm, set_lcm, sync_state
 from vmkeep.errors import (
-    AgentTimeout,
-    AgentUnavailable,
     BackupFailed,
     CheckpointInvalid,
-    HypervisorError,
     VmkeepError,
 )
+from vmkeep.faults import failpoint
 from vmkeep.hypervisor.backup_xml import backup_xml, checkpoint_xml
 from vmkeep.model import (
     BackupMode,
@@ -77,7 +74,6 @@ from vmkeep.model import (
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
-THAW_ATTEMPTS = 3
 
 
 @dataclass
@@ -89,12 +85,6 @@ class Plan:
     incremental_from: str | None  # checkpoint the increment is taken against
     checkpoint: str | None  # checkpoint this backup creates
     new_chain: bool
-
-
-@dataclass
-class Quiesce:
-    consistency: Consistency = Consistency.CRASH
-    freeze_ms: float | None = None
 
 
 @dataclass
@@ -115,61 +105,6 @@ def select_disks(info: DomainInfo, cfg: BackupConfig) -> list[DiskInfo]:
     if not disks:
         raise BackupFailed(info.name, "it has no disk to back up")
     return disks
-
-
-# --- quiesce -------------------------------------------------------------------------------------
-def freeze_guest(
-    ctx: Context, name: str, mode: FsFreeze
-) -> tuple[Consistency, Callable[[], object]]:
-    """Freeze (agent) or suspend the guest; returns the consistency and how to undo it.
-
-    Raises AgentUnavailable / AgentTimeout; after a timeout the guest is thawed for safety (the
-    freeze may have half-happened in it). ``mode`` NONE does nothing (CRASH consistency)."""
-    timeout = ctx.agent_timeout
-    if mode == FsFreeze.SUSPEND:
-        ctx.hv.suspend(name)
-        return Consistency.SUSPENDED, lambda: ctx.hv.resume(name)
-    if mode == FsFreeze.AGENT:
-        try:
-            ctx.hv.fs_freeze(name, timeout)
-        except AgentTimeout:
-            with suppress(HypervisorError):
-                ctx.hv.fs_thaw(name, timeout)
-            raise
-        return Consistency.AGENT_FROZEN, lambda: ctx.hv.fs_thaw(name, timeout)
-    return Consistency.CRASH, lambda: None
-
-
-@contextmanager
-def quiesced(ctx: Context, name: str, mode: FsFreeze, warnings: Warnings) -> Iterator[Quiesce]:
-    """Freeze (agent) or suspend the guest for the body only; always undone, with retries.
-    A missing or silent agent gives a crash-consistent backup and a warning."""
-    q = Quiesce()
-    undo: Callable[[], object] | None = None
-    t0 = time.monotonic()
-    try:
-        q.consistency, undo = freeze_guest(ctx, name, mode)
-    except (AgentUnavailable, AgentTimeout) as err:
-        warnings.add(f"{err} The backup is crash-consistent.")
-    try:
-        yield q
-    finally:
-        if undo is not None and mode != FsFreeze.NONE:
-            _undo_with_retries(name, undo)
-            q.freeze_ms = (time.monotonic() - t0) * 1000
-
-
-def _undo_with_retries(name: str, undo: Callable[[], object]) -> None:
-    last: Exception | None = None
-    for attempt in range(THAW_ATTEMPTS):
-        try:
-            undo()
-            return
-        except HypervisorError as err:
-            last = err
-            log.error("unquiesce of %s failed (attempt %d): %s", name, attempt + 1, err)
-            time.sleep(0.5 * (attempt + 1))
-    raise HypervisorError(f"could not thaw/resume {name} after {THAW_ATTEMPTS} attempts: {last}")
 
 
 # --- planning ------------------------------------------------------------------------------------
@@ -251,6 +186,7 @@ def _abandon_plan(ctx: Context, plan: Plan) -> None:
 # --- running -------------------------------------------------------------------------------------
 def _begin(
     ctx: Context,
+    vm_id: int,
     name: str,
     fs_freeze: FsFreeze,
     plan: Plan,
@@ -271,13 +207,16 @@ def _begin(
     if offline:
         ctx.hv.backup_begin(name, bxml, cxml)
         return Quiesce(Consistency.OFFLINE)
-    with quiesced(ctx, name, fs_freeze, warnings) as q:
+    with quiesced(ctx, vm_id, name, fs_freeze, warnings) as q:
+        failpoint("freeze")
         ctx.hv.backup_begin(name, bxml, cxml)
+        failpoint("begin")
     return q
 
 
 def wait_jobs(ctx: Context, names: list[str], progress: ProgressFn | None) -> None:
     """Wait for the push jobs of ``names`` (progress summed); BackupFailed names a failed one."""
+    failpoint("copy")
     pending = list(names)
     done_b = dict.fromkeys(names, 0)
     total_b = dict.fromkeys(names, 0)
@@ -288,6 +227,12 @@ def wait_jobs(ctx: Context, names: list[str], progress: ProgressFn | None) -> No
             if not active:
                 pending.remove(name)
                 ok, msg = ctx.hv.job_result(name)
+                if not ok and "No space left" in msg:
+                    raise BackupFailed(
+                        name,
+                        f"the staging area {ctx.config.data_dir / 'staging'} (vmkeep's data dir, "
+                        f"not the datastore) ran out of space while QEMU wrote the backup ({msg})",
+                    )
                 if not ok:
                     raise BackupFailed(name, f"the libvirt backup job failed: {msg}")
                 total_b[name] = max(total_b[name], done_b[name])
@@ -305,8 +250,8 @@ def _qemu_img(*args: str) -> None:
 
 
 def _prepare_staging(ctx: Context, plan: Plan) -> Path:
-    root = ctx.config.data_dir / "staging"
-    staging = root / f"{plan.backup_id}-{plan.seq}"
+    staging = staging_dir(ctx, plan.backup_id, plan.seq)
+    root = staging.parent
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     # QEMU runs as an unprivileged user and must reach the target files libvirt creates here.
@@ -364,6 +309,7 @@ def _finish(
             }
         )
     driver.backup(plan.chain, staged)
+    failpoint("store")
     with ctx.catalog.session() as s:
         b = s.get(Backup, plan.backup_id)
         assert b is not None
@@ -385,37 +331,13 @@ def _fail(
     driver: DatastoreDriver,
     name: str,
     plan: Plan,
-    staging: Path | None,
     err: BaseException,
 ) -> None:
     """Leave catalog, checkpoints and datastore consistent after a failed or cancelled backup."""
     cancelled = isinstance(err, KeyboardInterrupt)
-    with suppress(VmkeepError):
-        ctx.hv.abort_job(name)
-    if staging is not None:
-        shutil.rmtree(staging, ignore_errors=True)
-    if plan.checkpoint:
-        # libvirt merges the new checkpoint's bitmap into its parent: the chain stays usable.
-        try:
-            ctx.hv.delete_checkpoint(name, plan.checkpoint)
-        except VmkeepError as e:
-            log.error("could not delete checkpoint %s of %s: %s", plan.checkpoint, name, e)
     status = BackupStatus.CANCELLED if cancelled else BackupStatus.FAILED
-    reason = "cancelled" if cancelled else str(err)
-    with ctx.catalog.session() as s:
-        b = s.get(Backup, plan.backup_id)
-        assert b is not None
-        inc = next(i for i in b.increments if i.seq == plan.seq)
-        inc.status, inc.error, inc.finished_at = status, reason, datetime.now(UTC)
-        if plan.new_chain:
-            b.status, b.error, b.finished_at = status, reason, inc.finished_at
-    with suppress(VmkeepError):
-        if plan.new_chain:
-            driver.rm(plan.chain)
-        else:
-            with ctx.catalog.session() as s:
-                disks = chain_disks(s, plan.backup_id)
-            driver.rm(plan.chain, increment_file_names(disks, plan.seq))
+    attempt = Attempt(plan.backup_id, plan.seq, plan.chain, plan.new_chain, plan.checkpoint)
+    discard_attempt(ctx, driver, name, attempt, status, "cancelled" if cancelled else str(err))
 
 
 def _prune_checkpoints(ctx: Context, vm_id: int, name: str) -> None:
@@ -472,7 +394,15 @@ def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warni
     assert job.plan is not None and job.staging is not None
     try:
         job.q = _begin(
-            ctx, job.name, fs_freeze, job.plan, job.disks, job.staging, warnings, job.offline
+            ctx,
+            job.vm_id,
+            job.name,
+            fs_freeze,
+            job.plan,
+            job.disks,
+            job.staging,
+            warnings,
+            job.offline,
         )
     except CheckpointInvalid as err:
         if job.plan.incremental_from is None:
@@ -484,7 +414,15 @@ def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warni
         plan_job(ctx, job, warnings)
         assert job.plan is not None and job.staging is not None
         job.q = _begin(
-            ctx, job.name, fs_freeze, job.plan, job.disks, job.staging, warnings, job.offline
+            ctx,
+            job.vm_id,
+            job.name,
+            fs_freeze,
+            job.plan,
+            job.disks,
+            job.staging,
+            warnings,
+            job.offline,
         )
 
 
@@ -496,7 +434,7 @@ def finish_job(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
 
 def fail_job(ctx: Context, driver: DatastoreDriver, job: MemberJob, err: BaseException) -> None:
     if job.plan is not None:
-        _fail(ctx, driver, job.name, job.plan, job.staging, err)
+        _fail(ctx, driver, job.name, job.plan, err)
 
 
 def after_success(ctx: Context, job: MemberJob) -> dict[str, Any]:
@@ -529,78 +467,66 @@ def run_backup(
             driver, ds_id = driver_of(ds), ds.id
         job = prepare_job(ctx, vm, ds_id, reset, warnings)
         set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)
-        try:
+        # If this process dies from here on, the guard thaws/resumes and cleans up at once.
+        with quiesce.guarding(ctx, [vm.id]):
             try:
-                plan_job(ctx, job, warnings)
-                t0 = time.monotonic()
-                if job.offline:
-                    ctx.hv.start(vm.name, paused=True)
                 try:
-                    freezes = job.cfg.fs_freeze != FsFreeze.NONE and not job.offline
-                    with watchdog.guarding(ctx, [vm.id]) if freezes else nullcontext():
-                        begin_job(ctx, job, job.cfg.fs_freeze, warnings)
-                    wait_jobs(ctx, [vm.name], progress)
-                finally:
+                    plan_job(ctx, job, warnings)
+                    failpoint("plan")
+                    t0 = time.monotonic()
                     if job.offline:
-                        ctx.hv.destroy(vm.name)
-                finish_job(ctx, driver, job)
-                elapsed = time.monotonic() - t0
-            except BaseException as err:
-                fail_job(ctx, driver, job, err)
-                if isinstance(err, (VmkeepError, KeyboardInterrupt)):
-                    raise
-                raise BackupFailed(vm.name, err) from err
-            out.result = after_success(ctx, job) | {"seconds": round(elapsed, 3)}
-        finally:
-            sync_state(ctx, vm.id, vm.name)
+                        ctx.hv.start(vm.name, paused=True)
+                    try:
+                        check_space(ctx, driver, job)
+                        begin_job(ctx, job, job.cfg.fs_freeze, warnings)
+                        wait_jobs(ctx, [vm.name], progress)
+                    finally:
+                        if job.offline:
+                            ctx.hv.destroy(vm.name)
+                    finish_job(ctx, driver, job)
+                    elapsed = time.monotonic() - t0
+                except BaseException as err:
+                    fail_job(ctx, driver, job, err)
+                    if isinstance(err, (VmkeepError, KeyboardInterrupt)):
+                        raise
+                    raise BackupFailed(vm.name, err) from err
+                out.result = after_success(ctx, job) | {"seconds": round(elapsed, 3)}
+            finally:
+                sync_state(ctx, vm.id, vm.name)
     return out
+
+
+def check_space(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
+    """Refuse early when staging or datastore cannot hold the backup (domain must be active)."""
+    assert job.plan is not None and job.staging is not None
+    need = space.estimate(ctx, job.name, job.disks, job.plan.incremental_from)
+    space.check(ctx, driver, job.staging, need)
 
 
 # --- cancel --------------------------------------------------------------------------------------
 def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, Any]:
     """Cancel the running backup of a VM: signal the vmkeep process that runs it (it aborts the
-    libvirt job and cleans up); if that process is gone, abort the job and clean up here."""
+    libvirt job and cleans up); if that process is gone, clean up here."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, vm_ref)
         name, vm_id = vm.name, vm.id
-        holder = s.get(Lock, f"vm:{vm_id}")
-        holder_info = (holder.host, holder.pid, holder.reason) if holder else None
+    held = holder(ctx.catalog, f"vm:{vm_id}")
     if (
-        holder_info
-        and holder_info[2] == "backup"
-        and holder_info[0] == socket.gethostname()
-        and pid_alive(holder_info[1])
+        held
+        and held.reason == "backup"
+        and held.host == socket.gethostname()
+        and pid_alive(held.pid)
     ):
-        os.kill(holder_info[1], signal.SIGTERM)
+        os.kill(held.pid, signal.SIGTERM)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
-            with ctx.catalog.session() as s:
-                if s.get(Lock, f"vm:{vm_id}") is None:
-                    return {"vm": name, "cancelled": True, "pid": holder_info[1]}
+            if holder(ctx.catalog, f"vm:{vm_id}") is None:
+                return {"vm": name, "cancelled": True, "pid": held.pid}
             time.sleep(0.2)
-        raise BackupFailed(name, f"process {holder_info[1]} did not stop within {wait:.0f} s")
-    # No live vmkeep process: recover a stale RUNNING increment, if any.
-    with ctx.catalog.session() as s:
-        stale = s.execute(
-            select(Increment, Backup)
-            .join(Backup)
-            .where(Backup.vm_id == vm_id, Increment.status == BackupStatus.RUNNING)
-        ).all()
-        plans = [
-            (b.id, i.seq, i.parent, b.chain, i.checkpoint, i.seq == 0, b.datastore)
-            for i, b in stale
-        ]
-    if not plans:
+        raise BackupFailed(name, f"process {held.pid} did not stop within {wait:.0f} s")
+    # No live vmkeep process runs it: undo whatever a dead one left (lock reclaimed if stale).
+    with lock(ctx.catalog, f"vm:{vm_id}", "backup cancel", label=f"VM {name}"):
+        done = recover_vm(ctx, vm_id, "cancelled after the vmkeep process running it died")
+    if not done:
         return {"vm": name, "cancelled": False, "reason": "no backup is running"}
-    for bid, seq, parent, chain, _cp, new, ds in plans:
-        plan = Plan(bid, seq, parent, chain, None, checkpoint_name(bid, seq), new)
-        _fail(
-            ctx,
-            driver_of(ds),
-            name,
-            plan,
-            ctx.config.data_dir / "staging" / f"{bid}-{seq}",
-            KeyboardInterrupt(),
-        )
-    sync_state(ctx, vm_id, name)
-    return {"vm": name, "cancelled": True, "pid": None}
+    return {"vm": name, "cancelled": True, "pid": None, "recovered": done}

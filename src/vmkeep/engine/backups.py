@@ -9,7 +9,7 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Backup
 from vmkeep.engine.chains import backup_dict
 from vmkeep.engine.context import Context
-from vmkeep.engine.vms import find_vm
+from vmkeep.engine.vmstate import find_vm
 from vmkeep.errors import BackupNotFound
 
 

@@ -24,7 +24,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack, contextmanager, nullcontext, suppress
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
@@ -34,17 +34,13 @@ from sqlalchemy import select
 from vmkeep.catalog import lock
 from vmkeep.catalog.tables import GroupBackup, GroupBackupMember, Vm
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.engine import watchdog
 from vmkeep.engine.backup import (
     MemberJob,
     ProgressFn,
-    Quiesce,
-    _undo_with_retries,
     after_success,
     begin_job,
     fail_job,
     finish_job,
-    freeze_guest,
     plan_job,
     prepare_job,
     wait_jobs,
@@ -52,7 +48,15 @@ from vmkeep.engine.backup import (
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
 from vmkeep.engine.groups import find_group, group_backup_dict
-from vmkeep.engine.vms import set_lcm, sync_state, vm_action
+from vmkeep.engine.quiesce import (
+    Quiesce,
+    freeze_guest,
+    freeze_intent,
+    guarding,
+    undo_with_retries,
+)
+from vmkeep.engine.vms import vm_action
+from vmkeep.engine.vmstate import set_lcm, sync_state
 from vmkeep.errors import BackupFailed, GroupBackupFailed, HypervisorError, InvalidValue
 from vmkeep.model import BackupStatus, Consistency, FsFreeze, LcmState, Warnings
 
@@ -147,7 +151,7 @@ def _freeze(ctx: Context, job: MemberJob, timing: Timing) -> Callable[[], object
     mode = FsFreeze.SUSPEND if job.cfg.fs_freeze == FsFreeze.SUSPEND else FsFreeze.AGENT
     timing.frozen[job.name] = timing.now()
     with _member(job.name):
-        consistency, undo = freeze_guest(ctx, job.name, mode)
+        consistency, undo = freeze_guest(ctx, job.vm_id, job.name, mode)
     job.q = Quiesce(consistency)
     return undo
 
@@ -157,8 +161,7 @@ def _cut(
 ) -> None:
     online = [j for j in jobs if not j.offline]
     frozen: list[tuple[MemberJob, Callable[[], object]]] = []
-    guard = watchdog.guarding(ctx, [j.vm_id for j in online]) if online else nullcontext()
-    with guard:
+    with freeze_intent(ctx, [j.vm_id for j in online]):
         timing.t0 = time.monotonic()
         ok = False
         try:
@@ -181,12 +184,13 @@ def _cut(
                 raise p.err from None
             ok = True
         finally:
-            _thaw(frozen, parallel, timing, report=ok)
+            _thaw(ctx, frozen, parallel, timing, report=ok)
     for j in online:
         j.q.freeze_ms = timing.thawed[j.name] - timing.frozen[j.name]
 
 
 def _thaw(
+    ctx: Context,
     frozen: list[tuple[MemberJob, Callable[[], object]]],
     parallel: bool,
     timing: Timing,
@@ -198,7 +202,7 @@ def _thaw(
     def thaw(j: MemberJob) -> None:
         try:
             with _member(j.name):
-                _undo_with_retries(j.name, undo[j.name])
+                undo_with_retries(ctx, j.vm_id, j.name, undo[j.name])
         finally:
             timing.thawed[j.name] = timing.now()
 
@@ -302,11 +306,15 @@ def run_group_backup(
         )
     t_start = time.monotonic()
     with ExitStack() as stack:
-        stack.enter_context(lock(ctx.catalog, f"group:{group_id}", "group backup"))
+        stack.enter_context(
+            lock(ctx.catalog, f"group:{group_id}", "group backup", label=f"group {group_name}")
+        )
         _close_abandoned(ctx, group_id)
         needs = {LcmState.RUNNING, LcmState.POWEROFF}
         vms = [stack.enter_context(vm_action(ctx, r, "group backup", needs)) for r in refs]
         gb_id = _record_start(ctx, group_id, ds_id, vms, parallel_freeze)
+        # If this process dies from here on, the guard thaws, resumes and cleans up every member.
+        stack.enter_context(guarding(ctx, [vm.id for vm in vms]))
         jobs: list[MemberJob] = []
         timing = Timing()
         try:

@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupMember
 from vmkeep.engine.context import Context
 from vmkeep.engine.restore import RestoreOptions, restore
-from vmkeep.engine.vms import find_vm, sync_state, vm_action
+from vmkeep.engine.vms import vm_action
+from vmkeep.engine.vmstate import find_vm, sync_state
 from vmkeep.errors import (
     AlreadyExists,
     DomainNotFound,

@@ -20,6 +20,7 @@ from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.images import flatten
 from vmkeep.errors import BackupFailed, VmkeepError
+from vmkeep.faults import failpoint
 from vmkeep.model import BackupMode, BackupStatus
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,7 @@ def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[
                     row.active_flatten = False
                 raise BackupFailed(chain, f"flatten of {src.name}: {err}") from err
             new_files.append(out)
+        failpoint("retention")
         sums = {p.name: (sha256_file(p), p.stat().st_size) for p in new_files}
         driver.backup(chain, new_files)
     with ctx.catalog.session() as s:

@@ -12,58 +12,24 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
 
 from vmkeep.catalog import lock
 from vmkeep.catalog.tables import Vm
-from vmkeep.engine import watchdog
+from vmkeep.engine import quiesce as quiesce_guard
 from vmkeep.engine.context import Context
+from vmkeep.engine.quiesce import Thawed, ensure_thawed
+from vmkeep.engine.recovery import recover_vm
+from vmkeep.engine.vmstate import BUSY_STATES, find_vm, set_lcm, states_of
 from vmkeep.errors import (
     AgentTimeout,
     AgentUnavailable,
     DomainNotFound,
     HypervisorError,
-    VmkeepError,
-    VmNotFound,
     WrongState,
 )
 from vmkeep.model import DomainInfo, LcmState, VmState
 
 log = logging.getLogger(__name__)
-
-# lcm states that mean "vmkeep is doing something"; a refresh from libvirt leaves them alone.
-BUSY_STATES = {
-    LcmState.BACKUP,
-    LcmState.BACKUP_POWEROFF,
-    LcmState.QUIESCING,
-    LcmState.QUIESCED,
-    LcmState.UNQUIESCING,
-    LcmState.RESTORE,
-    LcmState.ERROR,
-}
-
-
-def _states(info: DomainInfo) -> tuple[VmState, LcmState]:
-    if info.state == VmState.ACTIVE and info.paused:
-        return VmState.SUSPENDED, LcmState.SUSPENDED
-    if info.state == VmState.ACTIVE:
-        return VmState.ACTIVE, LcmState.RUNNING
-    if info.state == VmState.POWEROFF:
-        return VmState.POWEROFF, LcmState.POWEROFF
-    if info.state == VmState.SUSPENDED:
-        return VmState.SUSPENDED, LcmState.SUSPENDED
-    return VmState.UNKNOWN, LcmState.UNKNOWN
-
-
-def find_vm(s: Session, ref: str) -> Vm:
-    """A VM by name or numeric id."""
-    query = (
-        select(Vm).where(Vm.id == int(ref)) if ref.isdigit() else select(Vm).where(Vm.name == ref)
-    )
-    vm = s.execute(query).scalar_one_or_none()
-    if vm is None:
-        raise VmNotFound(ref)
-    return vm
 
 
 def _refresh(ctx: Context, vm: Vm) -> None:
@@ -74,7 +40,7 @@ def _refresh(ctx: Context, vm: Vm) -> None:
         if vm.lcm_state not in BUSY_STATES:
             vm.lcm_state = LcmState.UNKNOWN
         return
-    state, lcm = _states(info)
+    state, lcm = states_of(info)
     vm.state = state
     if vm.lcm_state not in BUSY_STATES:
         vm.lcm_state = lcm
@@ -83,7 +49,7 @@ def _refresh(ctx: Context, vm: Vm) -> None:
 def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
     """Add a libvirt domain to the catalog (idempotent: re-import refreshes it)."""
     info = ctx.hv.domain(domain)
-    state, lcm = _states(info)
+    state, lcm = states_of(info)
     with ctx.catalog.session() as s:
         vm = s.execute(select(Vm).where(Vm.uuid == info.uuid)).scalar_one_or_none()
         if vm is None:
@@ -145,36 +111,19 @@ def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
     return out
 
 
-def set_lcm(
-    ctx: Context, vm_id: int, lcm: LcmState, error: str | None = None, **fields: Any
-) -> None:
-    with ctx.catalog.session() as s:
-        vm = s.get(Vm, vm_id)
-        assert vm is not None
-        vm.lcm_state = lcm
-        vm.error = error
-        for k, v in fields.items():
-            setattr(vm, k, v)
-
-
-def sync_state(ctx: Context, vm_id: int, name: str) -> None:
-    """Take the VM's state from libvirt once vmkeep's action on it is over (clears busy states)."""
-    try:
-        state, lcm = _states(ctx.hv.domain(name))
-    except VmkeepError as err:
-        log.warning("could not read the state of %s: %s", name, err)
-        return
-    set_lcm(ctx, vm_id, lcm, state=state)
-
-
 @contextmanager
 def vm_action(ctx: Context, ref: str, action: str, needs: set[LcmState]) -> Iterator[Vm]:
-    """Lock the VM and check its lcm state for ``action``; yields a detached Vm row."""
+    """Lock the VM and check its lcm state for ``action``; yields a detached Vm row.
+
+    What a dead vmkeep process left on the VM (a BACKUP state, a RUNNING attempt, its checkpoint
+    and partial files, a frozen or paused guest) is cleaned up first, so no failure needs a
+    manual step before the next action."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
         _refresh(ctx, vm)
-        vm_id = vm.id
-    with lock(ctx.catalog, f"vm:{vm_id}", action):
+        vm_id, name = vm.id, vm.name
+    with lock(ctx.catalog, f"vm:{vm_id}", action, label=f"VM {name}"):
+        recover_vm(ctx, vm_id, "the vmkeep process running it died; cleaned up by the next action")
         with ctx.catalog.session() as s:
             vm = find_vm(s, str(vm_id))
             if vm.lcm_state not in needs:
@@ -192,15 +141,23 @@ def quiesce(ctx: Context, ref: str) -> dict[str, Any]:
             # Nothing happened in the guest: the VM stays RUNNING and the caller is told why.
             set_lcm(ctx, vm.id, LcmState.RUNNING)
             raise
-        except (AgentTimeout, HypervisorError) as err:
-            _best_effort_thaw(ctx, vm.name)
+        except AgentTimeout:
+            # The agent is hung: the freeze may still run when it wakes. The VM stays RUNNING
+            # (not frozen on purpose) and a guard thaws it once the agent answers again.
+            set_lcm(ctx, vm.id, LcmState.RUNNING)
+            quiesce_guard.spawn(ctx, [vm.id], pending=True)
+            raise
+        except HypervisorError as err:
+            thawed = ensure_thawed(ctx, vm.name)
+            if thawed == Thawed.SILENT:
+                quiesce_guard.spawn(ctx, [vm.id], pending=True)
             set_lcm(ctx, vm.id, LcmState.ERROR, error=f"quiesce failed: {err}")
             raise
         now = datetime.now(UTC)
         set_lcm(ctx, vm.id, LcmState.QUIESCED, quiesced_at=now)
         # A crashed or forgetful caller never leaves the guest frozen: thawed at the deadline.
         max_s = ctx.config.quiesce.max_seconds
-        watchdog.spawn(ctx, [vm.id], quiesced_at=now)
+        quiesce_guard.spawn(ctx, [vm.id], quiesced_at=now)
         return {
             "vm": vm.name,
             "lcm_state": LcmState.QUIESCED,
@@ -216,6 +173,7 @@ def unquiesce(ctx: Context, ref: str) -> dict[str, Any]:
         try:
             thawed = ctx.hv.fs_thaw(vm.name, ctx.agent_timeout)
         except HypervisorError as err:
+            quiesce_guard.spawn(ctx, [vm.id], pending=True)
             set_lcm(ctx, vm.id, LcmState.ERROR, error=f"unquiesce failed: {err}")
             raise
         set_lcm(ctx, vm.id, LcmState.RUNNING, quiesced_at=None)
@@ -227,25 +185,24 @@ def reset_state(ctx: Context, ref: str) -> dict[str, Any]:
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
         name, vm_id = vm.name, vm.id
-    info = ctx.hv.domain(name)
-    thawed = _best_effort_thaw(ctx, name) if info.state == VmState.ACTIVE else None
-    if info.paused:
-        ctx.hv.resume(name)
-    state, lcm = _states(ctx.hv.domain(name))
-    set_lcm(ctx, vm_id, lcm, state=state, quiesced_at=None)
-    return {"vm": name, "state": state, "lcm_state": lcm, "thawed": thawed}
-
-
-def _best_effort_thaw(ctx: Context, name: str) -> bool:
-    """Thaw, tolerating an agent that is gone; True when the guest reports thawed."""
-    try:
-        ctx.hv.fs_thaw(name, ctx.agent_timeout)
-    except HypervisorError as err:
-        log.warning("thaw of %s failed: %s", name, err)
-    try:
-        return ctx.hv.fs_freeze_status(name, ctx.agent_timeout) == "thawed"
-    except HypervisorError:
-        return False
+    with lock(ctx.catalog, f"vm:{vm_id}", "reset-state", label=f"VM {name}"):
+        recovered = recover_vm(ctx, vm_id, "reset-state: the vmkeep process running it died")
+        info = ctx.hv.domain(name)
+        if info.paused:
+            ctx.hv.resume(name)
+        thawed = ensure_thawed(ctx, name) if info.state == VmState.ACTIVE else None
+        if thawed == Thawed.SILENT:
+            quiesce_guard.spawn(ctx, [vm_id], pending=True)
+        state, lcm = states_of(ctx.hv.domain(name))
+        set_lcm(ctx, vm_id, lcm, state=state, quiesced_at=None)
+    return {
+        "vm": name,
+        "state": state,
+        "lcm_state": lcm,
+        "thawed": None if thawed is None else thawed == Thawed.CONFIRMED,
+        "agent": thawed,
+        "recovered": recovered,
+    }
 
 
 def configure(ctx: Context, ref: str, changes: dict[str, Any]) -> dict[str, Any]:

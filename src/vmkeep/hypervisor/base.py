@@ -102,6 +102,14 @@ class Hypervisor(ABC):
         """Abort the domain's running job; no error when there is none."""
 
     @abstractmethod
+    def disk_allocation(self, name: str, target: str) -> int:
+        """Bytes allocated in the disk's image (what a full backup copies, about)."""
+
+    @abstractmethod
+    def checkpoint_size(self, name: str, checkpoint: str, target: str) -> int | None:
+        """Bytes changed on ``target`` since ``checkpoint`` (running domain), None if unknown."""
+
+    @abstractmethod
     def checkpoints(self, name: str) -> list[str]:
         """Checkpoint names of the domain."""
 

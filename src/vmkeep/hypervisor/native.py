@@ -391,6 +391,25 @@ class LibvirtHypervisor(Hypervisor):
             if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # no job running
                 raise HypervisorError(f"abort job on {name}: {err.get_error_message()}") from err
 
+    def disk_allocation(self, name: str, target: str) -> int:
+        dom = self._dom(name)
+        _capacity, allocation, physical = self._call(
+            lambda: dom.blockInfo(target), f"block info of {name}/{target}"
+        )
+        return int(max(allocation, 0) or physical)
+
+    def checkpoint_size(self, name: str, checkpoint: str, target: str) -> int | None:
+        dom = self._dom(name)
+        try:
+            cp = dom.checkpointLookupByName(checkpoint)
+            xml = cp.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_SIZE)
+        except libvirt.libvirtError:
+            return None  # inactive domain, or the checkpoint is gone
+        for disk in ET.fromstring(xml).findall("./disks/disk"):
+            if disk.get("name") == target and disk.get("size"):
+                return int(disk.get("size", "0"))
+        return None
+
     def checkpoints(self, name: str) -> list[str]:
         dom = self._dom(name)
         return [c.getName() for c in self._call(dom.listAllCheckpoints, f"checkpoints of {name}")]

@@ -1,0 +1,81 @@
+"""Free-space pre-check before a backup stages and stores anything (stoney checks it too).
+
+The estimate: a full backup copies about what the disk images have allocated; an increment about
+what the checkpoint's dirty bitmap counts (libvirt's checkpoint XML with sizes). The staging area
+(vmkeep's data dir) and the datastore are checked separately, so the error names the one that is
+short; when both are on one file system the space is needed once (the dir driver renames).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vmkeep.datastores import DatastoreDriver
+from vmkeep.engine.context import Context
+from vmkeep.errors import DatastoreError, InsufficientSpace, VmkeepError
+from vmkeep.model import DiskInfo
+
+MARGIN = 1.05  # qcow2 metadata and the domain XML
+SLACK = 16 << 20
+
+
+def human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def estimate(ctx: Context, name: str, disks: list[DiskInfo], since: str | None) -> int | None:
+    """Bytes the backup will write (None when libvirt cannot tell)."""
+    total = 0
+    for d in disks:
+        try:
+            size = (
+                ctx.hv.checkpoint_size(name, since, d.target)
+                if since
+                else ctx.hv.disk_allocation(name, d.target)
+            )
+        except VmkeepError:
+            return None
+        if size is None:
+            return None
+        total += size
+    return int(total * MARGIN) + SLACK
+
+
+def _free(path: Path) -> tuple[int, int]:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize, os.stat(path).st_dev
+
+
+def check(ctx: Context, driver: DatastoreDriver, staging: Path, need: int | None) -> None:
+    """Raise InsufficientSpace naming the staging area or the datastore that is too small."""
+    if need is None:
+        return
+    free, dev = _free(staging)
+    if free < need:
+        raise InsufficientSpace(
+            f"the staging area {staging.parent} (in vmkeep's data dir, not the datastore)",
+            human(need),
+            human(free),
+            "Free space there, or move the data dir (data_dir / VMKEEP_DATA_DIR) to a larger "
+            "file system.",
+        )
+    try:
+        _total, ds_free = driver.monitor()
+    except DatastoreError:
+        return  # an unreachable datastore fails the store step with its own error
+    root = getattr(driver, "root", None)
+    same_fs = isinstance(root, Path) and root.exists() and os.stat(root).st_dev == dev
+    if ds_free < need and not same_fs:
+        raise InsufficientSpace(
+            f"datastore '{driver.name}'",
+            human(need),
+            human(ds_free),
+            "Free space there (delete old backups with 'vmkeep vm config VM --keep-last N'), "
+            "or back up to another datastore.",
+        )

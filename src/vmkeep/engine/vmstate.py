@@ -1,0 +1,73 @@
+"""A VM's row and its states: lookup by name or id, the lcm state vmkeep sets, and the state
+libvirt reports. The lowest engine module about VMs: recovery, quiesce and vms build on it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.tables import Vm
+from vmkeep.engine.context import Context
+from vmkeep.errors import VmkeepError, VmNotFound
+from vmkeep.model import DomainInfo, LcmState, VmState
+
+log = logging.getLogger(__name__)
+
+# lcm states that mean "vmkeep is doing something"; a refresh from libvirt leaves them alone.
+BUSY_STATES = {
+    LcmState.BACKUP,
+    LcmState.BACKUP_POWEROFF,
+    LcmState.QUIESCING,
+    LcmState.QUIESCED,
+    LcmState.UNQUIESCING,
+    LcmState.RESTORE,
+    LcmState.ERROR,
+}
+
+
+def states_of(info: DomainInfo) -> tuple[VmState, LcmState]:
+    if info.state == VmState.ACTIVE and info.paused:
+        return VmState.SUSPENDED, LcmState.SUSPENDED
+    if info.state == VmState.ACTIVE:
+        return VmState.ACTIVE, LcmState.RUNNING
+    if info.state == VmState.POWEROFF:
+        return VmState.POWEROFF, LcmState.POWEROFF
+    if info.state == VmState.SUSPENDED:
+        return VmState.SUSPENDED, LcmState.SUSPENDED
+    return VmState.UNKNOWN, LcmState.UNKNOWN
+
+
+def find_vm(s: Session, ref: str) -> Vm:
+    """A VM by name or numeric id."""
+    query = (
+        select(Vm).where(Vm.id == int(ref)) if ref.isdigit() else select(Vm).where(Vm.name == ref)
+    )
+    vm = s.execute(query).scalar_one_or_none()
+    if vm is None:
+        raise VmNotFound(ref)
+    return vm
+
+
+def set_lcm(
+    ctx: Context, vm_id: int, lcm: LcmState, error: str | None = None, **fields: Any
+) -> None:
+    with ctx.catalog.session() as s:
+        vm = s.get(Vm, vm_id)
+        assert vm is not None
+        vm.lcm_state = lcm
+        vm.error = error
+        for k, v in fields.items():
+            setattr(vm, k, v)
+
+
+def sync_state(ctx: Context, vm_id: int, name: str) -> None:
+    """Take the VM's state from libvirt once vmkeep's action on it is over (clears busy states)."""
+    try:
+        state, lcm = states_of(ctx.hv.domain(name))
+    except VmkeepError as err:
+        log.warning("could not read the state of %s: %s", name, err)
+        return
+    set_lcm(ctx, vm_id, lcm, state=state)
