@@ -47,6 +47,7 @@ class BackupStatus(enum.StrEnum):
     VALID = "VALID"
     FAILED = "FAILED"
     CANCELLED = "CANCELLED"
+    DAMAGED = "DAMAGED"  # a stored file failed its checksum: never restored, never extended
 
 
 class Consistency(enum.StrEnum):

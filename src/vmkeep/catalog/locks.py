@@ -78,6 +78,16 @@ def acquire(catalog: Catalog, name: str, reason: str, label: str | None = None) 
     raise Locked(label or name, "another action", "?", "?", "just now")
 
 
+def drop_if_dead(catalog: Catalog, name: str) -> bool:
+    """Remove the lock ``name`` when its holder is a dead process on this host."""
+    h = holder(catalog, name)
+    if h is None or h.host != socket.gethostname() or pid_alive(h.pid):
+        return False
+    with catalog.session() as s:
+        s.execute(delete(Lock).where(Lock.name == name, Lock.pid == h.pid, Lock.host == h.host))
+    return True
+
+
 def release(catalog: Catalog, name: str) -> None:
     with catalog.session() as s:
         s.execute(

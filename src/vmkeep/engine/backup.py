@@ -141,6 +141,12 @@ def plan_backup(
         assert vm is not None
         if mode == BackupMode.INCREMENT and not reset:
             chain = latest_chain(s, vm_id, ds_id)
+            if chain and any(i.status == BackupStatus.DAMAGED for i in chain.increments):
+                warnings.add(
+                    f"backup {chain.id} of VM {vm.name} has damaged files (a checksum failed); "
+                    "starting a new full backup chain instead of extending it"
+                )
+                chain = None
             last = valid_increments(chain)[-1] if chain and valid_increments(chain) else None
             if chain and last and last.checkpoint:
                 if last.checkpoint in ctx.hv.checkpoints(vm.name):

@@ -112,6 +112,26 @@ def checkpoints_to_keep(s: Session, vm_id: int) -> set[str]:
     return keep
 
 
+def mark_damaged(ctx: Context, backup_id: int, file_name: str, reason: str) -> list[int]:
+    """Mark the increment holding ``file_name`` and every increment built on it DAMAGED: they
+    are never restored and never extended (the next backup starts a new chain). Returns them."""
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            return []
+        owner = next((i for i in b.increments for f in i.files if f["name"] == file_name), None)
+        if owner is None:
+            return []
+        damaged = {owner.seq}
+        for inc in sorted(b.increments, key=lambda i: i.seq):
+            if inc.parent in damaged:
+                damaged.add(inc.seq)
+        for inc in b.increments:
+            if inc.seq in damaged and inc.status == BackupStatus.VALID:
+                inc.status, inc.error = BackupStatus.DAMAGED, reason
+        return sorted(damaged)
+
+
 def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> None:
     """The chain's manifest.json (per-file sha256), replaced atomically by the driver."""
     with ctx.catalog.session() as s:

@@ -115,7 +115,11 @@ def quiesced(
             yield q
         finally:
             if undo is not None and mode != FsFreeze.NONE:
-                undo_with_retries(ctx, vm_id, name, undo)
+                try:
+                    undo_with_retries(ctx, vm_id, name, undo)
+                except HypervisorError as err:
+                    # The point in time was taken while frozen: the backup itself is fine.
+                    warnings.add(str(err))
                 q.freeze_ms = (time.monotonic() - t0) * 1000
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from vmkeep.catalog.locks import drop_if_dead
 from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember, Vm
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.chains import (
@@ -33,7 +34,7 @@ from vmkeep.engine.chains import (
 )
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
-from vmkeep.engine.quiesce import Thawed, ensure_thawed, spawn
+from vmkeep.engine.quiesce import Thawed, ensure_thawed, freeze_lock, spawn
 from vmkeep.engine.vmstate import sync_state
 from vmkeep.errors import HypervisorUnreachable, NotFound, VmkeepError
 from vmkeep.model import BackupStatus, LcmState, VmState
@@ -126,6 +127,8 @@ def recover_vm(ctx: Context, vm_id: int, why: str) -> list[str]:
         drivers = {ds.id: driver_of(ds) for _, ds in stale}
         stale_ids = [(a, ds.id) for a, ds in stale]
     done: list[str] = _clear_interrupted_flatten(ctx, vm_id)
+    if drop_if_dead(ctx.catalog, freeze_lock(vm_id)):
+        done.append(f"{name}: freeze lock of a dead process released")
     if not stale_ids and lcm not in STALE_STATES:
         return done
     for attempt, ds_id in stale_ids:

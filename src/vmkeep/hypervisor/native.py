@@ -96,6 +96,22 @@ def has_agent_channel(xml: str) -> bool:
     )
 
 
+def agent_error(name: str, command: str, timeout: float, code: int, msg: str) -> HypervisorError:
+    """The vmkeep error for a failed agent call: a hung agent (the command may still run later)
+    is AgentTimeout; only an agent that is not there at all is AgentUnavailable."""
+    if code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
+        if any(h in msg for h in _AGENT_HUNG_HINTS):
+            return AgentTimeout(name, command, timeout)
+        if any(h in msg for h in _AGENT_MISSING_HINTS):
+            return AgentUnavailable(name, msg)
+        return AgentTimeout(name, command, timeout)
+    if code in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
+        return AgentUnavailable(name, msg)
+    if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
+        return AgentTimeout(name, command, timeout)
+    return HypervisorError(f"{command} on {name}: {msg}")
+
+
 def _watch_connection(cls: type[T]) -> type[T]:
     """Wrap every public method: a call that failed because libvirtd went away raises
     HypervisorConnectionLost (never a bare "Broken pipe"); the next call reconnects."""
@@ -194,17 +210,7 @@ class LibvirtHypervisor(Hypervisor):
             yield dom
         except libvirt.libvirtError as err:
             code, msg = err.get_error_code(), err.get_error_message() or ""
-            if code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
-                if any(h in msg for h in _AGENT_HUNG_HINTS):
-                    raise AgentTimeout(name, command, timeout) from err
-                if any(h in msg for h in _AGENT_MISSING_HINTS):
-                    raise AgentUnavailable(name, msg) from err
-                raise AgentTimeout(name, command, timeout) from err
-            if code in (libvirt.VIR_ERR_OPERATION_INVALID, libvirt.VIR_ERR_ARGUMENT_UNSUPPORTED):
-                raise AgentUnavailable(name, msg) from err
-            if code == libvirt.VIR_ERR_OPERATION_TIMEOUT:
-                raise AgentTimeout(name, command, timeout) from err
-            raise HypervisorError(f"{command} on {name}: {msg}") from err
+            raise agent_error(name, command, timeout, code, msg) from err
 
     def _agent_command(self, name: str, payload: dict[str, Any], timeout: float) -> Any:
         command = payload["execute"]

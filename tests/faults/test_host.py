@@ -1,0 +1,96 @@
+"""Host-level faults: libvirtd killed and restarted mid-copy, QEMU killed (a host crash: dirty
+bitmaps left inconsistent), two backups of one VM at once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from sqlalchemy import select
+
+from vmkeep.catalog.tables import Lock
+
+from .conftest import Harness
+
+
+def _wait(cond, timeout: float = 30, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _locked(h: Harness) -> bool:
+    with h.catalog.session() as s:
+        return s.execute(select(Lock).where(Lock.name.like("vm:%"))).first() is not None
+
+
+def test_libvirtd_killed_and_restarted_mid_copy(harness: Harness) -> None:
+    h = harness
+    h.backup_and_check()
+    h.write(mib=16)
+    proc = h.popen(
+        "backup", h.vm, "-d", "ds", "--json", extra={"VMKEEP_FAILPOINTS": "copy=sleep:6"}
+    )
+    _wait(lambda: "fail point copy" in h.stderr_file.read_text(), 60, "the copy phase")
+    subprocess.run(["pkill", "-9", "-x", "libvirtd"], check=True)
+    _wait(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0, 10, "libvirtd gone")
+    time.sleep(1)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    h.wait_libvirtd()
+    res = h.finish(proc)
+    # Either the job survived the restart (VALID) or the attempt failed, named and cleaned up.
+    if res.code == 0:
+        h.record(res)
+    else:
+        assert res.code == 11 and "libvirtd connection lost" in res.err, (res.code, res.err)
+    h.assert_healthy()
+    h.backup_and_check()
+
+
+def _qemu_pid(name: str) -> int:
+    return int(Path(f"/run/libvirt/qemu/{name}.pid").read_text().strip())
+
+
+def test_qemu_killed_like_a_host_crash_gives_a_new_full_with_a_warning(harness: Harness) -> None:
+    h = harness
+    h.backup_and_check()
+    os.kill(_qemu_pid(h.vm), signal.SIGKILL)
+    _wait(lambda: h.hv.domain(h.vm).state != "ACTIVE", 30, "QEMU gone")
+    h.lab.start(h.vm)
+    h.state.clear()  # data written after the last backup died with the guest's page cache
+    for path in ("/mnt/vda/f0", "/mnt/vda/f1", "/mnt/vda/f2", "/mnt/vda/f3"):
+        out = h.lab.sh(h.vm, f"[ -f {path} ] && sha256sum {path} || true").split()
+        if out:
+            h.state[path] = out[0]
+    h.write()
+    res = h.backup(check=1)
+    assert "new full backup chain" in res.err, res.err
+    p = h.record(res)
+    assert p.increment == 0
+    h.restore_matches(p)
+    h.assert_healthy()
+    nxt = h.backup_and_check()
+    assert nxt.increment == 1 and nxt.backup == p.backup
+
+
+def test_two_backups_of_one_vm_at_once(harness: Harness) -> None:
+    h = harness
+    h.write()
+    first = h.popen(
+        "backup", h.vm, "-d", "ds", "--json", extra={"VMKEEP_FAILPOINTS": "copy=sleep:3"}
+    )
+    _wait(lambda: _locked(h), 30, "the first backup's lock")
+    second = h.run("backup", h.vm, "-d", "ds", check=8)
+    assert f"VM {h.vm} is busy: backup by pid {first.pid}" in second.err, second.err
+    res = h.finish(first)
+    assert res.code == 0, res.err
+    h.record(res)
+    h.assert_healthy()
+    h.backup_and_check()
+    for p in h.points:
+        h.restore_matches(p)
