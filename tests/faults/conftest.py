@@ -206,6 +206,13 @@ class Harness:
         with self.catalog.session() as s:
             vm_id = s.execute(select(Backup.vm_id)).scalars().first()
             keep = checkpoints_to_keep(s, vm_id) if vm_id else set()
+            # a DAMAGED increment's checkpoint is unused and pruned by the next backup
+            keep |= {
+                i.checkpoint
+                for b in s.execute(select(Backup)).scalars()
+                for i in b.increments
+                if i.status == "DAMAGED" and i.checkpoint
+            }
             valid_chains = {
                 b.chain for b in s.execute(select(Backup)).scalars() if b.status == "VALID"
             }

@@ -16,22 +16,20 @@ def test_corrupted_increment(harness: Harness) -> None:
     data[len(data) // 2] ^= 0xFF  # one flipped byte in the middle of the image
     victim.write_bytes(bytes(data))
 
-    res = h.run("backups", "verify", str(bad.backup), check=17)
-    assert victim.name in res.err, res.err
     res = h.run(
-        "restore",
-        str(bad.backup),
-        "--increment",
-        str(bad.increment),
-        "--disk",
-        "vda",
-        "--path",
-        str(h.work / "bad.qcow2"),
-        check=17,
-    )
+        "restore", str(bad.backup), "--increment", str(bad.increment), "--disk", "vda",
+        "--path", str(h.work / "bad.qcow2"), check=17,
+    )  # fmt: skip
     assert victim.name in res.err and not (h.work / "bad.qcow2").exists()
     shown = h.run("backups", "show", str(bad.backup), "--json").json()
     assert shown["increments"][bad.increment]["status"] == "DAMAGED"
+    res = h.run("backups", "verify", str(bad.backup), check=17)
+    assert victim.name in res.err, res.err
+    res = h.run(
+        "restore", str(bad.backup), "--increment", str(bad.increment), "--disk", "vda",
+        "--path", str(h.work / "bad.qcow2"), check=4,
+    )  # fmt: skip
+    assert "DAMAGED" in res.err and "restore an earlier one" in res.err, res.err
     for p in good:
         h.restore_matches(p)
     h.assert_healthy()

@@ -63,6 +63,14 @@ def point(b: Backup, increment: int | None) -> tuple[Increment, list[Increment]]
     if not valid:
         raise WrongState(f"backup {b.id}", b.status, "restore", "a VALID increment")
     seq = max(valid) if increment is None else increment
+    damaged = {i.seq: i for i in b.increments if i.status == BackupStatus.DAMAGED}
+    if seq in damaged:
+        raise WrongState(
+            f"increment {seq} of backup {b.id}",
+            f"DAMAGED ({damaged[seq].error})",
+            "restore",
+            f"a VALID increment: restore an earlier one ({', '.join(map(str, sorted(valid)))})",
+        )
     if seq not in valid:
         raise IncrementNotFound(b.id, seq, ", ".join(map(str, sorted(valid))))
     chain = [valid[seq]]

@@ -16,7 +16,7 @@ from typing import Any
 
 from vmkeep.catalog.tables import Backup, Increment
 from vmkeep.datastores.base import sha256_file
-from vmkeep.engine.chains import disk_file, point, valid_increments
+from vmkeep.engine.chains import disk_file, mark_damaged, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.images import flatten
@@ -25,7 +25,7 @@ from vmkeep.errors import (
     ChecksumMismatch,
     InvalidValue,
 )
-from vmkeep.model import Warnings
+from vmkeep.model import BackupStatus, Warnings
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,11 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
         local = driver.restore(chain_key, list(expected), Path(tmp))
-        verify_files(chain_key, expected, local)
+        try:
+            verify_files(chain_key, expected, local)
+        except ChecksumMismatch as err:
+            mark_damaged(ctx, backup_id, str(err.args[0]).rsplit("/", 1)[-1], str(err))
+            raise
         restores = ctx.config.data_dir / "restores"
         if opts.disk is not None and opts.name is None:
             dest = opts.path or restores / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
@@ -194,7 +198,10 @@ def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
         b = s.get(Backup, backup_id)
         if b is None:
             raise BackupNotFound(backup_id)
-        expected = {f["name"]: f["sha256"] for i in valid_increments(b) for f in i.files}
+        checked = [
+            i for i in b.increments if i.status in (BackupStatus.VALID, BackupStatus.DAMAGED)
+        ]
+        expected = {f["name"]: f["sha256"] for i in checked for f in i.files}
         chain_key, driver = b.chain, driver_of(b.datastore)
     results = []
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -212,6 +219,8 @@ def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
                 )
             results.append({"file": name, "ok": ok, "sha256": got, "expected": want})
     bad = [r["file"] for r in results if not r["ok"]]
+    for name in bad:
+        mark_damaged(ctx, backup_id, name, f"verify: {name} does not match its sha256")
     if bad:
         raise ChecksumMismatch(
             f"{chain_key}/{bad[0]}",
