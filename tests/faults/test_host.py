@@ -38,7 +38,11 @@ def test_libvirtd_killed_and_restarted_mid_copy(harness: Harness) -> None:
     )
     _wait(lambda: "fail point copy" in h.stderr_file.read_text(), 60, "the copy phase")
     subprocess.run(["pkill", "-9", "-x", "libvirtd"], check=True)
-    _wait(lambda: subprocess.run(["pgrep", "-x", "libvirtd"]).returncode != 0, 10, "libvirtd gone")
+    _wait(
+        lambda: subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0,
+        10,
+        "libvirtd gone",
+    )
     time.sleep(1)
     subprocess.run(["libvirtd", "-d"], check=True)
     h.wait_libvirtd()

@@ -128,8 +128,14 @@ def _watch_connection(cls: type[T]) -> type[T]:
             except (NotFound, HypervisorUnreachable):
                 raise
             except HypervisorError as err:
-                if self._lost(err.__cause__):
-                    raise HypervisorConnectionLost(self.uri, str(err)) from err
+                cause = err.__cause__
+                if self._lost(cause):
+                    detail = (
+                        cause.get_error_message()
+                        if isinstance(cause, libvirt.libvirtError)
+                        else err
+                    )
+                    raise HypervisorConnectionLost(self.uri, detail) from err
                 raise
 
         return call
