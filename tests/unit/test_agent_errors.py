@@ -21,7 +21,12 @@ UNRESPONSIVE = libvirt.VIR_ERR_AGENT_UNRESPONSIVE
             AgentTimeout,
         ),
         (UNRESPONSIVE, "Guest agent disappeared while executing command", AgentTimeout),
-        (UNRESPONSIVE, "QEMU guest agent is not connected", AgentUnavailable),
+        # seen on a guest whose agent channel is disconnected (no qemu-ga running):
+        (
+            UNRESPONSIVE,
+            "Guest agent is not responding: QEMU guest agent is not connected",
+            AgentUnavailable,
+        ),
         (libvirt.VIR_ERR_OPERATION_INVALID, "domain is not running", AgentUnavailable),
         (libvirt.VIR_ERR_OPERATION_TIMEOUT, "timed out", AgentTimeout),
         (libvirt.VIR_ERR_INTERNAL_ERROR, "boom", HypervisorError),

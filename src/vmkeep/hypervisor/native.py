@@ -50,9 +50,9 @@ _STATES = {
 }
 
 # libvirt says "Guest agent is not responding: Guest agent not available for now" when the agent
-# is there but hung (a command timed out and may still run later) and "QEMU guest agent is not
-# connected" when no agent has opened its port: only the latter is "no agent".
-_AGENT_HUNG_HINTS = ("not responding", "not available for now", "disappeared")
+# is there but hung (a command timed out and may still run later) and "...: QEMU guest agent is
+# not connected" when no agent has opened its port (channel state='disconnected'): only the
+# latter is "no agent"; everything else unresponsive counts as hung.
 _AGENT_MISSING_HINTS = ("not connected", "not configured", "not running")
 # Errors that mean the connection to libvirtd itself broke (daemon killed or restarted).
 _CONNECTION_CODES = {
@@ -100,8 +100,7 @@ def agent_error(name: str, command: str, timeout: float, code: int, msg: str) ->
     """The vmkeep error for a failed agent call: a hung agent (the command may still run later)
     is AgentTimeout; only an agent that is not there at all is AgentUnavailable."""
     if code == libvirt.VIR_ERR_AGENT_UNRESPONSIVE:
-        if any(h in msg for h in _AGENT_HUNG_HINTS):
-            return AgentTimeout(name, command, timeout)
+        # "Guest agent is not responding: QEMU guest agent is not connected" = no agent.
         if any(h in msg for h in _AGENT_MISSING_HINTS):
             return AgentUnavailable(name, msg)
         return AgentTimeout(name, command, timeout)
