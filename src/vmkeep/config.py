@@ -24,7 +24,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vmkeep.errors import ConfigError
 
@@ -86,6 +86,19 @@ class Config(_Section):
     quiesce: QuiesceConfig = QuiesceConfig()
     lab: LabConfig = LabConfig()
 
+    @field_validator("data_dir")
+    @classmethod
+    def _usable_dir(cls, value: Path) -> Path:
+        path = Path(os.path.abspath(os.path.expanduser(value)))
+        for p in [path, *path.parents]:
+            if p.exists():
+                if not p.is_dir():
+                    raise ValueError(f"{p} is a file; data_dir must be a folder vmkeep can create")
+                break
+        if path.parts[1:2] in (("proc",), ("sys",), ("dev",)):
+            raise ValueError(f"{path} is on a kernel file system; choose a normal folder")
+        return path
+
     @property
     def catalog_url(self) -> str:
         return self.catalog.resolved_url(self.data_dir)
@@ -138,6 +151,10 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
             data = tomllib.loads(file.read_text())
         except tomllib.TOMLDecodeError as err:
             raise ConfigError(str(file), f"not valid TOML ({err})") from err
+        except UnicodeDecodeError as err:
+            raise ConfigError(
+                str(file), f"not UTF-8 text (byte {err.start}); save it as UTF-8"
+            ) from err
         except OSError as err:
             raise ConfigError(str(file), f"cannot read ({err.strerror})") from err
     elif explicit:
@@ -150,4 +167,12 @@ def load_config(path: str | Path | None = None, environ: dict[str, str] | None =
         return Config.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
+        loc = [str(p) for p in first["loc"]]
+        var = (
+            "VMKEEP_DATA_DIR" if loc[:1] == ["data_dir"] else f"VMKEEP_{'_'.join(loc[:2])}".upper()
+        )
+        if var in env and len(loc) <= 2:
+            raise ConfigError(
+                f"environment variable {var}", f"{first['msg']} (it is {env[var]!r})"
+            ) from err
         raise ConfigError(f"{file}: {_loc(dict(first))}", first["msg"]) from err

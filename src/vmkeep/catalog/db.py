@@ -37,7 +37,18 @@ class Catalog:
         self.url = url
         self.display_url = _redact(url)
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(url.removeprefix("sqlite:///")).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                blocked = next(
+                    (p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None
+                )
+                why = f"{blocked} is a file, not a folder" if blocked else err.strerror or err
+                raise CatalogError(
+                    f"cannot create the folder {folder} for {self.display_url}: {why}; "
+                    "set [catalog] url (or VMKEEP_CATALOG_URL) to a writable place"
+                ) from err
         try:
             self.engine: Engine = create_engine(url, future=True)
         except (SQLAlchemyError, ImportError) as err:

@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     except VmkeepError as e:
         click.echo(f"vmkeep: error: {e}", err=True)
         code = e.exit_code
+    except OSError as e:  # a path the user gave that cannot be used: say which, no traceback
+        where = f" {e.filename}" if e.filename else ""
+        click.echo(f"vmkeep: error: cannot use{where}: {e.strerror or e}", err=True)
+        code = 2
     except KeyboardInterrupt:
         click.echo("vmkeep: interrupted", err=True)
         code = EXIT_INTERRUPTED

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
 from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings
@@ -20,10 +18,10 @@ from vmkeep.engine.restore import restore as engine_restore
 @click.option("--name", default=None, help="Name of the new domain.")
 @click.option(
     "--path",
-    type=click.Path(path_type=Path),
     default=None,
-    help="Folder for the disks (a file path with --disk).",
+    help="Folder for the disks; with --disk a file, or a folder ending in '/'.",
 )
+@click.option("--force", is_flag=True, help="Overwrite an existing file / use a non-empty folder.")
 @click.option("--no-nic", is_flag=True, help="Drop network interfaces.")
 @click.option("--no-ip", is_flag=True, help="Keep NICs but drop MAC and fixed addresses.")
 @click.option("--start", is_flag=True, help="Start the restored VM.")

@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+from pydantic import field_validator
+
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register, wrap_oserror
 from vmkeep.errors import DatastoreError
 
@@ -19,6 +21,19 @@ PARTIAL = ".partial"
 
 class DirOptions(DriverOptions):
     path: Path
+
+    @field_validator("path", mode="before")
+    @classmethod
+    def _absolute(cls, value: object) -> Path:
+        """Stored absolute (a relative path would break from another working directory);
+        never empty and never the root of the file system."""
+        text = str(value).strip() if value is not None else ""
+        if not text:
+            raise ValueError("give the folder for the backups, e.g. --path /srv/backups")
+        path = Path(os.path.abspath(os.path.expanduser(text)))
+        if path == Path("/"):
+            raise ValueError("'/' cannot be a datastore; give a folder such as /srv/backups")
+        return path
 
 
 def _fsync_dir(path: Path) -> None:

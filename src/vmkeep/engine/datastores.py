@@ -11,6 +11,7 @@ from vmkeep.catalog.tables import Datastore
 from vmkeep.datastores import DatastoreDriver, make_driver
 from vmkeep.engine.context import Context
 from vmkeep.errors import AlreadyExists, DatastoreError, DatastoreNotFound
+from vmkeep.names import check_name
 
 
 def find_datastore(s: Session, ref: str) -> Datastore:
@@ -28,6 +29,7 @@ def driver_of(ds: Datastore) -> DatastoreDriver:
 
 
 def add(ctx: Context, name: str, driver: str, options: dict[str, Any]) -> dict[str, Any]:
+    check_name("datastore name", name)
     drv = make_driver(driver, name, options)  # validates the options before anything is stored
     drv.check()
     with ctx.catalog.session() as s:

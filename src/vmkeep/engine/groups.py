@@ -30,6 +30,7 @@ from vmkeep.errors import (
     InvalidValue,
 )
 from vmkeep.model import BackupStatus, LcmState, VmState, Warnings
+from vmkeep.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +48,7 @@ def find_group(s: Session, ref: str) -> Group:
 
 
 def _check_name(name: str) -> None:
-    if not name or name.isdigit() or any(c.isspace() or c == "/" for c in name):
-        raise InvalidValue(
-            "group name", name, "use letters, digits, '-', '_' or '.', not only digits"
-        )
+    check_name("group name", name)
 
 
 def _stop_order(g: Group) -> list[GroupMember]:

@@ -7,6 +7,8 @@ restored. Every file of the chain is checked against its sha256 before it is use
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
@@ -14,18 +16,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmkeep.catalog.tables import Backup, Increment
+from sqlalchemy import select
+
+from vmkeep.catalog.tables import Backup, Increment, Vm
 from vmkeep.datastores.base import sha256_file
+from vmkeep.engine import vms
 from vmkeep.engine.chains import disk_file, mark_damaged, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.images import flatten
 from vmkeep.errors import (
+    AlreadyExists,
     BackupNotFound,
     ChecksumMismatch,
+    DomainNotFound,
     InvalidValue,
 )
 from vmkeep.model import BackupStatus, Warnings
+from vmkeep.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +43,11 @@ class RestoreOptions:
     increment: int | None = None
     disk: str | None = None  # target name (vda) or index (0)
     name: str | None = None
-    path: Path | None = None
+    path: str | Path | None = None  # a str keeps a trailing '/' ("put it in this folder")
     no_nic: bool = False
     no_ip: bool = False
     start: bool = False
+    force: bool = False  # overwrite an existing disk file / write into a non-empty folder
 
 
 def rewrite_domain_xml(
@@ -117,9 +126,64 @@ def verify_files(chain_key: str, expected: dict[str, str], local: dict[str, Path
             raise ChecksumMismatch(f"{chain_key}/{name}", want, got)
 
 
-def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[str, Any], Warnings]:
-    from vmkeep.engine import vms
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` that is a file (it could never be a folder)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
 
+
+def disk_destination(path: str | Path | None, default: Path, force: bool) -> Path:
+    """Where one restored disk image goes: ``path`` itself, or ``default``'s name inside it when
+    ``path`` is a folder (existing, or written with a trailing '/'). Checked before any work."""
+    if path is None:
+        dest = default
+    else:
+        raw = str(path)
+        dest = Path(os.path.abspath(os.path.expanduser(raw)))
+        if raw.endswith("/") or dest.is_dir():
+            dest = dest / default.name
+    blocked = _blocking_file(dest)
+    if blocked is not None:
+        raise InvalidValue("--path", str(path), f"{blocked} is a file, not a folder")
+    if dest.is_dir():
+        raise InvalidValue("--path", str(path), f"{dest} is a folder; give a file name")
+    if dest.exists() and not force:
+        raise AlreadyExists(f"{dest} (add --force to overwrite it)")
+    return dest
+
+
+def vm_folder(path: str | Path | None, default: Path, force: bool) -> Path:
+    """The folder for a restored VM's disks: must not be a file, nor a non-empty folder
+    unless ``force``."""
+    folder = default if path is None else Path(os.path.abspath(os.path.expanduser(str(path))))
+    if folder.exists() and not folder.is_dir():
+        raise InvalidValue("--path", str(path), f"{folder} is a file; give a folder for the disks")
+    blocked = _blocking_file(folder)
+    if blocked is not None:
+        raise InvalidValue("--path", str(path), f"{blocked} is a file, not a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not force:
+        raise AlreadyExists(f"folder {folder} is not empty (add --force to write into it)")
+    return folder
+
+
+def _check_new_vm_name(ctx: Context, name: str) -> None:
+    check_name("--name", name)
+    try:
+        ctx.hv.domain(name)
+    except DomainNotFound:
+        pass
+    else:
+        raise AlreadyExists(f"libvirt domain {name!r} (choose another --name)")
+    with ctx.catalog.session() as s:
+        if s.execute(select(Vm.id).where(Vm.name == name)).first() is not None:
+            raise AlreadyExists(f"VM {name!r} in the catalog (choose another --name)")
+
+
+def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[str, Any], Warnings]:
+    """Every check (names, paths, free names) runs before any data moves; a failure removes
+    whatever this restore created and nothing else."""
     warnings = Warnings()
     with ctx.catalog.session() as s:
         b = s.get(Backup, backup_id)
@@ -134,51 +198,60 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         xml_entry = next(f for f in target.files if f["disk"] is None)
         expected[xml_entry["name"]] = xml_entry["sha256"]
         seq = target.seq
-    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
-        local = driver.restore(chain_key, list(expected), Path(tmp))
-        try:
-            verify_files(chain_key, expected, local)
-        except ChecksumMismatch as err:
-            mark_damaged(ctx, backup_id, str(err.args[0]).rsplit("/", 1)[-1], str(err))
-            raise
-        restores = ctx.config.data_dir / "restores"
-        if opts.disk is not None and opts.name is None:
-            dest = opts.path or restores / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
-            if dest.is_dir():
-                dest = dest / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
-            flatten(local[disk_file(seq, disks[0])], dest)
-            return {
-                "backup": backup_id,
-                "increment": seq,
-                "disk": disks[0],
-                "path": str(dest),
-            }, warnings
+    restores = ctx.config.data_dir / "restores"
+    one_disk = opts.disk is not None and opts.name is None
+    if one_disk:
+        default = restores / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
+        dest = disk_destination(opts.path, default, opts.force)
+        created: list[Path] = [] if dest.exists() else [dest]
+        new_name = ""
+        folder = dest.parent
+    else:
         new_name = opts.name or f"{vm_name}-restore-{backup_id}-{seq}"
-        folder = opts.path or restores / new_name
-        folder.mkdir(parents=True, exist_ok=True)
-        for parent in [folder, *folder.parents]:
-            if parent == Path("/"):
-                break
-            if not parent.stat().st_mode & 0o001:
-                warnings.add(
-                    f"{parent} is not searchable by other users: QEMU may not reach the disks"
-                )
-                break
-        paths = {d: folder / f"{d}.qcow2" for d in disks}
-        for d, p in paths.items():
-            flatten(local[disk_file(seq, d)], p)
-        xml = rewrite_domain_xml(
-            local[xml_entry["name"]].read_text(),
-            new_name,
-            paths,
-            folder,
-            no_nic=opts.no_nic,
-            no_ip=opts.no_ip,
-            warnings=warnings,
-        )
-    (folder / "domain.xml").write_text(xml)
-    ctx.hv.define(xml)
+        _check_new_vm_name(ctx, new_name)
+        folder = vm_folder(opts.path, restores / new_name, opts.force)
+        created = [] if folder.exists() else [folder]
+    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+            local = driver.restore(chain_key, list(expected), Path(tmp))
+            try:
+                verify_files(chain_key, expected, local)
+            except ChecksumMismatch as err:
+                mark_damaged(ctx, backup_id, str(err.args[0]).rsplit("/", 1)[-1], str(err))
+                raise
+            if one_disk:
+                flatten(local[disk_file(seq, disks[0])], dest)
+                return {
+                    "backup": backup_id,
+                    "increment": seq,
+                    "disk": disks[0],
+                    "path": str(dest),
+                }, warnings
+            folder.mkdir(parents=True, exist_ok=True)
+            _warn_unsearchable(folder, warnings)
+            paths = {d: folder / f"{d}.qcow2" for d in disks}
+            created += [p for p in paths.values() if not p.exists()]
+            for d, p in paths.items():
+                flatten(local[disk_file(seq, d)], p)
+            xml = rewrite_domain_xml(
+                local[xml_entry["name"]].read_text(),
+                new_name,
+                paths,
+                folder,
+                no_nic=opts.no_nic,
+                no_ip=opts.no_ip,
+                warnings=warnings,
+            )
+        (folder / "domain.xml").write_text(xml)
+        ctx.hv.define(xml)
+    except BaseException:
+        for p in reversed(created):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
     if opts.start:
         ctx.hv.start(new_name)
     vms.import_vm(ctx, new_name)
@@ -190,6 +263,15 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         "disks": {d: str(p) for d, p in paths.items()},
         "started": opts.start,
     }, warnings
+
+
+def _warn_unsearchable(folder: Path, warnings: Warnings) -> None:
+    for parent in [folder, *folder.parents]:
+        if parent == Path("/"):
+            break
+        if not parent.stat().st_mode & 0o001:
+            warnings.add(f"{parent} is not searchable by other users: QEMU may not reach the disks")
+            break
 
 
 def verify(ctx: Context, backup_id: int) -> dict[str, Any]:

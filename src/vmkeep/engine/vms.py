@@ -25,9 +25,11 @@ from vmkeep.errors import (
     AgentUnavailable,
     DomainNotFound,
     HypervisorError,
+    InvalidValue,
     WrongState,
 )
 from vmkeep.model import DomainInfo, LcmState, VmState
+from vmkeep.names import check_name
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,12 @@ def _refresh(ctx: Context, vm: Vm) -> None:
 def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
     """Add a libvirt domain to the catalog (idempotent: re-import refreshes it)."""
     info = ctx.hv.domain(domain)
+    try:
+        check_name(f"domain name of {domain!r}", info.name)
+    except InvalidValue as err:
+        raise InvalidValue(
+            "domain", domain, f"{err.args[2]}; rename it first with 'virsh domrename'"
+        ) from None
     state, lcm = states_of(info)
     with ctx.catalog.session() as s:
         vm = s.execute(select(Vm).where(Vm.uuid == info.uuid)).scalar_one_or_none()
