@@ -1,0 +1,185 @@
+"""Hypothesis over the CLI's names, paths, sizes and config values: never a traceback, only
+documented exit codes, and never a write outside the example's own folder.
+
+The real CLI runs in-process (``vmkeep.cli.main.main``) against a real SQLite catalog in a fresh
+folder per example; only commands that need no libvirtd are driven here (e2e covers the rest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vmkeep.cli.main import main
+from vmkeep.errors import all_error_classes
+
+DOCUMENTED = {0, 1, 2, 130} | {cls.exit_code for cls in all_error_classes()}
+SENTINELS = [Path("/"), Path("/var/lib/libvirt/qemu"), Path(tempfile.gettempdir())]
+
+# Names: anything a user could type, with the nasty cases made likely.
+nasty = st.sampled_from(
+    ["", ".", "..", "/", "12345", "0", "a/b", "../x", "-x", " ", "x" * 300, "é", "a\x00b", "~"]
+    + ["afile", "afile/x", "../afile", "../afile/", "/proc/vmkeep", "newdir/"]
+)
+names = st.one_of(nasty, st.text(min_size=0, max_size=80))
+segment = st.one_of(
+    st.sampled_from(["..", ".", "d", "sub dir", "x.qcow2", "é", "-", "afile", "afile"]),
+    st.text(st.characters(blacklist_characters="/\x00"), min_size=1, max_size=12),
+)
+rel_paths = st.lists(segment, min_size=1, max_size=3).map(
+    lambda parts: "/".join(parts) if parts.count("..") < 2 else "d"  # stays inside the sandbox
+)
+numbers = st.one_of(
+    st.sampled_from(["", "0", "-1", "1e9", "abc", "nan", "inf", "all", "3", " 7 ", "99999999999"]),
+    st.integers().map(str),
+    st.text(max_size=12),
+)
+
+
+def snapshot() -> dict[Path, set[str]]:
+    return {p: set(os.listdir(p)) for p in SENTINELS if p.is_dir()}
+
+
+@contextlib.contextmanager
+def sandbox(env: dict[str, str]) -> Iterator[Path]:
+    """A fresh folder as cwd, HOME and data dir; VMKEEP_* from ``env`` only."""
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    with tempfile.TemporaryDirectory(prefix="vmkeep-fuzz-") as tmp:
+        root = Path(tmp)
+        (root / "cwd").mkdir()
+        (root / "afile").write_text("a file where a folder may be expected\n")
+        (root / "cwd" / "afile").write_text("a file where a folder may be expected\n")
+        for key in [k for k in os.environ if k.startswith("VMKEEP_")]:
+            del os.environ[key]
+        os.environ.update(
+            {
+                "HOME": str(root),
+                "VMKEEP_DATA_DIR": str(root / "data"),
+                "VMKEEP_CONFIG": str(root / "config.toml"),
+            }
+        )
+        (root / "config.toml").write_text("version = 1\n")
+        os.environ.update({k: v.replace("{root}", str(root)) for k, v in env.items()})
+        os.chdir(root / "cwd")
+        try:
+            yield root
+        finally:
+            os.chdir(saved_cwd)
+            os.environ.clear()
+            os.environ.update(saved_env)
+
+
+def run(*argv: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main(list(argv))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 2
+        else:
+            code = 0
+    return code, err.getvalue()
+
+
+def check(code: int, err: str) -> None:
+    assert "Traceback" not in err, err
+    assert code in DOCUMENTED, (code, err)
+
+
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+@FUZZ
+@given(name=names, path=st.one_of(rel_paths, nasty), driver=st.sampled_from(["dir", "zip", ""]))
+def test_datastore_add(name: str, path: str, driver: str) -> None:
+    before = snapshot()
+    with sandbox({}) as root:
+        if "\x00" in name + path:
+            return  # a NUL cannot reach a command line
+        code, err = run("datastore", "add", name, "--driver", driver, "--path", path)
+        check(code, err)
+        if code == 0:
+            code, err = run("datastore", "list", "--json")
+            check(code, err)
+            assert code == 0
+        # nothing outside the sandbox
+        made = {p.resolve() for p in root.rglob("*")}
+        assert all(root.resolve() in (p, *p.parents) for p in made)
+    assert snapshot() == before
+
+
+@FUZZ
+@given(name=names, vms=st.lists(names, min_size=1, max_size=3))
+def test_group_create(name: str, vms: list[str]) -> None:
+    with sandbox({}):
+        if any("\x00" in n for n in [name, *vms]):
+            return
+        check(*run("group", "create", name, *vms))
+
+
+@FUZZ
+@given(vm=names, keep=numbers, mode=names, freeze=names)
+def test_vm_config(vm: str, keep: str, mode: str, freeze: str) -> None:
+    with sandbox({}):
+        if "\x00" in vm + keep + mode + freeze:
+            return
+        check(*run("vm", "config", vm, "--keep-last", keep, "--mode", mode, "--fs-freeze", freeze))
+
+
+@FUZZ
+@given(backup=numbers, inc=numbers, name=names, path=st.one_of(rel_paths, nasty), disk=names)
+def test_restore_and_show(backup: str, inc: str, name: str, path: str, disk: str) -> None:
+    before = snapshot()
+    with sandbox({}):
+        if "\x00" in backup + inc + name + path + disk:
+            return
+        check(*run("backups", "show", backup, "--json"))
+        check(*run("restore", backup, "--increment", inc, "--name", name, "--path", path))
+        check(*run("restore", backup, "--disk", disk, "--path", path, "--force"))
+    assert snapshot() == before
+
+
+config_values = st.one_of(numbers, nasty, st.text(max_size=30))
+
+
+@FUZZ
+@given(
+    timeout=config_values,
+    max_seconds=config_values,
+    catalog=st.one_of(rel_paths, nasty),
+    data=st.one_of(rel_paths, nasty),
+    uri=config_values,
+    file_bytes=st.one_of(st.binary(max_size=80), st.sampled_from([b"version = 2\n", b"[x]\n"])),
+)
+def test_config_values(
+    timeout: str, max_seconds: str, catalog: str, data: str, uri: str, file_bytes: bytes
+) -> None:
+    before = snapshot()
+    values = [timeout, max_seconds, catalog, data, uri]
+    if any("\x00" in v for v in values):
+        return  # environment variables cannot hold NUL
+    env = {
+        "VMKEEP_AGENT_TIMEOUT": timeout,
+        "VMKEEP_QUIESCE_MAX_SECONDS": max_seconds,
+        "VMKEEP_CATALOG_URL": "sqlite:///{root}/cwd/" + catalog,
+        "VMKEEP_DATA_DIR": "{root}/" + data,
+        "VMKEEP_LIBVIRT_URI": uri,
+    }
+    with sandbox(env) as root:
+        (root / "config.toml").write_bytes(file_bytes)
+        check(*run("backups", "list", "--json"))
+        check(*run("datastore", "list"))
+    assert snapshot() == before
