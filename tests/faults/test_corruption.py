@@ -3,6 +3,9 @@ silently; the points before it restore bit-identical; the next backup starts a n
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from .conftest import Harness
 
 
@@ -40,3 +43,35 @@ def test_corrupted_increment(harness: Harness) -> None:
     h.restore_matches(p)
     h.backup_and_check()
     h.points.remove(bad)
+
+
+def test_restore_refuses_bad_targets_before_any_work(harness: Harness) -> None:
+    """Names and paths are checked before a byte is copied; nothing is left behind; libvirt's
+    own folders are never touched (``--name ..`` once made libvirt delete one)."""
+    h = harness
+    p = h.points[-1]
+    restores = h.data / "restores"
+    before = set(restores.iterdir()) if restores.exists() else set()
+    snapshot_dir = set(os.listdir("/var/lib/libvirt/qemu"))
+    for bad in ("..", ".", "a/b", "x" * 300, "123"):
+        res = h.run("restore", str(p.backup), "--name", bad, check=9)
+        assert "--name" in res.err
+    res = h.run("restore", str(p.backup), "--name", h.vm, check=7)  # taken by the VM itself
+    assert "choose another --name" in res.err
+    existing = h.work / "existing.qcow2"
+    existing.write_text("precious")
+    res = h.run("restore", str(p.backup), "--path", str(existing), "--name", "newvm", check=9)
+    res = h.run("restore", str(p.backup), "--disk", "vda", "--path", str(existing), check=7)
+    assert "--force" in res.err and existing.read_text() == "precious"
+    res = h.run("restore", str(p.backup), "--disk", "vda", "--path", f"{existing}/x.qcow2", check=9)
+    assert "is a file, not a folder" in res.err
+    assert (set(restores.iterdir()) if restores.exists() else set()) == before
+    assert set(os.listdir("/var/lib/libvirt/qemu")) == snapshot_dir
+    # a trailing '/' means "into this folder"
+    out = h.run(
+        "restore", str(p.backup), "--disk", "vda", "--path", f"{h.work}/newdir/", "--json"
+    ).json()
+    assert Path(out["path"]).parent == h.work / "newdir" and Path(out["path"]).is_file()
+    # --force overwrites
+    h.run("restore", str(p.backup), "--disk", "vda", "--path", str(existing), "--force")
+    assert existing.read_bytes()[:4] == b"QFI\xfb"
