@@ -1,20 +1,23 @@
-"""CI gate: the junit report must show e2e tests that ran, none skipped, none failed."""
+"""CI gate: the junit report must show e2e and fault tests that ran, none skipped, none failed."""
 
 import sys
 import xml.etree.ElementTree as ET
 
+SUITES = ("e2e", "faults", "fuzz")  # real guests (e2e, faults) and the input fuzzing
+
 root = ET.parse(sys.argv[1]).getroot()
-cases = root.iter("testcase")
-e2e = ran = skipped = 0
-for case in cases:
-    if ".e2e." not in case.get("classname", "") and not case.get("classname", "").startswith("e2e"):
+ran = dict.fromkeys(SUITES, 0)
+skipped = 0
+for case in root.iter("testcase"):
+    classname = case.get("classname", "")
+    suite = next((s for s in SUITES if f".{s}." in classname or classname.startswith(s)), None)
+    if suite is None:
         continue
-    e2e += 1
     if case.find("skipped") is not None:
         skipped += 1
-        print(f"CI: e2e test skipped: {case.get('classname')}.{case.get('name')}")
+        print(f"CI: {suite} test skipped: {classname}.{case.get('name')}")
     else:
-        ran += 1
-print(f"CI: {ran} e2e tests ran, {skipped} skipped")
-if e2e == 0 or skipped:
-    sys.exit("CI: e2e tests must run and must not be skipped")
+        ran[suite] += 1
+print("CI: " + ", ".join(f"{n} {s} tests ran" for s, n in ran.items()) + f", {skipped} skipped")
+if skipped or not all(ran.values()):
+    sys.exit("CI: e2e, fault and fuzz tests must all run and none may be skipped")
