@@ -272,7 +272,7 @@ def harness(hv: Hypervisor, request: pytest.FixtureRequest) -> Iterator[Harness]
     env |= {
         "VMKEEP_DATA_DIR": str(data),
         "VMKEEP_CONFIG": str(config),
-        "VMKEEP_AGENT_TIMEOUT": "3",
+        "VMKEEP_AGENT_TIMEOUT": "5",
         "HOME": str(root),
     }
     vm = lab.create(f"{PREFIX}{module}-vm", [256 << 20])

@@ -50,6 +50,7 @@ from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
 from vmkeep.engine.quiesce import Quiesce, quiesced
 from vmkeep.engine.recovery import Attempt, discard_attempt, recover_vm, staging_dir
+from vmkeep.engine.retention import apply_retention
 from vmkeep.engine.vms import vm_action
 from vmkeep.engine.vmstate import find_vm, set_lcm, sync_state
 from vmkeep.errors import (
@@ -445,8 +446,6 @@ def fail_job(ctx: Context, driver: DatastoreDriver, job: MemberJob, err: BaseExc
 
 def after_success(ctx: Context, job: MemberJob) -> dict[str, Any]:
     """Checkpoint clean-up and retention; returns the backup record."""
-    from vmkeep.engine.retention import apply_retention
-
     assert job.plan is not None
     _prune_checkpoints(ctx, job.vm_id, job.name)
     for msg in apply_retention(ctx, job.vm_id, job.ds_id, job.cfg):

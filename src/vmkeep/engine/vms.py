@@ -16,6 +16,7 @@ from sqlalchemy import select
 from vmkeep.catalog import lock
 from vmkeep.catalog.tables import Vm
 from vmkeep.engine import quiesce as quiesce_guard
+from vmkeep.engine.backup_config import resolve, validate
 from vmkeep.engine.context import Context
 from vmkeep.engine.quiesce import Thawed, ensure_thawed
 from vmkeep.engine.recovery import recover_vm
@@ -96,8 +97,6 @@ def show_vm(ctx: Context, ref: str) -> dict[str, Any]:
 
 
 def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
-    from vmkeep.engine.backup_config import resolve
-
     out: dict[str, Any] = {
         "id": vm.id,
         "name": vm.name,
@@ -215,8 +214,6 @@ def reset_state(ctx: Context, ref: str) -> dict[str, Any]:
 
 def configure(ctx: Context, ref: str, changes: dict[str, Any]) -> dict[str, Any]:
     """Set BACKUP_CONFIG keys of a VM (validated; errors name the bad value)."""
-    from vmkeep.engine.backup_config import validate
-
     normalised = {k: validate(k, v) for k, v in changes.items()}
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)

@@ -31,6 +31,8 @@ from vmkeep.catalog.tables import Vm
 from vmkeep.config import Config
 from vmkeep.engine.context import Context
 from vmkeep.engine.quiesce import CONFIG_ENV, Thawed, ensure_thawed, freeze_lock
+from vmkeep.engine.recovery import recover_vm
+from vmkeep.engine.vms import unquiesce
 from vmkeep.errors import AgentTimeout, AgentUnavailable, Locked, NotFound, VmkeepError, WrongState
 from vmkeep.model import LcmState, VmState
 
@@ -58,8 +60,6 @@ def _still_quiesced(ctx: Context, vm_id: int, quiesced_at: str) -> bool:
 
 
 def _auto_unquiesce(ctx: Context, vm_id: int, quiesced_at: str) -> None:
-    from vmkeep.engine.vms import unquiesce
-
     for _ in range(40):
         if not _still_quiesced(ctx, vm_id, quiesced_at):
             return
@@ -84,8 +84,6 @@ def _auto_unquiesce(ctx: Context, vm_id: int, quiesced_at: str) -> None:
 
 # --- owner mode ----------------------------------------------------------------------------------
 def _recover(ctx: Context, vm_ids: list[int], owner: int) -> None:
-    from vmkeep.engine.recovery import recover_vm
-
     for vm_id in vm_ids:
         row = _vm(ctx, vm_id)
         if row is None:
