@@ -109,7 +109,8 @@ def main() -> None:
                 bid = inc_json["id"]
                 target = work / "restored.qcow2"
                 restore, _ = timed(
-                    [*vk, "restore", str(bid), "--disk", "vda", "--path", str(target)], env
+                    [*vk, "restore", str(bid), "--disk", "vda", "--path", str(target), "--force"],
+                    env,
                 )
                 results["restore"] = restore
                 info = json.loads(

@@ -51,7 +51,10 @@ def sha(data: bytes) -> str:
 def restored_sha(vmkeep, tmp_path: Path, backup: int, inc: int, guest_path: str) -> str:
     out = tmp_path / f"r-{backup}-{inc}.qcow2"
     vmkeep("restore", str(backup), "--increment", str(inc), "--disk", "vda", "--path", str(out))
-    return sha(read_file_from_image(out, guest_path.removeprefix("/mnt/vda"), tmp_path))
+    try:
+        return sha(read_file_from_image(out, guest_path.removeprefix("/mnt/vda"), tmp_path))
+    finally:
+        out.unlink()  # restore never overwrites a file without --force
 
 
 def test_full_and_three_increments_each_restore_point_is_bit_identical(
