@@ -13,7 +13,8 @@ keeps the two in sync.
     │   ├── DomainNotFound
     │   ├── DatastoreNotFound
     │   ├── BackupNotFound
-    │   └── IncrementNotFound
+    │   ├── IncrementNotFound
+    │   └── JobNotFound
     ├── AlreadyExists              7  409
     ├── WrongState                 4  409
     ├── Locked                     8  409
@@ -27,6 +28,7 @@ keeps the two in sync.
     ├── BackupFailed              15  500
     ├── BackupCancelled           16  409
     ├── ChecksumMismatch          17  500
+    │   └── IncrementDamaged
     ├── DatastoreError            18  502
     ├── GroupBackupFailed         20  500
     ├── InsufficientSpace         21  507
@@ -116,6 +118,10 @@ class GroupBackupNotFound(NotFound):
     """Group backup {} does not exist; see 'vmkeep group backups'."""
 
 
+class JobNotFound(NotFound):
+    """Job {} does not exist; see 'vmkeep jobs list'."""
+
+
 class AlreadyExists(VmkeepError):
     """{} already exists."""
 
@@ -193,6 +199,10 @@ class ChecksumMismatch(VmkeepError):
     """Checksum mismatch for {}: expected {}, got {}. The backup copy is damaged."""
 
     exit_code = 17
+
+
+class IncrementDamaged(ChecksumMismatch):
+    """Increment {} of backup {} is DAMAGED ({}); restore another point: {}."""
 
 
 class DatastoreError(VmkeepError):

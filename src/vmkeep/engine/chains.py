@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, object_session
 from vmkeep.catalog.tables import Backup, GroupBackupMember, Increment
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.context import Context
-from vmkeep.errors import IncrementNotFound, WrongState
+from vmkeep.errors import IncrementDamaged, IncrementNotFound, WrongState
 from vmkeep.model import BackupMode, BackupStatus
 
 CHECKPOINT_PREFIX = "vmkeep-"
@@ -60,17 +60,16 @@ def valid_increments(b: Backup) -> list[Increment]:
 def point(b: Backup, increment: int | None) -> tuple[Increment, list[Increment]]:
     """The chosen increment (newest when None) and its chain from the base, by parent links."""
     valid = {i.seq: i for i in valid_increments(b)}
+    damaged = {i.seq: i for i in b.increments if i.status == BackupStatus.DAMAGED}
+    if increment is None:  # the newest sound point; a damaged one only when nothing else is left
+        seq = max(valid) if valid else max(damaged, default=-1)
+    else:
+        seq = increment
+    if seq in damaged:
+        others = ", ".join(map(str, sorted(valid))) or "none left in this backup"
+        raise IncrementDamaged(seq, b.id, damaged[seq].error, others)
     if not valid:
         raise WrongState(f"backup {b.id}", b.status, "restore", "a VALID increment")
-    seq = max(valid) if increment is None else increment
-    damaged = {i.seq: i for i in b.increments if i.status == BackupStatus.DAMAGED}
-    if seq in damaged:
-        raise WrongState(
-            f"increment {seq} of backup {b.id}",
-            f"DAMAGED ({damaged[seq].error})",
-            "restore",
-            f"a VALID increment: restore an earlier one ({', '.join(map(str, sorted(valid)))})",
-        )
     if seq not in valid:
         raise IncrementNotFound(b.id, seq, ", ".join(map(str, sorted(valid))))
     chain = [valid[seq]]

@@ -1,0 +1,75 @@
+"""The long actions a job can run: kind -> engine call. The CLI, the API and (later) schedules
+enqueue these kinds; a daemon worker runs them through ``jobs.execute``. Each runner takes the
+job's JSON params and a progress callback and returns (result, warnings)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from vmkeep.engine import backup, group_backup, restore, vms
+from vmkeep.engine.context import Context
+from vmkeep.engine.jobs import Runner
+
+Progress = Callable[[int, int], None]
+
+
+def _backup(
+    ctx: Context, p: dict[str, Any], progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
+    out = backup.run_backup(
+        ctx, str(p["vm"]), str(p["datastore"]), reset=bool(p.get("reset")), progress=progress
+    )
+    return out.result, out.warnings.items
+
+
+def _group_backup(
+    ctx: Context, p: dict[str, Any], progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
+    out = group_backup.run_group_backup(
+        ctx,
+        str(p["group"]),
+        str(p["datastore"]),
+        parallel_freeze=bool(p.get("parallel_freeze")),
+        reset=bool(p.get("reset")),
+        progress=progress,
+    )
+    return out.result, out.warnings.items
+
+
+def _restore(
+    ctx: Context, p: dict[str, Any], _progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
+    opts = restore.RestoreOptions(
+        **{k: v for k, v in p.items() if k in restore.RestoreOptions.__dataclass_fields__}
+    )
+    result, warnings = restore.restore(ctx, int(p["backup"]), opts)
+    return result, warnings.items
+
+
+def _verify(
+    ctx: Context, p: dict[str, Any], _progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
+    return restore.verify(ctx, int(p["backup"])), []
+
+
+def _quiesce(
+    ctx: Context, p: dict[str, Any], _progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
+    return vms.quiesce(ctx, str(p["vm"])), []
+
+
+def _unquiesce(
+    ctx: Context, p: dict[str, Any], _progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
+    return vms.unquiesce(ctx, str(p["vm"])), []
+
+
+RUNNERS: dict[str, Runner] = {
+    "backup": _backup,
+    "group-backup": _group_backup,
+    "restore": _restore,
+    "verify": _verify,
+    "quiesce": _quiesce,
+    "unquiesce": _unquiesce,
+}

@@ -1,0 +1,259 @@
+"""The job queue: every long action is a row in ``jobs``, whatever started it (DESIGN.md "The service").
+
+QUEUED -> RUNNING -> DONE | FAILED | CANCELLED. The CLI runs its action in-process and records it
+(``recorded``); the API enqueues and a daemon worker claims and runs it (``claim`` + ``execute``).
+Claiming is atomic: ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, and on every database a
+conditional ``UPDATE ... WHERE state = 'QUEUED'`` that only one claimer can win.
+
+Cancel is a flag on the row (``cancel_requested``) that the running action polls through its
+progress callback; it then unwinds through the engine's normal cancel path (job aborted, partial
+data and checkpoint removed). After a crash the daemon marks its host's dead RUNNING jobs FAILED
+(``recover``); the VMs themselves were already recovered by their guard process.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import select, update
+
+from vmkeep.catalog.locks import pid_alive
+from vmkeep.catalog.tables import Job
+from vmkeep.engine.context import Context
+from vmkeep.errors import JobNotFound, VmkeepError, WrongState
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"
+FINAL = {DONE, FAILED, CANCELLED}
+PROGRESS_EVERY = 0.5  # seconds between progress writes (and cancel checks)
+
+Runner = Callable[
+    [Context, dict[str, Any], Callable[[int, int], None]], tuple[dict[str, Any], list[str]]
+]
+
+
+class JobCancelled(KeyboardInterrupt):
+    """Raised inside a running action when its job was cancelled: the engine's Ctrl-C path."""
+
+
+def job_dict(j: Job) -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "kind": j.kind,
+        "target": j.target,
+        "state": j.state,
+        "origin": j.origin,
+        "who": j.who,
+        "params": j.params,
+        "done_bytes": j.done_bytes,
+        "total_bytes": j.total_bytes,
+        "result": j.result,
+        "error": {"code": j.error_code, "message": j.error} if j.error else None,
+        "cancel_requested": j.cancel_requested,
+        "host": j.host,
+        "pid": j.pid,
+        "created": j.created_at,
+        "started": j.started_at,
+        "finished": j.finished_at,
+    }
+
+
+def local_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def enqueue(
+    ctx: Context, kind: str, target: str, params: dict[str, Any], origin: str, who: str
+) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        j = Job(
+            kind=kind,
+            target=target,
+            state=QUEUED,
+            params=params,
+            origin=origin,
+            who=who,
+            host="",
+            pid=0,
+        )
+        s.add(j)
+        s.flush()
+        return job_dict(j)
+
+
+def get(ctx: Context, job_id: int) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        j = s.get(Job, job_id)
+        if j is None:
+            raise JobNotFound(job_id)
+        return job_dict(j)
+
+
+def list_jobs(ctx: Context, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == state.upper())
+        return [job_dict(j) for j in s.execute(q).scalars()]
+
+
+def claim(ctx: Context) -> int | None:
+    """Take the oldest QUEUED job for this process; None when there is none. Exactly one of
+    several concurrent claimers (threads, daemons on one catalog) wins each job."""
+    with ctx.catalog.session() as s:
+        job_id = s.execute(
+            select(Job.id)
+            .where(Job.state == QUEUED)
+            .order_by(Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).scalar()
+        if job_id is None:
+            return None
+        won = s.execute(  # type: ignore[attr-defined]
+            update(Job)
+            .where(Job.id == job_id, Job.state == QUEUED)
+            .values(
+                state=RUNNING,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=datetime.now(UTC),
+            )
+        ).rowcount
+        return job_id if won == 1 else None
+
+
+def cancel(ctx: Context, job_id: int) -> dict[str, Any]:
+    """QUEUED: cancelled at once. RUNNING: the action is asked to stop and cleans up."""
+    with ctx.catalog.session() as s:
+        j = s.get(Job, job_id)
+        if j is None:
+            raise JobNotFound(job_id)
+        if j.state in FINAL:
+            raise WrongState(f"job {job_id}", j.state, "cancel", "QUEUED or RUNNING")
+        if j.state == QUEUED:
+            j.state, j.finished_at = CANCELLED, datetime.now(UTC)
+        else:
+            j.cancel_requested = True
+        s.flush()
+        return job_dict(j)
+
+
+def _progress(ctx: Context, job_id: int) -> Callable[[int, int], None]:
+    last = [0.0]
+
+    def report(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < PROGRESS_EVERY:
+            return
+        last[0] = now
+        with ctx.catalog.session() as s:
+            j = s.get(Job, job_id)
+            if j is None:
+                return
+            j.done_bytes, j.total_bytes = done, total
+            j.progress = done / total if total else 0.0
+            cancelled = j.cancel_requested
+        if cancelled:
+            raise JobCancelled
+
+    return report
+
+
+def _finish(
+    ctx: Context,
+    job_id: int,
+    state: str,
+    result: dict[str, Any] | None = None,
+    err: BaseException | None = None,
+) -> None:
+    with ctx.catalog.session() as s:
+        j = s.get(Job, job_id)
+        if j is None:
+            return
+        j.state, j.finished_at = state, datetime.now(UTC)
+        if result is not None:
+            j.result = result
+            j.progress = 1.0
+        if err is not None and state == FAILED:
+            j.error = str(err)
+            j.error_code = type(err).__name__
+        if state == CANCELLED:
+            j.error, j.error_code = "cancelled", "Cancelled"
+
+
+def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, Any]:
+    """Run a claimed job to its end state; never raises for the action's own errors."""
+    with ctx.catalog.session() as s:
+        j = s.get(Job, job_id)
+        assert j is not None
+        kind, params = j.kind, dict(j.params)
+    runner = runners.get(kind)
+    try:
+        if runner is None:
+            raise VmkeepError(f"unknown job kind {kind!r}")
+        result, warnings = runner(ctx, params, _progress(ctx, job_id))
+        _finish(ctx, job_id, DONE, result | ({"warnings": warnings} if warnings else {}))
+    except KeyboardInterrupt:
+        _finish(ctx, job_id, CANCELLED)
+    except VmkeepError as err:
+        _finish(ctx, job_id, FAILED, err=err)
+    except Exception as err:  # a bug: recorded, logged with its traceback, the worker goes on
+        log.exception("job %s (%s) crashed", job_id, kind)
+        _finish(ctx, job_id, FAILED, err=err)
+    return get(ctx, job_id)
+
+
+@contextmanager
+def recorded(
+    ctx: Context, kind: str, target: str, params: dict[str, Any], origin: str = "cli"
+) -> Iterator[Callable[[int, int], None]]:
+    """An in-process action (the CLI) recorded as a job; yields its progress callback."""
+    job = enqueue(ctx, kind, target, params, origin, local_user())
+    with ctx.catalog.session() as s:
+        s.execute(
+            update(Job)
+            .where(Job.id == job["id"])
+            .values(
+                state=RUNNING,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=datetime.now(UTC),
+            )
+        )
+    try:
+        yield _progress(ctx, job["id"])
+    except KeyboardInterrupt:
+        _finish(ctx, job["id"], CANCELLED)
+        raise
+    except BaseException as err:
+        _finish(ctx, job["id"], FAILED, err=err)
+        raise
+    _finish(ctx, job["id"], DONE, {})
+
+
+def recover(ctx: Context) -> list[int]:
+    """Mark this host's RUNNING jobs whose process is gone FAILED ('daemon restarted')."""
+    host = socket.gethostname()
+    failed = []
+    with ctx.catalog.session() as s:
+        rows = s.execute(select(Job).where(Job.state == RUNNING, Job.host == host)).scalars()
+        for j in rows:
+            if j.pid != os.getpid() and not pid_alive(j.pid):
+                j.state, j.finished_at = FAILED, datetime.now(UTC)
+                j.error = f"the process running it ({j.pid}) died (daemon restarted)"
+                j.error_code = "DaemonRestarted"
+                failed.append(j.id)
+    return failed
