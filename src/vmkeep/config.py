@@ -72,6 +72,14 @@ class QuiesceConfig(_Section):
     max_seconds: float = Field(default=60.0, gt=0, le=3600)
 
 
+class ApiConfig(_Section):
+    listen: str = "127.0.0.1:8700"  # HOST:PORT of ``vmkeep daemon``
+
+
+class JobsConfig(_Section):
+    workers: int = Field(default=2, ge=1, le=64)  # jobs a daemon runs at once
+
+
 class LabConfig(_Section):
     # Not under /root: QEMU runs as libvirt-qemu and must traverse the path to the images.
     dir: Path = Path("/var/lib/vmkeep/lab")
@@ -84,6 +92,8 @@ class Config(_Section):
     libvirt: LibvirtConfig = LibvirtConfig()
     agent: AgentConfig = AgentConfig()
     quiesce: QuiesceConfig = QuiesceConfig()
+    api: ApiConfig = ApiConfig()
+    jobs: JobsConfig = JobsConfig()
     lab: LabConfig = LabConfig()
 
     @field_validator("data_dir")

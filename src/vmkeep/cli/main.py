@@ -26,6 +26,8 @@ class LazyGroup(click.Group):
         "backups": "vmkeep.cli.backups_cmd:backups",
         "restore": "vmkeep.cli.restore_cmd:restore",
         "group": "vmkeep.cli.group_cmd:group",
+        "daemon": "vmkeep.cli.daemon_cmd:daemon",
+        "jobs": "vmkeep.cli.jobs_cmd:jobs",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

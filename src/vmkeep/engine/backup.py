@@ -466,7 +466,7 @@ def run_backup(
 ) -> BackupOutcome:
     out = BackupOutcome({})
     warnings = out.warnings
-    with vm_action(ctx, vm_ref, "backup", {LcmState.RUNNING, LcmState.POWEROFF}) as vm:
+    with vm_action(ctx, vm_ref, "backup") as vm:
         with ctx.catalog.session() as s:
             ds = find_datastore(s, ds_ref)
             driver, ds_id = driver_of(ds), ds.id

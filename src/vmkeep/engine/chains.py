@@ -61,10 +61,9 @@ def point(b: Backup, increment: int | None) -> tuple[Increment, list[Increment]]
     """The chosen increment (newest when None) and its chain from the base, by parent links."""
     valid = {i.seq: i for i in valid_increments(b)}
     damaged = {i.seq: i for i in b.increments if i.status == BackupStatus.DAMAGED}
-    if increment is None:  # the newest sound point; a damaged one only when nothing else is left
-        seq = max(valid) if valid else max(damaged, default=-1)
-    else:
-        seq = increment
+    # the newest sound point by default; a damaged one only when nothing else is left
+    newest = max(valid) if valid else max(damaged, default=-1)
+    seq = newest if increment is None else increment
     if seq in damaged:
         others = ", ".join(map(str, sorted(valid))) or "none left in this backup"
         raise IncrementDamaged(seq, b.id, damaged[seq].error, others)

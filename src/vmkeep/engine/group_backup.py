@@ -310,8 +310,7 @@ def run_group_backup(
             lock(ctx.catalog, f"group:{group_id}", "group backup", label=f"group {group_name}")
         )
         _close_abandoned(ctx, group_id)
-        needs = {LcmState.RUNNING, LcmState.POWEROFF}
-        vms = [stack.enter_context(vm_action(ctx, r, "group backup", needs)) for r in refs]
+        vms = [stack.enter_context(vm_action(ctx, r, "group backup")) for r in refs]
         gb_id = _record_start(ctx, group_id, ds_id, vms, parallel_freeze)
         # If this process dies from here on, the guard thaws, resumes and cleans up every member.
         stack.enter_context(guarding(ctx, [vm.id for vm in vms]))

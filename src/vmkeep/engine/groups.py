@@ -297,7 +297,7 @@ def start_group(
         order = [(m.vm_id, m.vm.name) for m in find_group(s, ref).members]
     out = []
     for vm_id, name in order:
-        with vm_action(ctx, str(vm_id), "start", {LcmState.POWEROFF, LcmState.RUNNING}) as vm:
+        with vm_action(ctx, str(vm_id), "start") as vm:
             if vm.lcm_state == LcmState.RUNNING:
                 out.append({"vm": name, "action": "already running"})
                 continue

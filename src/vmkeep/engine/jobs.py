@@ -14,6 +14,7 @@ data and checkpoint removed). After a crash the daemon marks its host's dead RUN
 from __future__ import annotations
 
 import getpass
+import json
 import logging
 import os
 import socket
@@ -151,25 +152,33 @@ def cancel(ctx: Context, job_id: int) -> dict[str, Any]:
         return job_dict(j)
 
 
-def _progress(ctx: Context, job_id: int) -> Callable[[int, int], None]:
-    last = [0.0]
+class _Progress:
+    """The progress callback of a running job: writes bytes done/total (every PROGRESS_EVERY s)
+    and raises JobCancelled once the job's cancel flag is set."""
 
-    def report(done: int, total: int) -> None:
+    def __init__(self, ctx: Context, job_id: int) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self.last_write = 0.0
+        self.done = self.total = 0
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
         now = time.monotonic()
-        if now - last[0] < PROGRESS_EVERY:
+        if now - self.last_write < PROGRESS_EVERY:
             return
-        last[0] = now
-        with ctx.catalog.session() as s:
-            j = s.get(Job, job_id)
-            if j is None:
-                return
-            j.done_bytes, j.total_bytes = done, total
-            j.progress = done / total if total else 0.0
-            cancelled = j.cancel_requested
-        if cancelled:
+        self.last_write = now
+        if self.write():
             raise JobCancelled
 
-    return report
+    def write(self) -> bool:
+        """Store the progress; True when the job was asked to cancel."""
+        with self.ctx.catalog.session() as s:
+            j = s.get(Job, self.job_id)
+            if j is None:
+                return False
+            j.done_bytes, j.total_bytes = self.done, self.total
+            j.progress = self.done / self.total if self.total else 0.0
+            return bool(j.cancel_requested)
 
 
 def _finish(
@@ -185,7 +194,7 @@ def _finish(
             return
         j.state, j.finished_at = state, datetime.now(UTC)
         if result is not None:
-            j.result = result
+            j.result = json.loads(json.dumps(result, default=str))  # datetimes, enums -> text
             j.progress = 1.0
         if err is not None and state == FAILED:
             j.error = str(err)
@@ -204,7 +213,9 @@ def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, 
     try:
         if runner is None:
             raise VmkeepError(f"unknown job kind {kind!r}")
-        result, warnings = runner(ctx, params, _progress(ctx, job_id))
+        progress = _Progress(ctx, job_id)
+        result, warnings = runner(ctx, params, progress)
+        progress.write()
         _finish(ctx, job_id, DONE, result | ({"warnings": warnings} if warnings else {}))
     except KeyboardInterrupt:
         _finish(ctx, job_id, CANCELLED)
@@ -234,7 +245,7 @@ def recorded(
             )
         )
     try:
-        yield _progress(ctx, job["id"])
+        yield _Progress(ctx, job["id"])
     except KeyboardInterrupt:
         _finish(ctx, job["id"], CANCELLED)
         raise

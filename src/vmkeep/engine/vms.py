@@ -118,8 +118,32 @@ def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
     return out
 
 
+# The lcm states each action needs: one table for the CLI, the API (409 before a job is queued)
+# and the engine itself (checked again under the VM's lock).
+ACTION_NEEDS: dict[str, set[LcmState]] = {
+    "backup": {LcmState.RUNNING, LcmState.POWEROFF},
+    "group backup": {LcmState.RUNNING, LcmState.POWEROFF},
+    "quiesce": {LcmState.RUNNING},
+    "unquiesce": {LcmState.QUIESCED},
+    "start": {LcmState.POWEROFF, LcmState.RUNNING},
+}
+
+
+def check_action(ctx: Context, ref: str, action: str) -> str:
+    """Raise WrongState unless the VM's current state allows ``action``; returns its name."""
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        _refresh(ctx, vm)
+        needs = ACTION_NEEDS[action]
+        if vm.lcm_state not in needs:
+            raise WrongState(vm.name, vm.lcm_state, action, " or ".join(sorted(needs)))
+        return vm.name
+
+
 @contextmanager
-def vm_action(ctx: Context, ref: str, action: str, needs: set[LcmState]) -> Iterator[Vm]:
+def vm_action(
+    ctx: Context, ref: str, action: str, needs: set[LcmState] | None = None
+) -> Iterator[Vm]:
     """Lock the VM and check its lcm state for ``action``; yields a detached Vm row.
 
     What a dead vmkeep process left on the VM (a BACKUP state, a RUNNING attempt, its checkpoint
@@ -129,6 +153,7 @@ def vm_action(ctx: Context, ref: str, action: str, needs: set[LcmState]) -> Iter
         vm = find_vm(s, ref)
         _refresh(ctx, vm)
         vm_id, name = vm.id, vm.name
+    needs = ACTION_NEEDS[action] if needs is None else needs
     with lock(ctx.catalog, f"vm:{vm_id}", action, label=f"VM {name}"):
         recover_vm(ctx, vm_id, "the vmkeep process running it died; cleaned up by the next action")
         with ctx.catalog.session() as s:
@@ -140,7 +165,7 @@ def vm_action(ctx: Context, ref: str, action: str, needs: set[LcmState]) -> Iter
 
 def quiesce(ctx: Context, ref: str) -> dict[str, Any]:
     """RUNNING -> QUIESCING -> QUIESCED: freeze the guest file systems through the agent."""
-    with vm_action(ctx, ref, "quiesce", {LcmState.RUNNING}) as vm:
+    with vm_action(ctx, ref, "quiesce") as vm:
         set_lcm(ctx, vm.id, LcmState.QUIESCING)
         try:
             frozen = ctx.hv.fs_freeze(vm.name, ctx.agent_timeout)
@@ -175,7 +200,7 @@ def quiesce(ctx: Context, ref: str) -> dict[str, Any]:
 
 def unquiesce(ctx: Context, ref: str) -> dict[str, Any]:
     """QUIESCED -> UNQUIESCING -> RUNNING: thaw the guest file systems."""
-    with vm_action(ctx, ref, "unquiesce", {LcmState.QUIESCED}) as vm:
+    with vm_action(ctx, ref, "unquiesce") as vm:
         set_lcm(ctx, vm.id, LcmState.UNQUIESCING)
         try:
             thawed = ctx.hv.fs_thaw(vm.name, ctx.agent_timeout)

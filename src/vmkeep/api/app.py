@@ -1,0 +1,198 @@
+"""The REST API under /v1 (FastAPI): a thin adapter over engine/.
+
+Reads answer at once; long actions are enqueued as jobs and answer 202 with the job and a
+``Location: /v1/jobs/{id}`` header. The state rules are the engine's: before enqueueing, the API
+asks ``vms.check_action`` (the same table ``vm_action`` enforces), so a wrong state is a 409 now,
+not a failed job later. Errors carry the error tree's HTTP status and a body
+``{"error": {"code", "message"}}``; bad input is a 422, never a 500.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmkeep import __version__
+from vmkeep.config import Config
+from vmkeep.engine import backups, datastores, groups, jobs, vms
+from vmkeep.engine.context import Context
+from vmkeep.errors import VmkeepError
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class BackupRequest(_Body):
+    datastore: str = Field(min_length=1, max_length=255)
+    reset: bool = False
+
+
+class GroupBackupRequest(BackupRequest):
+    parallel_freeze: bool = False
+
+
+class RestoreRequest(_Body):
+    increment: int | None = Field(default=None, ge=0)
+    disk: str | None = Field(default=None, max_length=64)
+    name: str | None = Field(default=None, max_length=255)
+    path: str | None = Field(default=None, max_length=4096)
+    no_nic: bool = False
+    no_ip: bool = False
+    start: bool = False
+    force: bool = False
+
+
+class DatastoreRequest(_Body):
+    name: str = Field(max_length=255)
+    driver: str = Field(default="dir", max_length=32)
+    options: dict[str, Any] = {}
+
+
+class GroupRequest(_Body):
+    name: str = Field(max_length=255)
+    vms: list[str] = Field(min_length=1)
+    stop_order: list[str] | None = None
+
+
+def _error(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(config: Config, who: str = "api") -> FastAPI:
+    """The app; one engine Context per server thread (a libvirt connection is per thread)."""
+    app = FastAPI(title="vmkeep", version=__version__, openapi_url="/openapi.json")
+    local = threading.local()
+
+    def ctx() -> Context:
+        if not hasattr(local, "ctx"):
+            local.ctx = Context(config)
+        c: Context = local.ctx
+        return c
+
+    @app.exception_handler(VmkeepError)
+    async def vmkeep_error(_request: Request, err: VmkeepError) -> JSONResponse:
+        status = 422 if err.http_status == 400 else err.http_status
+        return _error(status, type(err).__name__, str(err))
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_input(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid"}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return _error(422, "InvalidValue", f"{where}: {first.get('msg')}")
+
+    def accepted(job: dict[str, Any]) -> JSONResponse:
+        return JSONResponse(
+            {"job": jsonable(job)}, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"}
+        )
+
+    def enqueue(kind: str, target: str, params: dict[str, Any]) -> JSONResponse:
+        return accepted(jobs.enqueue(ctx(), kind, target, params, "api", who))
+
+    # --- health --------------------------------------------------------------------------------
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        return {"ok": True, "version": __version__}
+
+    # --- VMs -----------------------------------------------------------------------------------
+    @app.get("/v1/vms")
+    def list_vms() -> Any:
+        return jsonable(vms.list_vms(ctx()))
+
+    @app.get("/v1/vms/{vm}")
+    def show_vm(vm: str) -> Any:
+        return jsonable(vms.show_vm(ctx(), vm))
+
+    @app.post("/v1/vms/{vm}/backup", status_code=202)
+    def backup_vm(vm: str, body: BackupRequest) -> JSONResponse:
+        c = ctx()
+        name = vms.check_action(c, vm, "backup")
+        datastores.show(c, body.datastore)  # 404 now, not a failed job later
+        return enqueue("backup", name, {"vm": name, **body.model_dump()})
+
+    def quiesce_route(action: str) -> Callable[[str], JSONResponse]:
+        def route(vm: str) -> JSONResponse:
+            name = vms.check_action(ctx(), vm, action)
+            return enqueue(action, name, {"vm": name})
+
+        return route
+
+    app.post("/v1/vms/{vm}/quiesce", status_code=202, name="quiesce")(quiesce_route("quiesce"))
+    app.post("/v1/vms/{vm}/unquiesce", status_code=202, name="unquiesce")(
+        quiesce_route("unquiesce")
+    )
+
+    @app.post("/v1/vms/{vm}/reset-state")
+    def reset_state(vm: str) -> Any:
+        return jsonable(vms.reset_state(ctx(), vm))
+
+    # --- backups -------------------------------------------------------------------------------
+    @app.get("/v1/backups")
+    def list_backups(vm: str | None = None) -> Any:
+        return jsonable(backups.list_backups(ctx(), vm))
+
+    @app.get("/v1/backups/{backup_id}")
+    def show_backup(backup_id: int) -> Any:
+        return jsonable(backups.show_backup(ctx(), backup_id))
+
+    @app.post("/v1/backups/{backup_id}/restore", status_code=202)
+    def restore_backup(backup_id: int, body: RestoreRequest) -> JSONResponse:
+        backups.show_backup(ctx(), backup_id)
+        return enqueue(
+            "restore", str(backup_id), {"backup": backup_id, **body.model_dump(exclude_none=True)}
+        )
+
+    @app.post("/v1/backups/{backup_id}/verify", status_code=202)
+    def verify_backup(backup_id: int) -> JSONResponse:
+        backups.show_backup(ctx(), backup_id)
+        return enqueue("verify", str(backup_id), {"backup": backup_id})
+
+    # --- datastores and groups -----------------------------------------------------------------
+    @app.get("/v1/datastores")
+    def list_datastores() -> Any:
+        return jsonable(datastores.list_all(ctx()))
+
+    @app.post("/v1/datastores", status_code=201)
+    def add_datastore(body: DatastoreRequest) -> Any:
+        return jsonable(datastores.add(ctx(), body.name, body.driver, body.options))
+
+    @app.get("/v1/groups")
+    def list_groups() -> Any:
+        return jsonable(groups.list_groups(ctx()))
+
+    @app.post("/v1/groups", status_code=201)
+    def create_group(body: GroupRequest) -> Any:
+        return jsonable(groups.create_group(ctx(), body.name, body.vms, body.stop_order))
+
+    @app.post("/v1/groups/{group}/backup", status_code=202)
+    def backup_group(group: str, body: GroupBackupRequest) -> JSONResponse:
+        name = groups.show_group(ctx(), group)["name"]
+        datastores.show(ctx(), body.datastore)
+        return enqueue("group-backup", name, {"group": name, **body.model_dump()})
+
+    # --- jobs ----------------------------------------------------------------------------------
+    @app.get("/v1/jobs")
+    def list_jobs(state: str | None = None) -> Any:
+        return jsonable(jobs.list_jobs(ctx(), state))
+
+    @app.get("/v1/jobs/{job_id}")
+    def show_job(job_id: int) -> Any:
+        return jsonable(jobs.get(ctx(), job_id))
+
+    @app.delete("/v1/jobs/{job_id}")
+    def cancel_job(job_id: int) -> Any:
+        return jsonable(jobs.cancel(ctx(), job_id))
+
+    return app
+
+
+def jsonable(data: Any) -> Any:
+    from fastapi.encoders import jsonable_encoder
+
+    return jsonable_encoder(data)

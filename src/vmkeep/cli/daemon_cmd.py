@@ -1,0 +1,24 @@
+"""``vmkeep daemon [--listen HOST:PORT] [--workers N]``: the REST API and the job workers."""
+
+from __future__ import annotations
+
+import signal
+
+import click
+
+from vmkeep.cli.output import ctx_of
+
+
+@click.command()
+@click.option("--listen", default=None, help="HOST:PORT (default [api] listen, 127.0.0.1:8700).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None, help="Jobs run at once.")
+@click.pass_context
+def daemon(c: click.Context, listen: str | None, workers: int | None) -> None:
+    """Run the vmkeep service in the foreground (API under /v1, job workers)."""
+    from vmkeep.api.daemon import serve
+
+    # uvicorn handles SIGTERM/SIGINT during serve() and re-raises them when it has shut down; by
+    # then the daemon has stopped cleanly, so the re-raised signal must not turn into exit 130.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _s, _f: None)
+    serve(ctx_of(c).config, listen, workers)

@@ -1,0 +1,55 @@
+"""``vmkeep jobs list [--state S] | show ID | cancel ID``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from vmkeep.cli.output import ctx_of, json_option, kv, render
+from vmkeep.engine import jobs as engine
+
+
+def _table(rows: list[dict[str, Any]]) -> None:
+    for j in rows:
+        done, total = j["done_bytes"], j["total_bytes"]
+        pct = f"{100 * done / total:3.0f}%" if total else "   -"
+        err = f"  {j['error']['message']}" if j["error"] else ""
+        click.echo(
+            f"{j['id']:>5}  {j['state']:<9} {pct}  {j['kind']:<12} {j['target']:<24} "
+            f"{j['origin']}/{j['who']}{err}"
+        )
+
+
+@click.group()
+def jobs() -> None:
+    """Long actions (backup, restore, verify, quiesce) and their state."""
+
+
+@jobs.command("list")
+@click.option(
+    "--state",
+    type=click.Choice(["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"], case_sensitive=False),
+)
+@json_option
+@click.pass_context
+def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
+    """Newest first."""
+    render(engine.list_jobs(ctx_of(c), state), as_json, _table)
+
+
+@jobs.command("show")
+@click.argument("job_id", type=int)
+@json_option
+@click.pass_context
+def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
+    render(engine.get(ctx_of(c), job_id), as_json, kv)
+
+
+@jobs.command("cancel")
+@click.argument("job_id", type=int)
+@json_option
+@click.pass_context
+def cancel_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
+    """A queued job is cancelled at once; a running one stops and cleans up."""
+    render(engine.cancel(ctx_of(c), job_id), as_json, kv)

@@ -1,0 +1,143 @@
+"""The service on a real loopback socket: a real ``vmkeep daemon`` process, real lab VM, httpx.
+
+A backup through the API is a 202 job that ends DONE and restores bit-identical; a wrong state is a
+409 before any job is queued; DELETE cancels a running backup job cleanly; SIGKILL of the daemon
+mid-backup leaves no frozen guest, the job FAILED after restart, and the next backup VALID.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+
+from .conftest import Harness, Result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def daemon(
+    h: Harness, extra: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], httpx.Client]]:
+    port = _free_port()
+    proc = h.popen("daemon", "--listen", f"127.0.0.1:{port}", "--workers", "2", extra=extra)
+    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if client.get("/healthz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert proc.poll() is None, h.stderr_file.read_text()
+        assert time.monotonic() < deadline, "daemon did not come up"
+        time.sleep(0.2)
+    try:
+        yield proc, client
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=120) == 0, h.stderr_file.read_text()
+
+
+def wait_job(
+    client: httpx.Client, job_id: int, states: set[str], timeout: float = 300
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+
+
+def test_backup_through_the_api_restores_bit_identical(harness: Harness) -> None:
+    h = harness
+    h.backup_and_check()  # a chain to extend
+    with daemon(h) as (_proc, client):
+        h.write()
+        r = client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "ds"})
+        assert r.status_code == 202, r.text
+        job = r.json()["job"]
+        assert r.headers["location"] == f"/v1/jobs/{job['id']}" and job["state"] == "QUEUED"
+        done = wait_job(client, job["id"], {"DONE", "FAILED"})
+        assert done["state"] == "DONE", (done["error"], h.stderr_file.read_text()[-2000:])
+        assert done["origin"] == "api" and done["done_bytes"] == done["total_bytes"]
+        result = done["result"]
+        assert result["status"] == "VALID" and result["increment"] >= 1
+        p = h.record(Result(0, __import__("json").dumps(result), ""))
+        h.restore_matches(p)
+        listed = h.run("jobs", "list", "--json").json()
+        assert listed[0]["id"] == job["id"] and listed[0]["state"] == "DONE"
+        # bad input: 404 / 422, never 500
+        assert client.post("/v1/vms/nope/backup", json={"datastore": "ds"}).status_code == 404
+        assert client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "nope"}).status_code == 404
+        assert client.post(f"/v1/vms/{h.vm}/backup", json={"x": 1}).status_code == 422
+        assert client.get("/v1/jobs/999999").status_code == 404
+    h.assert_healthy()
+
+
+def test_quiesce_of_a_quiesced_vm_is_409(harness: Harness) -> None:
+    h = harness
+    with daemon(h) as (_proc, client):
+        r = client.post(f"/v1/vms/{h.vm}/quiesce")
+        assert r.status_code == 202, r.text
+        assert wait_job(client, r.json()["job"]["id"], {"DONE", "FAILED"})["state"] == "DONE"
+        assert h.freeze_status() == "frozen"
+        r = client.post(f"/v1/vms/{h.vm}/quiesce")
+        assert r.status_code == 409 and r.json()["error"]["code"] == "WrongState", r.text
+        r = client.post(f"/v1/vms/{h.vm}/unquiesce")
+        assert r.status_code == 202
+        assert wait_job(client, r.json()["job"]["id"], {"DONE", "FAILED"})["state"] == "DONE"
+    h.assert_healthy()
+
+
+def test_cancel_a_running_backup_job(harness: Harness) -> None:
+    h = harness
+    with daemon(h, {"VMKEEP_FAILPOINTS": "copy=sleep:4"}) as (_proc, client):
+        h.write()
+        job = client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "ds"}).json()["job"]
+        wait_job(client, job["id"], {"RUNNING"})
+        r = client.delete(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 200 and r.json()["cancel_requested"], r.text
+        end = wait_job(client, job["id"], {"DONE", "FAILED", "CANCELLED"})
+        assert end["state"] == "CANCELLED", end
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 409
+    h.assert_healthy()
+    h.backup_and_check()
+
+
+def test_sigkill_of_the_daemon_mid_backup(harness: Harness) -> None:
+    h = harness
+    with daemon(h, {"VMKEEP_FAILPOINTS": "copy=sleep:6"}) as (proc, client):
+        h.write()
+        job = client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "ds"}).json()["job"]
+        wait_job(client, job["id"], {"RUNNING"})
+        time.sleep(1)
+        proc.kill()
+        proc.wait()
+    h.wait_recovered()  # the guard alone: guest thawed, attempt cleaned up
+    with daemon(h) as (_proc, client):
+        failed = client.get(f"/v1/jobs/{job['id']}").json()
+        assert failed["state"] == "FAILED" and "daemon restarted" in failed["error"]["message"]
+        h.assert_healthy()
+        h.write()
+        nxt = client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "ds"}).json()["job"]
+        done = wait_job(client, nxt["id"], {"DONE", "FAILED"})
+        assert done["state"] == "DONE", done
+        p = h.record(Result(0, __import__("json").dumps(done["result"]), ""))
+        h.restore_matches(p)
+    h.assert_healthy()
