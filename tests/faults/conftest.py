@@ -27,7 +27,7 @@ import pytest
 from sqlalchemy import select
 
 from vmkeep.catalog import Catalog
-from vmkeep.catalog.tables import Backup, Lock
+from vmkeep.catalog.tables import Backup, Job, Lock
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, checkpoints_to_keep
 from vmkeep.errors import HypervisorError, HypervisorUnreachable
 from vmkeep.hypervisor import Hypervisor, connect
@@ -188,6 +188,8 @@ class Harness:
         with self.catalog.session() as s:
             for lk in s.execute(select(Lock)).scalars():
                 busy.append(f"lock {lk.name} ({lk.reason}, pid {lk.pid})")
+            for j in s.execute(select(Job).where(Job.state.in_(["QUEUED", "RUNNING"]))).scalars():
+                busy.append(f"job {j.id} {j.kind} {j.state}")
             for b in s.execute(select(Backup)).scalars():
                 if b.status == "RUNNING" or any(i.status == "RUNNING" for i in b.increments):
                     busy.append(f"backup {b.id} RUNNING")

@@ -13,6 +13,7 @@ from vmkeep.cli.output import (
     transfer_progress,
 )
 from vmkeep.engine import backup as engine
+from vmkeep.engine import jobs
 
 
 class DefaultGroup(click.Group):
@@ -39,8 +40,19 @@ def backup() -> None:
 @click.pass_context
 def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: bool) -> None:
     """Back up VM to a datastore (full, or an increment per the VM's BACKUP_CONFIG)."""
-    with transfer_progress(f"backup {vm}", as_json) as progress:
-        outcome = engine.run_backup(ctx_of(c), vm, datastore, reset=reset, progress=progress)
+    ctx = ctx_of(c)
+    params = {"vm": vm, "datastore": datastore, "reset": reset}
+    with (
+        jobs.recorded(ctx, "backup", vm, params) as job,
+        transfer_progress(f"backup {vm}", as_json) as progress,
+    ):
+
+        def both(done: int, total: int) -> None:
+            progress(done, total)
+            job(done, total)
+
+        outcome = engine.run_backup(ctx, vm, datastore, reset=reset, progress=both)
+        job.result = outcome.result
     r = outcome.result
     if as_json:
         emit_json(r)

@@ -160,6 +160,7 @@ class _Progress:
         self.ctx, self.job_id = ctx, job_id
         self.last_write = 0.0
         self.done = self.total = 0
+        self.result: dict[str, Any] = {}  # set by an in-process caller (``recorded``)
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -230,8 +231,9 @@ def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, 
 @contextmanager
 def recorded(
     ctx: Context, kind: str, target: str, params: dict[str, Any], origin: str = "cli"
-) -> Iterator[Callable[[int, int], None]]:
-    """An in-process action (the CLI) recorded as a job; yields its progress callback."""
+) -> Iterator[_Progress]:
+    """An in-process action (the CLI) recorded as a job; yields its progress callback, whose
+    ``result`` the caller sets. Cancelling the job (``jobs cancel``) stops the action."""
     job = enqueue(ctx, kind, target, params, origin, local_user())
     with ctx.catalog.session() as s:
         s.execute(
@@ -244,19 +246,21 @@ def recorded(
                 started_at=datetime.now(UTC),
             )
         )
+    progress = _Progress(ctx, job["id"])
     try:
-        yield _Progress(ctx, job["id"])
+        yield progress
     except KeyboardInterrupt:
         _finish(ctx, job["id"], CANCELLED)
         raise
     except BaseException as err:
         _finish(ctx, job["id"], FAILED, err=err)
         raise
-    _finish(ctx, job["id"], DONE, {})
+    progress.write()
+    _finish(ctx, job["id"], DONE, progress.result)
 
 
 def recover(ctx: Context) -> list[int]:
-    """Mark this host's RUNNING jobs whose process is gone FAILED ('daemon restarted')."""
+    """Mark this host's RUNNING jobs whose process is gone FAILED (daemon restarted, CLI killed)."""
     host = socket.gethostname()
     failed = []
     with ctx.catalog.session() as s:
@@ -264,7 +268,8 @@ def recover(ctx: Context) -> list[int]:
         for j in rows:
             if j.pid != os.getpid() and not pid_alive(j.pid):
                 j.state, j.finished_at = FAILED, datetime.now(UTC)
-                j.error = f"the process running it ({j.pid}) died (daemon restarted)"
-                j.error_code = "DaemonRestarted"
+                died = f"the vmkeep process running it (pid {j.pid}) died"
+                j.error = died if j.origin == "cli" else f"daemon restarted: {died}"
+                j.error_code = "ProcessDied"
                 failed.append(j.id)
     return failed

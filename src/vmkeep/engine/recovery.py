@@ -26,6 +26,7 @@ from sqlalchemy import select
 from vmkeep.catalog.locks import drop_if_dead
 from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember, Vm
 from vmkeep.datastores import DatastoreDriver
+from vmkeep.engine import jobs
 from vmkeep.engine.chains import (
     chain_disks,
     checkpoint_name,
@@ -137,6 +138,7 @@ def recover_vm(ctx: Context, vm_id: int, why: str) -> list[str]:
     _close_group_backups(ctx, vm_id, why)
     done += _bring_back(ctx, vm_id, name, lcm)
     sync_state(ctx, vm_id, name)
+    done += [f"job {j} of a dead process marked FAILED" for j in jobs.recover(ctx)]
     for msg in done:
         log.warning("recovered: %s", msg)
     return done
