@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-
-from vmkeep.catalog.tables import Backup, Increment, Vm
+from vmkeep.catalog.tables import Backup, Increment
 from vmkeep.datastores.base import sha256_file
 from vmkeep.engine import vms
 from vmkeep.engine.chains import disk_file, mark_damaged, point
@@ -163,7 +161,8 @@ def vm_folder(path: str | Path | None, default: Path, force: bool) -> Path:
     blocked = _blocking_file(folder)
     if blocked is not None:
         raise InvalidValue("--path", str(path), f"{blocked} is a file, not a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not force:
+    # vmkeep's own default folder of a VM whose domain is gone may be reused; a user's may not.
+    if path is not None and folder.is_dir() and any(folder.iterdir()) and not force:
         raise AlreadyExists(f"folder {folder} is not empty (add --force to write into it)")
     return folder
 
@@ -176,9 +175,7 @@ def _check_new_vm_name(ctx: Context, name: str) -> None:
         pass
     else:
         raise AlreadyExists(f"libvirt domain {name!r} (choose another --name)")
-    with ctx.catalog.session() as s:
-        if s.execute(select(Vm.id).where(Vm.name == name)).first() is not None:
-            raise AlreadyExists(f"VM {name!r} in the catalog (choose another --name)")
+    # A catalog row with this name but no domain (removed outside vmkeep) is re-bound by import.
 
 
 def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[str, Any], Warnings]:

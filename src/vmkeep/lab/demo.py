@@ -8,9 +8,16 @@ checksums the restored guest reports with the originals.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from contextlib import suppress
+
+import httpx
 
 from vmkeep.engine import datastores, vms
 from vmkeep.engine.backup import run_backup
@@ -67,4 +74,44 @@ def run_demo(ctx: Context, say: Callable[[str], None]) -> None:
         say(f"restored guest reports {f} sha256 {got[f]}: {verdict}")
     if got != {"first.bin": first, "second.bin": second}:
         raise LabError("restored data differs from the original")
+    _through_the_daemon(ctx, name, say)
     say(f"demo OK. Remove its VMs with 'vmkeep lab down --prefix {DEMO_PREFIX}'")
+
+
+def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> None:
+    """The same backup through the service: ``vmkeep daemon`` on loopback, REST API, a job."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"VMKEEP_DATA_DIR": str(ctx.config.data_dir)}
+    argv = [sys.executable, "-m", "vmkeep.cli.main", "daemon", "--listen", f"127.0.0.1:{port}"]
+    daemon = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        with httpx.Client(base_url=base, timeout=30) as api:
+            deadline = time.monotonic() + 30
+            while True:
+                with suppress(httpx.TransportError):
+                    if api.get("/healthz").status_code == 200:
+                        break
+                if time.monotonic() > deadline or daemon.poll() is not None:
+                    raise LabError("vmkeep daemon did not start")
+                time.sleep(0.2)
+            say(f"vmkeep daemon up on {base}; POST /v1/vms/{name}/backup ...")
+            r = api.post(f"/v1/vms/{name}/backup", json={"datastore": DEMO_DATASTORE})
+            job = r.json()["job"]
+            say(f"  {r.status_code} Accepted, Location: {r.headers['location']}")
+            while job["state"] in ("QUEUED", "RUNNING"):
+                time.sleep(0.3)
+                job = api.get(f"/v1/jobs/{job['id']}").json()
+            if job["state"] != "DONE":
+                raise LabError(f"backup job through the API ended {job['state']}: {job['error']}")
+            res = job["result"]
+            say(
+                f"  job {job['id']} DONE: backup {res['id']} increment {res['increment']} "
+                f"{res['status']} in {res['seconds']} s"
+            )
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=120)
+    say("vmkeep daemon stopped (SIGTERM)")
