@@ -27,6 +27,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from vmkeep.errors import ConfigError
+from vmkeep.model import ROLES
 
 CONFIG_VERSION = 1
 
@@ -74,6 +75,15 @@ class QuiesceConfig(_Section):
 
 class ApiConfig(_Section):
     listen: str = "127.0.0.1:8700"  # HOST:PORT of ``vmkeep daemon``
+    policy: dict[str, str] = {}  # action -> least role, e.g. quiesce = "admin"
+
+    @field_validator("policy")
+    @classmethod
+    def _roles(cls, value: dict[str, str]) -> dict[str, str]:
+        bad = {k: v for k, v in value.items() if v not in ROLES}
+        if bad:
+            raise ValueError(f"roles must be one of {', '.join(ROLES)}; got {bad}")
+        return value
 
 
 class JobsConfig(_Section):

@@ -32,6 +32,8 @@ keeps the two in sync.
     ├── DatastoreError            18  502
     ├── GroupBackupFailed         20  500
     ├── InsufficientSpace         21  507
+    ├── Unauthorized              22  401
+    ├── Forbidden                 23  403
     └── LabError                  19  500
 
 Exit codes 0 (success), 1 (finished with warnings) and 130 (interrupted) are not errors.
@@ -223,6 +225,20 @@ class InsufficientSpace(VmkeepError):
 
     exit_code = 21
     http_status = 507
+
+
+class Unauthorized(VmkeepError):
+    """Not authenticated: {}. Send 'Authorization: Bearer TOKEN' (create one with 'vmkeep token create NAME --role ROLE')."""
+
+    exit_code = 22
+    http_status = 401
+
+
+class Forbidden(VmkeepError):
+    """Token '{}' has role {}; {} needs {}."""
+
+    exit_code = 23
+    http_status = 403
 
 
 class LabError(VmkeepError):

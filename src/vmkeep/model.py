@@ -5,6 +5,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+ROLES = ("viewer", "operator", "admin")  # API token roles, least to most
+
 
 class VmState(enum.StrEnum):
     """Hypervisor-level state (OpenNebula's VM state, reduced to what libvirt can tell)."""

@@ -66,6 +66,7 @@ class Harness:
     env: dict[str, str]
     points: list[Point] = field(default_factory=list)
     state: dict[str, str] = field(default_factory=dict)
+    token: str = ""  # an API token, once a test created one
 
     # --- running vmkeep -------------------------------------------------------------------------
     def argv(self, *args: str) -> list[str]:

@@ -32,7 +32,13 @@ def daemon(
 ) -> Iterator[tuple[subprocess.Popen[str], httpx.Client]]:
     port = _free_port()
     proc = h.popen("daemon", "--listen", f"127.0.0.1:{port}", "--workers", "2", extra=extra)
-    client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30)
+    if not h.token:
+        h.token = h.run("token", "create", "ops", "--role", "operator", "--json").json()["token"]
+    client = httpx.Client(
+        base_url=f"http://127.0.0.1:{port}",
+        timeout=30,
+        headers={"Authorization": f"Bearer {h.token}"},
+    )
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -87,6 +93,11 @@ def test_backup_through_the_api_restores_bit_identical(harness: Harness) -> None
         assert client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "nope"}).status_code == 404
         assert client.post(f"/v1/vms/{h.vm}/backup", json={"x": 1}).status_code == 422
         assert client.get("/v1/jobs/999999").status_code == 404
+        assert client.get("/v1/jobs", headers={"Authorization": "Bearer nope"}).status_code == 401
+    # the token's secret is in no log line, job row or response
+    assert h.token not in h.stderr_file.read_text()
+    assert h.token not in h.run("jobs", "list", "--json").out
+    assert h.token.encode() not in (h.data / "catalog.db").read_bytes()
     h.assert_healthy()
 
 

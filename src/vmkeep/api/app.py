@@ -13,14 +13,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmkeep import __version__
 from vmkeep.config import Config
-from vmkeep.engine import backups, datastores, groups, jobs, vms
+from vmkeep.engine import backups, datastores, groups, jobs, tokens, vms
 from vmkeep.engine.context import Context
 from vmkeep.errors import VmkeepError
 
@@ -65,8 +65,9 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def create_app(config: Config, who: str = "api") -> FastAPI:
-    """The app; one engine Context per server thread (a libvirt connection is per thread)."""
+def create_app(config: Config) -> FastAPI:
+    """The app; one engine Context per server thread (a libvirt connection is per thread).
+    Every route but /healthz needs a bearer token whose role the action's policy allows."""
     app = FastAPI(title="vmkeep", version=__version__, openapi_url="/openapi.json")
     local = threading.local()
 
@@ -87,12 +88,22 @@ def create_app(config: Config, who: str = "api") -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()))
         return _error(422, "InvalidValue", f"{where}: {first.get('msg')}")
 
+    def require(action: str) -> Any:
+        def check(authorization: str | None = Header(default=None)) -> str:
+            name, role = tokens.authenticate(ctx(), authorization)
+            tokens.authorize(name, role, action, config.api.policy)
+            return name
+
+        return Depends(check)
+
+    read = require("read")
+
     def accepted(job: dict[str, Any]) -> JSONResponse:
         return JSONResponse(
             {"job": jsonable(job)}, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"}
         )
 
-    def enqueue(kind: str, target: str, params: dict[str, Any]) -> JSONResponse:
+    def enqueue(kind: str, target: str, params: dict[str, Any], who: str) -> JSONResponse:
         return accepted(jobs.enqueue(ctx(), kind, target, params, "api", who))
 
     # --- health --------------------------------------------------------------------------------
@@ -102,24 +113,24 @@ def create_app(config: Config, who: str = "api") -> FastAPI:
 
     # --- VMs -----------------------------------------------------------------------------------
     @app.get("/v1/vms")
-    def list_vms() -> Any:
+    def list_vms(who: str = read) -> Any:
         return jsonable(vms.list_vms(ctx()))
 
     @app.get("/v1/vms/{vm}")
-    def show_vm(vm: str) -> Any:
+    def show_vm(vm: str, who: str = read) -> Any:
         return jsonable(vms.show_vm(ctx(), vm))
 
     @app.post("/v1/vms/{vm}/backup", status_code=202)
-    def backup_vm(vm: str, body: BackupRequest) -> JSONResponse:
+    def backup_vm(vm: str, body: BackupRequest, who: str = require("backup")) -> JSONResponse:
         c = ctx()
         name = vms.check_action(c, vm, "backup")
         datastores.show(c, body.datastore)  # 404 now, not a failed job later
-        return enqueue("backup", name, {"vm": name, **body.model_dump()})
+        return enqueue("backup", name, {"vm": name, **body.model_dump()}, who)
 
     def quiesce_route(action: str) -> Callable[[str], JSONResponse]:
-        def route(vm: str) -> JSONResponse:
+        def route(vm: str, who: str = require(action)) -> JSONResponse:
             name = vms.check_action(ctx(), vm, action)
-            return enqueue(action, name, {"vm": name})
+            return enqueue(action, name, {"vm": name}, who)
 
         return route
 
@@ -129,64 +140,71 @@ def create_app(config: Config, who: str = "api") -> FastAPI:
     )
 
     @app.post("/v1/vms/{vm}/reset-state")
-    def reset_state(vm: str) -> Any:
+    def reset_state(vm: str, who: str = require("reset-state")) -> Any:
         return jsonable(vms.reset_state(ctx(), vm))
 
     # --- backups -------------------------------------------------------------------------------
     @app.get("/v1/backups")
-    def list_backups(vm: str | None = None) -> Any:
+    def list_backups(vm: str | None = None, who: str = read) -> Any:
         return jsonable(backups.list_backups(ctx(), vm))
 
     @app.get("/v1/backups/{backup_id}")
-    def show_backup(backup_id: int) -> Any:
+    def show_backup(backup_id: int, who: str = read) -> Any:
         return jsonable(backups.show_backup(ctx(), backup_id))
 
     @app.post("/v1/backups/{backup_id}/restore", status_code=202)
-    def restore_backup(backup_id: int, body: RestoreRequest) -> JSONResponse:
+    def restore_backup(
+        backup_id: int, body: RestoreRequest, who: str = require("restore")
+    ) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
         return enqueue(
-            "restore", str(backup_id), {"backup": backup_id, **body.model_dump(exclude_none=True)}
+            "restore",
+            str(backup_id),
+            {"backup": backup_id, **body.model_dump(exclude_none=True)},
+            who,
         )
 
     @app.post("/v1/backups/{backup_id}/verify", status_code=202)
-    def verify_backup(backup_id: int) -> JSONResponse:
+    def verify_backup(backup_id: int, who: str = require("verify")) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
-        return enqueue("verify", str(backup_id), {"backup": backup_id})
+        return enqueue("verify", str(backup_id), {"backup": backup_id}, who)
 
     # --- datastores and groups -----------------------------------------------------------------
     @app.get("/v1/datastores")
-    def list_datastores() -> Any:
+    def list_datastores(who: str = read) -> Any:
         return jsonable(datastores.list_all(ctx()))
 
     @app.post("/v1/datastores", status_code=201)
-    def add_datastore(body: DatastoreRequest) -> Any:
+    def add_datastore(body: DatastoreRequest, who: str = require("datastore-add")) -> Any:
         return jsonable(datastores.add(ctx(), body.name, body.driver, body.options))
 
     @app.get("/v1/groups")
-    def list_groups() -> Any:
+    def list_groups(who: str = read) -> Any:
         return jsonable(groups.list_groups(ctx()))
 
     @app.post("/v1/groups", status_code=201)
-    def create_group(body: GroupRequest) -> Any:
+    def create_group(body: GroupRequest, who: str = require("group-create")) -> Any:
         return jsonable(groups.create_group(ctx(), body.name, body.vms, body.stop_order))
 
     @app.post("/v1/groups/{group}/backup", status_code=202)
-    def backup_group(group: str, body: GroupBackupRequest) -> JSONResponse:
+    def backup_group(
+        group: str, body: GroupBackupRequest, who: str = require("group-backup")
+    ) -> JSONResponse:
         name = groups.show_group(ctx(), group)["name"]
         datastores.show(ctx(), body.datastore)
-        return enqueue("group-backup", name, {"group": name, **body.model_dump()})
+        return enqueue("group-backup", name, {"group": name, **body.model_dump()}, who)
 
     # --- jobs ----------------------------------------------------------------------------------
     @app.get("/v1/jobs")
-    def list_jobs(state: str | None = None) -> Any:
+    def list_jobs(state: str | None = None, who: str = read) -> Any:
         return jsonable(jobs.list_jobs(ctx(), state))
 
     @app.get("/v1/jobs/{job_id}")
-    def show_job(job_id: int) -> Any:
+    def show_job(job_id: int, who: str = read) -> Any:
         return jsonable(jobs.get(ctx(), job_id))
 
     @app.delete("/v1/jobs/{job_id}")
-    def cancel_job(job_id: int) -> Any:
+    def cancel_job(job_id: int, who: str = require("cancel-job")) -> Any:
         return jsonable(jobs.cancel(ctx(), job_id))
 
     return app

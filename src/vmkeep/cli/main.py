@@ -28,6 +28,7 @@ class LazyGroup(click.Group):
         "group": "vmkeep.cli.group_cmd:group",
         "daemon": "vmkeep.cli.daemon_cmd:daemon",
         "jobs": "vmkeep.cli.jobs_cmd:jobs",
+        "token": "vmkeep.cli.token_cmd:token",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -19,7 +19,7 @@ from contextlib import suppress
 
 import httpx
 
-from vmkeep.engine import datastores, vms
+from vmkeep.engine import datastores, tokens, vms
 from vmkeep.engine.backup import run_backup
 from vmkeep.engine.context import Context
 from vmkeep.engine.restore import RestoreOptions, restore
@@ -87,8 +87,12 @@ def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> 
     argv = [sys.executable, "-m", "vmkeep.cli.main", "daemon", "--listen", f"127.0.0.1:{port}"]
     daemon = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
+    token_name = f"demo-{os.getpid()}"
+    secret = tokens.create(ctx, token_name, "operator")["token"]
+    say(f"API token '{token_name}' (operator) created")
     try:
-        with httpx.Client(base_url=base, timeout=30) as api:
+        auth = {"Authorization": f"Bearer {secret}"}
+        with httpx.Client(base_url=base, timeout=30, headers=auth) as api:
             deadline = time.monotonic() + 30
             while True:
                 with suppress(httpx.TransportError):
@@ -114,4 +118,5 @@ def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> 
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
+        tokens.revoke(ctx, token_name)
     say("vmkeep daemon stopped (SIGTERM)")
