@@ -103,3 +103,13 @@ def test_tokens_are_stored_hashed(clean_env: Path) -> None:
     tokens.revoke(ctx, "t")
     with pytest.raises(Exception, match="unknown or revoked"):
         tokens.authenticate(ctx, f"Bearer {secret}")
+
+
+def test_metrics_need_a_token_and_show_the_queue(setup: tuple[TestClient, dict[str, str]]) -> None:
+    client, secrets = setup
+    assert client.get("/metrics").status_code == 401
+    r = client.get("/metrics", headers=auth(secrets["viewer"]))
+    assert r.status_code == 200 and 'vmkeep_jobs{state="QUEUED"} 0.0' in r.text, r.text
+    assert "vmkeep_backups" in r.text
+    for secret in secrets.values():
+        assert secret not in r.text

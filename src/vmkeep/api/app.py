@@ -15,13 +15,16 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__
 from vmkeep.config import Config
 from vmkeep.engine import backups, datastores, groups, jobs, tokens, vms
 from vmkeep.engine.context import Context
+from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
 
 
@@ -81,6 +84,11 @@ def create_app(config: Config) -> FastAPI:
     async def vmkeep_error(_request: Request, err: VmkeepError) -> JSONResponse:
         status = 422 if err.http_status == 400 else err.http_status
         return _error(status, type(err).__name__, str(err))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "NotFound", 405: "MethodNotAllowed"}
+        return _error(err.status_code, codes.get(err.status_code, "HTTPError"), str(err.detail))
 
     @app.exception_handler(RequestValidationError)
     async def bad_input(_request: Request, err: RequestValidationError) -> JSONResponse:
@@ -193,6 +201,14 @@ def create_app(config: Config) -> FastAPI:
         name = groups.show_group(ctx(), group)["name"]
         datastores.show(ctx(), body.datastore)
         return enqueue("group-backup", name, {"group": name, **body.model_dump()}, who)
+
+    # --- metrics -------------------------------------------------------------------------------
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(CatalogCollector(ctx))
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def metrics(who: str = read) -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- jobs ----------------------------------------------------------------------------------
     @app.get("/v1/jobs")
