@@ -7,6 +7,7 @@ mid-backup leaves no frozen guest, the job FAILED after restart, and the next ba
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
@@ -79,12 +80,23 @@ def test_backup_through_the_api_restores_bit_identical(harness: Harness) -> None
         assert r.status_code == 202, r.text
         job = r.json()["job"]
         assert r.headers["location"] == f"/v1/jobs/{job['id']}" and job["state"] == "QUEUED"
+        seen = []  # the job's states as /v1/events streams them
+        with client.stream("GET", "/v1/events", params={"max_seconds": 300}) as events:
+            for line in events.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                row = json.loads(line.removeprefix("data: "))
+                if row.get("id") == job["id"] and "kind" in row:
+                    seen.append(row["state"])
+                    if row["state"] in ("DONE", "FAILED"):
+                        break
+        assert seen[-1] == "DONE" and ("RUNNING" in seen or "QUEUED" in seen), seen
         done = wait_job(client, job["id"], {"DONE", "FAILED"})
         assert done["state"] == "DONE", (done["error"], h.stderr_file.read_text()[-2000:])
         assert done["origin"] == "api" and done["done_bytes"] == done["total_bytes"]
         result = done["result"]
         assert result["status"] == "VALID" and result["increment"] >= 1
-        p = h.record(Result(0, __import__("json").dumps(result), ""))
+        p = h.record(Result(0, json.dumps(result), ""))
         h.restore_matches(p)
         listed = h.run("jobs", "list", "--json").json()
         assert listed[0]["id"] == job["id"] and listed[0]["state"] == "DONE"
@@ -149,6 +161,6 @@ def test_sigkill_of_the_daemon_mid_backup(harness: Harness) -> None:
         nxt = client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "ds"}).json()["job"]
         done = wait_job(client, nxt["id"], {"DONE", "FAILED"})
         assert done["state"] == "DONE", done
-        p = h.record(Result(0, __import__("json").dumps(done["result"]), ""))
+        p = h.record(Result(0, json.dumps(done["result"]), ""))
         h.restore_matches(p)
     h.assert_healthy()

@@ -113,3 +113,20 @@ def test_metrics_need_a_token_and_show_the_queue(setup: tuple[TestClient, dict[s
     assert "vmkeep_backups" in r.text
     for secret in secrets.values():
         assert secret not in r.text
+
+
+def test_events_stream_jobs_as_sse(
+    setup: tuple[TestClient, dict[str, str]], clean_env: Path
+) -> None:
+    from vmkeep.engine import jobs
+
+    client, secrets = setup
+    ctx = Context(load_config())
+    job = jobs.enqueue(ctx, "verify", "1", {"backup": 1}, "api", "t-operator")
+    with client.stream(
+        "GET", "/v1/events", params={"max_seconds": 1.2}, headers=auth(secrets["viewer"])
+    ) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        text = "".join(r.iter_text())
+    assert "event: job" in text and f'"id": {job["id"]}' in text and '"state": "QUEUED"' in text

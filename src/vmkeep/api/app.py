@@ -9,13 +9,17 @@ not a failed job later. Errors carry the error tree's HTTP status and a body
 
 from __future__ import annotations
 
+import asyncio
+import json
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import Depends, FastAPI, Header, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -26,6 +30,8 @@ from vmkeep.engine import backups, datastores, groups, jobs, tokens, vms
 from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
+
+EVENT_POLL = 0.5  # seconds between catalog looks of /v1/events
 
 
 class _Body(BaseModel):
@@ -201,6 +207,30 @@ def create_app(config: Config) -> FastAPI:
         name = groups.show_group(ctx(), group)["name"]
         datastores.show(ctx(), body.datastore)
         return enqueue("group-backup", name, {"group": name, **body.model_dump()}, who)
+
+    # --- events (Server-Sent Events) -----------------------------------------------------------
+    @app.get("/v1/events")
+    async def events(
+        request: Request, max_seconds: float | None = None, who: str = read
+    ) -> StreamingResponse:
+        """Job state/progress and VM state changes as SSE (``event: job`` / ``event: vm``), first
+        the current state, then every change; ``max_seconds`` ends the stream (tests, curl)."""
+
+        async def stream() -> AsyncIterator[str]:
+            since = None
+            end = None if max_seconds is None else time.monotonic() + max_seconds
+            while end is None or time.monotonic() < end:
+                changed_jobs, changed_vms, since = await run_in_threadpool(
+                    jobs.changes_since, ctx(), since
+                )
+                for kind, rows in (("job", changed_jobs), ("vm", changed_vms)):
+                    for row in rows:
+                        yield f"event: {kind}\ndata: {json.dumps(jsonable(row))}\n\n"
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(EVENT_POLL)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     # --- metrics -------------------------------------------------------------------------------
     registry = CollectorRegistry(auto_describe=False)

@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Job
@@ -108,6 +108,29 @@ def list_jobs(ctx: Context, state: str | None = None, limit: int = 200) -> list[
         if state:
             q = q.where(Job.state == state.upper())
         return [job_dict(j) for j in s.execute(q).scalars()]
+
+
+def changes_since(
+    ctx: Context, since: datetime | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], datetime]:
+    """Jobs and VMs changed after ``since`` (all of them when None), and the new watermark."""
+    from vmkeep.catalog.tables import Vm
+
+    with ctx.catalog.session() as s:
+        now = s.execute(select(func.max(Job.updated_at))).scalar()
+        vm_now = s.execute(select(func.max(Vm.updated_at))).scalar()
+        q_jobs = select(Job).order_by(Job.id)
+        q_vms = select(Vm).order_by(Vm.id)
+        if since is not None:
+            q_jobs = q_jobs.where(Job.updated_at > since)
+            q_vms = q_vms.where(Vm.updated_at > since)
+        changed_jobs = [job_dict(j) for j in s.execute(q_jobs).scalars()]
+        changed_vms = [
+            {"id": v.id, "name": v.name, "state": v.state, "lcm_state": v.lcm_state}
+            for v in s.execute(q_vms).scalars()
+        ]
+    marks = [m for m in (now, vm_now, since) if m is not None]
+    return changed_jobs, changed_vms, max(marks) if marks else datetime.now(UTC)
 
 
 def claim(ctx: Context) -> int | None:
