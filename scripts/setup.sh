@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           qemu-guest-agent linux-image-amd64 busybox-static e2fsprogs restic rsync openssh-server
-          cpio python3-venv)
+          cpio python3-venv openssl)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -75,6 +75,8 @@ class QuiesceConfig(_Section):
 
 class ApiConfig(_Section):
     listen: str = "127.0.0.1:8700"  # HOST:PORT of ``vmkeep daemon``
+    tls_cert: Path | None = None  # PEM certificate (chain): serve HTTPS
+    tls_key: Path | None = None  # PEM private key of tls_cert
     policy: dict[str, str] = {}  # action -> least role, e.g. quiesce = "admin"
 
     @field_validator("policy")

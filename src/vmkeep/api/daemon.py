@@ -56,12 +56,26 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
         threading.Thread(target=_worker, args=(config, stop), name=f"worker-{i}", daemon=True)
         for i in range(workers or config.jobs.workers)
     ]
+    tls = config.api.tls_cert, config.api.tls_key
+    if (tls[0] is None) != (tls[1] is None):
+        raise InvalidValue("[api] tls_cert/tls_key", str(tls), "give both files, or neither")
+    for f in tls:
+        if f is not None and not f.is_file():
+            raise InvalidValue("[api] tls_cert/tls_key", str(f), "the file does not exist")
     server = uvicorn.Server(
-        uvicorn.Config(create_app(config), host=host, port=port, log_level="warning")
+        uvicorn.Config(
+            create_app(config),
+            host=host,
+            port=port,
+            log_level="warning",
+            ssl_certfile=str(tls[0]) if tls[0] else None,
+            ssl_keyfile=str(tls[1]) if tls[1] else None,
+        )
     )
     for t in pool:
         t.start()
-    log.warning("vmkeep daemon listening on http://%s:%s with %d workers", host, port, len(pool))
+    scheme = "https" if tls[0] else "http"
+    log.warning("vmkeep daemon listening on %s://%s:%s, %d workers", scheme, host, port, len(pool))
     try:
         server.run()  # returns after SIGTERM / SIGINT
     finally:
