@@ -80,9 +80,15 @@ class Catalog:
         cfg.attributes["connection_url"] = self.url
         try:
             with self.engine.begin() as conn:
+                if self.engine.dialect.name == "postgresql":
+                    # Several daemons may start at once on a new catalog: one migrates, the
+                    # others wait here and then find the schema at head.
+                    conn.execute(text("SELECT pg_advisory_xact_lock(7274653)"))
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
         except SQLAlchemyError as err:
+            if self.current_revision() == HEAD_REVISION:
+                return  # another process migrated it meanwhile (SQLite has no advisory lock)
             raise CatalogError(f"migrating {self.display_url} failed: {err}") from err
 
     @contextmanager

@@ -1,0 +1,103 @@
+"""Two real daemons on one real PostgreSQL 15 catalog (Debian's server, started here in a temp
+folder): 20 queued jobs are each run exactly once (FOR UPDATE SKIP LOCKED + conditional claim)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmkeep.config import load_config
+from vmkeep.engine import jobs
+from vmkeep.engine.context import Context
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[str]:
+    """A throwaway PostgreSQL server on a unix socket; yields the catalog URL."""
+    if not (PG_BIN / "initdb").exists():
+        pytest.fail("PostgreSQL 15 is not installed (scripts/setup.sh installs postgresql-15)")
+    root = Path(tempfile.mkdtemp(prefix="vmkeep-pg-"))
+    shutil.chown(root, "postgres", "postgres")
+    data, port = root / "data", _port()
+
+    def as_pg(*argv: str) -> None:
+        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True)
+
+    as_pg(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
+    opts = f"-k {root} -p {port} -c listen_addresses='' -c max_connections=100"
+    as_pg(
+        str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-l", str(root / "log"), "start"
+    )
+    try:
+        as_pg(str(PG_BIN / "createdb"), "-h", str(root), "-p", str(port), "vmkeep")
+        yield f"postgresql+psycopg://postgres@/vmkeep?host={root}&port={port}"
+    finally:
+        as_pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_two_daemons_run_each_of_20_jobs_exactly_once(
+    postgres: str, clean_env: Path, tmp_path: Path
+) -> None:
+    env = dict(os.environ) | {"VMKEEP_CATALOG_URL": postgres}
+    ctx = Context(load_config(environ=env))
+    procs = []
+    for i in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        err = open(tmp_path / f"d{i}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen(
+            [sys.executable, "-m", "vmkeep.cli.main", "-v", "daemon",
+             "--listen", f"127.0.0.1:{port}", "--workers", "3"],
+            env=env, stderr=err,
+        ), err))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not all("listening" in (tmp_path / f"d{i}.log").read_text() for i in range(2)):
+            assert time.monotonic() < deadline, "daemons did not start"
+            time.sleep(0.2)
+        # both daemons' six workers are polling the queue now: 20 jobs at once, real contention
+        ids = [
+            jobs.enqueue(ctx, "verify", str(n), {"backup": 10_000 + n}, "api", "t")["id"]
+            for n in range(20)
+        ]
+        deadline = time.monotonic() + 120
+        while any(jobs.get(ctx, i)["state"] in ("QUEUED", "RUNNING") for i in ids):
+            assert time.monotonic() < deadline, [jobs.get(ctx, i)["state"] for i in ids]
+            time.sleep(0.3)
+    finally:
+        for proc, err in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            err.close()
+    runs = Counter(
+        int(m)
+        for i in range(2)
+        for m in re.findall(r"running job (\d+)", (tmp_path / f"d{i}.log").read_text())
+    )
+    assert sorted(runs) == sorted(ids) and set(runs.values()) == {1}, runs
+    ended = [jobs.get(ctx, i) for i in ids]
+    assert {j["state"] for j in ended} == {"FAILED"}  # the backups do not exist: fast, real runs
+    assert all(j["error"]["code"] == "BackupNotFound" for j in ended)
+    assert len({j["pid"] for j in ended}) == 2, "both daemons took jobs"
