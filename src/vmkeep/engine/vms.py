@@ -35,10 +35,10 @@ from vmkeep.names import check_name
 log = logging.getLogger(__name__)
 
 
-def _refresh(ctx: Context, vm: Vm) -> None:
+def _refresh(ctx: Context, vm: Vm, live: dict[str, DomainInfo] | None = None) -> None:
     try:
-        info = ctx.hv.domain(vm.name)
-    except DomainNotFound:
+        info = ctx.hv.domain(vm.name) if live is None else live[vm.name]
+    except (DomainNotFound, KeyError):
         vm.state = VmState.UNKNOWN
         if vm.lcm_state not in BUSY_STATES:
             vm.lcm_state = LcmState.UNKNOWN
@@ -80,8 +80,9 @@ def import_all(ctx: Context) -> list[dict[str, Any]]:
 def list_vms(ctx: Context) -> list[dict[str, Any]]:
     with ctx.catalog.session() as s:
         vms = s.execute(select(Vm).order_by(Vm.id)).scalars().all()
+        live = ctx.hv.states()  # one libvirt call, however many VMs
         for vm in vms:
-            _refresh(ctx, vm)
+            _refresh(ctx, vm, live)
         return [vm_dict(vm) for vm in vms]
 
 

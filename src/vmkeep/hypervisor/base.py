@@ -23,6 +23,11 @@ class Hypervisor(ABC):
         """Every domain libvirt knows (running and defined)."""
 
     @abstractmethod
+    def states(self) -> dict[str, DomainInfo]:
+        """Every domain's name -> state and paused flag only (one cheap call for list views;
+        the other DomainInfo fields are left empty)."""
+
+    @abstractmethod
     def domain(self, name: str) -> DomainInfo:
         """One domain; raises DomainNotFound."""
 

@@ -246,6 +246,19 @@ class LibvirtHypervisor(Hypervisor):
         doms = self._call(lambda: self.conn.listAllDomains(0), "list domains")
         return sorted((self._info(d) for d in doms), key=lambda d: d.name)
 
+    def states(self) -> dict[str, DomainInfo]:
+        out = {}
+        for dom in self._call(lambda: self.conn.listAllDomains(0), "list domains"):
+            state, _reason = dom.state()
+            out[dom.name()] = DomainInfo(
+                name=dom.name(),
+                uuid=dom.UUIDString(),
+                state=_STATES.get(state, VmState.UNKNOWN),
+                paused=state == libvirt.VIR_DOMAIN_PAUSED,
+                persistent=True,
+            )
+        return out
+
     def domain(self, name: str) -> DomainInfo:
         dom = self._dom(name)
         return self._call(lambda: self._info(dom), name)
