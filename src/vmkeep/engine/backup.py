@@ -191,18 +191,10 @@ def _abandon_plan(ctx: Context, plan: Plan) -> None:
 
 
 # --- running -------------------------------------------------------------------------------------
-def _begin(
-    ctx: Context,
-    vm_id: int,
-    name: str,
-    fs_freeze: FsFreeze,
-    plan: Plan,
-    disks: list[DiskInfo],
-    staging: Path,
-    warnings: Warnings,
-    offline: bool,
-) -> Quiesce:
-    targets = {d.target: str(staging / disk_file(plan.seq, d.target)) for d in disks}
+def _begin(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> Quiesce:
+    plan, disks, name = job.plan, job.disks, job.name
+    assert plan is not None and job.staging is not None
+    targets = {d.target: str(job.staging / disk_file(plan.seq, d.target)) for d in disks}
     bxml = backup_xml(targets, plan.incremental_from)
     cxml = None
     if plan.checkpoint:
@@ -211,10 +203,10 @@ def _begin(
             [d.target for d in disks if d.fmt == "qcow2"],
             [d.target for d in disks if d.fmt != "qcow2"],
         )
-    if offline:
+    if job.offline:
         ctx.hv.backup_begin(name, bxml, cxml)
         return Quiesce(Consistency.OFFLINE)
-    with quiesced(ctx, vm_id, name, fs_freeze, warnings) as q:
+    with quiesced(ctx, job.vm_id, name, fs_freeze, warnings) as q:
         failpoint("freeze")
         ctx.hv.backup_begin(name, bxml, cxml)
         failpoint("begin")
@@ -400,17 +392,7 @@ def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warni
     """``backupBegin`` (quiesced per ``fs_freeze``); an invalid checkpoint starts a new chain."""
     assert job.plan is not None and job.staging is not None
     try:
-        job.q = _begin(
-            ctx,
-            job.vm_id,
-            job.name,
-            fs_freeze,
-            job.plan,
-            job.disks,
-            job.staging,
-            warnings,
-            job.offline,
-        )
+        job.q = _begin(ctx, job, fs_freeze, warnings)
     except CheckpointInvalid as err:
         if job.plan.incremental_from is None:
             raise
@@ -420,17 +402,7 @@ def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warni
         job.plan, job.staging, job.reset = None, None, True
         plan_job(ctx, job, warnings)
         assert job.plan is not None and job.staging is not None
-        job.q = _begin(
-            ctx,
-            job.vm_id,
-            job.name,
-            fs_freeze,
-            job.plan,
-            job.disks,
-            job.staging,
-            warnings,
-            job.offline,
-        )
+        job.q = _begin(ctx, job, fs_freeze, warnings)
 
 
 def finish_job(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
