@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Lock
+from vmkeep.hypervisor import connect
 
 from .conftest import Harness
 
@@ -33,6 +34,8 @@ def test_libvirtd_killed_and_restarted_mid_copy(harness: Harness) -> None:
     h = harness
     h.backup_and_check()
     h.write(mib=16)
+    before = connect("qemu:///system")  # a connection from before the restart
+    before.list_domains()
     proc = h.popen(
         "backup", h.vm, "-d", "ds", "--json", extra={"VMKEEP_FAILPOINTS": "copy=sleep:6"}
     )
@@ -54,6 +57,8 @@ def test_libvirtd_killed_and_restarted_mid_copy(harness: Harness) -> None:
         assert res.code == 11 and "libvirtd connection lost" in res.err, (res.code, res.err)
     h.assert_healthy()
     h.backup_and_check()
+    # a read on the old connection is asked again on a new one: no error after the restart
+    assert h.vm in {d.name for d in before.list_domains()}
 
 
 def _qemu_pid(name: str) -> int:

@@ -54,6 +54,16 @@ _STATES = {
 # not connected" when no agent has opened its port (channel state='disconnected'): only the
 # latter is "no agent"; everything else unresponsive counts as hung.
 _AGENT_MISSING_HINTS = ("not connected", "not configured", "not running")
+# Calls that only read: asked again once on a new connection after libvirtd restarted.
+_READ_ONLY = {
+    "list_domains",
+    "states",
+    "domain",
+    "domain_xml",
+    "checkpoints",
+    "disk_allocation",
+    "checkpoint_size",
+}
 # Errors that mean the connection to libvirtd itself broke (daemon killed or restarted).
 _CONNECTION_CODES = {
     libvirt.VIR_ERR_SYSTEM_ERROR,
@@ -116,12 +126,12 @@ def _watch_connection(cls: type[T]) -> type[T]:
     HypervisorConnectionLost (never a bare "Broken pipe"); the next call reconnects."""
 
     def wrap(fn: Callable[..., Any]) -> Callable[..., Any]:
-        @functools.wraps(fn)
-        def call(self: LibvirtHypervisor, *args: Any, **kwargs: Any) -> Any:
+        def once(self: LibvirtHypervisor, *args: Any, **kwargs: Any) -> Any:
             try:
                 return fn(self, *args, **kwargs)
             except libvirt.libvirtError as err:
                 if self._lost(err):
+                    self._drop()
                     raise HypervisorConnectionLost(self.uri, err.get_error_message()) from err
                 raise HypervisorError(f"{fn.__name__}: {err.get_error_message()}") from err
             except (NotFound, HypervisorUnreachable):
@@ -129,13 +139,24 @@ def _watch_connection(cls: type[T]) -> type[T]:
             except HypervisorError as err:
                 cause = err.__cause__
                 if self._lost(cause):
-                    detail = (
+                    self._drop()
+                    msg = (
                         cause.get_error_message()
                         if isinstance(cause, libvirt.libvirtError)
                         else err
                     )
-                    raise HypervisorConnectionLost(self.uri, detail) from err
+                    raise HypervisorConnectionLost(self.uri, msg) from err
                 raise
+
+        @functools.wraps(fn)
+        def call(self: LibvirtHypervisor, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return once(self, *args, **kwargs)
+            except HypervisorConnectionLost:
+                if fn.__name__ not in _READ_ONLY:
+                    raise  # an action's fate is unknown: the caller cleans up
+                self.reconnect(wait=30)
+                return once(self, *args, **kwargs)  # a read is safe to ask again
 
         return call
 
@@ -170,6 +191,10 @@ class LibvirtHypervisor(Hypervisor):
             return not self._conn.isAlive()
         except libvirt.libvirtError:
             return True
+
+    def _drop(self) -> None:
+        """Forget a broken connection (isAlive() may still say yes): the next call reopens."""
+        self.close()
 
     def reconnect(self, wait: float = 60.0) -> None:
         deadline = time.monotonic() + wait
