@@ -8,6 +8,7 @@ import click
 
 from vmkeep.cli.output import console, ctx_of, json_option, kv, render, table
 from vmkeep.engine import backups as engine
+from vmkeep.engine import jobs
 from vmkeep.engine.restore import verify
 
 
@@ -64,7 +65,9 @@ def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 @click.pass_context
 def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Check every stored file against its sha256 (exit 17 on a mismatch)."""
-    res = verify(ctx_of(c), backup_id)
+    ctx = ctx_of(c)
+    with jobs.recorded(ctx, "verify", str(backup_id), {"backup": backup_id}) as job:
+        res = job.result = verify(ctx, backup_id)
     render(
         res,
         as_json,

@@ -16,7 +16,7 @@ from vmkeep.cli.output import (
     table,
     transfer_progress,
 )
-from vmkeep.engine import groups
+from vmkeep.engine import groups, jobs
 
 
 @click.group()
@@ -156,15 +156,26 @@ def backup_cmd(
     """Back up every member at one consistent cut: freeze in order, begin all, thaw in reverse."""
     from vmkeep.engine.group_backup import run_group_backup
 
-    with transfer_progress(f"group backup {ref}", as_json) as progress:
+    ctx = ctx_of(c)
+    params = {"group": ref, "datastore": datastore, "parallel_freeze": parallel_freeze}
+    with (
+        jobs.recorded(ctx, "group-backup", ref, params | {"reset": reset}) as job,
+        transfer_progress(f"group backup {ref}", as_json) as progress,
+    ):
+
+        def both(done: int, total: int) -> None:
+            progress(done, total)
+            job(done, total)
+
         out = run_group_backup(
-            ctx_of(c),
+            ctx,
             ref,
             datastore,
             parallel_freeze=parallel_freeze,
             reset=reset,
-            progress=progress,
+            progress=both,
         )
+        job.result = out.result
     r = out.result
     if as_json:
         emit_json(r)

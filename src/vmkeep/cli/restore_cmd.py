@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings
+from vmkeep.engine import jobs
 from vmkeep.engine.restore import RestoreOptions
 from vmkeep.engine.restore import restore as engine_restore
 
@@ -29,6 +30,10 @@ from vmkeep.engine.restore import restore as engine_restore
 @click.pass_context
 def restore(c: click.Context, backup_id: int, as_json: bool, **opts: object) -> None:
     """Restore a backup as a new VM, or one disk image."""
-    res, warnings = engine_restore(ctx_of(c), backup_id, RestoreOptions(**opts))  # type: ignore[arg-type]
+    ctx = ctx_of(c)
+    params = {"backup": backup_id, **{k: v for k, v in opts.items() if v not in (None, False)}}
+    with jobs.recorded(ctx, "restore", str(backup_id), params) as job:
+        res, warnings = engine_restore(ctx, backup_id, RestoreOptions(**opts))  # type: ignore[arg-type]
+        job.result = res
     render(res, as_json, kv)
     report_warnings(warnings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vmkeep.cli.output import ctx_of, emit_json, json_option, kv, render, table
-from vmkeep.engine import vms
+from vmkeep.engine import jobs, vms
 
 COLUMNS = ("id", "name", "state", "lcm_state", "host")
 
@@ -56,7 +56,9 @@ def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) 
 @click.pass_context
 def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Freeze the guest file systems (RUNNING -> QUIESCED)."""
-    res = vms.quiesce(ctx_of(c), ref)
+    ctx = ctx_of(c)
+    with jobs.recorded(ctx, "quiesce", ref, {"vm": ref}) as job:
+        res = job.result = vms.quiesce(ctx, ref)
     render(
         res,
         as_json,
@@ -70,7 +72,9 @@ def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Thaw the guest file systems (QUIESCED -> RUNNING)."""
-    res = vms.unquiesce(ctx_of(c), ref)
+    ctx = ctx_of(c)
+    with jobs.recorded(ctx, "unquiesce", ref, {"vm": ref}) as job:
+        res = job.result = vms.unquiesce(ctx, ref)
     render(
         res,
         as_json,
