@@ -23,7 +23,7 @@ from vmkeep.errors import all_error_classes
 DOCUMENTED = {0, 1, 2, 130} | {cls.exit_code for cls in all_error_classes()}
 # Places a stray write would land (the shared temp folder is left out: other processes write
 # there; what this test makes is checked inside its sandbox instead).
-SENTINELS = [Path("/"), Path("/var/lib/libvirt/qemu"), Path("/var/lib/vmkeep")]
+SENTINELS = [Path("/"), Path("/var/lib/libvirt/qemu")]
 
 # Names: anything a user could type, with the nasty cases made likely.
 nasty = st.sampled_from(
