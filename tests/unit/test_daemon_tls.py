@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import ssl
 import socket
 import subprocess
 import sys
@@ -36,7 +37,8 @@ def test_https_daemon_and_clean_sigterm(clean_env: Path, tmp_path: Path) -> None
         [*vk, "daemon", "--listen", f"127.0.0.1:{port}"], env=env, stderr=subprocess.PIPE, text=True
     )
     try:
-        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=str(cert)) as client:
+        trust = ssl.create_default_context(cafile=str(cert))
+        with httpx.Client(base_url=f"https://127.0.0.1:{port}", verify=trust) as client:
             deadline = time.monotonic() + 30
             while True:
                 try:
