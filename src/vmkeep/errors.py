@@ -214,6 +214,13 @@ class DatastoreError(VmkeepError):
     http_status = 502
 
 
+class DatastoreUnreachable(DatastoreError):
+    """Datastore '{}' is unreachable: {}. Check that the host is up and reachable (vmkeep retried {} times)."""
+
+    exit_code = 24
+    http_status = 503
+
+
 class GroupBackupFailed(VmkeepError):
     """Group backup {} of '{}' failed at member '{}': {}. Every member was thawed, partial data removed; each member's chain stays usable."""
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from vmkeep.errors import AlreadyExists, DatastoreError, InvalidValue
 
 CHUNK = 4 << 20
+QCOW2_MAGIC = b"QFI\xfb"
 
 
 def sha256_file(path: Path) -> str:
@@ -86,10 +87,23 @@ class DatastoreDriver(ABC):
         """Chain keys present in the datastore."""
 
     # --- optional, with slow-but-correct defaults -----------------------------------------------
-    def stat(self, chain: str, name: str, workdir: Path) -> int:
-        """Restored (virtual) size of a disk file. Default: fetch it and ask qemu-img."""
+    def head(self, chain: str, name: str, size: int, workdir: Path) -> bytes:
+        """The first ``size`` bytes of a stored file. Default: fetch it and read."""
         path = self.restore(chain, [name], workdir)[name]
-        return int(qemu_img_info(path)["virtual-size"])
+        with open(path, "rb") as f:
+            return f.read(size)
+
+    def stat(self, chain: str, name: str, workdir: Path) -> int:
+        """Restored (virtual) size of a disk file, from its qcow2 header."""
+        header = self.head(chain, name, 32, workdir)
+        if len(header) < 32 or header[:4] != QCOW2_MAGIC:
+            raise DatastoreError(self.name, f"{chain}/{name} is not a qcow2 image")
+        return int.from_bytes(header[24:32], "big")
+
+    def verify_store(self, chain: str) -> str | None:
+        """A driver's own integrity check of the stored data beyond per-file sha256 (restic
+        ``check --read-data-subset``); a one-line summary, or None when the driver has none."""
+        return None
 
     def url(self, chain: str, name: str) -> str:
         """Download pseudo-URL ``<driver>://<datastore>/<chain>/<file>``."""
@@ -111,10 +125,16 @@ def register(cls: type[DatastoreDriver]) -> type[DatastoreDriver]:
 
 
 def make_driver(driver: str, name: str, options: dict[str, Any]) -> DatastoreDriver:
+    """The driver for a datastore; remote ones wrapped so transient network errors are retried."""
     factory: Callable[[str, dict[str, Any]], DatastoreDriver] | None = REGISTRY.get(driver)
     if factory is None:
         raise InvalidValue("--driver", driver, f"known drivers are {', '.join(sorted(REGISTRY))}")
-    return factory(name, options)
+    drv = factory(name, options)
+    if "remote" in drv.capabilities:
+        from vmkeep.datastores.retry import Retrying
+
+        return Retrying(drv, attempts=int(getattr(drv.options, "retries", 3)) + 1)
+    return drv
 
 
 def wrap_oserror(ds: str, what: str, err: OSError) -> DatastoreError:

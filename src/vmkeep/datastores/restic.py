@@ -1,0 +1,284 @@
+"""``restic`` driver: deduplicated, encrypted backups in a restic repository, local or over SFTP
+(OpenNebula's restic datastore: PASSWORD, COMPRESSION, CONNECTIONS, BWLIMIT, NICE/IONICE).
+
+Every stored file is one restic snapshot read from standard input, named ``/<file>`` and tagged
+``vmkeep``, ``chain=<vm>/<backup id>``, ``file=<name>``, ``vm=``, ``backup=`` and, for increment
+files, ``increment=``: a file can be removed on its own (forget + prune) and the newest snapshot of
+a name is its current content. A snapshot exists only once restic wrote all its data, so a killed
+transfer leaves no file that looks complete (its packs are garbage for the next prune).
+
+The password reaches restic only through ``--password-file`` or ``--password-command``: never on a
+command line, in the environment of a logged command, in the catalog or in JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import model_validator
+
+from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register
+from vmkeep.datastores.ssh import SshTarget, classify, parse_df, remote
+from vmkeep.errors import DatastoreError, DatastoreUnreachable
+
+HOST = "vmkeep"  # one snapshot host for every machine: a new host can import and restore
+CHECK_SUBSET = "10%"
+
+
+class ResticOptions(DriverOptions):
+    repo: str
+    password_file: Path | None = None
+    password_command: str | None = None
+    compression: Literal["off", "auto", "max"] | None = None
+    connections: int | None = None
+    bwlimit: int | None = None  # KiB/s, both directions
+    nice: int | None = None
+    ionice: int | None = None  # best-effort class level 0..7
+    init: bool = False
+    # SSH for sftp: repositories
+    port: int | None = None
+    identity: Path | None = None
+    known_hosts: Path | None = None
+    retries: int = 3
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_inline_password(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "password" in data:
+            raise ValueError(
+                "a password is never given as an option (it would show in ps and in the catalog); "
+                "use --opt password_file=FILE or --opt password_command=CMD"
+            )
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> ResticOptions:
+        if (self.password_file is None) == (self.password_command is None):
+            raise ValueError("give exactly one of password_file=FILE or password_command=CMD")
+        if self.password_file is not None:
+            object.__setattr__(self, "password_file", self.password_file.expanduser().absolute())
+        if not self.repo.startswith("sftp:"):
+            if ":" in self.repo.split("/", 1)[0]:
+                raise ValueError("repo is a local folder or sftp:USER@HOST:/PATH")
+            object.__setattr__(self, "repo", os.path.abspath(os.path.expanduser(self.repo)))
+        else:
+            self.sftp()  # validates the form
+        for key in ("identity", "known_hosts"):
+            value = getattr(self, key)
+            if value is not None:
+                object.__setattr__(self, key, value.expanduser().absolute())
+        if self.ionice is not None and not 0 <= self.ionice <= 7:
+            raise ValueError("ionice is a best-effort level 0..7")
+        return self
+
+    def sftp(self) -> tuple[SshTarget, str] | None:
+        """(ssh target, remote path) of an ``sftp:USER@HOST:/PATH`` repository."""
+        if not self.repo.startswith("sftp:"):
+            return None
+        rest = self.repo.removeprefix("sftp:")
+        login, sep, path = rest.partition(":")
+        user, at, host = login.rpartition("@")
+        if not sep or not host or not path.startswith("/"):
+            raise ValueError("an SFTP repo is sftp:USER@HOST:/ABSOLUTE/PATH")
+        target = SshTarget(
+            host=host,
+            user=user if at else "root",
+            port=self.port or 22,
+            identity=self.identity,
+            known_hosts=self.known_hosts,
+        )
+        return target, path
+
+
+def _tags(chain: str, name: str) -> list[str]:
+    vm, _, backup = chain.partition("/")
+    tags = ["vmkeep", f"chain={chain}", f"file={name}", f"vm={vm}", f"backup={backup}"]
+    seq = name.split(".", 1)[0]
+    if seq.isdigit():
+        tags.append(f"increment={seq}")
+    return tags
+
+
+def _tag(snapshot: dict[str, Any], key: str) -> str | None:
+    return next(
+        (t.split("=", 1)[1] for t in snapshot.get("tags") or [] if t.startswith(key + "=")), None
+    )
+
+
+@register
+class ResticDriver(DatastoreDriver):
+    driver = "restic"
+    options_model = ResticOptions
+    capabilities = frozenset({"remote", "dedup"})
+    options: ResticOptions
+
+    # --- running restic ----------------------------------------------------------------------
+    def _argv(self, args: list[str]) -> list[str]:
+        o = self.options
+        argv: list[str] = []
+        if o.nice is not None:
+            argv += ["nice", "-n", str(o.nice)]
+        if o.ionice is not None:
+            argv += ["ionice", "-c", "2", "-n", str(o.ionice)]
+        argv += ["restic", "--repo", o.repo]
+        if o.password_file is not None:
+            argv += ["--password-file", str(o.password_file)]
+        else:
+            argv += ["--password-command", str(o.password_command)]
+        sftp = o.sftp()
+        if sftp is not None:
+            target, _path = sftp
+            argv += ["-o", f"sftp.command={target.ssh_command()} {target.login} -s sftp"]
+        if o.connections:
+            backend = "sftp" if sftp else "local"
+            argv += ["-o", f"{backend}.connections={o.connections}"]
+        if o.bwlimit:
+            argv += ["--limit-upload", str(o.bwlimit), "--limit-download", str(o.bwlimit)]
+        return argv + args
+
+    def _error(self, what: str, stderr: str) -> DatastoreError:
+        low = stderr.lower()
+        if "wrong password" in low:
+            return DatastoreError(
+                self.name, f"{what}: wrong password or no key found; check --opt password_file"
+            )
+        if "is there a repository at the following location" in low:
+            return DatastoreError(
+                self.name,
+                f"no restic repository at {self.options.repo}; add --opt init=yes to create one",
+            )
+        if "already locked" in low or "unable to create lock" in low:
+            return DatastoreUnreachable(self.name, f"{what}: the repository is locked", 0)
+        return classify(self.name, what, stderr)
+
+    def _run(self, args: list[str], what: str, stdin: Any = None, stdout: Any = None) -> str:
+        for attempt in (1, 2):
+            proc = subprocess.run(
+                self._argv(args),
+                stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                stdout=stdout if stdout is not None else subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            if proc.returncode == 0:
+                break
+            err = self._error(what, proc.stderr.decode(errors="replace"))
+            if attempt == 1 and "is locked" in str(err) and stdin is None and stdout is None:
+                # a killed vmkeep leaves its lock behind: restic unlock removes only stale
+                # locks (dead process on this host, or older than 30 min), never a live one
+                subprocess.run(self._argv(["unlock"]), capture_output=True)
+                continue
+            raise err
+        return proc.stdout.decode() if stdout is None else ""
+
+    def _snapshots(self, chain: str | None = None) -> list[dict[str, Any]]:
+        tag = f"vmkeep,chain={chain}" if chain else "vmkeep"
+        out = self._run(["snapshots", "--json", "--tag", tag], "list snapshots")
+        rows: list[dict[str, Any]] = json.loads(out or "[]") or []
+        return sorted(rows, key=lambda r: r["time"])
+
+    def _current(self, chain: str) -> dict[str, dict[str, Any]]:
+        """The newest snapshot of every file name of a chain."""
+        newest: dict[str, dict[str, Any]] = {}
+        for snap in self._snapshots(chain):
+            name = _tag(snap, "file")
+            if name:
+                newest[name] = snap  # sorted by time: the last one wins
+        return newest
+
+    def _forget(self, ids: list[str], prune: bool) -> None:
+        if ids:
+            self._run(["forget", *ids], "forget")
+            if prune:
+                self._run(["prune"], "prune")
+
+    # --- contract -------------------------------------------------------------------------------
+    def check(self) -> None:
+        pf = self.options.password_file
+        if pf is not None and not os.access(pf, os.R_OK):
+            raise DatastoreError(self.name, f"password_file {pf} is not readable")
+        try:
+            self._run(["cat", "config"], "open repository")
+        except DatastoreError as err:
+            if "add --opt init=yes" not in str(err) or not self.options.init:
+                raise
+            self._run(["init", "--repository-version", "2"], "init repository")
+
+    def monitor(self) -> tuple[int, int]:
+        sftp = self.options.sftp()
+        if sftp is not None:
+            target, remote_path = sftp
+            out = remote(self.name, target, ["df", "-P", "-B1", remote_path], "monitor")
+            return parse_df(self.name, out)
+        path = Path(self.options.repo)
+        while not path.exists() and path != path.parent:
+            path = path.parent
+        try:
+            st = os.statvfs(path)
+        except OSError as err:
+            raise DatastoreError(self.name, f"cannot stat {path}: {err.strerror}") from err
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def backup(self, chain: str, staged: list[Path]) -> None:
+        for src in staged:
+            args = ["backup", "--json", "--host", HOST, "--stdin", "--stdin-filename", src.name]
+            for t in _tags(chain, src.name):
+                args += ["--tag", t]
+            if self.options.compression:
+                args += ["--compression", self.options.compression]
+            with open(src, "rb") as f:
+                self._run(args, f"store {src.name}", stdin=f)
+        # a name stored again replaces the older content (manifest.json after every increment)
+        names = {p.name for p in staged}
+        current = self._current(chain)
+        old = [
+            s["short_id"]
+            for s in self._snapshots(chain)
+            if _tag(s, "file") in names and s["id"] != current[str(_tag(s, "file"))]["id"]
+        ]
+        self._forget(old, prune=False)
+
+    def restore(self, chain: str, names: list[str], workdir: Path) -> dict[str, Path]:
+        current = self._current(chain)
+        workdir.mkdir(parents=True, exist_ok=True)
+        out: dict[str, Path] = {}
+        for n in names:
+            if n not in current:
+                raise DatastoreError(self.name, f"{chain}/{n} is missing")
+            dest = workdir / n
+            with open(dest, "wb") as f:
+                self._run(["dump", current[n]["id"], "/" + n], f"restore {n}", stdout=f)
+            out[n] = dest
+        return out
+
+    def rm(self, chain: str, names: list[str] | None = None) -> None:
+        snaps = self._snapshots(chain)
+        ids = [s["short_id"] for s in snaps if names is None or _tag(s, "file") in names]
+        self._forget(ids, prune=True)
+
+    def chains(self) -> list[str]:
+        return sorted({c for s in self._snapshots() if (c := _tag(s, "chain"))})
+
+    def head(self, chain: str, name: str, size: int, workdir: Path) -> bytes:
+        current = self._current(chain)
+        if name not in current:
+            raise DatastoreError(self.name, f"{chain}/{name} is missing")
+        proc = subprocess.Popen(
+            self._argv(["dump", current[name]["id"], "/" + name]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        assert proc.stdout is not None
+        try:
+            return proc.stdout.read(size)
+        finally:
+            proc.kill()
+            proc.wait()
+
+    def verify_store(self, chain: str) -> str | None:
+        self._run(["check", f"--read-data-subset={CHECK_SUBSET}"], "restic check")
+        return f"restic check --read-data-subset={CHECK_SUBSET}: no errors"

@@ -1,0 +1,152 @@
+"""``rsync`` driver: the ``dir`` layout on another host, over SSH (OpenNebula's rsync datastore).
+
+``<path>/<vm name>/<backup id>/{N.<disk>.qcow2, N.domain.xml, manifest.json}`` on the remote host.
+A store uploads into a hidden ``.partial-*`` folder beside the chain's files and renames each file
+into place only after the transfer finished and was synced: a broken transfer never leaves a
+file that looks complete. Host keys are checked (see ssh.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shlex
+import subprocess
+import uuid
+from pathlib import Path
+
+from pydantic import field_validator
+
+from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register
+from vmkeep.datastores.ssh import SshTarget, classify, parse_df, remote
+from vmkeep.errors import DatastoreError, DatastoreUnreachable
+
+PARTIAL = ".partial-"
+
+
+class RsyncOptions(DriverOptions, SshTarget):
+    path: str
+    args: str = "-aS"
+    bwlimit: int | None = None  # KiB/s
+    retries: int = 3
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or value.rstrip("/") == "":
+            raise ValueError("give the absolute folder on the remote host, e.g. /srv/backups")
+        return value.rstrip("/")
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, value: str) -> str:
+        bad = {"--inplace", "--append", "--partial", "--remove-source-files", "--delete"}
+        given = set(shlex.split(value))
+        if given & bad:
+            raise ValueError(f"{', '.join(sorted(given & bad))} would break atomic stores")
+        return value
+
+
+@register
+class RsyncDriver(DatastoreDriver):
+    driver = "rsync"
+    options_model = RsyncOptions
+    capabilities = frozenset({"remote", "ssh"})
+    options: RsyncOptions
+
+    def _dir(self, chain: str) -> str:
+        if chain.startswith("/") or ".." in chain.split("/") or not chain:
+            raise DatastoreError(self.name, f"chain key {chain!r} escapes the datastore")
+        return f"{self.options.path}/{chain}"
+
+    def _ssh(self, command: list[str], what: str) -> str:
+        return remote(self.name, self.options, command, what)
+
+    def _rsync(self, sources: list[str], dest: str, what: str) -> None:
+        argv = ["rsync", *shlex.split(self.options.args), "-e", self.options.ssh_command()]
+        if self.options.bwlimit:
+            argv.append(f"--bwlimit={self.options.bwlimit}")
+        proc = subprocess.run([*argv, "--", *sources, dest], capture_output=True, text=True)
+        if proc.returncode in (23, 24) and "no such file" in proc.stderr.lower():
+            raise DatastoreError(self.name, f"{what}: a file is missing ({proc.stderr.strip()})")
+        if proc.returncode == 255 or proc.returncode in (10, 12, 30, 35):
+            err = classify(self.name, what, proc.stderr)
+            if proc.returncode != 255 and not isinstance(err, DatastoreUnreachable):
+                err = DatastoreUnreachable(self.name, f"{what}: {proc.stderr.strip()}", 0)
+            raise err
+        if proc.returncode != 0:
+            raise classify(self.name, what, proc.stderr)
+
+    def _remote_name(self, path: str) -> str:
+        return f"{self.options.login}:{path}"  # names and chain keys are strict (names.py)
+
+    # --- contract -------------------------------------------------------------------------------
+    def check(self) -> None:
+        p = self.options.path
+        self._ssh(["sh", "-c", f"mkdir -p {shlex.quote(p)} && test -w {shlex.quote(p)}"], "check")
+
+    def monitor(self) -> tuple[int, int]:
+        return parse_df(self.name, self._ssh(["df", "-P", "-B1", self.options.path], "monitor"))
+
+    def backup(self, chain: str, staged: list[Path]) -> None:
+        d = self._dir(chain)
+        tmp = f"{d}/{PARTIAL}{uuid.uuid4().hex[:12]}"
+        self._ssh(["mkdir", "-p", tmp], "store")
+        try:
+            self._rsync([str(p) for p in staged], f"{self._remote_name(tmp)}/", "store")
+            names = [p.name for p in staged]
+            # fsync the data, then rename each file into place, then fsync the folder
+            script = (
+                f"cd {shlex.quote(tmp)} && sync -- {shlex.join(names)} && "
+                + " && ".join(f"mv -f -- {shlex.quote(n)} ../{shlex.quote(n)}" for n in names)
+                + " && cd .. && rmdir -- "
+                + shlex.quote(tmp.rsplit("/", 1)[1])
+                + " && sync -- ."
+            )
+            self._ssh(["sh", "-c", script], "store")
+        except BaseException:
+            with contextlib.suppress(DatastoreError):  # else the next rm of the chain removes it
+                self._ssh(["rm", "-rf", "--", tmp], "store cleanup")
+            raise
+
+    def restore(self, chain: str, names: list[str], workdir: Path) -> dict[str, Path]:
+        d = self._dir(chain)
+        workdir.mkdir(parents=True, exist_ok=True)
+        sources = [self._remote_name(f"{d}/{n}") for n in names]
+        self._rsync(sources, f"{workdir}/", "restore")
+        out = {n: workdir / n for n in names}
+        missing = [n for n, p in out.items() if not p.is_file()]
+        if missing:
+            raise DatastoreError(self.name, f"{d}/{missing[0]} is missing")
+        return out
+
+    def rm(self, chain: str, names: list[str] | None = None) -> None:
+        d = self._dir(chain)
+        if names is None:
+            parent = d.rsplit("/", 1)[0]
+            script = (
+                f"rm -rf -- {shlex.quote(d)} && "
+                f"(rmdir -- {shlex.quote(parent)} 2>/dev/null || true)"
+                if parent != self.options.path
+                else f"rm -rf -- {shlex.quote(d)}"
+            )
+            self._ssh(["sh", "-c", script], "rm")
+            return
+        if names:
+            self._ssh(["rm", "-f", "--", *[f"{d}/{n}" for n in names]], "rm")
+
+    def chains(self) -> list[str]:
+        p = shlex.quote(self.options.path)
+        out = self._ssh(
+            ["sh", "-c", f"cd {p} 2>/dev/null && find . -mindepth 2 -maxdepth 2 -type d || true"],
+            "list chains",
+        )
+        keys = [ln.removeprefix("./") for ln in out.splitlines() if ln.strip()]
+        return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
+
+    def head(self, chain: str, name: str, size: int, workdir: Path) -> bytes:
+        argv = [*self.options.ssh_argv(), self.options.login, "--"]
+        cmd = shlex.join(["head", "-c", str(size), f"{self._dir(chain)}/{name}"])
+        proc = subprocess.run([*argv, cmd], capture_output=True)
+        if proc.returncode != 0:
+            raise classify(self.name, "stat", proc.stderr.decode(errors="replace"))
+        return proc.stdout

@@ -1,0 +1,149 @@
+"""SSH for the remote drivers (rsync, restic over SFTP): one way to build the ``ssh`` command, run a
+remote command, learn a host key and classify failures.
+
+Host keys are always checked (``StrictHostKeyChecking=yes``) against the datastore's own
+known_hosts file: given with ``--opt known_hosts=FILE`` or learned once on ``datastore add``.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+from pathlib import Path
+
+from pydantic import BaseModel, field_validator
+
+from vmkeep.errors import DatastoreError, DatastoreUnreachable, InvalidValue
+
+TIMEOUT = 15  # seconds to connect
+# ssh's own messages for a host it cannot reach (transient: retried with back-off)
+UNREACHABLE = (
+    "connection refused",
+    "connection timed out",
+    "no route to host",
+    "network is unreachable",
+    "could not resolve hostname",
+    "connection closed by",
+    "connection reset",
+    "broken pipe",
+    "operation timed out",
+    "kex_exchange_identification",
+)
+
+
+class SshTarget(BaseModel):
+    """Where a remote datastore lives and how to log in (no password: keys only)."""
+
+    host: str
+    user: str = "root"
+    port: int = 22
+    identity: Path | None = None
+    known_hosts: Path | None = None
+
+    @field_validator("identity", "known_hosts", mode="before")
+    @classmethod
+    def _absolute(cls, value: object) -> Path | None:
+        if value in (None, ""):
+            return None
+        return Path(str(value)).expanduser().absolute()
+
+    @field_validator("port")
+    @classmethod
+    def _port(cls, value: int) -> int:
+        if not 0 < value < 65536:
+            raise ValueError("a TCP port is 1..65535")
+        return value
+
+    @property
+    def login(self) -> str:
+        return f"{self.user}@{self.host}"
+
+    def ssh_argv(self) -> list[str]:
+        argv = [
+            "ssh",
+            "-p",
+            str(self.port),
+            "-o",
+            "BatchMode=yes",
+            "-o",
+            "StrictHostKeyChecking=yes",
+            "-o",
+            f"ConnectTimeout={TIMEOUT}",
+            "-o",
+            "ServerAliveInterval=10",
+            "-o",
+            "LogLevel=ERROR",
+        ]
+        if self.known_hosts is not None:
+            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        if self.identity is not None:
+            argv += ["-i", str(self.identity), "-o", "IdentitiesOnly=yes"]
+        return argv
+
+    def ssh_command(self) -> str:
+        """The ssh command as one shell string (rsync ``-e``, restic ``sftp.command``)."""
+        return shlex.join(self.ssh_argv())
+
+
+def classify(ds: str, what: str, stderr: str) -> DatastoreError:
+    """A failed ssh/rsync/restic call as the error a user can act on."""
+    msg = " ".join(stderr.strip().split())[-500:] or "no error output"
+    low = msg.lower()
+    if "host key verification failed" in low or "remote host identification has changed" in low:
+        return DatastoreError(
+            ds,
+            f"{what}: the host key is not the one in the datastore's known_hosts ({msg}); "
+            "if the host was reinstalled, update --opt known_hosts",
+        )
+    if "permission denied" in low:
+        return DatastoreError(
+            ds, f"{what}: login refused ({msg}); check --opt user and --opt identity"
+        )
+    if any(m in low for m in UNREACHABLE):
+        return DatastoreUnreachable(ds, f"{what}: {msg}", 0)
+    return DatastoreError(ds, f"{what}: {msg}")
+
+
+def remote(ds: str, target: SshTarget, command: list[str], what: str) -> str:
+    """Run ``command`` on the datastore host; its stdout."""
+    argv = [*target.ssh_argv(), target.login, "--", shlex.join(command)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired as err:
+        raise DatastoreUnreachable(ds, f"{what}: no answer in {err.timeout:.0f} s", 0) from err
+    if proc.returncode != 0:
+        raise classify(ds, what, proc.stderr)
+    return proc.stdout
+
+
+def learn_host_key(ds: str, target: SshTarget, dest: Path) -> list[str]:
+    """Fetch the host's keys into ``dest`` (a known_hosts file); their fingerprints for the user."""
+    proc = subprocess.run(
+        ["ssh-keyscan", "-T", str(TIMEOUT), "-p", str(target.port), target.host],
+        capture_output=True,
+        text=True,
+    )
+    keys = [ln for ln in proc.stdout.splitlines() if ln and not ln.startswith("#")]
+    if not keys:
+        raise DatastoreUnreachable(
+            ds, f"no SSH host key from {target.host}:{target.port} ({proc.stderr.strip()})", 0
+        )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.write_text("\n".join(keys) + "\n")
+    out = subprocess.run(["ssh-keygen", "-lf", str(dest)], capture_output=True, text=True)
+    return out.stdout.splitlines()
+
+
+def parse_df(ds: str, out: str) -> tuple[int, int]:
+    """(total, free) bytes from ``df -P -B1 PATH``."""
+    try:
+        fields = out.strip().splitlines()[-1].split()
+        return int(fields[1]), int(fields[3])
+    except (IndexError, ValueError) as err:
+        raise DatastoreError(ds, f"cannot read the remote df output {out!r}") from err
+
+
+def check_remote_path(name: str, value: str) -> str:
+    if not value.startswith("/") or value.rstrip("/") == "":
+        raise InvalidValue(f"datastore {name} option path", value, "an absolute folder, not '/'")
+    return value.rstrip("/")
