@@ -221,6 +221,13 @@ class DatastoreUnreachable(DatastoreError):
     http_status = 503
 
 
+class Refused(VmkeepError):
+    """{} refused: {}. {}"""
+
+    exit_code = 25
+    http_status = 409
+
+
 class GroupBackupFailed(VmkeepError):
     """Group backup {} of '{}' failed at member '{}': {}. Every member was thawed, partial data removed; each member's chain stays usable."""
 

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__
 from vmkeep.config import Config
-from vmkeep.engine import backups, datastores, groups, jobs, tokens, vms
+from vmkeep.engine import backups, datastores, groups, jobs, stored, tokens, vms
 from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
@@ -62,6 +62,14 @@ class DatastoreRequest(_Body):
     name: str = Field(max_length=255)
     driver: str = Field(default="dir", max_length=32)
     options: dict[str, Any] = {}
+
+
+class CopyRequest(_Body):
+    to: str = Field(min_length=1, max_length=255)
+
+
+class ScanRequest(_Body):
+    import_: bool = Field(default=False, alias="import")
 
 
 class GroupRequest(_Body):
@@ -164,7 +172,7 @@ def create_app(config: Config) -> FastAPI:
 
     @app.get("/v1/backups/{backup_id}")
     def show_backup(backup_id: int, who: str = read) -> Any:
-        return jsonable(backups.show_backup(ctx(), backup_id))
+        return jsonable(stored.show_with_sizes(ctx(), backup_id))
 
     @app.post("/v1/backups/{backup_id}/restore", status_code=202)
     def restore_backup(
@@ -183,6 +191,18 @@ def create_app(config: Config) -> FastAPI:
         backups.show_backup(ctx(), backup_id)
         return enqueue("verify", str(backup_id), {"backup": backup_id}, who)
 
+    @app.post("/v1/backups/{backup_id}/copy", status_code=202)
+    def copy_backup(backup_id: int, body: CopyRequest, who: str = require("copy")) -> JSONResponse:
+        backups.show_backup(ctx(), backup_id)
+        datastores.show(ctx(), body.to)
+        return enqueue("copy", str(backup_id), {"backup": backup_id, "to": body.to}, who)
+
+    @app.delete("/v1/backups/{backup_id}")
+    def delete_backup(
+        backup_id: int, increment: int | None = None, who: str = require("backup-delete")
+    ) -> Any:
+        return jsonable(stored.delete_backup(ctx(), backup_id, increment))
+
     # --- datastores and groups -----------------------------------------------------------------
     @app.get("/v1/datastores")
     def list_datastores(who: str = read) -> Any:
@@ -191,6 +211,16 @@ def create_app(config: Config) -> FastAPI:
     @app.post("/v1/datastores", status_code=201)
     def add_datastore(body: DatastoreRequest, who: str = require("datastore-add")) -> Any:
         return jsonable(datastores.add(ctx(), body.name, body.driver, body.options))
+
+    @app.delete("/v1/datastores/{ds}")
+    def remove_datastore(
+        ds: str, force: bool = False, who: str = require("datastore-remove")
+    ) -> Any:
+        return jsonable(stored.remove_datastore(ctx(), ds, force))
+
+    @app.post("/v1/datastores/{ds}/scan")
+    def scan_datastore(ds: str, body: ScanRequest, who: str = require("datastore-scan")) -> Any:
+        return jsonable(stored.scan(ctx(), ds, body.import_))
 
     @app.get("/v1/groups")
     def list_groups(who: str = read) -> Any:

@@ -1,4 +1,4 @@
-"""``vmkeep backups list|show|verify``."""
+"""``vmkeep backups list|show|verify|delete|copy``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import click
 
 from vmkeep.cli.output import console, ctx_of, json_option, kv, render, table
 from vmkeep.engine import backups as engine
-from vmkeep.engine import jobs
+from vmkeep.engine import jobs, stored
 from vmkeep.engine.restore import verify
 
 
@@ -46,13 +46,13 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Show one backup chain and its increments."""
-    data = engine.show_backup(ctx_of(c), backup_id)
+    data = stored.show_with_sizes(ctx_of(c), backup_id)
 
     def human(d: dict[str, Any]) -> None:
         kv({k: v for k, v in d.items() if k != "increments"})
         table(
             [dict(i, files=len(i["files"])) for i in d["increments"]],
-            ("id", "parent", "status", "consistency", "size", "finished", "files"),
+            ("id", "parent", "status", "consistency", "size", "restored_size", "finished", "files"),
             title="increments",
         )
 
@@ -73,5 +73,46 @@ def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
         as_json,
         lambda r: console.print(
             f"backup {r['backup']}: {len(r['files'])} files OK", highlight=False
+        ),
+    )
+
+
+@backups.command("delete")
+@click.argument("backup_id", type=int)
+@click.option("--increment", type=int, default=None, help="Only this (newest) increment.")
+@json_option
+@click.pass_context
+def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json: bool) -> None:
+    """Delete a whole chain, or its newest increment (never one others are built on)."""
+    res = stored.delete_backup(ctx_of(c), backup_id, increment)
+    what = f"increment {increment} of backup" if increment is not None else "backup"
+    render(
+        res,
+        as_json,
+        lambda r: console.print(
+            f"{what} {backup_id} deleted: {len(r['deleted_files'])} files, "
+            f"{r['freed_bytes']} bytes freed",
+            highlight=False,
+        ),
+    )
+
+
+@backups.command("copy")
+@click.argument("backup_id", type=int)
+@click.option("--to", "to_ref", required=True, metavar="DATASTORE", help="Second datastore.")
+@json_option
+@click.pass_context
+def copy_cmd(c: click.Context, backup_id: int, to_ref: str, as_json: bool) -> None:
+    """Copy a chain to a second datastore and verify it there (again later: only what is new)."""
+    ctx = ctx_of(c)
+    with jobs.recorded(ctx, "copy", str(backup_id), {"backup": backup_id, "to": to_ref}) as job:
+        res = job.result = stored.copy_backup(ctx, backup_id, to_ref)
+    render(
+        res,
+        as_json,
+        lambda r: console.print(
+            f"backup {r['backup']} copied to {r['datastore']} as backup {r['copy']}: "
+            f"increments {r['copied_increments'] or 'none (up to date)'}, verified",
+            highlight=False,
         ),
     )

@@ -1,11 +1,14 @@
-"""``vmkeep datastore ...``: backup datastores (dir today; the driver contract is in datastores/)."""
+"""``vmkeep datastore ...``: backup datastores (dir, restic, rsync; the contract is in datastores/)."""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
 
 import click
 
 from vmkeep.cli.output import ctx_of, json_option, kv, render, table
-from vmkeep.engine import datastores
+from vmkeep.engine import datastores, stored
 
 
 def _size(n: int | None) -> str:
@@ -43,11 +46,13 @@ def add_cmd(
     if path is not None:
         options["path"] = path
     res = datastores.add(ctx_of(c), name, driver, options)
-    render(
-        res,
-        as_json,
-        lambda r: click.echo(f"datastore {r['name']} (id {r['id']}, {r['driver']}) added"),
-    )
+
+    def human(r: dict[str, Any]) -> None:
+        for key in r.get("host_keys_learned", []):
+            click.echo(f"host key learned (check it with the host's admin): {key}")
+        click.echo(f"datastore {r['name']} (id {r['id']}, {r['driver']}) added")
+
+    render(res, as_json, human)
 
 
 @datastore.command("list")
@@ -67,3 +72,58 @@ def list_cmd(c: click.Context, as_json: bool) -> None:
 def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Show one datastore."""
     render(datastores.show(ctx_of(c), ref), as_json, kv)
+
+
+@datastore.command("remove")
+@click.argument("ref", metavar="DATASTORE")
+@click.option("--force", is_flag=True, help="Forget its backups too (their files stay there).")
+@json_option
+@click.pass_context
+def remove_cmd(c: click.Context, ref: str, force: bool, as_json: bool) -> None:
+    """Remove a datastore from the catalog (refused while it holds backups, unless --force)."""
+    res = stored.remove_datastore(ctx_of(c), ref, force)
+    render(
+        res,
+        as_json,
+        lambda r: click.echo(
+            f"datastore {r['datastore']} removed"
+            + (f"; forgot backups {r['forgotten_backups']}" if r["forgotten_backups"] else "")
+        ),
+    )
+
+
+@datastore.command("scan")
+@click.argument("ref", metavar="DATASTORE")
+@click.option("--import", "do_import", is_flag=True, help="Add unknown chains to the catalog.")
+@json_option
+@click.pass_context
+def scan_cmd(c: click.Context, ref: str, do_import: bool, as_json: bool) -> None:
+    """List the chains stored in a datastore; --import brings unknown ones into the catalog."""
+    rows = stored.scan(ctx_of(c), ref, do_import)
+    human = [
+        dict(
+            r,
+            vm=r.get("vm", "-"),
+            points=",".join(map(str, r.get("increments", []))) or "-",
+            imported=r["imported"] or "-",
+            error=r.get("error", ""),
+        )
+        for r in rows
+    ]
+    render(
+        rows,
+        as_json,
+        lambda _r: table(human, ("chain", "vm", "known", "points", "imported", "error")),
+    )
+
+
+@datastore.command("download")
+@click.argument("url")
+@click.argument("dest", type=click.Path(path_type=Path))
+@click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@json_option
+@click.pass_context
+def download_cmd(c: click.Context, url: str, dest: Path, force: bool, as_json: bool) -> None:
+    """Download one stored file by the URL 'backups show' prints (<driver>://<ds>/<chain>/<file>)."""
+    res = stored.download(ctx_of(c), url, dest, force)
+    render(res, as_json, lambda r: click.echo(f"{r['url']} -> {r['path']} ({r['size']} bytes)"))

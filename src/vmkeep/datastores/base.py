@@ -100,6 +100,10 @@ class DatastoreDriver(ABC):
             raise DatastoreError(self.name, f"{chain}/{name} is not a qcow2 image")
         return int.from_bytes(header[24:32], "big")
 
+    def ssh_target(self) -> Any:
+        """The SshTarget of a driver that logs in over SSH (host key learned on add), else None."""
+        return None
+
     def verify_store(self, chain: str) -> str | None:
         """A driver's own integrity check of the stored data beyond per-file sha256 (restic
         ``check --read-data-subset``); a one-line summary, or None when the driver has none."""

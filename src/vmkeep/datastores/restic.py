@@ -195,6 +195,10 @@ class ResticDriver(DatastoreDriver):
             if prune:
                 self._run(["prune"], "prune")
 
+    def ssh_target(self) -> SshTarget | None:
+        sftp = self.options.sftp()
+        return sftp[0] if sftp else None
+
     # --- contract -------------------------------------------------------------------------------
     def check(self) -> None:
         pf = self.options.password_file

@@ -85,6 +85,9 @@ class Retrying(DatastoreDriver):
     def url(self, chain: str, name: str) -> str:
         return self.inner.url(chain, name)
 
+    def ssh_target(self) -> Any:
+        return self.inner.ssh_target()
+
     def verify_store(self, chain: str) -> str | None:
         return self._call("verify", self.inner.verify_store, chain)
 

@@ -79,6 +79,9 @@ class RsyncDriver(DatastoreDriver):
     def _remote_name(self, path: str) -> str:
         return f"{self.options.login}:{path}"  # names and chain keys are strict (names.py)
 
+    def ssh_target(self) -> SshTarget:
+        return self.options
+
     # --- contract -------------------------------------------------------------------------------
     def check(self) -> None:
         p = self.options.path

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vmkeep.engine import backup, group_backup, restore, vms
+from vmkeep.engine import backup, group_backup, restore, stored, vms
 from vmkeep.engine.context import Context
 from vmkeep.engine.jobs import Runner
 
@@ -53,6 +53,10 @@ def _verify(
     return restore.verify(ctx, int(p["backup"])), []
 
 
+def _copy(ctx: Context, p: dict[str, Any], _progress: Progress) -> tuple[dict[str, Any], list[str]]:
+    return stored.copy_backup(ctx, int(p["backup"]), str(p["to"])), []
+
+
 def _quiesce(
     ctx: Context, p: dict[str, Any], _progress: Progress
 ) -> tuple[dict[str, Any], list[str]]:
@@ -70,6 +74,7 @@ RUNNERS: dict[str, Runner] = {
     "group-backup": _group_backup,
     "restore": _restore,
     "verify": _verify,
+    "copy": _copy,
     "quiesce": _quiesce,
     "unquiesce": _unquiesce,
 }

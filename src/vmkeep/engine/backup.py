@@ -33,23 +33,28 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.locks import holder, lock, pid_alive
 from vmkeep.catalog.tables import Backup, Increment, Vm
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.datastores.base import sha256_file
+from vmkeep.datastores.base import qemu_img_info, sha256_file
 from vmkeep.engine import quiesce, space
 from vmkeep.engine.backup_config import BackupConfig, resolve
 from vmkeep.engine.chains import (
-    CHECKPOINT_PREFIX,
     backup_dict,
     checkpoint_name,
-    checkpoints_to_keep,
     disk_file,
     latest_chain,
+    new_chain_key,
     valid_increments,
     write_manifest,
 )
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
 from vmkeep.engine.quiesce import Quiesce, quiesced
-from vmkeep.engine.recovery import Attempt, discard_attempt, recover_vm, staging_dir
+from vmkeep.engine.recovery import (
+    Attempt,
+    discard_attempt,
+    prune_checkpoints,
+    recover_vm,
+    staging_dir,
+)
 from vmkeep.engine.retention import apply_retention
 from vmkeep.engine.vms import vm_action
 from vmkeep.engine.vmstate import find_vm, set_lcm, sync_state
@@ -113,7 +118,7 @@ def _new_chain(s: Session, vm: Vm, ds_id: int, mode: BackupMode) -> Plan:
     b = Backup(vm_id=vm.id, datastore_id=ds_id, mode=mode, status=BackupStatus.RUNNING, chain="")
     s.add(b)
     s.flush()
-    b.chain = f"{vm.name}/{b.id}"
+    b.chain = new_chain_key(s, vm.name, b.id, ds_id)
     s.add(Increment(backup_id=b.id, seq=0, parent=None, status=BackupStatus.RUNNING))
     s.flush()
     cp = checkpoint_name(b.id, 0) if mode == BackupMode.INCREMENT else None
@@ -299,14 +304,10 @@ def _finish(
     staged.append(xml_file)
     targets: list[str | None] = [d.target for d in disks] + [None]
     for f, target in zip(staged, targets, strict=True):
-        files.append(
-            {
-                "disk": target,
-                "name": f.name,
-                "size": f.stat().st_size,
-                "sha256": sha256_file(f),
-            }
-        )
+        row = {"disk": target, "name": f.name, "size": f.stat().st_size, "sha256": sha256_file(f)}
+        if target is not None:  # the restored size (``backups show``), without asking the store
+            row["virtual_size"] = int(qemu_img_info(f)["virtual-size"])
+        files.append(row)
     driver.backup(plan.chain, staged)
     failpoint("store")
     with ctx.catalog.session() as s:
@@ -337,15 +338,6 @@ def _fail(
     status = BackupStatus.CANCELLED if cancelled else BackupStatus.FAILED
     attempt = Attempt(plan.backup_id, plan.seq, plan.chain, plan.new_chain, plan.checkpoint)
     discard_attempt(ctx, driver, name, attempt, status, "cancelled" if cancelled else str(err))
-
-
-def _prune_checkpoints(ctx: Context, vm_id: int, name: str) -> None:
-    """Keep only checkpoints that are the base of a future increment of some VALID chain."""
-    with ctx.catalog.session() as s:
-        keep = checkpoints_to_keep(s, vm_id)
-    for cp in ctx.hv.checkpoints(name):
-        if cp.startswith(CHECKPOINT_PREFIX) and cp not in keep:
-            ctx.hv.delete_checkpoint(name, cp)
 
 
 @dataclass
@@ -382,7 +374,7 @@ def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
     """Full or increment (catalog rows in RUNNING), staging folder, domain XML."""
     # Checkpoints no chain needs (left by a failed attempt or a lost catalog) go first: a
     # leftover with the planned name would make backupBegin fail.
-    _prune_checkpoints(ctx, job.vm_id, job.name)
+    prune_checkpoints(ctx, job.vm_id, job.name)
     job.plan = plan_backup(ctx, job.vm_id, job.ds_id, job.cfg, job.disks, job.reset, warnings)
     job.staging = _prepare_staging(ctx, job.plan)
     job.domain_xml = ctx.hv.domain_xml(job.name, inactive=True)
@@ -419,7 +411,7 @@ def fail_job(ctx: Context, driver: DatastoreDriver, job: MemberJob, err: BaseExc
 def after_success(ctx: Context, job: MemberJob) -> dict[str, Any]:
     """Checkpoint clean-up and retention; returns the backup record."""
     assert job.plan is not None
-    _prune_checkpoints(ctx, job.vm_id, job.name)
+    prune_checkpoints(ctx, job.vm_id, job.name)
     for msg in apply_retention(ctx, job.vm_id, job.ds_id, job.cfg):
         log.info(msg)
     with ctx.catalog.session() as s:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,15 @@ def disk_file(seq: int, disk: str) -> str:
 
 def xml_file(seq: int) -> str:
     return f"{seq}.domain.xml"
+
+
+def new_chain_key(s: Session, vm_name: str, backup_id: int, ds_id: int) -> str:
+    """``<vm>/<backup id>``, unless a chain imported from another catalog has that key already."""
+    key = f"{vm_name}/{backup_id}"
+    taken = select(Backup.id).where(Backup.datastore_id == ds_id, Backup.chain == key)
+    if s.execute(taken.where(Backup.id != backup_id)).first() is not None:
+        key = f"{vm_name}/{backup_id}-{uuid.uuid4().hex[:6]}"
+    return key
 
 
 def latest_chain(s: Session, vm_id: int, ds_id: int) -> Backup | None:
@@ -193,6 +203,7 @@ def backup_dict(b: Backup) -> dict[str, Any]:
         "id": b.id,
         "vm": b.vm.name,
         "vm_id": b.vm_id,
+        "vm_uuid": b.vm.uuid,
         "datastore": b.datastore.name,
         "chain": b.chain,
         "mode": b.mode,

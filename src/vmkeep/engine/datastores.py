@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Datastore
 from vmkeep.datastores import DatastoreDriver, make_driver
+from vmkeep.datastores.ssh import learn_host_key
 from vmkeep.engine.context import Context
 from vmkeep.errors import AlreadyExists, DatastoreError, DatastoreNotFound
 from vmkeep.names import check_name
@@ -31,6 +32,13 @@ def driver_of(ds: Datastore) -> DatastoreDriver:
 def add(ctx: Context, name: str, driver: str, options: dict[str, Any]) -> dict[str, Any]:
     check_name("datastore name", name)
     drv = make_driver(driver, name, options)  # validates the options before anything is stored
+    host_keys: list[str] = []
+    target = drv.ssh_target()
+    if target is not None and target.known_hosts is None:
+        # host keys are always checked: learn them now, once, and show them to the user
+        known = ctx.config.data_dir / "known_hosts" / name
+        host_keys = learn_host_key(name, target, known)
+        drv = make_driver(driver, name, options | {"known_hosts": str(known)})
     drv.check()
     with ctx.catalog.session() as s:
         if s.execute(select(Datastore).where(Datastore.name == name)).scalar_one_or_none():
@@ -38,7 +46,7 @@ def add(ctx: Context, name: str, driver: str, options: dict[str, Any]) -> dict[s
         ds = Datastore(name=name, driver=driver, options=drv.options.model_dump(mode="json"))
         s.add(ds)
         s.flush()
-        return ds_dict(ds, drv)
+        return ds_dict(ds, drv) | ({"host_keys_learned": host_keys} if host_keys else {})
 
 
 def list_all(ctx: Context) -> list[dict[str, Any]]:

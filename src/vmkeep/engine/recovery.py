@@ -28,8 +28,10 @@ from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember, Vm
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine import jobs
 from vmkeep.engine.chains import (
+    CHECKPOINT_PREFIX,
     chain_disks,
     checkpoint_name,
+    checkpoints_to_keep,
     increment_file_names,
     running_increments,
 )
@@ -191,3 +193,17 @@ def _close_group_backups(ctx: Context, vm_id: int, why: str) -> None:
             for m in gb.members:
                 if m.status == BackupStatus.RUNNING:
                     m.status = BackupStatus.FAILED
+
+
+def prune_checkpoints(ctx: Context, vm_id: int, name: str, missing_ok: bool = False) -> None:
+    """Keep only checkpoints that are the base of a future increment of some VALID chain
+    (``missing_ok``: the domain may not be on this host, e.g. for an imported chain)."""
+    with ctx.catalog.session() as s:
+        keep = checkpoints_to_keep(s, vm_id)
+    try:
+        for cp in ctx.hv.checkpoints(name):
+            if cp.startswith(CHECKPOINT_PREFIX) and cp not in keep:
+                ctx.hv.delete_checkpoint(name, cp)
+    except NotFound:
+        if not missing_ok:
+            raise

@@ -306,4 +306,5 @@ def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
             expected[bad[0]],
             next(r["sha256"] for r in results if r["file"] == bad[0]),
         )
-    return {"backup": backup_id, "files": results, "ok": True}
+    store_check = driver.verify_store(chain_key)  # restic: check --read-data-subset
+    return {"backup": backup_id, "files": results, "ok": True, "store_check": store_check}

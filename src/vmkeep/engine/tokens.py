@@ -37,6 +37,10 @@ POLICY: dict[str, str] = {
     "cancel-job": "operator",
     "reset-state": "admin",
     "datastore-add": "admin",
+    "datastore-remove": "admin",
+    "datastore-scan": "admin",
+    "backup-delete": "admin",
+    "copy": "operator",
     "group-create": "admin",
 }
 
