@@ -47,6 +47,7 @@ from vmkeep.engine.chains import (
 )
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
+from vmkeep.engine.images import flatten
 from vmkeep.engine.quiesce import Quiesce, quiesced
 from vmkeep.engine.recovery import (
     Attempt,
@@ -298,6 +299,13 @@ def _finish(
                 "qcow2",
                 str(f),
             )
+        if plan.parent is None and "dedup" in driver.capabilities:
+            # QEMU's backup job lays clusters out in the order its parallel copies finish, so
+            # two fulls of the same disk differ byte-wise; a deduplicating store needs the same
+            # bytes for the same disk: rewrite the full in guest order (before it is hashed)
+            canonical = f.with_name(f.name + ".canonical")
+            flatten(f, canonical)
+            canonical.replace(f)
         staged.append(f)
     xml_file = staging / f"{plan.seq}.domain.xml"
     xml_file.write_text(domain_xml)
