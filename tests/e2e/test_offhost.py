@@ -149,9 +149,9 @@ def test_rsync_over_ssh_backup_restore_and_disaster_recovery(
     for inc, want in enumerate(sums):
         assert restored(vmkeep, tmp_path, backup_id, inc, "/mnt/vda/f") == want
     # the catalog is lost: a new host adds the datastore and imports every chain from it
-    new_data = Path(os.environ["VMKEEP_DATA_DIR"]).with_name(
-        Path(os.environ["VMKEEP_DATA_DIR"]).name + "-b"
-    )
+    old_data = Path(os.environ["VMKEEP_DATA_DIR"])
+    (old_data / "catalog.db").unlink()
+    new_data = old_data.with_name(old_data.name + "-b")
     monkeypatch.setenv("VMKEEP_DATA_DIR", str(new_data))
     try:
         vmkeep("datastore", "add", "rr", *rsync_opts(sshd, remote))
@@ -225,3 +225,14 @@ def test_restic_second_full_of_an_unchanged_vm_adds_under_five_percent(
     first, second = after_one - empty, after_two - after_one
     assert first > 0.5 * data, (first, data)  # restic stored it (compressed random data: ~all)
     assert second <= 0.05 * data, f"second full added {second} bytes for {data} of data"
+    # a clone of the VM (restored from its backup as a new VM) shares the repository's data
+    clone = f"{PREFIX}offhost-clone"
+    where = Path(os.environ["VMKEEP_DATA_DIR"]) / "clone"  # QEMU must reach it
+    vmkeep("restore", str(two["id"]), "--name", clone, "--path", str(where))
+    try:
+        vmkeep("vm", "import", clone)
+        vmkeep("backup", clone, "-d", "r", "--json")  # offline: the clone is powered off
+        third = du(repo) - after_two
+        assert third <= 0.05 * data, f"the clone's full added {third} bytes for {data} of data"
+    finally:
+        subprocess.run(["virsh", "-q", "undefine", clone], capture_output=True, check=False)

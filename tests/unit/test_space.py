@@ -13,6 +13,8 @@ from vmkeep.errors import DatastoreError, InsufficientSpace
 
 
 class FakeDriver:
+    capabilities: frozenset[str] = frozenset()
+
     def __init__(self, root: Path | None, free: int, fail: bool = False) -> None:
         self.name, self.root, self.free, self.fail = "ds", root, free, fail
 
@@ -72,3 +74,14 @@ def test_unknown_estimate_or_unreachable_datastore_is_not_refused(
 def test_human_sizes() -> None:
     assert space.human(512) == "512 B"
     assert space.human(3 << 30) == "3.0 GiB"
+
+
+def test_a_deduplicating_datastore_is_not_refused_on_raw_size(
+    staging: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(space.os, "statvfs", _statvfs(10**9))
+    drv = FakeDriver(None, 100)
+    with pytest.raises(InsufficientSpace):
+        space.check(None, drv, staging, 1000)  # type: ignore[arg-type]
+    drv.capabilities = frozenset({"dedup"})  # restic stores only what it has not seen
+    space.check(None, drv, staging, 1000)  # type: ignore[arg-type]

@@ -146,7 +146,7 @@ def create_app(config: Config) -> FastAPI:
     def backup_vm(vm: str, body: BackupRequest, who: str = require("backup")) -> JSONResponse:
         c = ctx()
         name = vms.check_action(c, vm, "backup")
-        datastores.show(c, body.datastore)  # 404 now, not a failed job later
+        datastores.check_exists(c, body.datastore)  # 404 now, not a failed job later
         return enqueue("backup", name, {"vm": name, **body.model_dump()}, who)
 
     def quiesce_route(action: str) -> Callable[[str], JSONResponse]:
@@ -194,7 +194,7 @@ def create_app(config: Config) -> FastAPI:
     @app.post("/v1/backups/{backup_id}/copy", status_code=202)
     def copy_backup(backup_id: int, body: CopyRequest, who: str = require("copy")) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
-        datastores.show(ctx(), body.to)
+        datastores.check_exists(ctx(), body.to)
         return enqueue("copy", str(backup_id), {"backup": backup_id, "to": body.to}, who)
 
     @app.delete("/v1/backups/{backup_id}")
@@ -235,7 +235,7 @@ def create_app(config: Config) -> FastAPI:
         group: str, body: GroupBackupRequest, who: str = require("group-backup")
     ) -> JSONResponse:
         name = groups.show_group(ctx(), group)["name"]
-        datastores.show(ctx(), body.datastore)
+        datastores.check_exists(ctx(), body.datastore)
         return enqueue("group-backup", name, {"group": name, **body.model_dump()}, who)
 
     # --- events (Server-Sent Events) -----------------------------------------------------------

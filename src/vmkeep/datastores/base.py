@@ -100,6 +100,10 @@ class DatastoreDriver(ABC):
             raise DatastoreError(self.name, f"{chain}/{name} is not a qcow2 image")
         return int.from_bytes(header[24:32], "big")
 
+    def used(self) -> int | None:
+        """Bytes the datastore's backups take (restic: the repository's size), if known."""
+        return None
+
     def ssh_target(self) -> Any:
         """The SshTarget of a driver that logs in over SSH (host key learned on add), else None."""
         return None

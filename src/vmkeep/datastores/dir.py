@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import field_validator
 
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register, wrap_oserror
+from vmkeep.datastores.ssh import tree_size
 from vmkeep.errors import DatastoreError
 
 PARTIAL = ".partial"
@@ -76,6 +77,9 @@ class DirDriver(DatastoreDriver):
         except OSError as err:
             raise wrap_oserror(self.name, f"cannot stat {self.root}", err) from err
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def used(self) -> int:
+        return tree_size(self.root)
 
     def backup(self, chain: str, staged: list[Path]) -> None:
         dest = self._chain_dir(chain)

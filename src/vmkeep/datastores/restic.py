@@ -22,7 +22,14 @@ from typing import Any, Literal
 from pydantic import model_validator
 
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register
-from vmkeep.datastores.ssh import SshTarget, classify, parse_df, remote
+from vmkeep.datastores.ssh import (
+    SshTarget,
+    classify,
+    parse_df,
+    remote,
+    remote_tree_size,
+    tree_size,
+)
 from vmkeep.errors import DatastoreError, DatastoreUnreachable
 
 HOST = "vmkeep"  # one snapshot host for every machine: a new host can import and restore
@@ -180,10 +187,12 @@ class ResticDriver(DatastoreDriver):
         rows: list[dict[str, Any]] = json.loads(out or "[]") or []
         return sorted(rows, key=lambda r: r["time"])
 
-    def _current(self, chain: str) -> dict[str, dict[str, Any]]:
+    def _current(
+        self, chain: str, snaps: list[dict[str, Any]] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """The newest snapshot of every file name of a chain."""
         newest: dict[str, dict[str, Any]] = {}
-        for snap in self._snapshots(chain):
+        for snap in self._snapshots(chain) if snaps is None else snaps:
             name = _tag(snap, "file")
             if name:
                 newest[name] = snap  # sorted by time: the last one wins
@@ -226,6 +235,12 @@ class ResticDriver(DatastoreDriver):
             raise DatastoreError(self.name, f"cannot stat {path}: {err.strerror}") from err
         return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
 
+    def used(self) -> int:
+        sftp = self.options.sftp()
+        if sftp is not None:
+            return remote_tree_size(self.name, sftp[0], sftp[1])
+        return tree_size(Path(self.options.repo))
+
     def backup(self, chain: str, staged: list[Path]) -> None:
         for src in staged:
             args = ["backup", "--json", "--host", HOST, "--stdin", "--stdin-filename", src.name]
@@ -237,10 +252,11 @@ class ResticDriver(DatastoreDriver):
                 self._run(args, f"store {src.name}", stdin=f)
         # a name stored again replaces the older content (manifest.json after every increment)
         names = {p.name for p in staged}
-        current = self._current(chain)
+        snaps = self._snapshots(chain)
+        current = self._current(chain, snaps)
         old = [
             s["short_id"]
-            for s in self._snapshots(chain)
+            for s in snaps
             if _tag(s, "file") in names and s["id"] != current[str(_tag(s, "file"))]["id"]
         ]
         self._forget(old, prune=False)

@@ -85,6 +85,9 @@ class Retrying(DatastoreDriver):
     def url(self, chain: str, name: str) -> str:
         return self.inner.url(chain, name)
 
+    def used(self) -> int | None:
+        return self._call("usage", self.inner.used)
+
     def ssh_target(self) -> Any:
         return self.inner.ssh_target()
 

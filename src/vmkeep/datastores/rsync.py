@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import field_validator
 
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register
-from vmkeep.datastores.ssh import SshTarget, classify, parse_df, remote
+from vmkeep.datastores.ssh import SshTarget, classify, parse_df, remote, remote_tree_size
 from vmkeep.errors import DatastoreError, DatastoreUnreachable
 
 PARTIAL = ".partial-"
@@ -89,6 +89,9 @@ class RsyncDriver(DatastoreDriver):
 
     def monitor(self) -> tuple[int, int]:
         return parse_df(self.name, self._ssh(["df", "-P", "-B1", self.options.path], "monitor"))
+
+    def used(self) -> int:
+        return remote_tree_size(self.name, self.options, self.options.path)
 
     def backup(self, chain: str, staged: list[Path]) -> None:
         d = self._dir(chain)

@@ -147,3 +147,18 @@ def check_remote_path(name: str, value: str) -> str:
     if not value.startswith("/") or value.rstrip("/") == "":
         raise InvalidValue(f"datastore {name} option path", value, "an absolute folder, not '/'")
     return value.rstrip("/")
+
+
+def tree_size(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (0 when it does not exist)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def remote_tree_size(ds: str, target: SshTarget, path: str) -> int:
+    out = remote(
+        ds, target, ["sh", "-c", f"du -sb {shlex.quote(path)} 2>/dev/null || echo 0"], "usage"
+    )
+    try:
+        return int(out.split()[0])
+    except (IndexError, ValueError) as err:
+        raise DatastoreError(ds, f"cannot read the remote du output {out!r}") from err

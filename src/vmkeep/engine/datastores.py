@@ -54,9 +54,23 @@ def list_all(ctx: Context) -> list[dict[str, Any]]:
         return [ds_dict(ds) for ds in s.execute(select(Datastore).order_by(Datastore.id)).scalars()]
 
 
-def show(ctx: Context, ref: str) -> dict[str, Any]:
+def check_exists(ctx: Context, ref: str) -> None:
+    """DatastoreNotFound unless ``ref`` names a datastore (no driver call)."""
     with ctx.catalog.session() as s:
-        return ds_dict(find_datastore(s, ref))
+        find_datastore(s, ref)
+
+
+def show(ctx: Context, ref: str) -> dict[str, Any]:
+    """One datastore, with the bytes its backups take (``list`` skips that: it walks the store)."""
+    with ctx.catalog.session() as s:
+        ds = find_datastore(s, ref)
+        drv = driver_of(ds)
+        row = ds_dict(ds, drv)
+    try:
+        row["used_bytes"] = drv.used()
+    except DatastoreError as err:
+        row["used_bytes"], row["error"] = None, row["error"] or str(err)
+    return row
 
 
 def ds_dict(ds: Datastore, drv: DatastoreDriver | None = None) -> dict[str, Any]:

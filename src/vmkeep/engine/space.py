@@ -65,6 +65,8 @@ def check(ctx: Context, driver: DatastoreDriver, staging: Path, need: int | None
             "Free space there, or move the data dir (data_dir / VMKEEP_DATA_DIR) to a larger "
             "file system.",
         )
+    if "dedup" in driver.capabilities:
+        return  # restic stores only what it has not seen: the need is no bound to check against
     try:
         _total, ds_free = driver.monitor()
     except DatastoreError:

@@ -3,7 +3,8 @@
 
 Boots a lab VM, writes data in it, takes a full backup (guest frozen through qemu-guest-agent),
 writes more, takes an incremental, restores the incremental as a new VM, boots it and compares the
-checksums the restored guest reports with the originals.
+checksums the restored guest reports with the originals; copies the chain off the host (restic
+over SFTP to a real sshd on loopback) and backs up once more through the daemon's REST API.
 """
 
 from __future__ import annotations
@@ -19,15 +20,17 @@ from contextlib import suppress
 
 import httpx
 
-from vmkeep.engine import datastores, tokens, vms
+from vmkeep.engine import datastores, stored, tokens, vms
 from vmkeep.engine.backup import run_backup
 from vmkeep.engine.context import Context
 from vmkeep.engine.restore import RestoreOptions, restore
-from vmkeep.errors import AlreadyExists, LabError
+from vmkeep.errors import AlreadyExists, LabError, NotFound
 from vmkeep.lab.lab import Lab
+from vmkeep.lab.sshd import Sshd
 
 DEMO_PREFIX = "vmkeep-demo-"
 DEMO_DATASTORE = "demo"
+OFFSITE_DATASTORE = "demo-offsite"
 
 
 def run_demo(ctx: Context, say: Callable[[str], None]) -> None:
@@ -74,8 +77,45 @@ def run_demo(ctx: Context, say: Callable[[str], None]) -> None:
         say(f"restored guest reports {f} sha256 {got[f]}: {verdict}")
     if got != {"first.bin": first, "second.bin": second}:
         raise LabError("restored data differs from the original")
+    _off_the_host(ctx, inc.result["id"], say)
     _through_the_daemon(ctx, name, say)
     say(f"demo OK. Remove its VMs with 'vmkeep lab down --prefix {DEMO_PREFIX}'")
+
+
+def _off_the_host(ctx: Context, backup_id: int, say: Callable[[str], None]) -> None:
+    """A copy of the chain off the host: restic over SFTP to a real sshd on loopback."""
+    work = ctx.config.data_dir / "demo-offsite"
+    password = work / "restic.pass"
+    work.mkdir(parents=True, exist_ok=True)
+    if not password.exists():
+        password.write_text(os.urandom(24).hex())
+        password.chmod(0o600)
+    with Sshd(work / "sshd") as sshd:
+        with suppress(NotFound):  # a second demo run: the old sshd port is gone
+            stored.remove_datastore(ctx, OFFSITE_DATASTORE, force=True)
+        repo = f"sftp:root@{sshd.host}:{work / 'repo'}"
+        added = datastores.add(
+            ctx,
+            OFFSITE_DATASTORE,
+            "restic",
+            {
+                "repo": repo,
+                "password_file": str(password),
+                "port": sshd.port,
+                "identity": str(sshd.client_key),
+                "init": True,
+            },
+        )
+        for key in added.get("host_keys_learned", []):
+            say(f"sshd on {sshd.host}:{sshd.port}; host key learned: {key}")
+        say(f"datastore '{OFFSITE_DATASTORE}' (restic over SFTP) at {repo}")
+        res = stored.copy_backup(ctx, backup_id, OFFSITE_DATASTORE)
+        say(
+            f"backups copy {backup_id} --to {OFFSITE_DATASTORE}: increments "
+            f"{res['copied_increments']} copied, read back and verified (sha256) as backup "
+            f"{res['copy']}"
+        )
+        stored.remove_datastore(ctx, OFFSITE_DATASTORE, force=True)
 
 
 def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> None:
