@@ -73,13 +73,20 @@ def show(ctx: Context, ref: str) -> dict[str, Any]:
     return row
 
 
+def monitor_once(drv: DatastoreDriver) -> tuple[int, int]:
+    """(total, free) without the retry layer: a listing or a metrics scrape reports a datastore
+    that is down at once instead of backing off for it."""
+    inner: DatastoreDriver = getattr(drv, "inner", drv)
+    return inner.monitor()
+
+
 def ds_dict(ds: Datastore, drv: DatastoreDriver | None = None) -> dict[str, Any]:
     drv = drv or driver_of(ds)
     total: int | None = None
     free: int | None = None
     error = None
     try:
-        total, free = drv.monitor()
+        total, free = monitor_once(drv)
     except DatastoreError as err:
         error = str(err)
     return {

@@ -17,7 +17,7 @@ from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup, Datastore, Increment, Job, Vm
 from vmkeep.engine.context import Context
-from vmkeep.engine.datastores import driver_of
+from vmkeep.engine.datastores import driver_of, monitor_once
 from vmkeep.errors import VmkeepError
 from vmkeep.model import BackupStatus
 
@@ -87,7 +87,7 @@ class CatalogCollector(Collector):
             stores = list(s.execute(select(Datastore)).scalars())
             for ds in stores:
                 try:
-                    total, free = driver_of(ds).monitor()
+                    total, free = monitor_once(driver_of(ds))
                 except VmkeepError:
                     continue
                 ds_free.add_metric([ds.name], free)
