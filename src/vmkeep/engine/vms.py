@@ -5,6 +5,8 @@ Every action checks the VM's state first and refuses a wrong state with ``WrongS
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,13 +41,13 @@ def _refresh(ctx: Context, vm: Vm, live: dict[str, DomainInfo] | None = None) ->
     try:
         info = ctx.hv.domain(vm.name) if live is None else live[vm.name]
     except (DomainNotFound, KeyError):
-        vm.state = VmState.UNKNOWN
-        if vm.lcm_state not in BUSY_STATES:
-            vm.lcm_state = LcmState.UNKNOWN
-        return
-    state, lcm = states_of(info)
-    vm.state = state
-    if vm.lcm_state not in BUSY_STATES:
+        state, lcm = VmState.UNKNOWN, LcmState.UNKNOWN
+    else:
+        state, lcm = states_of(info)
+    # assign only what changed: an unchanged row then costs the session's flush nothing
+    if vm.state != state:
+        vm.state = state
+    if vm.lcm_state not in BUSY_STATES and vm.lcm_state != lcm:
         vm.lcm_state = lcm
 
 
@@ -97,6 +99,17 @@ def show_vm(ctx: Context, ref: str) -> dict[str, Any]:
         return vm_dict(vm, info)
 
 
+@functools.lru_cache(maxsize=256)
+def _resolved_cached(config_json: str) -> str:
+    return json.dumps(resolve(json.loads(config_json)).as_dict())
+
+
+def _resolved(config_json: str) -> dict[str, Any]:
+    """A VM's effective backup config (most VMs share one: resolved once, copied per row)."""
+    result: dict[str, Any] = json.loads(_resolved_cached(config_json))
+    return result
+
+
 def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {
         "id": vm.id,
@@ -106,7 +119,7 @@ def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
         "state": vm.state,
         "lcm_state": vm.lcm_state,
         "pool": vm.pool,
-        "backup_config": resolve(vm.backup_config).as_dict(),
+        "backup_config": _resolved(json.dumps(vm.backup_config or {}, sort_keys=True)),
         "error": vm.error,
     }
     if info is not None:
