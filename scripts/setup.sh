@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           qemu-guest-agent linux-image-amd64 busybox-static e2fsprogs restic rsync openssh-server
-          cpio python3-venv openssl postgresql-15)
+          cpio python3-venv openssl postgresql-15 fdisk dosfstools xfsprogs fuse3)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -57,6 +57,7 @@ class RestoreRequest(_Body):
     no_ip: bool = False
     start: bool = False
     force: bool = False
+    in_place: bool = False
 
 
 class DatastoreRequest(_Body):
@@ -179,7 +180,9 @@ def create_app(config: Config) -> FastAPI:
     def restore_backup(
         backup_id: int, body: RestoreRequest, who: str = require("restore")
     ) -> JSONResponse:
-        backups.show_backup(ctx(), backup_id)
+        shown = backups.show_backup(ctx(), backup_id)
+        if body.in_place:  # a VM that is not powered off is a 409 now, not a failed job later
+            vms.check_action(ctx(), str(shown["vm_id"]), "restore in place")
         return enqueue(
             "restore",
             str(backup_id),

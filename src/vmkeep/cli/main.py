@@ -29,6 +29,9 @@ class LazyGroup(click.Group):
         "daemon": "vmkeep.cli.daemon_cmd:daemon",
         "jobs": "vmkeep.cli.jobs_cmd:jobs",
         "token": "vmkeep.cli.token_cmd:token",
+        "files": "vmkeep.cli.files_cmd:files",
+        "mount": "vmkeep.cli.files_cmd:mount",
+        "umount": "vmkeep.cli.files_cmd:umount",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

@@ -1,4 +1,5 @@
-"""``vmkeep restore ID [--increment N] [--disk N] [--name NEW] [--path DIR] [--no-nic] [--no-ip] [--start]``."""
+"""``vmkeep restore ID [--increment N] [--disk N] [--name NEW] [--path DIR] [--no-nic] [--no-ip]
+[--start] [--in-place]``."""
 
 from __future__ import annotations
 
@@ -6,8 +7,8 @@ import click
 
 from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings
 from vmkeep.engine import jobs
+from vmkeep.engine.inplace import run_restore
 from vmkeep.engine.restore import RestoreOptions
-from vmkeep.engine.restore import restore as engine_restore
 
 
 @click.command()
@@ -26,14 +27,19 @@ from vmkeep.engine.restore import restore as engine_restore
 @click.option("--no-nic", is_flag=True, help="Drop network interfaces.")
 @click.option("--no-ip", is_flag=True, help="Keep NICs but drop MAC and fixed addresses.")
 @click.option("--start", is_flag=True, help="Start the restored VM.")
+@click.option(
+    "--in-place",
+    is_flag=True,
+    help="Roll the VM itself back (it must be powered off; name, UUID, NICs stay).",
+)
 @json_option
 @click.pass_context
 def restore(c: click.Context, backup_id: int, as_json: bool, **opts: object) -> None:
-    """Restore a backup as a new VM, or one disk image."""
+    """Restore a backup as a new VM, one disk image, or the VM itself (--in-place)."""
     ctx = ctx_of(c)
     params = {"backup": backup_id, **{k: v for k, v in opts.items() if v not in (None, False)}}
     with jobs.recorded(ctx, "restore", str(backup_id), params) as job:
-        res, warnings = engine_restore(ctx, backup_id, RestoreOptions(**opts))  # type: ignore[arg-type]
+        res, warnings = run_restore(ctx, backup_id, RestoreOptions(**opts))  # type: ignore[arg-type]
         job.result = res
     render(res, as_json, kv)
     report_warnings(warnings)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vmkeep.engine import backup, group_backup, restore, stored, vms
+from vmkeep.engine import backup, group_backup, inplace, restore, stored, vms
 from vmkeep.engine.context import Context
 from vmkeep.engine.jobs import Runner
 
@@ -43,7 +43,7 @@ def _restore(
     opts = restore.RestoreOptions(
         **{k: v for k, v in p.items() if k in restore.RestoreOptions.__dataclass_fields__}
     )
-    result, warnings = restore.restore(ctx, int(p["backup"]), opts)
+    result, warnings = inplace.run_restore(ctx, int(p["backup"]), opts)
     return result, warnings.items
 
 

@@ -138,12 +138,37 @@ def recover_vm(ctx: Context, vm_id: int, why: str) -> list[str]:
         discard_attempt(ctx, drivers[ds_id], name, attempt, BackupStatus.FAILED, why)
         done.append(f"backup {attempt.backup_id} increment {attempt.seq} of {name}: {why}")
     _close_group_backups(ctx, vm_id, why)
+    if lcm == LcmState.RESTORE:
+        done += revert_disk_swap(ctx, name)
     done += _bring_back(ctx, vm_id, name, lcm)
     sync_state(ctx, vm_id, name)
     done += [f"job {j} of a dead process marked FAILED" for j in jobs.recover(ctx)]
     for msg in done:
         log.warning("recovered: %s", msg)
     return done
+
+
+# an in-place restore writes NEW beside each disk, then renames the disk to OLD and NEW into place
+SWAP_NEW = ".vmkeep-restore.partial"
+SWAP_OLD = ".vmkeep-before-restore"
+
+
+def revert_disk_swap(ctx: Context, name: str) -> list[str]:
+    """An in-place restore that died midway: every disk put aside goes back, partial images go.
+    The VM is as it was before the restore (the restore can simply be run again)."""
+    try:
+        disks = [d for d in ctx.hv.domain(name).disks if d.path]
+    except NotFound:
+        return []
+    out = []
+    for d in disks:
+        path = Path(d.path)
+        aside, new = path.with_name(path.name + SWAP_OLD), path.with_name(path.name + SWAP_NEW)
+        if aside.exists():
+            aside.replace(path)
+            out.append(f"{name}: disk {d.target} put back as it was before an interrupted restore")
+        new.unlink(missing_ok=True)
+    return out
 
 
 def _clear_interrupted_flatten(ctx: Context, vm_id: int) -> list[str]:

@@ -46,6 +46,7 @@ class RestoreOptions:
     no_ip: bool = False
     start: bool = False
     force: bool = False  # overwrite an existing disk file / write into a non-empty folder
+    in_place: bool = False  # roll the VM itself back (engine/inplace.py)
 
 
 def rewrite_domain_xml(
@@ -104,7 +105,7 @@ def rewrite_domain_xml(
     return ET.tostring(root, encoding="unicode")
 
 
-def _pick_disks(target: Increment, disk: str | None) -> list[str]:
+def pick_disks(target: Increment, disk: str | None) -> list[str]:
     disks = [f["disk"] for f in target.files if f["disk"]]
     if disk is None:
         return disks
@@ -187,7 +188,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         if b is None:
             raise BackupNotFound(backup_id)
         target, chain = point(b, opts.increment)
-        disks = _pick_disks(target, opts.disk)
+        disks = pick_disks(target, opts.disk)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
         expected = {
             f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"] in disks

@@ -140,6 +140,7 @@ ACTION_NEEDS: dict[str, set[LcmState]] = {
     "quiesce": {LcmState.RUNNING},
     "unquiesce": {LcmState.QUIESCED},
     "start": {LcmState.POWEROFF, LcmState.RUNNING},
+    "restore in place": {LcmState.POWEROFF},
 }
 
 

@@ -1,0 +1,190 @@
+"""In-place restore: roll an existing, powered-off VM back to a restore point (OpenNebula's
+``restore(vid, img_id, inc_id, disk_id)``). Name, UUID, NICs and the rest of its configuration
+stay; only the disk contents change.
+
+Every stored file is checked against its sha256 and each new disk image is written beside the
+disk it replaces before anything of the VM is touched. Then each current disk is renamed aside,
+the new one renamed into place, and only when every disk is in place are the old ones deleted: a
+failure at any step puts the old disks back, so a failed restore leaves the VM as it was. The
+VM's checkpoints describe the old disks, so they are dropped and the next backup starts a new full
+chain (said in a warning).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from vmkeep.catalog.tables import Backup
+from vmkeep.engine.chains import CHECKPOINT_PREFIX, disk_file, mark_damaged, point
+from vmkeep.engine.context import Context
+from vmkeep.engine.datastores import driver_of
+from vmkeep.engine.recovery import SWAP_NEW, SWAP_OLD
+from vmkeep.engine.restore import RestoreOptions, pick_disks, restore, verify_files
+from vmkeep.engine.vms import vm_action
+from vmkeep.engine.vmstate import set_lcm, sync_state
+from vmkeep.errors import BackupNotFound, ChecksumMismatch, InvalidValue, VmkeepError
+from vmkeep.faults import failpoint
+from vmkeep.model import LcmState, Warnings
+
+NEW, OLD = SWAP_NEW, SWAP_OLD  # a process killed mid-swap is undone by recovery.revert_disk_swap
+
+
+def _write_image(src: Path, dest: Path, fmt: str) -> None:
+    """The point's disk (with its backing chain) as one image in the VM's own format."""
+    argv = ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", fmt]
+    if fmt == "qcow2":
+        argv += ["-o", "compat=1.1"]
+    proc = subprocess.run([*argv, str(src), str(dest)], capture_output=True, text=True)
+    if proc.returncode:
+        dest.unlink(missing_ok=True)
+        raise VmkeepError(f"qemu-img convert {src.name}: {proc.stderr.strip()}")
+
+
+def _same_owner(model: Path, path: Path) -> None:
+    st = model.stat()
+    os.chown(path, st.st_uid, st.st_gid)
+    path.chmod(st.st_mode & 0o7777)
+
+
+def restore_in_place(
+    ctx: Context, backup_id: int, increment: int | None = None, disk: str | None = None
+) -> tuple[dict[str, Any], Warnings]:
+    warnings = Warnings()
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            raise BackupNotFound(backup_id)
+        target, chain = point(b, increment)
+        disks = pick_disks(target, disk)
+        chain_key, driver, vm_ref = b.chain, driver_of(b.datastore), str(b.vm_id)
+        expected = {
+            f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"] in disks
+        }
+        seq = target.seq
+    with vm_action(ctx, vm_ref, "restore in place") as vm:
+        vm_id, name = vm.id, vm.name
+        current = {d.target: d for d in ctx.hv.domain(name).disks if d.device == "disk"}
+        missing = [d for d in disks if d not in current or not current[d].path]
+        if missing:
+            raise InvalidValue(
+                "--disk",
+                ",".join(missing),
+                f"VM {name} has no such disk now (it has {', '.join(sorted(current))}); "
+                "restore it as a new VM or a disk image instead",
+            )
+        unchanged = sorted(set(current) - set(disks))
+        set_lcm(ctx, vm_id, LcmState.RESTORE)
+        try:
+            result = _swap(ctx, backup_id, chain_key, driver, expected, seq, disks, current)
+        finally:
+            sync_state(ctx, vm_id, name)
+        dropped = _reset_checkpoints(ctx, vm_id, name)
+    warnings.add(
+        f"VM {name} was rolled back: its checkpoints were dropped, so its next backup starts "
+        "a new full chain"
+    )
+    if unchanged:
+        warnings.add(
+            f"disks {', '.join(unchanged)} are not in the restore and were left as they are"
+        )
+    return {
+        "backup": backup_id,
+        "increment": seq,
+        "vm": name,
+        "in_place": True,
+        "disks": result,
+        "checkpoints_dropped": dropped,
+    }, warnings
+
+
+def _swap(
+    ctx: Context,
+    backup_id: int,
+    chain_key: str,
+    driver: Any,
+    expected: dict[str, str],
+    seq: int,
+    disks: list[str],
+    current: dict[str, Any],
+) -> dict[str, str]:
+    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
+    staged: dict[str, Path] = {}
+    moved: list[tuple[Path, Path]] = []  # (the VM's disk, where it was put aside)
+    try:
+        with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+            local = driver.restore(chain_key, list(expected), Path(tmp))
+            try:
+                verify_files(chain_key, expected, local)
+            except ChecksumMismatch as err:
+                mark_damaged(ctx, backup_id, str(err.args[0]).rsplit("/", 1)[-1], str(err))
+                raise
+            for d in disks:  # written beside the disk it replaces: the swap is a rename
+                path = Path(current[d].path)
+                new = path.with_name(path.name + NEW)
+                staged[d] = new
+                _write_image(local[disk_file(seq, d)], new, current[d].fmt or "qcow2")
+                _same_owner(path, new)
+        for d in disks:
+            path = Path(current[d].path)
+            aside = path.with_name(path.name + OLD)
+            os.replace(path, aside)
+            moved.append((path, aside))
+            failpoint("swap")  # the fault suite kills here: the disk is aside, the new not in
+            os.replace(staged[d], path)
+    except BaseException:
+        for path, aside in reversed(moved):  # the VM's own disks back, as they were
+            os.replace(aside, path)
+        for new in staged.values():
+            new.unlink(missing_ok=True)
+        raise
+    for _path, aside in moved:
+        aside.unlink(missing_ok=True)
+    return {d: current[d].path for d in disks}
+
+
+def _reset_checkpoints(ctx: Context, vm_id: int, name: str) -> list[str]:
+    """The checkpoints describe the old disks: drop them, and stop every chain of this VM from
+    being extended (its next backup is a new full)."""
+    dropped = []
+    for cp in ctx.hv.checkpoints(name):
+        if cp.startswith(CHECKPOINT_PREFIX):
+            ctx.hv.delete_checkpoint(name, cp)
+            dropped.append(cp)
+    with ctx.catalog.session() as s:
+        for b in s.execute(select(Backup).where(Backup.vm_id == vm_id)).scalars():
+            for inc in b.increments:
+                inc.checkpoint = None
+    return dropped
+
+
+def run_restore(
+    ctx: Context, backup_id: int, opts: RestoreOptions
+) -> tuple[dict[str, Any], Warnings]:
+    """Every restore entry point (CLI, API job): in place, or as a new VM / disk image."""
+    if not opts.in_place:
+        return restore(ctx, backup_id, opts)
+    clashing = [
+        f"--{k.replace('_', '-')}"
+        for k in ("name", "path", "force", "no_nic", "no_ip")
+        if getattr(opts, k) not in (None, False)
+    ]
+    if clashing:
+        raise InvalidValue(
+            "--in-place",
+            "with " + ", ".join(clashing),
+            "an in-place restore keeps the VM's name, disks' paths and NICs; drop those options",
+        )
+    result, warnings = restore_in_place(ctx, backup_id, opts.increment, opts.disk)
+    if opts.start:
+        ctx.hv.start(result["vm"])
+        with ctx.catalog.session() as s:
+            vm_id = s.execute(select(Backup.vm_id).where(Backup.id == backup_id)).scalar_one()
+        sync_state(ctx, vm_id, result["vm"])
+    result["started"] = opts.start
+    return result, warnings
