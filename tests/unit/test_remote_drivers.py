@@ -17,8 +17,9 @@ from vmkeep.errors import DatastoreError, DatastoreUnreachable, InvalidValue
 
 
 def test_a_restic_password_is_never_an_option(tmp_path: Path) -> None:
-    with pytest.raises(InvalidValue, match="password_file"):
+    with pytest.raises(InvalidValue, match="password_file") as err:
         make_driver("restic", "r", {"repo": str(tmp_path), "password": "hunter2"})
+    assert "hunter2" not in str(err.value)  # the refusal never echoes the secret
     with pytest.raises(InvalidValue, match="exactly one"):
         make_driver("restic", "r", {"repo": str(tmp_path)})
 

@@ -44,7 +44,7 @@ def qemu_img_info(path: Path) -> dict[str, Any]:
 
 
 class DriverOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
 
 class DatastoreDriver(ABC):
@@ -60,9 +60,11 @@ class DatastoreDriver(ABC):
         except ValidationError as err:
             first = err.errors()[0]
             key = ".".join(str(p) for p in first["loc"]) or "options"
-            raise InvalidValue(
-                f"datastore {name} option {key}", first.get("input"), first["msg"]
-            ) from err
+            # a model-level error's input is every option (maybe a secret): never echo it
+            shown = first.get("input") if first["loc"] else "(the options given)"
+            if any(s in key for s in ("password", "secret", "key")):
+                shown = "(hidden)"
+            raise InvalidValue(f"datastore {name} option {key}", shown, first["msg"]) from None
 
     # --- required -------------------------------------------------------------------------------
     @abstractmethod

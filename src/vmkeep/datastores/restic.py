@@ -14,8 +14,12 @@ command line, in the environment of a logged command, in the catalog or in JSON.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import signal
 import subprocess
+import time
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,10 +34,12 @@ from vmkeep.datastores.ssh import (
     remote_tree_size,
     tree_size,
 )
-from vmkeep.errors import DatastoreError, DatastoreUnreachable
+from vmkeep.errors import DatastoreError
 
 HOST = "vmkeep"  # one snapshot host for every machine: a new host can import and restore
 CHECK_SUBSET = "10%"
+LOCK_WAIT = 600.0  # seconds forget/prune/check wait for another vmkeep's store to finish
+log = logging.getLogger(__name__)
 
 
 class ResticOptions(DriverOptions):
@@ -159,11 +165,30 @@ class ResticDriver(DatastoreDriver):
                 f"no restic repository at {self.options.repo}; add --opt init=yes to create one",
             )
         if "already locked" in low or "unable to create lock" in low:
-            return DatastoreUnreachable(self.name, f"{what}: the repository is locked", 0)
+            return DatastoreError(
+                self.name, f"{what}: the repository is locked by another restic that is running"
+            )
         return classify(self.name, what, stderr)
 
-    def _run(self, args: list[str], what: str, stdin: Any = None, stdout: Any = None) -> str:
-        for attempt in (1, 2):
+    def _run(
+        self,
+        args: list[str],
+        what: str,
+        stdin: Any = None,
+        stdout: Any = None,
+        lock_wait: float = 0.0,
+    ) -> str:
+        """Run restic. A lock left by a dead process is cleared (``restic unlock`` removes stale
+        locks only); a live one is waited for up to ``lock_wait`` seconds (restic 0.14 has no
+        ``--retry-lock``): forget, prune and check need the repository to themselves."""
+        deadline = time.monotonic() + lock_wait
+        unlocked = False
+        while True:
+            for f in (stdin, stdout):
+                if f is not None and hasattr(f, "seek"):
+                    f.seek(0)
+                    if f is stdout:
+                        f.truncate()
             proc = subprocess.run(
                 self._argv(args),
                 stdin=stdin if stdin is not None else subprocess.DEVNULL,
@@ -171,21 +196,24 @@ class ResticDriver(DatastoreDriver):
                 stderr=subprocess.PIPE,
             )
             if proc.returncode == 0:
-                break
+                return proc.stdout.decode() if stdout is None else ""
             err = self._error(what, proc.stderr.decode(errors="replace"))
-            if attempt == 1 and "is locked" in str(err) and stdin is None and stdout is None:
-                # a killed vmkeep leaves its lock behind: restic unlock removes only stale
-                # locks (dead process on this host, or older than 30 min), never a live one
+            if "is locked" not in str(err):
+                raise err
+            if not unlocked:
                 subprocess.run(self._argv(["unlock"]), capture_output=True)
+                unlocked = True
                 continue
-            raise err
-        return proc.stdout.decode() if stdout is None else ""
+            if time.monotonic() >= deadline:
+                raise err
+            time.sleep(2.0)
 
     def _snapshots(self, chain: str | None = None) -> list[dict[str, Any]]:
         tag = f"vmkeep,chain={chain}" if chain else "vmkeep"
         out = self._run(["snapshots", "--json", "--tag", tag], "list snapshots")
         rows: list[dict[str, Any]] = json.loads(out or "[]") or []
-        return sorted(rows, key=lambda r: r["time"])
+        # by the instant, not the text: the offset in "time" is the writer's local time zone
+        return sorted(rows, key=lambda r: datetime.fromisoformat(r["time"]))
 
     def _current(
         self, chain: str, snaps: list[dict[str, Any]] | None = None
@@ -200,9 +228,9 @@ class ResticDriver(DatastoreDriver):
 
     def _forget(self, ids: list[str], prune: bool) -> None:
         if ids:
-            self._run(["forget", *ids], "forget")
+            self._run(["forget", *ids], "forget", lock_wait=LOCK_WAIT)
             if prune:
-                self._run(["prune"], "prune")
+                self._run(["prune"], "prune", lock_wait=LOCK_WAIT)
 
     def ssh_target(self) -> SshTarget | None:
         sftp = self.options.sftp()
@@ -242,6 +270,7 @@ class ResticDriver(DatastoreDriver):
         return tree_size(Path(self.options.repo))
 
     def backup(self, chain: str, staged: list[Path]) -> None:
+        stored: dict[str, str] = {}  # file name -> the snapshot just written
         for src in staged:
             args = ["backup", "--json", "--host", HOST, "--stdin", "--stdin-filename", src.name]
             for t in _tags(chain, src.name):
@@ -249,17 +278,22 @@ class ResticDriver(DatastoreDriver):
             if self.options.compression:
                 args += ["--compression", self.options.compression]
             with open(src, "rb") as f:
-                self._run(args, f"store {src.name}", stdin=f)
-        # a name stored again replaces the older content (manifest.json after every increment)
-        names = {p.name for p in staged}
-        snaps = self._snapshots(chain)
-        current = self._current(chain, snaps)
+                out = self._run(args, f"store {src.name}", stdin=f)
+            summary = [json.loads(ln) for ln in out.splitlines() if '"summary"' in ln]
+            if summary and summary[-1].get("snapshot_id"):
+                stored[src.name] = summary[-1]["snapshot_id"]
+        # a name stored again replaces the older content (manifest.json after every increment);
+        # best effort: forget needs the repository to itself, and the newest snapshot wins anyway
         old = [
             s["short_id"]
-            for s in snaps
-            if _tag(s, "file") in names and s["id"] != current[str(_tag(s, "file"))]["id"]
+            for s in self._snapshots(chain)
+            if (name := _tag(s, "file")) in stored and s["id"] != stored[name]
         ]
-        self._forget(old, prune=False)
+        try:
+            self._forget(old, prune=False)
+        except DatastoreError as err:
+            log.warning("datastore %s: older copies of %s stay until the next rm: %s",
+                        self.name, ", ".join(stored), err)  # fmt: skip
 
     def restore(self, chain: str, names: list[str], workdir: Path) -> dict[str, Path]:
         current = self._current(chain)
@@ -287,7 +321,7 @@ class ResticDriver(DatastoreDriver):
         if name not in current:
             raise DatastoreError(self.name, f"{chain}/{name} is missing")
         proc = subprocess.Popen(
-            self._argv(["dump", current[name]["id"], "/" + name]),
+            self._argv(["--no-lock", "dump", current[name]["id"], "/" + name]),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -296,9 +330,15 @@ class ResticDriver(DatastoreDriver):
         try:
             return proc.stdout.read(size)
         finally:
-            proc.kill()
-            proc.wait()
+            proc.send_signal(signal.SIGINT)  # restic removes its lock on SIGINT, not on SIGKILL
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def verify_store(self, chain: str) -> str | None:
-        self._run(["check", f"--read-data-subset={CHECK_SUBSET}"], "restic check")
+        self._run(
+            ["check", f"--read-data-subset={CHECK_SUBSET}"], "restic check", lock_wait=LOCK_WAIT
+        )
         return f"restic check --read-data-subset={CHECK_SUBSET}: no errors"

@@ -58,8 +58,8 @@ class RsyncDriver(DatastoreDriver):
             raise DatastoreError(self.name, f"chain key {chain!r} escapes the datastore")
         return f"{self.options.path}/{chain}"
 
-    def _ssh(self, command: list[str], what: str) -> str:
-        return remote(self.name, self.options, command, what)
+    def _ssh(self, command: list[str], what: str, timeout: float | None = 600) -> str:
+        return remote(self.name, self.options, command, what, timeout)
 
     def _rsync(self, sources: list[str], dest: str, what: str) -> None:
         argv = ["rsync", *shlex.split(self.options.args), "-e", self.options.ssh_command()]
@@ -68,11 +68,9 @@ class RsyncDriver(DatastoreDriver):
         proc = subprocess.run([*argv, "--", *sources, dest], capture_output=True, text=True)
         if proc.returncode in (23, 24) and "no such file" in proc.stderr.lower():
             raise DatastoreError(self.name, f"{what}: a file is missing ({proc.stderr.strip()})")
-        if proc.returncode == 255 or proc.returncode in (10, 12, 30, 35):
-            err = classify(self.name, what, proc.stderr)
-            if proc.returncode != 255 and not isinstance(err, DatastoreUnreachable):
-                err = DatastoreUnreachable(self.name, f"{what}: {proc.stderr.strip()}", 0)
-            raise err
+        if proc.returncode in (30, 35) and "no space" not in proc.stderr.lower():
+            # rsync's own I/O timeouts: transient
+            raise DatastoreUnreachable(self.name, f"{what}: {proc.stderr.strip()}", 0)
         if proc.returncode != 0:
             raise classify(self.name, what, proc.stderr)
 
@@ -108,7 +106,7 @@ class RsyncDriver(DatastoreDriver):
                 + shlex.quote(tmp.rsplit("/", 1)[1])
                 + " && sync -- ."
             )
-            self._ssh(["sh", "-c", script], "store")
+            self._ssh(["sh", "-c", script], "store", timeout=None)  # syncs the data: no limit
         except BaseException:
             with contextlib.suppress(DatastoreError):  # else the next rm of the chain removes it
                 self._ssh(["rm", "-rf", "--", tmp], "store cleanup")

@@ -95,7 +95,7 @@ def classify(ds: str, what: str, stderr: str) -> DatastoreError:
             f"{what}: the host key is not the one in the datastore's known_hosts ({msg}); "
             "if the host was reinstalled, update --opt known_hosts",
         )
-    if "permission denied" in low:
+    if "permission denied (" in low or "too many authentication failures" in low:
         return DatastoreError(
             ds, f"{what}: login refused ({msg}); check --opt user and --opt identity"
         )
@@ -104,11 +104,14 @@ def classify(ds: str, what: str, stderr: str) -> DatastoreError:
     return DatastoreError(ds, f"{what}: {msg}")
 
 
-def remote(ds: str, target: SshTarget, command: list[str], what: str) -> str:
-    """Run ``command`` on the datastore host; its stdout."""
+def remote(
+    ds: str, target: SshTarget, command: list[str], what: str, timeout: float | None = 600
+) -> str:
+    """Run ``command`` on the datastore host; its stdout (``timeout`` None: as long as it takes,
+    e.g. syncing large files; a dead connection still ends through ServerAliveInterval)."""
     argv = [*target.ssh_argv(), target.login, "--", shlex.join(command)]
     try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         raise DatastoreUnreachable(ds, f"{what}: no answer in {err.timeout:.0f} s", 0) from err
     if proc.returncode != 0:

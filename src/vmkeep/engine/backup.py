@@ -31,7 +31,7 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.locks import holder, lock, pid_alive
-from vmkeep.catalog.tables import Backup, Increment, Vm
+from vmkeep.catalog.tables import Backup, Datastore, Increment, Vm
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.datastores.base import qemu_img_info, sha256_file
 from vmkeep.engine import quiesce, space
@@ -119,7 +119,10 @@ def _new_chain(s: Session, vm: Vm, ds_id: int, mode: BackupMode) -> Plan:
     b = Backup(vm_id=vm.id, datastore_id=ds_id, mode=mode, status=BackupStatus.RUNNING, chain="")
     s.add(b)
     s.flush()
-    b.chain = new_chain_key(s, vm.name, b.id, ds_id)
+    ds = s.get(Datastore, ds_id)
+    assert ds is not None
+    stored = driver_of(ds).chains()  # keys of chains the catalog does not know too
+    b.chain = new_chain_key(s, vm.name, b.id, ds_id, stored)
     s.add(Increment(backup_id=b.id, seq=0, parent=None, status=BackupStatus.RUNNING))
     s.flush()
     cp = checkpoint_name(b.id, 0) if mode == BackupMode.INCREMENT else None
@@ -331,7 +334,11 @@ def _finish(
         inc.status = BackupStatus.VALID
         b.status = BackupStatus.VALID
         b.finished_at = inc.finished_at
-    write_manifest(ctx, driver, plan.backup_id)
+    try:
+        write_manifest(ctx, driver, plan.backup_id)
+    except VmkeepError as err:  # the increment is stored and VALID: never discard it for this
+        log.warning("backup %s: manifest.json not updated (the next store rewrites it): %s",
+                    plan.backup_id, err)  # fmt: skip
 
 
 def _fail(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +37,24 @@ def xml_file(seq: int) -> str:
     return f"{seq}.domain.xml"
 
 
-def new_chain_key(s: Session, vm_name: str, backup_id: int, ds_id: int) -> str:
-    """``<vm>/<backup id>``, unless a chain imported from another catalog has that key already."""
+def new_chain_key(
+    s: Session, vm_name: str, backup_id: int, ds_id: int, stored: Collection[str] = ()
+) -> str:
+    """``<vm>/<backup id>``, unless that key is taken: by a chain imported from another catalog,
+    or by one in the datastore the catalog does not know (``stored``: a lost catalog's chains
+    before ``datastore scan --import``) — never write into another chain."""
     key = f"{vm_name}/{backup_id}"
     taken = select(Backup.id).where(Backup.datastore_id == ds_id, Backup.chain == key)
-    if s.execute(taken.where(Backup.id != backup_id)).first() is not None:
+    if key in stored or s.execute(taken.where(Backup.id != backup_id)).first() is not None:
         key = f"{vm_name}/{backup_id}-{uuid.uuid4().hex[:6]}"
     return key
 
 
 def latest_chain(s: Session, vm_id: int, ds_id: int) -> Backup | None:
-    """The newest VALID incremental chain of a VM on a datastore (the one a new increment extends)."""
-    return (
+    """The newest VALID incremental chain of a VM on a datastore (the one a new increment
+    extends). A chain without a checkpoint to extend (copied here, imported from a lost catalog,
+    or reset by an in-place restore) is passed over for a newer-taken one that has it."""
+    rows = (
         s.execute(
             select(Backup)
             .where(
@@ -56,11 +63,13 @@ def latest_chain(s: Session, vm_id: int, ds_id: int) -> Backup | None:
                 Backup.status == BackupStatus.VALID,
                 Backup.mode == BackupMode.INCREMENT,
             )
-            .order_by(Backup.id.desc())
+            .order_by(Backup.created_at.desc(), Backup.id.desc())
         )
         .scalars()
-        .first()
+        .all()
     )
+    extendable = [b for b in rows if (v := valid_increments(b)) and v[-1].checkpoint]
+    return extendable[0] if extendable else (rows[0] if rows else None)
 
 
 def valid_increments(b: Backup) -> list[Increment]:

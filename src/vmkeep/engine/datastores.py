@@ -31,6 +31,9 @@ def driver_of(ds: Datastore) -> DatastoreDriver:
 
 def add(ctx: Context, name: str, driver: str, options: dict[str, Any]) -> dict[str, Any]:
     check_name("datastore name", name)
+    with ctx.catalog.session() as s:
+        if s.execute(select(Datastore).where(Datastore.name == name)).scalar_one_or_none():
+            raise AlreadyExists(f"datastore {name!r}")
     drv = make_driver(driver, name, options)  # validates the options before anything is stored
     host_keys: list[str] = []
     target = drv.ssh_target()

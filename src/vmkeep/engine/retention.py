@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import select
 
@@ -26,11 +27,15 @@ from vmkeep.model import BackupMode, BackupStatus
 log = logging.getLogger(__name__)
 
 
-def chains_to_delete(chain_ids: list[int], keep_last: int | None) -> list[int]:
-    """Oldest first; keep the newest ``keep_last``."""
+def chains_to_delete(
+    chain_ids: list[int], keep_last: int | None, age: dict[int, Any] | None = None
+) -> list[int]:
+    """Oldest first; keep the newest ``keep_last``. Age is ``age[id]`` (when the backup was
+    taken: a copied or imported chain gets a new, higher id but keeps its age), else the id."""
     if keep_last is None or len(chain_ids) <= keep_last:
         return []
-    return sorted(chain_ids)[: len(chain_ids) - keep_last]
+    ordered = sorted(chain_ids, key=lambda i: (age[i], i) if age else i)
+    return ordered[: len(chain_ids) - keep_last]
 
 
 def increments_to_merge(seqs: list[int], keep_last: int | None) -> tuple[list[int], int | None]:
@@ -65,8 +70,9 @@ def _retain_full(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
             .all()
         )
         by_id = {b.id: (b.chain, b.datastore) for b in rows}
+        age = {b.id: b.created_at for b in rows}
     messages = []
-    for bid in chains_to_delete(list(by_id), keep):
+    for bid in chains_to_delete(list(by_id), keep, age):
         chain, ds = by_id[bid]
         driver_of(ds).rm(
             chain

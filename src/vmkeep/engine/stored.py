@@ -6,6 +6,7 @@ pointing at nothing (caught by verify), never data nobody knows about."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import uuid
@@ -37,10 +38,13 @@ from vmkeep.errors import (
     InvalidValue,
     NotFound,
     Refused,
+    VmkeepError,
 )
 from vmkeep.model import BackupStatus, LcmState, VmState
+from vmkeep.names import check_name
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def _tmp(ctx: Context) -> tempfile.TemporaryDirectory[str]:
@@ -131,7 +135,19 @@ def _live_checkpoints(ctx: Context, vm_name: str) -> list[str]:
 # --- copy ------------------------------------------------------------------------------------------
 def copy_backup(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
     """Copy a chain to another datastore and verify it there. Copying again later copies only the
-    increments the copy lacks (or whose content changed, after a retention merge)."""
+    increments the copy lacks (or whose content changed, after a retention merge). Holds the
+    VM's lock (no backup or retention changes the chain meanwhile); a failure removes what it
+    stored and leaves the copy's catalog row as it was minus the increments it was replacing."""
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            raise BackupNotFound(backup_id)
+        vm_id, vm_name = b.vm_id, b.vm.name
+    with lock(ctx.catalog, f"vm:{vm_id}", "copy", label=f"VM {vm_name}"):
+        return _copy_locked(ctx, backup_id, to_ref)
+
+
+def _copy_locked(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
     with ctx.catalog.session() as s:
         b = s.get(Backup, backup_id)
         if b is None:
@@ -140,16 +156,15 @@ def copy_backup(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
         if dest_ds.id == b.datastore_id:
             raise InvalidValue("--to", to_ref, "that is the datastore the backup is on already")
         src_driver, dst_driver = driver_of(b.datastore), driver_of(dest_ds)
-        chain, vm_id, mode = b.chain, b.vm_id, b.mode
+        chain, vm_id, mode, created = b.chain, b.vm_id, b.mode, b.created_at
         source = {i.seq: i for i in valid_increments(b)}
         if not source:
             raise Refused(f"copy of backup {backup_id}", "it has no VALID increment", "")
         src_rows = {
             seq: (i.parent, [dict(f) for f in i.files], _inc_fields(i)) for seq, i in source.items()
         }
-        copy = s.execute(
-            select(Backup).where(Backup.datastore_id == dest_ds.id, Backup.chain == chain)
-        ).scalar_one_or_none()
+        copy = _copy_row(s, dest_ds.id, chain)
+        existed = copy is not None
         have = (
             {i.seq: {f["name"]: f["sha256"] for f in i.files} for i in valid_increments(copy)}
             if copy
@@ -162,47 +177,52 @@ def copy_backup(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
         if have.get(seq) != {f["name"]: f["sha256"] for f in files}
     ]
     copied: list[str] = []
-    with _tmp(ctx) as tmp:
-        for seq in todo:
-            files = src_rows[seq][1]
-            names = [f["name"] for f in files]
-            local = src_driver.restore(chain, names, Path(tmp) / f"in-{seq}")
-            _check_sums(chain, files, local)
-            stage = Path(tmp) / f"stage-{seq}"
-            stage.mkdir()
-            staged = []
-            for n in names:  # the driver may move staged files: never hand it the source's
-                if "local" in src_driver.capabilities:
-                    shutil.copyfile(local[n], stage / n)
-                else:
-                    local[n].rename(stage / n)
-                staged.append(stage / n)
-            dst_driver.backup(chain, staged)
-            back = dst_driver.restore(chain, names, Path(tmp) / f"check-{seq}")
-            _check_sums(f"{dest_name}:{chain}", files, back)
-            copied += names
-    with ctx.catalog.session() as s:
-        copy = s.execute(
-            select(Backup).where(Backup.datastore_id == dest_id, Backup.chain == chain)
-        ).scalar_one_or_none()
-        if copy is None:
-            copy = Backup(
-                vm_id=vm_id, datastore_id=dest_id, chain=chain, mode=mode, status=BackupStatus.VALID
-            )
-            s.add(copy)
-            s.flush()
-        for seq in todo:
-            parent, files, fields = src_rows[seq]
-            old = next((i for i in copy.increments if i.seq == seq), None)
-            if old is not None:
-                copy.increments.remove(old)
+    try:
+        with _tmp(ctx) as tmp:
+            for seq in todo:
+                files = src_rows[seq][1]
+                names = [f["name"] for f in files]
+                work = Path(tmp) / str(seq)
+                local = src_driver.restore(chain, names, work / "in")
+                _check_sums(chain, files, local)
+                (work / "stage").mkdir()
+                staged = []
+                for n in names:  # the driver may move staged files: never hand it the source's
+                    if "local" in src_driver.capabilities:
+                        shutil.copyfile(local[n], work / "stage" / n)
+                    else:
+                        local[n].rename(work / "stage" / n)
+                    staged.append(work / "stage" / n)
+                copied += names
+                dst_driver.backup(chain, staged)
+                back = dst_driver.restore(chain, names, work / "check")
+                _check_sums(f"{dest_name}:{chain}", files, back)
+                shutil.rmtree(work, ignore_errors=True)  # one increment's data at a time
+        with ctx.catalog.session() as s:
+            copy = _copy_row(s, dest_id, chain)
+            if copy is None:
+                copy = Backup(
+                    vm_id=vm_id,
+                    datastore_id=dest_id,
+                    chain=chain,
+                    mode=mode,
+                    status=BackupStatus.VALID,
+                    created_at=created,  # its age is the source's (retention orders by it)
+                )
+                s.add(copy)
                 s.flush()
-            copy.increments.append(
-                Increment(seq=seq, parent=parent, files=files, checkpoint=None, **fields)
-            )
-        copy.status = BackupStatus.VALID
-        copy.finished_at = max((r[2]["finished_at"] for r in src_rows.values()), default=None)
-        copy_id = copy.id
+            _drop_increments(s, copy, todo)
+            for seq in todo:
+                parent, files, fields = src_rows[seq]
+                copy.increments.append(
+                    Increment(seq=seq, parent=parent, files=files, checkpoint=None, **fields)
+                )
+            copy.status = BackupStatus.VALID
+            copy.finished_at = max((r[2]["finished_at"] for r in src_rows.values()), default=None)
+            copy_id = copy.id
+    except BaseException:
+        _undo_copy(ctx, dst_driver, dest_id, chain, existed, copied, todo)
+        raise
     write_manifest(ctx, dst_driver, copy_id)
     return {
         "backup": backup_id,
@@ -212,6 +232,45 @@ def copy_backup(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
         "copied_files": copied,
         "verified": True,
     }
+
+
+def _copy_row(s: Any, ds_id: int, chain: str) -> Backup | None:
+    return (
+        s.execute(select(Backup).where(Backup.datastore_id == ds_id, Backup.chain == chain))
+        .scalars()
+        .first()
+    )
+
+
+def _drop_increments(s: Any, copy: Backup, seqs: list[int]) -> None:
+    for inc in [i for i in copy.increments if i.seq in seqs]:
+        copy.increments.remove(inc)
+    s.flush()
+
+
+def _undo_copy(
+    ctx: Context,
+    driver: DatastoreDriver,
+    ds_id: int,
+    chain: str,
+    existed: bool,
+    copied: list[str],
+    todo: list[int],
+) -> None:
+    """A failed copy: remove what it stored; an earlier copy keeps its untouched increments."""
+    try:
+        if not existed:
+            driver.rm(chain)
+            return
+        driver.rm(chain, copied)
+        with ctx.catalog.session() as s:
+            copy = _copy_row(s, ds_id, chain)
+            if copy is not None:
+                _drop_increments(s, copy, todo)
+                copy_id = copy.id
+        write_manifest(ctx, driver, copy_id)
+    except VmkeepError as err:
+        log.error("cleaning up the failed copy of %s on %s: %s", chain, driver.name, err)
 
 
 def _inc_fields(i: Increment) -> dict[str, Any]:
@@ -271,6 +330,13 @@ def remove_datastore(ctx: Context, ref: str, force: bool = False) -> dict[str, A
     with ctx.catalog.session() as s:
         ds = find_datastore(s, ref)
         rows = s.execute(select(Backup).where(Backup.datastore_id == ds.id)).scalars().all()
+        running = [b.id for b in rows if b.status == BackupStatus.RUNNING]
+        if running:
+            raise Refused(
+                f"removing datastore {ds.name}",
+                f"backups {', '.join(map(str, running))} are being written to it",
+                "Wait for them to end, or cancel them with 'vmkeep backup cancel VM'.",
+            )
         if rows and not force:
             ids = ", ".join(str(b.id) for b in rows[:10])
             raise Refused(
@@ -312,12 +378,17 @@ def scan(ctx: Context, ref: str, do_import: bool = False) -> list[dict[str, Any]
                     row["error"] = f"no readable {MANIFEST}: {err}"
                     found.append(row)
                     continue
-                row["vm"] = manifest.get("vm")
-                row["increments"] = [
-                    i["id"] for i in manifest.get("increments", []) if i["status"] == "VALID"
-                ]
-                if do_import:
-                    row["imported"] = _import(ctx, ds_id, driver, chain, manifest)
+                try:
+                    row["vm"] = manifest["vm"]
+                    row["increments"] = [
+                        int(i["id"]) for i in manifest["increments"] if i["status"] == "VALID"
+                    ]
+                    if do_import:
+                        row["imported"] = _import(ctx, ds_id, driver, chain, manifest)
+                except (KeyError, TypeError, ValueError, AttributeError, InvalidValue) as err:
+                    row["error"] = (
+                        f"{MANIFEST} is not a vmkeep manifest ({type(err).__name__}: {err})"
+                    )
             found.append(row)
     return found
 
@@ -329,7 +400,8 @@ def _when(value: Any) -> datetime | None:
 def _import(
     ctx: Context, ds_id: int, driver: DatastoreDriver, chain: str, m: dict[str, Any]
 ) -> int:
-    incs = [i for i in m.get("increments", []) if i.get("status") == "VALID"]
+    check_name("the manifest's VM name", m["vm"])
+    incs = [i for i in m["increments"] if i.get("status") == "VALID"]
     with ctx.catalog.session() as s:
         vm = None
         if m.get("vm_uuid"):
