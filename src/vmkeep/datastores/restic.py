@@ -287,7 +287,8 @@ class ResticDriver(DatastoreDriver):
         old = [
             s["short_id"]
             for s in self._snapshots(chain)
-            if (name := _tag(s, "file")) in stored and s["id"] != stored[name]
+            # restic 0.14's summary names the snapshot by its short id
+            if (name := _tag(s, "file")) in stored and not s["id"].startswith(stored[name])
         ]
         try:
             self._forget(old, prune=False)
