@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import date, datetime
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -27,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__
 from vmkeep.config import Config
-from vmkeep.engine import backups, datastores, groups, jobs, stored, tokens, vms
+from vmkeep.engine import backups, datastores, files, groups, jobs, stored, tokens, vms
 from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
@@ -194,6 +195,35 @@ def create_app(config: Config) -> FastAPI:
     def verify_backup(backup_id: int, who: str = require("verify")) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
         return enqueue("verify", str(backup_id), {"backup": backup_id}, who)
+
+    @app.get("/v1/backups/{backup_id}/files")
+    def list_files(
+        backup_id: int,
+        path: str = Query(default="/", max_length=4096),
+        increment: int | None = Query(default=None, ge=0),
+        disk: str | None = Query(default=None, max_length=64),
+        partition: int | None = Query(default=None, ge=1, le=128),
+        who: str = require("files"),
+    ) -> Any:
+        return FastJSON(files.ls(ctx(), backup_id, path, increment, disk, partition))
+
+    @app.get("/v1/backups/{backup_id}/files/content")
+    def download_file(
+        backup_id: int,
+        path: str = Query(min_length=1, max_length=4096),
+        increment: int | None = Query(default=None, ge=0),
+        disk: str | None = Query(default=None, max_length=64),
+        partition: int | None = Query(default=None, ge=1, le=128),
+        who: str = require("files"),
+    ) -> StreamingResponse:
+        chunks = files.stream(ctx(), backup_id, path, increment, disk, partition)
+        next(chunks)  # opens the point: a bad path is a 4xx before any byte is sent
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", path.rstrip("/").rsplit("/", 1)[-1]) or "file"
+        return StreamingResponse(
+            chunks,
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{name}"'},
+        )
 
     @app.post("/v1/backups/{backup_id}/copy", status_code=202)
     def copy_backup(backup_id: int, body: CopyRequest, who: str = require("copy")) -> JSONResponse:

@@ -246,6 +246,8 @@ def mount_fs(o: Opened, partition: int | None, mountpoint: Path) -> None:
 # --- files ls / get ------------------------------------------------------------------------------
 def _inside(root: Path, rel: str) -> Path:
     """``rel`` inside the mounted file system; a symlink may not lead out of it (to the host)."""
+    if "\x00" in rel:
+        raise InvalidValue("PATH", rel, "a path has no NUL character")
     path = Path(os.path.realpath(root / rel.lstrip("/")))
     if path != root and root not in path.parents:
         raise InvalidValue("PATH", rel, "it leads out of the backup's file system (a symlink)")
@@ -266,6 +268,8 @@ def _source(root: Path, rel: str) -> Path:
     rel = rel.strip("/")
     if not rel:
         return root
+    if "\x00" in rel:
+        raise InvalidValue("PATH", rel, "a path has no NUL character")
     parent = _inside(root, os.path.dirname(rel) or "/")
     src = parent / os.path.basename(rel)
     if not os.path.lexists(src):
@@ -357,6 +361,29 @@ def get(
                 shutil.copy2(src, dest, follow_symlinks=False)
             copied.append({"from": "/" + str(src.relative_to(mnt)), "to": str(dest)})
         return {"backup": o.backup, "increment": o.increment, "disk": o.disk, "copied": copied}
+
+
+def stream(
+    ctx: Context,
+    backup_id: int,
+    path: str,
+    increment: int | None = None,
+    disk: str | None = None,
+    partition: int | None = None,
+    chunk: int = 1 << 20,
+) -> Iterator[bytes]:
+    """One regular file of a restore point, in chunks (API downloads). The first item is b""
+    once the point is open and the file found, so errors come before any data; the point is
+    closed when the iteration ends or is abandoned."""
+    with exposed(ctx, backup_id, increment, disk) as o:
+        mount_fs(o, partition, Path(o.workdir) / "fs")
+        src = _source(Path(str(o.mountpoint)), path)
+        if src.is_symlink() or not src.is_file():
+            raise InvalidValue("path", path, "not a regular file (list folders with files ls)")
+        with open(src, "rb") as f:
+            yield b""
+            while data := f.read(chunk):
+                yield data
 
 
 # --- mount / umount ------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ POLICY: dict[str, str] = {
     "datastore-scan": "admin",
     "backup-delete": "admin",
     "copy": "operator",
+    "files": "operator",  # reads the guests' files: more than a viewer may see
     "group-create": "admin",
 }
 
