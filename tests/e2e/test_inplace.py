@@ -149,3 +149,50 @@ def test_killed_mid_swap_the_next_command_puts_the_disk_back(
     vmkeep("restore", str(b["id"]), "--in-place", "--start", check=1)
     lab.wait_ready(vm)
     assert lab.sha256(vm, "/mnt/vda/a") == a0
+
+
+def test_instant_restore_answers_while_its_copy_runs_then_stands_alone(
+    vmkeep, lab: Lab, hv: Hypervisor, fresh: str
+) -> None:
+    import time
+
+    vm = fresh
+    data = Path(os.environ["VMKEEP_DATA_DIR"])  # QEMU must reach the backup files here
+    vmkeep("datastore", "add", "q", "--driver", "dir", "--path", str(data / "q"))
+    a0 = lab.write_random(vm, "/mnt/vda/a", 8)
+    b = vmkeep("backup", vm, "-d", "q", "--json").json()
+    new = f"{PREFIX}instant"
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmkeep.cli.main", "restore", str(b["id"]), "--instant",
+         "--name", new, "--path", str(data / "inst"), "--copy-bwlimit", "1", "--json"],
+        env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        answered_during_copy = False
+        while proc.poll() is None:
+            try:
+                copying = hv.block_job(new, "vda") is not None
+                if copying and hv.guest_ping(new, 2):
+                    answered_during_copy = True
+                    break
+            except Exception:  # noqa: BLE001 (not defined yet)
+                pass
+            time.sleep(0.2)
+        up_after = time.monotonic() - t0
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+        assert answered_during_copy, "the guest did not answer while its disks were copied"
+        res = __import__("json").loads(out)
+        assert res["instant"] and res["independent"], res
+        assert up_after < 120
+        # the copy is done: the backup can go and the VM keeps its data, across a reboot too
+        vmkeep("backups", "delete", str(b["id"]))
+        assert lab.sha256(new, "/mnt/vda/a") == a0
+        hv.destroy(new)
+        boot(lab, new)
+        assert lab.sha256(new, "/mnt/vda/a") == a0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        lab.remove(new)

@@ -59,6 +59,8 @@ class RestoreRequest(_Body):
     start: bool = False
     force: bool = False
     in_place: bool = False
+    instant: bool = False
+    copy_bwlimit: int = Field(default=0, ge=0, le=1 << 20)
 
 
 class DatastoreRequest(_Body):

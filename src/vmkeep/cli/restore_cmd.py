@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import click
 
-from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings
+from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings, transfer_progress
 from vmkeep.engine import jobs
 from vmkeep.engine.inplace import run_restore
 from vmkeep.engine.restore import RestoreOptions
@@ -28,6 +28,18 @@ from vmkeep.engine.restore import RestoreOptions
 @click.option("--no-ip", is_flag=True, help="Keep NICs but drop MAC and fixed addresses.")
 @click.option("--start", is_flag=True, help="Start the restored VM.")
 @click.option(
+    "--instant",
+    is_flag=True,
+    help="Run the VM at once on overlays over the backup, then copy its disks to --path.",
+)
+@click.option(
+    "--copy-bwlimit",
+    type=click.IntRange(min=0),
+    default=0,
+    metavar="MIB",
+    help="Instant restore: limit the copy to MiB/s (0 = unlimited).",
+)
+@click.option(
     "--in-place",
     is_flag=True,
     help="Roll the VM itself back (it must be powered off; name, UUID, NICs stay).",
@@ -38,8 +50,16 @@ def restore(c: click.Context, backup_id: int, as_json: bool, **opts: object) -> 
     """Restore a backup as a new VM, one disk image, or the VM itself (--in-place)."""
     ctx = ctx_of(c)
     params = {"backup": backup_id, **{k: v for k, v in opts.items() if v not in (None, False)}}
-    with jobs.recorded(ctx, "restore", str(backup_id), params) as job:
-        res, warnings = run_restore(ctx, backup_id, RestoreOptions(**opts))  # type: ignore[arg-type]
+    with (
+        jobs.recorded(ctx, "restore", str(backup_id), params) as job,
+        transfer_progress(f"restore {backup_id}", as_json or not opts.get("instant")) as bar,
+    ):
+
+        def both(done: int, total: int) -> None:
+            bar(done, total)
+            job(done, total)
+
+        res, warnings = run_restore(ctx, backup_id, RestoreOptions(**opts), both)  # type: ignore[arg-type]
         job.result = res
     render(res, as_json, kv)
     report_warnings(warnings)

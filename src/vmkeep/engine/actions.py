@@ -38,12 +38,12 @@ def _group_backup(
 
 
 def _restore(
-    ctx: Context, p: dict[str, Any], _progress: Progress
+    ctx: Context, p: dict[str, Any], progress: Progress
 ) -> tuple[dict[str, Any], list[str]]:
     opts = restore.RestoreOptions(
         **{k: v for k, v in p.items() if k in restore.RestoreOptions.__dataclass_fields__}
     )
-    result, warnings = inplace.run_restore(ctx, int(p["backup"]), opts)
+    result, warnings = inplace.run_restore(ctx, int(p["backup"]), opts, progress)
     return result, warnings.items
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from vmkeep.catalog.tables import Backup
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, disk_file, mark_damaged, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
+from vmkeep.engine.instant import instant_restore
 from vmkeep.engine.recovery import SWAP_NEW, SWAP_OLD
 from vmkeep.engine.restore import RestoreOptions, pick_disks, restore, verify_files
 from vmkeep.engine.vms import vm_action
@@ -164,9 +166,20 @@ def _reset_checkpoints(ctx: Context, vm_id: int, name: str) -> list[str]:
 
 
 def run_restore(
-    ctx: Context, backup_id: int, opts: RestoreOptions
+    ctx: Context,
+    backup_id: int,
+    opts: RestoreOptions,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[dict[str, Any], Warnings]:
-    """Every restore entry point (CLI, API job): in place, or as a new VM / disk image."""
+    """Every restore entry point (CLI, API job): in place, instant, or as a new VM / disk."""
+    if opts.instant:
+        clash = [k for k in ("in_place", "disk") if getattr(opts, k) not in (None, False)]
+        if clash:
+            raise InvalidValue(
+                "--instant", "with --" + clash[0].replace("_", "-"), "an instant restore runs "
+                "the whole VM as a new one (--name, --path); drop that option"
+            )  # fmt: skip
+        return instant_restore(ctx, backup_id, opts, progress)
     if not opts.in_place:
         return restore(ctx, backup_id, opts)
     clashing = [

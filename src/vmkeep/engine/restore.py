@@ -47,6 +47,8 @@ class RestoreOptions:
     start: bool = False
     force: bool = False  # overwrite an existing disk file / write into a non-empty folder
     in_place: bool = False  # roll the VM itself back (engine/inplace.py)
+    instant: bool = False  # run it on overlays over the backup, then pull (engine/instant.py)
+    copy_bwlimit: int = 0  # MiB/s for an instant restore's copy (0: as fast as it goes)
 
 
 def rewrite_domain_xml(
@@ -168,7 +170,7 @@ def vm_folder(path: str | Path | None, default: Path, force: bool) -> Path:
     return folder
 
 
-def _check_new_vm_name(ctx: Context, name: str) -> None:
+def check_new_vm_name(ctx: Context, name: str) -> None:
     check_name("--name", name)
     try:
         ctx.hv.domain(name)
@@ -206,7 +208,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         folder = dest.parent
     else:
         new_name = opts.name or f"{vm_name}-restore-{backup_id}-{seq}"
-        _check_new_vm_name(ctx, new_name)
+        check_new_vm_name(ctx, new_name)
         folder = vm_folder(opts.path, restores / new_name, opts.force)
         created = [] if folder.exists() else [folder]
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -227,7 +229,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                     "path": str(dest),
                 }, warnings
             folder.mkdir(parents=True, exist_ok=True)
-            _warn_unsearchable(folder, warnings)
+            warn_unsearchable(folder, warnings)
             paths = {d: folder / f"{d}.qcow2" for d in disks}
             created += [p for p in paths.values() if not p.exists()]
             for d, p in paths.items():
@@ -263,7 +265,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
     }, warnings
 
 
-def _warn_unsearchable(folder: Path, warnings: Warnings) -> None:
+def warn_unsearchable(folder: Path, warnings: Warnings) -> None:
     for parent in [folder, *folder.parents]:
         if parent == Path("/"):
             break

@@ -121,3 +121,16 @@ class Hypervisor(ABC):
     @abstractmethod
     def delete_checkpoint(self, name: str, checkpoint: str) -> None:
         """Delete a checkpoint (its bitmap merges into the parent); no error when absent."""
+
+    # --- block jobs (instant restore) -----------------------------------------------------
+    def block_pull(self, name: str, target: str, bandwidth_mib: int = 0) -> None:
+        """Start pulling the disk's backing chain into its top image (the domain runs on)."""
+        raise NotImplementedError
+
+    def block_job(self, name: str, target: str) -> tuple[int, int] | None:
+        """(done, total) of the disk's running block job, None when none runs."""
+        raise NotImplementedError
+
+    def block_job_abort(self, name: str, target: str) -> None:
+        """Abort the disk's block job; no error when there is none."""
+        raise NotImplementedError

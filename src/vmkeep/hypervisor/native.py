@@ -487,3 +487,27 @@ class LibvirtHypervisor(Hypervisor):
                 lambda: cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY),
                 f"delete checkpoint {checkpoint} of {name}",
             )
+
+    def block_pull(self, name: str, target: str, bandwidth_mib: int = 0) -> None:
+        dom = self._dom(name)
+        self._call(lambda: dom.blockPull(target, bandwidth_mib, 0), f"block pull {name}/{target}")
+
+    def block_job(self, name: str, target: str) -> tuple[int, int] | None:
+        dom = self._dom(name)
+        info = self._call(lambda: dom.blockJobInfo(target, 0), f"block job of {name}/{target}")
+        if not info:
+            return None
+        return int(info.get("cur", 0)), int(info.get("end", 0))
+
+    def block_job_abort(self, name: str, target: str) -> None:
+        dom = self._dom(name)
+        try:
+            dom.blockJobAbort(target, 0)
+        except libvirt.libvirtError as err:
+            if err.get_error_code() not in (
+                libvirt.VIR_ERR_OPERATION_INVALID,
+                libvirt.VIR_ERR_NO_DOMAIN,
+            ):
+                raise HypervisorError(
+                    f"abort block job {name}/{target}: {err.get_error_message()}"
+                ) from err
