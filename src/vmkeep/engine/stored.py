@@ -185,7 +185,7 @@ def _copy_locked(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
                 work = Path(tmp) / str(seq)
                 local = src_driver.restore(chain, names, work / "in")
                 _check_sums(chain, files, local)
-                (work / "stage").mkdir()
+                (work / "stage").mkdir(parents=True)
                 staged = []
                 for n in names:  # the driver may move staged files: never hand it the source's
                     if "local" in src_driver.capabilities:
