@@ -26,3 +26,12 @@ def check_name(what: str, name: str) -> str:
         shown = name if len(name) <= 80 else name[:77] + "..."
         raise InvalidValue(what, shown, RULE)
     return name
+
+
+MAX_ID = 2**63 - 1  # catalog ids are 64-bit
+
+
+def is_id(ref: str) -> bool:
+    """Whether a reference (``vm show 12``) means a catalog id: ASCII digits within 64 bits.
+    Anything else is looked up as a name (names are never all digits)."""
+    return ref.isascii() and ref.isdigit() and int(ref) <= MAX_ID

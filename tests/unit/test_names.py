@@ -27,3 +27,10 @@ def test_long_name_is_shortened_in_the_message() -> None:
     with pytest.raises(InvalidValue) as exc:
         check_name("--name", "y" * 300)
     assert len(str(exc.value)) < 300
+
+
+def test_only_ascii_digits_within_64_bits_are_ids() -> None:
+    from vmkeep.names import is_id
+
+    assert is_id("12") and is_id(str(2**63 - 1))
+    assert not is_id(str(2**63)) and not is_id("²") and not is_id("web1") and not is_id("")

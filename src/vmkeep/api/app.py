@@ -16,9 +16,10 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import date, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -33,6 +34,8 @@ from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
 
+# catalog ids are 64-bit integers: a larger one is bad input (422), not a database error
+Id = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 EVENT_POLL = 0.5  # seconds between catalog looks of /v1/events
 
 
@@ -176,12 +179,12 @@ def create_app(config: Config) -> FastAPI:
         return FastJSON(backups.list_backups(ctx(), vm))
 
     @app.get("/v1/backups/{backup_id}")
-    def show_backup(backup_id: int, who: str = read) -> Any:
+    def show_backup(backup_id: Id, who: str = read) -> Any:
         return FastJSON(stored.show_with_sizes(ctx(), backup_id))
 
     @app.post("/v1/backups/{backup_id}/restore", status_code=202)
     def restore_backup(
-        backup_id: int, body: RestoreRequest, who: str = require("restore")
+        backup_id: Id, body: RestoreRequest, who: str = require("restore")
     ) -> JSONResponse:
         shown = backups.show_backup(ctx(), backup_id)
         if body.in_place:  # a VM that is not powered off is a 409 now, not a failed job later
@@ -194,13 +197,13 @@ def create_app(config: Config) -> FastAPI:
         )
 
     @app.post("/v1/backups/{backup_id}/verify", status_code=202)
-    def verify_backup(backup_id: int, who: str = require("verify")) -> JSONResponse:
+    def verify_backup(backup_id: Id, who: str = require("verify")) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
         return enqueue("verify", str(backup_id), {"backup": backup_id}, who)
 
     @app.get("/v1/backups/{backup_id}/files")
     def list_files(
-        backup_id: int,
+        backup_id: Id,
         path: str = Query(default="/", max_length=4096),
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
@@ -211,7 +214,7 @@ def create_app(config: Config) -> FastAPI:
 
     @app.get("/v1/backups/{backup_id}/files/content")
     def download_file(
-        backup_id: int,
+        backup_id: Id,
         path: str = Query(min_length=1, max_length=4096),
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
@@ -228,14 +231,14 @@ def create_app(config: Config) -> FastAPI:
         )
 
     @app.post("/v1/backups/{backup_id}/copy", status_code=202)
-    def copy_backup(backup_id: int, body: CopyRequest, who: str = require("copy")) -> JSONResponse:
+    def copy_backup(backup_id: Id, body: CopyRequest, who: str = require("copy")) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
         datastores.check_exists(ctx(), body.to)
         return enqueue("copy", str(backup_id), {"backup": backup_id, "to": body.to}, who)
 
     @app.delete("/v1/backups/{backup_id}")
     def delete_backup(
-        backup_id: int, increment: int | None = None, who: str = require("backup-delete")
+        backup_id: Id, increment: int | None = None, who: str = require("backup-delete")
     ) -> Any:
         return jsonable(stored.delete_backup(ctx(), backup_id, increment))
 
@@ -312,11 +315,11 @@ def create_app(config: Config) -> FastAPI:
         return FastJSON(jobs.list_jobs(ctx(), state))
 
     @app.get("/v1/jobs/{job_id}")
-    def show_job(job_id: int, who: str = read) -> Any:
+    def show_job(job_id: Id, who: str = read) -> Any:
         return FastJSON(jobs.get(ctx(), job_id))
 
     @app.delete("/v1/jobs/{job_id}")
-    def cancel_job(job_id: int, who: str = require("cancel-job")) -> Any:
+    def cancel_job(job_id: Id, who: str = require("cancel-job")) -> Any:
         return jsonable(jobs.cancel(ctx(), job_id))
 
     return app

@@ -12,13 +12,11 @@ from vmkeep.datastores import DatastoreDriver, make_driver
 from vmkeep.datastores.ssh import learn_host_key
 from vmkeep.engine.context import Context
 from vmkeep.errors import AlreadyExists, DatastoreError, DatastoreNotFound
-from vmkeep.names import check_name
+from vmkeep.names import check_name, is_id
 
 
 def find_datastore(s: Session, ref: str) -> Datastore:
-    q = select(Datastore).where(
-        Datastore.id == int(ref) if ref.isdigit() else Datastore.name == ref
-    )
+    q = select(Datastore).where(Datastore.id == int(ref) if is_id(ref) else Datastore.name == ref)
     ds = s.execute(q).scalar_one_or_none()
     if ds is None:
         raise DatastoreNotFound(ref)

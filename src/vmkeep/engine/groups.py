@@ -30,7 +30,7 @@ from vmkeep.errors import (
     InvalidValue,
 )
 from vmkeep.model import BackupStatus, LcmState, VmState, Warnings
-from vmkeep.names import check_name
+from vmkeep.names import check_name, is_id
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def find_group(s: Session, ref: str) -> Group:
     query = (
         select(Group).where(Group.id == int(ref))
-        if ref.isdigit()
+        if is_id(ref)
         else select(Group).where(Group.name == ref)
     )
     g = s.execute(query).scalar_one_or_none()

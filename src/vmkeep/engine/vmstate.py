@@ -13,6 +13,7 @@ from vmkeep.catalog.tables import Vm
 from vmkeep.engine.context import Context
 from vmkeep.errors import VmkeepError, VmNotFound
 from vmkeep.model import DomainInfo, LcmState, VmState
+from vmkeep.names import is_id
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ def states_of(info: DomainInfo) -> tuple[VmState, LcmState]:
 
 def find_vm(s: Session, ref: str) -> Vm:
     """A VM by name or numeric id."""
-    query = (
-        select(Vm).where(Vm.id == int(ref)) if ref.isdigit() else select(Vm).where(Vm.name == ref)
-    )
+    query = select(Vm).where(Vm.id == int(ref)) if is_id(ref) else select(Vm).where(Vm.name == ref)
     vm = s.execute(query).scalar_one_or_none()
     if vm is None:
         raise VmNotFound(ref)
