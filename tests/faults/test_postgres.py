@@ -60,6 +60,9 @@ def test_two_daemons_run_each_of_20_jobs_exactly_once(
     postgres: str, clean_env: Path, tmp_path: Path
 ) -> None:
     env = dict(os.environ) | {"VMKEEP_CATALOG_URL": postgres}
+    # each job holds its worker 0.5 s (these jobs fail at once otherwise): one daemon alone
+    # cannot drain the queue before the other's workers poll it
+    daemon_env = env | {"VMKEEP_FAILPOINTS": "job=sleep:0.5"}
     ctx = Context(load_config(environ=env))
     procs = []
     for i in range(2):
@@ -70,7 +73,7 @@ def test_two_daemons_run_each_of_20_jobs_exactly_once(
         procs.append((subprocess.Popen(
             [sys.executable, "-m", "vmkeep.cli.main", "-v", "daemon",
              "--listen", f"127.0.0.1:{port}", "--workers", "3"],
-            env=env, stderr=err,
+            env=daemon_env, stderr=err,
         ), err))  # fmt: skip
     try:
         deadline = time.monotonic() + 60

@@ -30,6 +30,7 @@ from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Job
 from vmkeep.engine.context import Context
 from vmkeep.errors import JobNotFound, VmkeepError, WrongState
+from vmkeep.faults import failpoint
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, 
         if runner is None:
             raise VmkeepError(f"unknown job kind {kind!r}")
         progress = _Progress(ctx, job_id)
+        failpoint("job")  # the fault suite slows jobs down to watch several workers share a queue
         result, warnings = runner(ctx, params, progress)
         progress.write()
         _finish(ctx, job_id, DONE, result | ({"warnings": warnings} if warnings else {}))
