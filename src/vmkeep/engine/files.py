@@ -81,7 +81,7 @@ def _materialize(
         expected = {f["name"]: f["sha256"] for i in chain for f in i.files if f["disk"] == chosen}
         chain_key, driver, seq = b.chain, driver_of(b.datastore), target.seq
     local = driver.restore(chain_key, list(expected), workdir / "chain")
-    verify_files(chain_key, expected, local)
+    verify_files(ctx, backup_id, chain_key, expected, local)
     return local[disk_file(seq, chosen)], seq, chosen
 
 

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup
-from vmkeep.engine.chains import CHECKPOINT_PREFIX, disk_file, mark_damaged, point
+from vmkeep.engine.chains import CHECKPOINT_PREFIX, disk_file, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.instant import instant_restore
@@ -30,7 +30,7 @@ from vmkeep.engine.recovery import SWAP_NEW, SWAP_OLD
 from vmkeep.engine.restore import RestoreOptions, pick_disks, restore, verify_files
 from vmkeep.engine.vms import vm_action
 from vmkeep.engine.vmstate import set_lcm, sync_state
-from vmkeep.errors import BackupNotFound, ChecksumMismatch, InvalidValue, VmkeepError
+from vmkeep.errors import BackupNotFound, InvalidValue, VmkeepError
 from vmkeep.faults import failpoint
 from vmkeep.model import LcmState, Warnings
 
@@ -121,11 +121,7 @@ def _swap(
     try:
         with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
             local = driver.restore(chain_key, list(expected), Path(tmp))
-            try:
-                verify_files(chain_key, expected, local)
-            except ChecksumMismatch as err:
-                mark_damaged(ctx, backup_id, str(err.args[0]).rsplit("/", 1)[-1], str(err))
-                raise
+            verify_files(ctx, backup_id, chain_key, expected, local)
             for d in disks:  # written beside the disk it replaces: the swap is a rename
                 path = Path(current[d].path)
                 new = path.with_name(path.name + NEW)

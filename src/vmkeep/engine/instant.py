@@ -10,7 +10,6 @@ its overlays (still backed by the backup, which stays untouched), and the result
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import subprocess
 import time
@@ -19,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.catalog.tables import Backup
+from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine import vms
-from vmkeep.engine.chains import disk_file, mark_damaged, point
+from vmkeep.engine.chains import disk_file, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.restore import (
@@ -32,7 +32,7 @@ from vmkeep.engine.restore import (
     vm_folder,
     warn_unsearchable,
 )
-from vmkeep.errors import BackupNotFound, ChecksumMismatch, VmkeepError
+from vmkeep.errors import BackupNotFound, VmkeepError
 from vmkeep.model import Warnings
 
 Progress = Callable[[int, int], None]
@@ -61,13 +61,7 @@ def _overlay(backing: Path, overlay: Path) -> None:
 
 
 def backing_of(image: Path) -> str | None:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", str(image)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    value = json.loads(out).get("backing-filename")
+    value = qemu_img_info(image).get("backing-filename")
     return str(value) if value else None
 
 
@@ -101,11 +95,7 @@ def instant_restore(
     overlays = {d: folder / f"{d}.qcow2" for d in disks}
     try:
         local = driver.restore(chain_key, list(expected), fetched)
-        try:
-            verify_files(chain_key, expected, local)
-        except ChecksumMismatch as err:
-            mark_damaged(ctx, backup_id, str(err.args[0]).rsplit("/", 1)[-1], str(err))
-            raise
+        verify_files(ctx, backup_id, chain_key, expected, local)
         for d, ov in overlays.items():
             backing = local[disk_file(seq, d)]
             warn_unsearchable(backing.parent, warnings)

@@ -120,11 +120,17 @@ def pick_disks(target: Increment, disk: str | None) -> list[str]:
     )
 
 
-def verify_files(chain_key: str, expected: dict[str, str], local: dict[str, Path]) -> None:
+def verify_files(
+    ctx: Context, backup_id: int, chain_key: str, expected: dict[str, str], local: dict[str, Path]
+) -> None:
+    """Every fetched file against its sha256; a mismatch marks the increment holding it (and
+    those built on it) DAMAGED before ChecksumMismatch is raised."""
     for name, want in expected.items():
         got = sha256_file(local[name])
         if got != want:
-            raise ChecksumMismatch(f"{chain_key}/{name}", want, got)
+            err = ChecksumMismatch(f"{chain_key}/{name}", want, got)
+            mark_damaged(ctx, backup_id, name, str(err))
+            raise err
 
 
 def _blocking_file(path: Path) -> Path | None:
@@ -215,11 +221,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
     try:
         with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
             local = driver.restore(chain_key, list(expected), Path(tmp))
-            try:
-                verify_files(chain_key, expected, local)
-            except ChecksumMismatch as err:
-                mark_damaged(ctx, backup_id, str(err.args[0]).rsplit("/", 1)[-1], str(err))
-                raise
+            verify_files(ctx, backup_id, chain_key, expected, local)
             if one_disk:
                 flatten(local[disk_file(seq, disks[0])], dest)
                 return {
