@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import statistics
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -15,3 +17,14 @@ def workspace() -> tuple[Path, dict[str, str]]:
     (work / "c.toml").write_text("version = 1\n")
     env = dict(os.environ, VMKEEP_DATA_DIR=str(work / "data"), VMKEEP_CONFIG=str(work / "c.toml"))
     return work, env
+
+
+def drop_caches() -> None:
+    """Cold runs: write back and drop the page cache (root)."""
+    subprocess.run(["sync"], check=True)
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def spread(values: list[float]) -> str:
+    """min / median / max, as every benchmark prints its ratios."""
+    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"

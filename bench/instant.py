@@ -15,23 +15,17 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import workspace  # bench/ is on sys.path when run as a script
+from common import drop_caches, spread, workspace  # bench/ is on sys.path as a script
 from vmkeep.hypervisor import connect
 from vmkeep.lab import Lab
 
 LAB_DIR = Path("/var/lib/vmkeep/lab")
 PREFIX = "vmkeep-bench-"
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def wait_agent(hv, name: str, t0: float, timeout: float = 300) -> float:  # type: ignore[no-untyped-def]
@@ -43,10 +37,6 @@ def wait_agent(hv, name: str, t0: float, timeout: float = 300) -> float:  # type
             pass
         time.sleep(0.05)
     sys.exit(f"{name}: no agent within {timeout} s")
-
-
-def spread(values: list[float]) -> str:
-    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
 
 def main() -> None:

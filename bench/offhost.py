@@ -16,24 +16,18 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import workspace  # bench/ is on sys.path when run as a script
+from common import drop_caches, spread, workspace  # bench/ is on sys.path as a script
 from vmkeep.hypervisor import connect
 from vmkeep.lab import Lab
 from vmkeep.lab.sshd import Sshd
 
 LAB_DIR = Path("/var/lib/vmkeep/lab")
 PREFIX = "vmkeep-bench-"
-
-
-def drop_caches() -> None:
-    subprocess.run(["sync"], check=True)
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
 def timed(argv: list[str], env: dict[str, str], cold: bool) -> tuple[float, str]:
@@ -49,10 +43,6 @@ def timed(argv: list[str], env: dict[str, str], cold: bool) -> tuple[float, str]
 
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
-def spread(values: list[float]) -> str:
-    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
 
 
 def main() -> None:
