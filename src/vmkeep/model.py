@@ -57,6 +57,7 @@ class Consistency(enum.StrEnum):
     SUSPENDED = "SUSPENDED"
     CRASH = "CRASH"
     OFFLINE = "OFFLINE"  # powered-off VM: nothing in flight, file-system clean if shut down cleanly
+    MEMORY = "MEMORY"  # RAM and disks at one paused instant: restore resumes the guest
 
 
 @dataclass(frozen=True)

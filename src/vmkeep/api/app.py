@@ -64,6 +64,7 @@ class RestoreRequest(_Body):
     in_place: bool = False
     instant: bool = False
     copy_bwlimit: int = Field(default=0, ge=0, le=1 << 20)
+    without_memory: bool = False
 
 
 class DatastoreRequest(_Body):

@@ -1,5 +1,5 @@
 """``vmkeep restore ID [--increment N] [--disk N] [--name NEW] [--path DIR] [--no-nic] [--no-ip]
-[--start] [--in-place]``."""
+[--start] [--in-place] [--instant] [--without-memory]``."""
 
 from __future__ import annotations
 
@@ -38,6 +38,11 @@ from vmkeep.engine.restore import RestoreOptions
     default=0,
     metavar="MIB",
     help="Instant restore: limit the copy to MiB/s (0 = unlimited).",
+)
+@click.option(
+    "--without-memory",
+    is_flag=True,
+    help="A point with memory state: boot the VM cold instead of resuming it.",
 )
 @click.option(
     "--in-place",

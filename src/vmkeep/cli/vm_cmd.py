@@ -97,6 +97,7 @@ def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.option("--mode", help="full | increment")
 @click.option("--fs-freeze", help="none | agent | suspend")
 @click.option("--backup-volatile", help="yes | no")
+@click.option("--memory", help="yes | no: also save the RAM of a running VM (restore resumes it)")
 @json_option
 @click.pass_context
 def config_cmd(c: click.Context, ref: str, as_json: bool, **opts: str | None) -> None:
@@ -104,7 +105,7 @@ def config_cmd(c: click.Context, ref: str, as_json: bool, **opts: str | None) ->
     changes = {k: v for k, v in opts.items() if v is not None}
     if not changes:
         raise click.UsageError(
-            "give at least one of --keep-last, --mode, --fs-freeze, --backup-volatile"
+            "give at least one of --keep-last, --mode, --fs-freeze, --backup-volatile, --memory"
         )
     res = vms.configure(ctx_of(c), ref, changes)
     render(res["backup_config"], as_json, kv)

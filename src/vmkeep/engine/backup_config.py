@@ -1,4 +1,5 @@
-"""BACKUP_CONFIG (OpenNebula): KEEP_LAST, BACKUP_VOLATILE, FS_FREEZE, MODE.
+"""BACKUP_CONFIG (OpenNebula): KEEP_LAST, BACKUP_VOLATILE, FS_FREEZE, MODE, and MEMORY (stoney's
+state file: each backup of a running VM also saves its RAM).
 
 Stored per VM as a dict of the keys the user set; ``resolve`` layers VM over pool over the defaults
 (stoney's VM -> pool -> global inheritance).
@@ -12,7 +13,7 @@ from typing import Any
 from vmkeep.errors import InvalidValue
 from vmkeep.model import BackupMode, FsFreeze
 
-KEYS = ("keep_last", "backup_volatile", "fs_freeze", "mode")
+KEYS = ("keep_last", "backup_volatile", "fs_freeze", "mode", "memory")
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class BackupConfig:
     backup_volatile: bool = False
     fs_freeze: FsFreeze = FsFreeze.NONE
     mode: BackupMode = BackupMode.FULL
+    memory: bool = False  # save RAM with the disks (a running VM; restore resumes it)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -41,15 +43,8 @@ def validate(key: str, value: Any) -> Any:
         if n < 1:
             raise InvalidValue("keep_last", value, "use a whole number >= 1, or 'all'")
         return n
-    if key == "backup_volatile":
-        if isinstance(value, bool):
-            return value
-        text = str(value).lower()
-        if text in ("yes", "true", "1", "on"):
-            return True
-        if text in ("no", "false", "0", "off"):
-            return False
-        raise InvalidValue("backup_volatile", value, "use yes or no")
+    if key in ("backup_volatile", "memory"):
+        return _yes_no(key, value)
     if key == "fs_freeze":
         try:
             return FsFreeze(str(value).upper())
@@ -63,6 +58,17 @@ def validate(key: str, value: Any) -> Any:
         except ValueError:
             raise InvalidValue("mode", value, "use full or increment") from None
     raise InvalidValue("backup_config", key, f"known keys are {', '.join(KEYS)}")
+
+
+def _yes_no(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("yes", "true", "1", "on"):
+        return True
+    if text in ("no", "false", "0", "off"):
+        return False
+    raise InvalidValue(key, value, "use yes or no")
 
 
 def resolve(*layers: dict[str, Any] | None) -> BackupConfig:

@@ -37,6 +37,11 @@ def xml_file(seq: int) -> str:
     return f"{seq}.domain.xml"
 
 
+def memory_file(seq: int) -> str:
+    """The guest's RAM and device state at point ``seq`` (libvirt's save-image format)."""
+    return f"{seq}.memory"
+
+
 def new_chain_key(
     s: Session, vm_name: str, backup_id: int, ds_id: int, stored: Collection[str] = ()
 ) -> str:
@@ -110,8 +115,8 @@ def chain_disks(s: Session, backup_id: int) -> set[str]:
 
 
 def increment_file_names(disks: set[str] | list[str], seq: int) -> list[str]:
-    """Every file one increment may have in the datastore (disks and domain XML)."""
-    return [disk_file(seq, d) for d in sorted(disks)] + [xml_file(seq)]
+    """Every file one increment may have in the datastore (disks, domain XML, memory state)."""
+    return [disk_file(seq, d) for d in sorted(disks)] + [xml_file(seq), memory_file(seq)]
 
 
 def running_increments(s: Session, vm_id: int) -> list[tuple[Backup, Increment]]:

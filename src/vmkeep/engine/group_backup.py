@@ -357,6 +357,12 @@ def _run(
     for vm in vms:
         with _member(vm.name):
             job = prepare_job(ctx, vm, ds_id, reset, warnings)
+            if job.memory:  # its agent freeze would be saved in the RAM and come back frozen
+                job.memory = False
+                warnings.add(
+                    f"VM {vm.name}: memory state is not saved in a group backup (the group's "
+                    "freeze would be restored with it); its disks are backed up as usual"
+                )
             jobs.append(job)
             set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)
             plan_job(ctx, job, warnings)

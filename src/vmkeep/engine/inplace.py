@@ -26,6 +26,7 @@ from vmkeep.engine.chains import CHECKPOINT_PREFIX, disk_file, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.instant import instant_restore
+from vmkeep.engine.memory import memory_entry, resume
 from vmkeep.engine.recovery import SWAP_NEW, SWAP_OLD
 from vmkeep.engine.restore import RestoreOptions, pick_disks, restore, verify_files
 from vmkeep.engine.vms import vm_action
@@ -55,7 +56,12 @@ def _same_owner(model: Path, path: Path) -> None:
 
 
 def restore_in_place(
-    ctx: Context, backup_id: int, increment: int | None = None, disk: str | None = None
+    ctx: Context,
+    backup_id: int,
+    increment: int | None = None,
+    disk: str | None = None,
+    *,
+    without_memory: bool = False,
 ) -> tuple[dict[str, Any], Warnings]:
     warnings = Warnings()
     with ctx.catalog.session() as s:
@@ -69,6 +75,10 @@ def restore_in_place(
             f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"] in disks
         }
         seq = target.seq
+        mem = None if disk is not None or without_memory else memory_entry(target)
+        if mem is not None:
+            expected[mem["name"]] = mem["sha256"]
+    resumed: bool | None = None
     with vm_action(ctx, vm_ref, "restore in place") as vm:
         vm_id, name = vm.id, vm.name
         current = {d.target: d for d in ctx.hv.domain(name).disks if d.device == "disk"}
@@ -82,11 +92,19 @@ def restore_in_place(
             )
         unchanged = sorted(set(current) - set(disks))
         set_lcm(ctx, vm_id, LcmState.RESTORE)
-        try:
-            result = _swap(ctx, backup_id, chain_key, driver, expected, seq, disks, current)
-        finally:
-            sync_state(ctx, vm_id, name)
-        dropped = _reset_checkpoints(ctx, vm_id, name)
+        ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+            try:
+                local = driver.restore(chain_key, list(expected), Path(tmp))
+                verify_files(ctx, backup_id, chain_key, expected, local)
+                result = _swap(local, seq, disks, current)
+            finally:
+                sync_state(ctx, vm_id, name)
+            dropped = _reset_checkpoints(ctx, vm_id, name)
+            if mem is not None:  # the VM running again where it was at that point
+                paths = {d: Path(p) for d, p in result.items()}
+                resumed = resume(ctx, local[mem["name"]], paths, warnings)
+                sync_state(ctx, vm_id, name)
     warnings.add(
         f"VM {name} was rolled back: its checkpoints were dropped, so its next backup starts "
         "a new full chain"
@@ -102,32 +120,22 @@ def restore_in_place(
         "in_place": True,
         "disks": result,
         "checkpoints_dropped": dropped,
+        **({} if resumed is None else {"resumed": resumed}),
     }, warnings
 
 
 def _swap(
-    ctx: Context,
-    backup_id: int,
-    chain_key: str,
-    driver: Any,
-    expected: dict[str, str],
-    seq: int,
-    disks: list[str],
-    current: dict[str, Any],
+    local: dict[str, Path], seq: int, disks: list[str], current: dict[str, Any]
 ) -> dict[str, str]:
-    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
     staged: dict[str, Path] = {}
     moved: list[tuple[Path, Path]] = []  # (the VM's disk, where it was put aside)
     try:
-        with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
-            local = driver.restore(chain_key, list(expected), Path(tmp))
-            verify_files(ctx, backup_id, chain_key, expected, local)
-            for d in disks:  # written beside the disk it replaces: the swap is a rename
-                path = Path(current[d].path)
-                new = path.with_name(path.name + NEW)
-                staged[d] = new
-                _write_image(local[disk_file(seq, d)], new, current[d].fmt or "qcow2")
-                _same_owner(path, new)
+        for d in disks:  # written beside the disk it replaces: the swap is a rename
+            path = Path(current[d].path)
+            new = path.with_name(path.name + NEW)
+            staged[d] = new
+            _write_image(local[disk_file(seq, d)], new, current[d].fmt or "qcow2")
+            _same_owner(path, new)
         for d in disks:
             path = Path(current[d].path)
             aside = path.with_name(path.name + OLD)
@@ -189,7 +197,12 @@ def run_restore(
             "with " + ", ".join(clashing),
             "an in-place restore keeps the VM's name, disks' paths and NICs; drop those options",
         )
-    result, warnings = restore_in_place(ctx, backup_id, opts.increment, opts.disk)
+    result, warnings = restore_in_place(
+        ctx, backup_id, opts.increment, opts.disk, without_memory=opts.without_memory
+    )
+    if result.get("resumed"):
+        result["started"] = True
+        return result, warnings
     if opts.start:
         ctx.hv.start(result["vm"])
         with ctx.catalog.session() as s:

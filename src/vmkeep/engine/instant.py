@@ -81,7 +81,7 @@ def instant_restore(
         disks = pick_disks(target, None)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
         expected = {f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"]}
-        xml_entry = next(f for f in target.files if f["disk"] is None)
+        xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
         expected[xml_entry["name"]] = xml_entry["sha256"]
         seq = target.seq
     new_name = opts.name or f"{vm_name}-instant-{backup_id}-{seq}"

@@ -1,7 +1,9 @@
 """Restore a whole VM (new domain, new name and UUID) or one disk, from any point of a chain.
 
 Increments are numbered as OpenNebula does (full = 0); without ``increment`` the newest point is
-restored. Every file of the chain is checked against its sha256 before it is used.
+restored. Every file of the chain is checked against its sha256 before it is used. A point with
+memory state comes back as the VM itself, resumed (``engine/memory.py``), unless
+``without_memory``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from vmkeep.engine import vms
 from vmkeep.engine.chains import disk_file, mark_damaged, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
+from vmkeep.engine.domain_xml import set_disk_sources
 from vmkeep.engine.images import flatten
+from vmkeep.engine.memory import check_new_vm, memory_entry, resume, with_disks
 from vmkeep.errors import (
     AlreadyExists,
     BackupNotFound,
@@ -49,6 +53,7 @@ class RestoreOptions:
     in_place: bool = False  # roll the VM itself back (engine/inplace.py)
     instant: bool = False  # run it on overlays over the backup, then pull (engine/instant.py)
     copy_bwlimit: int = 0  # MiB/s for an instant restore's copy (0: as fast as it goes)
+    without_memory: bool = False  # a point with memory state: boot cold instead of resuming
 
 
 def rewrite_domain_xml(
@@ -74,22 +79,11 @@ def rewrite_domain_xml(
     devices = root.find("devices")
     if devices is None:
         return ET.tostring(root, encoding="unicode")
+    set_disk_sources(root, disks, "qcow2")
     for disk in list(devices.findall("disk")):
         target = disk.find("target")
         dev = target.get("dev", "") if target is not None else ""
-        if dev in disks:
-            source = disk.find("source")
-            if source is None:
-                source = ET.SubElement(disk, "source")
-            source.attrib.clear()
-            source.set("file", str(disks[dev]))
-            disk.set("type", "file")
-            driver = disk.find("driver")
-            if driver is not None:
-                driver.set("type", "qcow2")
-            for bs in disk.findall("backingStore"):
-                disk.remove(bs)
-        elif disk.get("device", "disk") == "disk":
+        if dev not in disks and disk.get("device", "disk") == "disk":
             devices.remove(disk)  # not in the backup (volatile): never share the original's file
             if warnings is not None:
                 warnings.add(f"disk {dev} was not in the backup and is left out of the restored VM")
@@ -201,17 +195,31 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         expected = {
             f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"] in disks
         }
-        xml_entry = next(f for f in target.files if f["disk"] is None)
+        xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
         expected[xml_entry["name"]] = xml_entry["sha256"]
-        seq = target.seq
+        seq, vm_uuid = target.seq, b.vm.uuid
+        one_disk = opts.disk is not None and opts.name is None
+        mem = None if one_disk or opts.without_memory else memory_entry(target)
+        if mem is not None:
+            expected[mem["name"]] = mem["sha256"]
     restores = ctx.config.data_dir / "restores"
-    one_disk = opts.disk is not None and opts.name is None
     if one_disk:
         default = restores / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
         dest = disk_destination(opts.path, default, opts.force)
         created: list[Path] = [] if dest.exists() else [dest]
         new_name = ""
         folder = dest.parent
+    elif mem is not None:
+        if opts.no_nic or opts.no_ip:
+            raise InvalidValue(
+                "--no-nic" if opts.no_nic else "--no-ip",
+                "with memory state",
+                "a VM resumed from its memory keeps its devices; add --without-memory",
+            )
+        check_new_vm(ctx, vm_name, vm_uuid, opts.name)
+        new_name = vm_name
+        folder = vm_folder(opts.path, restores / new_name, opts.force)
+        created = [] if folder.exists() else [folder]
     else:
         new_name = opts.name or f"{vm_name}-restore-{backup_id}-{seq}"
         check_new_vm_name(ctx, new_name)
@@ -236,17 +244,23 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
             created += [p for p in paths.values() if not p.exists()]
             for d, p in paths.items():
                 flatten(local[disk_file(seq, d)], p)
-            xml = rewrite_domain_xml(
-                local[xml_entry["name"]].read_text(),
-                new_name,
-                paths,
-                folder,
-                no_nic=opts.no_nic,
-                no_ip=opts.no_ip,
-                warnings=warnings,
-            )
+            resumed: bool | None = None
+            if mem is not None:  # the VM itself, running again where it was
+                xml = with_disks(local[xml_entry["name"]].read_text(), paths, "qcow2")
+                state = local[mem["name"]]
+                resumed = resume(ctx, state, paths, warnings, persistent_xml=xml, fmt="qcow2")
+            else:
+                xml = rewrite_domain_xml(
+                    local[xml_entry["name"]].read_text(),
+                    new_name,
+                    paths,
+                    folder,
+                    no_nic=opts.no_nic,
+                    no_ip=opts.no_ip,
+                    warnings=warnings,
+                )
+                ctx.hv.define(xml)
         (folder / "domain.xml").write_text(xml)
-        ctx.hv.define(xml)
     except BaseException:
         for p in reversed(created):
             if p.is_dir():
@@ -254,17 +268,34 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
             else:
                 p.unlink(missing_ok=True)
         raise
-    if opts.start:
+    started = bool(resumed)
+    if opts.start and not started:
         ctx.hv.start(new_name)
-    vms.import_vm(ctx, new_name)
+        started = True
+    result = _imported(ctx, backup_id, seq, new_name, folder, paths, started, resumed)
+    return result, warnings
+
+
+def _imported(
+    ctx: Context,
+    backup_id: int,
+    seq: int,
+    name: str,
+    folder: Path,
+    paths: dict[str, Path],
+    started: bool,
+    resumed: bool | None = None,
+) -> dict[str, Any]:
+    vms.import_vm(ctx, name)
     return {
         "backup": backup_id,
         "increment": seq,
-        "vm": new_name,
+        "vm": name,
         "path": str(folder),
         "disks": {d: str(p) for d, p in paths.items()},
-        "started": opts.start,
-    }, warnings
+        "started": started,
+        **({} if resumed is None else {"resumed": resumed}),
+    }
 
 
 def warn_unsearchable(folder: Path, warnings: Warnings) -> None:

@@ -16,7 +16,13 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Backup
 from vmkeep.datastores.base import sha256_file
 from vmkeep.engine.backup_config import BackupConfig
-from vmkeep.engine.chains import disk_file, latest_chain, valid_increments, write_manifest
+from vmkeep.engine.chains import (
+    disk_file,
+    increment_file_names,
+    latest_chain,
+    valid_increments,
+    write_manifest,
+)
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.images import flatten
@@ -138,8 +144,6 @@ def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[
             if inc.seq < base and inc.status != BackupStatus.VALID:
                 row.increments.remove(inc)
         row.active_flatten = False
-    driver.rm(
-        chain, [disk_file(q, d) for q in drop for d in disks] + [f"{q}.domain.xml" for q in drop]
-    )
+    driver.rm(chain, [name for q in drop for name in increment_file_names(disks, q)])
     write_manifest(ctx, driver, bid)
     return [f"retention: merged increments {drop} into {base} of backup {bid} (KEEP_LAST={keep})"]

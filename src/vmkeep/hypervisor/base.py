@@ -64,6 +64,19 @@ class Hypervisor(ABC):
     def resume(self, name: str) -> None:
         """Resume paused vCPUs; no error if already running."""
 
+    # --- memory state --------------------------------------------------------------------------
+    @abstractmethod
+    def save_memory(self, name: str, path: str) -> None:
+        """Write RAM and device state to ``path``; the domain and its disks stay as they are."""
+
+    @abstractmethod
+    def saved_xml(self, path: str) -> str:
+        """The domain XML held by a memory state file."""
+
+    @abstractmethod
+    def restore_memory(self, path: str, xml: str | None = None) -> None:
+        """Bring the domain back running from a memory state file (``xml``: other disk paths)."""
+
     # --- guest agent: every call has a timeout --------------------------------------------------
     @abstractmethod
     def guest_ping(self, name: str, timeout: float) -> bool:

@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
+from xml.sax.saxutils import quoteattr
 
 import libvirt
 import libvirt_qemu
@@ -341,6 +342,32 @@ class LibvirtHypervisor(Hypervisor):
         state, _ = dom.state()
         if state == libvirt.VIR_DOMAIN_PAUSED:
             self._call(dom.resume, f"resume {name}")
+
+    # --- memory state (save / restore in OpenNebula's terms) -----------------------------------
+    def save_memory(self, name: str, path: str) -> None:
+        """Write the guest's RAM and device state to ``path`` (libvirt's save-image format) without
+        touching its disks or stopping it: a memory-only external snapshot without metadata. Call
+        it on a paused domain for a state consistent with a disk point taken while still paused."""
+        targets = [d.target for d in parse_disks(self.domain_xml(name)) if d.target]
+        disks = "".join(f"<disk name={quoteattr(t)} snapshot='no'/>" for t in targets)
+        xml = (
+            "<domainsnapshot><name>vmkeep-memory</name>"
+            f"<memory snapshot='external' file={quoteattr(path)}/>"
+            f"<disks>{disks}</disks></domainsnapshot>"
+        )
+        dom = self._dom(name)
+        flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+        self._call(lambda: dom.snapshotCreateXML(xml, flags), f"save the memory of {name}")
+
+    def saved_xml(self, path: str) -> str:
+        """The domain XML stored in a save image."""
+        return str(self._call(lambda: self.conn.saveImageGetXMLDesc(path, 0), f"read {path}"))
+
+    def restore_memory(self, path: str, xml: str | None = None) -> None:
+        """Resume a domain from a save image, running (``xml``: the same domain with other disk
+        paths; libvirt refuses another name, UUID or machine)."""
+        flags = libvirt.VIR_DOMAIN_SAVE_RUNNING
+        self._call(lambda: self.conn.restoreFlags(path, xml, flags), f"restore from {path}")
 
     # --- guest agent ----------------------------------------------------------------------------
     def guest_ping(self, name: str, timeout: float) -> bool:

@@ -169,6 +169,7 @@ class Lab:
         agent: bool = True,
         populate: Path | None = None,
         start: bool = True,
+        memory_mib: int = 192,
     ) -> str:
         """Define (and start) one lab VM with fresh ext4 data disks."""
         try:
@@ -187,7 +188,9 @@ class Lab:
             disk = vdir / f"disk{i}.qcow2"
             make_ext4_qcow2(disk, size, populate if i == 0 else None)
             disks.append(disk)
-        xml = domain_xml(name, boot, disks, self.serial_log(name), agent=agent)
+        xml = domain_xml(
+            name, boot, disks, self.serial_log(name), agent=agent, memory_mib=memory_mib
+        )
         self.hv.define(xml)
         if start:
             self.start(name, agent=agent)
