@@ -30,10 +30,13 @@ keeps the two in sync.
     ├── ChecksumMismatch          17  500
     │   └── IncrementDamaged
     ├── DatastoreError            18  502
+    │   └── DatastoreUnreachable  24  503
     ├── GroupBackupFailed         20  500
     ├── InsufficientSpace         21  507
     ├── Unauthorized              22  401
     ├── Forbidden                 23  403
+    ├── Refused                   25  409
+    ├── DrillFailed               26  422
     └── LabError                  19  500
 
 Exit codes 0 (success), 1 (finished with warnings) and 130 (interrupted) are not errors.
@@ -226,6 +229,13 @@ class Refused(VmkeepError):
 
     exit_code = 25
     http_status = 409
+
+
+class DrillFailed(VmkeepError):
+    """Restore drill {} of backup {} point {} FAILED at {}"""
+
+    exit_code = 26
+    http_status = 422
 
 
 class GroupBackupFailed(VmkeepError):

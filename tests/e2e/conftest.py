@@ -20,7 +20,12 @@ from vmkeep.hypervisor import Hypervisor, connect
 from vmkeep.lab import Lab
 
 LAB_DIR = Path(os.environ.get("VMKEEP_E2E_LAB_DIR", "/var/lib/vmkeep/lab"))
-PREFIX = "vmkeep-e2e-"
+# One lab per pytest process: under pytest-xdist each worker has its own prefix (its session's
+# lab.down() must never touch another worker's VMs); VMKEEP_E2E_PREFIX overrides it.
+_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+PREFIX = os.environ.get("VMKEEP_E2E_PREFIX") or (
+    f"vmkeep-x{_WORKER}-" if _WORKER else "vmkeep-e2e-"
+)
 
 
 @pytest.fixture(scope="session")

@@ -35,7 +35,7 @@ from vmkeep.lab import Lab
 from vmkeep.lab.lab import read_file_from_image
 
 LAB_DIR = Path(os.environ.get("VMKEEP_E2E_LAB_DIR", "/var/lib/vmkeep/lab"))
-PREFIX = "vmkeep-fault-"
+PREFIX = os.environ.get("VMKEEP_FAULT_PREFIX", "vmkeep-fault-")  # a lab per module below
 
 
 @dataclass

@@ -102,6 +102,25 @@ class Increment(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     backup: Mapped[Backup] = relationship(back_populates="increments")
+    drills: Mapped[list[Drill]] = relationship(
+        back_populates="increment", order_by="Drill.id", cascade="all, delete-orphan"
+    )
+
+
+class Drill(Base):
+    """One restore drill of a point (``vmkeep drill``): PASS/FAIL, the reason, each step's
+    evidence."""
+
+    __tablename__ = "drills"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    increment_id: Mapped[int] = mapped_column(ForeignKey("increments.id"))
+    result: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    probe: Mapped[str | None] = mapped_column(Text, default=None)
+    checks: Mapped[list[Any]] = mapped_column(default=list)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    increment: Mapped[Increment] = relationship(back_populates="drills")
 
 
 class Job(Base):

@@ -32,6 +32,7 @@ class LazyGroup(click.Group):
         "files": "vmkeep.cli.files_cmd:files",
         "mount": "vmkeep.cli.files_cmd:mount",
         "umount": "vmkeep.cli.files_cmd:umount",
+        "drill": "vmkeep.cli.drill_cmd:drill",
     }
 
     def list_commands(self, ctx: click.Context) -> list[str]:

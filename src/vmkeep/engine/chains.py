@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, object_session
 
-from vmkeep.catalog.tables import Backup, GroupBackupMember, Increment
+from vmkeep.catalog.tables import Backup, Drill, GroupBackupMember, Increment
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.context import Context
 from vmkeep.errors import IncrementDamaged, IncrementNotFound, WrongState
@@ -192,8 +192,24 @@ def group_points(s: Session, backup_id: int) -> dict[int, dict[str, Any]]:
     }
 
 
+def last_drills(s: Session, backup_id: int) -> dict[int, dict[str, Any]]:
+    """Per increment seq of a backup: its newest restore drill (``backups show``), one query."""
+    rows = s.execute(
+        select(Increment.seq, Drill)
+        .join(Drill, Drill.increment_id == Increment.id)
+        .where(Increment.backup_id == backup_id)
+        .order_by(Drill.id)
+    ).all()
+    return {
+        seq: {"drill": d.id, "result": d.result, "reason": d.reason, "at": d.finished_at}
+        for seq, d in rows
+    }
+
+
 # --- rendering -----------------------------------------------------------------------------------
-def increment_dict(i: Increment, group: dict[str, Any] | None = None) -> dict[str, Any]:
+def increment_dict(
+    i: Increment, group: dict[str, Any] | None = None, drill: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "id": i.seq,
         "parent": i.parent,
@@ -207,12 +223,19 @@ def increment_dict(i: Increment, group: dict[str, Any] | None = None) -> dict[st
         "error": i.error,
         "files": i.files,
         **({"group": group} if group else {}),
+        **({"memory": True, "downtime_ms": i.freeze_ms} if _has_memory(i) else {}),
+        "last_drill": drill,
     }
+
+
+def _has_memory(i: Increment) -> bool:
+    return any(f.get("memory") for f in i.files)
 
 
 def backup_dict(b: Backup) -> dict[str, Any]:
     s = object_session(b)
     groups = group_points(s, b.id) if s is not None else {}
+    drills = last_drills(s, b.id) if s is not None else {}
     return {
         "id": b.id,
         "vm": b.vm.name,
@@ -226,5 +249,7 @@ def backup_dict(b: Backup) -> dict[str, Any]:
         "created": b.created_at,
         "finished": b.finished_at,
         "error": b.error,
-        "increments": [increment_dict(i, groups.get(i.seq)) for i in b.increments],
+        "increments": [
+            increment_dict(i, groups.get(i.seq), drills.get(i.seq)) for i in b.increments
+        ],
     }

@@ -85,20 +85,25 @@ def _materialize(
     return local[disk_file(seq, chosen)], seq, chosen
 
 
-def _export(image: Path, workdir: Path) -> tuple[Path, int]:
-    """A FUSE file showing the guest's disk as raw bytes, read-only, backing chain included."""
-    export = workdir / "disk.raw"
+def export_disk(
+    image: Path, workdir: Path, writable: bool = False, name: str = "disk"
+) -> tuple[Path, int]:
+    """A FUSE file showing the guest's disk as raw bytes, backing chain included; read-only unless
+    ``writable`` (a drill's throw-away overlay: its backing files are still opened read-only)."""
+    export = workdir / f"{name}.raw"
+    on = "on" if writable else "off"
+    ro = "off" if writable else "on"
     export.touch()
-    pidfile = workdir / "qsd.pid"
+    pidfile = workdir / f"{name}.qsd.pid"
     _run(
         [
             "qemu-storage-daemon",
             "--blockdev",
-            f"driver=file,filename={image},node-name=file0,read-only=on",
+            f"driver=file,filename={image},node-name=file0,read-only={ro}",
             "--blockdev",
-            "driver=qcow2,file=file0,node-name=disk0,read-only=on",
+            f"driver=qcow2,file=file0,node-name=disk0,read-only={ro}",
             "--export",
-            f"type=fuse,id=exp0,node-name=disk0,mountpoint={export},writable=off",
+            f"type=fuse,id=exp0,node-name=disk0,mountpoint={export},writable={on}",
             "--daemonize",
             "--pidfile",
             str(pidfile),
@@ -196,17 +201,23 @@ def _close(o: Opened) -> None:
         subprocess.run(["umount", o.mountpoint], capture_output=True)
     if o.loop:
         subprocess.run(["losetup", "-d", o.loop], capture_output=True)
+    stop_export(o.qsd_pid, Path(o.export))
+    shutil.rmtree(o.workdir, ignore_errors=True)
+
+
+def stop_export(pid: int, export: Path) -> None:
+    """Stop the qemu-storage-daemon of an export (it flushes and closes the image) and make sure
+    its FUSE mount is gone."""
     with contextlib.suppress(ProcessLookupError):
-        os.kill(o.qsd_pid, signal.SIGTERM)
+        os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:
-            os.kill(o.qsd_pid, 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             break
         time.sleep(0.05)
-    subprocess.run(["umount", "-l", o.export], capture_output=True)  # a killed daemon's FUSE
-    shutil.rmtree(o.workdir, ignore_errors=True)
+    subprocess.run(["umount", "-l", str(export)], capture_output=True)  # a killed daemon's FUSE
 
 
 @contextlib.contextmanager
@@ -220,7 +231,7 @@ def exposed(
     work = Path(tempfile.mkdtemp(dir=root, prefix=f"{backup_id}-"))
     try:
         image, seq, chosen = _materialize(ctx, backup_id, increment, disk, work)
-        export, pid = _export(image, work)
+        export, pid = export_disk(image, work)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise

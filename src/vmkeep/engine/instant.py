@@ -39,7 +39,8 @@ Progress = Callable[[int, int], None]
 POLL = 0.2
 
 
-def _overlay(backing: Path, overlay: Path) -> None:
+def make_overlay(backing: Path, overlay: Path) -> None:
+    """A qcow2 overlay over ``backing`` (which it never writes)."""
     proc = subprocess.run(
         [
             "qemu-img",
@@ -99,7 +100,7 @@ def instant_restore(
         for d, ov in overlays.items():
             backing = local[disk_file(seq, d)]
             warn_unsearchable(backing.parent, warnings)
-            _overlay(backing.resolve(), ov)
+            make_overlay(backing.resolve(), ov)
         xml = rewrite_domain_xml(
             local[xml_entry["name"]].read_text(),
             new_name,

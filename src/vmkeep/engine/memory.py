@@ -47,9 +47,11 @@ def check_new_vm(ctx: Context, name: str, uuid: str, new_name: str | None) -> No
     clash = next((d.name for d in ctx.hv.list_domains() if d.uuid == uuid or d.name == name), None)
     if clash is not None:
         raise Refused(
-            f"this point holds memory state, which resumes only as VM {name} itself (UUID "
-            f"{uuid}), and domain {clash} still exists. Roll it back with --in-place (power it "
-            "off first), or add --without-memory to boot a copy cold"
+            f"restoring this point as a new VM (it holds memory state, which resumes only as "
+            f"VM {name} itself, UUID {uuid})",
+            f"domain {clash} still exists",
+            "Roll it back with --in-place (power it off first), or add --without-memory to "
+            "boot a copy cold.",
         )
 
 

@@ -184,7 +184,16 @@ class LibvirtHypervisor(Hypervisor):
         return self._conn
 
     def _lost(self, err: BaseException | None) -> bool:
-        if isinstance(err, libvirt.libvirtError) and err.get_error_code() in _CONNECTION_CODES:
+        # a system error is an errno from anywhere (a file QEMU cannot open, too); only the RPC
+        # layer's own means the connection broke
+        if (
+            isinstance(err, libvirt.libvirtError)
+            and err.get_error_code() in _CONNECTION_CODES
+            and (
+                err.get_error_code() != libvirt.VIR_ERR_SYSTEM_ERROR
+                or err.get_error_domain() in (libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE)
+            )
+        ):
             return True
         if self._conn is None:
             return False

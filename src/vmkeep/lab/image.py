@@ -120,7 +120,7 @@ def build_boot_image(cache_dir: Path) -> BootImage:
     kernel = cache_dir / f"vmlinuz-{version}"
     initrd = cache_dir / f"initrd-{key}.img"
     if not kernel.exists():
-        tmp = kernel.with_suffix(".tmp")
+        tmp = kernel.with_name(f"{kernel.name}.{os.getpid()}.tmp")  # builders may run at once
         shutil.copyfile(kernel_src, tmp)
         os.replace(tmp, kernel)
     if initrd.exists():
@@ -140,7 +140,7 @@ def build_boot_image(cache_dir: Path) -> BootImage:
         arc.file(f"lib/modules/{name}.ko", _read_module(mod))
         names.append(name)
     arc.file("etc/vmkeep-modules", ("\n".join(names) + "\n").encode())
-    tmp = initrd.with_suffix(".tmp")
+    tmp = initrd.with_name(f"{initrd.name}.{os.getpid()}.tmp")
     tmp.write_bytes(arc.to_gzip())
     os.replace(tmp, initrd)
     for old in cache_dir.glob("initrd-*.img"):

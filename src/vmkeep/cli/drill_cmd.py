@@ -1,0 +1,55 @@
+"""``vmkeep drill ID [--increment N] [--probe CMD] [--timeout S]``: prove a restore point boots
+(engine/drill.py). Exit 0 on PASS, 26 on FAIL (the reason and each step's evidence are printed and
+recorded on the point)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from vmkeep.cli.output import console, ctx_of, json_option, render
+from vmkeep.engine import jobs
+from vmkeep.engine.drill import BOOT_TIMEOUT, run_drill
+from vmkeep.errors import DrillFailed
+
+
+@click.command()
+@click.argument("backup_id", type=int)
+@click.option("--increment", type=int, default=None, help="Restore point (default newest).")
+@click.option("--probe", default=None, metavar="CMD", help="Run CMD in the guest; must exit 0.")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=BOOT_TIMEOUT,
+    show_default=True,
+    help="Seconds the guest agent has to answer after start.",
+)
+@json_option
+@click.pass_context
+def drill(
+    c: click.Context,
+    backup_id: int,
+    increment: int | None,
+    probe: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Boot a restore point as an isolated throw-away VM and check it (checksums, fsck, agent,
+    probe); the result is recorded on the point (backups show)."""
+    ctx = ctx_of(c)
+    params = {"backup": backup_id, "increment": increment, "probe": probe}
+
+    def human(r: dict[str, Any]) -> None:
+        for chk in r["checks"]:
+            mark = "ok  " if chk["ok"] else "FAIL"
+            console.print(f"{mark} {chk['step']}: {chk['detail']}", markup=False, highlight=False)
+        console.print(f"drill {r['drill']} of backup {r['backup']} point {r['increment']}: "
+                      f"{r['result']}", markup=False, highlight=False)  # fmt: skip
+
+    with jobs.recorded(ctx, "drill", str(backup_id), params) as job:
+        res, _ = run_drill(ctx, backup_id, increment, probe, timeout)
+        job.result = res
+        render(res, as_json, human)
+        if res["result"] != "PASS":  # the job is FAILED too, with this error
+            raise DrillFailed(res["drill"], backup_id, res["increment"], res["reason"])
