@@ -8,8 +8,11 @@ setup:
 demo: setup
 	.venv/bin/vmkeep lab demo
 
+# Two pytest workers (one test module each at a time, each with its own lab VMs); the tests
+# marked serial (they kill libvirtd) run alone afterwards.
 test: setup
-	.venv/bin/pytest --junitxml=.pytest-report.xml tests
+	.venv/bin/pytest -n 2 --dist loadfile -m "not serial" --junitxml=.pytest-report.xml tests
+	.venv/bin/pytest -m serial --junitxml=.pytest-report-serial.xml tests
 
 lint: setup
 	.venv/bin/ruff check src tests bench

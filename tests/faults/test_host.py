@@ -9,12 +9,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Lock
 from vmkeep.hypervisor import connect
 
 from .conftest import Harness
+
+pytestmark = pytest.mark.serial  # it kills libvirtd: no other test may run meanwhile
 
 
 def _wait(cond, timeout: float = 30, what: str = "") -> None:  # type: ignore[no-untyped-def]
