@@ -41,8 +41,8 @@ from vmkeep.model import Warnings
 BOOT_TIMEOUT = 300.0
 PROBE_TIMEOUT = 120.0
 MARK = "vmkeep restore drill"  # in the drill VM's <description>: a leftover is recognised by it
-# e2fsck -n findings that a crash-consistent copy of a mounted ext4 always has (the superblock's
-# free counters are only written at unmount/freeze): not damage
+# e2fsck -n findings that a crash-consistent copy of a mounted ext4 has (the superblock's free
+# counters are only written at unmount/freeze): not damage (e2fsck 1.47 itself exits 0 for them)
 BENIGN = ("Free blocks count wrong", "Free inodes count wrong")
 
 
@@ -70,13 +70,22 @@ def _run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[s
 def _e2fsck(dev: str) -> tuple[bool, str]:
     _run(["e2fsck", "-E", "journal_only", "-p", dev])  # replay into the overlay, as a boot would
     proc = _run(["e2fsck", "-fn", dev])
-    out = proc.stdout + proc.stderr
-    if proc.returncode == 0:
+    return e2fsck_verdict(proc.returncode, proc.stdout + proc.stderr)
+
+
+def e2fsck_verdict(code: int, out: str) -> tuple[bool, str]:
+    """``e2fsck -fn``'s exit code and output as (sound, evidence)."""
+    if code == 0:
         return True, "e2fsck -fn: clean"
-    problems = [line for line in out.splitlines() if "Fix? no" in line or "?  no" in line]
-    if proc.returncode == 4 and problems and all(p.startswith(BENIGN) for p in problems):
+    problems, previous = [], ""
+    for line in (raw.strip() for raw in out.splitlines()):
+        if line.endswith("? no"):  # "Fix? no" on its own line answers the line before it
+            problems.append(previous if line.count(" ") <= 1 else line)
+        elif line:
+            previous = line
+    if code == 4 and problems and all(p.startswith(BENIGN) for p in problems):
         return True, "e2fsck -fn: clean apart from the superblock's free counters"
-    return False, f"e2fsck -fn exited {proc.returncode}: {_tail(out)}"
+    return False, f"e2fsck -fn exited {code}: {_tail(out)}"
 
 
 def _xfs_repair(dev: str, work: Path) -> tuple[bool, str]:
