@@ -73,6 +73,12 @@ class DatastoreRequest(_Body):
     options: dict[str, Any] = {}
 
 
+class DrillRequest(_Body):
+    increment: int | None = Field(default=None, ge=0)
+    probe: str | None = Field(default=None, min_length=1, max_length=4096)
+    timeout: float = Field(default=300.0, ge=1, le=86400)
+
+
 class CopyRequest(_Body):
     to: str = Field(min_length=1, max_length=255)
 
@@ -201,6 +207,14 @@ def create_app(config: Config) -> FastAPI:
     def verify_backup(backup_id: Id, who: str = require("verify")) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
         return enqueue("verify", str(backup_id), {"backup": backup_id}, who)
+
+    @app.post("/v1/backups/{backup_id}/drill", status_code=202)
+    def drill_backup(
+        backup_id: Id, body: DrillRequest | None = None, who: str = require("drill")
+    ) -> JSONResponse:
+        backups.show_backup(ctx(), backup_id)
+        params = {"backup": backup_id, **(body or DrillRequest()).model_dump(exclude_none=True)}
+        return enqueue("drill", str(backup_id), params, who)
 
     @app.get("/v1/backups/{backup_id}/files")
     def list_files(

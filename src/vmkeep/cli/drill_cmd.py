@@ -10,8 +10,7 @@ import click
 
 from vmkeep.cli.output import console, ctx_of, json_option, render
 from vmkeep.engine import jobs
-from vmkeep.engine.drill import BOOT_TIMEOUT, run_drill
-from vmkeep.errors import DrillFailed
+from vmkeep.engine.drill import BOOT_TIMEOUT, check_passed, run_drill
 
 
 @click.command()
@@ -51,5 +50,4 @@ def drill(
         res, _ = run_drill(ctx, backup_id, increment, probe, timeout)
         job.result = res
         render(res, as_json, human)
-        if res["result"] != "PASS":  # the job is FAILED too, with this error
-            raise DrillFailed(res["drill"], backup_id, res["increment"], res["reason"])
+        check_passed(res)  # FAIL: exit 26, and the job is FAILED with this error

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vmkeep.engine import backup, group_backup, inplace, restore, stored, vms
+from vmkeep.engine import backup, drill, group_backup, inplace, restore, stored, vms
 from vmkeep.engine.context import Context
 from vmkeep.engine.jobs import Runner
 
@@ -53,6 +53,20 @@ def _verify(
     return restore.verify(ctx, int(p["backup"])), []
 
 
+def _drill(
+    ctx: Context, p: dict[str, Any], _progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
+    result, warnings = drill.run_drill(
+        ctx,
+        int(p["backup"]),
+        p.get("increment"),
+        p.get("probe"),
+        float(p.get("timeout", drill.BOOT_TIMEOUT)),
+    )
+    drill.check_passed(result)  # a FAIL verdict is a FAILED job, as on the CLI
+    return result, warnings.items
+
+
 def _copy(ctx: Context, p: dict[str, Any], _progress: Progress) -> tuple[dict[str, Any], list[str]]:
     return stored.copy_backup(ctx, int(p["backup"]), str(p["to"])), []
 
@@ -74,6 +88,7 @@ RUNNERS: dict[str, Runner] = {
     "group-backup": _group_backup,
     "restore": _restore,
     "verify": _verify,
+    "drill": _drill,
     "copy": _copy,
     "quiesce": _quiesce,
     "unquiesce": _unquiesce,

@@ -35,7 +35,7 @@ from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.files import export_disk, partitions, stop_export
 from vmkeep.engine.instant import make_overlay
 from vmkeep.engine.restore import pick_disks, rewrite_domain_xml, verify_files
-from vmkeep.errors import BackupNotFound, HypervisorError, VmkeepError
+from vmkeep.errors import BackupNotFound, DrillFailed, HypervisorError, VmkeepError
 from vmkeep.model import Warnings
 
 BOOT_TIMEOUT = 300.0
@@ -292,6 +292,12 @@ def run_drill(
         s.flush()
         out = drill_dict(row)
     return {"backup": backup_id, "increment": seq, **out}, Warnings()
+
+
+def check_passed(result: dict[str, Any]) -> None:
+    """A FAIL verdict as an error (exit 26, a FAILED job), for every adapter."""
+    if result["result"] != "PASS":
+        raise DrillFailed(result["drill"], result["backup"], result["increment"], result["reason"])
 
 
 def drill_dict(d: Drill) -> dict[str, Any]:

@@ -32,6 +32,7 @@ POLICY: dict[str, str] = {
     "group-backup": "operator",
     "restore": "operator",
     "verify": "operator",
+    "drill": "operator",
     "quiesce": "operator",
     "unquiesce": "operator",
     "cancel-job": "operator",
