@@ -22,7 +22,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -92,6 +92,33 @@ class JobsConfig(_Section):
     workers: int = Field(default=2, ge=1, le=64)  # jobs a daemon runs at once
 
 
+class HostConfig(_Section):
+    """A host and its VMM driver (``[[hosts]]``); vmkeep drives the one whose ``uri`` is
+    ``[libvirt] uri``, with the native driver when none is listed."""
+
+    name: str = Field(min_length=1, max_length=255)
+    uri: str = "qemu:///system"
+    vmm: Literal["native", "exec"] = "native"
+    vmm_dir: Path | None = None  # exec: the folder of action scripts
+    vmm_args: str = ""  # exec: -r N -t N -l ACTION[=SCRIPT],...
+
+
+# OpenNebula's imported_vms_actions, in vmkeep's action names: what VMs vmkeep did not create
+# may go through (never terminate: it deletes disks vmkeep did not make)
+IMPORTED_VMS_ACTIONS = [
+    "poweroff", "reboot", "suspend", "resume", "stop", "hold", "release", "disk-attach",
+    "disk-detach", "nic-attach", "nic-detach", "snapshot-create", "snapshot-delete", "recover",
+]  # fmt: skip
+
+
+class VmmConfig(_Section):
+    imported_vms_actions: list[str] = Field(default_factory=lambda: list(IMPORTED_VMS_ACTIONS))
+
+
+class MonitorConfig(_Section):
+    interval: float = Field(default=60.0, ge=1, le=86400)  # the daemon's poll loop, seconds
+
+
 class LabConfig(_Section):
     # Not under /root: QEMU runs as libvirt-qemu and must traverse the path to the images.
     dir: Path = Path("/var/lib/vmkeep/lab")
@@ -107,6 +134,9 @@ class Config(_Section):
     api: ApiConfig = ApiConfig()
     jobs: JobsConfig = JobsConfig()
     lab: LabConfig = LabConfig()
+    hosts: list[HostConfig] = []
+    vmm: VmmConfig = VmmConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @field_validator("data_dir")
     @classmethod

@@ -22,6 +22,7 @@ keeps the two in sync.
     ├── HypervisorError           10  502
     │   ├── HypervisorUnreachable 11  503
     │   │   └── HypervisorConnectionLost
+    │   ├── VmmError              27  502
     │   ├── AgentUnavailable      12  409
     │   ├── AgentTimeout          13  504
     │   └── CheckpointInvalid     14  409
@@ -164,6 +165,13 @@ class HypervisorUnreachable(HypervisorError):
 
 class HypervisorConnectionLost(HypervisorUnreachable):
     """libvirtd connection lost ({}: {}): the daemon was stopped or restarted. vmkeep reconnects and cleans up; run the action again."""
+
+
+class VmmError(HypervisorError):
+    """VMM driver '{}' failed at {}: {}"""
+
+    exit_code = 27
+    http_status = 502
 
 
 class AgentUnavailable(HypervisorError):

@@ -9,20 +9,48 @@ ROLES = ("viewer", "operator", "admin")  # API token roles, least to most
 
 
 class VmState(enum.StrEnum):
-    """Hypervisor-level state (OpenNebula's VM state, reduced to what libvirt can tell)."""
+    """OpenNebula's VM state. PENDING, HOLD, STOPPED, UNDEPLOYED and DONE are off the host: only
+    vmkeep's catalog knows them (``engine/lifecycle.py``); the others follow libvirt."""
 
+    PENDING = "PENDING"  # created, waiting for deploy
+    HOLD = "HOLD"  # created, held: deploy refused until release
     ACTIVE = "ACTIVE"
+    STOPPED = "STOPPED"  # memory saved to a state file, domain taken off the host
+    SUSPENDED = "SUSPENDED"  # memory kept on the host (saved there, or the vCPUs paused)
     POWEROFF = "POWEROFF"
-    SUSPENDED = "SUSPENDED"
+    UNDEPLOYED = "UNDEPLOYED"  # off the host, disks kept; deploy brings it back
+    DONE = "DONE"  # terminated
     UNKNOWN = "UNKNOWN"
 
 
 class LcmState(enum.StrEnum):
-    """What vmkeep is doing with a VM (OpenNebula's LCM state)."""
+    """What vmkeep is doing with a VM (OpenNebula's LCM state). An idle VM's lcm state names its
+    VM state (RUNNING for ACTIVE); the others are transient, or a ``*_FAILURE`` that ``vm recover``
+    leaves."""
 
     RUNNING = "RUNNING"
     POWEROFF = "POWEROFF"
     SUSPENDED = "SUSPENDED"
+    PENDING = "PENDING"
+    HOLD = "HOLD"
+    STOPPED = "STOPPED"
+    UNDEPLOYED = "UNDEPLOYED"
+    DONE = "DONE"
+    BOOT = "BOOT"
+    SHUTDOWN = "SHUTDOWN"
+    SHUTDOWN_POWEROFF = "SHUTDOWN_POWEROFF"
+    SHUTDOWN_UNDEPLOY = "SHUTDOWN_UNDEPLOY"
+    SAVE_SUSPEND = "SAVE_SUSPEND"
+    SAVE_STOP = "SAVE_STOP"
+    HOTPLUG = "HOTPLUG"
+    HOTPLUG_NIC = "HOTPLUG_NIC"
+    HOTPLUG_SNAPSHOT = "HOTPLUG_SNAPSHOT"
+    HOTPLUG_RESIZE = "HOTPLUG_RESIZE"
+    DISK_SNAPSHOT = "DISK_SNAPSHOT"
+    DISK_RESIZE = "DISK_RESIZE"
+    CLEANUP_DELETE = "CLEANUP_DELETE"
+    BOOT_FAILURE = "BOOT_FAILURE"  # deploy/resume failed: the domain may be half there
+    EPILOG_FAILURE = "EPILOG_FAILURE"  # terminate/undeploy/stop failed after the VM went down
     BACKUP = "BACKUP"
     BACKUP_POWEROFF = "BACKUP_POWEROFF"
     QUIESCING = "QUIESCING"

@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__
 from vmkeep.config import Config
-from vmkeep.engine import backups, datastores, files, groups, jobs, stored, tokens, vms
+from vmkeep.engine import backups, datastores, files, groups, jobs, lifecycle, stored, tokens, vms
 from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
@@ -77,6 +77,30 @@ class DrillRequest(_Body):
     increment: int | None = Field(default=None, ge=0)
     probe: str | None = Field(default=None, min_length=1, max_length=4096)
     timeout: float = Field(default=300.0, ge=1, le=86400)
+
+
+class CreateVmRequest(_Body):
+    xml: str = Field(min_length=1, max_length=1 << 20)
+    hold: bool = False
+
+
+class ActionRequest(_Body):
+    """Options of a lifecycle action (each action reads the ones it knows)."""
+
+    hard: bool | None = None
+    keep_disks: bool | None = None
+    snapshot: int | None = Field(default=None, ge=1, le=2**31 - 1)
+    disk: str | None = Field(default=None, max_length=64)
+    target: str | None = Field(default=None, max_length=64)
+    source: str | None = Field(default=None, max_length=4096)
+    size: str | None = Field(default=None, max_length=32)
+    format: str | None = Field(default=None, max_length=16)
+    bridge: str | None = Field(default=None, max_length=64)
+    mac: str | None = Field(default=None, max_length=17)
+    model: str | None = Field(default=None, max_length=32)
+    vcpus: int | None = Field(default=None, ge=1, le=512)
+    memory: int | None = Field(default=None, ge=16, le=1 << 24)
+    how: str | None = Field(default=None, pattern="^(success|failure|retry|delete)$")
 
 
 class CopyRequest(_Body):
@@ -175,6 +199,40 @@ def create_app(config: Config) -> FastAPI:
     app.post("/v1/vms/{vm}/unquiesce", status_code=202, name="unquiesce")(
         quiesce_route("unquiesce")
     )
+
+    @app.post("/v1/vms", status_code=201)
+    def create_vm(body: CreateVmRequest, who: str = require("vm-create")) -> Any:
+        return jsonable(lifecycle.create(ctx(), body.xml, hold=body.hold, origin="api", who=who))
+
+    def vm_action_route(vm: str, action: str, body: dict[str, Any], who: str) -> JSONResponse:
+        c = ctx()
+        lifecycle.check_allowed(c, vm, action)  # 404 / 409 / refused now, not a failed job later
+        name = vms.check_action(c, vm, action) if action != "recover" else vm
+        return enqueue("vm-action", name, {"vm": name, "action": action, "opts": body}, who)
+
+    for action in (*lifecycle.LIFECYCLE_ACTIONS, "snapshot-list"):
+        if action in ("create", "snapshot-list"):
+            continue
+        role = {"recover": "vm-recover", "terminate": "vm-terminate"}.get(action, "vm-action")
+
+        def route(
+            vm: str,
+            body: ActionRequest | None = None,
+            who: str = require(role),
+            action: str = action,  # bound per route
+        ) -> JSONResponse:
+            opts = (body or ActionRequest()).model_dump(exclude_none=True)
+            return vm_action_route(vm, action, opts, who)
+
+        app.post(f"/v1/vms/{{vm}}/actions/{action}", status_code=202, name=f"vm-{action}")(route)
+
+    @app.get("/v1/vms/{vm}/history")
+    def vm_history(vm: str, who: str = read) -> Any:
+        return jsonable(lifecycle.history(ctx(), vm))
+
+    @app.get("/v1/vms/{vm}/snapshots")
+    def vm_snapshots(vm: str, who: str = read) -> Any:
+        return jsonable(lifecycle.run_action(ctx(), vm, "snapshot-list")[0])
 
     @app.post("/v1/vms/{vm}/reset-state")
     def reset_state(vm: str, who: str = require("reset-state")) -> Any:

@@ -15,7 +15,7 @@ import uvicorn
 
 from vmkeep.api.app import create_app
 from vmkeep.config import Config
-from vmkeep.engine import jobs
+from vmkeep.engine import jobs, lifecycle
 from vmkeep.engine.actions import RUNNERS
 from vmkeep.engine.context import Context
 from vmkeep.errors import InvalidValue, VmkeepError
@@ -46,6 +46,18 @@ def _worker(config: Config, stop: threading.Event) -> None:
         jobs.execute(ctx, job_id, RUNNERS)
 
 
+def _monitor(config: Config, stop: threading.Event) -> None:
+    """The monitor loop: poll every VM through the VMM driver each ``[monitor] interval`` s."""
+    ctx = Context(config)
+    while not stop.wait(config.monitor.interval):
+        try:
+            for row in lifecycle.poll(ctx):
+                if "error" in row:
+                    log.warning("poll of %s: %s", row["vm"], row["error"])
+        except VmkeepError as err:
+            log.error("monitor: %s", err)
+
+
 def serve(config: Config, listen: str | None = None, workers: int | None = None) -> None:
     host, port = parse_listen(listen or config.api.listen)
     ctx = Context(config)
@@ -72,10 +84,11 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
             ssl_keyfile=str(tls[1]) if tls[1] else None,
         )
     )
+    pool.append(threading.Thread(target=_monitor, args=(config, stop), name="monitor", daemon=True))
     for t in pool:
         t.start()
     scheme = "https" if tls[0] else "http"
-    log.warning("vmkeep daemon listening on %s://%s:%s, %d workers", scheme, host, port, len(pool))
+    log.warning("vmkeep daemon listening on %s://%s:%s, %d workers", scheme, host, port, len(pool) - 1)
     try:
         server.run()  # returns after SIGTERM / SIGINT
     finally:

@@ -51,8 +51,45 @@ class Vm(Base):
     backup_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     quiesced_at: Mapped[datetime | None] = mapped_column(default=None)
+    # lifecycle: the domain XML vmkeep deploys it from (created VMs, and off-host states), its
+    # memory state file (SUSPENDED/STOPPED), and whether vmkeep created it (else imported)
+    template: Mapped[str | None] = mapped_column(Text, default=None)
+    state_file: Mapped[str | None] = mapped_column(Text, default=None)
+    created: Mapped[bool] = mapped_column(default=False)
+    usage: Mapped[dict[str, Any]] = mapped_column(default=dict)  # the last poll's figures
     imported_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class VmHistory(Base):
+    """One lifecycle action on a VM (``vm history``): who, from where, when, and how it ended."""
+
+    __tablename__ = "vm_history"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    action: Mapped[str] = mapped_column(String(32))
+    origin: Mapped[str] = mapped_column(String(16), default="cli")
+    who: Mapped[str] = mapped_column(String(255), default="")
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    result: Mapped[str] = mapped_column(String(16), default="RUNNING")  # DONE | FAILED
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    detail: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class VmSnapshot(Base):
+    """A system snapshot (``kind`` system: disks + memory) or one disk's (``kind`` disk)."""
+
+    __tablename__ = "vm_snapshots"
+    __table_args__ = (UniqueConstraint("vm_id", "seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    seq: Mapped[int] = mapped_column(Integer)  # the snapshot id users see (ONE_SNAPSHOT_ID)
+    name: Mapped[str] = mapped_column(String(255))  # the hypervisor's name for it
+    kind: Mapped[str] = mapped_column(String(8))
+    disk: Mapped[str | None] = mapped_column(String(32), default=None)
+    memory: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Datastore(Base):

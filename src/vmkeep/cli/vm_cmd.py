@@ -1,9 +1,11 @@
-"""``vmkeep vm ...``: inventory, backup config, quiesce/unquiesce, reset-state."""
+"""``vmkeep vm ...``: inventory, backup config, quiesce/unquiesce, reset-state; the lifecycle
+actions come from ``lifecycle_cmd``."""
 
 from __future__ import annotations
 
 import click
 
+from vmkeep.cli import lifecycle_cmd
 from vmkeep.cli.output import ctx_of, emit_json, json_option, kv, render, table
 from vmkeep.engine import jobs, vms
 
@@ -109,3 +111,6 @@ def config_cmd(c: click.Context, ref: str, as_json: bool, **opts: str | None) ->
         )
     res = vms.configure(ctx_of(c), ref, changes)
     render(res["backup_config"], as_json, kv)
+
+
+lifecycle_cmd.register(vm)

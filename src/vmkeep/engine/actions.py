@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vmkeep.engine import backup, drill, group_backup, inplace, restore, stored, vms
+from vmkeep.engine import backup, drill, group_backup, inplace, lifecycle, restore, stored, vms
 from vmkeep.engine.context import Context
 from vmkeep.engine.jobs import Runner
 
@@ -67,6 +67,18 @@ def _drill(
     return result, warnings.items
 
 
+def _vm_action(
+    ctx: Context, p: dict[str, Any], _progress: Progress
+) -> tuple[dict[str, Any], list[str]]:
+    opts = dict(p.get("opts") or {})
+    if p["action"] == "recover":
+        result, warnings = lifecycle.recover(ctx, str(p["vm"]), str(opts.get("how")), origin="api")
+    else:
+        result, warnings = lifecycle.run_action(ctx, str(p["vm"]), str(p["action"]), opts,
+                                                origin="api")  # fmt: skip
+    return result, warnings.items
+
+
 def _copy(ctx: Context, p: dict[str, Any], _progress: Progress) -> tuple[dict[str, Any], list[str]]:
     return stored.copy_backup(ctx, int(p["backup"]), str(p["to"])), []
 
@@ -89,6 +101,7 @@ RUNNERS: dict[str, Runner] = {
     "restore": _restore,
     "verify": _verify,
     "drill": _drill,
+    "vm-action": _vm_action,
     "copy": _copy,
     "quiesce": _quiesce,
     "unquiesce": _unquiesce,

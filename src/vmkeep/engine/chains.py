@@ -253,3 +253,19 @@ def backup_dict(b: Backup) -> dict[str, Any]:
             increment_dict(i, groups.get(i.seq), drills.get(i.seq)) for i in b.increments
         ],
     }
+
+
+def reset_checkpoints(ctx: Context, vm_id: int, name: str) -> list[str]:
+    """After the VM's disks were rolled back (restore in place, a snapshot revert) its
+    checkpoints describe other data: drop them, and stop every chain of this VM from being
+    extended (its next backup is a new full)."""
+    dropped = []
+    for cp in ctx.hv.checkpoints(name):
+        if cp.startswith(CHECKPOINT_PREFIX):
+            ctx.hv.delete_checkpoint(name, cp)
+            dropped.append(cp)
+    with ctx.catalog.session() as s:
+        for b in s.execute(select(Backup).where(Backup.vm_id == vm_id)).scalars():
+            for inc in b.increments:
+                inc.checkpoint = None
+    return dropped

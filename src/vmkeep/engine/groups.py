@@ -327,9 +327,7 @@ def stop_group(
         order = [(m.vm_id, m.vm.name) for m in _stop_order(find_group(s, ref))]
     out = []
     for vm_id, name in order:
-        with vm_action(
-            ctx, str(vm_id), "stop", {LcmState.POWEROFF, LcmState.RUNNING, LcmState.SUSPENDED}
-        ) as vm:
+        with vm_action(ctx, str(vm_id), "group stop") as vm:
             if vm.lcm_state == LcmState.POWEROFF:
                 out.append({"vm": name, "action": "already off"})
                 continue

@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup
-from vmkeep.engine.chains import CHECKPOINT_PREFIX, disk_file, point
+from vmkeep.engine.chains import disk_file, point, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.instant import instant_restore
@@ -100,7 +100,7 @@ def restore_in_place(
                 result = _swap(local, seq, disks, current)
             finally:
                 sync_state(ctx, vm_id, name)
-            dropped = _reset_checkpoints(ctx, vm_id, name)
+            dropped = reset_checkpoints(ctx, vm_id, name)
             if mem is not None:  # the VM running again where it was at that point
                 paths = {d: Path(p) for d, p in result.items()}
                 resumed = resume(ctx, local[mem["name"]], paths, warnings)
@@ -152,21 +152,6 @@ def _swap(
     for _path, aside in moved:
         aside.unlink(missing_ok=True)
     return {d: current[d].path for d in disks}
-
-
-def _reset_checkpoints(ctx: Context, vm_id: int, name: str) -> list[str]:
-    """The checkpoints describe the old disks: drop them, and stop every chain of this VM from
-    being extended (its next backup is a new full)."""
-    dropped = []
-    for cp in ctx.hv.checkpoints(name):
-        if cp.startswith(CHECKPOINT_PREFIX):
-            ctx.hv.delete_checkpoint(name, cp)
-            dropped.append(cp)
-    with ctx.catalog.session() as s:
-        for b in s.execute(select(Backup).where(Backup.vm_id == vm_id)).scalars():
-            for inc in b.increments:
-                inc.checkpoint = None
-    return dropped
 
 
 def run_restore(

@@ -54,7 +54,16 @@ class CatalogCollector(Collector):
         ds_total = GaugeMetricFamily(
             "vmkeep_datastore_total_bytes", "Total bytes of the datastore", labels=["datastore"]
         )
+        usage = GaugeMetricFamily(
+            "vmkeep_vm_usage",
+            "The last poll of each VM (CPU %, MEMORY KiB, NETRX/NETTX, DISKRD/WR bytes and IOPS)",
+            labels=["vm", "key"],
+        )
         with ctx.catalog.session() as s:
+            for name, figures in s.execute(select(Vm.name, Vm.usage)).all():
+                for key, value in sorted((figures or {}).items()):
+                    if isinstance(value, int | float):
+                        usage.add_metric([name, key], float(value))
             newest = s.execute(
                 select(Vm.name, Increment.finished_at, Increment.size)
                 .join(Backup, Backup.vm_id == Vm.id)
@@ -93,3 +102,4 @@ class CatalogCollector(Collector):
                 ds_free.add_metric([ds.name], free)
                 ds_total.add_metric([ds.name], total)
         yield from (last_time, last_size, by_status, written, jobs, durations, ds_free, ds_total)
+        yield usage

@@ -44,6 +44,10 @@ POLICY: dict[str, str] = {
     "copy": "operator",
     "files": "operator",  # reads the guests' files: more than a viewer may see
     "group-create": "admin",
+    "vm-action": "operator",  # lifecycle actions; recover and terminate need admin (below)
+    "vm-recover": "admin",
+    "vm-terminate": "admin",
+    "vm-create": "admin",
 }
 
 

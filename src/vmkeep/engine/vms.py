@@ -18,11 +18,12 @@ from sqlalchemy import select
 from vmkeep.catalog import lock
 from vmkeep.catalog.tables import Vm
 from vmkeep.engine import quiesce as quiesce_guard
+from vmkeep.engine import states
 from vmkeep.engine.backup_config import resolve, validate
 from vmkeep.engine.context import Context
 from vmkeep.engine.quiesce import Thawed, ensure_thawed
 from vmkeep.engine.recovery import recover_vm
-from vmkeep.engine.vmstate import BUSY_STATES, find_vm, set_lcm, states_of
+from vmkeep.engine.vmstate import BUSY_STATES, OFF_HOST, find_vm, set_lcm, states_of
 from vmkeep.errors import (
     AgentTimeout,
     AgentUnavailable,
@@ -41,9 +42,13 @@ def _refresh(ctx: Context, vm: Vm, live: dict[str, DomainInfo] | None = None) ->
     try:
         info = ctx.hv.domain(vm.name) if live is None else live[vm.name]
     except (DomainNotFound, KeyError):
+        if vm.state in OFF_HOST:
+            return  # PENDING, HOLD, STOPPED, UNDEPLOYED, DONE: no domain, as it should be
         state, lcm = VmState.UNKNOWN, LcmState.UNKNOWN
     else:
         state, lcm = states_of(info)
+        if (vm.state in OFF_HOST or vm.state_file) and state != VmState.ACTIVE:
+            return  # saved (SUSPENDED) or taken off the host: only a running domain says else
     # assign only what changed: an unchanged row then costs the session's flush nothing
     if vm.state != state:
         vm.state = state
@@ -121,6 +126,8 @@ def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
         "pool": vm.pool,
         "backup_config": _resolved(json.dumps(vm.backup_config or {}, sort_keys=True)),
         "error": vm.error,
+        "created": vm.created,
+        "usage": vm.usage or {},
     }
     if info is not None:
         out["disks"] = [
@@ -132,24 +139,12 @@ def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
     return out
 
 
-# The lcm states each action needs: one table for the CLI, the API (409 before a job is queued)
-# and the engine itself (checked again under the VM's lock).
-ACTION_NEEDS: dict[str, set[LcmState]] = {
-    "backup": {LcmState.RUNNING, LcmState.POWEROFF},
-    "group backup": {LcmState.RUNNING, LcmState.POWEROFF},
-    "quiesce": {LcmState.RUNNING},
-    "unquiesce": {LcmState.QUIESCED},
-    "start": {LcmState.POWEROFF, LcmState.RUNNING},
-    "restore in place": {LcmState.POWEROFF},
-}
-
-
 def check_action(ctx: Context, ref: str, action: str) -> str:
     """Raise WrongState unless the VM's current state allows ``action``; returns its name."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
         _refresh(ctx, vm)
-        needs = ACTION_NEEDS[action]
+        needs = states.needs(action)
         if vm.lcm_state not in needs:
             raise WrongState(vm.name, vm.lcm_state, action, " or ".join(sorted(needs)))
         return vm.name
@@ -157,7 +152,7 @@ def check_action(ctx: Context, ref: str, action: str) -> str:
 
 @contextmanager
 def vm_action(
-    ctx: Context, ref: str, action: str, needs: set[LcmState] | None = None
+    ctx: Context, ref: str, action: str, needs: frozenset[LcmState] | None = None
 ) -> Iterator[Vm]:
     """Lock the VM and check its lcm state for ``action``; yields a detached Vm row.
 
@@ -168,7 +163,7 @@ def vm_action(
         vm = find_vm(s, ref)
         _refresh(ctx, vm)
         vm_id, name = vm.id, vm.name
-    needs = ACTION_NEEDS[action] if needs is None else needs
+    needs = states.needs(action) if needs is None else needs
     with lock(ctx.catalog, f"vm:{vm_id}", action, label=f"VM {name}"):
         recover_vm(ctx, vm_id, "the vmkeep process running it died; cleaned up by the next action")
         with ctx.catalog.session() as s:

@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Vm
+from vmkeep.engine import states
 from vmkeep.engine.context import Context
 from vmkeep.errors import VmkeepError, VmNotFound
 from vmkeep.model import DomainInfo, LcmState, VmState
@@ -26,7 +27,12 @@ BUSY_STATES = {
     LcmState.UNQUIESCING,
     LcmState.RESTORE,
     LcmState.ERROR,
+    *states.TRANSIENT,
+    *states.FAILURES,
 }
+# states only vmkeep knows (the domain is off the host, or saved): libvirt's view never replaces
+# them unless the domain runs again
+OFF_HOST = {VmState.PENDING, VmState.HOLD, VmState.STOPPED, VmState.UNDEPLOYED, VmState.DONE}
 
 
 def states_of(info: DomainInfo) -> tuple[VmState, LcmState]:

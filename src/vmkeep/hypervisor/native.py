@@ -46,7 +46,7 @@ _STATES = {
     libvirt.VIR_DOMAIN_PAUSED: VmState.ACTIVE,
     libvirt.VIR_DOMAIN_SHUTDOWN: VmState.ACTIVE,
     libvirt.VIR_DOMAIN_SHUTOFF: VmState.POWEROFF,
-    libvirt.VIR_DOMAIN_CRASHED: VmState.POWEROFF,
+    libvirt.VIR_DOMAIN_CRASHED: VmState.UNKNOWN,  # the seed: a crashed domain (e) is UNKNOWN
     libvirt.VIR_DOMAIN_PMSUSPENDED: VmState.SUSPENDED,
 }
 

@@ -1,0 +1,14 @@
+"""Rewrite the table in docs/lifecycle.md from src/vmkeep/engine/states.py (keeps the prose)."""
+
+from pathlib import Path
+
+from vmkeep.engine.states import table_markdown
+
+doc = Path(__file__).resolve().parent.parent / "docs" / "lifecycle.md"
+lines = doc.read_text().splitlines()
+start = next(i for i, line in enumerate(lines) if line.startswith("| action"))
+end = start
+while end < len(lines) and lines[end].startswith("|"):
+    end += 1
+new = lines[:start] + table_markdown().rstrip("\n").splitlines() + lines[end:]
+doc.write_text("\n".join(new) + "\n")
