@@ -88,7 +88,9 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
     for t in pool:
         t.start()
     scheme = "https" if tls[0] else "http"
-    log.warning("vmkeep daemon listening on %s://%s:%s, %d workers", scheme, host, port, len(pool) - 1)
+    log.warning(
+        "vmkeep daemon listening on %s://%s:%s, %d workers", scheme, host, port, len(pool) - 1
+    )
     try:
         server.run()  # returns after SIGTERM / SIGINT
     finally:
