@@ -5,6 +5,7 @@ raises on failure (the runner then sets the failure state)."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from vmkeep.catalog.tables import Vm, VmSnapshot
-from vmkeep.engine.chains import reset_checkpoints
+from vmkeep.engine.chains import CHECKPOINT_PREFIX, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.vmstate import find_vm
 from vmkeep.errors import DomainNotFound, InvalidValue, NotFound, VmkeepError
@@ -59,8 +60,30 @@ def _state_file(ctx: Context, name: str) -> Path:
 
 
 def _drop_checkpoints(ctx: Context, vm: Vm, warnings: Warnings, why: str) -> None:
-    if reset_checkpoints(ctx, vm.id, vm.name):
+    """Before the disks go back in time: drop the checkpoints and their dirty bitmaps (QEMU
+    refuses to load a snapshot while a disk has active bitmaps; libvirt removes them only from a
+    running domain, so a stopped one's are removed from the images)."""
+    dropped = reset_checkpoints(ctx, vm.id, vm.name)
+    info = ctx.hv.domain(vm.name)
+    if info.state != VmState.ACTIVE:
+        for d in info.disks:
+            if d.fmt == "qcow2" and d.path and Path(d.path).is_file():
+                for bitmap in _bitmaps(d.path):
+                    if bitmap.startswith(CHECKPOINT_PREFIX):
+                        _qemu_img("bitmap", "--remove", d.path, bitmap)
+                        dropped.append(bitmap)
+    if dropped:
         warnings.add(f"{why}: the VM's checkpoints were dropped, its next backup is a new full")
+
+
+def _bitmaps(path: str) -> list[str]:
+    proc = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
+    )
+    if proc.returncode:
+        return []
+    info = json.loads(proc.stdout).get("format-specific", {}).get("data", {})
+    return [str(b["name"]) for b in info.get("bitmaps", [])]
 
 
 # --- power ----------------------------------------------------------------------------------------
@@ -116,8 +139,7 @@ def undeploy(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) 
     _set(ctx, vm.id, template=template)
     if ctx.hv.domain(vm.name).state == VmState.ACTIVE:
         (vmm.cancel if opts.get("hard") else vmm.shutdown)(vm.name)
-    if ctx.hv.checkpoints(vm.name):
-        w.add(f"VM {vm.name} left the host with its checkpoints: its next backup is a new full")
+    _drop_checkpoints(ctx, vm, w, f"VM {vm.name} leaves the host")
     vmm.undefine(vm.name)
     return {"hard": bool(opts.get("hard"))}
 
@@ -183,8 +205,8 @@ def snapshot_revert(
     ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings
 ) -> dict[str, Any]:
     snap = _snapshot(ctx, vm, opts.get("snapshot"), "system")
+    _drop_checkpoints(ctx, vm, w, f"VM {vm.name} goes back to snapshot {snap.seq}")
     vmm.snapshot_revert(vm.name, snap.name)
-    _drop_checkpoints(ctx, vm, w, f"VM {vm.name} went back to snapshot {snap.seq}")
     return {"snapshot": snap.seq, "memory": snap.memory}
 
 
@@ -242,8 +264,8 @@ def disk_snapshot_revert(
 ) -> dict[str, Any]:
     snap = _snapshot(ctx, vm, opts.get("snapshot"), "disk")
     _target, path = _disk_path(ctx, vm, snap.disk)
+    _drop_checkpoints(ctx, vm, w, f"disk {snap.disk} goes back to snapshot {snap.seq}")
     _qemu_img("snapshot", "-a", snap.name, path)
-    _drop_checkpoints(ctx, vm, w, f"disk {snap.disk} went back to snapshot {snap.seq}")
     return {"snapshot": snap.seq, "disk": snap.disk}
 
 
@@ -298,8 +320,6 @@ def _format_of(path: str) -> str:
     proc = subprocess.run(
         ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
     )
-    import json
-
     return str(json.loads(proc.stdout).get("format", "raw")) if proc.returncode == 0 else "raw"
 
 

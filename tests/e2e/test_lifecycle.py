@@ -1,0 +1,265 @@
+"""The VM lifecycle on real lab VMs, through both VMM drivers (native libvirt, and the exec driver
+over the shipped drivers/exec/virsh scripts): create -> deploy -> snapshot create/revert (a file
+written after the snapshot is gone, a RAM counter is back) -> disk attach/detach (the guest sees
+the device) -> suspend/resume and stop/resume (memory survives) -> undeploy/deploy -> reboot ->
+poweroff -> a guest that powers itself off is POWEROFF at the next poll -> terminate. Wrong-state
+calls exit 4. The exec driver's -r retries a failing script and -t runs deploys side by side."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmkeep.errors import DomainNotFound
+from vmkeep.hypervisor import Hypervisor
+from vmkeep.lab import Lab
+from vmkeep.lab.lab import LabError
+
+from .conftest import PREFIX
+
+VIRSH_DRIVER = Path(__file__).parents[2] / "drivers" / "exec" / "virsh"
+COUNTER = "i=0; while true; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"
+
+
+def use_driver(kind: str, folder: Path = VIRSH_DRIVER, args: str = "") -> None:
+    """Point the test's config at a VMM driver for this host."""
+    config = Path(os.environ["VMKEEP_CONFIG"])
+    text = "version = 1\n"
+    if kind == "exec":
+        text += (
+            f'[[hosts]]\nname = "lab"\nuri = "qemu:///system"\nvmm = "exec"\n'
+            f'vmm_dir = "{folder}"\nvmm_args = "{args}"\n'
+        )
+    config.write_text(text)
+
+
+def xml_of_new_vm(lab: Lab, hv: Hypervisor, name: str) -> str:
+    """A lab guest's domain XML (with its own fresh data disk), not defined in libvirt."""
+    lab.create(name, [128 << 20], start=False)
+    xml = hv.domain_xml(name, inactive=True)
+    hv.undefine(name)
+    return xml
+
+
+def counter(lab: Lab, vm: str) -> tuple[int, str]:
+    out = lab.sh(vm, "cat /tmp/counter /tmp/counter.pid").split()
+    return int(out[0]), out[1]
+
+
+def state(vmkeep, vm: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
+    row = vmkeep("vm", "show", vm, "--json").json()
+    return row["state"], row["lcm_state"]
+
+
+def booted(lab: Lab, vm: str) -> None:
+    lab.wait_ready(vm)
+
+
+@pytest.fixture
+def cleanup(lab: Lab) -> Iterator[list[str]]:
+    names: list[str] = []
+    yield names
+    for name in names:
+        lab.remove(name)
+
+
+@pytest.mark.parametrize("driver", ["native", "exec"])
+def test_lifecycle_through_the_driver(
+    driver: str, vmkeep, lab: Lab, hv: Hypervisor, tmp_path: Path, cleanup: list[str]
+) -> None:
+    use_driver(driver)
+    vm = f"{PREFIX}lc-{driver}"
+    cleanup.append(vm)
+    xml = tmp_path / "vm.xml"
+    xml.write_text(xml_of_new_vm(lab, hv, vm))
+    disk = lab.vm_dir(vm) / "disk0.qcow2"
+
+    assert vmkeep("vm", "create", "--xml", str(xml), "--json").json()["state"] == "PENDING"
+    with pytest.raises(DomainNotFound):
+        hv.domain(vm)  # PENDING: not on the host yet
+    wrong = vmkeep("vm", "poweroff", vm, check=4)
+    assert "PENDING" in wrong.err and "poweroff needs RUNNING" in wrong.err
+    lab.serial_log(vm).unlink(missing_ok=True)
+    vmkeep("vm", "deploy", vm)
+    booted(lab, vm)
+    assert state(vmkeep, vm) == ("ACTIVE", "RUNNING")
+    vmkeep("vm", "deploy", vm, check=4)
+    vmkeep("vm", "release", vm, check=4)
+
+    # system snapshot with memory: a file written afterwards is gone after the revert, and a
+    # process's in-RAM counter is back to (about) its value at the snapshot
+    lab.sh(vm, f"({COUNTER}) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid")
+    lab.write_random(vm, "/mnt/vda/kept", 1)
+    time.sleep(0.5)
+    snap = vmkeep("vm", "snapshot", "create", vm, "--json").json()
+    at_snapshot, pid = counter(lab, vm)
+    lab.write_random(vm, "/mnt/vda/after", 1)
+    time.sleep(3)
+    before_revert, _ = counter(lab, vm)
+    vmkeep("vm", "snapshot", "revert", vm, str(snap["snapshot"]))
+    value, same_pid = counter(lab, vm)
+    assert same_pid == pid and value < before_revert, (at_snapshot, value, before_revert)
+    lab.sh(vm, "test -e /mnt/vda/kept")
+    with pytest.raises(LabError):
+        lab.sh(vm, "test -e /mnt/vda/after")
+    listed = vmkeep("vm", "snapshot", "list", vm, "--json").json()["snapshots"]
+    assert [(s["id"], s["kind"], s["memory"]) for s in listed] == [(1, "system", True)]
+    vmkeep("vm", "snapshot", "delete", vm, "1")
+
+    # disk hotplug: the guest sees the new block device, then it is gone
+    added = vmkeep("vm", "disk", "attach", vm, "--size", "64M", "--json").json()
+    assert added["target"] == "vdb"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            lab.sh(vm, "test -b /dev/vdb")
+            break
+        except LabError:
+            time.sleep(0.5)
+    lab.sh(vm, "test -b /dev/vdb")
+    vmkeep("vm", "disk", "detach", vm, "--target", "vdb")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            lab.sh(vm, "test ! -e /dev/vdb")
+            break
+        except LabError:
+            time.sleep(0.5)
+    lab.sh(vm, "test ! -e /dev/vdb")
+
+    # suspend / resume and stop / resume: the same process carries on
+    value, pid = counter(lab, vm)
+    vmkeep("vm", "suspend", vm)
+    assert state(vmkeep, vm) == ("SUSPENDED", "SUSPENDED")
+    vmkeep("vm", "poweroff", vm, check=4)
+    vmkeep("vm", "resume", vm)
+    assert counter(lab, vm)[1] == pid and counter(lab, vm)[0] >= value
+    vmkeep("vm", "stop", vm)
+    assert state(vmkeep, vm) == ("STOPPED", "STOPPED")
+    with pytest.raises(DomainNotFound):
+        hv.domain(vm)  # off the host
+    vmkeep("vm", "resume", vm)
+    assert counter(lab, vm)[1] == pid
+
+    # undeploy (disks kept) / deploy: a fresh boot with the data
+    vmkeep("vm", "undeploy", vm)
+    assert state(vmkeep, vm) == ("UNDEPLOYED", "UNDEPLOYED") and disk.is_file()
+    with pytest.raises(DomainNotFound):
+        hv.domain(vm)
+    lab.serial_log(vm).unlink(missing_ok=True)
+    vmkeep("vm", "deploy", vm)
+    booted(lab, vm)
+    lab.sh(vm, "test -e /mnt/vda/kept && test ! -e /tmp/counter")
+
+    lab.serial_log(vm).unlink(missing_ok=True)
+    vmkeep("vm", "reboot", vm, "--hard")
+    booted(lab, vm)
+    vmkeep("vm", "poweroff", vm)
+    assert state(vmkeep, vm) == ("POWEROFF", "POWEROFF")
+    lab.serial_log(vm).unlink(missing_ok=True)
+    vmkeep("vm", "resume", vm)  # a powered-off VM boots
+    booted(lab, vm)
+
+    # the guest powers itself off: the next poll sees it
+    subprocess.run(["virsh", "-q", "qemu-agent-command", vm,
+                    '{"execute":"guest-exec","arguments":{"path":"/bin/sh","arg":["-c",'
+                    '"sleep 1; poweroff -f"]}}'], capture_output=True)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and hv.domain(vm).state == "ACTIVE":
+        time.sleep(0.5)
+    polled = vmkeep("vm", "poll", vm, "--json").json()
+    assert polled[0]["poll"]["STATE"] == "d" and polled[0]["state"] == "POWEROFF"
+
+    vmkeep("vm", "terminate", vm)
+    assert state(vmkeep, vm) == ("DONE", "DONE") and not disk.exists()
+    vmkeep("vm", "resume", vm, check=4)
+    hist = vmkeep("vm", "history", vm, "--json").json()
+    assert [h["action"] for h in hist] == [
+        "create", "deploy", "snapshot-create", "snapshot-revert", "snapshot-delete",
+        "disk-attach", "disk-detach", "suspend", "resume", "stop", "resume", "undeploy",
+        "deploy", "reboot", "poweroff", "resume", "terminate",
+    ]  # fmt: skip
+    assert all(h["result"] == "DONE" and h["origin"] == "cli" for h in hist)
+
+
+def flaky_driver(tmp_path: Path) -> Path:
+    """The virsh driver plus a deploy that fails on its first two calls, and one that logs when
+    it starts and ends (to measure overlap)."""
+    folder = tmp_path / "driver"
+    shutil.copytree(VIRSH_DRIVER, folder)
+    (folder / "deploy_flaky").write_text(
+        "#!/bin/sh\n"
+        f"n=$(cat {tmp_path}/calls 2>/dev/null || echo 0); n=$((n+1)); echo $n > {tmp_path}/calls\n"
+        'if [ "$n" -le 2 ]; then echo "flaky: call $n fails" >&2; cat >/dev/null; exit 1; fi\n'
+        f'exec "{folder}/deploy" "$@"\n'
+    )
+    (folder / "deploy_timed").write_text(
+        "#!/bin/sh\n"
+        f'echo "start $(date +%s.%N)" >> {tmp_path}/times\n'
+        f'"{folder}/deploy" "$@"; rc=$?\n'
+        "sleep 1\n"
+        f'echo "end $(date +%s.%N)" >> {tmp_path}/times\n'
+        "exit $rc\n"
+    )
+    for f in ("deploy_flaky", "deploy_timed"):
+        (folder / f).chmod(0o755)
+    return folder
+
+
+def test_exec_driver_retries_and_parallel_actions(
+    vmkeep, lab: Lab, hv: Hypervisor, tmp_path: Path, cleanup: list[str]
+) -> None:
+    folder = flaky_driver(tmp_path)
+    names = [f"{PREFIX}lc-t{i}" for i in range(3)]
+    cleanup.extend(names)
+    use_driver("exec", folder, "-r 0 -l deploy=deploy_flaky")
+    for name in names:
+        xml = tmp_path / f"{name}.xml"
+        xml.write_text(xml_of_new_vm(lab, hv, name))
+        vmkeep("vm", "create", "--xml", str(xml))
+    # -r 0: the failing script fails the action; the VM waits in BOOT_FAILURE for an admin
+    failed = vmkeep("vm", "deploy", names[0], check=27)
+    assert "flaky: call 1 fails" in failed.err
+    assert state(vmkeep, names[0]) == ("PENDING", "BOOT_FAILURE")
+    vmkeep("vm", "recover", names[0], "--failure")
+    assert state(vmkeep, names[0]) == ("PENDING", "PENDING")
+    # -r 2: call 2 fails, call 3 succeeds
+    use_driver("exec", folder, "-r 2 -l deploy=deploy_flaky")
+    vmkeep("vm", "deploy", names[0])
+    assert (tmp_path / "calls").read_text().strip() == "3"
+    assert state(vmkeep, names[0])[1] == "RUNNING"
+    vmkeep("vm", "poweroff", names[0], "--hard")
+    vmkeep("vm", "undeploy", names[0])
+
+    # -t 3: three deploys at once overlap; -t 1: one after the other
+    def deploy_all(threads: int) -> list[tuple[float, float]]:
+        (tmp_path / "times").unlink(missing_ok=True)
+        use_driver("exec", folder, f"-t {threads} -l deploy=deploy_timed")
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "vmkeep.cli.main", "vm", "deploy", n],
+                             env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for n in names
+        ]  # fmt: skip
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err
+        lines = (tmp_path / "times").read_text().split("\n")
+        starts = sorted(float(x.split()[1]) for x in lines if x.startswith("start"))
+        ends = sorted(float(x.split()[1]) for x in lines if x.startswith("end"))
+        return list(zip(starts, ends, strict=True))
+
+    spans = deploy_all(3)
+    assert max(s for s, _ in spans) < min(e for _, e in spans), spans  # all three at once
+    for name in names:
+        vmkeep("vm", "undeploy", name, "--hard")
+    spans = deploy_all(1)
+    assert all(spans[i][1] <= spans[i + 1][0] for i in range(2)), spans  # never two at once
+    for name in names:
+        vmkeep("vm", "terminate", name, "--hard")
