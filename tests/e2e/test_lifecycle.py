@@ -58,6 +58,14 @@ def state(vmkeep, vm: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     return row["state"], row["lcm_state"]
 
 
+def fresh_log(lab: Lab, vm: str) -> None:
+    """Empty the serial log (QEMU appends to it, even across a reset) so that wait_ready sees
+    this boot's READY line only."""
+    log = lab.serial_log(vm)
+    if log.exists():
+        log.write_text("")
+
+
 def booted(lab: Lab, vm: str) -> None:
     lab.wait_ready(vm)
 
@@ -86,7 +94,7 @@ def test_lifecycle_through_the_driver(
         hv.domain(vm)  # PENDING: not on the host yet
     wrong = vmkeep("vm", "poweroff", vm, check=4)
     assert "PENDING" in wrong.err and "poweroff needs RUNNING" in wrong.err
-    lab.serial_log(vm).unlink(missing_ok=True)
+    fresh_log(lab, vm)
     vmkeep("vm", "deploy", vm)
     booted(lab, vm)
     assert state(vmkeep, vm) == ("ACTIVE", "RUNNING")
@@ -153,17 +161,17 @@ def test_lifecycle_through_the_driver(
     assert state(vmkeep, vm) == ("UNDEPLOYED", "UNDEPLOYED") and disk.is_file()
     with pytest.raises(DomainNotFound):
         hv.domain(vm)
-    lab.serial_log(vm).unlink(missing_ok=True)
+    fresh_log(lab, vm)
     vmkeep("vm", "deploy", vm)
     booted(lab, vm)
     lab.sh(vm, "test -e /mnt/vda/kept && test ! -e /tmp/counter")
 
-    lab.serial_log(vm).unlink(missing_ok=True)
+    fresh_log(lab, vm)
     vmkeep("vm", "reboot", vm, "--hard")
     booted(lab, vm)
     vmkeep("vm", "poweroff", vm)
     assert state(vmkeep, vm) == ("POWEROFF", "POWEROFF")
-    lab.serial_log(vm).unlink(missing_ok=True)
+    fresh_log(lab, vm)
     vmkeep("vm", "resume", vm)  # a powered-off VM boots
     booted(lab, vm)
 

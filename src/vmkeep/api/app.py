@@ -210,8 +210,8 @@ def create_app(config: Config) -> FastAPI:
         name = vms.check_action(c, vm, action) if action != "recover" else vm
         return enqueue("vm-action", name, {"vm": name, "action": action, "opts": body}, who)
 
-    for action in (*lifecycle.LIFECYCLE_ACTIONS, "snapshot-list"):
-        if action in ("create", "snapshot-list"):
+    for action in lifecycle.LIFECYCLE_ACTIONS:
+        if action == "create":
             continue
         role = {"recover": "vm-recover", "terminate": "vm-terminate"}.get(action, "vm-action")
 
@@ -232,7 +232,7 @@ def create_app(config: Config) -> FastAPI:
 
     @app.get("/v1/vms/{vm}/snapshots")
     def vm_snapshots(vm: str, who: str = read) -> Any:
-        return jsonable(lifecycle.run_action(ctx(), vm, "snapshot-list")[0])
+        return jsonable(lifecycle.snapshots(ctx(), vm))
 
     @app.post("/v1/vms/{vm}/reset-state")
     def reset_state(vm: str, who: str = require("reset-state")) -> Any:

@@ -115,7 +115,7 @@ def snapshot_delete(c: click.Context, ref: str, snapshot: int, as_json: bool) ->
 @click.pass_context
 def snapshot_list(c: click.Context, ref: str, as_json: bool) -> None:
     """System and disk snapshots of a VM."""
-    res, _ = lifecycle.run_action(ctx_of(c), ref, "snapshot-list")
+    res = lifecycle.snapshots(ctx_of(c), ref)
     render(res, as_json, lambda r: table(r["snapshots"], ("id", "kind", "disk", "memory", "name")))
 
 

@@ -64,6 +64,11 @@ def _end_history(ctx: Context, hid: int, error: BaseException | None) -> None:
         row.error = None if error is None else f"{type(error).__name__}: {error}"
 
 
+def snapshots(ctx: Context, ref: str) -> dict[str, Any]:
+    """System and disk snapshots of a VM (a read: no lock, no history)."""
+    return vm_actions.snapshot_list(ctx, ref)
+
+
 def history(ctx: Context, ref: str) -> list[dict[str, Any]]:
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
@@ -125,9 +130,6 @@ def run_action(
     check_allowed(ctx, ref, action)
     rule = states.RULES[action]
     warnings = Warnings()
-    read_only = action in ("snapshot-list",)
-    if read_only:
-        return vm_actions.snapshot_list(ctx, ref), warnings
     vmm = vmm_of(ctx)
     needs = rule.needs
     with vm_action(ctx, ref, action, needs) as vm:
@@ -185,6 +187,10 @@ def create(
     if uuid_el is None:
         uuid_el = ET.SubElement(root, "uuid")
         uuid_el.text = str(uuidlib.uuid4())
+    try:
+        uuid_el.text = str(uuidlib.UUID(uuid_el.text or ""))
+    except ValueError:
+        raise InvalidValue("<uuid>", uuid_el.text, "give a UUID, or leave it out") from None
     try:
         ctx.hv.domain(name)
     except DomainNotFound:
