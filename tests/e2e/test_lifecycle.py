@@ -271,3 +271,44 @@ def test_exec_driver_retries_and_parallel_actions(
     assert all(spans[i][1] <= spans[i + 1][0] for i in range(2)), spans  # never two at once
     for name in names:
         vmkeep("vm", "terminate", name, "--hard")
+
+
+def test_lifecycle_through_the_api(vmkeep, lab: Lab, hv: Hypervisor, cleanup: list[str]) -> None:
+    """POST /v1/vms creates (admin), POST /v1/vms/{vm}/actions/{action} queues a job (202) that a
+    worker runs; a wrong state is a 409 before any job; the history says origin api."""
+    from fastapi.testclient import TestClient
+
+    from vmkeep.api.app import create_app
+    from vmkeep.config import load_config
+    from vmkeep.engine import jobs, tokens
+    from vmkeep.engine.actions import RUNNERS
+    from vmkeep.engine.context import Context
+
+    vm = f"{PREFIX}lc-api"
+    cleanup.append(vm)
+    config = load_config()
+    ctx = Context(config)
+    admin = {"Authorization": "Bearer " + tokens.create(ctx, "a", "admin")["token"]}
+    viewer = {"Authorization": "Bearer " + tokens.create(ctx, "v", "viewer")["token"]}
+    client = TestClient(create_app(config))
+    xml = xml_of_new_vm(lab, hv, vm)
+    assert client.post("/v1/vms", json={"xml": xml}, headers=viewer).status_code == 403
+    made = client.post("/v1/vms", json={"xml": xml, "hold": True}, headers=admin)
+    assert made.status_code == 201 and made.json()["state"] == "HOLD", made.text
+    refused = client.post(f"/v1/vms/{vm}/actions/deploy", headers=admin)
+    assert refused.status_code == 409 and "HOLD" in refused.json()["error"]["message"]
+    queued = client.post(f"/v1/vms/{vm}/actions/release", json={}, headers=admin)
+    assert queued.status_code == 202, queued.text
+    job_id = queued.json()["job"]["id"]
+    assert jobs.claim(ctx) == job_id
+    jobs.execute(ctx, job_id, RUNNERS)
+    done = client.get(f"/v1/jobs/{job_id}", headers=viewer).json()
+    assert done["state"] == "DONE" and done["result"]["state"] == "PENDING", done
+    hist = client.get(f"/v1/vms/{vm}/history", headers=viewer).json()
+    assert [(h["action"], h["origin"], h["result"]) for h in hist] == [
+        ("create", "api", "DONE"), ("release", "api", "DONE")
+    ]  # fmt: skip
+    unsupported = client.post(f"/v1/vms/{vm}/actions/migrate", json={}, headers=admin)
+    assert unsupported.status_code == 409 and "not supported" in unsupported.text
+    assert client.post(f"/v1/vms/{vm}/actions/nosuch", headers=admin).status_code in (404, 405)
+    vmkeep("vm", "terminate", vm)

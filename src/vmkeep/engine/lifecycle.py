@@ -101,7 +101,7 @@ def check_allowed(ctx: Context, ref: str, action: str) -> Vm:
         vm = find_vm(s, ref)
         s.expunge(vm)
     if not rule.supported:
-        raise Refused(f"{action} of VM {vm.name}", rule.summary, "Use another action.")
+        raise Refused(f"{action} of VM {vm.name}", f"it is not supported yet ({rule.summary})", "")
     allowed = ctx.config.vmm.imported_vms_actions
     if not vm.created and action not in allowed:
         raise Refused(

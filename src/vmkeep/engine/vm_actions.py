@@ -125,6 +125,9 @@ def resume(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
 
 
 def stop(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
+    # the definition (with its checkpoints) leaves the host: drop them while QEMU still runs, or
+    # their bitmaps would come back with the memory and block a later snapshot revert
+    _drop_checkpoints(ctx, vm, w, f"VM {vm.name} leaves the host")
     template = ctx.hv.domain_xml(vm.name, inactive=True)
     file = _state_file(ctx, vm.name)
     _set(ctx, vm.id, template=template)
