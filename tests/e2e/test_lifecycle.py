@@ -312,3 +312,60 @@ def test_lifecycle_through_the_api(vmkeep, lab: Lab, hv: Hypervisor, cleanup: li
     assert unsupported.status_code == 409 and "not supported" in unsupported.text
     assert client.post(f"/v1/vms/{vm}/actions/nosuch", headers=admin).status_code in (404, 405)
     vmkeep("vm", "terminate", vm)
+
+
+@pytest.mark.parametrize("driver", ["native", "exec"])
+def test_cold_actions_and_imported_vms(
+    driver: str, vmkeep, lab: Lab, hv: Hypervisor, tmp_path: Path, cleanup: list[str]
+) -> None:
+    """On a powered-off VM: resize, disk-resize, NIC attach/detach in the definition, a disk
+    snapshot reverted (a file written after it is gone at the next boot); an imported VM refuses
+    what [vmm] imported_vms_actions does not list."""
+    use_driver(driver)
+    vm = f"{PREFIX}lc-cold-{driver}"
+    cleanup.append(vm)
+    xml = tmp_path / "vm.xml"
+    xml.write_text(xml_of_new_vm(lab, hv, vm))
+    vmkeep("vm", "create", "--xml", str(xml))
+    fresh_log(lab, vm)
+    vmkeep("vm", "deploy", vm)
+    booted(lab, vm)
+    vmkeep("vm", "resize", vm, "--vcpus", "2", check=4)  # needs POWEROFF
+    vmkeep("vm", "poweroff", vm, "--hard")
+
+    vmkeep("vm", "resize", vm, "--vcpus", "2", "--memory", "256")
+    vmkeep("vm", "disk-resize", vm, "--disk", "vda", "--size", "192M")
+    nic = vmkeep("vm", "nic", "attach", vm, "--mac", "52:54:00:aa:bb:cc", "--json").json()
+    assert nic["mac"] == "52:54:00:aa:bb:cc"
+    defined = hv.domain_xml(vm, inactive=True)
+    assert "52:54:00:aa:bb:cc" in defined and ">2</vcpu>" in defined and "262144" in defined
+    vmkeep("vm", "nic", "detach", vm, "--mac", "52:54:00:aa:bb:cc")
+    assert "52:54:00:aa:bb:cc" not in hv.domain_xml(vm, inactive=True)
+    vmkeep("vm", "nic", "detach", vm, "--mac", "52:54:00:aa:bb:cc", check=9)
+
+    snap = vmkeep("vm", "disk-snapshot", "create", vm, "--disk", "vda", "--json").json()
+    fresh_log(lab, vm)
+    vmkeep("vm", "resume", vm)
+    booted(lab, vm)
+    size = int(lab.sh(vm, "cat /sys/block/vda/size").strip()) * 512
+    assert size == 192 << 20
+    lab.sh(vm, "echo x > /mnt/vda/after-snap && sync")
+    vmkeep("vm", "poweroff", vm, "--hard")
+    vmkeep("vm", "disk-snapshot", "revert", vm, str(snap["snapshot"]))
+    fresh_log(lab, vm)
+    vmkeep("vm", "resume", vm)
+    booted(lab, vm)
+    with pytest.raises(LabError):
+        lab.sh(vm, "test -e /mnt/vda/after-snap")
+    vmkeep("vm", "poweroff", vm, "--hard")
+    vmkeep("vm", "terminate", vm, "--keep-disks")
+    assert (lab.vm_dir(vm) / "disk0.qcow2").is_file()
+
+    # a VM vmkeep did not create: only the imported_vms_actions
+    other = f"{PREFIX}lc-imported-{driver}"
+    cleanup.append(other)
+    lab.create(other, [64 << 20], start=False)
+    vmkeep("vm", "import", other)
+    refused = vmkeep("vm", "terminate", other, check=25)
+    assert "imported" in refused.err and "imported_vms_actions" in refused.err
+    vmkeep("vm", "poweroff", other, check=4)  # allowed for imported VMs, but it is off
