@@ -167,3 +167,24 @@ def test_sigkill_of_the_daemon_mid_backup(harness: Harness) -> None:
         p = h.record(Result(0, json.dumps(done["result"]), ""))
         h.restore_matches(p)
     h.assert_healthy()
+
+
+def test_monitor_loop_polls_the_vm_through_the_vmm_driver(harness: Harness) -> None:
+    """The daemon's monitor thread polls every ``[monitor] interval`` s: the VM's usage figures
+    (the seed's poll record) appear in GET /v1/vms/{vm} and are refreshed."""
+    h = harness
+    with daemon(h, extra={"VMKEEP_MONITOR_INTERVAL": "1"}) as (_proc, client):
+        seen: list[str] = []
+        deadline = time.monotonic() + 60
+        while len(set(seen)) < 2:
+            usage = client.get(f"/v1/vms/{h.vm}").json()["usage"]
+            if "polled_at" in usage:
+                seen.append(usage["polled_at"])
+                assert usage["MEMORY"] > 0 and "CPU" in usage and "DISKWRBYTES" in usage, usage
+            assert time.monotonic() < deadline, f"no two polls within 60 s: {seen}"
+            time.sleep(0.5)
+        row = client.get(f"/v1/vms/{h.vm}").json()
+        assert (row["state"], row["lcm_state"]) == ("ACTIVE", "RUNNING")
+        metrics = client.get("/metrics").text
+        assert f'vmkeep_vm_usage{{key="MEMORY",vm="{h.vm}"}}' in metrics
+    h.assert_healthy()

@@ -28,6 +28,9 @@ UNREACHABLE = (
     "broken pipe",
     "operation timed out",
     "kex_exchange_identification",
+    # restic when its ssh died before the sftp session started, without ssh's own line (seen
+    # under load); a refused login or host key says so first and is classified above
+    "unable to start the sftp session",
 )
 
 

@@ -279,12 +279,25 @@ class LibvirtHypervisor(Hypervisor):
     # --- inventory ------------------------------------------------------------------------------
     def list_domains(self) -> list[DomainInfo]:
         doms = self._call(lambda: self.conn.listAllDomains(0), "list domains")
-        return sorted((self._info(d) for d in doms), key=lambda d: d.name)
+        infos = []
+        for d in doms:
+            try:
+                infos.append(self._info(d))
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                # undefined between the listing and this read (another process removed it)
+        return sorted(infos, key=lambda d: d.name)
 
     def states(self) -> dict[str, DomainInfo]:
         out = {}
         for dom in self._call(lambda: self.conn.listAllDomains(0), "list domains"):
-            state, _reason = dom.state()
+            try:
+                state, _reason = dom.state()
+            except libvirt.libvirtError as err:
+                if err.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+                    raise
+                continue  # gone since the listing
             out[dom.name()] = DomainInfo(
                 name=dom.name(),
                 uuid=dom.UUIDString(),
