@@ -46,7 +46,13 @@ numbers = st.one_of(
 
 
 def snapshot() -> dict[Path, set[str]]:
-    return {p: set(os.listdir(p)) for p in SENTINELS if p.is_dir()}
+    """The folders' entries; libvirt's per-domain runtime folders (``domain-N-NAME``) are left
+    out: they come and go with the VMs of tests running at the same time."""
+    return {
+        p: {e for e in os.listdir(p) if not e.startswith("domain-")}
+        for p in SENTINELS
+        if p.is_dir()
+    }
 
 
 @contextlib.contextmanager
