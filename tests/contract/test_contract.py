@@ -11,9 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import blake3
 import pytest
 
-from vmkeep.datastores.base import sha256_file
+from vmkeep.checksums import digest_file, matches, row_digest
 from vmkeep.errors import DatastoreError, DatastoreUnreachable
 
 from .conftest import CREDENTIAL_CASES, REMOTE_CASES, Case
@@ -47,7 +48,7 @@ def staged(tmp: Path, seq: int, data: bytes) -> list[Path]:
 
 
 def sums(files: list[Path]) -> dict[str, str]:
-    return {p.name: sha256_file(p) for p in files}
+    return {p.name: digest_file(p) for p in files}
 
 
 def test_round_trip_bit_identical(case: Case, tmp_path: Path) -> None:
@@ -60,7 +61,7 @@ def test_round_trip_bit_identical(case: Case, tmp_path: Path) -> None:
     drv.backup(chain, inc)
     assert chain in drv.chains()
     got = drv.restore(chain, sorted(want), tmp_path / "out")
-    assert {n: sha256_file(p) for n, p in got.items()} == want
+    assert {n: digest_file(p) for n, p in got.items()} == want
     # an increment's backing file is found by relative name beside it
     info = subprocess.run(
         ["qemu-img", "info", "--backing-chain", str(got["1.vda.qcow2"])],
@@ -136,7 +137,7 @@ def test_a_killed_store_leaves_no_file_that_looks_complete(case: Case, tmp_path:
     drv = case.make()
     chain = "vm4/15"
     big = qcow2(tmp_path / "0.vda.qcow2", 256 * MiB, os.urandom(48 * MiB))
-    digest = sha256_file(big)
+    digest = digest_file(big)
     # remote drivers: slow the transfer down so the kill lands in the middle of it
     slow = {"bwlimit": 4096} if case.remote or case.driver == "restic" else {}
     code = _store_in_child(case, chain, [big], **slow)
@@ -164,14 +165,14 @@ def test_a_killed_store_leaves_no_file_that_looks_complete(case: Case, tmp_path:
     except DatastoreError as err:
         assert "missing" in str(err)
     else:
-        assert sha256_file(got) == digest
+        assert digest_file(got) == digest
     # and the chain can be removed and stored again with nothing left over
     drv.rm(chain)
     again = qcow2(tmp_path / "again" / "0.vda.qcow2", 64 * MiB, b"y" * MiB)
-    again_sum = sha256_file(again)  # the dir driver moves staged files away
+    again_sum = digest_file(again)  # the dir driver moves staged files away
     drv.backup(chain, [again])
     out = drv.restore(chain, ["0.vda.qcow2"], tmp_path / "out2")["0.vda.qcow2"]
-    assert sha256_file(out) == again_sum
+    assert digest_file(out) == again_sum
     drv.rm(chain)
 
 
@@ -199,8 +200,18 @@ def test_unreachable_host_is_retried_then_named(case: Case, tmp_path: Path) -> N
     assert "vm6/17" not in case.make().chains()
 
 
-def test_sha256_helper_matches_hashlib(tmp_path: Path) -> None:
+def test_checksums_match_reference_implementations(tmp_path: Path) -> None:
     p = tmp_path / "f"
     data = os.urandom(5 * MiB + 3)
     p.write_bytes(data)
-    assert sha256_file(p) == hashlib.sha256(data).hexdigest()
+    assert digest_file(p) == "blake3:" + blake3.blake3(data).hexdigest()
+    assert digest_file(p, "sha256") == "sha256:" + hashlib.sha256(data).hexdigest()
+    empty = tmp_path / "empty"
+    empty.touch()
+    assert digest_file(empty) == "blake3:" + blake3.blake3(b"").hexdigest()
+    # rows written before BLAKE3 carry a bare sha256 and are checked with it
+    old_row = {"name": "f", "sha256": hashlib.sha256(data).hexdigest()}
+    assert matches(p, row_digest(old_row)) == (True, "sha256:" + old_row["sha256"])
+    p.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    assert not matches(p, row_digest(old_row))[0]
+    assert not matches(p, row_digest({"name": "f", "digest": digest_file(empty)}))[0]

@@ -78,7 +78,11 @@ def test_full_and_three_increments_each_restore_point_is_bit_identical(
     backup_id = res["id"]
     shown = vmkeep("backups", "show", str(backup_id), "--json").json()
     assert [i["id"] for i in shown["increments"]] == [0, 1, 2, 3]
-    assert all(len(f["sha256"]) == 64 for i in shown["increments"] for f in i["files"])
+    assert all(
+        f["digest"].startswith("blake3:") and len(f["digest"]) == 71
+        for i in shown["increments"]
+        for f in i["files"]
+    )
     for point, files in enumerate(expected):
         for path, digest in files.items():
             assert restored_sha(vmkeep, tmp_path, backup_id, point, path) == digest, (point, path)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vmkeep.checksums import digest_file
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
 from vmkeep.lab.lab import read_file_from_image
@@ -125,7 +126,7 @@ def test_restic_over_sftp_full_and_incremental_restore_bit_identical(
     url = shown["increments"][1]["files"][0]["url"]
     assert url == f"restic://rs/{shown['chain']}/1.vda.qcow2"
     got = vmkeep("datastore", "download", url, str(tmp_path / "dl"), "--json").json()
-    assert sha(Path(got["path"]).read_bytes()) == shown["increments"][1]["files"][0]["sha256"]
+    assert digest_file(Path(got["path"])) == shown["increments"][1]["files"][0]["digest"]
     verify = vmkeep("backups", "verify", str(backup_id), "--json").json()
     assert verify["ok"] and "restic check" in verify["store_check"]
     # the password is in no output, job row or catalog

@@ -8,7 +8,6 @@ files together. Optional operations have a slow-but-correct default a driver may
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 from abc import ABC, abstractmethod
@@ -22,14 +21,6 @@ from vmkeep.errors import AlreadyExists, DatastoreError, InvalidValue
 
 CHUNK = 4 << 20
 QCOW2_MAGIC = b"QFI\xfb"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def qemu_img_info(path: Path) -> dict[str, Any]:

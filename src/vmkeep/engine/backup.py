@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,8 +33,9 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.locks import holder, lock, pid_alive
 from vmkeep.catalog.tables import Backup, Datastore, Increment, Vm
+from vmkeep.checksums import digest_file
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.datastores.base import qemu_img_info, sha256_file
+from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine import quiesce, space
 from vmkeep.engine.backup_config import BackupConfig, resolve
 from vmkeep.engine.chains import (
@@ -58,6 +60,7 @@ from vmkeep.engine.recovery import (
     staging_dir,
 )
 from vmkeep.engine.retention import apply_retention
+from vmkeep.engine.steps import Steps
 from vmkeep.engine.vms import vm_action
 from vmkeep.engine.vmstate import find_vm, set_lcm, sync_state
 from vmkeep.errors import (
@@ -288,17 +291,10 @@ def _prepare_staging(ctx: Context, plan: Plan) -> Path:
     return staging
 
 
-def _finish(
-    ctx: Context,
-    driver: DatastoreDriver,
-    plan: Plan,
-    disks: list[DiskInfo],
-    staging: Path,
-    domain_xml: str,
-    q: Quiesce,
+def _rebase(
+    driver: DatastoreDriver, plan: Plan, disks: list[DiskInfo], staging: Path, staged: list[Path]
 ) -> None:
-    files: list[dict[str, Any]] = []
-    staged: list[Path] = []
+    """Each disk file's backing name made relative to its chain (or none for a full)."""
     for d in disks:
         f = staging / disk_file(plan.seq, d.target)
         if plan.parent is None:
@@ -323,6 +319,22 @@ def _finish(
             flatten(f, canonical)
             canonical.replace(f)
         staged.append(f)
+
+
+def _finish(
+    ctx: Context,
+    driver: DatastoreDriver,
+    plan: Plan,
+    disks: list[DiskInfo],
+    staging: Path,
+    domain_xml: str,
+    q: Quiesce,
+    steps: Steps,
+) -> None:
+    files: list[dict[str, Any]] = []
+    staged: list[Path] = []
+    with steps.step("rebase"):
+        _rebase(driver, plan, disks, staging, staged)
     xml_file = staging / f"{plan.seq}.domain.xml"
     xml_file.write_text(domain_xml)
     staged.append(xml_file)
@@ -332,15 +344,23 @@ def _finish(
         staged.append(memory)
         targets.append(None)
     for f, target in zip(staged, targets, strict=True):
-        row = {"disk": target, "name": f.name, "size": f.stat().st_size, "sha256": sha256_file(f)}
+        with steps.step("checksum"):
+            row = {
+                "disk": target,
+                "name": f.name,
+                "size": f.stat().st_size,
+                "digest": digest_file(f),
+            }
         if target is not None:  # the restored size (``backups show``), without asking the store
-            row["virtual_size"] = int(qemu_img_info(f)["virtual-size"])
+            with steps.step("image info"):
+                row["virtual_size"] = int(qemu_img_info(f)["virtual-size"])
         if f == memory:
             row["memory"] = True
         files.append(row)
-    driver.backup(plan.chain, staged)
+    with steps.step("store"):
+        driver.backup(plan.chain, staged)
     failpoint("store")
-    with ctx.catalog.session() as s:
+    with steps.step("catalog"), ctx.catalog.session() as s:
         b = s.get(Backup, plan.backup_id)
         assert b is not None
         inc = next(i for i in b.increments if i.seq == plan.seq)
@@ -354,7 +374,8 @@ def _finish(
         b.status = BackupStatus.VALID
         b.finished_at = inc.finished_at
     try:
-        write_manifest(ctx, driver, plan.backup_id)
+        with steps.step("manifest"):
+            write_manifest(ctx, driver, plan.backup_id)
     except VmkeepError as err:  # the increment is stored and VALID: never discard it for this
         log.warning("backup %s: manifest.json not updated (the next store rewrites it): %s",
                     plan.backup_id, err)  # fmt: skip
@@ -390,6 +411,7 @@ class MemberJob:
     domain_xml: str = ""
     q: Quiesce = field(default_factory=Quiesce)
     memory: bool = False  # save the RAM with the disks (BACKUP_CONFIG memory, a running VM)
+    steps: Steps = field(default_factory=Steps)  # wall time per step (result "steps_ms")
 
 
 def prepare_job(ctx: Context, vm: Vm, ds_id: int, reset: bool, warnings: Warnings) -> MemberJob:
@@ -437,7 +459,7 @@ def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warni
 
 def finish_job(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
     assert job.plan is not None and job.staging is not None
-    _finish(ctx, driver, job.plan, job.disks, job.staging, job.domain_xml, job.q)
+    _finish(ctx, driver, job.plan, job.disks, job.staging, job.domain_xml, job.q, job.steps)
     shutil.rmtree(job.staging, ignore_errors=True)
 
 
@@ -468,25 +490,40 @@ def run_backup(
 ) -> BackupOutcome:
     out = BackupOutcome({})
     warnings = out.warnings
-    with vm_action(ctx, vm_ref, "backup") as vm:
-        with ctx.catalog.session() as s:
-            ds = find_datastore(s, ds_ref)
-            driver, ds_id = driver_of(ds), ds.id
-        job = prepare_job(ctx, vm, ds_id, reset, warnings)
-        set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)
+    steps = Steps()
+    step = steps.step
+    with step("lock"), ExitStack() as stack:
+        vm = stack.enter_context(vm_action(ctx, vm_ref, "backup"))
+        locked = stack.pop_all()  # held until the end of the next block
+    with locked:
+        with step("prepare"):
+            with ctx.catalog.session() as s:
+                ds = find_datastore(s, ds_ref)
+                driver, ds_id = driver_of(ds), ds.id
+            job = prepare_job(ctx, vm, ds_id, reset, warnings)
+            job.steps = steps
+            set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)
         # If this process dies from here on, the guard thaws/resumes and cleans up at once.
-        with quiesce.guarding(ctx, [vm.id]):
+        with step("watchdog"), ExitStack() as stack:
+            stack.enter_context(quiesce.guarding(ctx, [vm.id]))
+            guarded = stack.pop_all()
+        with guarded:
             try:
                 try:
-                    plan_job(ctx, job, warnings)
+                    with step("plan"):
+                        plan_job(ctx, job, warnings)
                     failpoint("plan")
                     t0 = time.monotonic()
                     if job.offline:
-                        ctx.hv.start(vm.name, paused=True)
+                        with step("start paused"):
+                            ctx.hv.start(vm.name, paused=True)
                     try:
-                        check_space(ctx, driver, job)
-                        begin_job(ctx, job, job.cfg.fs_freeze, warnings)
-                        wait_jobs(ctx, [vm.name], progress)
+                        with step("space check"):
+                            check_space(ctx, driver, job)
+                        with step("begin"):
+                            begin_job(ctx, job, job.cfg.fs_freeze, warnings)
+                        with step("copy"):
+                            wait_jobs(ctx, [vm.name], progress)
                     finally:
                         if job.offline:
                             ctx.hv.destroy(vm.name)
@@ -497,9 +534,13 @@ def run_backup(
                     if isinstance(err, (VmkeepError, KeyboardInterrupt)):
                         raise
                     raise BackupFailed(vm.name, err) from err
-                out.result = after_success(ctx, job) | {"seconds": round(elapsed, 3)}
+                with step("retention"):
+                    out.result = after_success(ctx, job)
             finally:
-                sync_state(ctx, vm.id, vm.name)
+                with step("state sync"):
+                    sync_state(ctx, vm.id, vm.name)
+    log.info("backup of %s: %s", vm.name, steps)
+    out.result |= {"seconds": round(elapsed, 3), "steps_ms": steps.ms()}
     return out
 
 

@@ -2,7 +2,7 @@
 
 ``vmkeep drill ID [--increment N] [--probe CMD]``:
 
-1. every file of the point's chain is checked against its sha256;
+1. every file of the point's chain is checked against its checksum;
 2. each disk gets a throw-away qcow2 overlay over the backup's files (opened read-only, never
    written); each file system on it (whole disk, or GPT/MBR partitions) is checked on the host:
    the journal is replayed into the overlay (as a boot would), then ``e2fsck -fn``,
@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.catalog.tables import Backup, Drill
+from vmkeep.checksums import expected_digests, row_digest
 from vmkeep.engine.chains import disk_file, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
@@ -236,9 +237,9 @@ def run_drill(
         target, chain = point(b, increment)
         disks = pick_disks(target, None)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
-        expected = {f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"]}
+        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"])
         xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
-        expected[xml_entry["name"]] = xml_entry["sha256"]
+        expected[xml_entry["name"]] = row_digest(xml_entry)
         seq, inc_id = target.seq, target.id
     name = drill_name(vm_name, backup_id, seq)
     work = ctx.config.data_dir / "drills" / name
@@ -255,7 +256,7 @@ def run_drill(
             except VmkeepError as err:
                 checks.append(Check("checksums", False, str(err)))
                 raise _Failed from err
-            checks.append(Check("checksums", True, f"{len(expected)} files match their sha256"))
+            checks.append(Check("checksums", True, f"{len(expected)} files match their checksums"))
             _check_reachable([local[disk_file(seq, d)] for d in disks])
             overlays = {d: work / f"{d}.qcow2" for d in disks}
             for d, ov in overlays.items():

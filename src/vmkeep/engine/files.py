@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.catalog.tables import Backup
+from vmkeep.checksums import expected_digests
 from vmkeep.engine.chains import disk_file, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
@@ -78,7 +79,7 @@ def _materialize(
             raise BackupNotFound(backup_id)
         target, chain = point(b, increment)
         chosen = pick_disks(target, disk)[0]
-        expected = {f["name"]: f["sha256"] for i in chain for f in i.files if f["disk"] == chosen}
+        expected = expected_digests(f for i in chain for f in i.files if f["disk"] == chosen)
         chain_key, driver, seq = b.chain, driver_of(b.datastore), target.seq
     local = driver.restore(chain_key, list(expected), workdir / "chain")
     verify_files(ctx, backup_id, chain_key, expected, local)

@@ -2,7 +2,7 @@
 ``restore(vid, img_id, inc_id, disk_id)``). Name, UUID, NICs and the rest of its configuration
 stay; only the disk contents change.
 
-Every stored file is checked against its sha256 and each new disk image is written beside the
+Every stored file is checked against its checksum and each new disk image is written beside the
 disk it replaces before anything of the VM is touched. Then each current disk is renamed aside,
 the new one renamed into place, and only when every disk is in place are the old ones deleted: a
 failure at any step puts the old disks back, so a failed restore leaves the VM as it was. The
@@ -22,13 +22,14 @@ from typing import Any
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup
+from vmkeep.checksums import row_digest
 from vmkeep.engine.chains import disk_file, point, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.instant import instant_restore
 from vmkeep.engine.memory import memory_entry, resume
 from vmkeep.engine.recovery import SWAP_NEW, SWAP_OLD
-from vmkeep.engine.restore import RestoreOptions, pick_disks, restore, verify_files
+from vmkeep.engine.restore import RestoreOptions, pick_disks, restore, verified
 from vmkeep.engine.vms import vm_action
 from vmkeep.engine.vmstate import set_lcm, sync_state
 from vmkeep.errors import BackupNotFound, InvalidValue, VmkeepError
@@ -40,7 +41,7 @@ NEW, OLD = SWAP_NEW, SWAP_OLD  # a process killed mid-swap is undone by recovery
 
 def _write_image(src: Path, dest: Path, fmt: str) -> None:
     """The point's disk (with its backing chain) as one image in the VM's own format."""
-    argv = ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", fmt]
+    argv = ["qemu-img", "convert", "-q", "-W", "-f", "qcow2", "-O", fmt]  # -W: out of order, faster
     if fmt == "qcow2":
         argv += ["-o", "compat=1.1"]
     proc = subprocess.run([*argv, str(src), str(dest)], capture_output=True, text=True)
@@ -72,12 +73,12 @@ def restore_in_place(
         disks = pick_disks(target, disk)
         chain_key, driver, vm_ref = b.chain, driver_of(b.datastore), str(b.vm_id)
         expected = {
-            f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"] in disks
+            f["name"]: row_digest(f) for inc in chain for f in inc.files if f["disk"] in disks
         }
         seq = target.seq
         mem = None if disk is not None or without_memory else memory_entry(target)
         if mem is not None:
-            expected[mem["name"]] = mem["sha256"]
+            expected[mem["name"]] = row_digest(mem)
     resumed: bool | None = None
     with vm_action(ctx, vm_ref, "restore in place") as vm:
         vm_id, name = vm.id, vm.name
@@ -96,8 +97,14 @@ def restore_in_place(
         with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
             try:
                 local = driver.restore(chain_key, list(expected), Path(tmp))
-                verify_files(ctx, backup_id, chain_key, expected, local)
-                result = _swap(local, seq, disks, current)
+                staged: dict[str, Path] = {}
+                try:  # new images written while the chain is checked, swapped in once it passed
+                    with verified(ctx, backup_id, chain_key, expected, local):
+                        _stage(local, seq, disks, current, staged)
+                    result = _swap(staged, disks, current)
+                finally:
+                    for new in staged.values():
+                        new.unlink(missing_ok=True)
             finally:
                 sync_state(ctx, vm_id, name)
             dropped = reset_checkpoints(ctx, vm_id, name)
@@ -124,18 +131,26 @@ def restore_in_place(
     }, warnings
 
 
-def _swap(
-    local: dict[str, Path], seq: int, disks: list[str], current: dict[str, Any]
-) -> dict[str, str]:
-    staged: dict[str, Path] = {}
+def _stage(
+    local: dict[str, Path],
+    seq: int,
+    disks: list[str],
+    current: dict[str, Any],
+    staged: dict[str, Path],
+) -> None:
+    """Each new image written beside the disk it replaces (the swap is a rename); ``staged``
+    names them as they are started, for the caller to remove on failure."""
+    for d in disks:
+        path = Path(current[d].path)
+        new = path.with_name(path.name + NEW)
+        staged[d] = new
+        _write_image(local[disk_file(seq, d)], new, current[d].fmt or "qcow2")
+        _same_owner(path, new)
+
+
+def _swap(staged: dict[str, Path], disks: list[str], current: dict[str, Any]) -> dict[str, str]:
     moved: list[tuple[Path, Path]] = []  # (the VM's disk, where it was put aside)
     try:
-        for d in disks:  # written beside the disk it replaces: the swap is a rename
-            path = Path(current[d].path)
-            new = path.with_name(path.name + NEW)
-            staged[d] = new
-            _write_image(local[disk_file(seq, d)], new, current[d].fmt or "qcow2")
-            _same_owner(path, new)
         for d in disks:
             path = Path(current[d].path)
             aside = path.with_name(path.name + OLD)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.catalog.tables import Backup
+from vmkeep.checksums import expected_digests, row_digest
 from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine import vms
 from vmkeep.engine.chains import disk_file, point
@@ -81,9 +82,9 @@ def instant_restore(
         target, chain = point(b, opts.increment)
         disks = pick_disks(target, None)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
-        expected = {f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"]}
+        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"])
         xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
-        expected[xml_entry["name"]] = xml_entry["sha256"]
+        expected[xml_entry["name"]] = row_digest(xml_entry)
         seq = target.seq
     new_name = opts.name or f"{vm_name}-instant-{backup_id}-{seq}"
     check_new_vm_name(ctx, new_name)

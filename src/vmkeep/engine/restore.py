@@ -1,7 +1,7 @@
 """Restore a whole VM (new domain, new name and UUID) or one disk, from any point of a chain.
 
 Increments are numbered as OpenNebula does (full = 0); without ``increment`` the newest point is
-restored. Every file of the chain is checked against its sha256 before it is used. A point with
+restored. Every file of the chain is checked against its checksum before it is used. A point with
 memory state comes back as the VM itself, resumed (``engine/memory.py``), unless
 ``without_memory``.
 """
@@ -14,12 +14,15 @@ import shutil
 import subprocess
 import tempfile
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vmkeep.catalog.tables import Backup, Increment
-from vmkeep.datastores.base import sha256_file
+from vmkeep.checksums import expected_digests, matches, row_digest
 from vmkeep.engine import vms
 from vmkeep.engine.chains import disk_file, mark_damaged, point
 from vmkeep.engine.context import Context
@@ -117,14 +120,74 @@ def pick_disks(target: Increment, disk: str | None) -> list[str]:
 def verify_files(
     ctx: Context, backup_id: int, chain_key: str, expected: dict[str, str], local: dict[str, Path]
 ) -> None:
-    """Every fetched file against its sha256; a mismatch marks the increment holding it (and
+    """Every fetched file against its checksum; a mismatch marks the increment holding it (and
     those built on it) DAMAGED before ChecksumMismatch is raised."""
+    bad = _first_mismatch(expected, local)
+    if bad is not None:
+        raise _damaged(ctx, backup_id, chain_key, *bad)
+
+
+@contextmanager
+def verified(
+    ctx: Context, backup_id: int, chain_key: str, expected: dict[str, str], local: dict[str, Path]
+) -> Iterator[None]:
+    """``verify_files`` in a second thread while the body reads the same files (qemu-img convert
+    of the chain): the files are read from storage once, and the restore takes the longer of the
+    two instead of their sum. The block ends only when both are done; a mismatch is raised (and
+    recorded) even when the body failed too, so the caller removes what the body wrote."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
+        check = pool.submit(_first_mismatch, expected, local)
+        try:
+            yield
+        except BaseException as err:
+            bad = check.result()
+            if bad is not None:
+                raise _damaged(ctx, backup_id, chain_key, *bad) from err
+            raise
+        bad = check.result()
+        if bad is not None:
+            raise _damaged(ctx, backup_id, chain_key, *bad)
+
+
+def convert_verified(
+    ctx: Context,
+    backup_id: int,
+    chain_key: str,
+    expected: dict[str, str],
+    local: dict[str, Path],
+    dests: dict[str, Path],
+) -> None:
+    """Each chain top in ``dests`` (file name -> destination) flattened while every file of
+    ``expected`` is checked; a destination is replaced only after the check passed (an existing
+    file overwritten with --force survives a damaged backup)."""
+    tmps = {name: dest.with_name(dest.name + ".restoring") for name, dest in dests.items()}
+    try:
+        with verified(ctx, backup_id, chain_key, expected, local):
+            for name, tmp in tmps.items():
+                flatten(local[name], tmp, ordered=False)
+        for name, tmp in tmps.items():
+            tmp.replace(dests[name])
+    finally:
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
+
+
+def _first_mismatch(
+    expected: dict[str, str], local: dict[str, Path]
+) -> tuple[str, str, str] | None:
     for name, want in expected.items():
-        got = sha256_file(local[name])
-        if got != want:
-            err = ChecksumMismatch(f"{chain_key}/{name}", want, got)
-            mark_damaged(ctx, backup_id, name, str(err))
-            raise err
+        ok, got = matches(local[name], want)
+        if not ok:
+            return name, want, got
+    return None
+
+
+def _damaged(
+    ctx: Context, backup_id: int, chain_key: str, name: str, want: str, got: str
+) -> ChecksumMismatch:
+    err = ChecksumMismatch(f"{chain_key}/{name}", want, got)
+    mark_damaged(ctx, backup_id, name, str(err))
+    return err
 
 
 def _blocking_file(path: Path) -> Path | None:
@@ -192,16 +255,14 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         target, chain = point(b, opts.increment)
         disks = pick_disks(target, opts.disk)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
-        expected = {
-            f["name"]: f["sha256"] for inc in chain for f in inc.files if f["disk"] in disks
-        }
+        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"] in disks)
         xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
-        expected[xml_entry["name"]] = xml_entry["sha256"]
+        expected[xml_entry["name"]] = row_digest(xml_entry)
         seq, vm_uuid = target.seq, b.vm.uuid
         one_disk = opts.disk is not None and opts.name is None
         mem = None if one_disk or opts.without_memory else memory_entry(target)
         if mem is not None:
-            expected[mem["name"]] = mem["sha256"]
+            expected[mem["name"]] = row_digest(mem)
     restores = ctx.config.data_dir / "restores"
     if one_disk:
         default = restores / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
@@ -229,9 +290,10 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
     try:
         with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
             local = driver.restore(chain_key, list(expected), Path(tmp))
-            verify_files(ctx, backup_id, chain_key, expected, local)
             if one_disk:
-                flatten(local[disk_file(seq, disks[0])], dest)
+                convert_verified(
+                    ctx, backup_id, chain_key, expected, local, {disk_file(seq, disks[0]): dest}
+                )
                 return {
                     "backup": backup_id,
                     "increment": seq,
@@ -242,8 +304,14 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
             warn_unsearchable(folder, warnings)
             paths = {d: folder / f"{d}.qcow2" for d in disks}
             created += [p for p in paths.values() if not p.exists()]
-            for d, p in paths.items():
-                flatten(local[disk_file(seq, d)], p)
+            convert_verified(
+                ctx,
+                backup_id,
+                chain_key,
+                expected,
+                local,
+                {disk_file(seq, d): p for d, p in paths.items()},
+            )
             resumed: bool | None = None
             if mem is not None:  # the VM itself, running again where it was
                 xml = with_disks(local[xml_entry["name"]].read_text(), paths, "qcow2")
@@ -308,7 +376,7 @@ def warn_unsearchable(folder: Path, warnings: Warnings) -> None:
 
 
 def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
-    """Check every file of every VALID increment against its sha256 (and qemu-img check)."""
+    """Check every file of every VALID increment against its checksum (and qemu-img check)."""
     with ctx.catalog.session() as s:
         b = s.get(Backup, backup_id)
         if b is None:
@@ -316,15 +384,14 @@ def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
         checked = [
             i for i in b.increments if i.status in (BackupStatus.VALID, BackupStatus.DAMAGED)
         ]
-        expected = {f["name"]: f["sha256"] for i in checked for f in i.files}
+        expected = expected_digests(f for i in checked for f in i.files)
         chain_key, driver = b.chain, driver_of(b.datastore)
-    results = []
+    results: list[dict[str, Any]] = []
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
         local = driver.restore(chain_key, list(expected), Path(tmp))
         for name, want in expected.items():
-            got = sha256_file(local[name])
-            ok = got == want
+            ok, got = matches(local[name], want)
             if ok and name.endswith(".qcow2"):
                 ok = (
                     subprocess.run(
@@ -332,15 +399,15 @@ def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
                     ).returncode
                     == 0
                 )
-            results.append({"file": name, "ok": ok, "sha256": got, "expected": want})
+            results.append({"file": name, "ok": ok, "digest": got, "expected": want})
     bad = [r["file"] for r in results if not r["ok"]]
     for name in bad:
-        mark_damaged(ctx, backup_id, name, f"verify: {name} does not match its sha256")
+        mark_damaged(ctx, backup_id, name, f"verify: {name} does not match its checksum")
     if bad:
         raise ChecksumMismatch(
             f"{chain_key}/{bad[0]}",
             expected[bad[0]],
-            next(r["sha256"] for r in results if r["file"] == bad[0]),
+            next(r["digest"] for r in results if r["file"] == bad[0]),
         )
     store_check = driver.verify_store(chain_key)  # restic: check --read-data-subset
     return {"backup": backup_id, "files": results, "ok": True, "store_check": store_check}

@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup
-from vmkeep.datastores.base import sha256_file
+from vmkeep.checksums import digest_file
 from vmkeep.engine.backup_config import BackupConfig
 from vmkeep.engine.chains import (
     disk_file,
@@ -123,7 +123,7 @@ def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[
                 raise BackupFailed(chain, f"flatten of {src.name}: {err}") from err
             new_files.append(out)
         failpoint("retention")
-        sums = {p.name: (sha256_file(p), p.stat().st_size) for p in new_files}
+        sums = {p.name: (digest_file(p), p.stat().st_size) for p in new_files}
         driver.backup(chain, new_files)
     with ctx.catalog.session() as s:
         row = s.get(Backup, bid)
@@ -135,7 +135,8 @@ def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[
                 files = []
                 for f in inc.files:
                     if f["name"] in sums:
-                        f = dict(f, sha256=sums[f["name"]][0], size=sums[f["name"]][1])
+                        f = {k: v for k, v in f.items() if k != "sha256"}
+                        f.update(digest=sums[f["name"]][0], size=sums[f["name"]][1])
                     files.append(f)
                 inc.files, inc.parent = files, None
                 inc.size = sum(f["size"] for f in files if f["disk"])

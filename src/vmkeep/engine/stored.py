@@ -18,8 +18,8 @@ from sqlalchemy import select
 
 from vmkeep.catalog.locks import lock
 from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember, Increment, Vm
+from vmkeep.checksums import expected_digests, matches, row_digest
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.datastores.base import sha256_file
 from vmkeep.engine.chains import (
     backup_dict,
     valid_increments,
@@ -165,16 +165,12 @@ def _copy_locked(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
         }
         copy = _copy_row(s, dest_ds.id, chain)
         existed = copy is not None
-        have = (
-            {i.seq: {f["name"]: f["sha256"] for f in i.files} for i in valid_increments(copy)}
-            if copy
-            else {}
-        )
+        have = {i.seq: expected_digests(i.files) for i in valid_increments(copy)} if copy else {}
         dest_id, dest_name = dest_ds.id, dest_ds.name
     todo = [
         seq
         for seq, (_p, files, _f) in sorted(src_rows.items())
-        if have.get(seq) != {f["name"]: f["sha256"] for f in files}
+        if have.get(seq) != expected_digests(files)
     ]
     copied: list[str] = []
     try:
@@ -286,9 +282,9 @@ def _inc_fields(i: Increment) -> dict[str, Any]:
 
 def _check_sums(where: str, files: list[dict[str, Any]], local: dict[str, Path]) -> None:
     for f in files:
-        got = sha256_file(local[f["name"]])
-        if got != f["sha256"]:
-            raise ChecksumMismatch(f"{where}/{f['name']}", f["sha256"], got)
+        ok, got = matches(local[f["name"]], row_digest(f))
+        if not ok:
+            raise ChecksumMismatch(f"{where}/{f['name']}", row_digest(f), got)
 
 
 # --- download ----------------------------------------------------------------------------------
