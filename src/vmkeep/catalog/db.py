@@ -7,15 +7,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.errors import CatalogError
 
 # Bump together with a new file in migrations/versions; a unit test checks they agree.
-HEAD_REVISION = "0006"
+HEAD_REVISION = "0007"
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 
@@ -50,7 +51,9 @@ class Catalog:
                     "set [catalog] url (or VMKEEP_CATALOG_URL) to a writable place"
                 ) from err
         try:
-            self.engine: Engine = create_engine(url, future=True)
+            # JSON columns (increments' file lists) read with orjson: 10,000 rows in a list
+            # command cost 0.24 s through the standard library's decoder
+            self.engine: Engine = create_engine(url, future=True, json_deserializer=orjson.loads)
         except (SQLAlchemyError, ImportError) as err:
             raise CatalogError(f"cannot open {self.display_url}: {err}") from err
         if self.engine.dialect.name == "sqlite":
@@ -60,11 +63,17 @@ class Catalog:
             self.migrate()
 
     def current_revision(self) -> str | None:
+        """The schema revision in one query (start-up's fast path); None for an empty catalog."""
         try:
             with self.engine.connect() as conn:
-                if not inspect(conn).has_table("alembic_version"):
+                try:
+                    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
+                except (OperationalError, ProgrammingError):
+                    # no such table (SQLite: OperationalError, PostgreSQL: ProgrammingError)?
+                    conn.rollback()
+                    if inspect(conn).has_table("alembic_version"):
+                        raise
                     return None
-                return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except SQLAlchemyError as err:
             raise CatalogError(f"cannot read {self.display_url}: {err}") from err
 

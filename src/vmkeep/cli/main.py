@@ -10,8 +10,6 @@ from typing import Any
 import click
 
 from vmkeep import __version__
-from vmkeep.config import load_config
-from vmkeep.engine.context import Context
 from vmkeep.errors import EXIT_INTERRUPTED, VmkeepError
 
 
@@ -60,6 +58,10 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(click_ctx: click.Context, config_path: str | None, verbose: int) -> None:
     """vmkeep: consistent backups, group snapshots and restore for KVM/libvirt VMs."""
+    # Imported here, not at the top: ``--version`` and ``--help`` never load config/catalog code.
+    from vmkeep.config import load_config
+    from vmkeep.engine.context import Context
+
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     click_ctx.obj = Context(load_config(config_path))

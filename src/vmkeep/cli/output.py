@@ -7,17 +7,33 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
-from typing import Any
+from functools import cache
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table
 
 from vmkeep.engine.context import Context
 from vmkeep.model import Warnings
 
-console = Console(soft_wrap=True)
-err_console = Console(stderr=True, soft_wrap=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+
+@cache
+def _consoles() -> tuple[Console, Console]:
+    from rich.console import Console  # ~45 ms: loaded by the first command that prints with it
+
+    return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
+
+
+def __getattr__(name: str) -> Console:
+    """``console`` and ``err_console``, created on first use (PEP 562)."""
+    if name == "console":
+        return _consoles()[0]
+    if name == "err_console":
+        return _consoles()[1]
+    raise AttributeError(name)
+
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 
@@ -29,16 +45,26 @@ def _default(o: Any) -> Any:
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=_default))
+    """Indented JSON. orjson: the standard library's indented encoder is pure Python (1.4 s for
+    ``backups list`` with 10,000 increments; orjson writes the same text in ~30 ms)."""
+    import orjson
+
+    opts = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
+    click.echo(orjson.dumps(data, option=opts, default=_default).decode())
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:
-    t = Table(title=title, show_lines=False)
-    for c in columns:
-        t.add_column(c.upper())
-    for r in rows:
-        t.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in columns])
-    console.print(t)
+    """Aligned columns under an upper-case header, as ``virsh list`` or ``kubectl get`` print them:
+    easy to read, to ``grep`` and ``awk``, and flat in cost (rich's table layout took 2.3 s for
+    1,000 rows)."""
+    cells = [[c.upper() for c in columns]]
+    cells += [["" if r.get(c) is None else str(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[k]) for row in cells) for k in range(len(columns))]
+    lines = [title] if title else []
+    lines += [
+        "  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    ]
+    click.echo("\n".join(lines))
 
 
 def render(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
@@ -66,8 +92,8 @@ def transfer_progress(description: str, as_json: bool) -> Iterator[Callable[[int
         DownloadColumn(),
         TransferSpeedColumn(),
         TimeRemainingColumn(),
-        console=err_console,
-        disable=as_json or not err_console.is_terminal,
+        console=_consoles()[1],
+        disable=as_json or not _consoles()[1].is_terminal,
         transient=True,
     ) as bar:
         task = bar.add_task(description, total=None)
@@ -87,7 +113,7 @@ def ctx_of(click_ctx: click.Context) -> Context:
 def report_warnings(warnings: Warnings) -> None:
     """Print warnings on stderr and make the process exit 1 (finished with warnings)."""
     for w in warnings.items:
-        err_console.print(f"[yellow]warning:[/yellow] {w}")
+        _consoles()[1].print(f"[yellow]warning:[/yellow] {w}")
     if warnings:
         click.get_current_context().find_root().meta["vmkeep.exit_code"] = 1
 
@@ -97,9 +123,9 @@ def kv(data: dict[str, Any]) -> None:
     for k, v in data.items():
         if isinstance(v, (list, dict)):
             v = json.dumps(v, default=_default)
-        console.print(f"{k.upper():<{width}}  {v if v is not None else ''}", highlight=False)
+        _consoles()[0].print(f"{k.upper():<{width}}  {v if v is not None else ''}", highlight=False)
 
 
 def die_usage(message: str) -> None:
-    err_console.print(f"vmkeep: error: {message}")
+    _consoles()[1].print(f"vmkeep: error: {message}")
     sys.exit(2)

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
-from vmkeep.catalog import Catalog
 from vmkeep.config import Config
-from vmkeep.hypervisor import Hypervisor, connect
+
+if TYPE_CHECKING:  # loaded when first used: a command that needs neither never imports them
+    from vmkeep.catalog import Catalog
+    from vmkeep.hypervisor import Hypervisor
 
 
 @dataclass
@@ -17,11 +20,15 @@ class Context:
 
     @cached_property
     def catalog(self) -> Catalog:
+        from vmkeep.catalog import Catalog
+
         return Catalog(self.config.catalog_url)
 
     @property
     def hv(self) -> Hypervisor:
         if self._hv is None:
+            from vmkeep.hypervisor import connect
+
             self._hv = connect(self.config.libvirt.uri)
         return self._hv
 
