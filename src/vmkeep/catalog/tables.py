@@ -106,7 +106,7 @@ class Backup(Base):
 
     __tablename__ = "backups"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"), index=True)
     datastore_id: Mapped[int] = mapped_column(ForeignKey("datastores.id"))
     chain: Mapped[str] = mapped_column(String(512))  # datastore key: <vm name>/<backup id>
     mode: Mapped[str] = mapped_column(String(16))
@@ -150,7 +150,7 @@ class Drill(Base):
 
     __tablename__ = "drills"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    increment_id: Mapped[int] = mapped_column(ForeignKey("increments.id"))
+    increment_id: Mapped[int] = mapped_column(ForeignKey("increments.id"), index=True)
     result: Mapped[str] = mapped_column(String(8))
     reason: Mapped[str | None] = mapped_column(Text, default=None)
     probe: Mapped[str | None] = mapped_column(Text, default=None)
@@ -266,7 +266,9 @@ class GroupBackupMember(Base):
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
     vm_name: Mapped[str] = mapped_column(String(255))
     position: Mapped[int] = mapped_column(Integer)
-    backup_id: Mapped[int | None] = mapped_column(ForeignKey("backups.id"), default=None)
+    backup_id: Mapped[int | None] = mapped_column(
+        ForeignKey("backups.id"), default=None, index=True
+    )
     seq: Mapped[int | None] = mapped_column(Integer, default=None)
     status: Mapped[str] = mapped_column(String(16))
     consistency: Mapped[str | None] = mapped_column(String(16), default=None)

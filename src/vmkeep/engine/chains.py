@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
-from collections.abc import Collection
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session, object_session
+from sqlalchemy.orm import Session, joinedload, object_session, selectinload
 
-from vmkeep.catalog.tables import Backup, Drill, GroupBackupMember, Increment
+from vmkeep.catalog.tables import Backup, Drill, GroupBackup, GroupBackupMember, Increment
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.context import Context
 from vmkeep.errors import IncrementDamaged, IncrementNotFound, WrongState
@@ -163,7 +163,7 @@ def mark_damaged(ctx: Context, backup_id: int, file_name: str, reason: str) -> l
 
 
 def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> None:
-    """The chain's manifest.json (per-file sha256), replaced atomically by the driver."""
+    """The chain's manifest.json (per-file checksum), replaced atomically by the driver."""
     with ctx.catalog.session() as s:
         b = s.get(Backup, backup_id)
         assert b is not None
@@ -175,35 +175,61 @@ def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> Non
         driver.backup(data["chain"], [path])
 
 
-def group_points(s: Session, backup_id: int) -> dict[int, dict[str, Any]]:
-    """Per increment seq of a backup: the group restore point it belongs to (``backups show``)."""
-    rows = s.execute(
-        select(GroupBackupMember).where(GroupBackupMember.backup_id == backup_id)
-    ).scalars()
-    return {
-        m.seq: {
-            "group_backup": m.group_backup.id,
-            "group": m.group_backup.group.name,
-            "group_freeze_window_ms": m.group_backup.freeze_window_ms,
-            "member_freeze_ms": m.freeze_ms,
-        }
-        for m in rows
-        if m.seq is not None
-    }
+def _batches(ids: Sequence[int], size: int = 500) -> Iterator[Sequence[int]]:
+    for k in range(0, len(ids), size):  # IN lists of bounded length (database limits)
+        yield ids[k : k + size]
 
 
-def last_drills(s: Session, backup_id: int) -> dict[int, dict[str, Any]]:
-    """Per increment seq of a backup: its newest restore drill (``backups show``), one query."""
-    rows = s.execute(
-        select(Increment.seq, Drill)
-        .join(Drill, Drill.increment_id == Increment.id)
-        .where(Increment.backup_id == backup_id)
-        .order_by(Drill.id)
-    ).all()
-    return {
-        seq: {"drill": d.id, "result": d.result, "reason": d.reason, "at": d.finished_at}
-        for seq, d in rows
-    }
+def group_points(s: Session, backup_ids: Sequence[int]) -> dict[int, dict[int, dict[str, Any]]]:
+    """Per backup, per increment seq: the group restore point it belongs to (``backups show``)."""
+    out: dict[int, dict[int, dict[str, Any]]] = {}
+    for ids in _batches(backup_ids):
+        rows = s.execute(
+            select(GroupBackupMember)
+            .where(GroupBackupMember.backup_id.in_(ids), GroupBackupMember.seq.is_not(None))
+            .options(joinedload(GroupBackupMember.group_backup).joinedload(GroupBackup.group))
+        ).scalars()
+        for m in rows:
+            assert m.backup_id is not None and m.seq is not None
+            out.setdefault(m.backup_id, {})[m.seq] = {
+                "group_backup": m.group_backup.id,
+                "group": m.group_backup.group.name,
+                "group_freeze_window_ms": m.group_backup.freeze_window_ms,
+                "member_freeze_ms": m.freeze_ms,
+            }
+    return out
+
+
+def last_drills(s: Session, backup_ids: Sequence[int]) -> dict[int, dict[int, dict[str, Any]]]:
+    """Per backup, per increment seq: its newest restore drill (``backups show``)."""
+    out: dict[int, dict[int, dict[str, Any]]] = {}
+    for ids in _batches(backup_ids):
+        rows = s.execute(
+            select(Increment.backup_id, Increment.seq, Drill)
+            .join(Drill, Drill.increment_id == Increment.id)
+            .where(Increment.backup_id.in_(ids))
+            .order_by(Drill.id)
+        ).all()
+        for bid, seq, d in rows:  # ordered by id: the newest drill of a point wins
+            out.setdefault(bid, {})[seq] = {
+                "drill": d.id, "result": d.result, "reason": d.reason, "at": d.finished_at
+            }  # fmt: skip
+    return out
+
+
+def backup_dicts(s: Session, backups: Sequence[Backup]) -> list[dict[str, Any]]:
+    """Rows for many backups in a fixed number of queries (``backups list`` at any scale)."""
+    ids = [b.id for b in backups]
+    groups, drills = group_points(s, ids), last_drills(s, ids)
+    return [_backup_dict(b, groups.get(b.id, {}), drills.get(b.id, {})) for b in backups]
+
+
+# Load a backup with what its row shows: increments, VM and datastore (no query per backup).
+BACKUP_ROW = (
+    selectinload(Backup.increments),
+    joinedload(Backup.vm),
+    joinedload(Backup.datastore),
+)
 
 
 # --- rendering -----------------------------------------------------------------------------------
@@ -234,8 +260,14 @@ def _has_memory(i: Increment) -> bool:
 
 def backup_dict(b: Backup) -> dict[str, Any]:
     s = object_session(b)
-    groups = group_points(s, b.id) if s is not None else {}
-    drills = last_drills(s, b.id) if s is not None else {}
+    if s is not None:
+        return backup_dicts(s, [b])[0]
+    return _backup_dict(b, {}, {})
+
+
+def _backup_dict(
+    b: Backup, groups: dict[int, dict[str, Any]], drills: dict[int, dict[str, Any]]
+) -> dict[str, Any]:
     return {
         "id": b.id,
         "vm": b.vm.name,
