@@ -19,8 +19,9 @@ from sqlalchemy import func, select
 from vmkeep.catalog.tables import Vm, VmSnapshot
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, reset_checkpoints
 from vmkeep.engine.context import Context
+from vmkeep.engine.images import qemu_img
 from vmkeep.engine.vmstate import find_vm
-from vmkeep.errors import DomainNotFound, InvalidValue, NotFound, VmkeepError
+from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.native import parse_disks
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
 from vmkeep.model import VmState, Warnings
@@ -46,12 +47,6 @@ def _set(ctx: Context, vm_id: int, **fields: Any) -> None:
             setattr(row, k, v)
 
 
-def _qemu_img(*args: str) -> None:
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise VmkeepError(f"qemu-img {args[0]}: {proc.stderr.strip()}")
-
-
 def _state_file(ctx: Context, name: str) -> Path:
     folder = ctx.config.data_dir / "states"
     folder.mkdir(parents=True, exist_ok=True)
@@ -70,7 +65,7 @@ def _drop_checkpoints(ctx: Context, vm: Vm, warnings: Warnings, why: str) -> Non
             if d.fmt == "qcow2" and d.path and Path(d.path).is_file():
                 for bitmap in _bitmaps(d.path):
                     if bitmap.startswith(CHECKPOINT_PREFIX):
-                        _qemu_img("bitmap", "--remove", d.path, bitmap)
+                        qemu_img("bitmap", "--remove", d.path, bitmap)
                         dropped.append(bitmap)
     if dropped:
         warnings.add(f"{why}: the VM's checkpoints were dropped, its next backup is a new full")
@@ -256,7 +251,7 @@ def disk_snapshot_create(
     target, path = _disk_path(ctx, vm, opts.get("disk"))
     seq = _next_seq(ctx, vm.id)
     name = f"disk-snap-{seq}"
-    _qemu_img("snapshot", "-c", name, path)
+    qemu_img("snapshot", "-c", name, path)
     with ctx.catalog.session() as s:
         s.add(VmSnapshot(vm_id=vm.id, seq=seq, name=name, kind="disk", disk=target))
     return {"snapshot": seq, "disk": target, "name": name}
@@ -268,7 +263,7 @@ def disk_snapshot_revert(
     snap = _snapshot(ctx, vm, opts.get("snapshot"), "disk")
     _target, path = _disk_path(ctx, vm, snap.disk)
     _drop_checkpoints(ctx, vm, w, f"disk {snap.disk} goes back to snapshot {snap.seq}")
-    _qemu_img("snapshot", "-a", snap.name, path)
+    qemu_img("snapshot", "-a", snap.name, path)
     return {"snapshot": snap.seq, "disk": snap.disk}
 
 
@@ -277,7 +272,7 @@ def disk_snapshot_delete(
 ) -> dict[str, Any]:
     snap = _snapshot(ctx, vm, opts.get("snapshot"), "disk")
     _target, path = _disk_path(ctx, vm, snap.disk)
-    _qemu_img("snapshot", "-d", snap.name, path)
+    qemu_img("snapshot", "-d", snap.name, path)
     with ctx.catalog.session() as s:
         s.delete(s.get(VmSnapshot, snap.id))
     return {"snapshot": snap.seq, "deleted": True}
@@ -303,7 +298,7 @@ def disk_attach(
         source = str(folder / f"{vm.name}-{target}.qcow2")
         if Path(source).exists():
             raise InvalidValue("--size", opts["size"], f"{source} exists; attach it with --source")
-        _qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
+        qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
         os.chmod(source, 0o644)
         created = True
     elif not Path(source).is_file():
@@ -400,7 +395,7 @@ def disk_resize(
     if ctx.hv.domain(vm.name).state == VmState.ACTIVE:
         vmm.resize_disk(vm.name, d.target, size)
     else:
-        _qemu_img("resize", "-f", d.fmt, d.path, str(size))
+        qemu_img("resize", "-f", d.fmt, d.path, str(size))
     return {"disk": d.target, "size": size}
 
 
