@@ -5,10 +5,8 @@ raises on failure (the runner then sets the failure state)."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import Any
 from sqlalchemy import func, select
 
 from vmkeep.catalog.tables import Vm, VmSnapshot
+from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.images import qemu_img
@@ -72,12 +71,7 @@ def _drop_checkpoints(ctx: Context, vm: Vm, warnings: Warnings, why: str) -> Non
 
 
 def _bitmaps(path: str) -> list[str]:
-    proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
-    )
-    if proc.returncode:
-        return []
-    info = json.loads(proc.stdout).get("format-specific", {}).get("data", {})
+    info = qemu_img_info(path, check=False).get("format-specific", {}).get("data", {})
     return [str(b["name"]) for b in info.get("bitmaps", [])]
 
 
@@ -315,10 +309,7 @@ def disk_attach(
 
 
 def _format_of(path: str) -> str:
-    proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
-    )
-    return str(json.loads(proc.stdout).get("format", "raw")) if proc.returncode == 0 else "raw"
+    return str(qemu_img_info(path, check=False).get("format", "raw"))
 
 
 def disk_detach(
