@@ -19,7 +19,7 @@ from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.images import qemu_img
-from vmkeep.engine.vmstate import find_vm
+from vmkeep.engine.vmstate import find_vm, set_fields
 from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.native import parse_disks
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
@@ -36,14 +36,6 @@ def parse_size(text: str | int) -> int:
     if not number.isdigit() or int(number) == 0:
         raise InvalidValue("--size", text, "use a size like 512M, 4G or a byte count")
     return int(number) * SIZE_UNITS[unit]
-
-
-def _set(ctx: Context, vm_id: int, **fields: Any) -> None:
-    with ctx.catalog.session() as s:
-        row = s.get(Vm, vm_id)
-        assert row is not None
-        for k, v in fields.items():
-            setattr(row, k, v)
 
 
 def _state_file(ctx: Context, name: str) -> Path:
@@ -96,7 +88,7 @@ def reboot(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
 def suspend(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
     file = _state_file(ctx, vm.name)
     vmm.save(vm.name, str(file))
-    _set(ctx, vm.id, state_file=str(file))
+    set_fields(ctx, vm.id, state_file=str(file))
     return {"state_file": str(file)}
 
 
@@ -104,7 +96,7 @@ def resume(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
     if vm.state_file:  # SUSPENDED or STOPPED: its memory comes back
         vmm.restore(vm.state_file)
         Path(vm.state_file).unlink(missing_ok=True)
-        _set(ctx, vm.id, state_file=None)
+        set_fields(ctx, vm.id, state_file=None)
         return {"memory": True}
     if vm.lcm_state == "SUSPENDED":  # vCPUs paused outside vmkeep
         ctx.hv.resume(vm.name)
@@ -119,16 +111,16 @@ def stop(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> d
     _drop_checkpoints(ctx, vm, w, f"VM {vm.name} leaves the host")
     template = ctx.hv.domain_xml(vm.name, inactive=True)
     file = _state_file(ctx, vm.name)
-    _set(ctx, vm.id, template=template)
+    set_fields(ctx, vm.id, template=template)
     vmm.save(vm.name, str(file))
-    _set(ctx, vm.id, state_file=str(file))
+    set_fields(ctx, vm.id, state_file=str(file))
     vmm.undefine(vm.name)
     return {"state_file": str(file)}
 
 
 def undeploy(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
     template = ctx.hv.domain_xml(vm.name, inactive=True)
-    _set(ctx, vm.id, template=template)
+    set_fields(ctx, vm.id, template=template)
     if ctx.hv.domain(vm.name).state == VmState.ACTIVE:
         (vmm.cancel if opts.get("hard") else vmm.shutdown)(vm.name)
     _drop_checkpoints(ctx, vm, w, f"VM {vm.name} leaves the host")
@@ -154,7 +146,7 @@ def terminate(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings)
                 deleted.append(d.path)
     if vm.state_file:
         Path(vm.state_file).unlink(missing_ok=True)
-    _set(ctx, vm.id, state_file=None)
+    set_fields(ctx, vm.id, state_file=None)
     return {"deleted_disks": deleted, "kept_disks": bool(opts.get("keep_disks"))}
 
 
@@ -368,7 +360,7 @@ def resize(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
     new = ET.tostring(root, encoding="unicode")
     if on_host:
         ctx.hv.define(new)
-    _set(ctx, vm.id, template=new)
+    set_fields(ctx, vm.id, template=new)
     return {"vcpus": vcpus, "memory_mib": memory}
 
 
