@@ -18,7 +18,7 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Vm, VmHistory
 from vmkeep.engine import states, vm_actions
 from vmkeep.engine.context import Context
-from vmkeep.engine.vms import vm_action
+from vmkeep.engine.vms import check_state, vm_action
 from vmkeep.engine.vmstate import find_vm, set_lcm
 from vmkeep.errors import AlreadyExists, DomainNotFound, InvalidValue, Refused, VmkeepError
 from vmkeep.hypervisor.native import LibvirtHypervisor
@@ -92,24 +92,31 @@ def history(ctx: Context, ref: str) -> list[dict[str, Any]]:
 
 
 # --- the rules ------------------------------------------------------------------------------------
-def check_allowed(ctx: Context, ref: str, action: str) -> Vm:
-    """NotFound, Refused (unsupported, or not for imported VMs) or WrongState, before any lock."""
+def check_allowed(ctx: Context, ref: str, action: str, *, state: bool = False) -> Vm:
+    """NotFound or Refused (unsupported, or not for imported VMs), before any lock. With
+    ``state``, also WrongState unless the VM's state, refreshed from libvirt, allows the action
+    (``vms.check_action``, in the same catalog read: what the API checks before queueing)."""
     rule = states.RULES.get(action)
     if rule is None or action in ("create",):
         raise InvalidValue("action", action, f"use one of {', '.join(LIFECYCLE_ACTIONS)}")
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
+        if not rule.supported:
+            raise Refused(
+                f"{action} of VM {vm.name}", f"it is not supported yet ({rule.summary})", ""
+            )
+        allowed = ctx.config.vmm.imported_vms_actions
+        if not vm.created and action not in allowed:
+            raise Refused(
+                f"{action} of VM {vm.name}",
+                "vmkeep did not create this VM (it was imported), and "
+                f"[vmm] imported_vms_actions allows only {', '.join(allowed)}",
+                "Add the action to imported_vms_actions in the config to allow it.",
+            )
+        if state:
+            check_state(ctx, vm, action)
+            s.flush()  # the refreshed state is kept (the row leaves the session next)
         s.expunge(vm)
-    if not rule.supported:
-        raise Refused(f"{action} of VM {vm.name}", f"it is not supported yet ({rule.summary})", "")
-    allowed = ctx.config.vmm.imported_vms_actions
-    if not vm.created and action not in allowed:
-        raise Refused(
-            f"{action} of VM {vm.name}",
-            "vmkeep did not create this VM (it was imported), and "
-            f"[vmm] imported_vms_actions allows only {', '.join(allowed)}",
-            "Add the action to imported_vms_actions in the config to allow it.",
-        )
     return vm
 
 
