@@ -176,10 +176,13 @@ def history_cmd(c: click.Context, ref: str, as_json: bool) -> None:
                                                "result", "error")))  # fmt: skip
 
 
-def register(group: click.Group) -> None:
-    for name, doc, params in ACTIONS:
-        group.add_command(_action(name, doc, params, name))
+def _commands() -> dict[str, click.Command]:
+    cmds = [_action(name, doc, params, name) for name, doc, params in ACTIONS]
     groups = {name: _group(name) for name in GROUPS}
     groups["snapshot"].add_command(snapshot_list)
-    for cmd in (*groups.values(), create_cmd, recover_cmd, poll_cmd, history_cmd):
-        group.add_command(cmd)
+    cmds += [*groups.values(), create_cmd, recover_cmd, poll_cmd, history_cmd]
+    return {cmd.name or "": cmd for cmd in cmds}
+
+
+# the 'vmkeep vm' subcommands of this module, by name (vm_cmd loads them when used)
+COMMANDS = _commands()
