@@ -19,8 +19,15 @@ from vmkeep.catalog.tables import Vm, VmHistory
 from vmkeep.engine import states, vm_actions
 from vmkeep.engine.context import Context
 from vmkeep.engine.vms import check_state, vm_action
-from vmkeep.engine.vmstate import find_vm, set_lcm
-from vmkeep.errors import AlreadyExists, DomainNotFound, InvalidValue, Refused, VmkeepError
+from vmkeep.engine.vmstate import BUSY_STATES, OFF_HOST, find_vm, set_lcm, states_of
+from vmkeep.errors import (
+    AlreadyExists,
+    DomainNotFound,
+    InvalidValue,
+    Refused,
+    VmkeepError,
+    WrongState,
+)
 from vmkeep.hypervisor.native import LibvirtHypervisor
 from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.hypervisor.vmm_exec import ExecVmm, parse_args
@@ -171,8 +178,6 @@ def land(ctx: Context, vm_id: int, name: str, success: tuple[VmState, LcmState] 
     except DomainNotFound:
         set_lcm(ctx, vm_id, LcmState.UNKNOWN, state=VmState.UNKNOWN)
         return
-    from vmkeep.engine.vmstate import states_of
-
     state, lcm = states_of(info)
     set_lcm(ctx, vm_id, lcm, state=state)
 
@@ -248,8 +253,6 @@ def recover(
             .first()
         )
         if vm.lcm_state not in states.RULES["recover"].needs:
-            from vmkeep.errors import WrongState
-
             raise WrongState(vm.name, vm.lcm_state, "recover", "a *_FAILURE or transient state")
         if last is None:
             raise Refused(f"recover of VM {vm.name}", "it has no action to recover", "")
@@ -303,8 +306,6 @@ def poll(ctx: Context, ref: str | None = None) -> list[dict[str, Any]]:
     """Ask the VMM driver for each VM on the host (or ``ref``); states follow the seed's STATE
     letter unless vmkeep is busy with the VM or keeps it off the host on purpose, and the usage
     figures are kept for ``vm show`` and ``/metrics``."""
-    from vmkeep.engine.vmstate import BUSY_STATES, OFF_HOST
-
     vmm = vmm_of(ctx)
     with ctx.catalog.session() as s:
         rows = [find_vm(s, ref)] if ref else list(s.execute(select(Vm).order_by(Vm.id)).scalars())
