@@ -150,7 +150,8 @@ def terminate(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings)
     return {"deleted_disks": deleted, "kept_disks": bool(opts.get("keep_disks"))}
 
 
-def hold(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
+def state_only(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
+    """hold and release: no driver work, the rule's state change is the whole action."""
     return {}
 
 
@@ -384,8 +385,8 @@ def disk_resize(
 
 HANDLERS: dict[str, Handler] = {
     "deploy": deploy,
-    "hold": hold,
-    "release": hold,
+    "hold": state_only,
+    "release": state_only,
     "poweroff": poweroff,
     "reboot": reboot,
     "suspend": suspend,
