@@ -21,12 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import workspace  # bench/ is on sys.path when run as a script
-from vmkeep.hypervisor import connect
-from vmkeep.lab import Lab
-
-LAB_DIR = Path("/var/lib/vmkeep/lab")
-PREFIX = "vmkeep-bench-"
+from common import PREFIX, VK, lab_workspace  # bench/ is on sys.path when run as a script
 
 
 def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
@@ -48,11 +43,8 @@ def main() -> None:
     ap.add_argument("--change-mib", type=int, default=40)
     args = ap.parse_args()
 
-    work, env = workspace()
-    vk = [sys.executable, "-m", "vmkeep.cli.main"]
-    hv = connect("qemu:///system")
-    lab = Lab(hv, LAB_DIR, prefix=PREFIX)
-    lab.down()
+    work, env, lab = lab_workspace()
+    vk = VK
     pop = work / "pop"
     pop.mkdir()
     block = os.urandom(1 << 20)

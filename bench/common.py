@@ -1,12 +1,22 @@
-"""What every benchmark sets up: a work folder QEMU can reach and an isolated vmkeep config."""
+"""What every benchmark sets up: a work folder QEMU can reach, an isolated vmkeep config and, for
+the lab benchmarks, the lab and a vmkeep runner."""
 
 from __future__ import annotations
 
 import os
 import statistics
 import subprocess
+import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+
+from vmkeep.hypervisor import connect
+from vmkeep.lab import Lab
+
+LAB_DIR = Path("/var/lib/vmkeep/lab")
+PREFIX = "vmkeep-bench-"
+VK = [sys.executable, "-m", "vmkeep.cli.main"]  # a vmkeep command, in this interpreter
 
 
 def workspace() -> tuple[Path, dict[str, str]]:
@@ -17,6 +27,24 @@ def workspace() -> tuple[Path, dict[str, str]]:
     (work / "c.toml").write_text("version = 1\n")
     env = dict(os.environ, VMKEEP_DATA_DIR=str(work / "data"), VMKEEP_CONFIG=str(work / "c.toml"))
     return work, env
+
+
+def lab_workspace() -> tuple[Path, dict[str, str], Lab]:
+    """``workspace()`` and the lab on qemu:///system, cleared of VMs an earlier run left."""
+    work, env = workspace()
+    lab = Lab(connect("qemu:///system"), LAB_DIR, prefix=PREFIX)
+    lab.down()
+    return work, env, lab
+
+
+def runner(env: dict[str, str]) -> Callable[..., str]:
+    """``vmkeep(*args)``: run a vmkeep command in ``env``, return its stdout, raise if it fails."""
+
+    def vmkeep(*args: str) -> str:
+        argv = [*VK, *args]
+        return subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
+
+    return vmkeep
 
 
 def drop_caches() -> None:

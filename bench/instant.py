@@ -18,14 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-from common import drop_caches, spread, workspace  # bench/ is on sys.path as a script
-from vmkeep.hypervisor import connect
-from vmkeep.lab import Lab
-
-LAB_DIR = Path("/var/lib/vmkeep/lab")
-PREFIX = "vmkeep-bench-"
+from common import PREFIX, VK, drop_caches, lab_workspace, runner, spread  # bench/ on sys.path
 
 
 def wait_agent(hv, name: str, t0: float, timeout: float = 300) -> float:  # type: ignore[no-untyped-def]
@@ -44,19 +38,14 @@ def main() -> None:
     ap.add_argument("--data-mib", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    work, env = workspace()
-    vk = [sys.executable, "-m", "vmkeep.cli.main"]
-    hv = connect("qemu:///system")
-    lab = Lab(hv, LAB_DIR, prefix=PREFIX)
-    lab.down()
+    work, env, lab = lab_workspace()
+    hv = lab.hv
+    vmkeep = runner(env)
     pop = work / "pop"
     pop.mkdir()
     with open(pop / "data.bin", "wb") as f:
         for _ in range(args.data_mib):
             f.write(os.urandom(1 << 20))
-
-    def vmkeep(*a: str) -> str:
-        return subprocess.run([*vk, *a], env=env, check=True, capture_output=True, text=True).stdout
 
     ratios: dict[str, list[float]] = {}
     raw: list[str] = []
@@ -81,7 +70,7 @@ def main() -> None:
                         drop_caches()
                     t0 = time.perf_counter()
                     proc = subprocess.Popen(
-                        [*vk, "restore", bid, "--instant", "--name", new,
+                        [*VK, "restore", bid, "--instant", "--name", new,
                          "--path", str(work / new)],
                         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                     )  # fmt: skip

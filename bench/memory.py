@@ -19,16 +19,9 @@ import json
 import shutil
 import statistics
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-from common import drop_caches, spread, workspace  # bench/ is on sys.path as a script
-from vmkeep.hypervisor import connect
-from vmkeep.lab import Lab
-
-LAB_DIR = Path("/var/lib/vmkeep/lab")
-PREFIX = "vmkeep-bench-"
+from common import PREFIX, drop_caches, lab_workspace, runner, spread  # bench/ is on sys.path
 
 
 def main() -> None:
@@ -36,15 +29,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--fill-mib", type=int, default=64)
     args = ap.parse_args()
-    work, env = workspace()
-    vk = [sys.executable, "-m", "vmkeep.cli.main"]
-    hv = connect("qemu:///system")
-    lab = Lab(hv, LAB_DIR, prefix=PREFIX)
-    lab.down()
+    work, env, lab = lab_workspace()
+    hv = lab.hv
+    vmkeep = runner(env)
     name = f"{PREFIX}mem"
-
-    def vmkeep(*a: str) -> str:
-        return subprocess.run([*vk, *a], env=env, check=True, capture_output=True, text=True).stdout
 
     def backup_downtime() -> tuple[float, int]:
         res = json.loads(vmkeep("backup", name, "-d", "ds", "--reset", "--json"))

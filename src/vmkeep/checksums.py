@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 ALGORITHM = "blake3"
-CHUNK = 4 << 20
 
 
 def digest_file(path: Path, algorithm: str = ALGORITHM) -> str:

@@ -205,9 +205,9 @@ def create_app(config: Config) -> FastAPI:
         return jsonable(lifecycle.create(ctx(), body.xml, hold=body.hold, origin="api", who=who))
 
     def vm_action_route(vm: str, action: str, body: dict[str, Any], who: str) -> JSONResponse:
-        c = ctx()
-        lifecycle.check_allowed(c, vm, action)  # 404 / 409 / refused now, not a failed job later
-        name = vms.check_action(c, vm, action) if action != "recover" else vm
+        # 404 / 409 / refused now, not a failed job later (run_action checks again, locked)
+        checked = lifecycle.check_allowed(ctx(), vm, action, state=action != "recover")
+        name = checked.name if action != "recover" else vm
         return enqueue("vm-action", name, {"vm": name, "action": action, "opts": body}, who)
 
     for action in lifecycle.LIFECYCLE_ACTIONS:

@@ -10,42 +10,33 @@ from typing import Any
 import click
 
 from vmkeep import __version__
+from vmkeep.cli.lazy import LazyGroup
 from vmkeep.errors import EXIT_INTERRUPTED, VmkeepError
 
-
-class LazyGroup(click.Group):
-    """Imports a command family only when it is used: a no-op command stays fast."""
-
-    families = {
-        "vm": "vmkeep.cli.vm_cmd:vm",
-        "lab": "vmkeep.cli.lab_cmd:lab",
-        "datastore": "vmkeep.cli.datastore_cmd:datastore",
-        "backup": "vmkeep.cli.backup_cmd:backup",
-        "backups": "vmkeep.cli.backups_cmd:backups",
-        "restore": "vmkeep.cli.restore_cmd:restore",
-        "group": "vmkeep.cli.group_cmd:group",
-        "daemon": "vmkeep.cli.daemon_cmd:daemon",
-        "jobs": "vmkeep.cli.jobs_cmd:jobs",
-        "token": "vmkeep.cli.token_cmd:token",
-        "files": "vmkeep.cli.files_cmd:files",
-        "mount": "vmkeep.cli.files_cmd:mount",
-        "umount": "vmkeep.cli.files_cmd:umount",
-        "drill": "vmkeep.cli.drill_cmd:drill",
-    }
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted({*super().list_commands(ctx), *self.families})
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
-        if name in self.families:
-            module, attr = self.families[name].split(":")
-            mod = __import__(module, fromlist=[attr])
-            cmd: click.Command = getattr(mod, attr)
-            return cmd
-        return super().get_command(ctx, name)
+# command families, imported only when used: a no-op command stays fast
+FAMILIES = {
+    "vm": "vmkeep.cli.vm_cmd:vm",
+    "lab": "vmkeep.cli.lab_cmd:lab",
+    "datastore": "vmkeep.cli.datastore_cmd:datastore",
+    "backup": "vmkeep.cli.backup_cmd:backup",
+    "backups": "vmkeep.cli.backups_cmd:backups",
+    "restore": "vmkeep.cli.restore_cmd:restore",
+    "group": "vmkeep.cli.group_cmd:group",
+    "daemon": "vmkeep.cli.daemon_cmd:daemon",
+    "jobs": "vmkeep.cli.jobs_cmd:jobs",
+    "token": "vmkeep.cli.token_cmd:token",
+    "files": "vmkeep.cli.files_cmd:files",
+    "mount": "vmkeep.cli.files_cmd:mount",
+    "umount": "vmkeep.cli.files_cmd:umount",
+    "drill": "vmkeep.cli.drill_cmd:drill",
+}
 
 
-@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(
+    cls=LazyGroup,
+    lazy_subcommands=FAMILIES,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 @click.version_option(__version__, prog_name="vmkeep")
 @click.option(
     "--config",

@@ -19,18 +19,21 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vmkeep.errors import AlreadyExists, DatastoreError, InvalidValue
 
-CHUNK = 4 << 20
 QCOW2_MAGIC = b"QFI\xfb"
 
 
-def qemu_img_info(path: Path) -> dict[str, Any]:
-    out = subprocess.run(
+def qemu_img_info(path: Path | str, check: bool = True) -> dict[str, Any]:
+    """``qemu-img info`` of an image as a dict; with ``check=False`` a failing qemu-img gives
+    ``{}`` instead of raising CalledProcessError."""
+    proc = subprocess.run(
         ["qemu-img", "info", "-U", "--output=json", str(path)],
         capture_output=True,
         text=True,
-        check=True,
-    ).stdout
-    info: dict[str, Any] = json.loads(out)
+        check=check,
+    )
+    if proc.returncode:
+        return {}
+    info: dict[str, Any] = json.loads(proc.stdout)
     return info
 
 

@@ -20,12 +20,12 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,7 @@ from vmkeep.engine.chains import (
 )
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of, find_datastore
-from vmkeep.engine.images import flatten
+from vmkeep.engine.images import flatten, qemu_img
 from vmkeep.engine.quiesce import Quiesce, quiesced
 from vmkeep.engine.recovery import (
     Attempt,
@@ -267,12 +267,6 @@ def wait_jobs(ctx: Context, names: list[str], progress: ProgressFn | None) -> No
             delay = min(delay * 1.5, 0.25)
 
 
-def _qemu_img(*args: str) -> None:
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise BackupFailed("?", f"qemu-img {' '.join(args)}: {proc.stderr.strip()}")
-
-
 def _prepare_staging(ctx: Context, plan: Plan) -> Path:
     staging = staging_dir(ctx, plan.backup_id, plan.seq)
     root = staging.parent
@@ -298,19 +292,11 @@ def _rebase(
     for d in disks:
         f = staging / disk_file(plan.seq, d.target)
         if plan.parent is None:
-            _qemu_img("rebase", "-u", "-f", "qcow2", "-b", "", str(f))
+            backing = ["-b", ""]
         else:
-            _qemu_img(
-                "rebase",
-                "-u",
-                "-f",
-                "qcow2",
-                "-b",
-                disk_file(plan.parent, d.target),
-                "-F",
-                "qcow2",
-                str(f),
-            )
+            backing = ["-b", disk_file(plan.parent, d.target), "-F", "qcow2"]
+        rebase = ["rebase", "-u", "-f", "qcow2", *backing, str(f)]
+        qemu_img(*rebase, what=" ".join(rebase), error=partial(BackupFailed, "?"))
         if plan.parent is None and "dedup" in driver.capabilities:
             # QEMU's backup job lays clusters out in the order its parallel copies finish, so
             # two fulls of the same disk differ byte-wise; a deduplicating store needs the same

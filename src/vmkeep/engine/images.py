@@ -1,11 +1,23 @@
-"""qcow2 image operations through qemu-img, shared by backup, restore and retention."""
+"""qcow2 image operations through qemu-img, shared by backup, restore, retention and the
+lifecycle actions."""
 
 from __future__ import annotations
 
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from vmkeep.errors import VmkeepError
+
+
+def qemu_img(
+    *args: str, what: str | None = None, error: Callable[[str], Exception] = VmkeepError
+) -> None:
+    """Run ``qemu-img ARGS``. On failure raise ``error("qemu-img WHAT: <its stderr>")``, WHAT
+    being the subcommand (``args[0]``) unless given."""
+    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
+    if proc.returncode:
+        raise error(f"qemu-img {what or args[0]}: {proc.stderr.strip()}")
 
 
 def flatten(src: Path, dest: Path, *, ordered: bool = True) -> None:
@@ -15,11 +27,12 @@ def flatten(src: Path, dest: Path, *, ordered: bool = True) -> None:
     a restore passes False and lets qemu-img write out of order (``-W``, ~20 % faster here)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".partial")
-    argv = ["qemu-img", "convert", "-q", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1"]
+    argv = ["convert", "-q", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1"]
     if not ordered:
         argv.append("-W")
-    proc = subprocess.run([*argv, str(src), str(tmp)], capture_output=True, text=True)
-    if proc.returncode:
+    try:
+        qemu_img(*argv, str(src), str(tmp), what=f"convert {src.name}")
+    except VmkeepError:
         tmp.unlink(missing_ok=True)
-        raise VmkeepError(f"qemu-img convert {src.name}: {proc.stderr.strip()}")
+        raise
     tmp.replace(dest)

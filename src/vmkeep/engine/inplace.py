@@ -13,7 +13,6 @@ chain (said in a warning).
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +25,7 @@ from vmkeep.checksums import row_digest
 from vmkeep.engine.chains import disk_file, point, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
+from vmkeep.engine.images import qemu_img
 from vmkeep.engine.instant import instant_restore
 from vmkeep.engine.memory import memory_entry, resume
 from vmkeep.engine.recovery import SWAP_NEW, SWAP_OLD
@@ -41,13 +41,14 @@ NEW, OLD = SWAP_NEW, SWAP_OLD  # a process killed mid-swap is undone by recovery
 
 def _write_image(src: Path, dest: Path, fmt: str) -> None:
     """The point's disk (with its backing chain) as one image in the VM's own format."""
-    argv = ["qemu-img", "convert", "-q", "-W", "-f", "qcow2", "-O", fmt]  # -W: out of order, faster
+    argv = ["convert", "-q", "-W", "-f", "qcow2", "-O", fmt]  # -W: out of order, faster
     if fmt == "qcow2":
         argv += ["-o", "compat=1.1"]
-    proc = subprocess.run([*argv, str(src), str(dest)], capture_output=True, text=True)
-    if proc.returncode:
+    try:
+        qemu_img(*argv, str(src), str(dest), what=f"convert {src.name}")
+    except VmkeepError:
         dest.unlink(missing_ok=True)
-        raise VmkeepError(f"qemu-img convert {src.name}: {proc.stderr.strip()}")
+        raise
 
 
 def _same_owner(model: Path, path: Path) -> None:

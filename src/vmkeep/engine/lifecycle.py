@@ -18,9 +18,16 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Vm, VmHistory
 from vmkeep.engine import states, vm_actions
 from vmkeep.engine.context import Context
-from vmkeep.engine.vms import vm_action
-from vmkeep.engine.vmstate import find_vm, set_lcm
-from vmkeep.errors import AlreadyExists, DomainNotFound, InvalidValue, Refused, VmkeepError
+from vmkeep.engine.vms import check_state, vm_action
+from vmkeep.engine.vmstate import BUSY_STATES, OFF_HOST, find_vm, set_lcm, states_of
+from vmkeep.errors import (
+    AlreadyExists,
+    DomainNotFound,
+    InvalidValue,
+    Refused,
+    VmkeepError,
+    WrongState,
+)
 from vmkeep.hypervisor.native import LibvirtHypervisor
 from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.hypervisor.vmm_exec import ExecVmm, parse_args
@@ -92,24 +99,31 @@ def history(ctx: Context, ref: str) -> list[dict[str, Any]]:
 
 
 # --- the rules ------------------------------------------------------------------------------------
-def check_allowed(ctx: Context, ref: str, action: str) -> Vm:
-    """NotFound, Refused (unsupported, or not for imported VMs) or WrongState, before any lock."""
+def check_allowed(ctx: Context, ref: str, action: str, *, state: bool = False) -> Vm:
+    """NotFound or Refused (unsupported, or not for imported VMs), before any lock. With
+    ``state``, also WrongState unless the VM's state, refreshed from libvirt, allows the action
+    (``vms.check_action``, in the same catalog read: what the API checks before queueing)."""
     rule = states.RULES.get(action)
     if rule is None or action in ("create",):
         raise InvalidValue("action", action, f"use one of {', '.join(LIFECYCLE_ACTIONS)}")
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
+        if not rule.supported:
+            raise Refused(
+                f"{action} of VM {vm.name}", f"it is not supported yet ({rule.summary})", ""
+            )
+        allowed = ctx.config.vmm.imported_vms_actions
+        if not vm.created and action not in allowed:
+            raise Refused(
+                f"{action} of VM {vm.name}",
+                "vmkeep did not create this VM (it was imported), and "
+                f"[vmm] imported_vms_actions allows only {', '.join(allowed)}",
+                "Add the action to imported_vms_actions in the config to allow it.",
+            )
+        if state:
+            check_state(ctx, vm, action)
+            s.flush()  # the refreshed state is kept (the row leaves the session next)
         s.expunge(vm)
-    if not rule.supported:
-        raise Refused(f"{action} of VM {vm.name}", f"it is not supported yet ({rule.summary})", "")
-    allowed = ctx.config.vmm.imported_vms_actions
-    if not vm.created and action not in allowed:
-        raise Refused(
-            f"{action} of VM {vm.name}",
-            "vmkeep did not create this VM (it was imported), and "
-            f"[vmm] imported_vms_actions allows only {', '.join(allowed)}",
-            "Add the action to imported_vms_actions in the config to allow it.",
-        )
     return vm
 
 
@@ -164,8 +178,6 @@ def land(ctx: Context, vm_id: int, name: str, success: tuple[VmState, LcmState] 
     except DomainNotFound:
         set_lcm(ctx, vm_id, LcmState.UNKNOWN, state=VmState.UNKNOWN)
         return
-    from vmkeep.engine.vmstate import states_of
-
     state, lcm = states_of(info)
     set_lcm(ctx, vm_id, lcm, state=state)
 
@@ -241,8 +253,6 @@ def recover(
             .first()
         )
         if vm.lcm_state not in states.RULES["recover"].needs:
-            from vmkeep.errors import WrongState
-
             raise WrongState(vm.name, vm.lcm_state, "recover", "a *_FAILURE or transient state")
         if last is None:
             raise Refused(f"recover of VM {vm.name}", "it has no action to recover", "")
@@ -296,8 +306,6 @@ def poll(ctx: Context, ref: str | None = None) -> list[dict[str, Any]]:
     """Ask the VMM driver for each VM on the host (or ``ref``); states follow the seed's STATE
     letter unless vmkeep is busy with the VM or keeps it off the host on purpose, and the usage
     figures are kept for ``vm show`` and ``/metrics``."""
-    from vmkeep.engine.vmstate import BUSY_STATES, OFF_HOST
-
     vmm = vmm_of(ctx)
     with ctx.catalog.session() as s:
         rows = [find_vm(s, ref)] if ref else list(s.execute(select(Vm).order_by(Vm.id)).scalars())

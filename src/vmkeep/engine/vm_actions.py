@@ -5,10 +5,8 @@ raises on failure (the runner then sets the failure state)."""
 
 from __future__ import annotations
 
-import json
 import os
 import random
-import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
@@ -17,10 +15,12 @@ from typing import Any
 from sqlalchemy import func, select
 
 from vmkeep.catalog.tables import Vm, VmSnapshot
+from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, reset_checkpoints
 from vmkeep.engine.context import Context
-from vmkeep.engine.vmstate import find_vm
-from vmkeep.errors import DomainNotFound, InvalidValue, NotFound, VmkeepError
+from vmkeep.engine.images import qemu_img
+from vmkeep.engine.vmstate import find_vm, set_fields
+from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.native import parse_disks
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
 from vmkeep.model import VmState, Warnings
@@ -36,20 +36,6 @@ def parse_size(text: str | int) -> int:
     if not number.isdigit() or int(number) == 0:
         raise InvalidValue("--size", text, "use a size like 512M, 4G or a byte count")
     return int(number) * SIZE_UNITS[unit]
-
-
-def _set(ctx: Context, vm_id: int, **fields: Any) -> None:
-    with ctx.catalog.session() as s:
-        row = s.get(Vm, vm_id)
-        assert row is not None
-        for k, v in fields.items():
-            setattr(row, k, v)
-
-
-def _qemu_img(*args: str) -> None:
-    proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
-    if proc.returncode:
-        raise VmkeepError(f"qemu-img {args[0]}: {proc.stderr.strip()}")
 
 
 def _state_file(ctx: Context, name: str) -> Path:
@@ -70,19 +56,14 @@ def _drop_checkpoints(ctx: Context, vm: Vm, warnings: Warnings, why: str) -> Non
             if d.fmt == "qcow2" and d.path and Path(d.path).is_file():
                 for bitmap in _bitmaps(d.path):
                     if bitmap.startswith(CHECKPOINT_PREFIX):
-                        _qemu_img("bitmap", "--remove", d.path, bitmap)
+                        qemu_img("bitmap", "--remove", d.path, bitmap)
                         dropped.append(bitmap)
     if dropped:
         warnings.add(f"{why}: the VM's checkpoints were dropped, its next backup is a new full")
 
 
 def _bitmaps(path: str) -> list[str]:
-    proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
-    )
-    if proc.returncode:
-        return []
-    info = json.loads(proc.stdout).get("format-specific", {}).get("data", {})
+    info = qemu_img_info(path, check=False).get("format-specific", {}).get("data", {})
     return [str(b["name"]) for b in info.get("bitmaps", [])]
 
 
@@ -107,7 +88,7 @@ def reboot(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
 def suspend(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
     file = _state_file(ctx, vm.name)
     vmm.save(vm.name, str(file))
-    _set(ctx, vm.id, state_file=str(file))
+    set_fields(ctx, vm.id, state_file=str(file))
     return {"state_file": str(file)}
 
 
@@ -115,7 +96,7 @@ def resume(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
     if vm.state_file:  # SUSPENDED or STOPPED: its memory comes back
         vmm.restore(vm.state_file)
         Path(vm.state_file).unlink(missing_ok=True)
-        _set(ctx, vm.id, state_file=None)
+        set_fields(ctx, vm.id, state_file=None)
         return {"memory": True}
     if vm.lcm_state == "SUSPENDED":  # vCPUs paused outside vmkeep
         ctx.hv.resume(vm.name)
@@ -130,16 +111,16 @@ def stop(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> d
     _drop_checkpoints(ctx, vm, w, f"VM {vm.name} leaves the host")
     template = ctx.hv.domain_xml(vm.name, inactive=True)
     file = _state_file(ctx, vm.name)
-    _set(ctx, vm.id, template=template)
+    set_fields(ctx, vm.id, template=template)
     vmm.save(vm.name, str(file))
-    _set(ctx, vm.id, state_file=str(file))
+    set_fields(ctx, vm.id, state_file=str(file))
     vmm.undefine(vm.name)
     return {"state_file": str(file)}
 
 
 def undeploy(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
     template = ctx.hv.domain_xml(vm.name, inactive=True)
-    _set(ctx, vm.id, template=template)
+    set_fields(ctx, vm.id, template=template)
     if ctx.hv.domain(vm.name).state == VmState.ACTIVE:
         (vmm.cancel if opts.get("hard") else vmm.shutdown)(vm.name)
     _drop_checkpoints(ctx, vm, w, f"VM {vm.name} leaves the host")
@@ -165,11 +146,12 @@ def terminate(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings)
                 deleted.append(d.path)
     if vm.state_file:
         Path(vm.state_file).unlink(missing_ok=True)
-    _set(ctx, vm.id, state_file=None)
+    set_fields(ctx, vm.id, state_file=None)
     return {"deleted_disks": deleted, "kept_disks": bool(opts.get("keep_disks"))}
 
 
-def hold(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
+def state_only(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
+    """hold and release: no driver work, the rule's state change is the whole action."""
     return {}
 
 
@@ -256,7 +238,7 @@ def disk_snapshot_create(
     target, path = _disk_path(ctx, vm, opts.get("disk"))
     seq = _next_seq(ctx, vm.id)
     name = f"disk-snap-{seq}"
-    _qemu_img("snapshot", "-c", name, path)
+    qemu_img("snapshot", "-c", name, path)
     with ctx.catalog.session() as s:
         s.add(VmSnapshot(vm_id=vm.id, seq=seq, name=name, kind="disk", disk=target))
     return {"snapshot": seq, "disk": target, "name": name}
@@ -268,7 +250,7 @@ def disk_snapshot_revert(
     snap = _snapshot(ctx, vm, opts.get("snapshot"), "disk")
     _target, path = _disk_path(ctx, vm, snap.disk)
     _drop_checkpoints(ctx, vm, w, f"disk {snap.disk} goes back to snapshot {snap.seq}")
-    _qemu_img("snapshot", "-a", snap.name, path)
+    qemu_img("snapshot", "-a", snap.name, path)
     return {"snapshot": snap.seq, "disk": snap.disk}
 
 
@@ -277,7 +259,7 @@ def disk_snapshot_delete(
 ) -> dict[str, Any]:
     snap = _snapshot(ctx, vm, opts.get("snapshot"), "disk")
     _target, path = _disk_path(ctx, vm, snap.disk)
-    _qemu_img("snapshot", "-d", snap.name, path)
+    qemu_img("snapshot", "-d", snap.name, path)
     with ctx.catalog.session() as s:
         s.delete(s.get(VmSnapshot, snap.id))
     return {"snapshot": snap.seq, "deleted": True}
@@ -303,7 +285,7 @@ def disk_attach(
         source = str(folder / f"{vm.name}-{target}.qcow2")
         if Path(source).exists():
             raise InvalidValue("--size", opts["size"], f"{source} exists; attach it with --source")
-        _qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
+        qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
         os.chmod(source, 0o644)
         created = True
     elif not Path(source).is_file():
@@ -320,10 +302,7 @@ def disk_attach(
 
 
 def _format_of(path: str) -> str:
-    proc = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, text=True
-    )
-    return str(json.loads(proc.stdout).get("format", "raw")) if proc.returncode == 0 else "raw"
+    return str(qemu_img_info(path, check=False).get("format", "raw"))
 
 
 def disk_detach(
@@ -382,7 +361,7 @@ def resize(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
     new = ET.tostring(root, encoding="unicode")
     if on_host:
         ctx.hv.define(new)
-    _set(ctx, vm.id, template=new)
+    set_fields(ctx, vm.id, template=new)
     return {"vcpus": vcpus, "memory_mib": memory}
 
 
@@ -400,14 +379,14 @@ def disk_resize(
     if ctx.hv.domain(vm.name).state == VmState.ACTIVE:
         vmm.resize_disk(vm.name, d.target, size)
     else:
-        _qemu_img("resize", "-f", d.fmt, d.path, str(size))
+        qemu_img("resize", "-f", d.fmt, d.path, str(size))
     return {"disk": d.target, "size": size}
 
 
 HANDLERS: dict[str, Handler] = {
     "deploy": deploy,
-    "hold": hold,
-    "release": hold,
+    "hold": state_only,
+    "release": state_only,
     "poweroff": poweroff,
     "reboot": reboot,
     "suspend": suspend,

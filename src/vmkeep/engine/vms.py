@@ -143,11 +143,16 @@ def check_action(ctx: Context, ref: str, action: str) -> str:
     """Raise WrongState unless the VM's current state allows ``action``; returns its name."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
-        _refresh(ctx, vm)
-        needs = states.needs(action)
-        if vm.lcm_state not in needs:
-            raise WrongState(vm.name, vm.lcm_state, action, " or ".join(sorted(needs)))
+        check_state(ctx, vm, action)
         return vm.name
+
+
+def check_state(ctx: Context, vm: Vm, action: str) -> None:
+    """Refresh the VM's row (in its session) from libvirt; WrongState unless it allows ``action``."""
+    _refresh(ctx, vm)
+    needs = states.needs(action)
+    if vm.lcm_state not in needs:
+        raise WrongState(vm.name, vm.lcm_state, action, " or ".join(sorted(needs)))
 
 
 @contextmanager

@@ -56,16 +56,19 @@ def find_vm(s: Session, ref: str) -> Vm:
     return vm
 
 
-def set_lcm(
-    ctx: Context, vm_id: int, lcm: LcmState, error: str | None = None, **fields: Any
-) -> None:
+def set_fields(ctx: Context, vm_id: int, **fields: Any) -> None:
+    """Write the given columns of the VM's row."""
     with ctx.catalog.session() as s:
         vm = s.get(Vm, vm_id)
         assert vm is not None
-        vm.lcm_state = lcm
-        vm.error = error
         for k, v in fields.items():
             setattr(vm, k, v)
+
+
+def set_lcm(
+    ctx: Context, vm_id: int, lcm: LcmState, error: str | None = None, **fields: Any
+) -> None:
+    set_fields(ctx, vm_id, lcm_state=lcm, error=error, **fields)
 
 
 def sync_state(ctx: Context, vm_id: int, name: str) -> None:
