@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 from click.testing import CliRunner
 
@@ -26,3 +27,37 @@ def test_vm_commands_do_not_import_the_lifecycle() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _modules_loaded(argv: list[str], env_dir: str) -> tuple[set[str], str]:
+    """The modules a whole ``vmkeep ARGV`` process imported (printed at exit), and its stdout."""
+    code = (
+        "import atexit, sys; "
+        "atexit.register(lambda: print(*sorted(sys.modules), sep='\\n', file=sys.stderr)); "
+        f"from vmkeep.cli.main import main; main({argv!r})"
+    )
+    Path(env_dir, "c.toml").write_text("version = 1\n")
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "VMKEEP_DATA_DIR": env_dir,
+        "VMKEEP_CONFIG": f"{env_dir}/c.toml",
+        **{k: v for k, v in __import__("os").environ.items() if k == "PYTHONPATH"},
+    }
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return set(proc.stderr.split()), proc.stdout
+
+
+def test_version_loads_no_config_catalog_or_libraries(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mods, out = _modules_loaded(["--version"], str(tmp_path))
+    assert out.startswith("vmkeep, version ")
+    heavy = {"sqlalchemy", "pydantic", "rich", "libvirt", "vmkeep.config", "importlib.metadata"}
+    assert not heavy & mods
+
+
+def test_backups_list_loads_only_what_listing_needs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    mods, out = _modules_loaded(["backups", "list", "--json"], str(tmp_path))
+    assert out.strip() == "[]"
+    assert "sqlalchemy" in mods  # it does read the catalog
+    unneeded = {"rich", "libvirt", "fastapi", "vmkeep.engine.restore", "vmkeep.engine.stored"}
+    assert not unneeded & mods, unneeded & mods

@@ -1,4 +1,8 @@
-"""``vmkeep backups list|show|verify|delete|copy``."""
+"""``vmkeep backups list|show|verify|delete|copy``.
+
+Engine modules beyond the catalog's are imported inside the commands that use them: ``backups
+list`` is the no-op command every script runs, and its start-up is most of its time.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,6 @@ import click
 
 from vmkeep.cli.output import console, ctx_of, json_option, kv, render, table
 from vmkeep.engine import backups as engine
-from vmkeep.engine import jobs, stored
-from vmkeep.engine.restore import verify
 
 
 @click.group()
@@ -46,6 +48,8 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Show one backup chain and its increments."""
+    from vmkeep.engine import stored
+
     data = stored.show_with_sizes(ctx_of(c), backup_id)
 
     def human(d: dict[str, Any]) -> None:
@@ -64,14 +68,17 @@ def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
-    """Check every stored file against its sha256 (exit 17 on a mismatch)."""
+    """Check every stored file against its checksum (exit 17 on a mismatch)."""
     ctx = ctx_of(c)
+    from vmkeep.engine import jobs
+    from vmkeep.engine.restore import verify
+
     with jobs.recorded(ctx, "verify", str(backup_id), {"backup": backup_id}) as job:
         res = job.result = verify(ctx, backup_id)
     render(
         res,
         as_json,
-        lambda r: console.print(
+        lambda r: console().print(
             f"backup {r['backup']}: {len(r['files'])} files OK", highlight=False
         ),
     )
@@ -84,12 +91,14 @@ def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 @click.pass_context
 def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json: bool) -> None:
     """Delete a whole chain, or its newest increment (never one others are built on)."""
+    from vmkeep.engine import stored
+
     res = stored.delete_backup(ctx_of(c), backup_id, increment)
     what = f"increment {increment} of backup" if increment is not None else "backup"
     render(
         res,
         as_json,
-        lambda r: console.print(
+        lambda r: console().print(
             f"{what} {backup_id} deleted: {len(r['deleted_files'])} files, "
             f"{r['freed_bytes']} bytes freed",
             highlight=False,
@@ -105,12 +114,14 @@ def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json:
 def copy_cmd(c: click.Context, backup_id: int, to_ref: str, as_json: bool) -> None:
     """Copy a chain to a second datastore and verify it there (again later: only what is new)."""
     ctx = ctx_of(c)
+    from vmkeep.engine import jobs, stored
+
     with jobs.recorded(ctx, "copy", str(backup_id), {"backup": backup_id, "to": to_ref}) as job:
         res = job.result = stored.copy_backup(ctx, backup_id, to_ref)
     render(
         res,
         as_json,
-        lambda r: console.print(
+        lambda r: console().print(
             f"backup {r['backup']} copied to {r['datastore']} as backup {r['copy']}: "
             f"increments {r['copied_increments'] or 'none (up to date)'}, verified",
             highlight=False,

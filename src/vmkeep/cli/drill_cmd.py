@@ -42,8 +42,8 @@ def drill(
     def human(r: dict[str, Any]) -> None:
         for chk in r["checks"]:
             mark = "ok  " if chk["ok"] else "FAIL"
-            console.print(f"{mark} {chk['step']}: {chk['detail']}", markup=False, highlight=False)
-        console.print(f"drill {r['drill']} of backup {r['backup']} point {r['increment']}: "
+            console().print(f"{mark} {chk['step']}: {chk['detail']}", markup=False, highlight=False)
+        console().print(f"drill {r['drill']} of backup {r['backup']} point {r['increment']}: "
                       f"{r['result']}", markup=False, highlight=False)  # fmt: skip
 
     with jobs.recorded(ctx, "drill", str(backup_id), params) as job:

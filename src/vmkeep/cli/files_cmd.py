@@ -48,7 +48,7 @@ def ls_cmd(
 
     def human(r: dict[str, Any]) -> None:
         if "partitions" in r:
-            console.print("several file systems: choose one with --partition N", highlight=False)
+            console().print("several file systems: choose one with --partition N", highlight=False)
             table(r["partitions"], ("number", "size", "type", "fstype"), title="partitions")
             return
         table(r["entries"], ("path", "type", "size", "mode", "mtime"))
@@ -80,7 +80,7 @@ def get_cmd(
 
     def human(r: dict[str, Any]) -> None:
         for x in r["copied"]:
-            console.print(f"{x['from']} -> {x['to']}", highlight=False)
+            console().print(f"{x['from']} -> {x['to']}", highlight=False)
 
     render(res, as_json, human)
 

@@ -26,13 +26,9 @@ def _consoles() -> tuple[Console, Console]:
     return Console(soft_wrap=True), Console(stderr=True, soft_wrap=True)
 
 
-def __getattr__(name: str) -> Console:
-    """``console`` and ``err_console``, created on first use (PEP 562)."""
-    if name == "console":
-        return _consoles()[0]
-    if name == "err_console":
-        return _consoles()[1]
-    raise AttributeError(name)
+def console() -> Console:
+    """The rich console on stdout, created (and rich imported) on first use."""
+    return _consoles()[0]
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
