@@ -139,9 +139,11 @@ class RecordingHypervisor(LibvirtHypervisor):
 
     freeze_state_at_begin: str | None = None
 
-    def backup_begin(self, name: str, backup_xml: str, checkpoint_xml: str | None) -> None:
+    def backup_begin(
+        self, name: str, backup_xml: str, checkpoint_xml: str | None, *, reuse: bool = False
+    ) -> None:
         self.freeze_state_at_begin = self.fs_freeze_status(name, 10)
-        super().backup_begin(name, backup_xml, checkpoint_xml)
+        super().backup_begin(name, backup_xml, checkpoint_xml, reuse=reuse)
 
 
 def test_agent_freeze_is_held_during_backup_begin_only(vmkeep, fresh_vm: str, ds: Path) -> None:

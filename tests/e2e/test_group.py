@@ -257,7 +257,7 @@ from vmkeep.engine.group_backup import run_group_backup
 from vmkeep.hypervisor.native import LibvirtHypervisor
 
 class DiesDuringBegin(LibvirtHypervisor):
-    def backup_begin(self, name, bxml, cxml):
+    def backup_begin(self, name, bxml, cxml, reuse=False):
         print("frozen", flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
 

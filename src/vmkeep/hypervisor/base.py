@@ -102,8 +102,12 @@ class Hypervisor(ABC):
 
     # --- backup API (push mode) and checkpoints -------------------------------------------------
     @abstractmethod
-    def backup_begin(self, name: str, backup_xml: str, checkpoint_xml: str | None) -> None:
-        """Start a push-mode backup job; the point in time is fixed when this returns.
+    def backup_begin(
+        self, name: str, backup_xml: str, checkpoint_xml: str | None, *, reuse: bool = False
+    ) -> None:
+        """Start a push-mode backup job; the point in time is fixed when this returns. ``reuse``:
+        the target files exist already (created before the guest was frozen), else libvirt
+        creates them.
 
         Raises CheckpointInvalid when the incremental's checkpoint is missing or inconsistent."""
 
@@ -118,6 +122,10 @@ class Hypervisor(ABC):
     @abstractmethod
     def abort_job(self, name: str) -> None:
         """Abort the domain's running job; no error when there is none."""
+
+    @abstractmethod
+    def disk_capacity(self, name: str, target: str) -> int:
+        """The disk's virtual size in bytes (what the guest sees)."""
 
     @abstractmethod
     def disk_allocation(self, name: str, target: str) -> int:

@@ -444,10 +444,13 @@ class LibvirtHypervisor(Hypervisor):
         )
 
     # --- backup API -----------------------------------------------------------------------------
-    def backup_begin(self, name: str, backup_xml: str, checkpoint_xml: str | None) -> None:
+    def backup_begin(
+        self, name: str, backup_xml: str, checkpoint_xml: str | None, *, reuse: bool = False
+    ) -> None:
         dom = self._dom(name)
+        flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if reuse else 0
         try:
-            dom.backupBegin(backup_xml, checkpoint_xml, 0)
+            dom.backupBegin(backup_xml, checkpoint_xml, flags)
         except libvirt.libvirtError as err:
             code, msg = err.get_error_code(), err.get_error_message() or ""
             if code in (
@@ -488,6 +491,13 @@ class LibvirtHypervisor(Hypervisor):
         except libvirt.libvirtError as err:
             if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # no job running
                 raise HypervisorError(f"abort job on {name}: {err.get_error_message()}") from err
+
+    def disk_capacity(self, name: str, target: str) -> int:
+        dom = self._dom(name)
+        capacity, _allocation, _physical = self._call(
+            lambda: dom.blockInfo(target), f"block info of {name}/{target}"
+        )
+        return int(capacity)
 
     def disk_allocation(self, name: str, target: str) -> int:
         dom = self._dom(name)
