@@ -122,7 +122,13 @@ class Catalog:
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur = dbapi_conn.cursor()
     # WAL lets the daemon and the CLI read while a backup writes; busy_timeout serialises writers.
+    # synchronous=NORMAL (SQLite's advice for WAL): a commit no longer waits for an fsync (39 ms
+    # each here, 21 commits per backup: 0.8 s of an incremental); the WAL is synced at its
+    # checkpoints. A crashed process loses nothing; a power cut can lose the last commits, never
+    # the file's consistency: an interrupted backup's RUNNING rows are then recovered as for a
+    # killed process, and vmkeep never deletes stored data the catalog does not know.
     cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")
     cur.execute("PRAGMA busy_timeout=30000")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.close()

@@ -35,7 +35,6 @@ from vmkeep.catalog.locks import holder, lock, pid_alive
 from vmkeep.catalog.tables import Backup, Datastore, Increment, Vm
 from vmkeep.checksums import digest_file
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine import quiesce, space
 from vmkeep.engine.backup_config import BackupConfig, resolve
 from vmkeep.engine.chains import (
@@ -264,7 +263,7 @@ def wait_jobs(ctx: Context, names: list[str], progress: ProgressFn | None) -> No
             progress(sum(done_b.values()), sum(total_b.values()))
         if pending:
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.25)
+            delay = min(delay * 1.5, 0.1)  # a finished job is noticed within 0.1 s
 
 
 def _prepare_staging(ctx: Context, plan: Plan) -> Path:
@@ -288,15 +287,13 @@ def _prepare_staging(ctx: Context, plan: Plan) -> Path:
 def _rebase(
     driver: DatastoreDriver, plan: Plan, disks: list[DiskInfo], staging: Path, staged: list[Path]
 ) -> None:
-    """Each disk file's backing name made relative to its chain (or none for a full)."""
+    """Each increment's backing name made relative to its chain (its parent's file name)."""
     for d in disks:
         f = staging / disk_file(plan.seq, d.target)
-        if plan.parent is None:
-            backing = ["-b", ""]
-        else:
+        if plan.parent is not None:  # a full's target was created without a backing file
             backing = ["-b", disk_file(plan.parent, d.target), "-F", "qcow2"]
-        rebase = ["rebase", "-u", "-f", "qcow2", *backing, str(f)]
-        qemu_img(*rebase, what=" ".join(rebase), error=partial(BackupFailed, "?"))
+            rebase = ["rebase", "-u", "-f", "qcow2", *backing, str(f)]
+            qemu_img(*rebase, what=" ".join(rebase), error=partial(BackupFailed, "?"))
         if plan.parent is None and "dedup" in driver.capabilities:
             # QEMU's backup job lays clusters out in the order its parallel copies finish, so
             # two fulls of the same disk differ byte-wise; a deduplicating store needs the same
@@ -307,22 +304,15 @@ def _rebase(
         staged.append(f)
 
 
-def _finish(
-    ctx: Context,
-    driver: DatastoreDriver,
-    plan: Plan,
-    disks: list[DiskInfo],
-    staging: Path,
-    domain_xml: str,
-    q: Quiesce,
-    steps: Steps,
-) -> None:
+def _finish(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
+    plan, disks, staging, q, steps = job.plan, job.disks, job.staging, job.q, job.steps
+    assert plan is not None and staging is not None
     files: list[dict[str, Any]] = []
     staged: list[Path] = []
     with steps.step("rebase"):
         _rebase(driver, plan, disks, staging, staged)
     xml_file = staging / f"{plan.seq}.domain.xml"
-    xml_file.write_text(domain_xml)
+    xml_file.write_text(job.domain_xml)
     staged.append(xml_file)
     targets: list[str | None] = [d.target for d in disks] + [None]
     memory = staging / memory_file(plan.seq)
@@ -338,8 +328,7 @@ def _finish(
                 "digest": digest_file(f),
             }
         if target is not None:  # the restored size (``backups show``), without asking the store
-            with steps.step("image info"):
-                row["virtual_size"] = int(qemu_img_info(f)["virtual-size"])
+            row["virtual_size"] = job.capacity[target]
         if f == memory:
             row["memory"] = True
         files.append(row)
@@ -398,6 +387,7 @@ class MemberJob:
     q: Quiesce = field(default_factory=Quiesce)
     memory: bool = False  # save the RAM with the disks (BACKUP_CONFIG memory, a running VM)
     steps: Steps = field(default_factory=Steps)  # wall time per step (result "steps_ms")
+    capacity: dict[str, int] = field(default_factory=dict)  # disk target -> virtual size
 
 
 def prepare_job(ctx: Context, vm: Vm, ds_id: int, reset: bool, warnings: Warnings) -> MemberJob:
@@ -435,8 +425,8 @@ def _create_targets(ctx: Context, job: MemberJob) -> None:
     assert job.plan is not None and job.staging is not None
     for d in job.disks:
         target = job.staging / disk_file(job.plan.seq, d.target)
-        size = str(ctx.hv.disk_capacity(job.name, d.target))
-        qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=1.1", str(target), size)
+        job.capacity[d.target] = size = ctx.hv.disk_capacity(job.name, d.target)
+        qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=1.1", str(target), str(size))
 
 
 def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> None:
@@ -458,7 +448,7 @@ def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warni
 
 def finish_job(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
     assert job.plan is not None and job.staging is not None
-    _finish(ctx, driver, job.plan, job.disks, job.staging, job.domain_xml, job.q, job.steps)
+    _finish(ctx, driver, job)
     shutil.rmtree(job.staging, ignore_errors=True)
 
 

@@ -211,6 +211,7 @@ def _finish(
     job_id: int,
     state: str,
     result: dict[str, Any] | None = None,
+    progress: _Progress | None = None,
     err: BaseException | None = None,
 ) -> None:
     with ctx.catalog.session() as s:
@@ -218,6 +219,8 @@ def _finish(
         if j is None:
             return
         j.state, j.finished_at = state, datetime.now(UTC)
+        if progress is not None:  # the last bytes done/total, in the same transaction
+            j.done_bytes, j.total_bytes = progress.done, progress.total
         if result is not None:
             j.result = json.loads(json.dumps(result, default=str))  # datetimes, enums -> text
             j.progress = 1.0
@@ -241,8 +244,7 @@ def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, 
         progress = _Progress(ctx, job_id)
         failpoint("job")  # the fault suite slows jobs down to watch several workers share a queue
         result, warnings = runner(ctx, params, progress)
-        progress.write()
-        _finish(ctx, job_id, DONE, result | ({"warnings": warnings} if warnings else {}))
+        _finish(ctx, job_id, DONE, result | ({"warnings": warnings} if warnings else {}), progress)
     except KeyboardInterrupt:
         _finish(ctx, job_id, CANCELLED)
     except VmkeepError as err:
@@ -259,29 +261,31 @@ def recorded(
 ) -> Iterator[_Progress]:
     """An in-process action (the CLI) recorded as a job; yields its progress callback, whose
     ``result`` the caller sets. Cancelling the job (``jobs cancel``) stops the action."""
-    job = enqueue(ctx, kind, target, params, origin, local_user())
-    with ctx.catalog.session() as s:
-        s.execute(
-            update(Job)
-            .where(Job.id == job["id"])
-            .values(
-                state=RUNNING,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                started_at=datetime.now(UTC),
-            )
+    with ctx.catalog.session() as s:  # one transaction: created RUNNING, by this process
+        j = Job(
+            kind=kind,
+            target=target,
+            state=RUNNING,
+            params=params,
+            origin=origin,
+            who=local_user(),
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started_at=datetime.now(UTC),
         )
-    progress = _Progress(ctx, job["id"])
+        s.add(j)
+        s.flush()
+        job_id = j.id
+    progress = _Progress(ctx, job_id)
     try:
         yield progress
     except KeyboardInterrupt:
-        _finish(ctx, job["id"], CANCELLED)
+        _finish(ctx, job_id, CANCELLED)
         raise
     except BaseException as err:
-        _finish(ctx, job["id"], FAILED, err=err)
+        _finish(ctx, job_id, FAILED, err=err)
         raise
-    progress.write()
-    _finish(ctx, job["id"], DONE, progress.result)
+    _finish(ctx, job_id, DONE, progress.result, progress)
 
 
 def recover(ctx: Context) -> list[int]:
