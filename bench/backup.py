@@ -1,13 +1,18 @@
-"""Backup/restore benchmark: vmkeep vs ``qemu-img convert`` measured side by side in one run.
+"""Backup/restore benchmark: vmkeep against its baselines and peers, side by side in one run.
 
-    .venv/bin/python bench/backup.py [--data-mib 1024]
+    .venv/bin/python bench/backup.py [--data-mib 1024] [--runs 3] [--peers] [--only warm|cold]
 
-Scenarios (targets in DESIGN.md):
-  full backup, 4 GiB qcow2 with 1 GiB data, running VM      <= 1.2 x qemu-img convert -O qcow2
-  same data in a 64 GiB disk                                 <= 1.1 x the 4 GiB time
-  incremental after writing 1 % of the disk                  <= 8 % of the full (both net of no-op)
-  no-op command (vmkeep backups list)                        <= 0.5 s
-  restore full + 3 increments to a new qcow2                 <= 1.5 x qemu-img convert; sparse
+A running lab VM with --data-mib of random data in a 4 GiB qcow2. Every scenario runs --runs
+times warm (the source in the page cache, which stands for fast NVMe) and cold (``sync; echo 3 >
+/proc/sys/vm/drop_caches`` before each timed command); each run times vmkeep and its baseline
+back to back, and the result is the ratio per run, printed as min / median / max. Raw seconds and
+vmkeep's own per-step breakdown (``steps_ms`` of ``backup --json``) follow the table.
+
+Baselines: ``qemu-img convert -O qcow2`` of the VM's disk, alone and followed by an fsync of its
+output (a backup is durable when it finishes; QEMU's backup job and vmkeep flush, qemu-img does
+not), and libvirt's raw push backup job (``backupBegin`` and wait, no vmkeep code). --peers adds
+virtnbdbackup (``-l copy``, Debian's package) and restic 0.14 (``restic backup`` of the same disk
+image into a local repository) on the same VM in the same run.
 """
 
 from __future__ import annotations
@@ -16,149 +21,190 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import PREFIX, VK, lab_workspace  # bench/ is on sys.path when run as a script
+import libvirt
+
+from common import PREFIX, VK, drop_caches, lab_workspace, spread  # bench/ is on sys.path
+
+NAME = f"{PREFIX}4g"
 
 
-def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, env=env, capture_output=True, text=True)
-    dt = time.perf_counter() - t0
-    if proc.returncode not in (0, 1):
-        sys.exit(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr}")
-    return dt, proc.stdout
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def best(n: int, fn) -> float:  # type: ignore[no-untyped-def]
-    return min(fn() for _ in range(n))
+class Bench:
+    def __init__(self, work: Path, env: dict[str, str], cold: bool) -> None:
+        self.work, self.env, self.cold = work, env, cold
+
+    def timed(self, argv: list[str], **kw: object) -> tuple[float, str]:
+        if self.cold:
+            drop_caches()
+        t0 = time.perf_counter()
+        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+        dt = time.perf_counter() - t0
+        if proc.returncode not in (0, 1):  # 1: finished with warnings
+            sys.exit(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr}")
+        return dt, str(proc.stdout)
+
+    def vmkeep(self, *args: str) -> tuple[float, dict]:  # type: ignore[type-arg]
+        dt, out = self.timed([*VK, *args, "--json"])
+        return dt, json.loads(out) if out.strip() else {}
+
+    def convert(self, src: Path, *, sync: bool) -> float:
+        out = self.work / "convert.qcow2"
+        out.unlink(missing_ok=True)
+        if self.cold:
+            drop_caches()
+        t0 = time.perf_counter()
+        argv = ["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "qcow2", str(src), str(out)]
+        subprocess.run(argv, check=True)
+        if sync:
+            fsync(out)
+        dt = time.perf_counter() - t0
+        out.unlink()
+        return dt
+
+    def push_job(self, dom: libvirt.virDomain) -> float:
+        """libvirt's push backup job alone: backupBegin to a new qcow2, wait for it."""
+        target = self.work / "push.qcow2"
+        target.unlink(missing_ok=True)
+        xml = (
+            "<domainbackup mode='push'><disks><disk name='vda' backup='yes' type='file'>"
+            f"<target file='{target}'/><driver type='qcow2'/></disk></disks></domainbackup>"
+        )
+        if self.cold:
+            drop_caches()
+        t0 = time.perf_counter()
+        dom.backupBegin(xml, None, 0)
+        while dom.jobStats(0).get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
+            time.sleep(0.005)
+        dt = time.perf_counter() - t0
+        info = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        if info.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
+            sys.exit(f"raw push job did not complete: {info}")
+        target.unlink()
+        return dt
+
+
+def ratios(num: list[float], den: list[float]) -> list[float]:
+    return [a / b for a, b in zip(num, den, strict=True)]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--data-mib", type=int, default=1024)
     ap.add_argument("--change-mib", type=int, default=40)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--peers", action="store_true", help="also virtnbdbackup and restic")
+    ap.add_argument("--only", choices=("warm", "cold"))
     args = ap.parse_args()
 
     work, env, lab = lab_workspace()
-    vk = VK
     pop = work / "pop"
     pop.mkdir()
     block = os.urandom(1 << 20)
     with open(pop / "data.bin", "wb") as f:
         for i in range(args.data_mib):
             f.write(block[i % 251 :] + block[: i % 251])
-    rows: list[tuple[str, float, float, str, str]] = []
+    table: list[tuple[str, str, str, list[float]]] = []  # (mode, scenario, target, values)
+    raw: dict[str, dict[str, list[float]]] = {}
+    steps: dict[str, dict[str, list[int]]] = {}
     try:
-        subprocess.run(
-            [*vk, "datastore", "add", "ds", "--path", str(work / "ds")],
-            env=env,
-            check=True,
-            capture_output=True,
-        )
-        noop = best(5, lambda: timed([*vk, "backups", "list"], env)[0])
-        results: dict[str, float] = {}
-        for size_gib in (4, 64):
-            name = f"{PREFIX}{size_gib}g"
-            lab.create(name, [size_gib << 30], populate=pop)
-            subprocess.run([*vk, "vm", "import", name], env=env, check=True, capture_output=True)
-            subprocess.run(
-                [*vk, "vm", "config", name, "--mode", "increment"],
-                env=env,
-                check=True,
-                capture_output=True,
-            )
-            disk = lab.vm_dir(name) / "disk0.qcow2"
-            out = work / f"convert-{size_gib}.qcow2"
-
-            def run_convert(src: Path = disk, dst: Path = out) -> float:
-                dst.unlink(missing_ok=True)
-                argv = ["qemu-img", "convert", "-U", "-O", "qcow2", str(src), str(dst)]
-                return timed(argv, env)[0]
-
-            convert = best(2, run_convert)
-            out.unlink(missing_ok=True)
-            full, _ = timed([*vk, "backup", name, "-d", "ds"], env)
-            results[f"full{size_gib}"] = full
-            results[f"convert{size_gib}"] = convert
-            if size_gib == 4:
-                incs = []
+        lab.create(NAME, [4 << 30], populate=pop)
+        shutil.rmtree(pop)
+        disk = lab.vm_dir(NAME) / "disk0.qcow2"
+        warm = Bench(work, env, cold=False)
+        for a in (
+            ("datastore", "add", "ds", "--path", str(work / "ds")),
+            ("vm", "import", NAME),
+            ("vm", "config", NAME, "--mode", "increment"),
+        ):
+            warm.vmkeep(*a)
+        if args.peers:
+            restic_repo = work / "restic"
+            env_r = dict(env, RESTIC_PASSWORD="bench", RESTIC_CACHE_DIR=str(work / "rcache"))
+            subprocess.run(["restic", "init", "-q", "-r", str(restic_repo)], env=env_r, check=True)
+        dom = libvirt.open("qemu:///system").lookupByName(NAME)
+        modes = [m for m in ("warm", "cold") if args.only in (None, m)]
+        for mode in modes:
+            b = Bench(work, env, cold=(mode == "cold"))
+            t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic")}  # fmt: skip
+            st: dict[str, list[int]] = {}
+            for _run in range(args.runs):
+                t["noop"].append(b.timed([*VK, "backups", "list"])[0])
+                t["version"].append(b.timed([*VK, "--version"])[0])
+                t["convert"].append(b.convert(disk, sync=False))
+                t["convert+fsync"].append(b.convert(disk, sync=True))
+                t["push"].append(b.push_job(dom))
+                dt, res = b.vmkeep("backup", NAME, "-d", "ds", "--reset")
+                t["full"].append(dt)
+                for k, v in res["steps_ms"].items():
+                    st.setdefault(k, []).append(v)
+                bid = res["id"]
                 for k in range(3):
-                    lab.write_random(
-                        name,
-                        "/mnt/vda/data.bin",
-                        args.change_mib // 4 if k else args.change_mib,
-                        seek_mib=100 * (k + 1),
-                    )
-                    dt, o = timed([*vk, "backup", name, "-d", "ds", "--json"], env)
-                    incs.append((dt, json.loads(o)))
-                inc_time, inc_json = incs[0]
-                results["inc"] = inc_time
-                results["inc_size"] = inc_json["increments"][1]["size"]
-                bid = inc_json["id"]
-                target = work / "restored.qcow2"
-                restore, _ = timed(
-                    [*vk, "restore", str(bid), "--disk", "vda", "--path", str(target), "--force"],
-                    env,
-                )
-                results["restore"] = restore
-                info = json.loads(
-                    subprocess.run(
-                        ["qemu-img", "info", "--output=json", str(target)],
-                        capture_output=True,
-                        text=True,
-                    ).stdout
-                )
-                results["restored_alloc"] = info["actual-size"]
-                results["restored_virtual"] = info["virtual-size"]
-            lab.remove(name)
-        rows = [
-            ("no-op command (backups list)", noop, 0.5, "s", "<= 0.5 s"),
-            (
-                "full 4 GiB / qemu-img convert",
-                results["full4"] / results["convert4"],
-                1.2,
-                "x",
-                "<= 1.2",
-            ),
-            ("full 64 GiB / full 4 GiB", results["full64"] / results["full4"], 1.1, "x", "<= 1.1"),
-            (
-                f"incremental ({args.change_mib} MiB) / full, net of no-op",
-                (results["inc"] - noop) / (results["full4"] - noop),
-                0.08,
-                "x",
-                "<= 0.08",
-            ),
-            (
-                "restore full+3 inc / qemu-img convert",
-                results["restore"] / results["convert4"],
-                1.5,
-                "x",
-                "<= 1.5",
-            ),
-        ]
-        print()
-        print(f"{'scenario':<48} {'value':>8}  target   ok")
-        for label, value, limit, unit, target_text in rows:
-            ok = "yes" if value <= limit else "NO"
-            print(f"{label:<48} {value:>7.3f}{unit}  {target_text:<8} {ok}")
-        print()
-        print(
-            f"raw seconds: qemu-img convert 4G {results['convert4']:.2f}, 64G {results['convert64']:.2f}; "
-            f"vmkeep full 4G {results['full4']:.2f}, 64G {results['full64']:.2f}; incremental "
-            f"{results['inc']:.2f} ({results['inc_size'] / 2**20:.1f} MiB stored); restore "
-            f"{results['restore']:.2f}; no-op {noop:.3f}"
-        )
-        print(
-            f"restored image: {results['restored_alloc'] / 2**20:.0f} MiB allocated of "
-            f"{results['restored_virtual'] / 2**30:.0f} GiB virtual (sparse)"
-        )
+                    mib = args.change_mib if k == 0 else args.change_mib // 4
+                    lab.write_random(NAME, "/mnt/vda/data.bin", mib, seek_mib=100 * (k + 1))
+                    dt, res = b.vmkeep("backup", NAME, "-d", "ds")
+                    if k == 0:
+                        t["inc"].append(dt)
+                chain_top = next((work / "ds").glob(f"*/{bid}")) / "3.vda.qcow2"
+                t["restore-convert"].append(b.convert(chain_top, sync=False))
+                dest = work / "restored.qcow2"
+                argv = ["restore", str(bid), "--disk", "vda", "--path", str(dest), "--force"]
+                t["restore"].append(b.vmkeep(*argv)[0])
+                dest.unlink()
+                if args.peers:
+                    out = work / "vnb"
+                    shutil.rmtree(out, ignore_errors=True)
+                    argv = ["virtnbdbackup", "-d", NAME, "-l", "copy", "-o", str(out)]
+                    t["virtnbdbackup"].append(b.timed(argv)[0])
+                    shutil.rmtree(out)
+                    argv = ["restic", "backup", "-q", "-r", str(restic_repo), str(disk)]
+                    t["restic"].append(b.timed(argv, env=env_r)[0])
+                vmkeep_rm = [*VK, "backups", "delete", str(bid)]
+                subprocess.run(vmkeep_rm, env=env, capture_output=True, check=False)
+            raw[mode], steps[mode] = t, st
+            noop = statistics.median(t["noop"])
+            net = [max(x - noop, 1e-3) for x in t["full"]]
+            rows: list[tuple[str, str, list[float]]] = [
+                ("full / qemu-img convert", "<= 1.0 cold, <= 2 warm", ratios(t["full"], t["convert"])),
+                ("full / convert + fsync", "", ratios(t["full"], t["convert+fsync"])),
+                ("full / raw libvirt push job", "<= 1.1", ratios(t["full"], t["push"])),
+                ("push job / qemu-img convert", "(QEMU's own limit)", ratios(t["push"], t["convert"])),
+                (f"incremental ({args.change_mib} MiB) / full, net of no-op", "<= 0.08",
+                 ratios([max(x - noop, 0.0) for x in t["inc"]], net)),
+                ("restore full+3 inc / qemu-img convert", "<= 1.5", ratios(t["restore"], t["restore-convert"])),
+                ("no-op command (backups list), s", "<= 0.25", t["noop"]),
+                ("vmkeep --version, s", "<= 0.15", t["version"]),
+            ]  # fmt: skip
+            if args.peers:
+                rows.insert(3, ("full / virtnbdbackup", "<= 0.5", ratios(t["full"], t["virtnbdbackup"])))  # fmt: skip
+                rows.insert(4, ("full / restic backup of the image", "", ratios(t["full"], t["restic"])))  # fmt: skip
+            table += [(mode, label, target, values) for label, target, values in rows]
     finally:
         lab.down()
         shutil.rmtree(work, ignore_errors=True)
+    print(f"\n{args.data_mib} MiB of data in a 4 GiB qcow2, running VM, {args.runs} runs per mode")
+    print(f"{'mode':<5} {'scenario':<46} {'min / median / max':<20} target")
+    for mode, label, target, values in table:
+        print(f"{mode:<5} {label:<46} {spread(values):<20} {target}")
+    print("\nraw seconds, median (min-max):")
+    for mode, t in raw.items():
+        cells = [f"{k} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in t.items() if v]  # fmt: skip
+        print(f"  {mode}: " + "; ".join(cells))
+    print("\nvmkeep full backup, per step, median ms (backup --json steps_ms):")
+    for mode, st in steps.items():
+        print(f"  {mode}: " + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in st.items()))
 
 
 if __name__ == "__main__":

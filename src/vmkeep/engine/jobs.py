@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
 
 from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Job
@@ -80,19 +81,18 @@ def enqueue(
     ctx: Context, kind: str, target: str, params: dict[str, Any], origin: str, who: str
 ) -> dict[str, Any]:
     with ctx.catalog.session() as s:
-        j = Job(
-            kind=kind,
-            target=target,
-            state=QUEUED,
-            params=params,
-            origin=origin,
-            who=who,
-            host="",
-            pid=0,
-        )
-        s.add(j)
-        s.flush()
-        return job_dict(j)
+        return job_dict(_add(s, kind, target, params, origin, who))
+
+
+def _add(
+    s: Session, kind: str, target: str, params: dict[str, Any], origin: str, who: str, **fields: Any
+) -> Job:
+    """A new job row: QUEUED for any worker unless ``fields`` say otherwise."""
+    j = Job(kind=kind, target=target, params=params, origin=origin, who=who,
+            **({"state": QUEUED, "host": "", "pid": 0} | fields))  # fmt: skip
+    s.add(j)
+    s.flush()
+    return j
 
 
 def get(ctx: Context, job_id: int) -> dict[str, Any]:
@@ -262,20 +262,8 @@ def recorded(
     """An in-process action (the CLI) recorded as a job; yields its progress callback, whose
     ``result`` the caller sets. Cancelling the job (``jobs cancel``) stops the action."""
     with ctx.catalog.session() as s:  # one transaction: created RUNNING, by this process
-        j = Job(
-            kind=kind,
-            target=target,
-            state=RUNNING,
-            params=params,
-            origin=origin,
-            who=local_user(),
-            host=socket.gethostname(),
-            pid=os.getpid(),
-            started_at=datetime.now(UTC),
-        )
-        s.add(j)
-        s.flush()
-        job_id = j.id
+        here = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": datetime.now(UTC)}
+        job_id = _add(s, kind, target, params, origin, local_user(), state=RUNNING, **here).id
     progress = _Progress(ctx, job_id)
     try:
         yield progress
