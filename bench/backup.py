@@ -46,11 +46,11 @@ class Bench:
     def __init__(self, work: Path, env: dict[str, str], cold: bool) -> None:
         self.work, self.env, self.cold = work, env, cold
 
-    def timed(self, argv: list[str], **kw: object) -> tuple[float, str]:
+    def timed(self, argv: list[str], env: dict[str, str] | None = None) -> tuple[float, str]:
         if self.cold:
             drop_caches()
         t0 = time.perf_counter()
-        proc = subprocess.run(argv, env=self.env, capture_output=True, text=True, **kw)  # type: ignore[call-overload]
+        proc = subprocess.run(argv, env=env or self.env, capture_output=True, text=True)
         dt = time.perf_counter() - t0
         if proc.returncode not in (0, 1):  # 1: finished with warnings
             sys.exit(f"{' '.join(map(str, argv))} failed ({proc.returncode}): {proc.stderr}")
@@ -140,7 +140,8 @@ def main() -> None:
             b = Bench(work, env, cold=(mode == "cold"))
             t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic")}  # fmt: skip
             st: dict[str, list[int]] = {}
-            for _run in range(args.runs):
+            for run in range(args.runs):
+                print(f"{mode} run {run + 1}/{args.runs}", file=sys.stderr, flush=True)
                 t["noop"].append(b.timed([*VK, "backups", "list"])[0])
                 t["version"].append(b.timed([*VK, "--version"])[0])
                 t["convert"].append(b.convert(disk, sync=False))
