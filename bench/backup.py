@@ -119,6 +119,7 @@ def main() -> None:
     table: list[tuple[str, str, str, list[float]]] = []  # (mode, scenario, target, values)
     raw: dict[str, dict[str, list[float]]] = {}
     steps: dict[str, dict[str, list[int]]] = {}
+    inc_steps: dict[str, dict[str, list[int]]] = {}
     try:
         lab.create(NAME, [4 << 30], populate=pop)
         shutil.rmtree(pop)
@@ -140,6 +141,7 @@ def main() -> None:
             b = Bench(work, env, cold=(mode == "cold"))
             t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic")}  # fmt: skip
             st: dict[str, list[int]] = {}
+            inc_st: dict[str, list[int]] = {}
             for run in range(args.runs):
                 print(f"{mode} run {run + 1}/{args.runs}", file=sys.stderr, flush=True)
                 t["noop"].append(b.timed([*VK, "backups", "list"])[0])
@@ -158,6 +160,8 @@ def main() -> None:
                     dt, res = b.vmkeep("backup", NAME, "-d", "ds")
                     if k == 0:
                         t["inc"].append(dt)
+                        for step, v in res["steps_ms"].items():
+                            inc_st.setdefault(step, []).append(v)
                 chain_top = next((work / "ds").glob(f"*/{bid}")) / "3.vda.qcow2"
                 t["restore-convert"].append(b.convert(chain_top, sync=False))
                 dest = work / "restored.qcow2"
@@ -174,7 +178,7 @@ def main() -> None:
                     t["restic"].append(b.timed(argv, env=env_r)[0])
                 vmkeep_rm = [*VK, "backups", "delete", str(bid)]
                 subprocess.run(vmkeep_rm, env=env, capture_output=True, check=False)
-            raw[mode], steps[mode] = t, st
+            raw[mode], steps[mode], inc_steps[mode] = t, st, inc_st
             noop = statistics.median(t["noop"])
             net = [max(x - noop, 1e-3) for x in t["full"]]
             rows: list[tuple[str, str, list[float]]] = [
@@ -203,9 +207,14 @@ def main() -> None:
     for mode, t in raw.items():
         cells = [f"{k} {statistics.median(v):.2f} ({min(v):.2f}-{max(v):.2f})" for k, v in t.items() if v]  # fmt: skip
         print(f"  {mode}: " + "; ".join(cells))
-    print("\nvmkeep full backup, per step, median ms (backup --json steps_ms):")
-    for mode, st in steps.items():
-        print(f"  {mode}: " + ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in st.items()))
+    for what, table_ in (
+        ("full backup", steps),
+        (f"incremental ({args.change_mib} MiB)", inc_steps),
+    ):
+        print(f"\nvmkeep {what}, per step, median ms (backup --json steps_ms):")
+        for mode, st in table_.items():
+            cells = ", ".join(f"{k} {statistics.median(v):.0f}" for k, v in st.items())
+            print(f"  {mode}: {cells} (sum {sum(statistics.median(v) for v in st.values()):.0f})")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,11 @@ def xml_of_new_vm(lab: Lab, hv: Hypervisor, name: str) -> str:
 
 
 def counter(lab: Lab, vm: str) -> tuple[int, str]:
+    # After a resume from a memory state the guest agent reconnects a moment later (libvirt says
+    # "agent is not connected" until the guest reopens its port): wait for it, as a user would.
+    deadline = time.monotonic() + 60
+    while not lab.hv.guest_ping(vm, 2) and time.monotonic() < deadline:
+        time.sleep(0.3)
     out = lab.sh(vm, "cat /tmp/counter /tmp/counter.pid").split()
     return int(out[0]), out[1]
 
