@@ -46,7 +46,11 @@ def emit_json(data: Any) -> None:
     import orjson
 
     opts = orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS
-    click.echo(orjson.dumps(data, option=opts, default=_default).decode())
+    try:
+        text = orjson.dumps(data, option=opts, default=_default).decode()
+    except TypeError:  # what orjson refuses (a file name that is not UTF-8, a 65-bit int)
+        text = json.dumps(data, indent=2, default=_default)
+    click.echo(text)
 
 
 def table(rows: Sequence[dict[str, Any]], columns: Sequence[str], title: str | None = None) -> None:

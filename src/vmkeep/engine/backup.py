@@ -435,7 +435,8 @@ def _create_targets(ctx: Context, job: MemberJob) -> None:
     for d in job.disks:
         target = job.staging / disk_file(job.plan.seq, d.target)
         job.capacity[d.target] = size = ctx.hv.disk_capacity(job.name, d.target)
-        qemu_img("create", "-q", "-f", "qcow2", "-o", "compat=1.1", str(target), str(size))
+        create = ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", str(target), str(size)]
+        qemu_img(*create, error=partial(BackupFailed, job.name))
 
 
 def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> None:

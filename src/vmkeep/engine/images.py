@@ -3,10 +3,12 @@ lifecycle actions."""
 
 from __future__ import annotations
 
+import struct
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
+from vmkeep.datastores.base import QCOW2_MAGIC
 from vmkeep.errors import VmkeepError
 
 
@@ -32,7 +34,37 @@ def flatten(src: Path, dest: Path, *, ordered: bool = True) -> None:
         argv.append("-W")
     try:
         qemu_img(*argv, str(src), str(tmp), what=f"convert {src.name}")
-    except VmkeepError:
+    except BaseException:  # failed, or interrupted: no half image left beside the destination
         tmp.unlink(missing_ok=True)
         raise
     tmp.replace(dest)
+
+
+def backing_name(path: Path) -> str | None:
+    """The backing file a qcow2 image names in its header (None: none), read without qemu-img.
+    Raises VmkeepError for a file that is not qcow2 or uses an external data file."""
+    with open(path, "rb") as f:
+        head = f.read(80)
+        if len(head) < 20 or head[:4] != QCOW2_MAGIC:
+            raise VmkeepError(f"{path.name} is not a qcow2 image")
+        version, offset, size = struct.unpack(">IQI", head[4:20])
+        if version >= 3 and len(head) >= 80 and struct.unpack(">Q", head[72:80])[0] & 0x4:
+            raise VmkeepError(f"{path.name} names an external data file")
+        if not offset:
+            return None
+        f.seek(offset)
+        return f.read(size).decode("utf-8", "replace")
+
+
+def check_backing_names(files: dict[str, Path]) -> None:
+    """Every qcow2 file among ``files`` (name -> path) backed by nothing or by another of them,
+    named plainly (no folder, no protocol): what vmkeep writes."""
+    for name, path in files.items():
+        if not name.endswith(".qcow2"):
+            continue
+        backing = backing_name(path)
+        if backing is not None and (backing not in files or "/" in backing or ":" in backing):
+            raise VmkeepError(
+                f"{name} names {backing!r} as its backing file, which is not a file of its "
+                "chain: the backup was altered outside vmkeep; it is not restored"
+            )

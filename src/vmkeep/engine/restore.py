@@ -13,8 +13,9 @@ import os
 import shutil
 import subprocess
 import tempfile
+import threading
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,13 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.catalog.tables import Backup, Increment
-from vmkeep.checksums import expected_digests, matches, row_digest
+from vmkeep.checksums import Stopped, expected_digests, matches, row_digest
 from vmkeep.engine import vms
 from vmkeep.engine.chains import disk_file, mark_damaged, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.domain_xml import set_disk_sources
-from vmkeep.engine.images import flatten
+from vmkeep.engine.images import check_backing_names, flatten
 from vmkeep.engine.memory import check_new_vm, memory_entry, resume, with_disks
 from vmkeep.errors import (
     AlreadyExists,
@@ -36,6 +37,7 @@ from vmkeep.errors import (
     ChecksumMismatch,
     DomainNotFound,
     InvalidValue,
+    VmkeepError,
 )
 from vmkeep.model import BackupStatus, Warnings
 from vmkeep.names import check_name
@@ -134,11 +136,24 @@ def verified(
     """``verify_files`` in a second thread while the body reads the same files (qemu-img convert
     of the chain): the files are read from storage once, and the restore takes the longer of the
     two instead of their sum. The block ends only when both are done; a mismatch is raised (and
-    recorded) even when the body failed too, so the caller removes what the body wrote."""
+    recorded) even when the body failed too, so the caller removes what the body wrote.
+
+    Before anything reads them, every qcow2 file's backing reference must name another file of
+    the chain: a tampered file fails its checksum, but only after qemu-img has opened it, and a
+    backing reference to a host path would have it read that path into the restored image."""
+    try:
+        check_backing_names(local)
+    except VmkeepError:
+        verify_files(ctx, backup_id, chain_key, expected, local)  # damaged: say which, mark it
+        raise
+    stop = threading.Event()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
-        check = pool.submit(_first_mismatch, expected, local)
+        check = pool.submit(_first_mismatch, expected, local, stop.is_set)
         try:
             yield
+        except KeyboardInterrupt:  # cancelled: stop hashing (within a slice), do not wait for it
+            stop.set()
+            raise
         except BaseException as err:
             bad = check.result()
             if bad is not None:
@@ -173,10 +188,13 @@ def convert_verified(
 
 
 def _first_mismatch(
-    expected: dict[str, str], local: dict[str, Path]
+    expected: dict[str, str], local: dict[str, Path], stop: Callable[[], bool] | None = None
 ) -> tuple[str, str, str] | None:
     for name, want in expected.items():
-        ok, got = matches(local[name], want)
+        try:
+            ok, got = matches(local[name], want, stop)
+        except Stopped:
+            return None
         if not ok:
             return name, want, got
     return None
