@@ -108,6 +108,8 @@ def main() -> None:
     ap.add_argument("--peers", action="store_true", help="also virtnbdbackup and restic")
     ap.add_argument("--only", choices=("warm", "cold"))
     args = ap.parse_args()
+    if args.peers and not shutil.which("virtnbdbackup"):
+        sys.exit("--peers needs virtnbdbackup: apt-get install virtnbdbackup")
 
     work, env, lab = lab_workspace()
     pop = work / "pop"
