@@ -112,7 +112,7 @@ def _off_the_host(ctx: Context, backup_id: int, say: Callable[[str], None]) -> N
         res = stored.copy_backup(ctx, backup_id, OFFSITE_DATASTORE)
         say(
             f"backups copy {backup_id} --to {OFFSITE_DATASTORE}: increments "
-            f"{res['copied_increments']} copied, read back and verified (sha256) as backup "
+            f"{res['copied_increments']} copied, read back and verified (BLAKE3 checksums) as backup "
             f"{res['copy']}"
         )
         stored.remove_datastore(ctx, OFFSITE_DATASTORE, force=True)
