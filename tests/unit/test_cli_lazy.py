@@ -3,6 +3,7 @@ used or listed."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -41,7 +42,7 @@ def _modules_loaded(argv: list[str], env_dir: str) -> tuple[set[str], str]:
         "PATH": "/usr/bin:/bin",
         "VMKEEP_DATA_DIR": env_dir,
         "VMKEEP_CONFIG": f"{env_dir}/c.toml",
-        **{k: v for k, v in __import__("os").environ.items() if k == "PYTHONPATH"},
+        **{k: v for k, v in os.environ.items() if k == "PYTHONPATH"},
     }
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stderr

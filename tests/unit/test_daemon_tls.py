@@ -3,6 +3,7 @@ clean exit 0 on SIGTERM (no VMs needed: /healthz and an authenticated read)."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -32,7 +33,7 @@ def test_https_daemon_and_clean_sigterm(clean_env: Path, tmp_path: Path) -> None
         [*vk, "token", "create", "t", "--role", "viewer", "--json"],
         env=env, capture_output=True, text=True, check=True,
     ).stdout  # fmt: skip
-    secret = __import__("json").loads(token)["token"]
+    secret = json.loads(token)["token"]
     proc = subprocess.Popen(
         [*vk, "daemon", "--listen", f"127.0.0.1:{port}"], env=env, stderr=subprocess.PIPE, text=True
     )

@@ -22,7 +22,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -397,6 +396,7 @@ class MemberJob:
     memory: bool = False  # save the RAM with the disks (BACKUP_CONFIG memory, a running VM)
     steps: Steps = field(default_factory=Steps)  # wall time per step (result "steps_ms")
     capacity: dict[str, int] = field(default_factory=dict)  # disk target -> virtual size
+    allocated: dict[str, int] = field(default_factory=dict)  # disk target -> image allocation
 
 
 def prepare_job(ctx: Context, vm: Vm, ds_id: int, reset: bool, warnings: Warnings) -> MemberJob:
@@ -434,7 +434,8 @@ def _create_targets(ctx: Context, job: MemberJob) -> None:
     assert job.plan is not None and job.staging is not None
     for d in job.disks:
         target = job.staging / disk_file(job.plan.seq, d.target)
-        job.capacity[d.target] = size = ctx.hv.disk_capacity(job.name, d.target)
+        size, job.allocated[d.target] = ctx.hv.disk_size(job.name, d.target)
+        job.capacity[d.target] = size
         create = ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", str(target), str(size)]
         qemu_img(*create, error=partial(BackupFailed, job.name))
 
@@ -491,10 +492,7 @@ def run_backup(
     warnings = out.warnings
     steps = Steps()
     step = steps.step
-    with step("lock"), ExitStack() as stack:
-        vm = stack.enter_context(vm_action(ctx, vm_ref, "backup"))
-        locked = stack.pop_all()  # held until the end of the next block
-    with locked:
+    with steps.entered("lock", vm_action(ctx, vm_ref, "backup")) as vm:
         with step("prepare"):
             with ctx.catalog.session() as s:
                 ds = find_datastore(s, ds_ref)
@@ -503,10 +501,7 @@ def run_backup(
             job.steps = steps
             set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)
         # If this process dies from here on, the guard thaws/resumes and cleans up at once.
-        with step("watchdog"), ExitStack() as stack:
-            stack.enter_context(quiesce.guarding(ctx, [vm.id]))
-            guarded = stack.pop_all()
-        with guarded:
+        with steps.entered("watchdog", quiesce.guarding(ctx, [vm.id])):
             try:
                 try:
                     with step("plan"):
@@ -546,7 +541,7 @@ def run_backup(
 def check_space(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
     """Refuse early when staging or datastore cannot hold the backup (domain must be active)."""
     assert job.plan is not None and job.staging is not None
-    need = space.estimate(ctx, job.name, job.disks, job.plan.incremental_from)
+    need = space.estimate(ctx, job.name, job.disks, job.plan.incremental_from, job.allocated)
     space.check(ctx, driver, job.staging, need)
 
 

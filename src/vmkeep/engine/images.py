@@ -11,6 +11,8 @@ from pathlib import Path
 from vmkeep.datastores.base import QCOW2_MAGIC
 from vmkeep.errors import VmkeepError
 
+PARTIAL = ".partial"  # flatten's name for an image being written
+
 
 def qemu_img(
     *args: str, what: str | None = None, error: Callable[[str], Exception] = VmkeepError
@@ -22,14 +24,17 @@ def qemu_img(
         raise error(f"qemu-img {what or args[0]}: {proc.stderr.strip()}")
 
 
-def flatten(src: Path, dest: Path, *, ordered: bool = True) -> None:
-    """Write ``src`` with its whole backing chain as one self-contained, sparse qcow2 v3 at ``dest``
-    (via a ``.partial`` name: ``dest`` is either absent or complete). ``ordered`` lays clusters out
-    in guest order, the same bytes for the same disk (stored files: deduplicating stores need it);
-    a restore passes False and lets qemu-img write out of order (``-W``, ~20 % faster here)."""
+def flatten(src: Path, dest: Path, *, ordered: bool = True, fmt: str = "qcow2") -> None:
+    """Write ``src`` with its whole backing chain as one self-contained, sparse image at ``dest``
+    (qcow2 v3, or ``fmt``), via a ``.partial`` name: ``dest`` is either absent or complete.
+    ``ordered`` lays clusters out in guest order, the same bytes for the same disk (stored files:
+    deduplicating stores need it); a restore passes False and lets qemu-img write out of order
+    (``-W``, ~20 % faster here)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".partial")
-    argv = ["convert", "-q", "-f", "qcow2", "-O", "qcow2", "-o", "compat=1.1"]
+    tmp = dest.with_name(dest.name + PARTIAL)
+    argv = ["convert", "-q", "-f", "qcow2", "-O", fmt]
+    if fmt == "qcow2":
+        argv += ["-o", "compat=1.1"]
     if not ordered:
         argv.append("-W")
     try:

@@ -25,30 +25,18 @@ from vmkeep.checksums import row_digest
 from vmkeep.engine.chains import disk_file, point, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
-from vmkeep.engine.images import qemu_img
+from vmkeep.engine.images import flatten
 from vmkeep.engine.instant import instant_restore
 from vmkeep.engine.memory import memory_entry, resume
 from vmkeep.engine.recovery import SWAP_NEW, SWAP_OLD
 from vmkeep.engine.restore import RestoreOptions, pick_disks, restore, verified
 from vmkeep.engine.vms import vm_action
 from vmkeep.engine.vmstate import set_lcm, sync_state
-from vmkeep.errors import BackupNotFound, InvalidValue, VmkeepError
+from vmkeep.errors import BackupNotFound, InvalidValue
 from vmkeep.faults import failpoint
 from vmkeep.model import LcmState, Warnings
 
 NEW, OLD = SWAP_NEW, SWAP_OLD  # a process killed mid-swap is undone by recovery.revert_disk_swap
-
-
-def _write_image(src: Path, dest: Path, fmt: str) -> None:
-    """The point's disk (with its backing chain) as one image in the VM's own format."""
-    argv = ["convert", "-q", "-W", "-f", "qcow2", "-O", fmt]  # -W: out of order, faster
-    if fmt == "qcow2":
-        argv += ["-o", "compat=1.1"]
-    try:
-        qemu_img(*argv, str(src), str(dest), what=f"convert {src.name}")
-    except VmkeepError:
-        dest.unlink(missing_ok=True)
-        raise
 
 
 def _same_owner(model: Path, path: Path) -> None:
@@ -145,7 +133,8 @@ def _stage(
         path = Path(current[d].path)
         new = path.with_name(path.name + NEW)
         staged[d] = new
-        _write_image(local[disk_file(seq, d)], new, current[d].fmt or "qcow2")
+        # the point's disk (with its backing chain) as one image in the VM's own format
+        flatten(local[disk_file(seq, d)], new, ordered=False, fmt=current[d].fmt or "qcow2")
         _same_owner(path, new)
 
 

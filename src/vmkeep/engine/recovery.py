@@ -37,6 +37,7 @@ from vmkeep.engine.chains import (
 )
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
+from vmkeep.engine.images import PARTIAL
 from vmkeep.engine.quiesce import Thawed, ensure_thawed, freeze_lock, spawn
 from vmkeep.engine.vmstate import sync_state
 from vmkeep.errors import HypervisorUnreachable, NotFound, VmkeepError
@@ -168,6 +169,7 @@ def revert_disk_swap(ctx: Context, name: str) -> list[str]:
             aside.replace(path)
             out.append(f"{name}: disk {d.target} put back as it was before an interrupted restore")
         new.unlink(missing_ok=True)
+        new.with_name(new.name + PARTIAL).unlink(missing_ok=True)  # killed while it was written
     return out
 
 

@@ -29,16 +29,18 @@ def human(n: int) -> str:
     return f"{n} B"
 
 
-def estimate(ctx: Context, name: str, disks: list[DiskInfo], since: str | None) -> int | None:
-    """Bytes the backup will write (None when libvirt cannot tell)."""
+def estimate(
+    ctx: Context, name: str, disks: list[DiskInfo], since: str | None, allocated: dict[str, int]
+) -> int | None:
+    """Bytes the backup will write (None when libvirt cannot tell). ``allocated``: each disk's
+    allocation (a full copies about that much), read once when the targets were created."""
     total = 0
     for d in disks:
+        if not since:
+            total += allocated[d.target]
+            continue
         try:
-            size = (
-                ctx.hv.checkpoint_size(name, since, d.target)
-                if since
-                else ctx.hv.disk_allocation(name, d.target)
-            )
+            size = ctx.hv.checkpoint_size(name, since, d.target)
         except VmkeepError:
             return None
         if size is None:

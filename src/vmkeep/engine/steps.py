@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 class Steps:
@@ -25,6 +28,14 @@ class Steps:
             yield
         finally:
             self._seconds[name] = self._seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    @contextmanager
+    def entered(self, name: str, cm: AbstractContextManager[T]) -> Iterator[T]:
+        """``with cm``, timing only its entry (taking a lock, starting a guard) as step ``name``."""
+        with ExitStack() as stack:
+            with self.step(name):
+                value = stack.enter_context(cm)
+            yield value
 
     def ms(self) -> dict[str, int]:
         return {name: round(s * 1000) for name, s in self._seconds.items()}

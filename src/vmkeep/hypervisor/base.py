@@ -124,12 +124,9 @@ class Hypervisor(ABC):
         """Abort the domain's running job; no error when there is none."""
 
     @abstractmethod
-    def disk_capacity(self, name: str, target: str) -> int:
-        """The disk's virtual size in bytes (what the guest sees)."""
-
-    @abstractmethod
-    def disk_allocation(self, name: str, target: str) -> int:
-        """Bytes allocated in the disk's image (what a full backup copies, about)."""
+    def disk_size(self, name: str, target: str) -> tuple[int, int]:
+        """``(capacity, allocation)`` of a disk in bytes: its virtual size (what the guest sees)
+        and what its image has allocated (what a full backup copies, about)."""
 
     @abstractmethod
     def checkpoint_size(self, name: str, checkpoint: str, target: str) -> int | None:

@@ -62,7 +62,7 @@ _READ_ONLY = {
     "domain",
     "domain_xml",
     "checkpoints",
-    "disk_allocation",
+    "disk_size",
     "checkpoint_size",
 }
 # Errors that mean the connection to libvirtd itself broke (daemon killed or restarted).
@@ -492,19 +492,12 @@ class LibvirtHypervisor(Hypervisor):
             if err.get_error_code() != libvirt.VIR_ERR_OPERATION_INVALID:  # no job running
                 raise HypervisorError(f"abort job on {name}: {err.get_error_message()}") from err
 
-    def disk_capacity(self, name: str, target: str) -> int:
+    def disk_size(self, name: str, target: str) -> tuple[int, int]:
         dom = self._dom(name)
-        capacity, _allocation, _physical = self._call(
+        capacity, allocation, physical = self._call(
             lambda: dom.blockInfo(target), f"block info of {name}/{target}"
         )
-        return int(capacity)
-
-    def disk_allocation(self, name: str, target: str) -> int:
-        dom = self._dom(name)
-        _capacity, allocation, physical = self._call(
-            lambda: dom.blockInfo(target), f"block info of {name}/{target}"
-        )
-        return int(max(allocation, 0) or physical)
+        return int(capacity), int(max(allocation, 0) or physical)
 
     def checkpoint_size(self, name: str, checkpoint: str, target: str) -> int | None:
         dom = self._dom(name)
