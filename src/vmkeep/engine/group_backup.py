@@ -5,8 +5,11 @@
 3. freeze the members in group order (all at once with ``parallel_freeze``). A member whose
    FS_FREEZE is SUSPEND is suspended instead; a powered-off member is started paused and has
    nothing to freeze. An agent that is missing or silent fails the group: no silent crash cut;
-4. ``backupBegin`` on every member (concurrently; they are all frozen): the cut is fixed;
-5. thaw in reverse order (concurrently with ``parallel_freeze``), in ``finally``, with retries.
+4. ``backupBegin`` on each member as soon as it is frozen (in a thread, while the next member
+   freezes); a member's disks do not change from its freeze to its thaw, so its cut equals the
+   moment every member is frozen;
+5. when every job has begun, thaw in reverse order (concurrently with ``parallel_freeze``), in
+   ``finally``, with retries.
    A watchdog process thaws them too if this process dies while they are frozen;
 6. wait for all jobs together, then rebase/checksum/store the members in parallel (CPU count);
 7. one group backup = one restore point naming each member's backup and increment, with the
@@ -23,7 +26,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -150,41 +153,55 @@ def _freeze(ctx: Context, job: MemberJob, timing: Timing) -> Callable[[], object
     Unlike a single backup, a member that cannot be frozen fails the group."""
     mode = FsFreeze.SUSPEND if job.cfg.fs_freeze == FsFreeze.SUSPEND else FsFreeze.AGENT
     timing.frozen[job.name] = timing.now()
-    with _member(job.name):
+    with _member(job.name), job.steps.step("freeze"):
         consistency, undo = freeze_guest(ctx, job.vm_id, job.name, mode)
     job.q = Quiesce(consistency)
     return undo
 
 
+def _begin(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
+    """``backupBegin`` of a member that is frozen (or offline): its part of the cut is fixed."""
+    consistency = Consistency.OFFLINE if job.offline else job.q.consistency
+    with _member(job.name), job.steps.step("begin"):
+        begin_job(ctx, job, FsFreeze.NONE, warnings)  # already frozen by _freeze
+    job.q = Quiesce(consistency)
+
+
 def _cut(
     ctx: Context, jobs: list[MemberJob], parallel: bool, timing: Timing, warnings: Warnings
 ) -> None:
+    """Freeze the online members (in group order, or all at once), begin each member's backup
+    job as soon as that member is frozen (an offline one at once), and thaw (in reverse order,
+    or all at once) only when every job has begun: every member's disks are then cut at a
+    moment when all of them were frozen together."""
     online = [j for j in jobs if not j.offline]
-    frozen: list[tuple[MemberJob, Callable[[], object]]] = []
+    frozen: dict[str, Callable[[], object]] = {}  # name -> how to undo its freeze
+
+    def freeze_and_begin(j: MemberJob) -> None:
+        frozen[j.name] = _freeze(ctx, j, timing)
+        _begin(ctx, j, warnings)
+
     with freeze_intent(ctx, [j.vm_id for j in online]):
         timing.t0 = time.monotonic()
         ok = False
         try:
-            try:
-                undos = _each(lambda j: _freeze(ctx, j, timing), online, parallel)
-                frozen = list(zip(online, undos, strict=True))
-            except _Partial as p:
-                frozen = p.ok
-                raise p.err from None
-
-            def begin(j: MemberJob) -> None:
-                consistency = Consistency.OFFLINE if j.offline else j.q.consistency
-                with _member(j.name):
-                    begin_job(ctx, j, FsFreeze.NONE, warnings)  # already frozen above
-                j.q = Quiesce(consistency)
-
-            try:
-                _each(begin, jobs, True)
-            except _Partial as p:
-                raise p.err from None
+            with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+                started = [pool.submit(_begin, ctx, j, warnings) for j in jobs if j.offline]
+                try:
+                    if parallel:
+                        started += [pool.submit(freeze_and_begin, j) for j in online]
+                    else:
+                        for j in online:  # the first failure stops the rest
+                            frozen[j.name] = _freeze(ctx, j, timing)
+                            started.append(pool.submit(_begin, ctx, j, warnings))
+                finally:
+                    wait(started)  # no backupBegin still under way when the guests thaw
+            for f in started:
+                f.result()  # the first failure, in the order the calls were made
             ok = True
         finally:
-            _thaw(ctx, frozen, parallel, timing, report=ok)
+            done = [(j, frozen[j.name]) for j in online if j.name in frozen]
+            _thaw(ctx, done, parallel, timing, report=ok)
     for j in online:
         j.q.freeze_ms = timing.thawed[j.name] - timing.frozen[j.name]
 
@@ -201,7 +218,7 @@ def _thaw(
 
     def thaw(j: MemberJob) -> None:
         try:
-            with _member(j.name):
+            with _member(j.name), j.steps.step("thaw"):
                 undo_with_retries(ctx, j.vm_id, j.name, undo[j.name])
         finally:
             timing.thawed[j.name] = timing.now()
@@ -339,6 +356,7 @@ def run_group_backup(
             for vm in vms:
                 sync_state(ctx, vm.id, vm.name)
     out.result["seconds"] = round(time.monotonic() - t_start, 3)
+    out.result["steps_ms"] = {j.name: j.steps.ms() for j in jobs}
     return out
 
 
