@@ -20,7 +20,6 @@ Environment overrides are ``VMKEEP_<SECTION>_<KEY>``, e.g. ``VMKEEP_CATALOG_URL`
 from __future__ import annotations
 
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,26 +27,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vmkeep.errors import ConfigError
 from vmkeep.model import ROLES
+from vmkeep.paths import SOCKET, absolute, catalog_url, default_data_dir, read_file
 
 CONFIG_VERSION = 1
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0
-
-
-def default_data_dir() -> Path:
-    if is_root():
-        return Path("/var/lib/vmkeep")
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "vmkeep"
-
-
-def default_config_path() -> Path:
-    if is_root():
-        return Path("/etc/vmkeep/config.toml")
-    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
-    return Path(base) / "vmkeep" / "config.toml"
 
 
 class _Section(BaseModel):
@@ -58,7 +40,7 @@ class CatalogConfig(_Section):
     url: str = ""  # empty = SQLite file in the data dir
 
     def resolved_url(self, data_dir: Path) -> str:
-        return self.url or f"sqlite:///{data_dir / 'catalog.db'}"
+        return catalog_url(self.url, data_dir)
 
 
 class LibvirtConfig(_Section):
@@ -141,7 +123,7 @@ class Config(_Section):
     @field_validator("data_dir")
     @classmethod
     def _usable_dir(cls, value: Path) -> Path:
-        path = Path(os.path.abspath(os.path.expanduser(value)))
+        path = absolute(value)
         for p in [path, *path.parents]:
             if p.exists():
                 if not p.is_dir():
@@ -154,6 +136,11 @@ class Config(_Section):
     @property
     def catalog_url(self) -> str:
         return self.catalog.resolved_url(self.data_dir)
+
+    @property
+    def socket(self) -> Path:
+        """The daemon's local socket (``vmkeep daemon`` listens on it; the CLI reads through it)."""
+        return self.data_dir / SOCKET
 
 
 def _env_overrides(environ: dict[str, str]) -> dict[str, Any]:
@@ -195,22 +182,7 @@ def _loc(err: dict[str, Any]) -> str:
 def load_config(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Config:
     """Load the config file (if any), apply env overrides, validate. Errors name the bad key."""
     env = dict(os.environ if environ is None else environ)
-    explicit = path or env.get("VMKEEP_CONFIG")
-    file = Path(explicit) if explicit else default_config_path()
-    data: dict[str, Any] = {}
-    if file.exists():
-        try:
-            data = tomllib.loads(file.read_text())
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(str(file), f"not valid TOML ({err})") from err
-        except UnicodeDecodeError as err:
-            raise ConfigError(
-                str(file), f"not UTF-8 text (byte {err.start}); save it as UTF-8"
-            ) from err
-        except OSError as err:
-            raise ConfigError(str(file), f"cannot read ({err.strerror})") from err
-    elif explicit:
-        raise ConfigError(str(file), "file does not exist")
+    file, data = read_file(path, env)
     version = data.get("version", CONFIG_VERSION)
     if version != CONFIG_VERSION:
         raise ConfigError(f"{file}: version", f"{version!r} is not supported; use {CONFIG_VERSION}")

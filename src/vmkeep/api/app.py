@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import date, datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Query, Request
@@ -33,9 +34,11 @@ from vmkeep.engine import backups, datastores, files, groups, jobs, lifecycle, s
 from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
+from vmkeep.paths import catalog_key
 
 # catalog ids are 64-bit integers: a larger one is bad input (422), not a database error
 Id = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
+LOCAL = "local"  # who a request on the daemon's own socket is (job rows, logs)
 EVENT_POLL = 0.5  # seconds between catalog looks of /v1/events
 
 
@@ -121,9 +124,12 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def create_app(config: Config) -> FastAPI:
+def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     """The app; one engine Context per server thread (a libvirt connection is per thread).
-    Every route but /healthz needs a bearer token whose role the action's policy allows."""
+    Every route but /healthz needs a bearer token whose role the action's policy allows, except
+    on the daemon's ``local_socket``: only the daemon's user can connect to it, and that user
+    could open the catalog itself (as the CLI does without a daemon). A request there names the
+    catalog it means (``X-Vmkeep-Catalog``); another catalog's gets 421 and the CLI reads its own."""
     app = FastAPI(title="vmkeep", version=__version__, openapi_url="/openapi.json")
     local = threading.local()
 
@@ -149,8 +155,15 @@ def create_app(config: Config) -> FastAPI:
         where = ".".join(str(p) for p in first.get("loc", ()))
         return _error(422, "InvalidValue", f"{where}: {first.get('msg')}")
 
+    local_server = (str(local_socket), None)  # uvicorn's scope["server"] on that socket
+    own_catalog = catalog_key(config.catalog_url)
+
     def require(action: str) -> Any:
-        def check(authorization: str | None = Header(default=None)) -> str:
+        def check(request: Request, authorization: str | None = Header(default=None)) -> str:
+            if local_socket is not None and request.scope.get("server") == local_server:
+                if request.headers.get("x-vmkeep-catalog", own_catalog) != own_catalog:
+                    raise StarletteHTTPException(421, "this daemon serves another catalog")
+                return LOCAL
             name, role = tokens.authenticate(ctx(), authorization)
             tokens.authorize(name, role, action, config.api.policy)
             return name

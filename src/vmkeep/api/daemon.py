@@ -8,8 +8,12 @@ checkpoints removed), then the process exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import socket
 import threading
+from pathlib import Path
 
 import uvicorn
 
@@ -18,10 +22,11 @@ from vmkeep.config import Config
 from vmkeep.engine import jobs, lifecycle
 from vmkeep.engine.actions import RUNNERS
 from vmkeep.engine.context import Context
-from vmkeep.errors import InvalidValue, VmkeepError
+from vmkeep.errors import InvalidValue, Refused, VmkeepError
 
 log = logging.getLogger(__name__)
 IDLE = 0.2  # seconds a worker waits when the queue is empty
+SOCKET_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, the final NUL included
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -58,6 +63,49 @@ def _monitor(config: Config, stop: threading.Event) -> None:
             log.error("monitor: %s", err)
 
 
+def local_socket(path: Path) -> socket.socket | None:
+    """The daemon's socket in the data dir, for the CLI on this host (``cli/remote.py``): mode
+    0600, so only the daemon's user (who could open the catalog itself) reaches it. A socket left
+    by a daemon that died is replaced; one a live daemon answers on is not. None (and a warning)
+    when the path is too long for a socket: the CLI then reads the catalog itself."""
+    if len(os.fsencode(path)) >= SOCKET_PATH_MAX:
+        log.warning("no local socket: %s is longer than a socket path can be", path)
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() or path.is_symlink():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            path.unlink(missing_ok=True)
+        else:
+            raise Refused(
+                "vmkeep daemon",
+                f"another daemon already serves this data dir (it answers on {path})",
+                "Stop it first, or give this one another data_dir.",
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    umask = os.umask(0o177)  # created 0600: no moment in which others could connect
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(umask)
+    return sock
+
+
+async def _serve_both(
+    tcp: uvicorn.Server, local: uvicorn.Server, sock: socket.socket | None
+) -> None:
+    """Both servers until a signal stops them. Each ``serve`` captures SIGTERM/SIGINT and raises
+    it again when it has stopped: the local one (entered last) stops first, then the TCP one."""
+    if sock is None:
+        await tcp.serve()
+    else:
+        await asyncio.gather(tcp.serve(), local.serve(sockets=[sock]))
+
+
 def serve(config: Config, listen: str | None = None, workers: int | None = None) -> None:
     host, port = parse_listen(listen or config.api.listen)
     ctx = Context(config)
@@ -74,9 +122,10 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
     for f in tls:
         if f is not None and not f.is_file():
             raise InvalidValue("[api] tls_cert/tls_key", str(f), "the file does not exist")
+    app = create_app(config, local_socket=config.socket)
     server = uvicorn.Server(
         uvicorn.Config(
-            create_app(config),
+            app,
             host=host,
             port=port,
             log_level="warning",
@@ -84,16 +133,27 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
             ssl_keyfile=str(tls[1]) if tls[1] else None,
         )
     )
+    sock = local_socket(config.socket)
+    local = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
     pool.append(threading.Thread(target=_monitor, args=(config, stop), name="monitor", daemon=True))
     for t in pool:
         t.start()
     scheme = "https" if tls[0] else "http"
+    also = f" and {config.socket}" if sock is not None else ""
     log.warning(
-        "vmkeep daemon listening on %s://%s:%s, %d workers", scheme, host, port, len(pool) - 1
+        "vmkeep daemon listening on %s://%s:%s%s, %d workers",
+        scheme,
+        host,
+        port,
+        also,
+        len(pool) - 1,
     )
     try:
-        server.run()  # returns after SIGTERM / SIGINT
+        asyncio.run(_serve_both(server, local, sock))  # returns after SIGTERM / SIGINT
     finally:
+        if sock is not None:
+            sock.close()
+            config.socket.unlink(missing_ok=True)
         stop.set()
         for job in jobs.list_jobs(ctx, jobs.RUNNING):
             if job["pid"] == jobs.os.getpid():

@@ -1,17 +1,21 @@
 """``vmkeep backups list|show|verify|delete|copy``.
 
-Engine modules beyond the catalog's are imported inside the commands that use them: ``backups
-list`` is the no-op command every script runs, and its start-up is most of its time.
+Engine modules are imported inside the commands that use them: ``backups list`` is the no-op
+command every script runs, and its start-up is most of its time (a running daemon answers it
+without this process loading the catalog at all: ``output.read``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from vmkeep.cli.output import console, ctx_of, json_option, kv, render, table
-from vmkeep.engine import backups as engine
+from vmkeep.cli.output import console, ctx_of, json_option, kv, read, render, table
+from vmkeep.cli.remote import segment
+
+if TYPE_CHECKING:
+    from vmkeep.engine.context import Context
 
 
 @click.group()
@@ -32,7 +36,13 @@ def _row(b: dict[str, Any]) -> dict[str, Any]:
 @click.pass_context
 def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
     """List backups (one row per chain)."""
-    rows = engine.list_backups(ctx_of(c), vm_ref)
+
+    def direct(ctx: Context) -> Any:
+        from vmkeep.engine.backups import list_backups
+
+        return list_backups(ctx, vm_ref)
+
+    rows = read(c, "/v1/backups", direct, vm=vm_ref)
     render(
         rows,
         as_json,
@@ -48,9 +58,13 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Show one backup chain and its increments."""
-    from vmkeep.engine import stored
 
-    data = stored.show_with_sizes(ctx_of(c), backup_id)
+    def direct(ctx: Context) -> Any:
+        from vmkeep.engine.stored import show_with_sizes
+
+        return show_with_sizes(ctx, backup_id)
+
+    data = read(c, f"/v1/backups/{segment(backup_id)}", direct)
 
     def human(d: dict[str, Any]) -> None:
         kv({k: v for k, v in d.items() if k != "increments"})

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from vmkeep.cli.output import ctx_of, json_option, kv, render
-from vmkeep.engine import jobs as engine
+from vmkeep.cli.output import ctx_of, json_option, kv, read, render
+from vmkeep.cli.remote import segment
+
+if TYPE_CHECKING:
+    from vmkeep.engine.context import Context
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -35,7 +38,13 @@ def jobs() -> None:
 @click.pass_context
 def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
     """Newest first."""
-    render(engine.list_jobs(ctx_of(c), state), as_json, _table)
+
+    def direct(ctx: Context) -> Any:
+        from vmkeep.engine.jobs import list_jobs
+
+        return list_jobs(ctx, state)
+
+    render(read(c, "/v1/jobs", direct, state=state), as_json, _table)
 
 
 @jobs.command("show")
@@ -43,7 +52,13 @@ def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
-    render(engine.get(ctx_of(c), job_id), as_json, kv)
+
+    def direct(ctx: Context) -> Any:
+        from vmkeep.engine.jobs import get
+
+        return get(ctx, job_id)
+
+    render(read(c, f"/v1/jobs/{segment(job_id)}", direct), as_json, kv)
 
 
 @jobs.command("cancel")
@@ -52,4 +67,6 @@ def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
 @click.pass_context
 def cancel_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
     """A queued job is cancelled at once; a running one stops and cleans up."""
-    render(engine.cancel(ctx_of(c), job_id), as_json, kv)
+    from vmkeep.engine.jobs import cancel
+
+    render(cancel(ctx_of(c), job_id), as_json, kv)

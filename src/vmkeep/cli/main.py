@@ -49,13 +49,11 @@ FAMILIES = {
 @click.pass_context
 def cli(click_ctx: click.Context, config_path: str | None, verbose: int) -> None:
     """vmkeep: consistent backups, group snapshots and restore for KVM/libvirt VMs."""
-    # Imported here, not at the top: ``--version`` and ``--help`` never load config/catalog code.
-    from vmkeep.config import load_config
-    from vmkeep.engine.context import Context
-
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
-    click_ctx.obj = Context(load_config(config_path))
+    # The engine context (config, catalog, libvirt) is made by the first command that needs it
+    # (output.ctx_of): ``--version``, ``--help`` and reads a daemon answers never load it.
+    click_ctx.obj = None
 
 
 def _on_sigterm(_signum: int, _frame: Any) -> None:

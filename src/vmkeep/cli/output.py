@@ -8,15 +8,19 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from functools import cache
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from vmkeep.engine.context import Context
+from vmkeep.cli import remote
 from vmkeep.model import Warnings
 
 if TYPE_CHECKING:
     from rich.console import Console
+
+    from vmkeep.engine.context import Context
+
+T = TypeVar("T")
 
 
 @cache
@@ -105,9 +109,31 @@ def transfer_progress(description: str, as_json: bool) -> Iterator[Callable[[int
 
 
 def ctx_of(click_ctx: click.Context) -> Context:
-    obj = click_ctx.find_root().obj
-    assert isinstance(obj, Context)
-    return obj
+    """The engine context, made on first use (config loaded and checked then): a command that
+    the daemon answers (``read``) never loads the config models, the catalog or libvirt."""
+    root = click_ctx.find_root()
+    if root.obj is None:
+        from vmkeep.config import load_config
+        from vmkeep.engine.context import Context
+
+        root.obj = Context(load_config(root.params.get("config_path")))
+    ctx: Context = root.obj
+    return ctx
+
+
+def read(
+    click_ctx: click.Context, path: str, direct: Callable[[Context], Any], **query: str | None
+) -> Any:
+    """What a list/show command prints: the daemon's answer to ``GET path`` when a daemon serves
+    this catalog (``remote.get``), else ``direct(ctx)`` in this process. Both come as the same
+    JSON values (dates as ISO text), so the output does not depend on which answered."""
+    data = remote.get(click_ctx, path, **query)
+    if data is not None:
+        return data
+    import orjson
+
+    opts = orjson.OPT_NON_STR_KEYS
+    return orjson.loads(orjson.dumps(direct(ctx_of(click_ctx)), option=opts, default=_default))
 
 
 def report_warnings(warnings: Warnings) -> None:

@@ -4,11 +4,16 @@ pulls in the VMM drivers and libvirt, which the commands here do not need."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import click
 
 from vmkeep.cli.lazy import LazyGroup
-from vmkeep.cli.output import ctx_of, emit_json, json_option, kv, render, table
-from vmkeep.engine import jobs, vms
+from vmkeep.cli.output import ctx_of, emit_json, json_option, kv, read, render, table
+from vmkeep.cli.remote import segment
+
+if TYPE_CHECKING:
+    from vmkeep.engine.context import Context
 
 COLUMNS = ("id", "name", "state", "lcm_state", "host")
 # lifecycle_cmd.COMMANDS' names (a unit test keeps the two the same)
@@ -32,7 +37,13 @@ def vm() -> None:
 @click.pass_context
 def list_cmd(c: click.Context, as_json: bool) -> None:
     """List imported VMs with their current state."""
-    rows = vms.list_vms(ctx_of(c))
+
+    def direct(ctx: Context) -> Any:
+        from vmkeep.engine.vms import list_vms
+
+        return list_vms(ctx)
+
+    rows = read(c, "/v1/vms", direct)
     render(rows, as_json, lambda r: table(r, COLUMNS))
 
 
@@ -42,7 +53,13 @@ def list_cmd(c: click.Context, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Show one VM (name or id): state, disks, backup config."""
-    render(vms.show_vm(ctx_of(c), ref), as_json, kv)
+
+    def direct(ctx: Context) -> Any:
+        from vmkeep.engine.vms import show_vm
+
+        return show_vm(ctx, ref)
+
+    render(read(c, f"/v1/vms/{segment(ref)}", direct), as_json, kv)
 
 
 @vm.command("import")
@@ -52,6 +69,8 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) -> None:
     """Import a libvirt domain (or --all) into the catalog."""
+    from vmkeep.engine import vms
+
     if bool(domain) == all_:
         raise click.UsageError("give a DOMAIN or --all (not both)")
     rows = vms.import_all(ctx_of(c)) if all_ else [vms.import_vm(ctx_of(c), domain or "")]
@@ -68,6 +87,8 @@ def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) 
 @click.pass_context
 def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Freeze the guest file systems (RUNNING -> QUIESCED)."""
+    from vmkeep.engine import jobs, vms
+
     ctx = ctx_of(c)
     with jobs.recorded(ctx, "quiesce", ref, {"vm": ref}) as job:
         res = job.result = vms.quiesce(ctx, ref)
@@ -84,6 +105,8 @@ def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Thaw the guest file systems (QUIESCED -> RUNNING)."""
+    from vmkeep.engine import jobs, vms
+
     ctx = ctx_of(c)
     with jobs.recorded(ctx, "unquiesce", ref, {"vm": ref}) as job:
         res = job.result = vms.unquiesce(ctx, ref)
@@ -100,6 +123,8 @@ def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Admin: thaw/resume the guest and take the state from libvirt (clears ERROR)."""
+    from vmkeep.engine import vms
+
     render(vms.reset_state(ctx_of(c), ref), as_json, kv)
 
 
@@ -114,6 +139,8 @@ def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def config_cmd(c: click.Context, ref: str, as_json: bool, **opts: str | None) -> None:
     """Set the VM's BACKUP_CONFIG (shown by 'vm show')."""
+    from vmkeep.engine import vms
+
     changes = {k: v for k, v in opts.items() if v is not None}
     if not changes:
         raise click.UsageError(

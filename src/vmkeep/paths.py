@@ -1,0 +1,93 @@
+"""Where vmkeep's files are: the config file, the data dir, the catalog, the daemon's socket.
+
+Kept free of pydantic and SQLAlchemy: the CLI finds a running daemon's socket through ``peek``
+without loading the typed config (``config.load_config``, which uses these same rules).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from vmkeep.errors import ConfigError
+
+SOCKET = "vmkeep.sock"  # the daemon's local socket, in the data dir
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def default_data_dir() -> Path:
+    if is_root():
+        return Path("/var/lib/vmkeep")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "vmkeep"
+
+
+def default_config_path() -> Path:
+    if is_root():
+        return Path("/etc/vmkeep/config.toml")
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "vmkeep" / "config.toml"
+
+
+def absolute(path: str | Path) -> Path:
+    """A data dir as vmkeep uses it: ``~`` expanded, absolute."""
+    return Path(os.path.abspath(os.path.expanduser(path)))
+
+
+def catalog_url(url: str, data_dir: Path) -> str:
+    """``[catalog] url``, or (empty) the SQLite file in the data dir."""
+    return url or f"sqlite:///{data_dir / 'catalog.db'}"
+
+
+def catalog_key(url: str) -> str:
+    """What identifies a catalog without showing its URL (which may hold a password)."""
+    return hashlib.sha256(url.encode()).hexdigest()[:32]
+
+
+def read_file(path: str | Path | None, environ: dict[str, str]) -> tuple[Path, dict[str, Any]]:
+    """The config file (``--config``, ``$VMKEEP_CONFIG``, the default) and its TOML (empty when
+    the default file does not exist). Errors name the file and the fix."""
+    explicit = path or environ.get("VMKEEP_CONFIG")
+    file = Path(explicit) if explicit else default_config_path()
+    if not file.exists():
+        if explicit:
+            raise ConfigError(str(file), "file does not exist")
+        return file, {}
+    try:
+        return file, tomllib.loads(file.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(str(file), f"not valid TOML ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            str(file), f"not UTF-8 text (byte {err.start}); save it as UTF-8"
+        ) from err
+    except OSError as err:
+        raise ConfigError(str(file), f"cannot read ({err.strerror})") from err
+
+
+class Where(NamedTuple):
+    data_dir: Path
+    catalog_url: str
+
+    @property
+    def socket(self) -> Path:
+        return self.data_dir / SOCKET
+
+
+def peek(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Where:
+    """Data dir and catalog from the config file and the environment, as ``load_config`` resolves
+    them (``VMKEEP_DATA_DIR`` and ``VMKEEP_CATALOG_URL`` win over the file), without validating
+    the rest of the config."""
+    env = os.environ if environ is None else environ
+    _file, data = read_file(path, dict(env))
+    data_dir = env.get("VMKEEP_DATA_DIR", data.get("data_dir"))
+    catalog = data.get("catalog")
+    url = env.get("VMKEEP_CATALOG_URL", catalog.get("url", "") if isinstance(catalog, dict) else "")
+    base = absolute(data_dir) if isinstance(data_dir, str) else default_data_dir()
+    return Where(base, catalog_url(url if isinstance(url, str) else "", base))
