@@ -6,7 +6,8 @@ Fills a fresh catalog (SQLite in a temporary folder, or the PostgreSQL database 
 which is emptied first) through vmkeep's own tables: --vms VMs, one backup chain each with
 --increments points (two files each: a disk and its domain XML), a few restore drills and group
 points. Then times whole CLI commands (process start included), against a catalog with one VM
-and one backup in the same run:
+and one backup in the same run, each read by the command itself (``VMKEEP_NO_DAEMON=1``) and
+answered by a running ``vmkeep daemon`` (``(daemon)`` rows):
 
     vmkeep vm list, vmkeep vm list --json, vmkeep backups list, vmkeep backups list --json,
     vmkeep backups show ID, vmkeep backups list --vm NAME
@@ -25,7 +26,7 @@ import time
 import uuid
 from datetime import UTC, datetime
 
-from common import VK, spread, workspace  # bench/ is on sys.path when run as a script
+from common import VK, daemon, spread, workspace  # bench/ is on sys.path when run as a script
 from vmkeep.catalog import Catalog
 from vmkeep.catalog.tables import (
     Backup,
@@ -152,16 +153,20 @@ def main() -> None:
                 "backups list --vm": [*VK, "backups", "list", "--vm", name, "--json"],
                 "backups show": [*VK, "backups", "show", "1", "--json"],
             }
-            results[label] = {k: timed(argv, e, args.runs) for k, argv in commands.items()}
+            direct = dict(e, VMKEEP_NO_DAEMON="1")
+            results[label] = {k: timed(argv, direct, args.runs) for k, argv in commands.items()}
+            with daemon(e):  # the same commands, answered by a running daemon
+                for k, argv in commands.items():
+                    results[label][f"{k} (daemon)"] = timed(argv, e, args.runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(
-        f"\n{'command':<22} {'small, s (median)':>18} {'large, s (min/median/max)':>28}  <= 0.5 s"
+        f"\n{'command':<31} {'small, s (median)':>18} {'large, s (min/median/max)':>28}  <= 0.5 s"
     )
     for cmd, large in results["large"].items():
         small = statistics.median(results["small"][cmd])
         ok = "yes" if statistics.median(large) <= 0.5 else "NO"
-        print(f"{cmd:<22} {small:>18.3f} {spread(large):>28}  {ok}")
+        print(f"{cmd:<31} {small:>18.3f} {spread(large):>28}  {ok}")
 
 
 if __name__ == "__main__":

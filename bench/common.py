@@ -4,11 +4,16 @@ the lab benchmarks, the lab and a vmkeep runner."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from vmkeep.hypervisor import connect
@@ -56,3 +61,28 @@ def drop_caches() -> None:
 def spread(values: list[float]) -> str:
     """min / median / max, as every benchmark prints its ratios."""
     return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+
+
+@contextmanager
+def daemon(env: dict[str, str]) -> Iterator[None]:
+    """``vmkeep daemon`` on ``env``'s data dir and catalog for the block: vmkeep commands in
+    ``env`` read through its socket (``VMKEEP_NO_DAEMON=1`` in a command's env: they do not)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = [*VK, "daemon", "--listen", f"127.0.0.1:{port}", "--workers", "1"]
+    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise SystemExit("vmkeep daemon did not start") from None
+                time.sleep(0.2)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=120)
