@@ -13,6 +13,11 @@ output (a backup is durable when it finishes; QEMU's backup job and vmkeep flush
 not), and libvirt's raw push backup job (``backupBegin`` and wait, no vmkeep code). --peers adds
 virtnbdbackup (``-l copy``, Debian's package) and restic 0.14 (``restic backup`` of the same disk
 image into a local repository) on the same VM in the same run.
+
+A ``vmkeep daemon`` runs throughout: the CLI commands above run with ``VMKEEP_NO_DAEMON=1``
+(each process loads what it needs, as without a daemon); the ``(daemon)`` rows are the same
+backups asked of the daemon over its socket (``POST /v1/vms/VM/backup``, then the job polled
+every 10 ms until done), and ``backups list`` answered by it.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import libvirt
 
-from common import PREFIX, VK, drop_caches, lab_workspace, spread  # bench/ is on sys.path
+from common import PREFIX, VK, daemon, drop_caches, lab_workspace, spread  # bench/ on sys.path
+from vmkeep.cli.remote import _UnixConnection
 
 NAME = f"{PREFIX}4g"
 
@@ -96,6 +103,35 @@ class Bench:
         return dt
 
 
+def api(env: dict[str, str], method: str, path: str, body: dict | None = None) -> dict:
+    """The daemon's answer over its socket (the local socket needs no token)."""
+    conn = _UnixConnection(str(Path(env["VMKEEP_DATA_DIR"]) / "vmkeep.sock"))
+    try:
+        data = json.dumps(body) if body is not None else None
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        out = json.loads(resp.read())
+    finally:
+        conn.close()
+    if resp.status >= 400:
+        sys.exit(f"{method} {path}: HTTP {resp.status}: {out}")
+    return out
+
+
+def daemon_backup(b: Bench, env: dict[str, str], reset: bool) -> tuple[float, dict]:
+    """A backup asked of the daemon, timed from the request to the job's end."""
+    if b.cold:
+        drop_caches()
+    t0 = time.perf_counter()
+    job = api(env, "POST", f"/v1/vms/{NAME}/backup", {"datastore": "ds", "reset": reset})["job"]
+    while (job := api(env, "GET", f"/v1/jobs/{job['id']}"))["state"] in ("QUEUED", "RUNNING"):
+        time.sleep(0.01)
+    dt = time.perf_counter() - t0
+    if job["state"] != "DONE":
+        sys.exit(f"backup through the daemon: {job['state']}: {job['error']}")
+    return dt, job["result"]
+
+
 def ratios(num: list[float], den: list[float]) -> list[float]:
     return [a / b for a, b in zip(num, den, strict=True)]
 
@@ -111,7 +147,8 @@ def main() -> None:
     if args.peers and not shutil.which("virtnbdbackup"):
         sys.exit("--peers needs virtnbdbackup: apt-get install virtnbdbackup")
 
-    work, env, lab = lab_workspace()
+    work, env_daemon, lab = lab_workspace()
+    env = dict(env_daemon, VMKEEP_NO_DAEMON="1")  # the CLI rows: no daemon answers for them
     pop = work / "pop"
     pop.mkdir()
     block = os.urandom(1 << 20)
@@ -122,6 +159,7 @@ def main() -> None:
     raw: dict[str, dict[str, list[float]]] = {}
     steps: dict[str, dict[str, list[int]]] = {}
     inc_steps: dict[str, dict[str, list[int]]] = {}
+    stack = ExitStack()
     try:
         lab.create(NAME, [4 << 30], populate=pop)
         shutil.rmtree(pop)
@@ -139,15 +177,17 @@ def main() -> None:
             subprocess.run(["restic", "init", "-q", "-r", str(restic_repo)], env=env_r, check=True)
         dom = libvirt.open("qemu:///system").lookupByName(NAME)
         modes = [m for m in ("warm", "cold") if args.only in (None, m)]
+        stack.enter_context(daemon(env_daemon))
         for mode in modes:
             b = Bench(work, env, cold=(mode == "cold"))
-            t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic")}  # fmt: skip
+            t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic", "d-full", "d-inc", "d-noop")}  # fmt: skip
             st: dict[str, list[int]] = {}
             inc_st: dict[str, list[int]] = {}
             for run in range(args.runs):
                 print(f"{mode} run {run + 1}/{args.runs}", file=sys.stderr, flush=True)
                 t["noop"].append(b.timed([*VK, "backups", "list"])[0])
                 t["version"].append(b.timed([*VK, "--version"])[0])
+                t["d-noop"].append(b.timed([*VK, "backups", "list"], env=env_daemon)[0])
                 t["convert"].append(b.convert(disk, sync=False))
                 t["convert+fsync"].append(b.convert(disk, sync=True))
                 t["push"].append(b.push_job(dom))
@@ -178,8 +218,13 @@ def main() -> None:
                     shutil.rmtree(out)
                     argv = ["restic", "backup", "-q", "-r", str(restic_repo), str(disk)]
                     t["restic"].append(b.timed(argv, env=env_r)[0])
-                vmkeep_rm = [*VK, "backups", "delete", str(bid)]
-                subprocess.run(vmkeep_rm, env=env, capture_output=True, check=False)
+                dt, res = daemon_backup(b, env_daemon, reset=True)
+                t["d-full"].append(dt)
+                lab.write_random(NAME, "/mnt/vda/data.bin", args.change_mib, seek_mib=500)
+                t["d-inc"].append(daemon_backup(b, env_daemon, reset=False)[0])
+                for chain in (bid, res["id"]):
+                    vmkeep_rm = [*VK, "backups", "delete", str(chain)]
+                    subprocess.run(vmkeep_rm, env=env, capture_output=True, check=False)
             raw[mode], steps[mode], inc_steps[mode] = t, st, inc_st
             noop = statistics.median(t["noop"])
             net = [max(x - noop, 1e-3) for x in t["full"]]
@@ -193,12 +238,17 @@ def main() -> None:
                 ("restore full+3 inc / qemu-img convert", "<= 1.5", ratios(t["restore"], t["restore-convert"])),
                 ("no-op command (backups list), s", "<= 0.25", t["noop"]),
                 ("vmkeep --version, s", "<= 0.15", t["version"]),
+                ("(daemon) full / raw libvirt push job", "<= 1.1", ratios(t["d-full"], t["push"])),
+                ("(daemon) full / qemu-img convert", "<= 1.0 cold, <= 2 warm", ratios(t["d-full"], t["convert"])),
+                (f"(daemon) incremental ({args.change_mib} MiB) / full", "<= 0.08", ratios(t["d-inc"], t["d-full"])),
+                ("(daemon) no-op command (backups list), s", "<= 0.25", t["d-noop"]),
             ]  # fmt: skip
             if args.peers:
                 rows.insert(3, ("full / virtnbdbackup", "<= 0.5", ratios(t["full"], t["virtnbdbackup"])))  # fmt: skip
                 rows.insert(4, ("full / restic backup of the image", "", ratios(t["full"], t["restic"])))  # fmt: skip
             table += [(mode, label, target, values) for label, target, values in rows]
     finally:
+        stack.close()  # the daemon stops
         lab.down()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{args.data_mib} MiB of data in a 4 GiB qcow2, running VM, {args.runs} runs per mode")

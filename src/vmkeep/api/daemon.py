@@ -45,7 +45,8 @@ def _worker(config: Config, stop: threading.Event) -> None:
             log.error("claiming a job failed: %s", err)
             job_id = None
         if job_id is None:
-            stop.wait(IDLE)
+            jobs.WAKE.wait(IDLE)  # a job the API queues wakes it at once
+            jobs.WAKE.clear()
             continue
         log.info("running job %s", job_id)
         jobs.execute(ctx, job_id, RUNNERS)

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,6 +47,11 @@ Runner = Callable[
 
 class JobCancelled(KeyboardInterrupt):
     """Raised inside a running action when its job was cancelled: the engine's Ctrl-C path."""
+
+
+# Set when this process queues a job: the daemon's idle workers claim it at once instead of at
+# their next look at the queue (jobs queued by other processes wait for that look).
+WAKE = threading.Event()
 
 
 def job_dict(j: Job) -> dict[str, Any]:
@@ -81,7 +87,9 @@ def enqueue(
     ctx: Context, kind: str, target: str, params: dict[str, Any], origin: str, who: str
 ) -> dict[str, Any]:
     with ctx.catalog.session() as s:
-        return job_dict(_add(s, kind, target, params, origin, who))
+        job = job_dict(_add(s, kind, target, params, origin, who))
+    WAKE.set()
+    return job
 
 
 def _add(
