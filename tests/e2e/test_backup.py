@@ -9,9 +9,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,10 +31,14 @@ from .conftest import PREFIX
 
 
 @pytest.fixture
-def ds(vmkeep, tmp_path: Path) -> Path:
-    path = tmp_path / "ds"
+def ds(vmkeep, qemu_reachable_data_dir: Path) -> Iterator[Path]:
+    """A dir datastore QEMU can reach: backups are staged in it (``.vmkeep-staging``), so
+    storing is a rename (the other modules' datastores, under /tmp/pytest-*, stage in the data
+    dir)."""
+    path = qemu_reachable_data_dir.with_name(qemu_reachable_data_dir.name + "-ds")
     vmkeep("datastore", "add", "ds", "--driver", "dir", "--path", str(path))
-    return path
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
@@ -76,6 +82,9 @@ def test_full_and_three_increments_each_restore_point_is_bit_identical(
         assert inc["consistency"] == "AGENT_FROZEN"
         expected.append(dict(state))
     backup_id = res["id"]
+    # staged in the datastore (storing was a rename), nothing in the data dir's staging area
+    assert (ds / ".vmkeep-staging").is_dir() and not any((ds / ".vmkeep-staging").iterdir())
+    assert not (Path(os.environ["VMKEEP_DATA_DIR"]) / "staging").exists()
     shown = vmkeep("backups", "show", str(backup_id), "--json").json()
     assert [i["id"] for i in shown["increments"]] == [0, 1, 2, 3]
     assert all(
@@ -215,7 +224,8 @@ def test_cancel_mid_backup_leaves_no_partial_file_and_next_backup_works(
         assert [r["status"] for r in rows] == ["VALID", "CANCELLED"]
         cancelled = rows[1]
         assert not (ds / cancelled["chain"]).exists(), "partial files left in the datastore"
-        assert not any((qemu_reachable_data_dir / "staging").glob("*/*")), "staging not cleaned"
+        for staging in (qemu_reachable_data_dir / "staging", ds / ".vmkeep-staging"):
+            assert not any(staging.glob("*")), f"{staging} not cleaned"
         assert not lab.hv.job_progress(name)[0]
         # the first chain is still usable: the next backup is its increment 1
         nxt = vmkeep("backup", name, "-d", "ds", "--json").json()

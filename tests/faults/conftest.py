@@ -28,6 +28,7 @@ from sqlalchemy import select
 
 from vmkeep.catalog import Catalog
 from vmkeep.catalog.tables import Backup, Job, Lock
+from vmkeep.datastores.dir import STAGING
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, checkpoints_to_keep
 from vmkeep.errors import HypervisorError, HypervisorUnreachable
 from vmkeep.hypervisor import Hypervisor, connect
@@ -229,12 +230,15 @@ class Harness:
             }
         ours = {c for c in self.hv.checkpoints(self.vm) if c.startswith(CHECKPOINT_PREFIX)}
         assert ours <= keep, f"orphan checkpoints {ours - keep}"
-        staging = self.data / "staging"
-        assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
+        for staging in (self.data / "staging", self.ds / STAGING):  # data dir, datastore
+            assert not staging.exists() or not any(staging.iterdir()), list(staging.iterdir())
         partial = [p for p in self.ds.rglob("*.partial")]
         assert partial == [], partial
         on_disk = {
-            f"{vm.name}/{b.name}" for vm in self.ds.iterdir() if vm.is_dir() for b in vm.iterdir()
+            f"{vm.name}/{b.name}"
+            for vm in self.ds.iterdir()
+            if vm.is_dir() and vm.name != STAGING
+            for b in vm.iterdir()
         }
         assert on_disk <= valid_chains, f"orphan chains in the datastore: {on_disk - valid_chains}"
         missing = [f for f in stored if not (self.ds / f).exists()]

@@ -44,8 +44,11 @@ def test_staging_full_is_refused_and_named_as_staging(harness: Harness) -> None:
     h = harness
     h.write(mib=48)
     staging = h.data / "staging"
+    # staged in the data dir (by default a dir datastore QEMU reaches is staged in itself)
+    local = ["--path", str(h.work / "local"), "--opt", "stage_in_data_dir=true"]
+    h.run("datastore", "add", "local", *local)
     with small_fs(h.work / "staging.img", staging, 32):
-        res = h.backup(check=21)
+        res = h.run("backup", h.vm, "-d", "local", check=21)
         assert "staging area" in res.err and "not the datastore" in res.err, res.err
         assert [p for p in staging.iterdir() if p.name != "lost+found"] == []
         shown = h.run("vm", "show", h.vm, "--json").json()

@@ -15,8 +15,14 @@ from vmkeep.errors import DatastoreError, InsufficientSpace
 class FakeDriver:
     capabilities: frozenset[str] = frozenset()
 
-    def __init__(self, root: Path | None, free: int, fail: bool = False) -> None:
+    def __init__(
+        self, root: Path | None, free: int, fail: bool = False, staging: Path | None = None
+    ) -> None:
         self.name, self.root, self.free, self.fail = "ds", root, free, fail
+        self.staging = staging
+
+    def staging_root(self) -> Path | None:
+        return self.staging
 
     def monitor(self) -> tuple[int, int]:
         if self.fail:
@@ -85,3 +91,18 @@ def test_a_deduplicating_datastore_is_not_refused_on_raw_size(
         space.check(None, drv, staging, 1000)  # type: ignore[arg-type]
     drv.capabilities = frozenset({"dedup"})  # restic stores only what it has not seen
     space.check(None, drv, staging, 1000)  # type: ignore[arg-type]
+
+
+def test_staged_in_the_datastore_a_shortage_is_the_datastore_s(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "ds"
+    staging = root / ".vmkeep-staging" / "1-0"
+    staging.mkdir(parents=True)
+    monkeypatch.setattr(space.os, "statvfs", _statvfs(100))
+    driver = FakeDriver(root, 100, staging=staging.parent)
+    with pytest.raises(InsufficientSpace, match="datastore 'ds'") as exc:
+        space.check(None, driver, staging, 1000)  # type: ignore[arg-type]
+    assert "staging" not in str(exc.value)
+    monkeypatch.setattr(space.os, "statvfs", _statvfs(1500))
+    space.check(None, driver, staging, 1000)  # type: ignore[arg-type]  # needed once: fits

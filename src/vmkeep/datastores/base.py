@@ -60,6 +60,11 @@ class DatastoreDriver(ABC):
                 shown = "(hidden)"
             raise InvalidValue(f"datastore {name} option {key}", shown, first["msg"]) from None
 
+    def staging_root(self) -> Path | None:
+        """A folder on the datastore's own file system where a backup can be staged, so that
+        storing it is a rename, never a copy (None: stage in vmkeep's data dir)."""
+        return None
+
     # --- required -------------------------------------------------------------------------------
     @abstractmethod
     def monitor(self) -> tuple[int, int]:

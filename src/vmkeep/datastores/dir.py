@@ -18,10 +18,15 @@ from vmkeep.datastores.ssh import tree_size
 from vmkeep.errors import DatastoreError
 
 PARTIAL = ".partial"
+STAGING = ".vmkeep-staging"
 
 
 class DirOptions(DriverOptions):
     path: Path
+    # QEMU writes a backup into a folder of the datastore, so storing it is a rename. True: into
+    # vmkeep's data dir, copied at the end (a datastore on slow or network storage: the guest's
+    # writes during the backup then wait on local disk, not on it).
+    stage_in_data_dir: bool = False
 
     @field_validator("path", mode="before")
     @classmethod
@@ -55,6 +60,11 @@ class DirDriver(DatastoreDriver):
     @property
     def root(self) -> Path:
         return self.options.path
+
+    def staging_root(self) -> Path | None:
+        if self.options.stage_in_data_dir:
+            return None
+        return self.root / STAGING  # a dot name: chains() never lists it
 
     def _chain_dir(self, chain: str) -> Path:
         d = (self.root / chain).resolve()

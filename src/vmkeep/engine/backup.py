@@ -22,6 +22,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import partial
@@ -55,7 +56,7 @@ from vmkeep.engine.recovery import (
     discard_attempt,
     prune_checkpoints,
     recover_vm,
-    staging_dir,
+    staging_dirs,
 )
 from vmkeep.engine.retention import apply_retention
 from vmkeep.engine.steps import Steps
@@ -252,8 +253,8 @@ def wait_jobs(ctx: Context, names: list[str], progress: ProgressFn | None) -> No
                 if not ok and "No space left" in msg:
                     raise BackupFailed(
                         name,
-                        f"the staging area {ctx.config.data_dir / 'staging'} (vmkeep's data dir, "
-                        f"not the datastore) ran out of space while QEMU wrote the backup ({msg})",
+                        "the staging area (the folder QEMU writes the backup into before it is "
+                        f"stored) ran out of space ({msg})",
                     )
                 if not ok:
                     raise BackupFailed(name, f"the libvirt backup job failed: {msg}")
@@ -274,22 +275,38 @@ def poll_delay(done: int, total: int, elapsed: float) -> float:
     return min(max((total - done) / (done / elapsed), 0.005), 0.1)
 
 
-def _prepare_staging(ctx: Context, plan: Plan) -> Path:
-    staging = staging_dir(ctx, plan.backup_id, plan.seq)
-    root = staging.parent
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    # QEMU runs as an unprivileged user and must reach the target files libvirt creates here.
-    for d in (staging, root, ctx.config.data_dir):
-        d.chmod(d.stat().st_mode | 0o711)
-    blocked = [p for p in staging.parents if p.exists() and not p.stat().st_mode & 0o001]
-    if blocked:
+def _prepare_staging(ctx: Context, driver: DatastoreDriver, plan: Plan) -> Path:
+    """The attempt's staging folder: on the datastore's file system when its driver offers one
+    that QEMU (an unprivileged user) can reach, else in vmkeep's data dir."""
+    candidates = staging_dirs(ctx, driver, plan.backup_id, plan.seq)
+    for staging in candidates:
+        root = staging.parent
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True)
+        except OSError:
+            continue  # e.g. a datastore folder vmkeep may not write to yet: the next place
+        # QEMU must reach the target files created here; vmkeep opens only its own folders
+        # (and its data dir), never a datastore's parents.
+        opened = [staging, root] + (
+            [ctx.config.data_dir] if root.parent == ctx.config.data_dir else []
+        )
+        for d in opened:
+            d.chmod(d.stat().st_mode | 0o711)
+        blocked = [p for p in staging.parents if p.exists() and not p.stat().st_mode & 0o001]
+        if not blocked:
+            return staging
+        shutil.rmtree(staging, ignore_errors=True)
+        if staging != candidates[-1]:
+            with suppress(OSError):
+                root.rmdir()
+            continue
         raise BackupFailed(
             "?",
             f"QEMU cannot reach the staging folder {staging}: {blocked[0]} is not "
             "searchable by other users (chmod o+x, or set VMKEEP_DATA_DIR elsewhere)",
         )
-    return staging
+    raise BackupFailed("?", f"cannot create a staging folder in {candidates[-1].parent}")
 
 
 def _rebase(
@@ -397,9 +414,12 @@ class MemberJob:
     steps: Steps = field(default_factory=Steps)  # wall time per step (result "steps_ms")
     capacity: dict[str, int] = field(default_factory=dict)  # disk target -> virtual size
     allocated: dict[str, int] = field(default_factory=dict)  # disk target -> image allocation
+    driver: DatastoreDriver | None = None  # the datastore's (where to stage)
 
 
-def prepare_job(ctx: Context, vm: Vm, ds_id: int, reset: bool, warnings: Warnings) -> MemberJob:
+def prepare_job(
+    ctx: Context, vm: Vm, ds_id: int, driver: DatastoreDriver, reset: bool, warnings: Warnings
+) -> MemberJob:
     """Read the domain, resolve BACKUP_CONFIG and pick the disks (no catalog rows yet)."""
     info = ctx.hv.domain(vm.name)
     if info.uuid != vm.uuid:
@@ -410,8 +430,9 @@ def prepare_job(ctx: Context, vm: Vm, ds_id: int, reset: bool, warnings: Warning
     cfg = resolve(vm.backup_config)
     disks = select_disks(info, cfg)
     offline = info.state == VmState.POWEROFF
+    memory = cfg.memory and not offline
     return MemberJob(
-        vm.id, vm.name, ds_id, cfg, disks, offline, reset, memory=cfg.memory and not offline
+        vm.id, vm.name, ds_id, cfg, disks, offline, reset, memory=memory, driver=driver
     )
 
 
@@ -421,7 +442,8 @@ def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
     # leftover with the planned name would make backupBegin fail.
     prune_checkpoints(ctx, job.vm_id, job.name)
     job.plan = plan_backup(ctx, job.vm_id, job.ds_id, job.cfg, job.disks, job.reset, warnings)
-    job.staging = _prepare_staging(ctx, job.plan)
+    assert job.driver is not None
+    job.staging = _prepare_staging(ctx, job.driver, job.plan)
     _create_targets(ctx, job)
     job.domain_xml = ctx.hv.domain_xml(job.name, inactive=True)
 
@@ -497,7 +519,7 @@ def run_backup(
             with ctx.catalog.session() as s:
                 ds = find_datastore(s, ds_ref)
                 driver, ds_id = driver_of(ds), ds.id
-            job = prepare_job(ctx, vm, ds_id, reset, warnings)
+            job = prepare_job(ctx, vm, ds_id, driver, reset, warnings)
             job.steps = steps
             set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)
         # If this process dies from here on, the guard thaws/resumes and cleans up at once.

@@ -374,7 +374,7 @@ def _run(
 ) -> None:
     for vm in vms:
         with _member(vm.name):
-            job = prepare_job(ctx, vm, ds_id, reset, warnings)
+            job = prepare_job(ctx, vm, ds_id, driver, reset, warnings)
             if job.memory:  # its agent freeze would be saved in the RAM and come back frozen
                 job.memory = False
                 warnings.add(

@@ -66,8 +66,11 @@ class Attempt:
     checkpoint: str | None
 
 
-def staging_dir(ctx: Context, backup_id: int, seq: int) -> Path:
-    return ctx.config.data_dir / "staging" / f"{backup_id}-{seq}"
+def staging_dirs(ctx: Context, driver: DatastoreDriver, backup_id: int, seq: int) -> list[Path]:
+    """Where an attempt may be staged, first choice first: on the datastore's file system (its
+    driver's ``staging_root``: storing is then a rename), else in vmkeep's data dir."""
+    roots = [driver.staging_root(), ctx.config.data_dir / "staging"]
+    return [r / f"{backup_id}-{seq}" for r in roots if r is not None]
 
 
 def discard_attempt(
@@ -88,7 +91,10 @@ def discard_attempt(
             ctx.hv.abort_job(name)
     except VmkeepError:
         pass
-    shutil.rmtree(staging_dir(ctx, attempt.backup_id, attempt.seq), ignore_errors=True)
+    for staging in staging_dirs(ctx, driver, attempt.backup_id, attempt.seq):
+        shutil.rmtree(staging, ignore_errors=True)
+        with suppress(OSError):  # the staging root too, when no other backup uses it
+            staging.parent.rmdir()
     if attempt.checkpoint:
         # libvirt merges the new checkpoint's bitmap into its parent: the chain stays usable.
         try:

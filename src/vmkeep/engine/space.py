@@ -3,7 +3,8 @@
 The estimate: a full backup copies about what the disk images have allocated; an increment about
 what the checkpoint's dirty bitmap counts (libvirt's checkpoint XML with sizes). The staging area
 (vmkeep's data dir) and the datastore are checked separately, so the error names the one that is
-short; when both are on one file system the space is needed once (the dir driver renames).
+short; when both are on one file system the space is needed once (the dir driver renames), as
+when the backup is staged in the datastore itself (a ``dir`` datastore QEMU can reach).
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ def check(ctx: Context, driver: DatastoreDriver, staging: Path, need: int | None
     if need is None:
         return
     free, dev = _free(staging)
+    on_datastore = staging.parent == driver.staging_root()  # stored by a rename
+    if free < need and on_datastore:
+        raise _datastore_short(driver, need, free)
     if free < need:
         raise InsufficientSpace(
             f"the staging area {staging.parent} (in vmkeep's data dir, not the datastore)",
@@ -67,6 +71,8 @@ def check(ctx: Context, driver: DatastoreDriver, staging: Path, need: int | None
             "Free space there, or move the data dir (data_dir / VMKEEP_DATA_DIR) to a larger "
             "file system.",
         )
+    if on_datastore:
+        return  # the space the staged files take is the space they are stored in
     if "dedup" in driver.capabilities:
         return  # restic stores only what it has not seen: the need is no bound to check against
     try:
@@ -76,10 +82,14 @@ def check(ctx: Context, driver: DatastoreDriver, staging: Path, need: int | None
     root = getattr(driver, "root", None)
     same_fs = isinstance(root, Path) and root.exists() and os.stat(root).st_dev == dev
     if ds_free < need and not same_fs:
-        raise InsufficientSpace(
-            f"datastore '{driver.name}'",
-            human(need),
-            human(ds_free),
-            "Free space there (delete old backups with 'vmkeep vm config VM --keep-last N'), "
-            "or back up to another datastore.",
-        )
+        raise _datastore_short(driver, need, ds_free)
+
+
+def _datastore_short(driver: DatastoreDriver, need: int, free: int) -> InsufficientSpace:
+    return InsufficientSpace(
+        f"datastore '{driver.name}'",
+        human(need),
+        human(free),
+        "Free space there (delete old backups with 'vmkeep vm config VM --keep-last N'), "
+        "or back up to another datastore.",
+    )

@@ -1,0 +1,61 @@
+"""Where a backup is staged (real folders and modes; no VM): in a ``dir`` datastore that QEMU, an
+unprivileged user, can reach (storing is then a rename), else in vmkeep's data dir."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from vmkeep.datastores.dir import STAGING, DirDriver
+from vmkeep.engine.backup import _prepare_staging
+from vmkeep.engine.recovery import staging_dirs
+
+PLAN = SimpleNamespace(backup_id=7, seq=2)
+
+
+@pytest.fixture
+def base() -> Iterator[Path]:
+    # not under /tmp/pytest-of-root (0700): QEMU's reach is what is tested
+    d = Path(tempfile.mkdtemp(dir="/var/tmp", prefix="vmkeep-staging-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d)
+
+
+def _ctx(base: Path) -> SimpleNamespace:
+    return SimpleNamespace(config=SimpleNamespace(data_dir=base / "data"))
+
+
+def test_staged_in_the_datastore_when_qemu_reaches_it(base: Path) -> None:
+    driver = DirDriver("ds", {"path": str(base / "ds")})
+    staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+    assert staging == base / "ds" / STAGING / "7-2"
+    assert staging.stat().st_mode & 0o001 and staging.parent.stat().st_mode & 0o001
+    assert driver.chains() == []  # the staging folder is no chain
+
+
+def test_staged_in_the_data_dir_when_the_datastore_is_closed_to_qemu(base: Path) -> None:
+    closed = base / "closed"
+    closed.mkdir(mode=0o700)
+    closed.chmod(0o700)
+    driver = DirDriver("ds", {"path": str(closed / "ds")})
+    staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+    assert staging == base / "data" / "staging" / "7-2"
+    assert not (closed / "ds" / STAGING).exists()  # tried, then removed
+    assert stat_mode(closed) == 0o700  # vmkeep opens no folder of the user's
+
+
+def test_stage_in_data_dir_option(base: Path) -> None:
+    driver = DirDriver("ds", {"path": str(base / "ds"), "stage_in_data_dir": "true"})
+    staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+    assert staging == base / "data" / "staging" / "7-2"
+    assert staging_dirs(_ctx(base), driver, 7, 2) == [staging]  # type: ignore[arg-type]
+
+
+def stat_mode(p: Path) -> int:
+    return p.stat().st_mode & 0o777
