@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import workspace  # bench/ is on sys.path when run as a script
+from common import spread, workspace  # bench/ is on sys.path when run as a script
 from vmkeep.hypervisor import connect
 from vmkeep.lab import Lab
 
@@ -90,9 +90,11 @@ def main() -> None:
             "3 VMs --parallel-freeze": ("three", ["--parallel-freeze"]),
         }
         results: dict[str, dict[str, list[float]]] = {}
+        breakdown: dict[str, dict[str, list[float]]] = {}
         for label, (group, extra) in cases.items():
             members = vms[:1] if group == "one" else vms
             res = results.setdefault(label, {"window": [], "stall": []})
+            parts = breakdown.setdefault(label, {})
             vk(env, "group", "backup", group, "-d", "ds", *extra)  # warm-up; chains exist
             for _ in range(args.rounds):
                 start_loops(lab, members)
@@ -102,6 +104,9 @@ def main() -> None:
                 time.sleep(0.5)
                 gaps = stop_loops(lab, members, since)
                 res["window"].append(out["freeze_window_ms"])
+                for member in out["steps_ms"].values():  # each member's freeze, begin, thaw
+                    for step in ("freeze", "begin", "thaw"):
+                        parts.setdefault(step, []).append(member.get(step, 0))
                 res["stall"].append(max(gaps[vm] - idle[vm] for vm in members))
         one = statistics.median(results["1 VM"]["window"])
         print(f"{'case':<26}{'window ms':>10}{'ratio':>8}{'stall ms':>10}   target")
@@ -112,6 +117,10 @@ def main() -> None:
             met = "" if not target else (" met" if w / one <= 1.5 else " NOT met")
             print(f"{label:<26}{w:>10.1f}{w / one:>7.2f}x{s:>10.1f}   {target}{met}")
         print(f"(median of {args.rounds} rounds; loop's idle gap {max(idle.values()):.1f} ms)")
+        print("\nper member, ms, min / median / max over members and rounds:")
+        for label, parts in breakdown.items():
+            cells = [f"{k} {spread(v)}" for k, v in parts.items()]
+            print(f"  {label}: " + "; ".join(cells))
     finally:
         lab.down()
         subprocess.run(["rm", "-rf", str(work)], check=False)
