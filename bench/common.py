@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -65,24 +64,36 @@ def spread(values: list[float]) -> str:
 
 @contextmanager
 def daemon(env: dict[str, str]) -> Iterator[None]:
-    """``vmkeep daemon`` on ``env``'s data dir and catalog for the block: vmkeep commands in
-    ``env`` read through its socket (``VMKEEP_NO_DAEMON=1`` in a command's env: they do not)."""
+    """``vmkeep daemon`` on ``env``'s data dir and catalog for the block, ready when it answers
+    on its socket: vmkeep commands in ``env`` read through it (``VMKEEP_NO_DAEMON=1`` in a
+    command's env: they do not)."""
+    from vmkeep.cli.remote import UnixConnection
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     argv = [*VK, "daemon", "--listen", f"127.0.0.1:{port}", "--workers", "1"]
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    sock = str(Path(env["VMKEEP_DATA_DIR"]) / "vmkeep.sock")
     try:
         deadline = time.monotonic() + 60
         while True:
+            conn = UnixConnection(sock, timeout=5)
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5).read()
-                break
+                conn.request("GET", "/healthz")
+                if conn.getresponse().status == 200:
+                    break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("vmkeep daemon did not start") from None
+                    raise SystemExit("vmkeep daemon did not answer on its socket") from None
                 time.sleep(0.2)
+            finally:
+                conn.close()
         yield
     finally:
         proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=120)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

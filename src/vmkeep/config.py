@@ -27,7 +27,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vmkeep.errors import ConfigError
 from vmkeep.model import ROLES
-from vmkeep.paths import SOCKET, absolute, catalog_url, default_data_dir, read_file
+from vmkeep.paths import (
+    DEFAULT_LIBVIRT_URI,
+    SOCKET,
+    absolute,
+    catalog_url,
+    default_data_dir,
+    read_file,
+)
 
 CONFIG_VERSION = 1
 
@@ -44,7 +51,7 @@ class CatalogConfig(_Section):
 
 
 class LibvirtConfig(_Section):
-    uri: str = "qemu:///system"
+    uri: str = DEFAULT_LIBVIRT_URI
 
 
 class AgentConfig(_Section):

@@ -15,6 +15,8 @@ from typing import Any, NamedTuple
 from vmkeep.errors import ConfigError
 
 SOCKET = "vmkeep.sock"  # the daemon's local socket, in the data dir
+SOCKET_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, the final NUL included
+DEFAULT_LIBVIRT_URI = "qemu:///system"
 
 
 def is_root() -> bool:
@@ -45,9 +47,10 @@ def catalog_url(url: str, data_dir: Path) -> str:
     return url or f"sqlite:///{data_dir / 'catalog.db'}"
 
 
-def catalog_key(url: str) -> str:
-    """What identifies a catalog without showing its URL (which may hold a password)."""
-    return hashlib.sha256(url.encode()).hexdigest()[:32]
+def daemon_key(catalog: str, libvirt_uri: str) -> str:
+    """What a daemon answers for: its catalog and libvirt connection, named without showing the
+    catalog's URL (which may hold a password)."""
+    return hashlib.sha256(f"{catalog}\n{libvirt_uri}".encode()).hexdigest()[:32]
 
 
 def read_file(path: str | Path | None, environ: dict[str, str]) -> tuple[Path, dict[str, Any]]:
@@ -74,20 +77,30 @@ def read_file(path: str | Path | None, environ: dict[str, str]) -> tuple[Path, d
 class Where(NamedTuple):
     data_dir: Path
     catalog_url: str
+    libvirt_uri: str
 
     @property
     def socket(self) -> Path:
         return self.data_dir / SOCKET
 
+    @property
+    def key(self) -> str:
+        return daemon_key(self.catalog_url, self.libvirt_uri)
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    return value if isinstance(value, dict) else {}
+
 
 def peek(path: str | Path | None = None, environ: dict[str, str] | None = None) -> Where:
-    """Data dir and catalog from the config file and the environment, as ``load_config`` resolves
-    them (``VMKEEP_DATA_DIR`` and ``VMKEEP_CATALOG_URL`` win over the file), without validating
-    the rest of the config."""
+    """Data dir, catalog and libvirt URI from the config file and the environment, as
+    ``load_config`` resolves them (``VMKEEP_DATA_DIR``, ``VMKEEP_CATALOG_URL`` and
+    ``VMKEEP_LIBVIRT_URI`` win over the file), without validating the rest of the config."""
     env = os.environ if environ is None else environ
     _file, data = read_file(path, dict(env))
     data_dir = env.get("VMKEEP_DATA_DIR", data.get("data_dir"))
-    catalog = data.get("catalog")
-    url = env.get("VMKEEP_CATALOG_URL", catalog.get("url", "") if isinstance(catalog, dict) else "")
+    url = env.get("VMKEEP_CATALOG_URL", _section(data, "catalog").get("url", ""))
+    uri = env.get("VMKEEP_LIBVIRT_URI", _section(data, "libvirt").get("uri", DEFAULT_LIBVIRT_URI))
     base = absolute(data_dir) if isinstance(data_dir, str) else default_data_dir()
-    return Where(base, catalog_url(url if isinstance(url, str) else "", base))
+    return Where(base, catalog_url(url if isinstance(url, str) else "", base), str(uri))

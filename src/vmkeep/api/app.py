@@ -34,11 +34,11 @@ from vmkeep.engine import backups, datastores, files, groups, jobs, lifecycle, s
 from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
-from vmkeep.paths import catalog_key
+from vmkeep.paths import daemon_key
 
 # catalog ids are 64-bit integers: a larger one is bad input (422), not a database error
 Id = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
-LOCAL = "local"  # who a request on the daemon's own socket is (job rows, logs)
+LOCAL = "@local"  # who a request on the daemon's own socket is (no token name starts with @)
 EVENT_POLL = 0.5  # seconds between catalog looks of /v1/events
 
 
@@ -129,7 +129,8 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     Every route but /healthz needs a bearer token whose role the action's policy allows, except
     on the daemon's ``local_socket``: only the daemon's user can connect to it, and that user
     could open the catalog itself (as the CLI does without a daemon). A request there names the
-    catalog it means (``X-Vmkeep-Catalog``); another catalog's gets 421 and the CLI reads its own."""
+    catalog and libvirt URI it means (``X-Vmkeep-Catalog``: ``paths.daemon_key``); a request
+    meaning others gets 421, and the CLI reads them itself."""
     app = FastAPI(title="vmkeep", version=__version__, openapi_url="/openapi.json")
     local = threading.local()
 
@@ -156,13 +157,13 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         return _error(422, "InvalidValue", f"{where}: {first.get('msg')}")
 
     local_server = (str(local_socket), None)  # uvicorn's scope["server"] on that socket
-    own_catalog = catalog_key(config.catalog_url)
+    own_key = daemon_key(config.catalog_url, config.libvirt.uri)
 
     def require(action: str) -> Any:
         def check(request: Request, authorization: str | None = Header(default=None)) -> str:
             if local_socket is not None and request.scope.get("server") == local_server:
-                if request.headers.get("x-vmkeep-catalog", own_catalog) != own_catalog:
-                    raise StarletteHTTPException(421, "this daemon serves another catalog")
+                if request.headers.get("x-vmkeep-catalog", own_key) != own_key:
+                    raise StarletteHTTPException(421, "this daemon serves another catalog or host")
                 return LOCAL
             name, role = tokens.authenticate(ctx(), authorization)
             tokens.authorize(name, role, action, config.api.policy)

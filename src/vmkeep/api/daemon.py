@@ -9,10 +9,12 @@ checkpoints removed), then the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import socket
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -22,11 +24,11 @@ from vmkeep.config import Config
 from vmkeep.engine import jobs, lifecycle
 from vmkeep.engine.actions import RUNNERS
 from vmkeep.engine.context import Context
-from vmkeep.errors import InvalidValue, Refused, VmkeepError
+from vmkeep.errors import InvalidValue, VmkeepError
+from vmkeep.paths import SOCKET_PATH_MAX
 
 log = logging.getLogger(__name__)
 IDLE = 0.2  # seconds a worker waits when the queue is empty
-SOCKET_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, the final NUL included
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -64,47 +66,76 @@ def _monitor(config: Config, stop: threading.Event) -> None:
             log.error("monitor: %s", err)
 
 
-def local_socket(path: Path) -> socket.socket | None:
-    """The daemon's socket in the data dir, for the CLI on this host (``cli/remote.py``): mode
-    0600, so only the daemon's user (who could open the catalog itself) reaches it. A socket left
-    by a daemon that died is replaced; one a live daemon answers on is not. None (and a warning)
-    when the path is too long for a socket: the CLI then reads the catalog itself."""
+def local_socket(path: Path) -> tuple[socket.socket, tuple[int, int]] | None:
+    """The daemon's listening socket in the data dir, for the CLI on this host
+    (``cli/remote.py``): mode 0600, so only the daemon's user (who could open the catalog
+    itself) reaches it. A socket left by a daemon that died is replaced. None, with a warning,
+    when there can be none (another live daemon on this data dir answers on it, a path too long
+    for a socket, a file system without sockets): this daemon then serves TCP only, and the CLI
+    reads through the other daemon, or the catalog itself."""
     if len(os.fsencode(path)) >= SOCKET_PATH_MAX:
         log.warning("no local socket: %s is longer than a socket path can be", path)
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists() or path.is_symlink():
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
-            path.unlink(missing_ok=True)
-        else:
-            raise Refused(
-                "vmkeep daemon",
-                f"another daemon already serves this data dir (it answers on {path})",
-                "Stop it first, or give this one another data_dir.",
-            )
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    umask = os.umask(0o177)  # created 0600: no moment in which others could connect
     try:
-        sock.bind(str(path))
-    finally:
-        os.umask(umask)
-    return sock
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(2)
+                try:
+                    probe.connect(str(path))
+                except (ConnectionRefusedError, FileNotFoundError):
+                    path.unlink(missing_ok=True)  # its daemon is gone
+                else:
+                    log.warning("no local socket: another daemon answers on %s", path)
+                    return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, 0o600)  # before listen(): no one else can ever connect
+            sock.listen(128)
+            return sock, _file_id(path)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as err:
+        log.warning("no local socket at %s: %s", path, err)
+        return None
+
+
+class _SignalsToTcp(uvicorn.Server):
+    """The local socket's server: stopped by the TCP server's end, not by signals of its own."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 async def _serve_both(
     tcp: uvicorn.Server, local: uvicorn.Server, sock: socket.socket | None
 ) -> None:
-    """Both servers until a signal stops them. Each ``serve`` captures SIGTERM/SIGINT and raises
-    it again when it has stopped: the local one (entered last) stops first, then the TCP one."""
+    """The TCP server until SIGTERM/SIGINT stops it (uvicorn handles them), and the local
+    socket's server as long as it runs."""
     if sock is None:
         await tcp.serve()
-    else:
-        await asyncio.gather(tcp.serve(), local.serve(sockets=[sock]))
+        return
+    local_task = asyncio.create_task(local.serve(sockets=[sock]))
+    try:
+        await tcp.serve()
+    finally:
+        local.should_exit = True
+        await local_task
+
+
+def _file_id(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _remove_socket(path: Path, bound: tuple[int, int]) -> None:
+    """Our socket file only: one another daemon put there since stays."""
+    with contextlib.suppress(OSError):
+        if _file_id(path) == bound:
+            path.unlink()
 
 
 def serve(config: Config, listen: str | None = None, workers: int | None = None) -> None:
@@ -134,8 +165,9 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
             ssl_keyfile=str(tls[1]) if tls[1] else None,
         )
     )
-    sock = local_socket(config.socket)
-    local = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    bound = local_socket(config.socket)
+    sock = bound[0] if bound is not None else None
+    local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
     pool.append(threading.Thread(target=_monitor, args=(config, stop), name="monitor", daemon=True))
     for t in pool:
         t.start()
@@ -152,10 +184,11 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
     try:
         asyncio.run(_serve_both(server, local, sock))  # returns after SIGTERM / SIGINT
     finally:
-        if sock is not None:
-            sock.close()
-            config.socket.unlink(missing_ok=True)
+        if bound is not None:
+            bound[0].close()
+            _remove_socket(config.socket, bound[1])
         stop.set()
+        jobs.WAKE.set()  # idle workers see ``stop`` at once
         for job in jobs.list_jobs(ctx, jobs.RUNNING):
             if job["pid"] == jobs.os.getpid():
                 jobs.cancel(ctx, job["id"])

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vmkeep.cli.output import console, ctx_of, json_option, kv, read, render, table
+from vmkeep.cli.output import CATALOG_ID, console, ctx_of, json_option, kv, read, render, table
 from vmkeep.cli.remote import segment
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 
 
 @backups.command("show")
-@click.argument("backup_id", type=int)
+@click.argument("backup_id", type=CATALOG_ID)
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:

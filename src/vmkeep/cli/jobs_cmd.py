@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vmkeep.cli.output import ctx_of, json_option, kv, read, render
+from vmkeep.cli.output import CATALOG_ID, ctx_of, json_option, kv, read, render
 from vmkeep.cli.remote import segment
 
 if TYPE_CHECKING:
@@ -48,7 +48,7 @@ def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
 
 
 @jobs.command("show")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=CATALOG_ID)
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:

@@ -14,6 +14,7 @@ import click
 
 from vmkeep.cli import remote
 from vmkeep.model import Warnings
+from vmkeep.names import MAX_ID
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -36,6 +37,8 @@ def console() -> Console:
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+# a catalog id, as the API takes it: the same answer whether the daemon or the command reads it
+CATALOG_ID = click.IntRange(1, MAX_ID)
 
 
 def _default(o: Any) -> Any:
@@ -125,15 +128,18 @@ def read(
     click_ctx: click.Context, path: str, direct: Callable[[Context], Any], **query: str | None
 ) -> Any:
     """What a list/show command prints: the daemon's answer to ``GET path`` when a daemon serves
-    this catalog (``remote.get``), else ``direct(ctx)`` in this process. Both come as the same
+    this catalog (``remote.get``; no ``path``: never), else ``direct(ctx)`` in this process. Both come as the same
     JSON values (dates as ISO text), so the output does not depend on which answered."""
-    data = remote.get(click_ctx, path, **query)
+    data = remote.get(click_ctx, path, **query) if path else None
     if data is not None:
         return data
+    data = direct(ctx_of(click_ctx))
     import orjson
 
-    opts = orjson.OPT_NON_STR_KEYS
-    return orjson.loads(orjson.dumps(direct(ctx_of(click_ctx)), option=opts, default=_default))
+    try:
+        return orjson.loads(orjson.dumps(data, option=orjson.OPT_NON_STR_KEYS, default=_default))
+    except (TypeError, ValueError):  # what orjson refuses (see emit_json)
+        return json.loads(json.dumps(data, default=_default))
 
 
 def report_warnings(warnings: Warnings) -> None:

@@ -21,13 +21,16 @@ import click
 from vmkeep import errors, paths
 
 log = logging.getLogger(__name__)
-TIMEOUT = 60.0  # seconds; a daemon that does not answer by then is not waited for
-_ABSENT = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError)
+TIMEOUT = 10.0  # seconds; a daemon that does not answer by then is not waited for
+# no daemon, the socket of one that is gone, or another user's (the direct read says what is wrong)
+_ABSENT = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError, PermissionError)
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, socket_path: str) -> None:
-        super().__init__("localhost", timeout=TIMEOUT)
+class UnixConnection(http.client.HTTPConnection):
+    """HTTP over the daemon's unix socket."""
+
+    def __init__(self, socket_path: str, timeout: float = TIMEOUT) -> None:
+        super().__init__("localhost", timeout=timeout)
         self.socket_path = socket_path
 
     def connect(self) -> None:
@@ -44,37 +47,43 @@ def segment(value: str | int) -> str:
 def get(c: click.Context, path: str, **query: str | None) -> Any | None:
     """The daemon's answer to ``GET path?query`` (parsed JSON), or None when the caller must read
     the catalog itself: no daemon, a daemon on another catalog, ``VMKEEP_NO_DAEMON``, or a daemon
-    that failed to answer. An error the daemon reports is raised as the same vmkeep error."""
-    if os.environ.get("VMKEEP_NO_DAEMON"):
+    that did not answer as one. An error the daemon reports is raised as the same vmkeep error."""
+    if os.environ.get("VMKEEP_NO_DAEMON", "") not in ("", "0"):
         return None
     try:
         where = paths.peek(c.find_root().params.get("config_path"))
     except errors.VmkeepError:
         return None  # the direct path loads the config again and reports what is wrong
+    if len(os.fsencode(where.socket)) >= paths.SOCKET_PATH_MAX:
+        return None  # too long for a socket: the daemon runs without one
     args = {k: v for k, v in query.items() if v is not None}
     target = path + (f"?{urlencode(args)}" if args else "")
-    conn = _UnixConnection(str(where.socket))
+    conn = UnixConnection(str(where.socket))
     try:
-        conn.request(
-            "GET", target, headers={"X-Vmkeep-Catalog": paths.catalog_key(where.catalog_url)}
-        )
+        conn.request("GET", target, headers={"X-Vmkeep-Catalog": where.key})
         resp = conn.getresponse()
         status, body = resp.status, resp.read()
     except _ABSENT:
-        return None  # no daemon (or the socket of one that is gone)
+        return None
     except (OSError, http.client.HTTPException) as err:
         log.warning("the daemon did not answer on %s (%s); reading the catalog", where.socket, err)
         return None
     finally:
         conn.close()
-    if status == 421:  # it serves another catalog
-        return None
     import orjson
 
-    data = orjson.loads(body) if body else None
-    if status >= 400:
-        raise _error(status, data)
-    return data
+    try:
+        data = orjson.loads(body)
+    except ValueError:
+        data = None
+    if status == 200 and data is not None:
+        return data
+    if status in (400, 404, 409, 422) and isinstance(data, dict) and "error" in data:
+        raise _error(status, data)  # what the command itself would have raised
+    # 421: it serves another catalog or host; 401/403: not vmkeep's daemon; 5xx or an answer
+    # that is no JSON: the command does the read itself (and reports a failure its own way)
+    log.debug("the daemon answered HTTP %d; reading the catalog", status)
+    return None
 
 
 def _error(status: int, data: Any) -> errors.VmkeepError:

@@ -59,7 +59,9 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 
         return show_vm(ctx, ref)
 
-    render(read(c, f"/v1/vms/{segment(ref)}", direct), as_json, kv)
+    # no VM name holds a "/": the command itself says what is wrong with such a reference
+    path = f"/v1/vms/{segment(ref)}" if "/" not in ref else ""
+    render(read(c, path, direct), as_json, kv)
 
 
 @vm.command("import")

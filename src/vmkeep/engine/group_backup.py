@@ -6,8 +6,9 @@
    FS_FREEZE is SUSPEND is suspended instead; a powered-off member is started paused and has
    nothing to freeze. An agent that is missing or silent fails the group: no silent crash cut;
 4. ``backupBegin`` on each member as soon as it is frozen (in a thread, while the next member
-   freezes); a member's disks do not change from its freeze to its thaw, so its cut equals the
-   moment every member is frozen;
+   freezes); what the freeze holds still (the guest's frozen file systems; all of a suspended
+   or paused guest) does not change from its freeze to its thaw, so its cut equals the moment
+   every member is frozen;
 5. when every job has begun, thaw in reverse order (concurrently with ``parallel_freeze``), in
    ``finally``, with retries.
    A watchdog process thaws them too if this process dies while they are frozen;
@@ -26,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -167,13 +168,27 @@ def _begin(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
     job.q = Quiesce(consistency)
 
 
+def _settle(futures: list[Future[None]]) -> None:
+    """Wait until every call has returned, through Ctrl-C too (raised again after): a guest is
+    never thawed, nor a job aborted, while its backupBegin may still start the job."""
+    interrupted: KeyboardInterrupt | None = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except KeyboardInterrupt as err:
+            interrupted = err
+    if interrupted is not None:
+        raise interrupted
+
+
 def _cut(
     ctx: Context, jobs: list[MemberJob], parallel: bool, timing: Timing, warnings: Warnings
 ) -> None:
     """Freeze the online members (in group order, or all at once), begin each member's backup
     job as soon as that member is frozen (an offline one at once), and thaw (in reverse order,
-    or all at once) only when every job has begun: every member's disks are then cut at a
-    moment when all of them were frozen together."""
+    or all at once) only when every job has begun: what each freeze holds still is then cut at
+    a moment when all members were frozen together."""
     online = [j for j in jobs if not j.offline]
     frozen: dict[str, Callable[[], object]] = {}  # name -> how to undo its freeze
 
@@ -192,10 +207,12 @@ def _cut(
                         started += [pool.submit(freeze_and_begin, j) for j in online]
                     else:
                         for j in online:  # the first failure stops the rest
+                            if any(f.done() and f.exception() for f in started):
+                                break  # a member's backupBegin failed: freeze no more
                             frozen[j.name] = _freeze(ctx, j, timing)
                             started.append(pool.submit(_begin, ctx, j, warnings))
                 finally:
-                    wait(started)  # no backupBegin still under way when the guests thaw
+                    _settle(started)  # no backupBegin still under way when the guests thaw
             for f in started:
                 f.result()  # the first failure, in the order the calls were made
             ok = True
