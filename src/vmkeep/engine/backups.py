@@ -18,7 +18,7 @@ def list_backups(ctx: Context, vm_ref: str | None = None) -> list[dict[str, Any]
         q = select(Backup).options(*BACKUP_ROW).order_by(Backup.id)
         if vm_ref is not None:
             q = q.where(Backup.vm_id == find_vm(s, vm_ref).id)
-        return backup_dicts(s, s.execute(q).unique().scalars().all())
+        return backup_dicts(s, s.execute(q).scalars().all())
 
 
 def show_backup(ctx: Context, backup_id: int) -> dict[str, Any]:

@@ -13,8 +13,8 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, joinedload, object_session, selectinload
+from sqlalchemy import Row, select
+from sqlalchemy.orm import Session, joinedload, object_session
 
 from vmkeep.catalog.tables import Backup, Drill, GroupBackup, GroupBackupMember, Increment
 from vmkeep.datastores import DatastoreDriver
@@ -217,24 +217,40 @@ def last_drills(s: Session, backup_ids: Sequence[int]) -> dict[int, dict[int, di
     return out
 
 
+def increment_rows(s: Session, backup_ids: Sequence[int]) -> dict[int, list[Row[Any]]]:
+    """Per backup, its increments in order, as plain rows: building 10,000 ORM objects for a
+    list took ~0.4 s of its ~0.7 s."""
+    out: dict[int, list[Row[Any]]] = {}
+    for ids in _batches(backup_ids):
+        rows = s.execute(
+            select(*Increment.__table__.columns)
+            .where(Increment.backup_id.in_(ids))
+            .order_by(Increment.backup_id, Increment.seq)
+        )
+        for r in rows:
+            out.setdefault(r.backup_id, []).append(r)
+    return out
+
+
 def backup_dicts(s: Session, backups: Sequence[Backup]) -> list[dict[str, Any]]:
     """Rows for many backups in a fixed number of queries (``backups list`` at any scale)."""
     ids = [b.id for b in backups]
-    groups, drills = group_points(s, ids), last_drills(s, ids)
-    return [_backup_dict(b, groups.get(b.id, {}), drills.get(b.id, {})) for b in backups]
+    incs, groups, drills = increment_rows(s, ids), group_points(s, ids), last_drills(s, ids)
+    return [
+        _backup_dict(b, incs.get(b.id, []), groups.get(b.id, {}), drills.get(b.id, {}))
+        for b in backups
+    ]
 
 
-# Load a backup with what its row shows: increments, VM and datastore (no query per backup).
-BACKUP_ROW = (
-    selectinload(Backup.increments),
-    joinedload(Backup.vm),
-    joinedload(Backup.datastore),
-)
+# Load a backup with what its row shows besides its increments: VM and datastore.
+BACKUP_ROW = (joinedload(Backup.vm), joinedload(Backup.datastore))
 
 
 # --- rendering -----------------------------------------------------------------------------------
 def increment_dict(
-    i: Increment, group: dict[str, Any] | None = None, drill: dict[str, Any] | None = None
+    i: Increment | Row[Any],
+    group: dict[str, Any] | None = None,
+    drill: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": i.seq,
@@ -254,7 +270,7 @@ def increment_dict(
     }
 
 
-def _has_memory(i: Increment) -> bool:
+def _has_memory(i: Increment | Row[Any]) -> bool:
     return any(f.get("memory") for f in i.files)
 
 
@@ -262,11 +278,14 @@ def backup_dict(b: Backup) -> dict[str, Any]:
     s = object_session(b)
     if s is not None:
         return backup_dicts(s, [b])[0]
-    return _backup_dict(b, {}, {})
+    return _backup_dict(b, b.increments, {}, {})
 
 
 def _backup_dict(
-    b: Backup, groups: dict[int, dict[str, Any]], drills: dict[int, dict[str, Any]]
+    b: Backup,
+    increments: Sequence[Increment | Row[Any]],
+    groups: dict[int, dict[str, Any]],
+    drills: dict[int, dict[str, Any]],
 ) -> dict[str, Any]:
     return {
         "id": b.id,
@@ -281,9 +300,7 @@ def _backup_dict(
         "created": b.created_at,
         "finished": b.finished_at,
         "error": b.error,
-        "increments": [
-            increment_dict(i, groups.get(i.seq), drills.get(i.seq)) for i in b.increments
-        ],
+        "increments": [increment_dict(i, groups.get(i.seq), drills.get(i.seq)) for i in increments],
     }
 
 
