@@ -16,8 +16,9 @@ image into a local repository) on the same VM in the same run.
 
 The CLI commands above run with ``VMKEEP_NO_DAEMON=1`` (each process loads what it needs, as
 without a daemon). Then, per run, a ``vmkeep daemon`` is started for the ``(daemon)`` rows: a
-full and an increment asked of it over its socket (``POST /v1/vms/VM/backup``; timed as the
-job's own queued-to-finished), and ``backups list`` answered by it.
+restore of the same point, a full and an increment asked of it over its socket (``POST
+/v1/backups/ID/restore``, ``POST /v1/vms/VM/backup``; timed as the job's own queued-to-finished),
+and ``backups list`` answered by it.
 """
 
 from __future__ import annotations
@@ -118,16 +119,16 @@ def api(env: dict[str, str], method: str, path: str, body: dict | None = None) -
     return out
 
 
-def daemon_backup(b: Bench, env: dict[str, str], reset: bool) -> tuple[float, dict]:
-    """A backup asked of the daemon: the job's own time from queued to finished (polled every
-    0.1 s: faster polling took CPU from the backup on 2 cores)."""
+def daemon_job(b: Bench, env: dict[str, str], path: str, body: dict) -> tuple[float, dict]:
+    """A job asked of the daemon (``POST path``), timed as the job's own time from queued to
+    finished (polled every 0.1 s: faster polling took CPU from the job on 2 cores)."""
     if b.cold:
         drop_caches()
-    job = api(env, "POST", f"/v1/vms/{NAME}/backup", {"datastore": "ds", "reset": reset})["job"]
+    job = api(env, "POST", path, body)["job"]
     while (job := api(env, "GET", f"/v1/jobs/{job['id']}"))["state"] in ("QUEUED", "RUNNING"):
         time.sleep(0.1)
     if job["state"] != "DONE":
-        sys.exit(f"backup through the daemon: {job['state']}: {job['error']}")
+        sys.exit(f"{path} through the daemon: {job['state']}: {job['error']}")
     took = datetime.fromisoformat(job["finished"]) - datetime.fromisoformat(job["created"])
     return took.total_seconds(), job["result"]
 
@@ -178,7 +179,7 @@ def main() -> None:
         modes = [m for m in ("warm", "cold") if args.only in (None, m)]
         for mode in modes:
             b = Bench(work, env, cold=(mode == "cold"))
-            t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic", "d-full", "d-inc", "d-noop")}  # fmt: skip
+            t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic", "d-full", "d-inc", "d-noop", "d-restore")}  # fmt: skip
             st: dict[str, list[int]] = {}
             inc_st: dict[str, list[int]] = {}
             for run in range(args.runs):
@@ -217,10 +218,15 @@ def main() -> None:
                     t["restic"].append(b.timed(argv, env=env_r)[0])
                 with daemon(env_daemon):  # only for its own rows: its polls disturb no other
                     t["d-noop"].append(b.timed([*VK, "backups", "list"], env=env_daemon)[0])
-                    dt, res = daemon_backup(b, env_daemon, reset=True)
+                    restore = {"disk": "vda", "path": str(dest), "force": True}
+                    dt, _res = daemon_job(b, env_daemon, f"/v1/backups/{bid}/restore", restore)
+                    t["d-restore"].append(dt)
+                    dest.unlink()
+                    backup = f"/v1/vms/{NAME}/backup"
+                    dt, res = daemon_job(b, env_daemon, backup, {"datastore": "ds", "reset": True})
                     t["d-full"].append(dt)
                     lab.write_random(NAME, "/mnt/vda/data.bin", args.change_mib, seek_mib=500)
-                    t["d-inc"].append(daemon_backup(b, env_daemon, reset=False)[0])
+                    t["d-inc"].append(daemon_job(b, env_daemon, backup, {"datastore": "ds"})[0])
                 for chain in (bid, res["id"]):
                     vmkeep_rm = [*VK, "backups", "delete", str(chain)]
                     subprocess.run(vmkeep_rm, env=env, capture_output=True, check=False)
@@ -240,6 +246,7 @@ def main() -> None:
                 ("(daemon) full / raw libvirt push job", "<= 1.1", ratios(t["d-full"], t["push"])),
                 ("(daemon) full / qemu-img convert", "<= 1.0 cold, <= 2 warm", ratios(t["d-full"], t["convert"])),
                 (f"(daemon) incremental ({args.change_mib} MiB) / full", "<= 0.08", ratios(t["d-inc"], t["d-full"])),
+                ("(daemon) restore full+3 inc / qemu-img convert", "<= 1.5", ratios(t["d-restore"], t["restore-convert"])),
                 ("(daemon) no-op command (backups list), s", "<= 0.25", t["d-noop"]),
             ]  # fmt: skip
             if args.peers:
