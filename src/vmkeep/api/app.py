@@ -19,6 +19,7 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
+import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -421,11 +422,15 @@ def _encode(value: Any) -> Any:
 
 
 class FastJSON(JSONResponse):
-    """Reads answer with ``json.dumps`` straight from the engine's plain dicts (FastAPI's
-    ``jsonable_encoder`` walked every value of a 1,000-VM list twice)."""
+    """Reads answer straight from the engine's plain dicts (FastAPI's ``jsonable_encoder``
+    walked every value of a 1,000-VM list twice), through orjson: it writes dates itself, where
+    ``json.dumps`` called back into Python for each of a 10,000-increment list's 20,000."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, default=_encode, separators=(",", ":")).encode()
+        try:
+            return orjson.dumps(content, default=_encode, option=orjson.OPT_NON_STR_KEYS)
+        except TypeError:  # what orjson refuses (a string that is not UTF-8, a 65-bit int)
+            return json.dumps(content, default=_encode, separators=(",", ":")).encode()
 
 
 def jsonable(data: Any) -> Any:
