@@ -15,11 +15,9 @@ import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any
 
-import orjson
 from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -29,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vmkeep import __version__
+from vmkeep import __version__, jsontext
 from vmkeep.config import Config
 from vmkeep.engine import backups, datastores, files, groups, jobs, lifecycle, stored, tokens, vms
 from vmkeep.engine.context import Context
@@ -413,24 +411,12 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     return app
 
 
-def _encode(value: Any) -> Any:
-    if isinstance(value, datetime | date):
-        return value.isoformat()
-    if isinstance(value, set | frozenset | tuple):
-        return list(value)
-    return str(value)  # Path, UUID, Decimal, ...
-
-
 class FastJSON(JSONResponse):
     """Reads answer straight from the engine's plain dicts (FastAPI's ``jsonable_encoder``
-    walked every value of a 1,000-VM list twice), through orjson: it writes dates itself, where
-    ``json.dumps`` called back into Python for each of a 10,000-increment list's 20,000."""
+    walked every value of a 1,000-VM list twice), in the CLI's JSON (``jsontext``)."""
 
     def render(self, content: Any) -> bytes:
-        try:
-            return orjson.dumps(content, default=_encode, option=orjson.OPT_NON_STR_KEYS)
-        except TypeError:  # what orjson refuses (a string that is not UTF-8, a 65-bit int)
-            return json.dumps(content, default=_encode, separators=(",", ":")).encode()
+        return jsontext.dumps(content)
 
 
 def jsonable(data: Any) -> Any:

@@ -7,15 +7,12 @@ without this process loading the catalog at all: ``output.read``).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from vmkeep.cli.output import CATALOG_ID, console, ctx_of, json_option, kv, read, render, table
 from vmkeep.cli.remote import segment
-
-if TYPE_CHECKING:
-    from vmkeep.engine.context import Context
 
 
 @click.group()
@@ -36,13 +33,7 @@ def _row(b: dict[str, Any]) -> dict[str, Any]:
 @click.pass_context
 def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
     """List backups (one row per chain)."""
-
-    def direct(ctx: Context) -> Any:
-        from vmkeep.engine.backups import list_backups
-
-        return list_backups(ctx, vm_ref)
-
-    rows = read(c, "/v1/backups", direct, vm=vm_ref)
+    rows = read(c, "/v1/backups", "backups:list_backups", vm_ref, vm=vm_ref)
     render(
         rows,
         as_json,
@@ -58,13 +49,7 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Show one backup chain and its increments."""
-
-    def direct(ctx: Context) -> Any:
-        from vmkeep.engine.stored import show_with_sizes
-
-        return show_with_sizes(ctx, backup_id)
-
-    data = read(c, f"/v1/backups/{segment(backup_id)}", direct)
+    data = read(c, f"/v1/backups/{segment(backup_id)}", "stored:show_with_sizes", backup_id)
 
     def human(d: dict[str, Any]) -> None:
         kv({k: v for k, v in d.items() if k != "increments"})

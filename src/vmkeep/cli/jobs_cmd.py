@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from vmkeep.cli.output import CATALOG_ID, ctx_of, json_option, kv, read, render
 from vmkeep.cli.remote import segment
-
-if TYPE_CHECKING:
-    from vmkeep.engine.context import Context
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -38,13 +35,7 @@ def jobs() -> None:
 @click.pass_context
 def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
     """Newest first."""
-
-    def direct(ctx: Context) -> Any:
-        from vmkeep.engine.jobs import list_jobs
-
-        return list_jobs(ctx, state)
-
-    render(read(c, "/v1/jobs", direct, state=state), as_json, _table)
+    render(read(c, "/v1/jobs", "jobs:list_jobs", state, state=state), as_json, _table)
 
 
 @jobs.command("show")
@@ -52,13 +43,7 @@ def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
-
-    def direct(ctx: Context) -> Any:
-        from vmkeep.engine.jobs import get
-
-        return get(ctx, job_id)
-
-    render(read(c, f"/v1/jobs/{segment(job_id)}", direct), as_json, kv)
+    render(read(c, f"/v1/jobs/{segment(job_id)}", "jobs:get", job_id), as_json, kv)
 
 
 @jobs.command("cancel")

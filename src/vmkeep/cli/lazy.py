@@ -9,6 +9,13 @@ from typing import Any
 import click
 
 
+def resolve(ref: str) -> Any:
+    """``"package.module:attr"``, imported now."""
+    module, attr = ref.split(":")
+    # __import__, not importlib.import_module: -X importtime reports only the former
+    return getattr(__import__(module, fromlist=[attr]), attr)
+
+
 class LazyGroup(click.Group):
     """``lazy_subcommands`` maps a subcommand name to ``"module:attr"``: a click command, or a
     mapping of commands by name (one module that builds several)."""
@@ -22,9 +29,7 @@ class LazyGroup(click.Group):
 
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name in self.lazy_subcommands:
-            module, attr = self.lazy_subcommands[name].split(":")
-            # __import__, not importlib.import_module: -X importtime reports only the former
-            found = getattr(__import__(module, fromlist=[attr]), attr)
+            found = resolve(self.lazy_subcommands[name])
             cmd: click.Command = found[name] if isinstance(found, Mapping) else found
             return cmd
         return super().get_command(ctx, name)

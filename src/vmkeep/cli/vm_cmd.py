@@ -4,16 +4,11 @@ pulls in the VMM drivers and libvirt, which the commands here do not need."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 import click
 
 from vmkeep.cli.lazy import LazyGroup
 from vmkeep.cli.output import ctx_of, emit_json, json_option, kv, read, render, table
 from vmkeep.cli.remote import segment
-
-if TYPE_CHECKING:
-    from vmkeep.engine.context import Context
 
 COLUMNS = ("id", "name", "state", "lcm_state", "host")
 # lifecycle_cmd.COMMANDS' names (a unit test keeps the two the same)
@@ -37,13 +32,7 @@ def vm() -> None:
 @click.pass_context
 def list_cmd(c: click.Context, as_json: bool) -> None:
     """List imported VMs with their current state."""
-
-    def direct(ctx: Context) -> Any:
-        from vmkeep.engine.vms import list_vms
-
-        return list_vms(ctx)
-
-    rows = read(c, "/v1/vms", direct)
+    rows = read(c, "/v1/vms", "vms:list_vms")
     render(rows, as_json, lambda r: table(r, COLUMNS))
 
 
@@ -53,15 +42,9 @@ def list_cmd(c: click.Context, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Show one VM (name or id): state, disks, backup config."""
-
-    def direct(ctx: Context) -> Any:
-        from vmkeep.engine.vms import show_vm
-
-        return show_vm(ctx, ref)
-
     # no VM name holds a "/": the command itself says what is wrong with such a reference
     path = f"/v1/vms/{segment(ref)}" if "/" not in ref else ""
-    render(read(c, path, direct), as_json, kv)
+    render(read(c, path, "vms:show_vm", ref), as_json, kv)
 
 
 @vm.command("import")
