@@ -133,7 +133,7 @@ def test_quiesce_of_a_quiesced_vm_is_409(harness: Harness) -> None:
 
 def test_cancel_a_running_backup_job(harness: Harness) -> None:
     h = harness
-    with daemon(h, {"VMKEEP_FAILPOINTS": "copy=sleep:4"}) as (_proc, client):
+    with daemon(h, {"VMKEEP_FAILPOINTS": "copy=sleep:4"}) as (proc, client):
         h.write()
         job = client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "ds"}).json()["job"]
         wait_job(client, job["id"], {"RUNNING"})
@@ -142,6 +142,16 @@ def test_cancel_a_running_backup_job(harness: Harness) -> None:
         end = wait_job(client, job["id"], {"DONE", "FAILED", "CANCELLED"})
         assert end["state"] == "CANCELLED", end
         assert client.delete(f"/v1/jobs/{job['id']}").status_code == 409
+        h.assert_healthy()
+        # `vmkeep backup cancel VM` of a backup the daemon runs: the job is cancelled, the
+        # daemon itself is not signalled and keeps serving
+        job = client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "ds"}).json()["job"]
+        wait_job(client, job["id"], {"RUNNING"})
+        out = h.run("backup", "cancel", h.vm, "--json").json()
+        assert out["cancelled"] and out["job"] == job["id"] and out["pid"] == proc.pid, out
+        end = wait_job(client, job["id"], {"DONE", "FAILED", "CANCELLED"})
+        assert end["state"] == "CANCELLED" and proc.poll() is None, end
+        assert client.get("/healthz").status_code == 200
     h.assert_healthy()
     h.backup_and_check()
 

@@ -35,7 +35,7 @@ from vmkeep.catalog.locks import holder, lock, pid_alive
 from vmkeep.catalog.tables import Backup, Datastore, Increment, Vm
 from vmkeep.checksums import digest_file
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.engine import quiesce, space
+from vmkeep.engine import jobs, quiesce, space
 from vmkeep.engine.backup_config import BackupConfig, resolve
 from vmkeep.engine.chains import (
     backup_dict,
@@ -569,8 +569,10 @@ def check_space(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
 
 # --- cancel --------------------------------------------------------------------------------------
 def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, Any]:
-    """Cancel the running backup of a VM: signal the vmkeep process that runs it (it aborts the
-    libvirt job and cleans up); if that process is gone, clean up here."""
+    """Cancel the running backup of a VM. A CLI process running it is signalled (it aborts the
+    libvirt job and cleans up, as on Ctrl-C); a daemon running it as a job gets the job's cancel
+    flag (its worker stops the same way; the daemon and its other jobs go on). If no live
+    process runs it, clean up here."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, vm_ref)
         name, vm_id = vm.name, vm.id
@@ -581,11 +583,24 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
         and held.host == socket.gethostname()
         and pid_alive(held.pid)
     ):
-        os.kill(held.pid, signal.SIGTERM)
+        out: dict[str, Any] = {"vm": name, "cancelled": True, "pid": held.pid}
+        served = [j for j in jobs.running_in(ctx, held.pid) if j["origin"] != "cli"]
+        if not served:
+            os.kill(held.pid, signal.SIGTERM)
+        else:  # a daemon: never signal it, cancel its job of this VM
+            job = next((j for j in served if j["kind"] == "backup" and j["target"] == name), None)
+            if job is None:
+                raise BackupFailed(
+                    name,
+                    f"the vmkeep daemon (pid {held.pid}) runs it but no backup job of it is "
+                    "RUNNING; see 'vmkeep jobs list --state RUNNING' and cancel it there",
+                )
+            jobs.cancel(ctx, job["id"])
+            out["job"] = job["id"]
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if holder(ctx.catalog, f"vm:{vm_id}") is None:
-                return {"vm": name, "cancelled": True, "pid": held.pid}
+                return out
             time.sleep(0.2)
         raise BackupFailed(name, f"process {held.pid} did not stop within {wait:.0f} s")
     # No live vmkeep process runs it: undo whatever a dead one left (lock reclaimed if stale).

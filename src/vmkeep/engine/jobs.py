@@ -184,6 +184,18 @@ def cancel(ctx: Context, job_id: int) -> dict[str, Any]:
         return job_dict(j)
 
 
+def running_in(ctx: Context, pid: int) -> list[dict[str, Any]]:
+    """The RUNNING jobs of process ``pid`` on this host: one for a CLI action it records, those
+    of its workers for a daemon (origin other than "cli")."""
+    with ctx.catalog.session() as s:
+        rows = s.execute(
+            select(Job).where(
+                Job.state == RUNNING, Job.host == socket.gethostname(), Job.pid == pid
+            )
+        ).scalars()
+        return [job_dict(j) for j in rows]
+
+
 class _Progress:
     """The progress callback of a running job: writes bytes done/total (every PROGRESS_EVERY s)
     and raises JobCancelled once the job's cancel flag is set."""
