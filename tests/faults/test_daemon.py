@@ -8,6 +8,7 @@ mid-backup leaves no frozen guest, the job FAILED after restart, and the next ba
 from __future__ import annotations
 
 import json
+import re
 import signal
 import socket
 import subprocess
@@ -100,9 +101,10 @@ def test_backup_through_the_api_restores_bit_identical(harness: Harness) -> None
         h.restore_matches(p)
         listed = {j["id"]: j for j in h.run("jobs", "list", "--json").json()}
         assert listed[job["id"]]["state"] == "DONE" and listed[job["id"]]["origin"] == "api"
-        # the CLI restore just above is a job too, newer than the API's
+        # the CLI restore just above is a job too, newer than the API's: the CLI handed it to
+        # the daemon over its socket
         newest = max(listed.values(), key=lambda j: j["id"])
-        assert newest["kind"] == "restore" and newest["origin"] == "cli", newest
+        assert newest["kind"] == "restore" and newest["who"] == "@local", newest
         # bad input: 404 / 422, never 500
         assert client.post("/v1/vms/nope/backup", json={"datastore": "ds"}).status_code == 404
         assert client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "nope"}).status_code == 404
@@ -154,6 +156,72 @@ def test_cancel_a_running_backup_job(harness: Harness) -> None:
         assert client.get("/healthz").status_code == 200
     h.assert_healthy()
     h.backup_and_check()
+
+
+def test_cli_backup_and_restore_run_as_the_daemons_jobs(harness: Harness) -> None:
+    """With a daemon on its catalog, `vmkeep backup` and `vmkeep restore` hand it their action
+    (a job over its socket) and follow it: same output as when they run it themselves; Ctrl-C
+    of the command cancels the job and the daemon cleans up."""
+    h = harness
+    h.backup_and_check()  # in this process (no daemon): the output to compare with
+    direct = h.backup("--reset").json()
+    with daemon(h, {"VMKEEP_FAILPOINTS": "copy=sleep:3"}) as (proc, client):
+        before = max(j["id"] for j in client.get("/v1/jobs").json())
+        p = h.backup_and_check()  # backup and restore, each through the daemon
+        ran = [j for j in client.get("/v1/jobs").json() if j["id"] > before]
+        assert [(j["kind"], j["who"], j["state"]) for j in ran] == [
+            ("restore", "@local", "DONE"),
+            ("backup", "@local", "DONE"),
+        ], ran
+        assert ran[1]["result"]["id"] == p.backup and ran[1]["result"]["increment"] == p.increment
+        res = h.backup("--reset").json()
+        assert res["increment"] == 0 and set(res) == set(direct), (sorted(res), sorted(direct))
+        assert set(res["increments"][0]) == set(direct["increments"][0])
+        # the human line, as printed without a daemon
+        line = h.run("backup", h.vm, "-d", "ds").out
+        assert re.fullmatch(
+            rf"backup {res['id']} increment 1 \(increment of 0\) of {h.vm}: VALID, \d+ bytes, "
+            r"\S+, [\d.]+ s\n",
+            line,
+        ), line
+        # a relative --path is the command's, not the daemon's working directory
+        restored = subprocess.run(
+            [*h.argv("restore", str(res["id"]), "--disk", "vda", "--path", "rel.qcow2")],
+            cwd=h.work, env=h.env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert restored.returncode == 0 and (h.work / "rel.qcow2").stat().st_size > 0, restored
+        (h.work / "rel.qcow2").unlink()
+        # errors: the engine's message and exit code, through the daemon as without it
+        for args in (("backup", "nope", "-d", "ds"), ("backup", h.vm, "-d", "nope")):
+            via, own = h.run(*args, check=None), h.run(*args, check=None, extra=NO_DAEMON)
+            assert (via.code, via.err) == (own.code, own.err) and via.code != 0, (via, own)
+        # Ctrl-C of the command: the daemon's job is cancelled, the VM left as it was
+        h.write()
+        cli = subprocess.Popen(
+            h.argv("backup", h.vm, "-d", "ds", "--json"),
+            env=h.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        job = wait_for_running(client, before)
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=120)
+        assert cli.returncode == 130 and f"cancelling job {job['id']}" in err, (out, err)
+        end = wait_job(client, job["id"], {"DONE", "FAILED", "CANCELLED"})
+        assert end["state"] == "CANCELLED" and proc.poll() is None, end
+        h.assert_healthy()
+    h.backup_and_check()
+
+
+NO_DAEMON = {"VMKEEP_NO_DAEMON": "1"}
+
+
+def wait_for_running(client: httpx.Client, after: int, timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        running = [j for j in client.get("/v1/jobs", params={"state": "RUNNING"}).json()]
+        if any(j["id"] > after for j in running):
+            return next(j for j in running if j["id"] > after)
+        assert time.monotonic() < deadline, "no job started"
+        time.sleep(0.1)
 
 
 def test_sigkill_of_the_daemon_mid_backup(harness: Harness) -> None:

@@ -401,8 +401,11 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         return FastJSON(jobs.list_jobs(ctx(), state))
 
     @app.get("/v1/jobs/{job_id}")
-    def show_job(job_id: Id, who: str = read) -> Any:
-        return FastJSON(jobs.get(ctx(), job_id))
+    def show_job(
+        job_id: Id, wait: float = Query(default=0.0, ge=0, le=jobs.WAIT_MAX), who: str = read
+    ) -> Any:
+        """``?wait=S``: answer when the job has ended, or after S seconds as it is then."""
+        return FastJSON(jobs.wait(ctx(), job_id, wait) if wait else jobs.get(ctx(), job_id))
 
     @app.delete("/v1/jobs/{job_id}")
     def cancel_job(job_id: Id, who: str = require("cancel-job")) -> Any:

@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import click
 
-from vmkeep.cli.output import (
-    ctx_of,
-    emit_json,
-    json_option,
-    render,
-    report_warnings,
-    transfer_progress,
-)
-from vmkeep.engine import backup as engine
-from vmkeep.engine import jobs
+from vmkeep.cli.output import act, ctx_of, emit_json, json_option, render, report_warnings
+from vmkeep.cli.remote import segment
+from vmkeep.model import Warnings
+
+if TYPE_CHECKING:
+    from vmkeep.engine.context import Context
 
 
 class DefaultGroup(click.Group):
@@ -39,21 +38,24 @@ def backup() -> None:
 @json_option
 @click.pass_context
 def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: bool) -> None:
-    """Back up VM to a datastore (full, or an increment per the VM's BACKUP_CONFIG)."""
-    ctx = ctx_of(c)
-    params = {"vm": vm, "datastore": datastore, "reset": reset}
-    with (
-        jobs.recorded(ctx, "backup", vm, params) as job,
-        transfer_progress(f"backup {vm}", as_json) as progress,
-    ):
+    """Back up VM to a datastore (full, or an increment per the VM's BACKUP_CONFIG). A running
+    daemon on this catalog runs it as a job (Ctrl-C cancels it)."""
 
-        def both(done: int, total: int) -> None:
-            progress(done, total)
-            job(done, total)
+    def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
+        from vmkeep.engine.backup import run_backup
 
-        outcome = engine.run_backup(ctx, vm, datastore, reset=reset, progress=both)
-        job.result = outcome.result
-    r = outcome.result
+        outcome = run_backup(ctx, vm, datastore, reset=reset, progress=progress)
+        return outcome.result, outcome.warnings
+
+    body = {"datastore": datastore, "reset": reset}
+    r, warnings = act(
+        c,
+        ("backup", vm, {"vm": vm, **body}),
+        # no VM name holds a "/": the command itself says what is wrong with such a reference
+        (f"/v1/vms/{segment(vm)}/backup", body) if "/" not in vm else None,
+        here,
+        bar=not as_json,
+    )
     if as_json:
         emit_json(r)
     else:
@@ -63,7 +65,7 @@ def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: boo
             f"backup {r['id']} increment {r['increment']} ({kind}) of {r['vm']}: {r['status']}, "
             f"{inc['size']} bytes, {inc['consistency']}, {r['seconds']} s"
         )
-    report_warnings(outcome.warnings)
+    report_warnings(warnings)
 
 
 @backup.command("cancel")
@@ -72,7 +74,9 @@ def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: boo
 @click.pass_context
 def cancel_cmd(c: click.Context, vm: str, as_json: bool) -> None:
     """Cancel the running backup of VM (aborts the job, removes partial files)."""
-    res = engine.cancel_backup(ctx_of(c), vm)
+    from vmkeep.engine.backup import cancel_backup
+
+    res = cancel_backup(ctx_of(c), vm)
     render(
         res,
         as_json,

@@ -125,6 +125,39 @@ def read(
     return jsontext.plain(call(ctx_of(click_ctx), *args))
 
 
+def act(
+    click_ctx: click.Context,
+    job: tuple[str, str, dict[str, Any]],
+    daemon: tuple[str, dict[str, Any]] | None,
+    call: Callable[[Context, Callable[[int, int], None]], tuple[Any, Warnings]],
+    *,
+    bar: bool,
+) -> tuple[Any, Warnings]:
+    """A long action and its warnings. When a daemon serves this catalog, ``daemon`` (``POST
+    path``, body) hands it the action as a job, followed to its end (Ctrl-C cancels it; the
+    daemon cleans up); else ``call(ctx, progress)`` runs here, recorded as ``job`` (kind,
+    target, params). ``bar``: a byte progress bar on a terminal. The result comes as the same
+    JSON values either way (``jsontext``), so the output does not depend on which ran it."""
+    kind, target, params = job
+    with transfer_progress(f"{kind} {target}", not bar) as progress:
+        queued = remote.submit(click_ctx, *daemon) if daemon is not None else None
+        if queued is not None:  # from here on a Ctrl-C cancels the job
+            result, warnings = queued.follow(progress)
+            return result, Warnings(warnings)
+        from vmkeep.engine import jobs
+
+        ctx = ctx_of(click_ctx)
+        with jobs.recorded(ctx, kind, target, params) as recorded:
+
+            def both(done: int, total: int) -> None:
+                progress(done, total)
+                recorded(done, total)
+
+            result, warns = call(ctx, both)
+            recorded.result = result
+    return jsontext.plain(result), warns
+
+
 def report_warnings(warnings: Warnings) -> None:
     """Print warnings on stderr and make the process exit 1 (finished with warnings)."""
     for w in warnings.items:

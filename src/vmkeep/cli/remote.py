@@ -1,8 +1,10 @@
-"""Reads through the daemon on this host, when one runs: the list and show commands ask it over
-its socket in the data dir (``vmkeep daemon``), as ``virsh`` asks libvirtd. Its process has the
-catalog and libvirt loaded, so the command answers in about 0.1 s instead of loading them itself
-(~0.7 s here, mostly SQLAlchemy's import). Without a daemon serving the same catalog, or with
-``VMKEEP_NO_DAEMON=1``, the command reads the catalog itself: same data, same output.
+"""The daemon on this host, when one runs, as ``virsh`` uses libvirtd: the list and show
+commands ask it over its socket in the data dir (``vmkeep daemon``), and ``backup`` and
+``restore`` hand it their action as a job and follow it. Its process has the catalog and libvirt
+loaded, so a read answers in about 0.1 s instead of loading them itself (~0.7 s here, mostly
+SQLAlchemy's import), and an action starts at once, within the daemon's job limits. Without a
+daemon serving the same catalog, or with ``VMKEEP_NO_DAEMON=1``, the command does it itself:
+same data, same output.
 
 Only the standard library and orjson (``jsontext``) here: this module is on the fast path.
 """
@@ -12,7 +14,11 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import signal
 import socket
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -22,7 +28,9 @@ from vmkeep import errors, jsontext, paths
 
 log = logging.getLogger(__name__)
 TIMEOUT = 10.0  # seconds; a daemon that does not answer by then is not waited for
+POLL = 1.0  # seconds a follower waits per request for its job's end (it answers at once then)
 # no daemon, the socket of one that is gone, or another user's (the direct read says what is wrong)
+_STOPS = (signal.SIGINT, signal.SIGTERM)  # what the CLI turns into KeyboardInterrupt
 _ABSENT = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError, PermissionError)
 
 
@@ -44,10 +52,8 @@ def segment(value: str | int) -> str:
     return quote(str(value), safe="")
 
 
-def get(c: click.Context, path: str, **query: str | None) -> Any | None:
-    """The daemon's answer to ``GET path?query`` (parsed JSON), or None when the caller must read
-    the catalog itself: no daemon, a daemon on another catalog, ``VMKEEP_NO_DAEMON``, or a daemon
-    that did not answer as one. An error the daemon reports is raised as the same vmkeep error."""
+def _where(c: click.Context) -> paths.Where | None:
+    """Where this command's daemon would listen, or None when it must not be asked."""
     if os.environ.get("VMKEEP_NO_DAEMON", "") not in ("", "0"):
         return None
     try:
@@ -56,24 +62,46 @@ def get(c: click.Context, path: str, **query: str | None) -> Any | None:
         return None  # the direct path loads the config again and reports what is wrong
     if len(os.fsencode(where.socket)) >= paths.SOCKET_PATH_MAX:
         return None  # too long for a socket: the daemon runs without one
-    args = {k: v for k, v in query.items() if v is not None}
-    target = path + (f"?{urlencode(args)}" if args else "")
-    conn = UnixConnection(str(where.socket))
+    return where
+
+
+def _ask(
+    where: paths.Where, method: str, target: str, body: Any = None, timeout: float = TIMEOUT
+) -> tuple[int, Any]:
+    """One request: (HTTP status, parsed JSON or None). Raises ``_ABSENT`` errors when no
+    daemon listens, other OSError / HTTPException when it did not answer."""
+    headers = {"X-Vmkeep-Catalog": where.key}
+    data = None
+    if body is not None:
+        data, headers["Content-Type"] = jsontext.dumps(body), "application/json"
+    conn = UnixConnection(str(where.socket), timeout)
     try:
-        conn.request("GET", target, headers={"X-Vmkeep-Catalog": where.key})
+        conn.request(method, target, body=data, headers=headers)
         resp = conn.getresponse()
-        status, body = resp.status, resp.read()
+        status, raw = resp.status, resp.read()
+    finally:
+        conn.close()
+    try:
+        return status, jsontext.loads(raw)
+    except ValueError:
+        return status, None
+
+
+def get(c: click.Context, path: str, **query: str | None) -> Any | None:
+    """The daemon's answer to ``GET path?query`` (parsed JSON), or None when the caller must read
+    the catalog itself: no daemon, a daemon on another catalog, ``VMKEEP_NO_DAEMON``, or a daemon
+    that did not answer as one. An error the daemon reports is raised as the same vmkeep error."""
+    where = _where(c)
+    if where is None:
+        return None
+    args = {k: v for k, v in query.items() if v is not None}
+    try:
+        status, data = _ask(where, "GET", path + (f"?{urlencode(args)}" if args else ""))
     except _ABSENT:
         return None
     except (OSError, http.client.HTTPException) as err:
         log.warning("the daemon did not answer on %s (%s); reading the catalog", where.socket, err)
         return None
-    finally:
-        conn.close()
-    try:
-        data = jsontext.loads(body)
-    except ValueError:
-        data = None
     if status == 200 and data is not None:
         return data
     if status in (400, 404, 409, 422) and isinstance(data, dict) and "error" in data:
@@ -82,6 +110,117 @@ def get(c: click.Context, path: str, **query: str | None) -> Any | None:
     # that is no JSON: the command does the read itself (and reports a failure its own way)
     log.debug("the daemon answered HTTP %d; reading the catalog", status)
     return None
+
+
+@contextmanager
+def _held_signals() -> Iterator[list[int]]:
+    """SIGINT and SIGTERM during the block are noted (in the list yielded), not raised."""
+    held: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield held
+        return
+    before = {n: signal.signal(n, lambda num, _f: held.append(num)) for n in _STOPS}
+    try:
+        yield held
+    finally:
+        for n, handler in before.items():
+            signal.signal(n, handler)
+
+
+class Job:
+    """A long action (backup, restore) the daemon runs for this command: ``submit`` queues it,
+    ``follow`` waits for its end. The daemon holds the VM and cleans up whatever happens to this
+    process; Ctrl-C here cancels the job (the daemon stops it as the command would have)."""
+
+    def __init__(self, where: paths.Where, job: dict[str, Any]) -> None:
+        self.where, self.job = where, job
+        self.cancelling = False
+
+    @property
+    def id(self) -> int:
+        return int(self.job["id"])
+
+    def follow(self, progress: Callable[[int, int], None]) -> tuple[dict[str, Any], list[str]]:
+        """Wait for the job's end, reporting its bytes done/total; its result and warnings.
+        Raises the job's error as the command's own, KeyboardInterrupt when it was cancelled."""
+        while self.job["state"] not in ("DONE", "FAILED", "CANCELLED"):
+            try:
+                self._poll()
+                progress(int(self.job["done_bytes"] or 0), int(self.job["total_bytes"] or 0))
+            except KeyboardInterrupt:
+                if self.cancelling:
+                    raise  # a second Ctrl-C: stop waiting (the daemon still cleans up)
+                self.cancel()
+        if self.job["state"] == "CANCELLED":
+            raise KeyboardInterrupt
+        if self.job["state"] == "FAILED":
+            raise _error(500, {"error": self.job["error"] or {}})
+        result = dict(self.job["result"] or {})
+        return result, list(result.pop("warnings", []))
+
+    def _poll(self) -> None:
+        target = f"/v1/jobs/{self.id}?wait={POLL}"
+        try:
+            status, data = _ask(self.where, "GET", target, timeout=TIMEOUT + POLL)
+        except (OSError, http.client.HTTPException) as err:
+            raise self._lost(str(err)) from err
+        if status != 200 or not isinstance(data, dict):
+            raise self._lost(f"HTTP {status}")
+        self.job = data
+
+    def cancel(self) -> None:
+        """Ask the daemon to cancel the job (it stops it as the command would on Ctrl-C)."""
+        self.cancelling = True
+        click.echo(f"vmkeep: cancelling job {self.id} (the daemon stops it)", err=True)
+        try:
+            _ask(self.where, "DELETE", f"/v1/jobs/{self.id}")  # 409: it ended meanwhile
+        except (OSError, http.client.HTTPException) as err:
+            raise self._lost(str(err)) from err
+
+    def _lost(self, why: str) -> errors.VmkeepError:
+        return errors.VmkeepError(
+            f"lost the daemon while following job {self.id} ({why}); the daemon's job goes on "
+            f"or was recovered: see 'vmkeep jobs show {self.id}'"
+        )
+
+
+def submit(c: click.Context, path: str, body: dict[str, Any]) -> Job | None:
+    """Ask the daemon to run a long action (``POST path``): its queued job, or None when the
+    command must run it itself: no daemon, ``VMKEEP_NO_DAEMON``, a daemon on another catalog
+    (421) or not vmkeep's (401/403). Its refusal (unknown VM, wrong state, a value out of
+    range) is raised as the command's own error. Never falls back once the daemon may have
+    queued the job (a timeout, an answer that is not its own): that could run the action twice.
+    A Ctrl-C while the request is under way cancels the job it queued."""
+    where = _where(c)
+    if where is None:
+        return None
+    with _held_signals() as held:  # a Ctrl-C now must not lose a job the daemon just queued
+        try:
+            status, data = _ask(where, "POST", path, body)
+        except _ABSENT:
+            status, data = 0, None
+        except (OSError, http.client.HTTPException) as err:
+            raise errors.VmkeepError(
+                f"the daemon did not answer on {where.socket} ({err}); see 'vmkeep jobs list' "
+                "before trying again, or set VMKEEP_NO_DAEMON=1 to run the command in this "
+                "process"
+            ) from err
+    if status == 202 and isinstance(data, dict) and isinstance(data.get("job"), dict):
+        job = Job(where, data["job"])
+        if held:
+            job.cancel()  # follow() waits for its end and reports the interruption
+        return job
+    if held:
+        raise KeyboardInterrupt
+    if status in (0, 401, 403, 421):
+        log.debug("the daemon answered HTTP %d; running the command here", status)
+        return None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        raise _error(status, data)  # the engine's refusal (unknown VM, wrong state, ...)
+    raise errors.VmkeepError(
+        f"the daemon answered HTTP {status} to {path}; see 'vmkeep jobs list' before trying "
+        "again, or set VMKEEP_NO_DAEMON=1 to run the command in this process"
+    )
 
 
 def _error(status: int, data: dict[str, Any]) -> errors.VmkeepError:

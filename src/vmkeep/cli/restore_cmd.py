@@ -3,12 +3,17 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
 import click
 
-from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings, transfer_progress
-from vmkeep.engine import jobs
-from vmkeep.engine.inplace import run_restore
-from vmkeep.engine.restore import RestoreOptions
+from vmkeep.cli.output import act, json_option, kv, render, report_warnings
+from vmkeep.model import Warnings
+
+if TYPE_CHECKING:
+    from vmkeep.engine.context import Context
 
 
 @click.command()
@@ -52,19 +57,28 @@ from vmkeep.engine.restore import RestoreOptions
 @json_option
 @click.pass_context
 def restore(c: click.Context, backup_id: int, as_json: bool, **opts: object) -> None:
-    """Restore a backup as a new VM, one disk image, or the VM itself (--in-place)."""
-    ctx = ctx_of(c)
-    params = {"backup": backup_id, **{k: v for k, v in opts.items() if v not in (None, False)}}
-    with (
-        jobs.recorded(ctx, "restore", str(backup_id), params) as job,
-        transfer_progress(f"restore {backup_id}", as_json or not opts.get("instant")) as bar,
-    ):
+    """Restore a backup as a new VM, one disk image, or the VM itself (--in-place). A running
+    daemon on this catalog runs it as a job (Ctrl-C cancels it), except --instant."""
+    given = {k: v for k, v in opts.items() if v is not None and v is not False}  # --increment 0
+    params: dict[str, Any] = {"backup": backup_id, **given}
+    if isinstance(opts.get("path"), str):  # the daemon's working directory is not this one
+        path = str(opts["path"])
+        params["path"] = os.path.abspath(path) + ("/" if path.endswith("/") and path != "/" else "")
 
-        def both(done: int, total: int) -> None:
-            bar(done, total)
-            job(done, total)
+    def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
+        from vmkeep.engine.inplace import run_restore
+        from vmkeep.engine.restore import RestoreOptions
 
-        res, warnings = run_restore(ctx, backup_id, RestoreOptions(**opts), both)  # type: ignore[arg-type]
-        job.result = res
+        return run_restore(ctx, backup_id, RestoreOptions(**opts), progress)  # type: ignore[arg-type]
+
+    body = {k: v for k, v in params.items() if k != "backup"}
+    res, warnings = act(
+        c,
+        ("restore", str(backup_id), params),
+        # --instant runs the VM on the backup while it copies: in this process, as before
+        (f"/v1/backups/{backup_id}/restore", body) if not opts.get("instant") else None,
+        here,
+        bar=not as_json and bool(opts.get("instant")),
+    )
     render(res, as_json, kv)
     report_warnings(warnings)

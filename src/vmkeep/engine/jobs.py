@@ -14,7 +14,6 @@ data and checkpoint removed). After a crash the daemon marks its host's dead RUN
 from __future__ import annotations
 
 import getpass
-import json
 import logging
 import os
 import socket
@@ -28,6 +27,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
+from vmkeep import jsontext
 from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Job
 from vmkeep.engine.context import Context
@@ -52,6 +52,9 @@ class JobCancelled(KeyboardInterrupt):
 # Set when this process queues a job: the daemon's idle workers claim it at once instead of at
 # their next look at the queue (jobs queued by other processes wait for that look).
 WAKE = threading.Event()
+# Notified when a job of this process ends: a client waiting for it (``wait``) answers at once.
+ENDED = threading.Condition()
+WAIT_MAX = 30.0  # seconds a request may wait for a job's end
 
 
 def job_dict(j: Job) -> dict[str, Any]:
@@ -109,6 +112,20 @@ def get(ctx: Context, job_id: int) -> dict[str, Any]:
         if j is None:
             raise JobNotFound(job_id)
         return job_dict(j)
+
+
+def wait(ctx: Context, job_id: int, seconds: float) -> dict[str, Any]:
+    """The job once it has ended, or as it is after ``seconds`` (at most WAIT_MAX): a client
+    follows a job with one request per period instead of polling, and learns its end at once
+    when this process runs it (jobs of other processes are looked at every 0.25 s)."""
+    deadline = time.monotonic() + min(max(seconds, 0.0), WAIT_MAX)
+    while (job := get(ctx, job_id))["state"] not in FINAL:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        with ENDED:
+            ENDED.wait(min(left, 0.25))
+    return job
 
 
 def list_jobs(ctx: Context, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
@@ -242,13 +259,15 @@ def _finish(
         if progress is not None:  # the last bytes done/total, in the same transaction
             j.done_bytes, j.total_bytes = progress.done, progress.total
         if result is not None:
-            j.result = json.loads(json.dumps(result, default=str))  # datetimes, enums -> text
+            j.result = jsontext.plain(result)  # as the CLI's --json writes it (dates ISO)
             j.progress = 1.0
         if err is not None and state == FAILED:
             j.error = str(err)
             j.error_code = type(err).__name__
         if state == CANCELLED:
             j.error, j.error_code = "cancelled", "Cancelled"
+    with ENDED:
+        ENDED.notify_all()
 
 
 def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, Any]:
