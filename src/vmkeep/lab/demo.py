@@ -9,6 +9,7 @@ over SFTP to a real sshd on loopback) and backs up once more through the daemon'
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -156,11 +157,34 @@ def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> 
                 f"{res['status']} in {res['seconds']} s"
             )
             _read_through_the_daemon(ctx, name, env, say)
+            _cli_backup_through_the_daemon(api, name, env, say)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
         tokens.revoke(ctx, token_name)
     say("vmkeep daemon stopped (SIGTERM)")
+
+
+def _cli_backup_through_the_daemon(
+    api: httpx.Client, name: str, env: dict[str, str], say: Callable[[str], None]
+) -> None:
+    """``vmkeep backup`` while the daemon runs: the command hands the backup to the daemon as a
+    job over its socket and follows it (Ctrl-C would cancel the job)."""
+    argv = [sys.executable, "-m", "vmkeep.cli.main", "backup", name, "-d", DEMO_DATASTORE]
+    t0 = time.monotonic()
+    proc = subprocess.run([*argv, "--json"], env=env, capture_output=True, text=True)
+    took = time.monotonic() - t0
+    if proc.returncode:
+        raise LabError(f"vmkeep backup failed: {proc.stderr.strip()[-500:]}")
+    res = json.loads(proc.stdout)
+    job = api.get("/v1/jobs").json()[0]  # newest first
+    how = "in its own process (no daemon answered)"
+    if job["who"] == "@local" and (job["result"] or {}).get("increment") == res["increment"]:
+        how = f"as the daemon's job {job['id']}"
+    say(
+        f"  vmkeep backup {name}: increment {res['increment']} {res['status']}, run {how}, "
+        f"{took:.2f} s from command start to exit"
+    )
 
 
 def _read_through_the_daemon(
