@@ -22,7 +22,7 @@ STEP = 0.05  # seconds a freeze or a backupBegin takes here
 
 def _job(name: str) -> MemberJob:
     cfg = SimpleNamespace(fs_freeze=FsFreeze.AGENT)
-    return MemberJob(VMS.index(name), name, 0, cfg, [], offline=False)  # type: ignore[arg-type]
+    return MemberJob(VMS.index(name), name, 0, cfg, [], offline=False, driver=None)  # type: ignore[arg-type]
 
 
 class Recorder:

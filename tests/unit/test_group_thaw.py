@@ -10,7 +10,7 @@ from vmkeep.errors import HypervisorError
 
 
 def _job(name: str) -> MemberJob:
-    return MemberJob(vm_id=0, name=name, ds_id=0, cfg=None, disks=[], offline=False)  # type: ignore[arg-type]
+    return MemberJob(vm_id=0, name=name, ds_id=0, cfg=None, disks=[], offline=False, driver=None)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("parallel", [False, True])

@@ -329,8 +329,9 @@ def _rebase(
         staged.append(f)
 
 
-def _finish(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
+def _finish(ctx: Context, job: MemberJob) -> None:
     plan, disks, staging, q, steps = job.plan, job.disks, job.staging, job.q, job.steps
+    driver = job.driver
     assert plan is not None and staging is not None
     files: list[dict[str, Any]] = []
     staged: list[Path] = []
@@ -405,6 +406,7 @@ class MemberJob:
     cfg: BackupConfig
     disks: list[DiskInfo]
     offline: bool
+    driver: DatastoreDriver  # the datastore's (where to stage and store)
     reset: bool = False
     plan: Plan | None = None
     staging: Path | None = None
@@ -414,7 +416,6 @@ class MemberJob:
     steps: Steps = field(default_factory=Steps)  # wall time per step (result "steps_ms")
     capacity: dict[str, int] = field(default_factory=dict)  # disk target -> virtual size
     allocated: dict[str, int] = field(default_factory=dict)  # disk target -> image allocation
-    driver: DatastoreDriver | None = None  # the datastore's (where to stage)
 
 
 def prepare_job(
@@ -431,9 +432,7 @@ def prepare_job(
     disks = select_disks(info, cfg)
     offline = info.state == VmState.POWEROFF
     memory = cfg.memory and not offline
-    return MemberJob(
-        vm.id, vm.name, ds_id, cfg, disks, offline, reset, memory=memory, driver=driver
-    )
+    return MemberJob(vm.id, vm.name, ds_id, cfg, disks, offline, driver, reset, memory=memory)
 
 
 def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
@@ -442,7 +441,6 @@ def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
     # leftover with the planned name would make backupBegin fail.
     prune_checkpoints(ctx, job.vm_id, job.name)
     job.plan = plan_backup(ctx, job.vm_id, job.ds_id, job.cfg, job.disks, job.reset, warnings)
-    assert job.driver is not None
     job.staging = _prepare_staging(ctx, job.driver, job.plan)
     _create_targets(ctx, job)
     job.domain_xml = ctx.hv.domain_xml(job.name, inactive=True)
@@ -479,15 +477,15 @@ def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warni
         job.q = _begin(ctx, job, fs_freeze, warnings)
 
 
-def finish_job(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
+def finish_job(ctx: Context, job: MemberJob) -> None:
     assert job.plan is not None and job.staging is not None
-    _finish(ctx, driver, job)
+    _finish(ctx, job)
     shutil.rmtree(job.staging, ignore_errors=True)
 
 
-def fail_job(ctx: Context, driver: DatastoreDriver, job: MemberJob, err: BaseException) -> None:
+def fail_job(ctx: Context, job: MemberJob, err: BaseException) -> None:
     if job.plan is not None:
-        _fail(ctx, driver, job.name, job.plan, err)
+        _fail(ctx, job.driver, job.name, job.plan, err)
 
 
 def after_success(ctx: Context, job: MemberJob) -> dict[str, Any]:
@@ -535,7 +533,7 @@ def run_backup(
                             ctx.hv.start(vm.name, paused=True)
                     try:
                         with step("space check"):
-                            check_space(ctx, driver, job)
+                            check_space(ctx, job)
                         with step("begin"):
                             begin_job(ctx, job, job.cfg.fs_freeze, warnings)
                         with step("copy"):
@@ -543,10 +541,10 @@ def run_backup(
                     finally:
                         if job.offline:
                             ctx.hv.destroy(vm.name)
-                    finish_job(ctx, driver, job)
+                    finish_job(ctx, job)
                     elapsed = time.monotonic() - t0
                 except BaseException as err:
-                    fail_job(ctx, driver, job, err)
+                    fail_job(ctx, job, err)
                     if isinstance(err, (VmkeepError, KeyboardInterrupt)):
                         raise
                     raise BackupFailed(vm.name, err) from err
@@ -560,11 +558,11 @@ def run_backup(
     return out
 
 
-def check_space(ctx: Context, driver: DatastoreDriver, job: MemberJob) -> None:
+def check_space(ctx: Context, job: MemberJob) -> None:
     """Refuse early when staging or datastore cannot hold the backup (domain must be active)."""
     assert job.plan is not None and job.staging is not None
     need = space.estimate(ctx, job.name, job.disks, job.plan.incremental_from, job.allocated)
-    space.check(ctx, driver, job.staging, need)
+    space.check(ctx, job.driver, job.staging, need)
 
 
 # --- cancel --------------------------------------------------------------------------------------

@@ -365,7 +365,7 @@ def run_group_backup(
                     progress,
                 )
             except BaseException as err:
-                _fail_all(ctx, driver, gb_id, group_name, jobs, timing, err)
+                _fail_all(ctx, gb_id, group_name, jobs, timing, err)
             out.result = _record_end(ctx, gb_id, jobs, timing, BackupStatus.VALID)
             for j in jobs:
                 after_success(ctx, j)
@@ -419,7 +419,7 @@ def _run(
 
     def finish(j: MemberJob) -> None:
         with _member(j.name):
-            finish_job(ctx, driver, j)
+            finish_job(ctx, j)
 
     workers = min(len(jobs), os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as ex:
@@ -429,7 +429,6 @@ def _run(
 
 def _fail_all(
     ctx: Context,
-    driver: DatastoreDriver,
     gb_id: int,
     group_name: str,
     jobs: list[MemberJob],
@@ -443,7 +442,7 @@ def _fail_all(
     reason = "cancelled" if cancelled else str(cause) or type(cause).__name__
     for j in jobs:
         try:
-            fail_job(ctx, driver, j, cause)
+            fail_job(ctx, j, cause)
         except Exception as e:  # keep cleaning up the other members
             log.error("clean-up of %s failed: %s", j.name, e)
     status = BackupStatus.CANCELLED if cancelled else BackupStatus.FAILED
