@@ -10,7 +10,9 @@ vmkeep's own per-step breakdown (``steps_ms`` of ``backup --json``) follow the t
 
 Baselines: ``qemu-img convert -O qcow2`` of the VM's disk, alone and followed by an fsync of its
 output (a backup is durable when it finishes; QEMU's backup job and vmkeep flush, qemu-img does
-not), and libvirt's raw push backup job (``backupBegin`` and wait, no vmkeep code). --peers adds
+not), libvirt's raw push backup job (``backupBegin`` and wait, no vmkeep code), and the QEMU job
+inside the same vmkeep backup (its ``copy`` step: the time vmkeep adds around it, free of the
+run-to-run swings of this machine's disk and memory). --peers adds
 virtnbdbackup (``-l copy``, Debian's package) and restic 0.14 (``restic backup`` of the same disk
 image into a local repository) on the same VM in the same run.
 
@@ -177,7 +179,7 @@ def main() -> None:
         modes = [m for m in ("warm", "cold") if args.only in (None, m)]
         for mode in modes:
             b = Bench(work, env, cold=(mode == "cold"))
-            t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic", "d-full", "d-push", "d-inc", "d-noop", "d-restore")}  # fmt: skip
+            t: dict[str, list[float]] = {k: [] for k in ("convert", "convert+fsync", "push", "full", "inc", "noop", "restore", "restore-convert", "version", "virtnbdbackup", "restic", "d-full", "d-push", "d-inc", "d-noop", "d-restore", "job", "d-job")}  # fmt: skip
             st: dict[str, list[int]] = {}
             d_st: dict[str, list[int]] = {}
             inc_st: dict[str, list[int]] = {}
@@ -191,6 +193,7 @@ def main() -> None:
                     t["push"].append(b.push_job(dom))
                 dt, res = b.vmkeep("backup", NAME, "-d", "ds", "--reset")
                 t["full"].append(dt)
+                t["job"].append(res["steps_ms"]["copy"] / 1000)
                 if run % 2 == 1:
                     t["push"].append(b.push_job(dom))
                 for k, v in res["steps_ms"].items():
@@ -228,6 +231,7 @@ def main() -> None:
                         t["d-push"].append(b.push_job(dom))
                     dt, res = through_daemon(env_daemon, "backup", d.vmkeep("backup", NAME, "-d", "ds", "--reset"))  # fmt: skip
                     t["d-full"].append(dt)
+                    t["d-job"].append(res["steps_ms"]["copy"] / 1000)
                     for k, v in res["steps_ms"].items():
                         d_st.setdefault(k, []).append(v)
                     if run % 2 == 1:
@@ -245,6 +249,7 @@ def main() -> None:
                 ("full / qemu-img convert", "<= 1.0 cold, <= 2 warm", ratios(t["full"], t["convert"])),
                 ("full / convert + fsync", "", ratios(t["full"], t["convert+fsync"])),
                 ("full / raw libvirt push job", "<= 1.1", ratios(t["full"], t["push"])),
+                ("full / its own QEMU job (copy step)", "", ratios(t["full"], t["job"])),
                 ("push job / qemu-img convert", "(QEMU's own limit)", ratios(t["push"], t["convert"])),
                 (f"incremental ({args.change_mib} MiB) / full, net of no-op", "<= 0.08",
                  ratios([max(x - noop, 0.0) for x in t["inc"]], net)),
@@ -252,6 +257,7 @@ def main() -> None:
                 ("no-op command (backups list), s", "<= 0.25", t["noop"]),
                 ("vmkeep --version, s", "<= 0.15", t["version"]),
                 ("(daemon) full / raw libvirt push job", "<= 1.1", ratios(t["d-full"], t["d-push"])),
+                ("(daemon) full / its own QEMU job (copy step)", "", ratios(t["d-full"], t["d-job"])),
                 ("(daemon) full / qemu-img convert", "<= 1.0 cold, <= 2 warm", ratios(t["d-full"], t["convert"])),
                 (f"(daemon) incremental ({args.change_mib} MiB) / full, net of no-op", "<= 0.08",
                  ratios([max(x - d_noop, 0.0) for x in t["d-inc"]], [max(x - d_noop, 1e-3) for x in t["d-full"]])),

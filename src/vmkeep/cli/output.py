@@ -68,9 +68,13 @@ def render(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
 
 
 @contextmanager
-def transfer_progress(description: str, as_json: bool) -> Iterator[Callable[[int, int], None]]:
-    """A byte progress bar on stderr (only on a terminal, never with --json); yields the
-    ``progress(done, total)`` callback the engine calls."""
+def transfer_progress(description: str, quiet: bool) -> Iterator[Callable[[int, int], None]]:
+    """A byte progress bar on stderr (only on a terminal, never when ``quiet``, e.g. --json);
+    yields the ``progress(done, total)`` callback the engine calls. Without a bar rich is not
+    loaded."""
+    if quiet or not sys.stderr.isatty():
+        yield lambda _done, _total: None
+        return
     from rich.progress import (
         BarColumn,
         DownloadColumn,
@@ -86,7 +90,6 @@ def transfer_progress(description: str, as_json: bool) -> Iterator[Callable[[int
         TransferSpeedColumn(),
         TimeRemainingColumn(),
         console=_consoles()[1],
-        disable=as_json or not _consoles()[1].is_terminal,
         transient=True,
     ) as bar:
         task = bar.add_task(description, total=None)
