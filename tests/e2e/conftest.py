@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import pytest
 
 from vmkeep.errors import HypervisorUnreachable
@@ -100,3 +105,33 @@ def vmkeep(clean_env: Path) -> object:
         return res
 
     return run
+
+
+@contextmanager
+def running_daemon() -> Iterator[tuple[subprocess.Popen[str], httpx.Client]]:
+    """A real ``vmkeep daemon`` on loopback and on its socket in the test's data dir, with an
+    httpx client of its API; stopped with SIGTERM (exit 0)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vmkeep.cli.main", "daemon", "--listen", f"127.0.0.1:{port}"],
+        env=dict(os.environ),
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if c.get("/healthz").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline and proc.poll() is None, "no daemon"
+                time.sleep(0.2)
+            yield proc, c
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0

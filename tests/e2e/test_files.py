@@ -15,7 +15,7 @@ import pytest
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
 
-from .conftest import LAB_DIR, PREFIX
+from .conftest import LAB_DIR, PREFIX, running_daemon
 
 VM = f"{PREFIX}files"
 
@@ -185,55 +185,24 @@ def test_gpt_disk_with_two_partitions(vmkeep, backed_up, gpt_disk, tmp_path: Pat
 
 def test_files_through_the_api(vmkeep, backed_up) -> None:
     """A real daemon on loopback: list a folder and download a file of a restore point."""
-    import signal
-    import socket
-    import sys
-    import time
-
-    import httpx
-
     bid, want = backed_up
     viewer = vmkeep("token", "create", "v", "--role", "viewer", "--json").json()["token"]
     operator = vmkeep("token", "create", "o", "--role", "operator", "--json").json()["token"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vmkeep.cli.main", "daemon", "--listen", f"127.0.0.1:{port}"],
-        env=dict(os.environ),
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=base, timeout=120) as c:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if c.get("/healthz").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert time.monotonic() < deadline and proc.poll() is None
-                time.sleep(0.2)
-            op = {"Authorization": f"Bearer {operator}"}
-            listed = c.get(f"/v1/backups/{bid}/files", params={"path": "/sub"}, headers=op)
-            assert listed.status_code == 200, listed.text
-            assert {e["path"] for e in listed.json()["entries"]} == {
-                "/sub/big.bin",
-                "/sub/hello.txt",
-            }
-            got = c.get(
-                f"/v1/backups/{bid}/files/content", params={"path": "/sub/big.bin"}, headers=op
-            )
-            assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == want["big"]
-            bad = c.get(f"/v1/backups/{bid}/files/content", params={"path": "/evil"}, headers=op)
-            assert bad.status_code == 422 and bad.json()["error"]["code"] == "InvalidValue"
-            seen = c.get(
-                f"/v1/backups/{bid}/files",
-                headers={"Authorization": f"Bearer {viewer}"},
-            )
-            assert seen.status_code == 403  # a guest's files need more than a viewer
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
+    with running_daemon() as (_proc, c):
+        op = {"Authorization": f"Bearer {operator}"}
+        listed = c.get(f"/v1/backups/{bid}/files", params={"path": "/sub"}, headers=op)
+        assert listed.status_code == 200, listed.text
+        assert {e["path"] for e in listed.json()["entries"]} == {
+            "/sub/big.bin",
+            "/sub/hello.txt",
+        }
+        got = c.get(f"/v1/backups/{bid}/files/content", params={"path": "/sub/big.bin"}, headers=op)
+        assert got.status_code == 200 and hashlib.sha256(got.content).hexdigest() == want["big"]
+        bad = c.get(f"/v1/backups/{bid}/files/content", params={"path": "/evil"}, headers=op)
+        assert bad.status_code == 422 and bad.json()["error"]["code"] == "InvalidValue"
+        seen = c.get(
+            f"/v1/backups/{bid}/files",
+            headers={"Authorization": f"Bearer {viewer}"},
+        )
+        assert seen.status_code == 403  # a guest's files need more than a viewer
     assert "disk.raw" not in sh("losetup", "-a")

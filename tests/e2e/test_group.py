@@ -29,7 +29,7 @@ from vmkeep.hypervisor.native import LibvirtHypervisor
 from vmkeep.lab import Lab
 from vmkeep.lab.lab import read_file_from_image
 
-from .conftest import PREFIX
+from .conftest import PREFIX, running_daemon
 
 MEMBERS = [f"{PREFIX}g{i}" for i in (1, 2, 3)]
 
@@ -291,7 +291,14 @@ def test_group_restore_then_ordered_start_and_stop(
     vmkeep, group: str, trio: list[str], lab: Lab, hv: Hypervisor
 ) -> None:
     marks = {vm: lab.write_random(vm, "/mnt/vda/mark", 1) for vm in trio}
-    gb = vmkeep("group", "backup", group, "-d", "ds", "--json").json()
+    # with a daemon on the catalog, `vmkeep group backup` is the daemon's job (its API's
+    # group backup route, run by one of its workers)
+    with running_daemon() as (_proc, api):
+        gb = vmkeep("group", "backup", group, "-d", "ds", "--json").json()
+        token = vmkeep("token", "create", "t", "--role", "viewer", "--json").json()["token"]
+        job = api.get("/v1/jobs", headers={"Authorization": f"Bearer {token}"}).json()[0]
+        assert (job["kind"], job["who"], job["state"]) == ("group-backup", "@local", "DONE"), job
+        assert job["result"]["id"] == gb["id"] and gb["status"] == "VALID", (job, gb)
     restored = vmkeep("group", "restore", str(gb["id"]), "--json").json()
     new = [r["vm"] for r in restored["members"]]
     assert new == [f"{vm}-g{gb['id']}" for vm in trio]

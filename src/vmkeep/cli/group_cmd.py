@@ -3,20 +3,18 @@ start/stop."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from vmkeep.cli.output import (
-    ctx_of,
-    emit_json,
-    json_option,
-    render,
-    report_warnings,
-    table,
-    transfer_progress,
-)
-from vmkeep.engine import groups, jobs
+from vmkeep.cli.output import act, ctx_of, emit_json, json_option, render, report_warnings, table
+from vmkeep.cli.remote import segment
+from vmkeep.engine import groups
+from vmkeep.model import Warnings
+
+if TYPE_CHECKING:
+    from vmkeep.engine.context import Context
 
 
 @click.group()
@@ -153,30 +151,25 @@ def delete_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 def backup_cmd(
     c: click.Context, ref: str, datastore: str, parallel_freeze: bool, reset: bool, as_json: bool
 ) -> None:
-    """Back up every member at one consistent cut: freeze in order, begin all, thaw in reverse."""
-    from vmkeep.engine.group_backup import run_group_backup
+    """Back up every member at one consistent cut: freeze in order, begin all, thaw in reverse.
+    A running daemon on this catalog runs it as a job (Ctrl-C cancels it)."""
 
-    ctx = ctx_of(c)
-    params = {"group": ref, "datastore": datastore, "parallel_freeze": parallel_freeze}
-    with (
-        jobs.recorded(ctx, "group-backup", ref, params | {"reset": reset}) as job,
-        transfer_progress(f"group backup {ref}", as_json) as progress,
-    ):
-
-        def both(done: int, total: int) -> None:
-            progress(done, total)
-            job(done, total)
+    def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
+        from vmkeep.engine.group_backup import run_group_backup
 
         out = run_group_backup(
-            ctx,
-            ref,
-            datastore,
-            parallel_freeze=parallel_freeze,
-            reset=reset,
-            progress=both,
+            ctx, ref, datastore, parallel_freeze=parallel_freeze, reset=reset, progress=progress
         )
-        job.result = out.result
-    r = out.result
+        return out.result, out.warnings
+
+    body = {"datastore": datastore, "parallel_freeze": parallel_freeze, "reset": reset}
+    r, warnings = act(
+        c,
+        ("group-backup", ref, {"group": ref, **body}),
+        (f"/v1/groups/{segment(ref)}/backup", body) if "/" not in ref else None,
+        here,
+        bar=not as_json,
+    )
     if as_json:
         emit_json(r)
     else:
@@ -191,7 +184,7 @@ def backup_cmd(
                 f"  {m['vm']}: backup {m['backup']} increment {m['increment']}, "
                 f"{m['consistency']}{frozen}"
             )
-    report_warnings(out.warnings)
+    report_warnings(warnings)
 
 
 @group.command("backups")
