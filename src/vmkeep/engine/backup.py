@@ -66,6 +66,7 @@ from vmkeep.errors import (
     BackupFailed,
     CheckpointInvalid,
     VmkeepError,
+    WrongState,
 )
 from vmkeep.faults import failpoint
 from vmkeep.hypervisor.backup_xml import backup_xml, checkpoint_xml
@@ -593,7 +594,10 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
                     f"the vmkeep daemon (pid {held.pid}) runs it but no backup job of it is "
                     "RUNNING; see 'vmkeep jobs list --state RUNNING' and cancel it there",
                 )
-            jobs.cancel(ctx, job["id"])
+            try:
+                jobs.cancel(ctx, job["id"])
+            except WrongState:  # it ended between the two looks
+                return {"vm": name, "cancelled": False, "reason": "the backup ended meanwhile"}
             out["job"] = job["id"]
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
