@@ -11,16 +11,18 @@ import tempfile
 import uuid
 from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, select
 from sqlalchemy.orm import Session, joinedload, object_session
 
 from vmkeep.catalog.tables import Backup, Drill, GroupBackup, GroupBackupMember, Increment
-from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.context import Context
 from vmkeep.errors import IncrementDamaged, IncrementNotFound, WrongState
 from vmkeep.model import BackupMode, BackupStatus
+
+if TYPE_CHECKING:  # the drivers (pydantic models, ~70 ms) are not needed to read the catalog
+    from vmkeep.datastores import DatastoreDriver
 
 CHECKPOINT_PREFIX = "vmkeep-"
 
