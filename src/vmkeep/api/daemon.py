@@ -19,6 +19,7 @@ from pathlib import Path
 
 import uvicorn
 
+from vmkeep import gctune
 from vmkeep.api.app import create_app
 from vmkeep.config import Config
 from vmkeep.engine import jobs, lifecycle
@@ -168,6 +169,7 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
     bound = local_socket(config.socket)
     sock = bound[0] if bound is not None else None
     local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    gctune.for_daemon()
     pool.append(threading.Thread(target=_monitor, args=(config, stop), name="monitor", daemon=True))
     for t in pool:
         t.start()

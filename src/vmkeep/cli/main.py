@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from vmkeep import __version__
+from vmkeep import __version__, gctune
 from vmkeep.cli.lazy import LazyGroup
 from vmkeep.errors import EXIT_INTERRUPTED, VmkeepError
 
@@ -62,6 +62,7 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    gctune.for_command()
     signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0
     try:
