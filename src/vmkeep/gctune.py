@@ -5,7 +5,7 @@ those looks at older objects too. Reading the catalog builds many containers at 
 ``backups list`` of 10,000 increments: ~300,000 dicts, lists and rows, none of them in a
 cycle), so the default setting ran hundreds of collections per list, each walking what is
 alive, the daemon's loaded modules (FastAPI, SQLAlchemy, libvirt) included: 35-40 % of the
-daemon's answer to ``GET /v1/backups`` (0.45 s -> 0.27 s median, docs/benchmarks.md).
+daemon's answer to ``GET /v1/backups`` (0.45 s -> 0.23 s median, docs/benchmarks.md).
 
 - every process: a collection every 50,000 new containers (cycles still get collected; at
   most a few MB of cyclic garbage waits for it);

@@ -21,7 +21,7 @@ from vmkeep.engine.context import Context
 from vmkeep.errors import IncrementDamaged, IncrementNotFound, WrongState
 from vmkeep.model import BackupMode, BackupStatus
 
-if TYPE_CHECKING:  # the drivers (pydantic models, ~70 ms) are not needed to read the catalog
+if TYPE_CHECKING:  # reading the catalog needs no driver (nor their pydantic models)
     from vmkeep.datastores import DatastoreDriver
 
 CHECKPOINT_PREFIX = "vmkeep-"
