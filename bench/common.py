@@ -26,7 +26,8 @@ VK = [sys.executable, "-m", "vmkeep.cli.main"]  # a vmkeep command, in this inte
 def workspace() -> tuple[Path, dict[str, str]]:
     """A fresh folder under /var/lib/vmkeep (QEMU, an unprivileged user, must reach staging
     files there) and the environment for vmkeep commands that keeps their catalog in it."""
-    work = Path(tempfile.mkdtemp(prefix="vmkeep-bench-", dir="/var/lib/vmkeep"))
+    Path("/var/lib/vmkeep").mkdir(parents=True, exist_ok=True)  # absent on a fresh machine
+    work = Path(tempfile.mkdtemp(prefix=PREFIX, dir="/var/lib/vmkeep"))
     work.chmod(0o755)
     (work / "c.toml").write_text("version = 1\n")
     env = dict(os.environ, VMKEEP_DATA_DIR=str(work / "data"), VMKEEP_CONFIG=str(work / "c.toml"))

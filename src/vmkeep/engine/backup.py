@@ -5,7 +5,8 @@
    (a missing/inconsistent checkpoint falls back to a new full chain with a warning);
 3. quiesce (agent freeze / suspend / nothing) around ``backupBegin`` only, undone in ``finally``;
 4. wait for the push job with progress; Ctrl-C, SIGTERM or ``backup cancel`` abort it;
-5. rebase increments onto their parent file, checksum, hand to the datastore driver;
+5. checksum the written images (an increment's names its parent file as backing file from its
+   creation on), hand them to the datastore driver;
 6. VALID only after the driver confirmed; then checkpoint clean-up and retention.
 
 A powered-off VM is started *paused* (no guest code runs) so libvirt's backup job and persistent
@@ -310,16 +311,13 @@ def _prepare_staging(ctx: Context, driver: DatastoreDriver, plan: Plan) -> Path:
     raise BackupFailed("?", f"cannot create a staging folder in {candidates[-1].parent}")
 
 
-def _rebase(
+def _canonical(
     driver: DatastoreDriver, plan: Plan, disks: list[DiskInfo], staging: Path, staged: list[Path]
 ) -> None:
-    """Each increment's backing name made relative to its chain (its parent's file name)."""
+    """The written images, in ``staged``; a full's rewritten in guest order for a deduplicating
+    store. (An increment's target names its parent as backing file since it was created.)"""
     for d in disks:
         f = staging / disk_file(plan.seq, d.target)
-        if plan.parent is not None:  # a full's target was created without a backing file
-            backing = ["-b", disk_file(plan.parent, d.target), "-F", "qcow2"]
-            rebase = ["rebase", "-u", "-f", "qcow2", *backing, str(f)]
-            qemu_img(*rebase, what=" ".join(rebase), error=partial(BackupFailed, "?"))
         if plan.parent is None and "dedup" in driver.capabilities:
             # QEMU's backup job lays clusters out in the order its parallel copies finish, so
             # two fulls of the same disk differ byte-wise; a deduplicating store needs the same
@@ -336,8 +334,8 @@ def _finish(ctx: Context, job: MemberJob) -> None:
     assert plan is not None and staging is not None
     files: list[dict[str, Any]] = []
     staged: list[Path] = []
-    with steps.step("rebase"):
-        _rebase(driver, plan, disks, staging, staged)
+    with steps.step("canonical"):
+        _canonical(driver, plan, disks, staging, staged)
     xml_file = staging / f"{plan.seq}.domain.xml"
     xml_file.write_text(job.domain_xml)
     staged.append(xml_file)
@@ -450,15 +448,19 @@ def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
 def _create_targets(ctx: Context, job: MemberJob) -> None:
     """The backup job's target images, made here so that backupBegin (inside the freeze window)
     only opens them: libvirt creating them itself took ~0.1 s per disk of frozen time. A full's
-    target is an empty image of the disk's size; an increment's too (its backing file is set by
-    the rebase after the copy)."""
-    assert job.plan is not None and job.staging is not None
+    target is an empty image of the disk's size; an increment's names its parent's file (in the
+    chain's folder, next to it once stored) as its backing file. libvirt opens a reused target
+    without its backing chain, so QEMU never looks for that file in the staging folder."""
+    plan = job.plan
+    assert plan is not None and job.staging is not None
     for d in job.disks:
-        target = job.staging / disk_file(job.plan.seq, d.target)
+        target = job.staging / disk_file(plan.seq, d.target)
         size, job.allocated[d.target] = ctx.hv.disk_size(job.name, d.target)
         job.capacity[d.target] = size
-        create = ["create", "-q", "-f", "qcow2", "-o", "compat=1.1", str(target), str(size)]
-        qemu_img(*create, error=partial(BackupFailed, job.name))
+        create = ["create", "-q", "-f", "qcow2", "-o", "compat=1.1"]
+        if plan.parent is not None:  # -u: the parent is not where this file is being made
+            create += ["-u", "-b", disk_file(plan.parent, d.target), "-F", "qcow2"]
+        qemu_img(*create, str(target), str(size), error=partial(BackupFailed, job.name))
 
 
 def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> None:

@@ -12,7 +12,7 @@
 5. when every job has begun, thaw in reverse order (concurrently with ``parallel_freeze``), in
    ``finally``, with retries.
    A watchdog process thaws them too if this process dies while they are frozen;
-6. wait for all jobs together, then rebase/checksum/store the members in parallel (CPU count);
+6. wait for all jobs together, then checksum/store the members in parallel (CPU count);
 7. one group backup = one restore point naming each member's backup and increment, with the
    freeze window per member and for the group (first freeze -> last thaw).
 
