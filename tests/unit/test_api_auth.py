@@ -105,6 +105,33 @@ def test_tokens_are_stored_hashed(clean_env: Path) -> None:
         tokens.authenticate(ctx, f"Bearer {secret}")
 
 
+def test_last_used_is_written_once_a_minute_not_per_request(clean_env: Path) -> None:
+    """A read must not be a write transaction: concurrent clients queued on SQLite's lock."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import event, update
+
+    from vmkeep.catalog.tables import Token
+
+    ctx = Context(load_config())
+    secret = tokens.create(ctx, "t", "viewer")["token"]
+    header = f"Bearer {secret}"
+    tokens.authenticate(ctx, header)
+    first = tokens.list_tokens(ctx)[0]["last_used"]
+    assert first is not None
+    writes: list[str] = []
+    listen = event.listens_for(ctx.catalog.engine, "before_cursor_execute")
+    listen(lambda _c, _cur, sql, *_a: writes.append(sql) if sql.startswith("UPDATE") else None)
+    for _ in range(5):
+        assert tokens.authenticate(ctx, header) == ("t", "viewer")
+    assert writes == [] and tokens.list_tokens(ctx)[0]["last_used"] == first
+    old = datetime.now(UTC) - tokens.LAST_USED_STEP - timedelta(seconds=1)
+    with ctx.catalog.session() as s:
+        s.execute(update(Token).values(last_used_at=old))
+    tokens.authenticate(ctx, header)
+    assert tokens.list_tokens(ctx)[0]["last_used"] > old + tokens.LAST_USED_STEP
+
+
 def test_metrics_need_a_token_and_show_the_queue(setup: tuple[TestClient, dict[str, str]]) -> None:
     client, secrets = setup
     assert client.get("/metrics").status_code == 401

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
@@ -24,6 +24,9 @@ from vmkeep.model import ROLES
 from vmkeep.names import check_name
 
 PREFIX = "vmk_"
+# ``tokens list`` shows when a token was last used to this precision: writing the time on every
+# request made each GET a write transaction, and concurrent clients queued on SQLite's lock
+LAST_USED_STEP = timedelta(seconds=60)
 
 # action -> least role; "read" covers every GET.
 POLICY: dict[str, str] = {
@@ -102,7 +105,9 @@ def authenticate(ctx: Context, header: str | None) -> tuple[str, str]:
         t = s.execute(select(Token).where(Token.digest == digest)).scalar_one_or_none()
         if t is None or not hmac.compare_digest(t.digest, digest):
             raise Unauthorized("unknown or revoked token")
-        t.last_used_at = datetime.now(UTC)
+        now = datetime.now(UTC)
+        if t.last_used_at is None or now - t.last_used_at >= LAST_USED_STEP:
+            t.last_used_at = now  # else a read stays a read: no write per request
         return t.name, t.role
 
 
