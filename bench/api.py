@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -101,6 +102,7 @@ def main() -> None:
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=60)
+        shutil.rmtree(work, ignore_errors=True)
     print(f"API on loopback: {args.vms} VMs in the catalog, {args.clients} clients, "
           f"{args.seconds:.0f} s, {os.cpu_count()} cores (client and server share them)")  # fmt: skip
     for path in ("/v1/vms", "/v1/jobs"):
