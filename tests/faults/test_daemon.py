@@ -200,6 +200,7 @@ def test_cli_backup_and_restore_run_as_the_daemons_jobs(harness: Harness) -> Non
         cli = subprocess.Popen(
             h.argv("backup", h.vm, "-d", "ds", "--json"),
             env=h.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            preexec_fn=ctrl_c_as_at_a_terminal,
         )  # fmt: skip
         job = wait_for_running(client, before)
         cli.send_signal(signal.SIGINT)
@@ -212,6 +213,14 @@ def test_cli_backup_and_restore_run_as_the_daemons_jobs(harness: Harness) -> Non
 
 
 NO_DAEMON = {"VMKEEP_NO_DAEMON": "1"}
+
+
+def ctrl_c_as_at_a_terminal() -> None:
+    """In the child before exec: SIGINT's default action, as a command typed at a terminal has.
+    A test run started in the background by a shell (``cmd &``) ignores SIGINT, the child
+    would inherit that, and Python keeps an ignored SIGINT ignored (it is the convention for
+    background jobs): the Ctrl-C this test sends would be lost."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_for_running(client: httpx.Client, after: int, timeout: float = 60) -> dict[str, Any]:

@@ -12,6 +12,32 @@ from vmkeep.catalog.tables import Base, Lock
 from vmkeep.errors import Locked
 
 
+def test_revision_is_read_when_another_process_creates_it_meanwhile(tmp_path: Path) -> None:
+    """Two daemons starting on a new catalog: this one's SELECT fails (no table yet), the
+    other's migration commits the table before this one looks for it; it is read, not an error."""
+    import sqlite3
+
+    from sqlalchemy import event
+
+    db = tmp_path / "c.db"
+    cat = Catalog(f"sqlite:///{db}", migrate=False)
+
+    def other_process_commits(_ctx: object) -> None:
+        if (
+            not (other := sqlite3.connect(db))
+            .execute("PRAGMA table_info(alembic_version)")
+            .fetchall()
+        ):
+            other.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+            other.execute("INSERT INTO alembic_version VALUES ('0042')")
+            other.commit()
+        other.close()
+
+    event.listen(cat.engine, "handle_error", other_process_commits)
+    assert cat.current_revision() == "0042"
+    assert Catalog(f"sqlite:///{tmp_path / 'empty.db'}", migrate=False).current_revision() is None
+
+
 def test_migrations_reach_head_and_match_models(tmp_path: Path) -> None:
     cat = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
     assert cat.current_revision() == HEAD_REVISION

@@ -72,9 +72,11 @@ class Catalog:
                 except (OperationalError, ProgrammingError):
                     # no such table (SQLite: OperationalError, PostgreSQL: ProgrammingError)?
                     conn.rollback()
-                    if inspect(conn).has_table("alembic_version"):
-                        raise
-                    return None
+                    if not inspect(conn).has_table("alembic_version"):
+                        return None
+                    # it is there now: another process's migration committed it meanwhile
+                    # (two daemons starting on a new catalog); a second failure is an error
+                    return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except SQLAlchemyError as err:
             raise CatalogError(f"cannot read {self.display_url}: {err}") from err
 
