@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,3 +27,23 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config.write_text("version = 1\n")
     monkeypatch.setenv("VMKEEP_CONFIG", str(config))
     return data
+
+
+@pytest.fixture
+def updated_rows() -> Callable[[Any], list[Any]]:
+    """``updated_rows(engine)``: a list that from now on gets one entry (its parameters) per row
+    an UPDATE statement on ``engine`` writes, for tests that a read writes nothing."""
+
+    def watch(engine: Any) -> list[Any]:
+        from sqlalchemy import event
+
+        rows: list[Any] = []
+
+        def noted(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
+            if sql.startswith("UPDATE"):
+                rows.extend(params if many else [params])
+
+        event.listen(engine, "before_cursor_execute", noted)
+        return rows
+
+    return watch

@@ -3,7 +3,9 @@ the routes used here answer before any hypervisor call)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -105,11 +107,13 @@ def test_tokens_are_stored_hashed(clean_env: Path) -> None:
         tokens.authenticate(ctx, f"Bearer {secret}")
 
 
-def test_last_used_is_written_once_a_minute_not_per_request(clean_env: Path) -> None:
+def test_last_used_is_written_once_a_minute_not_per_request(
+    clean_env: Path, updated_rows: Callable[[Any], list[Any]]
+) -> None:
     """A read must not be a write transaction: concurrent clients queued on SQLite's lock."""
     from datetime import UTC, datetime, timedelta
 
-    from sqlalchemy import event, update
+    from sqlalchemy import update
 
     from vmkeep.catalog.tables import Token
 
@@ -119,9 +123,7 @@ def test_last_used_is_written_once_a_minute_not_per_request(clean_env: Path) -> 
     tokens.authenticate(ctx, header)
     first = tokens.list_tokens(ctx)[0]["last_used"]
     assert first is not None
-    writes: list[str] = []
-    listen = event.listens_for(ctx.catalog.engine, "before_cursor_execute")
-    listen(lambda _c, _cur, sql, *_a: writes.append(sql) if sql.startswith("UPDATE") else None)
+    writes = updated_rows(ctx.catalog.engine)
     for _ in range(5):
         assert tokens.authenticate(ctx, header) == ("t", "viewer")
     assert writes == [] and tokens.list_tokens(ctx)[0]["last_used"] == first

@@ -3,10 +3,11 @@ what it returns and what it writes must agree with ``vm show``'s refresh of one 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import event, select
+from sqlalchemy import select
 
 from vmkeep.catalog.tables import Vm
 from vmkeep.config import load_config
@@ -44,7 +45,9 @@ ROWS = {  # name: (state, lcm_state, state_file) in the catalog
 }
 
 
-def test_list_returns_and_writes_what_libvirt_says(clean_env: Path) -> None:
+def test_list_returns_and_writes_what_libvirt_says(
+    clean_env: Path, updated_rows: Callable[[Any], list[Any]]
+) -> None:
     config = load_config()
     live = {n: running(n, paused=n == "paused") for n in ("stays", "paused", "busy")}
     ctx = Context(config, _hv=Domains(live))  # type: ignore[arg-type]
@@ -52,14 +55,7 @@ def test_list_returns_and_writes_what_libvirt_says(clean_env: Path) -> None:
         for name, (state, lcm, state_file) in ROWS.items():
             s.add(Vm(name=name, uuid=f"uuid-{name}", host_uri="qemu:///system", state=state,
                      lcm_state=lcm, state_file=state_file, backup_config={"mode": "increment"}))  # fmt: skip
-    updates: list[Any] = []
-    listen = event.listens_for(ctx.catalog.engine, "before_cursor_execute")
-
-    def noted(_c: Any, _cur: Any, sql: str, params: Any, _ctx: Any, many: bool) -> None:
-        if sql.startswith("UPDATE"):
-            updates.extend(params if many else [params])  # one row per parameter set
-
-    listen(noted)
+    updates = updated_rows(ctx.catalog.engine)
     listed = {d["name"]: (d["state"], d["lcm_state"]) for d in vms.list_vms(ctx)}
     want = {
         "stays": (VmState.ACTIVE, LcmState.RUNNING),

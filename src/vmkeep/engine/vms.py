@@ -59,8 +59,7 @@ def _observed(
     else:
         new, lcm = states_of(info)
         if (state in OFF_HOST or state_file) and new != VmState.ACTIVE:
-            return state, lcm_state  # saved (SUSPENDED) or off the host: only a running
-            # domain says else
+            return state, lcm_state  # saved or off the host: only a running domain says else
     return new, lcm_state if lcm_state in BUSY_STATES else lcm
 
 
