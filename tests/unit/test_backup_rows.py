@@ -107,8 +107,13 @@ def test_a_sessions_unflushed_changes_are_shown(clean_env: Path) -> None:
         b.status = "DAMAGED"
         b.increments[0].error = "changed, not flushed"
         shown = backup_dict(b)
+        new = Backup(vm_id=b.vm_id, datastore_id=b.datastore_id, chain="vm2/2", mode="FULL",
+                     status="RUNNING")  # fmt: skip
+        s.add(new)
+        added = backup_dict(new)  # not flushed yet: it has no id
     assert shown["status"] == "DAMAGED"
     assert shown["increments"][0]["error"] == "changed, not flushed"
+    assert (added["chain"], added["vm"], added["increments"]) == ("vm2/2", "vm2", [])
 
 
 def test_times_written_with_a_zone_are_read_in_utc(clean_env: Path) -> None:

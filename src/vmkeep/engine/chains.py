@@ -296,6 +296,7 @@ def backup_dict(b: Backup) -> dict[str, Any]:
     """The row of one backup its session holds."""
     s = object_session(b)
     assert s is not None, "backup_dict needs the backup's session"
+    s.flush()  # a new backup gets its id
     return backup_dicts(s, Backup.id == b.id)[0]
 
 
