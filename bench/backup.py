@@ -41,18 +41,19 @@ from pathlib import Path
 
 import libvirt
 
-from common import PREFIX, VK, daemon, drop_caches, lab_workspace, spread  # bench/ on sys.path
+from common import (  # bench/ is on sys.path
+    PREFIX,
+    VK,
+    daemon,
+    drop_caches,
+    fsync,
+    lab_workspace,
+    push_job,
+    spread,
+)
 from vmkeep.cli.remote import UnixConnection
 
 NAME = f"{PREFIX}4g"
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Bench:
@@ -91,20 +92,11 @@ class Bench:
         """libvirt's push backup job alone: backupBegin to a new qcow2, wait for it."""
         target = self.work / "push.qcow2"
         target.unlink(missing_ok=True)
-        xml = (
-            "<domainbackup mode='push'><disks><disk name='vda' backup='yes' type='file'>"
-            f"<target file='{target}'/><driver type='qcow2'/></disk></disks></domainbackup>"
-        )
         if self.cold:
             drop_caches()
         t0 = time.perf_counter()
-        dom.backupBegin(xml, None, 0)
-        while dom.jobStats(0).get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
-            time.sleep(0.005)
+        push_job(dom, target)
         dt = time.perf_counter() - t0
-        info = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        if info.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
-            sys.exit(f"raw push job did not complete: {info}")
         target.unlink()
         return dt
 

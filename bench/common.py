@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from vmkeep.hypervisor import connect
 from vmkeep.lab import Lab
@@ -56,6 +57,38 @@ def drop_caches() -> None:
     """Cold runs: write back and drop the page cache (root)."""
     subprocess.run(["sync"], check=True)
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def wait_no_job(dom: Any) -> None:
+    """Until the libvirt domain ``dom`` runs no job (a backup job ended or was aborted)."""
+    import libvirt
+
+    while dom.jobStats(0).get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
+        time.sleep(0.005)
+
+
+def push_job(dom: Any, target: Path, flags: int = 0) -> None:
+    """libvirt's push backup job of disk vda to ``target`` (qcow2), waited for; exits the
+    benchmark unless it completed. ``flags``: REUSE_EXTERNAL for a pre-created target."""
+    import libvirt
+
+    xml = (
+        "<domainbackup mode='push'><disks><disk name='vda' backup='yes' type='file'>"
+        f"<target file='{target}'/><driver type='qcow2'/></disk></disks></domainbackup>"
+    )
+    dom.backupBegin(xml, None, flags)
+    wait_no_job(dom)
+    info = dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+    if info.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
+        sys.exit(f"push job did not complete: {info}")
 
 
 def spread(values: list[float]) -> str:

@@ -37,28 +37,24 @@ from pathlib import Path
 
 import libvirt
 
-from common import PREFIX, drop_caches, lab_workspace, spread  # bench/ is on sys.path
+from common import (  # bench/ is on sys.path
+    PREFIX,
+    drop_caches,
+    fsync,
+    lab_workspace,
+    push_job,
+    spread,
+    wait_no_job,
+)
 
 NAME = f"{PREFIX}modes"
 SIZE = 4 << 30
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Modes:
     def __init__(self, work: Path, dom: libvirt.virDomain, data_mib: int) -> None:
         self.work, self.dom, self.data_mib = work, dom, data_mib
         self.out = work / "out.qcow2"
-
-    def _idle(self) -> None:
-        while self.dom.jobStats(0).get("type", 0) != libvirt.VIR_DOMAIN_JOB_NONE:
-            time.sleep(0.005)
 
     def _checked(self, t0: float) -> float:
         fsync(self.out)
@@ -78,16 +74,8 @@ class Modes:
             argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, str(self.out), str(SIZE)]
             subprocess.run(argv, check=True)
             flags = libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL
-        xml = (
-            "<domainbackup mode='push'><disks><disk name='vda' backup='yes' type='file'>"
-            f"<target file='{self.out}'/><driver type='qcow2'/></disk></disks></domainbackup>"
-        )
         t0 = time.perf_counter()
-        self.dom.backupBegin(xml, None, flags)
-        self._idle()
-        info = self.dom.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-        if info.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
-            sys.exit(f"push job did not complete: {info}")
+        push_job(self.dom, self.out, flags)
         return self._checked(t0)
 
     def pull(self, reader: str) -> float:
@@ -117,7 +105,7 @@ class Modes:
                 subprocess.run(argv, check=True)
         finally:
             self.dom.abortJob()  # a pull backup ends when its reader is done
-            self._idle()
+            wait_no_job(self.dom)
         dt = self._checked(t0)
         scratch.unlink(missing_ok=True)
         return dt

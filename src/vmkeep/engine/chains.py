@@ -227,16 +227,14 @@ def last_drills(s: Session, backup_ids: Sequence[int]) -> dict[int, dict[int, di
     return out
 
 
-# What a point's row shows, in its JSON's order: the columns, then the keys they are shown as.
-_INCREMENT_SHOWN = (
-    Increment.seq, Increment.parent, Increment.status, Increment.checkpoint, Increment.size,
-    Increment.consistency, Increment.freeze_ms, Increment.started_at, Increment.finished_at,
-    Increment.error, Increment.files,
-)  # fmt: skip
-_INCREMENT_KEYS = (
-    "id", "parent", "status", "checkpoint", "size", "consistency", "freeze_ms", "started",
-    "finished", "error", "files",
-)  # fmt: skip
+# What a point's row shows, in its JSON's order: key -> column.
+_INCREMENT_SHOWN: dict[str, Any] = {
+    "id": Increment.seq, "parent": Increment.parent, "status": Increment.status,
+    "checkpoint": Increment.checkpoint, "size": Increment.size,
+    "consistency": Increment.consistency, "freeze_ms": Increment.freeze_ms,
+    "started": Increment.started_at, "finished": Increment.finished_at, "error": Increment.error,
+    "files": Increment.files,
+}  # fmt: skip
 
 
 def _increment_rows(s: Session, backup_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:
@@ -247,23 +245,22 @@ def _increment_rows(s: Session, backup_ids: Sequence[int]) -> dict[int, list[dic
     conn = s.connection()
     for ids in _batches(backup_ids):
         rows = conn.execute(
-            select(*_INCREMENT_SHOWN, Increment.backup_id)
+            select(*_INCREMENT_SHOWN.values(), Increment.backup_id)
             .where(Increment.backup_id.in_(ids))
             .order_by(Increment.backup_id, Increment.seq)
         ).all()
         for r in rows:  # zip stops at the keys: the last column, backup_id, is not shown
-            out.setdefault(r[-1], []).append(dict(zip(_INCREMENT_KEYS, r, strict=False)))
+            out.setdefault(r[-1], []).append(dict(zip(_INCREMENT_SHOWN, r, strict=False)))
     return out
 
 
-_BACKUP_SHOWN = (
-    Backup.id, Vm.name, Backup.vm_id, Vm.uuid, Datastore.name, Backup.chain, Backup.mode,
-    Backup.status, Backup.active_flatten, Backup.created_at, Backup.finished_at, Backup.error,
-)  # fmt: skip
-_BACKUP_KEYS = (
-    "id", "vm", "vm_id", "vm_uuid", "datastore", "chain", "mode", "status", "active_flatten",
-    "created", "finished", "error",
-)  # fmt: skip
+# What a backup's row shows besides its points, in its JSON's order: key -> column.
+_BACKUP_SHOWN: dict[str, Any] = {
+    "id": Backup.id, "vm": Vm.name, "vm_id": Backup.vm_id, "vm_uuid": Vm.uuid,
+    "datastore": Datastore.name, "chain": Backup.chain, "mode": Backup.mode,
+    "status": Backup.status, "active_flatten": Backup.active_flatten,
+    "created": Backup.created_at, "finished": Backup.finished_at, "error": Backup.error,
+}  # fmt: skip
 
 
 def backup_dicts(s: Session, *where: Any) -> list[dict[str, Any]]:
@@ -273,7 +270,7 @@ def backup_dicts(s: Session, *where: Any) -> list[dict[str, Any]]:
     rows = (
         s.connection()
         .execute(
-            select(*_BACKUP_SHOWN)
+            select(*_BACKUP_SHOWN.values())
             .join(Vm, Vm.id == Backup.vm_id)
             .join(Datastore, Datastore.id == Backup.datastore_id)
             .where(*where)
@@ -285,7 +282,7 @@ def backup_dicts(s: Session, *where: Any) -> list[dict[str, Any]]:
     incs, groups, drills = _increment_rows(s, ids), group_points(s, ids), last_drills(s, ids)
     out = []
     for r in rows:
-        d = dict(zip(_BACKUP_KEYS, r, strict=True))
+        d = dict(zip(_BACKUP_SHOWN, r, strict=True))
         g, dr = groups.get(r[0], {}), drills.get(r[0], {})
         d["increments"] = [_shown(i, g.get(i["id"]), dr.get(i["id"])) for i in incs.get(r[0], [])]
         out.append(d)
