@@ -67,6 +67,10 @@ class ApiConfig(_Section):
     tls_cert: Path | None = None  # PEM certificate (chain): serve HTTPS
     tls_key: Path | None = None  # PEM private key of tls_cert
     policy: dict[str, str] = {}  # action -> least role, e.g. quiesce = "admin"
+    # bounds on every client (docs/security.md): a larger body is a 413 before it is read
+    max_body_bytes: int = Field(default=2 << 20, ge=1024, le=1 << 30)
+    max_streams_per_token: int = Field(default=4, ge=1, le=1000)  # ?wait= and /v1/events at once
+    max_queued_per_token: int = Field(default=50, ge=1, le=100000)  # QUEUED jobs a token may have
 
     @field_validator("policy")
     @classmethod
@@ -102,6 +106,24 @@ IMPORTED_VMS_ACTIONS = [
 
 class VmmConfig(_Section):
     imported_vms_actions: list[str] = Field(default_factory=lambda: list(IMPORTED_VMS_ACTIONS))
+    # the places an admin names for operators (docs/security.md): disk-attach sources, and the
+    # libvirt networks and host bridges a NIC may join; the data dir's images/ and restores/
+    # are always image places
+    image_paths: list[Path] = []
+    networks: list[str] = ["default"]
+    bridges: list[str] = []
+    # a domain XML with <qemu:commandline>, host devices or host folders is refused unless true
+    allow_raw_xml: bool = False
+
+
+class RestoreConfig(_Section):
+    # folders an operator may restore into besides the data dir's restores/ (an admin: anywhere)
+    allowed_paths: list[Path] = []
+
+
+class MountConfig(_Section):
+    # the kernel file-system drivers ``vmkeep mount`` lets a guest's image reach
+    fs_types: list[str] = ["ext4", "ext3", "ext2", "xfs", "btrfs", "vfat"]
 
 
 class MonitorConfig(_Section):
@@ -125,6 +147,8 @@ class Config(_Section):
     lab: LabConfig = LabConfig()
     hosts: list[HostConfig] = []
     vmm: VmmConfig = VmmConfig()
+    restore: RestoreConfig = RestoreConfig()
+    mount: MountConfig = MountConfig()
     monitor: MonitorConfig = MonitorConfig()
 
     @field_validator("data_dir")

@@ -36,6 +36,9 @@ keeps the two in sync.
     ├── InsufficientSpace         21  507
     ├── Unauthorized              22  401
     ├── Forbidden                 23  403
+    │   └── NotPermitted
+    ├── RequestTooLarge           28  413
+    ├── TooManyRequests           29  429
     ├── Refused                   25  409
     ├── DrillFailed               26  422
     └── LabError                  19  500
@@ -271,6 +274,24 @@ class Forbidden(VmkeepError):
 
     exit_code = 23
     http_status = 403
+
+
+class NotPermitted(Forbidden):
+    """{} refused: {}. {}"""
+
+
+class RequestTooLarge(VmkeepError):
+    """Request body too large: {} bytes, the limit is {} ([api] max_body_bytes)."""
+
+    exit_code = 28
+    http_status = 413
+
+
+class TooManyRequests(VmkeepError):
+    """Too many {} for token '{}': {} at most ({}); wait for some to end."""
+
+    exit_code = 29
+    http_status = 429
 
 
 class LabError(VmkeepError):

@@ -1,0 +1,207 @@
+"""Who may reach what on the host: the places an admin names for operators, and the domain XML
+vmkeep will define. The API, the CLI and the job runners call these; docs/security.md states the
+model they enforce:
+
+- admin = root on the host: the CLI run by the catalog's owner, or an admin token;
+- operator = runs and restores inside the places an admin named: restore destinations under the
+  data dir's ``restores/`` or ``[restore] allowed_paths``, disk images under ``[vmm] image_paths``
+  (and the data dir's ``images/`` and ``restores/``), NICs on ``[vmm] networks`` / ``bridges``;
+  never replacing a file vmkeep did not create;
+- viewer = reads, without file contents.
+
+Every path is resolved (symlinks followed, ``..`` removed) before it is compared with a place, so
+a link inside an allowed folder cannot lead out of it. Refusals are ``NotPermitted`` (403) and
+name the setting an admin would change.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import xml.etree.ElementTree as ET
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkeep.config import Config
+from vmkeep.errors import InvalidValue, NotPermitted
+from vmkeep.model import ROLES
+
+# a file vmkeep wrote carries this extended attribute: an operator's --force may replace it
+MARK = "user.vmkeep.created"
+ROLE_KEY = "actor_role"  # job params: the role of whoever queued the job (set by the API)
+QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
+
+
+@dataclass(frozen=True)
+class Actor:
+    """Who asks: a token's name and role, or the local admin (the catalog's owner)."""
+
+    name: str
+    role: str
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+LOCAL_ADMIN = Actor("@local", "admin")
+
+
+def actor_of(params: Mapping[str, Any]) -> Actor:
+    """The actor a job's params name (the API sets ``actor_role``); the local admin otherwise
+    (the CLI runs in-process with the catalog owner's rights)."""
+    role = params.get(ROLE_KEY)
+    if role is None:
+        return LOCAL_ADMIN
+    if role not in ROLES:
+        raise InvalidValue(ROLE_KEY, role, f"use one of {', '.join(ROLES)}")
+    return Actor(str(params.get("actor", "")), str(role))
+
+
+def resolved(path: str | Path) -> Path:
+    """``path`` absolute, ``~`` expanded, every symlink of its existing part followed."""
+    return Path(os.path.realpath(os.path.expanduser(str(path))))
+
+
+def _inside(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == r or r in path.parents for r in roots)
+
+
+def restore_roots(config: Config) -> list[Path]:
+    return [resolved(config.data_dir / "restores"), *map(resolved, config.restore.allowed_paths)]
+
+
+def image_roots(config: Config) -> list[Path]:
+    base = [config.data_dir / "images", config.data_dir / "restores"]
+    return [resolved(p) for p in [*base, *config.vmm.image_paths]]
+
+
+def check_restore_destination(config: Config, actor: Actor, dest: Path, force: bool) -> None:
+    """An operator's restore writes only under the restore places, and replaces (``--force``)
+    only files vmkeep created; an admin may write anywhere."""
+    if actor.is_admin:
+        return
+    real = resolved(dest)
+    roots = restore_roots(config)
+    if not _inside(real, roots):
+        raise NotPermitted(
+            f"restore to {dest}",
+            f"operators restore under {', '.join(map(str, roots))}",
+            "Choose a path there, or an admin adds the folder to [restore] allowed_paths.",
+        )
+    if force and real.is_file() and not created_by_vmkeep(real):
+        raise NotPermitted(
+            f"replacing {dest}",
+            "vmkeep did not create that file",
+            "Choose a new path, or an admin restores with --force.",
+        )
+    if force and real.is_dir():
+        for entry in real.rglob("*"):
+            if entry.is_file() and not created_by_vmkeep(entry):
+                raise NotPermitted(
+                    f"writing into {dest}",
+                    f"it holds {entry}, which vmkeep did not create",
+                    "Choose an empty or new folder, or an admin restores with --force.",
+                )
+
+
+def mark_created(path: Path) -> None:
+    """Note on ``path`` that vmkeep wrote it (an operator may later replace it). A file system
+    without user extended attributes keeps no mark: only an admin may then replace the file."""
+    try:
+        os.setxattr(path, MARK, b"1", follow_symlinks=False)
+    except OSError as err:
+        if err.errno not in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            raise
+
+
+def created_by_vmkeep(path: Path) -> bool:
+    try:
+        return os.getxattr(path, MARK, follow_symlinks=False) == b"1"
+    except OSError:
+        return False
+
+
+def check_image_source(config: Config, actor: Actor, source: str) -> None:
+    """An operator attaches only images under the image places."""
+    if actor.is_admin:
+        return
+    roots = image_roots(config)
+    if not _inside(resolved(source), roots):
+        raise NotPermitted(
+            f"disk attach of {source}",
+            f"operators attach images under {', '.join(map(str, roots))}",
+            "Move the image there, or an admin adds its folder to [vmm] image_paths.",
+        )
+
+
+def check_nic(config: Config, actor: Actor, bridge: str | None, network: str | None) -> None:
+    """An operator's NIC joins only an allowed libvirt network or host bridge."""
+    if actor.is_admin:
+        return
+    if bridge and bridge not in config.vmm.bridges:
+        raise NotPermitted(
+            f"NIC on bridge {bridge!r}",
+            f"operators may use bridges {config.vmm.bridges or 'none'}",
+            "An admin adds the bridge to [vmm] bridges.",
+        )
+    if not bridge and (network or "default") not in config.vmm.networks:
+        raise NotPermitted(
+            f"NIC on network {network or 'default'!r}",
+            f"operators may use networks {config.vmm.networks or 'none'}",
+            "An admin adds the network to [vmm] networks.",
+        )
+
+
+def check_delete_disk(config: Config, path: str) -> bool:
+    """Whether terminate may delete a disk: only one vmkeep created (marked, or inside the
+    data dir's image places)."""
+    real = resolved(path)
+    return created_by_vmkeep(real) or _inside(real, image_roots(config))
+
+
+# --- domain XML ------------------------------------------------------------------------------
+def raw_xml_findings(xml: str) -> list[str]:
+    """What in a domain XML reaches past a VM's own images: QEMU pass-through, host devices,
+    host folders and block devices, character devices on host device nodes."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as err:
+        raise InvalidValue("domain XML", xml[:60], f"not well-formed XML ({err})") from err
+    found: list[str] = []
+    for el in root.iter():
+        tag = str(el.tag)
+        if tag.startswith(f"{{{QEMU_NS}}}"):
+            found.append(f"<qemu:{tag.split('}', 1)[1]}>")
+    devices = root.find("devices")
+    if devices is None:
+        return found
+    for el in devices:
+        kind = el.get("type", "")
+        if el.tag in ("hostdev", "filesystem", "shmem", "redirdev", "smartcard"):
+            found.append(f"<{el.tag}>")
+        elif el.tag == "disk" and kind in ("block", "dir", "volume"):
+            found.append(f"<disk type='{kind}'>")
+        elif el.tag == "disk" and el.find("source[@dev]") is not None:
+            found.append("<disk> on a host device")
+        elif el.tag == "interface" and kind in ("direct", "hostdev", "ethernet", "vhostuser"):
+            found.append(f"<interface type='{kind}'>")
+        elif el.tag in ("serial", "parallel", "console", "channel") and kind == "dev":
+            found.append(f"<{el.tag} type='dev'>")
+    return found
+
+
+def check_domain_xml(config: Config, xml: str, what: str) -> None:
+    """Refuse a domain XML that passes host resources to the guest unless ``[vmm]
+    allow_raw_xml`` (then an admin has said the XML is as trusted as root)."""
+    if config.vmm.allow_raw_xml:
+        return
+    found = raw_xml_findings(xml)
+    if found:
+        raise NotPermitted(
+            what,
+            f"the domain XML has {', '.join(sorted(set(found)))}",
+            "Remove them, or an admin sets [vmm] allow_raw_xml = true.",
+        )
