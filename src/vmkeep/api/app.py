@@ -31,13 +31,13 @@ from vmkeep import __version__, jsontext
 from vmkeep.config import Config
 from vmkeep.engine import backups, datastores, files, groups, jobs, lifecycle, stored, tokens, vms
 from vmkeep.engine.context import Context
+from vmkeep.engine.trust import LOCAL_ADMIN, ROLE_KEY, Actor
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.errors import VmkeepError
 from vmkeep.paths import daemon_key
 
 # catalog ids are 64-bit integers: a larger one is bad input (422), not a database error
 Id = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
-LOCAL = "@local"  # who a request on the daemon's own socket is (no token name starts with @)
 EVENT_POLL = 0.5  # seconds between catalog looks of /v1/events
 
 
@@ -159,14 +159,14 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     own_key = daemon_key(config.catalog_url, config.libvirt.uri)
 
     def require(action: str) -> Any:
-        def check(request: Request, authorization: str | None = Header(default=None)) -> str:
+        def check(request: Request, authorization: str | None = Header(default=None)) -> Actor:
             if local_socket is not None and request.scope.get("server") == local_server:
                 if request.headers.get("x-vmkeep-catalog", own_key) != own_key:
                     raise StarletteHTTPException(421, "this daemon serves another catalog or host")
-                return LOCAL
+                return LOCAL_ADMIN  # the daemon's user: who could open the catalog itself
             name, role = tokens.authenticate(ctx(), authorization)
             tokens.authorize(name, role, action, config.api.policy)
-            return name
+            return Actor(name, role)
 
         return Depends(check)
 
@@ -177,8 +177,10 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
             {"job": jsonable(job)}, status_code=202, headers={"Location": f"/v1/jobs/{job['id']}"}
         )
 
-    def enqueue(kind: str, target: str, params: dict[str, Any], who: str) -> JSONResponse:
-        return accepted(jobs.enqueue(ctx(), kind, target, params, "api", who))
+    def enqueue(kind: str, target: str, params: dict[str, Any], who: Actor) -> JSONResponse:
+        # the runner applies the actor's places (engine/trust.py) again when the job runs
+        params = {**params, ROLE_KEY: who.role, "actor": who.name}
+        return accepted(jobs.enqueue(ctx(), kind, target, params, "api", who.name))
 
     # --- health --------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -187,22 +189,22 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
 
     # --- VMs -----------------------------------------------------------------------------------
     @app.get("/v1/vms")
-    def list_vms(who: str = read) -> Any:
+    def list_vms(who: Actor = read) -> Any:
         return FastJSON(vms.list_vms(ctx()))
 
     @app.get("/v1/vms/{vm}")
-    def show_vm(vm: str, who: str = read) -> Any:
+    def show_vm(vm: str, who: Actor = read) -> Any:
         return FastJSON(vms.show_vm(ctx(), vm))
 
     @app.post("/v1/vms/{vm}/backup", status_code=202)
-    def backup_vm(vm: str, body: BackupRequest, who: str = require("backup")) -> JSONResponse:
+    def backup_vm(vm: str, body: BackupRequest, who: Actor = require("backup")) -> JSONResponse:
         c = ctx()
         name = vms.check_action(c, vm, "backup")
         datastores.check_exists(c, body.datastore)  # 404 now, not a failed job later
         return enqueue("backup", name, {"vm": name, **body.model_dump()}, who)
 
     def quiesce_route(action: str) -> Callable[[str], JSONResponse]:
-        def route(vm: str, who: str = require(action)) -> JSONResponse:
+        def route(vm: str, who: Actor = require(action)) -> JSONResponse:
             name = vms.check_action(ctx(), vm, action)
             return enqueue(action, name, {"vm": name}, who)
 
@@ -214,10 +216,12 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     )
 
     @app.post("/v1/vms", status_code=201)
-    def create_vm(body: CreateVmRequest, who: str = require("vm-create")) -> Any:
-        return jsonable(lifecycle.create(ctx(), body.xml, hold=body.hold, origin="api", who=who))
+    def create_vm(body: CreateVmRequest, who: Actor = require("vm-create")) -> Any:
+        return jsonable(
+            lifecycle.create(ctx(), body.xml, hold=body.hold, origin="api", who=who.name)
+        )
 
-    def vm_action_route(vm: str, action: str, body: dict[str, Any], who: str) -> JSONResponse:
+    def vm_action_route(vm: str, action: str, body: dict[str, Any], who: Actor) -> JSONResponse:
         # 404 / 409 / refused now, not a failed job later (run_action checks again, locked)
         checked = lifecycle.check_allowed(ctx(), vm, action, state=action != "recover")
         name = checked.name if action != "recover" else vm
@@ -231,7 +235,7 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         def route(
             vm: str,
             body: ActionRequest | None = None,
-            who: str = require(role),
+            who: Actor = require(role),
             action: str = action,  # bound per route
         ) -> JSONResponse:
             opts = (body or ActionRequest()).model_dump(exclude_none=True)
@@ -240,29 +244,29 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         app.post(f"/v1/vms/{{vm}}/actions/{action}", status_code=202, name=f"vm-{action}")(route)
 
     @app.get("/v1/vms/{vm}/history")
-    def vm_history(vm: str, who: str = read) -> Any:
+    def vm_history(vm: str, who: Actor = read) -> Any:
         return jsonable(lifecycle.history(ctx(), vm))
 
     @app.get("/v1/vms/{vm}/snapshots")
-    def vm_snapshots(vm: str, who: str = read) -> Any:
+    def vm_snapshots(vm: str, who: Actor = read) -> Any:
         return jsonable(lifecycle.snapshots(ctx(), vm))
 
     @app.post("/v1/vms/{vm}/reset-state")
-    def reset_state(vm: str, who: str = require("reset-state")) -> Any:
+    def reset_state(vm: str, who: Actor = require("reset-state")) -> Any:
         return jsonable(vms.reset_state(ctx(), vm))
 
     # --- backups -------------------------------------------------------------------------------
     @app.get("/v1/backups")
-    def list_backups(vm: str | None = None, who: str = read) -> Any:
+    def list_backups(vm: str | None = None, who: Actor = read) -> Any:
         return FastJSON(backups.list_backups(ctx(), vm))
 
     @app.get("/v1/backups/{backup_id}")
-    def show_backup(backup_id: Id, who: str = read) -> Any:
+    def show_backup(backup_id: Id, who: Actor = read) -> Any:
         return FastJSON(stored.show_with_sizes(ctx(), backup_id))
 
     @app.post("/v1/backups/{backup_id}/restore", status_code=202)
     def restore_backup(
-        backup_id: Id, body: RestoreRequest, who: str = require("restore")
+        backup_id: Id, body: RestoreRequest, who: Actor = require("restore")
     ) -> JSONResponse:
         shown = backups.show_backup(ctx(), backup_id)
         if body.in_place:  # a VM that is not powered off is a 409 now, not a failed job later
@@ -275,13 +279,13 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         )
 
     @app.post("/v1/backups/{backup_id}/verify", status_code=202)
-    def verify_backup(backup_id: Id, who: str = require("verify")) -> JSONResponse:
+    def verify_backup(backup_id: Id, who: Actor = require("verify")) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
         return enqueue("verify", str(backup_id), {"backup": backup_id}, who)
 
     @app.post("/v1/backups/{backup_id}/drill", status_code=202)
     def drill_backup(
-        backup_id: Id, body: DrillRequest | None = None, who: str = require("drill")
+        backup_id: Id, body: DrillRequest | None = None, who: Actor = require("drill")
     ) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
         params = {"backup": backup_id, **(body or DrillRequest()).model_dump(exclude_none=True)}
@@ -294,7 +298,7 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
         partition: int | None = Query(default=None, ge=1, le=128),
-        who: str = require("files"),
+        who: Actor = require("files"),
     ) -> Any:
         return FastJSON(files.ls(ctx(), backup_id, path, increment, disk, partition))
 
@@ -305,7 +309,7 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
         partition: int | None = Query(default=None, ge=1, le=128),
-        who: str = require("files"),
+        who: Actor = require("files"),
     ) -> StreamingResponse:
         chunks = files.stream(ctx(), backup_id, path, increment, disk, partition)
         next(chunks)  # opens the point: a bad path is a 4xx before any byte is sent
@@ -317,47 +321,47 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         )
 
     @app.post("/v1/backups/{backup_id}/copy", status_code=202)
-    def copy_backup(backup_id: Id, body: CopyRequest, who: str = require("copy")) -> JSONResponse:
+    def copy_backup(backup_id: Id, body: CopyRequest, who: Actor = require("copy")) -> JSONResponse:
         backups.show_backup(ctx(), backup_id)
         datastores.check_exists(ctx(), body.to)
         return enqueue("copy", str(backup_id), {"backup": backup_id, "to": body.to}, who)
 
     @app.delete("/v1/backups/{backup_id}")
     def delete_backup(
-        backup_id: Id, increment: int | None = None, who: str = require("backup-delete")
+        backup_id: Id, increment: int | None = None, who: Actor = require("backup-delete")
     ) -> Any:
         return jsonable(stored.delete_backup(ctx(), backup_id, increment))
 
     # --- datastores and groups -----------------------------------------------------------------
     @app.get("/v1/datastores")
-    def list_datastores(who: str = read) -> Any:
+    def list_datastores(who: Actor = read) -> Any:
         return FastJSON(datastores.list_all(ctx()))
 
     @app.post("/v1/datastores", status_code=201)
-    def add_datastore(body: DatastoreRequest, who: str = require("datastore-add")) -> Any:
+    def add_datastore(body: DatastoreRequest, who: Actor = require("datastore-add")) -> Any:
         return jsonable(datastores.add(ctx(), body.name, body.driver, body.options))
 
     @app.delete("/v1/datastores/{ds}")
     def remove_datastore(
-        ds: str, force: bool = False, who: str = require("datastore-remove")
+        ds: str, force: bool = False, who: Actor = require("datastore-remove")
     ) -> Any:
         return jsonable(stored.remove_datastore(ctx(), ds, force))
 
     @app.post("/v1/datastores/{ds}/scan")
-    def scan_datastore(ds: str, body: ScanRequest, who: str = require("datastore-scan")) -> Any:
+    def scan_datastore(ds: str, body: ScanRequest, who: Actor = require("datastore-scan")) -> Any:
         return jsonable(stored.scan(ctx(), ds, body.import_))
 
     @app.get("/v1/groups")
-    def list_groups(who: str = read) -> Any:
+    def list_groups(who: Actor = read) -> Any:
         return FastJSON(groups.list_groups(ctx()))
 
     @app.post("/v1/groups", status_code=201)
-    def create_group(body: GroupRequest, who: str = require("group-create")) -> Any:
+    def create_group(body: GroupRequest, who: Actor = require("group-create")) -> Any:
         return jsonable(groups.create_group(ctx(), body.name, body.vms, body.stop_order))
 
     @app.post("/v1/groups/{group}/backup", status_code=202)
     def backup_group(
-        group: str, body: GroupBackupRequest, who: str = require("group-backup")
+        group: str, body: GroupBackupRequest, who: Actor = require("group-backup")
     ) -> JSONResponse:
         name = groups.show_group(ctx(), group)["name"]
         datastores.check_exists(ctx(), body.datastore)
@@ -366,7 +370,7 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     # --- events (Server-Sent Events) -----------------------------------------------------------
     @app.get("/v1/events")
     async def events(
-        request: Request, max_seconds: float | None = None, who: str = read
+        request: Request, max_seconds: float | None = None, who: Actor = read
     ) -> StreamingResponse:
         """Job state/progress and VM state changes as SSE (``event: job`` / ``event: vm``), first
         the current state, then every change; ``max_seconds`` ends the stream (tests, curl)."""
@@ -392,23 +396,23 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     registry.register(CatalogCollector(ctx))
 
     @app.get("/metrics", response_class=PlainTextResponse)
-    def metrics(who: str = read) -> PlainTextResponse:
+    def metrics(who: Actor = read) -> PlainTextResponse:
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # --- jobs ----------------------------------------------------------------------------------
     @app.get("/v1/jobs")
-    def list_jobs(state: str | None = None, who: str = read) -> Any:
+    def list_jobs(state: str | None = None, who: Actor = read) -> Any:
         return FastJSON(jobs.list_jobs(ctx(), state))
 
     @app.get("/v1/jobs/{job_id}")
     def show_job(
-        job_id: Id, wait: float = Query(default=0.0, ge=0, le=jobs.WAIT_MAX), who: str = read
+        job_id: Id, wait: float = Query(default=0.0, ge=0, le=jobs.WAIT_MAX), who: Actor = read
     ) -> Any:
         """``?wait=S``: answer when the job has ended, or after S seconds as it is then."""
         return FastJSON(jobs.wait(ctx(), job_id, wait) if wait else jobs.get(ctx(), job_id))
 
     @app.delete("/v1/jobs/{job_id}")
-    def cancel_job(job_id: Id, who: str = require("cancel-job")) -> Any:
+    def cancel_job(job_id: Id, who: Actor = require("cancel-job")) -> Any:
         return jsonable(jobs.cancel(ctx(), job_id))
 
     return app
