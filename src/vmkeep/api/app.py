@@ -31,8 +31,8 @@ from vmkeep import __version__, jsontext
 from vmkeep.config import Config
 from vmkeep.engine import backups, datastores, files, groups, jobs, lifecycle, stored, tokens, vms
 from vmkeep.engine.context import Context
-from vmkeep.engine.trust import LOCAL_ADMIN, ROLE_KEY, Actor
 from vmkeep.engine.metrics import CatalogCollector
+from vmkeep.engine.trust import LOCAL_ADMIN, ROLE_KEY, Actor
 from vmkeep.errors import VmkeepError
 from vmkeep.paths import daemon_key
 
