@@ -106,11 +106,10 @@ IMPORTED_VMS_ACTIONS = [
 
 class VmmConfig(_Section):
     imported_vms_actions: list[str] = Field(default_factory=lambda: list(IMPORTED_VMS_ACTIONS))
-    # the places an admin names for operators (docs/security.md): disk-attach sources, and the
-    # libvirt networks and host bridges a NIC may join; the data dir's images/ and restores/
-    # are always image places
+    # the places an admin names for operators (docs/security.md): disk-attach sources (the data
+    # dir's images/ and restores/ always are), and the host bridges an operator's NIC may join
+    # (a NIC without a bridge uses QEMU's user-mode network, which reaches no host bridge)
     image_paths: list[Path] = []
-    networks: list[str] = ["default"]
     bridges: list[str] = []
     # a domain XML with <qemu:commandline>, host devices or host folders is refused unless true
     allow_raw_xml: bool = False

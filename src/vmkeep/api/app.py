@@ -29,7 +29,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__, jsontext
 from vmkeep.config import Config
-from vmkeep.engine import backups, datastores, files, groups, jobs, lifecycle, stored, tokens, vms
+from vmkeep.engine import (
+    backups,
+    datastores,
+    files,
+    groups,
+    jobs,
+    lifecycle,
+    stored,
+    tokens,
+    trust,
+    vms,
+)
 from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.engine.trust import LOCAL_ADMIN, ROLE_KEY, Actor
@@ -224,6 +235,7 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     def vm_action_route(vm: str, action: str, body: dict[str, Any], who: Actor) -> JSONResponse:
         # 404 / 409 / refused now, not a failed job later (run_action checks again, locked)
         checked = lifecycle.check_allowed(ctx(), vm, action, state=action != "recover")
+        lifecycle.check_places(ctx(), action, body, who)
         name = checked.name if action != "recover" else vm
         return enqueue("vm-action", name, {"vm": name, "action": action, "opts": body}, who)
 
@@ -269,6 +281,9 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         backup_id: Id, body: RestoreRequest, who: Actor = require("restore")
     ) -> JSONResponse:
         shown = backups.show_backup(ctx(), backup_id)
+        if body.path is not None:  # outside the actor's places: a 403 now (the job checks again)
+            dest = Path(body.path)
+            trust.check_restore_destination(config, who, dest, body.force and dest.is_file())
         if body.in_place:  # a VM that is not powered off is a 409 now, not a failed job later
             vms.check_action(ctx(), str(shown["vm_id"]), "restore in place")
         return enqueue(

@@ -7,7 +7,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from vmkeep.engine import backup, drill, group_backup, inplace, lifecycle, restore, stored, vms
+from vmkeep.engine import (
+    backup,
+    drill,
+    group_backup,
+    inplace,
+    lifecycle,
+    restore,
+    stored,
+    trust,
+    vms,
+)
 from vmkeep.engine.context import Context
 from vmkeep.engine.jobs import Runner
 
@@ -40,8 +50,9 @@ def _group_backup(
 def _restore(
     ctx: Context, p: dict[str, Any], progress: Progress
 ) -> tuple[dict[str, Any], list[str]]:
+    fields = restore.RestoreOptions.__dataclass_fields__
     opts = restore.RestoreOptions(
-        **{k: v for k, v in p.items() if k in restore.RestoreOptions.__dataclass_fields__}
+        **{k: v for k, v in p.items() if k in fields and k != "by"}, by=trust.actor_of(p)
     )
     result, warnings = inplace.run_restore(ctx, int(p["backup"]), opts, progress)
     return result, warnings.items
@@ -75,7 +86,7 @@ def _vm_action(
         result, warnings = lifecycle.recover(ctx, str(p["vm"]), str(opts.get("how")), origin="api")
     else:
         result, warnings = lifecycle.run_action(ctx, str(p["vm"]), str(p["action"]), opts,
-                                                origin="api")  # fmt: skip
+                                                origin="api", actor=trust.actor_of(p))  # fmt: skip
     return result, warnings.items
 
 

@@ -27,12 +27,14 @@ from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.restore import (
     RestoreOptions,
     check_new_vm_name,
+    check_place,
     pick_disks,
     rewrite_domain_xml,
     verify_files,
     vm_folder,
     warn_unsearchable,
 )
+from vmkeep.engine.trust import check_restore_destination
 from vmkeep.errors import BackupNotFound, VmkeepError
 from vmkeep.model import Warnings
 
@@ -88,7 +90,9 @@ def instant_restore(
         seq = target.seq
     new_name = opts.name or f"{vm_name}-instant-{backup_id}-{seq}"
     check_new_vm_name(ctx, new_name)
+    check_place(ctx, opts, ctx.config.data_dir / "restores" / new_name)
     folder = vm_folder(opts.path, ctx.config.data_dir / "restores" / new_name, opts.force)
+    check_restore_destination(ctx.config, opts.by, folder, opts.force)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     warn_unsearchable(folder, warnings)

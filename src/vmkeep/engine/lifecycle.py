@@ -18,6 +18,13 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Vm, VmHistory
 from vmkeep.engine import states, vm_actions
 from vmkeep.engine.context import Context
+from vmkeep.engine.trust import (
+    LOCAL_ADMIN,
+    Actor,
+    check_domain_xml,
+    check_image_source,
+    check_nic,
+)
 from vmkeep.engine.vms import check_state, vm_action
 from vmkeep.engine.vmstate import BUSY_STATES, OFF_HOST, find_vm, set_lcm, states_of
 from vmkeep.errors import (
@@ -138,9 +145,12 @@ def run_action(
     *,
     origin: str = "cli",
     who: str = "",
+    actor: Actor = LOCAL_ADMIN,
 ) -> tuple[dict[str, Any], Warnings]:
-    """One lifecycle action on a VM (CLI, API job): checks, lock, driver, states, history."""
+    """One lifecycle action on a VM (CLI, API job): checks, lock, driver, states, history.
+    ``actor``'s places (engine/trust.py) bound what the action may reach on the host."""
     opts = dict(opts or {})
+    check_places(ctx, action, opts, actor)
     check_allowed(ctx, ref, action)
     rule = states.RULES[action]
     warnings = Warnings()
@@ -182,6 +192,14 @@ def land(ctx: Context, vm_id: int, name: str, success: tuple[VmState, LcmState] 
     set_lcm(ctx, vm_id, lcm, state=state)
 
 
+def check_places(ctx: Context, action: str, opts: dict[str, Any], actor: Actor) -> None:
+    """The host resources an action names (an image, a bridge) are within ``actor``'s places."""
+    if action == "disk-attach" and opts.get("source"):
+        check_image_source(ctx.config, actor, str(opts["source"]))
+    elif action == "nic-attach":
+        check_nic(ctx.config, actor, opts.get("bridge"))
+
+
 # --- create ---------------------------------------------------------------------------------------
 def create(
     ctx: Context, xml: str, *, hold: bool = False, origin: str = "cli", who: str = ""
@@ -195,6 +213,7 @@ def create(
         raise InvalidValue("--xml", root.tag, "the file must hold a libvirt <domain> XML")
     name = root.findtext("name", "")
     check_name("domain name", name)
+    check_domain_xml(ctx.config, xml, "vm create")
     uuid_el = root.find("uuid")
     if uuid_el is None:
         uuid_el = ET.SubElement(root, "uuid")

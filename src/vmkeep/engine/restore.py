@@ -31,6 +31,7 @@ from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.domain_xml import set_disk_sources
 from vmkeep.engine.images import check_backing_names, flatten
 from vmkeep.engine.memory import check_new_vm, memory_entry, resume, with_disks
+from vmkeep.engine.trust import LOCAL_ADMIN, Actor, check_restore_destination, mark_created
 from vmkeep.errors import (
     AlreadyExists,
     BackupNotFound,
@@ -59,6 +60,7 @@ class RestoreOptions:
     instant: bool = False  # run it on overlays over the backup, then pull (engine/instant.py)
     copy_bwlimit: int = 0  # MiB/s for an instant restore's copy (0: as fast as it goes)
     without_memory: bool = False  # a point with memory state: boot cold instead of resuming
+    by: Actor = LOCAL_ADMIN  # who asks: an operator restores only into the admin's places
 
 
 def rewrite_domain_xml(
@@ -251,6 +253,13 @@ def vm_folder(path: str | Path | None, default: Path, force: bool) -> Path:
     return folder
 
 
+def check_place(ctx: Context, opts: RestoreOptions, default: Path) -> None:
+    """An operator's destination is checked against the admin's places before anything is said
+    about it (whether it exists, is a file): a refusal tells nothing of the host's files."""
+    where = Path(str(opts.path)) if opts.path is not None else default
+    check_restore_destination(ctx.config, opts.by, where, force=False)
+
+
 def check_new_vm_name(ctx: Context, name: str) -> None:
     check_name("--name", name)
     try:
@@ -284,7 +293,9 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
     restores = ctx.config.data_dir / "restores"
     if one_disk:
         default = restores / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
+        check_place(ctx, opts, default)
         dest = disk_destination(opts.path, default, opts.force)
+        check_restore_destination(ctx.config, opts.by, dest, opts.force)
         created: list[Path] = [] if dest.exists() else [dest]
         new_name = ""
         folder = dest.parent
@@ -297,12 +308,16 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
             )
         check_new_vm(ctx, vm_name, vm_uuid, opts.name)
         new_name = vm_name
+        check_place(ctx, opts, restores / new_name)
         folder = vm_folder(opts.path, restores / new_name, opts.force)
+        check_restore_destination(ctx.config, opts.by, folder, opts.force)
         created = [] if folder.exists() else [folder]
     else:
         new_name = opts.name or f"{vm_name}-restore-{backup_id}-{seq}"
         check_new_vm_name(ctx, new_name)
+        check_place(ctx, opts, restores / new_name)
         folder = vm_folder(opts.path, restores / new_name, opts.force)
+        check_restore_destination(ctx.config, opts.by, folder, opts.force)
         created = [] if folder.exists() else [folder]
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -312,6 +327,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                 convert_verified(
                     ctx, backup_id, chain_key, expected, local, {disk_file(seq, disks[0]): dest}
                 )
+                mark_created(dest)
                 return {
                     "backup": backup_id,
                     "increment": seq,
@@ -330,6 +346,8 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                 local,
                 {disk_file(seq, d): p for d, p in paths.items()},
             )
+            for p in paths.values():
+                mark_created(p)
             resumed: bool | None = None
             if mem is not None:  # the VM itself, running again where it was
                 xml = with_disks(local[xml_entry["name"]].read_text(), paths, "qcow2")
@@ -347,6 +365,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                 )
                 ctx.hv.define(xml)
         (folder / "domain.xml").write_text(xml)
+        mark_created(folder / "domain.xml")
     except BaseException:
         for p in reversed(created):
             if p.is_dir():

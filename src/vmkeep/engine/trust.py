@@ -5,7 +5,7 @@ model they enforce:
 - admin = root on the host: the CLI run by the catalog's owner, or an admin token;
 - operator = runs and restores inside the places an admin named: restore destinations under the
   data dir's ``restores/`` or ``[restore] allowed_paths``, disk images under ``[vmm] image_paths``
-  (and the data dir's ``images/`` and ``restores/``), NICs on ``[vmm] networks`` / ``bridges``;
+  (and the data dir's ``images/`` and ``restores/``), NICs on ``[vmm] bridges``;
   never replacing a file vmkeep did not create;
 - viewer = reads, without file contents.
 
@@ -137,28 +137,25 @@ def check_image_source(config: Config, actor: Actor, source: str) -> None:
         )
 
 
-def check_nic(config: Config, actor: Actor, bridge: str | None, network: str | None) -> None:
-    """An operator's NIC joins only an allowed libvirt network or host bridge."""
-    if actor.is_admin:
+def check_nic(config: Config, actor: Actor, bridge: str | None) -> None:
+    """An operator's NIC joins only a host bridge an admin listed (or QEMU's user network)."""
+    if actor.is_admin or not bridge:
         return
-    if bridge and bridge not in config.vmm.bridges:
+    if bridge not in config.vmm.bridges:
         raise NotPermitted(
             f"NIC on bridge {bridge!r}",
-            f"operators may use bridges {config.vmm.bridges or 'none'}",
+            f"operators may use the bridges {config.vmm.bridges or 'none'}",
             "An admin adds the bridge to [vmm] bridges.",
         )
-    if not bridge and (network or "default") not in config.vmm.networks:
-        raise NotPermitted(
-            f"NIC on network {network or 'default'!r}",
-            f"operators may use networks {config.vmm.networks or 'none'}",
-            "An admin adds the network to [vmm] networks.",
-        )
 
 
-def check_delete_disk(config: Config, path: str) -> bool:
-    """Whether terminate may delete a disk: only one vmkeep created (marked, or inside the
-    data dir's image places)."""
-    real = resolved(path)
+def may_delete_disk(config: Config, path: str) -> bool:
+    """Whether terminate may delete a disk: a regular file (not a link, not a device) that
+    vmkeep created (marked) or that lies in the data dir's image places or ``[vmm] image_paths``."""
+    p = Path(path)
+    if p.is_symlink() or not p.is_file():
+        return False
+    real = resolved(p)
     return created_by_vmkeep(real) or _inside(real, image_roots(config))
 
 

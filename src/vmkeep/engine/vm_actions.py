@@ -19,6 +19,7 @@ from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.images import qemu_img
+from vmkeep.engine.trust import mark_created, may_delete_disk
 from vmkeep.engine.vmstate import find_vm, set_fields
 from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.native import parse_disks
@@ -139,15 +140,25 @@ def terminate(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings)
         vmm.undefine(vm.name)
     source = xml or vm.template
     deleted: list[str] = []
+    kept: list[str] = []
     if source and not opts.get("keep_disks"):
         for d in parse_disks(source):
-            if d.device == "disk" and d.path and Path(d.path).is_file():
+            if d.device != "disk" or not d.path or not Path(d.path).exists():
+                continue
+            if may_delete_disk(ctx.config, d.path):
                 Path(d.path).unlink()
                 deleted.append(d.path)
+            else:  # a file vmkeep did not create (docs/security.md): never deleted by vmkeep
+                kept.append(d.path)
+                w.add(f"kept {d.path}: vmkeep did not create it; delete it yourself if unused")
     if vm.state_file:
         Path(vm.state_file).unlink(missing_ok=True)
     set_fields(ctx, vm.id, state_file=None)
-    return {"deleted_disks": deleted, "kept_disks": bool(opts.get("keep_disks"))}
+    return {
+        "deleted_disks": deleted,
+        "kept_disks": bool(opts.get("keep_disks")),
+        **({"not_created_by_vmkeep": kept} if kept else {}),
+    }
 
 
 def state_only(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
@@ -287,6 +298,7 @@ def disk_attach(
             raise InvalidValue("--size", opts["size"], f"{source} exists; attach it with --source")
         qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
         os.chmod(source, 0o644)
+        mark_created(Path(source))
         created = True
     elif not Path(source).is_file():
         raise InvalidValue("--source", source, "no such image file")

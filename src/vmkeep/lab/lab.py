@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
+from vmkeep.engine.trust import mark_created
 from vmkeep.errors import DomainNotFound, LabError
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab.image import BootImage, build_boot_image
@@ -187,6 +188,7 @@ class Lab:
         for i, size in enumerate(disk_sizes):
             disk = vdir / f"disk{i}.qcow2"
             make_ext4_qcow2(disk, size, populate if i == 0 else None)
+            mark_created(disk)  # vmkeep made it: terminate may delete it
             disks.append(disk)
         xml = domain_xml(
             name, boot, disks, self.serial_log(name), agent=agent, memory_mib=memory_mib
