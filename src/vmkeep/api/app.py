@@ -179,6 +179,7 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
             tokens.authorize(name, role, action, config.api.policy)
             return Actor(name, role)
 
+        check.action = action  # type: ignore[attr-defined]  # the route table's policy column
         return Depends(check)
 
     read = require("read")
@@ -234,8 +235,8 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
 
     def vm_action_route(vm: str, action: str, body: dict[str, Any], who: Actor) -> JSONResponse:
         # 404 / 409 / refused now, not a failed job later (run_action checks again, locked)
-        checked = lifecycle.check_allowed(ctx(), vm, action, state=action != "recover")
         lifecycle.check_places(ctx(), action, body, who)
+        checked = lifecycle.check_allowed(ctx(), vm, action, state=action != "recover")
         name = checked.name if action != "recover" else vm
         return enqueue("vm-action", name, {"vm": name, "action": action, "opts": body}, who)
 
@@ -280,10 +281,10 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     def restore_backup(
         backup_id: Id, body: RestoreRequest, who: Actor = require("restore")
     ) -> JSONResponse:
-        shown = backups.show_backup(ctx(), backup_id)
         if body.path is not None:  # outside the actor's places: a 403 now (the job checks again)
             dest = Path(body.path)
             trust.check_restore_destination(config, who, dest, body.force and dest.is_file())
+        shown = backups.show_backup(ctx(), backup_id)
         if body.in_place:  # a VM that is not powered off is a 409 now, not a failed job later
             vms.check_action(ctx(), str(shown["vm_id"]), "restore in place")
         return enqueue(

@@ -1,0 +1,207 @@
+"""The trust model (docs/security.md) on the real app and a real SQLite catalog: every route
+with every role, generated from the route table; an operator's places (restore destinations,
+images, bridges); the domain XML an admin may define; what terminate may delete."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from vmkeep.api.app import create_app
+from vmkeep.config import load_config
+from vmkeep.engine import tokens, trust
+from vmkeep.engine.context import Context
+from vmkeep.engine.trust import Actor
+from vmkeep.errors import NotPermitted
+from vmkeep.model import ROLES
+
+OPERATOR = Actor("op", "operator")
+
+
+@pytest.fixture
+def api(clean_env: Path) -> tuple[TestClient, dict[str, str]]:
+    config = load_config()
+    ctx = Context(config)
+    secrets = {r: tokens.create(ctx, f"t-{r}", r)["token"] for r in ROLES}
+    return TestClient(create_app(config)), secrets
+
+
+def auth(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def route_table() -> list[tuple[str, str, str]]:
+    """(method, path, policy action) of every route that needs a token, read from the app."""
+    app = create_app(load_config())
+    rows = []
+    for route in app.routes:
+        if not isinstance(route, APIRoute):
+            continue
+        actions = [d.call.action for d in route.dependant.dependencies if hasattr(d.call, "action")]
+        if not actions:
+            assert route.path == "/healthz", f"{route.path} needs no token"
+            continue
+        for method in route.methods:
+            rows.append((method, route.path, actions[0]))
+    return rows
+
+
+def test_route_table_is_complete(clean_env: Path) -> None:
+    rows = route_table()
+    assert len(rows) >= 40  # every lifecycle action is a route of its own
+    assert {a for _m, _p, a in rows} <= set(tokens.POLICY)  # no route falls back to "admin"
+
+
+@pytest.mark.parametrize("role", ROLES)
+def test_every_route_with_every_role(api: tuple[TestClient, dict[str, str]], role: str) -> None:
+    client, secrets = api
+    for method, path, action in route_table():
+        url = path.replace("{vm}", "nope").replace("{ds}", "nope").replace("{group}", "nope")
+        for key in ("{backup_id}", "{job_id}"):
+            url = url.replace(key, "999999")
+        r = client.request(method, url, json={} if method == "POST" else None,
+                           headers=auth(secrets[role]), params={"max_seconds": 0})  # fmt: skip
+        allowed = ROLES.index(role) >= ROLES.index(tokens.POLICY[action])
+        if allowed:
+            assert r.status_code not in (401, 403), (role, method, url, r.text)
+        else:
+            assert r.status_code == 403, (role, method, url, r.text)
+            assert r.json()["error"]["code"] == "Forbidden"
+        assert secrets[role] not in r.text
+
+
+# --- the operator's places through the API -------------------------------------------------------
+def test_operator_restore_outside_places_is_403(
+    api: tuple[TestClient, dict[str, str]], tmp_path: Path
+) -> None:
+    client, secrets = api
+    secret_file = tmp_path / "root-only"
+    secret_file.write_text("key")
+    secret_file.chmod(0o600)
+    for path in (str(secret_file), "/root/.ssh/authorized_keys", "/etc/", str(tmp_path)):
+        body = {"disk": "vda", "path": path, "force": True}
+        r = client.post("/v1/backups/1/restore", json=body, headers=auth(secrets["operator"]))
+        assert r.status_code == 403, r.text
+        assert "[restore] allowed_paths" in r.json()["error"]["message"]
+    assert secret_file.read_text() == "key" and secret_file.stat().st_mode & 0o777 == 0o600
+    # an admin is root: the same request passes the place check (and finds no backup)
+    r = client.post(
+        "/v1/backups/1/restore",
+        json={"disk": "vda", "path": str(secret_file), "force": True},
+        headers=auth(secrets["admin"]),
+    )
+    assert r.status_code == 404, r.text
+
+
+def test_operator_disk_attach_and_bridge_are_403(api: tuple[TestClient, dict[str, str]]) -> None:
+    client, secrets = api
+    h = auth(secrets["operator"])
+    r = client.post(
+        "/v1/vms/nope/actions/disk-attach",
+        json={"source": "/etc/shadow", "format": "raw"},
+        headers=h,
+    )
+    assert r.status_code == 403 and "[vmm] image_paths" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/vms/nope/actions/nic-attach", json={"bridge": "br-host"}, headers=h)
+    assert r.status_code == 403 and "[vmm] bridges" in r.json()["error"]["message"], r.text
+    r = client.post("/v1/vms/nope/actions/nic-attach", json={}, headers=h)  # user network
+    assert r.status_code == 404, r.text
+
+
+RAW_XML = """<domain type='qemu' xmlns:qemu='http://libvirt.org/schemas/domain/qemu/1.0'>
+<name>raw</name><memory>65536</memory><os><type>hvm</type></os>
+<devices>{}</devices>{}</domain>"""
+
+
+@pytest.mark.parametrize(
+    ("devices", "extra", "named"),
+    [
+        ("", "<qemu:commandline><qemu:arg value='-x'/></qemu:commandline>", "<qemu:commandline>"),
+        ("<filesystem type='mount'><source dir='/'/><target dir='r'/></filesystem>", "",
+         "<filesystem>"),
+        ("<disk type='block' device='disk'><source dev='/dev/vda'/><target dev='vda'/></disk>",
+         "", "<disk type='block'>"),
+        ("<hostdev mode='subsystem' type='pci'/>", "", "<hostdev>"),
+        ("<serial type='dev'><source path='/dev/mem'/></serial>", "", "<serial type='dev'>"),
+    ],
+)  # fmt: skip
+def test_vm_create_refuses_raw_xml(
+    api: tuple[TestClient, dict[str, str]], devices: str, extra: str, named: str
+) -> None:
+    client, secrets = api
+    xml = RAW_XML.format(devices, extra)
+    r = client.post("/v1/vms", json={"xml": xml}, headers=auth(secrets["admin"]))
+    assert r.status_code == 403, r.text
+    message = r.json()["error"]["message"]
+    assert named in message and "[vmm] allow_raw_xml" in message
+
+
+def test_allow_raw_xml_lets_an_admin_define_it(clean_env: Path) -> None:
+    config = load_config(environ={**os.environ, "VMKEEP_VMM_ALLOW_RAW_XML": "true"})
+    trust.check_domain_xml(config, RAW_XML.format("<hostdev/>", ""), "vm create")
+    assert trust.raw_xml_findings(RAW_XML.format("<disk type='file'/>", "")) == []
+
+
+# --- the rules themselves ------------------------------------------------------------------------
+def test_restore_destination_rules(clean_env: Path, tmp_path: Path) -> None:
+    config = load_config()
+    restores = config.data_dir / "restores"
+    restores.mkdir(parents=True)
+    trust.check_restore_destination(config, OPERATOR, restores / "new.qcow2", False)
+    # a link inside the place that leads out of it is outside
+    (restores / "out").symlink_to(tmp_path)
+    with pytest.raises(NotPermitted):
+        trust.check_restore_destination(config, OPERATOR, restores / "out" / "x.qcow2", False)
+    with pytest.raises(NotPermitted):
+        trust.check_restore_destination(config, OPERATOR, restores / ".." / "catalog.db", False)
+    # --force: a file vmkeep created may be replaced, another may not
+    foreign, ours = restores / "foreign", restores / "ours"
+    foreign.write_text("x")
+    ours.write_text("x")
+    trust.mark_created(ours)
+    trust.check_restore_destination(config, OPERATOR, ours, True)
+    with pytest.raises(NotPermitted, match="vmkeep did not create"):
+        trust.check_restore_destination(config, OPERATOR, foreign, True)
+    with pytest.raises(NotPermitted, match="vmkeep did not create"):
+        trust.check_restore_destination(config, OPERATOR, restores, True)
+    trust.check_restore_destination(config, trust.LOCAL_ADMIN, foreign, True)
+
+
+def test_allowed_paths_extend_the_places(clean_env: Path, tmp_path: Path) -> None:
+    Path(os.environ["VMKEEP_CONFIG"]).write_text(
+        f'version = 1\n[restore]\nallowed_paths = ["{tmp_path}/srv"]\n'
+    )
+    config = load_config()
+    trust.check_restore_destination(config, OPERATOR, tmp_path / "srv" / "a" / "b.qcow2", False)
+    with pytest.raises(NotPermitted):
+        trust.check_restore_destination(config, OPERATOR, tmp_path / "srv2" / "b.qcow2", False)
+
+
+def test_terminate_deletes_only_what_vmkeep_created(clean_env: Path, tmp_path: Path) -> None:
+    config = load_config()
+    images = config.data_dir / "images"
+    images.mkdir(parents=True)
+    inside, marked, foreign = images / "a.qcow2", tmp_path / "b.qcow2", tmp_path / "c.qcow2"
+    for f in (inside, marked, foreign):
+        f.write_text("x")
+    trust.mark_created(marked)
+    link = images / "link.qcow2"
+    link.symlink_to(foreign)
+    assert trust.may_delete_disk(config, str(inside))
+    assert trust.may_delete_disk(config, str(marked))
+    assert not trust.may_delete_disk(config, str(foreign))
+    assert not trust.may_delete_disk(config, str(link))
+    assert not trust.may_delete_disk(config, "/dev/null")
+
+
+def test_actor_of_job_params() -> None:
+    assert trust.actor_of({}) == trust.LOCAL_ADMIN
+    assert trust.actor_of({"actor_role": "operator", "actor": "op"}) == OPERATOR
+    params: dict[str, Any] = {"actor_role": "root"}
+    with pytest.raises(Exception, match="actor_role"):
+        trust.actor_of(params)
