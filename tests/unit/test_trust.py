@@ -83,7 +83,9 @@ def test_operator_restore_outside_places_is_403(
     secret_file = tmp_path / "root-only"
     secret_file.write_text("key")
     secret_file.chmod(0o600)
-    for path in (str(secret_file), "/root/.ssh/authorized_keys", "/etc/", str(tmp_path)):
+    restores = Path(os.environ["VMKEEP_DATA_DIR"]) / "restores"
+    traversals = (f"{restores}/../catalog.db", f"{restores}/a/../../../x", "restores/x.qcow2")
+    for path in (str(secret_file), "/root/.ssh/authorized_keys", "/etc/", *traversals):
         body = {"disk": "vda", "path": path, "force": True}
         r = client.post("/v1/backups/1/restore", json=body, headers=auth(secrets["operator"]))
         assert r.status_code == 403, r.text
