@@ -39,6 +39,7 @@ keeps the two in sync.
     │   └── NotPermitted
     ├── RequestTooLarge           28  413
     ├── TooManyRequests           29  429
+    │   └── WorkersBusy           29  503
     ├── Refused                   25  409
     ├── DrillFailed               26  422
     └── LabError                  19  500
@@ -292,6 +293,12 @@ class TooManyRequests(VmkeepError):
 
     exit_code = 29
     http_status = 429
+
+
+class WorkersBusy(TooManyRequests):
+    """All {} work slots are busy (running jobs and file requests share [jobs] workers); try again when one ends."""
+
+    http_status = 503
 
 
 class LabError(VmkeepError):

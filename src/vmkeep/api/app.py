@@ -28,8 +28,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__, jsontext
+from vmkeep.api import limits
+from vmkeep.api.audit import AuditLog
 from vmkeep.config import Config
 from vmkeep.engine import (
+    audit,
     backups,
     datastores,
     files,
@@ -44,12 +47,16 @@ from vmkeep.engine import (
 from vmkeep.engine.context import Context
 from vmkeep.engine.metrics import CatalogCollector
 from vmkeep.engine.trust import LOCAL_ADMIN, ROLE_KEY, Actor
-from vmkeep.errors import VmkeepError
+from vmkeep.engine.workers import WorkSlots
+from vmkeep.errors import Unauthorized, VmkeepError
 from vmkeep.paths import daemon_key
 
 # catalog ids are 64-bit integers: a larger one is bad input (422), not a database error
 Id = Annotated[int, PathParam(ge=1, le=2**63 - 1)]
 EVENT_POLL = 0.5  # seconds between catalog looks of /v1/events
+WAIT_POLL = 0.25  # seconds between catalog looks of GET /v1/jobs/ID?wait=S
+TOKEN_RECHECK = 3.0  # seconds between looks at a waiting or streaming request's token (revoked?)
+FILES_WAIT = 5.0  # seconds a files request waits for a work slot before WorkersBusy (503)
 
 
 class _Body(BaseModel):
@@ -134,15 +141,23 @@ def _error(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
-def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
+def create_app(
+    config: Config, local_socket: Path | None = None, slots: WorkSlots | None = None
+) -> FastAPI:
     """The app; one engine Context per server thread (a libvirt connection is per thread).
     Every route but /healthz needs a bearer token whose role the action's policy allows, except
     on the daemon's ``local_socket``: only the daemon's user can connect to it, and that user
     could open the catalog itself (as the CLI does without a daemon). A request there names the
     catalog and libvirt URI it means (``X-Vmkeep-Catalog``: ``paths.daemon_key``); a request
-    meaning others gets 421, and the CLI reads them itself."""
+    meaning others gets 421, and the CLI reads them itself.
+
+    ``slots``: the daemon's work slots (``[jobs] workers``), which its workers share with the
+    files requests; the app makes its own when none is given. Limits: ``api/limits.py``; every
+    mutating request and failed login is audited (``engine/audit.py``)."""
     app = FastAPI(title="vmkeep", version=__version__, openapi_url="/openapi.json")
     local = threading.local()
+    work = slots if slots is not None else WorkSlots(config.jobs.workers)
+    streams = limits.StreamSlots(config.api.max_streams_per_token)
 
     def ctx() -> Context:
         if not hasattr(local, "ctx"):
@@ -157,7 +172,7 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "NotFound", 405: "MethodNotAllowed"}
+        codes = {404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
         return _error(err.status_code, codes.get(err.status_code, "HTTPError"), str(err.detail))
 
     @app.exception_handler(RequestValidationError)
@@ -169,20 +184,53 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     local_server = (str(local_socket), None)  # uvicorn's scope["server"] on that socket
     own_key = daemon_key(config.catalog_url, config.libvirt.uri)
 
+    def is_local(scope: Any) -> bool:
+        return local_socket is not None and scope.get("server") == local_server
+
     def require(action: str) -> Any:
         def check(request: Request, authorization: str | None = Header(default=None)) -> Actor:
-            if local_socket is not None and request.scope.get("server") == local_server:
+            state = request.scope.setdefault("state", {})
+            if is_local(request.scope):
                 if request.headers.get("x-vmkeep-catalog", own_key) != own_key:
                     raise StarletteHTTPException(421, "this daemon serves another catalog or host")
+                state[limits.ACTOR] = LOCAL_ADMIN
                 return LOCAL_ADMIN  # the daemon's user: who could open the catalog itself
-            name, role = tokens.authenticate(ctx(), authorization)
-            tokens.authorize(name, role, action, config.api.policy)
-            return Actor(name, role)
+            who = state.get(limits.ACTOR)  # a request with a body: checked before it was read
+            if who is None:
+                who = Actor(*tokens.authenticate(ctx(), authorization))
+                state[limits.ACTOR] = who  # the audit log's actor
+            tokens.authorize(who.name, who.role, action, config.api.policy)
+            return who
 
         check.action = action  # type: ignore[attr-defined]  # the route table's policy column
         return Depends(check)
 
     read = require("read")
+
+    async def body_actor(scope: Any) -> Actor:
+        """The token check of a request with a body, before it is read (``limits.BodyLimit``)."""
+        if is_local(scope):
+            return LOCAL_ADMIN
+        header = Request(scope).headers.get("authorization")
+        return Actor(*await run_in_threadpool(lambda: tokens.authenticate(ctx(), header)))
+
+    async def token_valid(request: Request) -> bool:
+        """Whether a long request's token is still there (not revoked)."""
+        if is_local(request.scope):
+            return True
+        header = request.headers.get("authorization")
+        try:
+            await run_in_threadpool(lambda: tokens.authenticate(ctx(), header))
+        except Unauthorized:
+            return False
+        return True
+
+    def record(**entry: Any) -> None:
+        audit.record(ctx(), **entry)
+
+    # outermost last: the audit log sees the body limit's 401 and 413 too
+    app.add_middleware(limits.BodyLimit, limit=config.api.max_body_bytes, authenticate=body_actor)
+    app.add_middleware(AuditLog, record=record, local=is_local)
 
     def accepted(job: dict[str, Any]) -> JSONResponse:
         return JSONResponse(
@@ -192,7 +240,8 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
     def enqueue(kind: str, target: str, params: dict[str, Any], who: Actor) -> JSONResponse:
         # the runner applies the actor's places (engine/trust.py) again when the job runs
         params = {**params, ROLE_KEY: who.role, "actor": who.name}
-        return accepted(jobs.enqueue(ctx(), kind, target, params, "api", who.name))
+        cap = None if who is LOCAL_ADMIN else config.api.max_queued_per_token
+        return accepted(jobs.enqueue(ctx(), kind, target, params, "api", who.name, cap))
 
     # --- health --------------------------------------------------------------------------------
     @app.get("/healthz")
@@ -307,6 +356,27 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         params = {"backup": backup_id, **(body or DrillRequest()).model_dump(exclude_none=True)}
         return enqueue("drill", str(backup_id), params, who)
 
+    files_who = require("files")
+
+    async def work_slot(who: Actor = files_who) -> Callable[[], None]:
+        """A work slot for a files request (after its token check), waited for without a
+        thread; its release. WorkersBusy (503) when none is free within FILES_WAIT s."""
+        deadline = time.monotonic() + FILES_WAIT
+        while not work.acquire(0):
+            if time.monotonic() >= deadline:
+                raise work.busy()
+            await asyncio.sleep(0.05)
+        released = threading.Event()
+
+        def release() -> None:
+            if not released.is_set():
+                released.set()
+                work.release()
+
+        return release
+
+    files_slot = Depends(work_slot)
+
     @app.get("/v1/backups/{backup_id}/files")
     def list_files(
         backup_id: Id,
@@ -314,9 +384,13 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
         partition: int | None = Query(default=None, ge=1, le=128),
-        who: Actor = require("files"),
+        who: Actor = files_who,
+        release: Callable[[], None] = files_slot,
     ) -> Any:
-        return FastJSON(files.ls(ctx(), backup_id, path, increment, disk, partition))
+        try:
+            return FastJSON(files.ls(ctx(), backup_id, path, increment, disk, partition))
+        finally:
+            release()
 
     @app.get("/v1/backups/{backup_id}/files/content")
     def download_file(
@@ -325,13 +399,19 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
         partition: int | None = Query(default=None, ge=1, le=128),
-        who: Actor = require("files"),
+        who: Actor = files_who,
+        release: Callable[[], None] = files_slot,
     ) -> StreamingResponse:
-        chunks = files.stream(ctx(), backup_id, path, increment, disk, partition)
-        next(chunks)  # opens the point: a bad path is a 4xx before any byte is sent
+        try:  # the slot is held until the last byte is sent (or the client is gone)
+            chunks = files.stream(ctx(), backup_id, path, increment, disk, partition)
+            next(chunks)  # opens the point: a bad path is a 4xx before any byte is sent
+        except BaseException:
+            release()
+            raise
         name = re.sub(r"[^A-Za-z0-9._-]", "_", path.rstrip("/").rsplit("/", 1)[-1]) or "file"
-        return StreamingResponse(
+        return limits.HeldStream(
             chunks,
+            release,
             media_type="application/octet-stream",
             headers={"Content-Disposition": f'attachment; filename="{name}"'},
         )
@@ -389,23 +469,34 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         request: Request, max_seconds: float | None = None, who: Actor = read
     ) -> StreamingResponse:
         """Job state/progress and VM state changes as SSE (``event: job`` / ``event: vm``), first
-        the current state, then every change; ``max_seconds`` ends the stream (tests, curl)."""
+        the current state, then every change; ``max_seconds`` ends the stream (tests, curl).
+        A token holds at most ``[api] max_streams_per_token`` streams and waits at once (429
+        beyond); its streams end (``event: end``) within TOKEN_RECHECK s of its revocation.
+        No thread is held between the catalog looks."""
+        release = streams.take(who, exempt=is_local(request.scope))
+
+        def changes(since: Any) -> Any:
+            return jobs.changes_since(ctx(), since)
 
         async def stream() -> AsyncIterator[str]:
             since = None
             end = None if max_seconds is None else time.monotonic() + max_seconds
+            checked = time.monotonic()
             while end is None or time.monotonic() < end:
-                changed_jobs, changed_vms, since = await run_in_threadpool(
-                    jobs.changes_since, ctx(), since
-                )
+                changed_jobs, changed_vms, since = await run_in_threadpool(changes, since)
                 for kind, rows in (("job", changed_jobs), ("vm", changed_vms)):
                     for row in rows:
                         yield f"event: {kind}\ndata: {json.dumps(jsonable(row))}\n\n"
                 if await request.is_disconnected():
                     return
+                if time.monotonic() - checked >= TOKEN_RECHECK:
+                    if not await token_valid(request):
+                        yield 'event: end\ndata: {"reason": "token revoked"}\n\n'
+                        return
+                    checked = time.monotonic()
                 await asyncio.sleep(EVENT_POLL)
 
-        return StreamingResponse(stream(), media_type="text/event-stream")
+        return limits.HeldStream(stream(), release, media_type="text/event-stream")
 
     # --- metrics -------------------------------------------------------------------------------
     registry = CollectorRegistry(auto_describe=False)
@@ -421,15 +512,46 @@ def create_app(config: Config, local_socket: Path | None = None) -> FastAPI:
         return FastJSON(jobs.list_jobs(ctx(), state))
 
     @app.get("/v1/jobs/{job_id}")
-    def show_job(
-        job_id: Id, wait: float = Query(default=0.0, ge=0, le=jobs.WAIT_MAX), who: Actor = read
+    async def show_job(
+        request: Request,
+        job_id: Id,
+        wait: float = Query(default=0.0, ge=0, le=jobs.WAIT_MAX),
+        who: Actor = read,
     ) -> Any:
-        """``?wait=S``: answer when the job has ended, or after S seconds as it is then."""
-        return FastJSON(jobs.wait(ctx(), job_id, wait) if wait else jobs.get(ctx(), job_id))
+        """``?wait=S``: answer when the job has ended, or after S seconds as it is then. A wait
+        holds no thread (a catalog look every WAIT_POLL s), counts against the token's
+        ``[api] max_streams_per_token`` (429 beyond) and ends (401) when the token is revoked."""
+
+        def look() -> dict[str, Any]:
+            return jobs.get(ctx(), job_id)
+
+        if not wait:
+            return FastJSON(await run_in_threadpool(look))
+        with streams.holding(who, exempt=is_local(request.scope)):
+            deadline = checked = time.monotonic()
+            deadline += wait
+            while True:
+                job = await run_in_threadpool(look)
+                now = time.monotonic()
+                if job["state"] in jobs.FINAL or now >= deadline:
+                    return FastJSON(job)
+                if now - checked >= TOKEN_RECHECK:
+                    if not await token_valid(request):
+                        raise Unauthorized("the token was revoked")
+                    checked = now
+                await asyncio.sleep(min(WAIT_POLL, deadline - now))
 
     @app.delete("/v1/jobs/{job_id}")
     def cancel_job(job_id: Id, who: Actor = require("cancel-job")) -> Any:
         return jsonable(jobs.cancel(ctx(), job_id))
+
+    # --- audit ---------------------------------------------------------------------------------
+    @app.get("/v1/audit")
+    def list_audit(
+        limit: int = Query(default=100, ge=1, le=100000), who: Actor = require("audit")
+    ) -> Any:
+        """Who did what, newest first: every mutating request and every failed login."""
+        return FastJSON(audit.list_entries(ctx(), limit))
 
     return app
 

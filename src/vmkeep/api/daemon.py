@@ -25,6 +25,7 @@ from vmkeep.config import Config
 from vmkeep.engine import jobs, lifecycle
 from vmkeep.engine.actions import RUNNERS
 from vmkeep.engine.context import Context
+from vmkeep.engine.workers import WorkSlots
 from vmkeep.errors import InvalidValue, VmkeepError
 from vmkeep.paths import SOCKET_PATH_MAX
 
@@ -39,20 +40,27 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def _worker(config: Config, stop: threading.Event) -> None:
+def _worker(config: Config, stop: threading.Event, slots: WorkSlots) -> None:
+    """Claims and runs jobs, each holding one of the daemon's work slots (shared with the API's
+    files requests, ``engine/workers.py``) from its claim to its end."""
     ctx = Context(config)
     while not stop.is_set():
+        if not slots.acquire(IDLE):
+            continue  # every slot is taken (jobs, files requests): look again
         try:
-            job_id = jobs.claim(ctx)
-        except VmkeepError as err:
-            log.error("claiming a job failed: %s", err)
-            job_id = None
-        if job_id is None:
-            jobs.WAKE.wait(IDLE)  # a job the API queues wakes it at once
-            jobs.WAKE.clear()
-            continue
-        log.info("running job %s", job_id)
-        jobs.execute(ctx, job_id, RUNNERS)
+            try:
+                job_id = jobs.claim(ctx)
+            except VmkeepError as err:
+                log.error("claiming a job failed: %s", err)
+                job_id = None
+            if job_id is not None:
+                log.info("running job %s", job_id)
+                jobs.execute(ctx, job_id, RUNNERS)
+                continue
+        finally:
+            slots.release()
+        jobs.WAKE.wait(IDLE)  # a job the API queues wakes it at once
+        jobs.WAKE.clear()
 
 
 def _monitor(config: Config, stop: threading.Event) -> None:
@@ -145,9 +153,12 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
     for job_id in jobs.recover(ctx):
         log.warning("job %s was running when the daemon stopped: marked FAILED", job_id)
     stop = threading.Event()
+    slots = WorkSlots(workers or config.jobs.workers)  # shared with the API's files requests
     pool = [
-        threading.Thread(target=_worker, args=(config, stop), name=f"worker-{i}", daemon=True)
-        for i in range(workers or config.jobs.workers)
+        threading.Thread(
+            target=_worker, args=(config, stop, slots), name=f"worker-{i}", daemon=True
+        )
+        for i in range(slots.size)
     ]
     tls = config.api.tls_cert, config.api.tls_key
     if (tls[0] is None) != (tls[1] is None):
@@ -155,7 +166,7 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
     for f in tls:
         if f is not None and not f.is_file():
             raise InvalidValue("[api] tls_cert/tls_key", str(f), "the file does not exist")
-    app = create_app(config, local_socket=config.socket)
+    app = create_app(config, local_socket=config.socket, slots=slots)
     server = uvicorn.Server(
         uvicorn.Config(
             app,

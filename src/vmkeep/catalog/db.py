@@ -11,15 +11,28 @@ from typing import Any
 import orjson
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError
+from sqlalchemy.exc import OperationalError, ProgrammingError, SQLAlchemyError, StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
 from vmkeep.errors import CatalogError
 
 # Bump together with a new file in migrations/versions; a unit test checks they agree.
-HEAD_REVISION = "0007"
+HEAD_REVISION = "0008"
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+
+
+def reason(err: BaseException) -> str:
+    """What a database error says, for a message a client may see: the driver's short reason
+    (its first line, e.g. ``IntegrityError: UNIQUE constraint failed: tokens.name``), never
+    SQLAlchemy's text around it, which carries the statement and its bound parameters."""
+    orig = getattr(err, "orig", None)
+    source = orig if isinstance(orig, BaseException) else err
+    text = str(source).split("\n[SQL:", 1)[0].split("\n(Background on this error", 1)[0]
+    if source is err and isinstance(err, StatementError):
+        text = text.split("[SQL:", 1)[0]  # a statement error without a driver's exception
+    first = text.strip().splitlines()[0].strip() if text.strip() else ""
+    return f"{type(source).__name__}: {first}" if first else type(source).__name__
 
 
 def _redact(url: str) -> str:
@@ -56,7 +69,7 @@ class Catalog:
             # command cost 0.24 s through the standard library's decoder
             self.engine: Engine = create_engine(url, future=True, json_deserializer=_json_loads)
         except (SQLAlchemyError, ImportError) as err:
-            raise CatalogError(f"cannot open {self.display_url}: {err}") from err
+            raise CatalogError(f"cannot open {self.display_url}: {reason(err)}") from err
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
@@ -78,7 +91,7 @@ class Catalog:
                     # (two daemons starting on a new catalog); a second failure is an error
                     return conn.execute(text("SELECT version_num FROM alembic_version")).scalar()
         except SQLAlchemyError as err:
-            raise CatalogError(f"cannot read {self.display_url}: {err}") from err
+            raise CatalogError(f"cannot read {self.display_url}: {reason(err)}") from err
 
     def migrate(self) -> None:
         """Bring the schema to HEAD. The fast path (already at head) costs one query."""
@@ -101,7 +114,7 @@ class Catalog:
         except SQLAlchemyError as err:
             if self.current_revision() == HEAD_REVISION:
                 return  # another process migrated it meanwhile (SQLite has no advisory lock)
-            raise CatalogError(f"migrating {self.display_url} failed: {err}") from err
+            raise CatalogError(f"migrating {self.display_url} failed: {reason(err)}") from err
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -111,7 +124,7 @@ class Catalog:
             s.commit()
         except SQLAlchemyError as err:
             s.rollback()
-            raise CatalogError(str(err)) from err
+            raise CatalogError(reason(err)) from err
         except BaseException:
             s.rollback()
             raise

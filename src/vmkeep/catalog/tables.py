@@ -293,3 +293,18 @@ class GroupBackupMember(Base):
     freeze_ms: Mapped[float | None] = mapped_column(default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     group_backup: Mapped[GroupBackup] = relationship(back_populates="members")
+
+
+class AuditEntry(Base):
+    """Who did what through the API: every mutating request and every failed login
+    (``engine/audit.py``). Never a request's body or headers."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    role: Mapped[str] = mapped_column(String(16))
+    method: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(String(2048))
+    status: Mapped[int] = mapped_column(Integer)
+    client: Mapped[str] = mapped_column(String(255))

@@ -29,6 +29,7 @@ FAMILIES = {
     "mount": "vmkeep.cli.files_cmd:mount",
     "umount": "vmkeep.cli.files_cmd:umount",
     "drill": "vmkeep.cli.drill_cmd:drill",
+    "audit": "vmkeep.cli.audit_cmd:audit",
 }
 
 

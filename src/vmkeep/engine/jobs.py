@@ -31,7 +31,7 @@ from vmkeep import jsontext
 from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Job
 from vmkeep.engine.context import Context
-from vmkeep.errors import JobNotFound, VmkeepError, WrongState
+from vmkeep.errors import JobNotFound, TooManyRequests, VmkeepError, WrongState
 from vmkeep.faults import failpoint
 
 log = logging.getLogger(__name__)
@@ -87,12 +87,32 @@ def local_user() -> str:
 
 
 def enqueue(
-    ctx: Context, kind: str, target: str, params: dict[str, Any], origin: str, who: str
+    ctx: Context,
+    kind: str,
+    target: str,
+    params: dict[str, Any],
+    origin: str,
+    who: str,
+    max_queued: int | None = None,
 ) -> dict[str, Any]:
+    """A new QUEUED job. ``max_queued``: the QUEUED jobs ``who`` (of this ``origin``) may have
+    at once (the API passes ``[api] max_queued_per_token`` for a token); TooManyRequests
+    beyond. Running and ended jobs do not count."""
     with ctx.catalog.session() as s:
+        if max_queued is not None:
+            waiting = queued_by(s, origin, who)
+            if waiting >= max_queued:
+                raise TooManyRequests("queued jobs", who, max_queued, "[api] max_queued_per_token")
         job = job_dict(_add(s, kind, target, params, origin, who))
     WAKE.set()
     return job
+
+
+def queued_by(s: Session, origin: str, who: str) -> int:
+    """How many QUEUED jobs ``who`` has queued through ``origin``."""
+    q = select(func.count()).select_from(Job)
+    q = q.where(Job.state == QUEUED, Job.origin == origin, Job.who == who)
+    return int(s.execute(q).scalar() or 0)
 
 
 def _add(

@@ -51,6 +51,7 @@ POLICY: dict[str, str] = {
     "vm-recover": "admin",
     "vm-terminate": "admin",
     "vm-create": "admin",
+    "audit": "admin",  # who did what (engine/audit.py)
 }
 
 
