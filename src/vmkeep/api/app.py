@@ -535,6 +535,8 @@ def create_app(
                 now = time.monotonic()
                 if job["state"] in jobs.FINAL or now >= deadline:
                     return FastJSON(job)
+                if await request.is_disconnected():  # its slot is free at once
+                    return FastJSON(job)
                 if now - checked >= TOKEN_RECHECK:
                     if not await token_valid(request):
                         raise Unauthorized("the token was revoked")
