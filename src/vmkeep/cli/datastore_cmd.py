@@ -106,7 +106,7 @@ def scan_cmd(c: click.Context, ref: str, do_import: bool, as_json: bool) -> None
             vm=r.get("vm", "-"),
             points=",".join(map(str, r.get("increments", []))) or "-",
             imported=r["imported"] or "-",
-            error=r.get("error", ""),
+            error=r.get("error") or (f"refused: {r['refused']}" if r.get("refused") else ""),
         )
         for r in rows
     ]

@@ -18,8 +18,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from vmkeep.errors import AlreadyExists, DatastoreError, InvalidValue
+from vmkeep.names import check_chain_key, check_file_name
 
 QCOW2_MAGIC = b"QFI\xfb"
+SECRET_SHOWN = "(set)"  # what API reads and JSON show for a secret option that is set
 
 
 def qemu_img_info(path: Path | str, check: bool = True) -> dict[str, Any]:
@@ -46,6 +48,8 @@ class DatastoreDriver(ABC):
     options_model: ClassVar[type[DriverOptions]]
     # "local": files are readable in place (restore needs no copy)
     capabilities: ClassVar[frozenset[str]] = frozenset()
+    # options never shown by an API read or in JSON (stored in the catalog, shown as "(set)")
+    secret_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, name: str, options: dict[str, Any]) -> None:
         self.name = name
@@ -58,7 +62,47 @@ class DatastoreDriver(ABC):
             shown = first.get("input") if first["loc"] else "(the options given)"
             if any(s in key for s in ("password", "secret", "key")):
                 shown = "(hidden)"
-            raise InvalidValue(f"datastore {name} option {key}", shown, first["msg"]) from None
+            msg = first["msg"]
+            if first["type"] == "extra_forbidden":
+                shown = "(given)"
+                msg = (
+                    f"{self.driver} datastores take no option {key!r}; the allowed ones are "
+                    + ", ".join(self.options_model.model_fields)
+                )
+            raise InvalidValue(f"datastore {name} option {key}", shown, msg) from None
+
+    def shown_options(self) -> dict[str, Any]:
+        """The options as API reads and JSON show them: a secret is ``(set)``, never its value."""
+        shown: dict[str, Any] = self.options.model_dump(mode="json")
+        for key in self.secret_options:
+            if shown.get(key) is not None:
+                shown[key] = SECRET_SHOWN
+        return shown
+
+    # --- names read from the datastore are untrusted -----------------------------------------
+    def checked_chain(self, chain: str) -> str:
+        """``chain`` if it is a chain key by the rule of names.py, else DatastoreError."""
+        try:
+            return check_chain_key("chain key", chain)
+        except InvalidValue as err:
+            raise DatastoreError(self.name, f"refused: {err}") from None
+
+    def checked_name(self, chain: str, name: str) -> str:
+        """``name`` if it is a stored file name by the rule of names.py, else DatastoreError."""
+        try:
+            return check_file_name(f"stored file name in {chain}", name)
+        except InvalidValue as err:
+            raise DatastoreError(self.name, f"refused: {err}") from None
+
+    def local_path(self, folder: Path, chain: str, name: str) -> Path:
+        """Where a fetched file is written: ``folder/name``, refused unless it stays directly in
+        ``folder`` once resolved (no ``..``, no link leading out)."""
+        self.checked_name(chain, name)
+        root = folder.resolve()
+        path = (root / name).resolve()
+        if path.parent != root:
+            raise DatastoreError(self.name, f"refused: {chain}/{name} leaves the folder {root}")
+        return path
 
     def staging_root(self) -> Path | None:
         """A folder on the datastore's own file system where a backup can be staged, so that

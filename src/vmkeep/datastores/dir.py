@@ -67,6 +67,7 @@ class DirDriver(DatastoreDriver):
         return self.root / STAGING  # a dot name: chains() never lists it
 
     def _chain_dir(self, chain: str) -> Path:
+        self.checked_chain(chain)
         d = (self.root / chain).resolve()
         if self.root.resolve() not in d.parents:
             raise DatastoreError(self.name, f"chain key {chain!r} escapes the datastore")
@@ -96,7 +97,7 @@ class DirDriver(DatastoreDriver):
         try:
             dest.mkdir(parents=True, exist_ok=True)
             for src in staged:
-                final = dest / src.name
+                final = self.local_path(dest, chain, src.name)
                 tmp = dest / (src.name + PARTIAL)
                 try:
                     os.rename(src, tmp)  # same file system: no copy
@@ -116,7 +117,7 @@ class DirDriver(DatastoreDriver):
         d = self._chain_dir(chain)
         out = {}
         for n in names:
-            p = d / n
+            p = self.local_path(d, chain, n)  # read in place: never a file outside the chain
             if not p.is_file():
                 raise DatastoreError(self.name, f"{p} is missing")
             out[n] = p
@@ -131,6 +132,7 @@ class DirDriver(DatastoreDriver):
                     d.parent.rmdir()
                 return
             for n in names:
+                self.checked_name(chain, n)
                 (d / n).unlink(missing_ok=True)
                 (d / (n + PARTIAL)).unlink(missing_ok=True)
         except OSError as err:

@@ -7,8 +7,14 @@ files, ``increment=``: a file can be removed on its own (forget + prune) and the
 a name is its current content. A snapshot exists only once restic wrote all its data, so a killed
 transfer leaves no file that looks complete (its packs are garbage for the next prune).
 
-The password reaches restic only through ``--password-file`` or ``--password-command``: never on a
-command line, in the environment of a logged command, in the catalog or in JSON.
+The password reaches restic only through a file or a command named in restic's environment
+(``RESTIC_PASSWORD_FILE`` / ``RESTIC_PASSWORD_COMMAND``): never on a command line (``ps`` shows
+every user the argv), in the catalog or in JSON; ``password_command`` itself is shown as
+``(set)`` by API reads and JSON.
+
+Snapshot tags are untrusted input (a hostile repository may be scanned and imported): a ``file=``
+tag names a file only if it follows the stored-file rule (names.py), a ``chain=`` tag is checked by
+the import, and every fetched file is written inside the caller's folder.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register
 from vmkeep.datastores.ssh import (
@@ -34,7 +40,8 @@ from vmkeep.datastores.ssh import (
     remote_tree_size,
     tree_size,
 )
-from vmkeep.errors import DatastoreError
+from vmkeep.errors import DatastoreError, InvalidValue
+from vmkeep.names import check_file_name
 
 HOST = "vmkeep"  # one snapshot host for every machine: a new host can import and restore
 CHECK_SUBSET = "10%"
@@ -47,16 +54,16 @@ class ResticOptions(DriverOptions):
     password_file: Path | None = None
     password_command: str | None = None
     compression: Literal["off", "auto", "max"] | None = None
-    connections: int | None = None
-    bwlimit: int | None = None  # KiB/s, both directions
-    nice: int | None = None
+    connections: int | None = Field(default=None, ge=1, le=128)
+    bwlimit: int | None = Field(default=None, gt=0)  # KiB/s, both directions
+    nice: int | None = Field(default=None, ge=-20, le=19)
     ionice: int | None = None  # best-effort class level 0..7
     init: bool = False
     # SSH for sftp: repositories
-    port: int | None = None
+    port: int | None = Field(default=None, ge=1, le=65535)
     identity: Path | None = None
     known_hosts: Path | None = None
-    retries: int = 3
+    retries: int = Field(default=3, ge=0, le=20)
 
     @model_validator(mode="before")
     @classmethod
@@ -74,6 +81,8 @@ class ResticOptions(DriverOptions):
             raise ValueError("give exactly one of password_file=FILE or password_command=CMD")
         if self.password_file is not None:
             object.__setattr__(self, "password_file", self.password_file.expanduser().absolute())
+        if self.password_command is not None and not self.password_command.strip():
+            raise ValueError("password_command is empty")
         if not self.repo.startswith("sftp:"):
             if ":" in self.repo.split("/", 1)[0]:
                 raise ValueError("repo is a local folder or sftp:USER@HOST:/PATH")
@@ -116,6 +125,14 @@ def _tags(chain: str, name: str) -> list[str]:
     return tags
 
 
+def _safe_name(name: str) -> bool:
+    try:
+        check_file_name("file tag", name)
+    except InvalidValue:
+        return False
+    return True
+
+
 def _tag(snapshot: dict[str, Any], key: str) -> str | None:
     return next(
         (t.split("=", 1)[1] for t in snapshot.get("tags") or [] if t.startswith(key + "=")), None
@@ -127,6 +144,7 @@ class ResticDriver(DatastoreDriver):
     driver = "restic"
     options_model = ResticOptions
     capabilities = frozenset({"remote", "dedup"})
+    secret_options = frozenset({"password_command"})
     options: ResticOptions
 
     # --- running restic ----------------------------------------------------------------------
@@ -137,11 +155,7 @@ class ResticDriver(DatastoreDriver):
             argv += ["nice", "-n", str(o.nice)]
         if o.ionice is not None:
             argv += ["ionice", "-c", "2", "-n", str(o.ionice)]
-        argv += ["restic", "--repo", o.repo]
-        if o.password_file is not None:
-            argv += ["--password-file", str(o.password_file)]
-        else:
-            argv += ["--password-command", str(o.password_command)]
+        argv += ["restic", "--repo", o.repo]  # the password: through _env(), never argv
         sftp = o.sftp()
         if sftp is not None:
             target, _path = sftp
@@ -152,6 +166,17 @@ class ResticDriver(DatastoreDriver):
         if o.bwlimit:
             argv += ["--limit-upload", str(o.bwlimit), "--limit-download", str(o.bwlimit)]
         return argv + args
+
+    def _env(self) -> dict[str, str]:
+        """restic's environment: ours, without any RESTIC_* of the caller's, plus the password's
+        file or command (the environment is readable by root and the process' owner only)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RESTIC_")}
+        o = self.options
+        if o.password_file is not None:
+            env["RESTIC_PASSWORD_FILE"] = str(o.password_file)
+        else:
+            env["RESTIC_PASSWORD_COMMAND"] = str(o.password_command)
+        return env
 
     def _error(self, what: str, stderr: str) -> DatastoreError:
         low = stderr.lower()
@@ -194,6 +219,7 @@ class ResticDriver(DatastoreDriver):
                 stdin=stdin if stdin is not None else subprocess.DEVNULL,
                 stdout=stdout if stdout is not None else subprocess.PIPE,
                 stderr=subprocess.PIPE,
+                env=self._env(),
             )
             if proc.returncode == 0:
                 return proc.stdout.decode() if stdout is None else ""
@@ -201,7 +227,7 @@ class ResticDriver(DatastoreDriver):
             if "is locked" not in str(err):
                 raise err
             if not unlocked:
-                subprocess.run(self._argv(["unlock"]), capture_output=True)
+                subprocess.run(self._argv(["unlock"]), capture_output=True, env=self._env())
                 unlocked = True
                 continue
             if time.monotonic() >= deadline:
@@ -222,8 +248,11 @@ class ResticDriver(DatastoreDriver):
         newest: dict[str, dict[str, Any]] = {}
         for snap in self._snapshots(chain) if snaps is None else snaps:
             name = _tag(snap, "file")
-            if name:
+            if name and _safe_name(name):
                 newest[name] = snap  # sorted by time: the last one wins
+            elif name:
+                log.warning("datastore %s: snapshot %s of %s has a file tag that is no file "
+                            "name (%r): ignored", self.name, snap.get("short_id"), chain, name)  # fmt: skip
         return newest
 
     def _forget(self, ids: list[str], prune: bool) -> None:
@@ -297,20 +326,22 @@ class ResticDriver(DatastoreDriver):
                         self.name, ", ".join(stored), err)  # fmt: skip
 
     def restore(self, chain: str, names: list[str], workdir: Path) -> dict[str, Path]:
-        current = self._current(chain)
+        self.checked_chain(chain)
         workdir.mkdir(parents=True, exist_ok=True)
+        dests = {n: self.local_path(workdir, chain, n) for n in names}  # every name, first
+        current = self._current(chain)
         out: dict[str, Path] = {}
         for n in names:
             if n not in current:
                 raise DatastoreError(self.name, f"{chain}/{n} is missing")
-            dest = workdir / n
+            dest = dests[n]
             with open(dest, "wb") as f:
                 self._run(["dump", current[n]["id"], "/" + n], f"restore {n}", stdout=f)
             out[n] = dest
         return out
 
     def rm(self, chain: str, names: list[str] | None = None) -> None:
-        snaps = self._snapshots(chain)
+        snaps = self._snapshots(self.checked_chain(chain))
         ids = [s["short_id"] for s in snaps if names is None or _tag(s, "file") in names]
         self._forget(ids, prune=True)
 
@@ -318,6 +349,8 @@ class ResticDriver(DatastoreDriver):
         return sorted({c for s in self._snapshots() if (c := _tag(s, "chain"))})
 
     def head(self, chain: str, name: str, size: int, workdir: Path) -> bytes:
+        self.checked_chain(chain)
+        self.checked_name(chain, name)
         current = self._current(chain)
         if name not in current:
             raise DatastoreError(self.name, f"{chain}/{name} is missing")
@@ -326,6 +359,7 @@ class ResticDriver(DatastoreDriver):
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
+            env=self._env(),
         )
         assert proc.stdout is not None
         try:

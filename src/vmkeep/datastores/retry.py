@@ -85,6 +85,9 @@ class Retrying(DatastoreDriver):
     def url(self, chain: str, name: str) -> str:
         return self.inner.url(chain, name)
 
+    def shown_options(self) -> dict[str, Any]:
+        return self.inner.shown_options()
+
     def used(self) -> int | None:
         return self._call("usage", self.inner.used)
 

@@ -9,12 +9,13 @@ file that looks complete. Host keys are checked (see ssh.py).
 from __future__ import annotations
 
 import contextlib
+import re
 import shlex
 import subprocess
 import uuid
 from pathlib import Path
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register
 from vmkeep.datastores.ssh import SshTarget, classify, parse_df, remote, remote_tree_size
@@ -22,28 +23,76 @@ from vmkeep.errors import DatastoreError, DatastoreUnreachable
 
 PARTIAL = ".partial-"
 
+# rsync ``args``: what the transfer copies and how, never where it reads or writes (--log-file,
+# --temp-dir, --backup-dir, --write-batch), which program it runs (-e, --rsync-path) or which
+# files it takes (--files-from, --include-from): those would run as root on either host.
+SHORT_ARGS = "aSzcHAXvqW"  # -a -S -z -c -H -A -X -v -q -W, alone or together (-aSz)
+LONG_ARGS = frozenset(
+    {
+        "--archive", "--sparse", "--compress", "--checksum", "--hard-links", "--acls",
+        "--xattrs", "--verbose", "--quiet", "--whole-file", "--no-whole-file", "--numeric-ids",
+        "--no-perms", "--no-owner", "--no-group", "--no-times", "--perms", "--owner", "--group",
+        "--times", "--preallocate", "--stats", "--human-readable",
+    }
+)  # fmt: skip
+VALUE_ARGS = {"--compress-level": range(0, 10), "--timeout": range(0, 86401)}
+# refused with their own reason: the driver renames complete files into place itself
+ATOMIC_BREAKERS = frozenset(
+    {"--inplace", "--append", "--partial", "--remove-source-files", "--delete"}
+)
+ALLOWED_ARGS = (
+    " ".join(f"-{c}" for c in SHORT_ARGS)
+    + " "
+    + " ".join(sorted(LONG_ARGS))
+    + " "
+    + " ".join(f"{k}=N" for k in VALUE_ARGS)
+)
+# a remote folder: no space, quote or shell character (rsync hands it to the remote shell)
+_REMOTE_PATH = re.compile(r"/[A-Za-z0-9_./+@=:,%-]*")
+
+
+def check_args(value: str) -> str:
+    """``value`` if every rsync argument in it is allowed (ValueError naming the first that is
+    not, and the allowed ones)."""
+    try:
+        given = shlex.split(value)
+    except ValueError as err:
+        raise ValueError(f"args cannot be split into arguments ({err})") from None
+    breakers = sorted(set(given) & ATOMIC_BREAKERS)
+    if breakers:
+        raise ValueError(f"{', '.join(breakers)} would break atomic stores")
+    for arg in given:
+        key, eq, num = arg.partition("=")
+        if re.fullmatch(f"-[{SHORT_ARGS}]+", arg) or arg in LONG_ARGS:
+            continue
+        if eq and key in VALUE_ARGS and num.isdigit() and int(num) in VALUE_ARGS[key]:
+            continue
+        raise ValueError(f"rsync argument {arg!r} is not allowed in args; allowed: {ALLOWED_ARGS}")
+    return value
+
 
 class RsyncOptions(DriverOptions, SshTarget):
     path: str
     args: str = "-aS"
-    bwlimit: int | None = None  # KiB/s
-    retries: int = 3
+    bwlimit: int | None = Field(default=None, gt=0)  # KiB/s
+    retries: int = Field(default=3, ge=0, le=20)
 
     @field_validator("path")
     @classmethod
     def _path(cls, value: str) -> str:
         if not value.startswith("/") or value.rstrip("/") == "":
             raise ValueError("give the absolute folder on the remote host, e.g. /srv/backups")
+        if not _REMOTE_PATH.fullmatch(value) or ".." in value.split("/"):
+            raise ValueError(
+                "the remote folder may hold letters, digits and _ . / + @ = : , % - only "
+                "(no '..', space, quote or shell character)"
+            )
         return value.rstrip("/")
 
     @field_validator("args")
     @classmethod
     def _args(cls, value: str) -> str:
-        bad = {"--inplace", "--append", "--partial", "--remove-source-files", "--delete"}
-        given = set(shlex.split(value))
-        if given & bad:
-            raise ValueError(f"{', '.join(sorted(given & bad))} would break atomic stores")
-        return value
+        return check_args(value)
 
 
 @register
@@ -54,8 +103,7 @@ class RsyncDriver(DatastoreDriver):
     options: RsyncOptions
 
     def _dir(self, chain: str) -> str:
-        if chain.startswith("/") or ".." in chain.split("/") or not chain:
-            raise DatastoreError(self.name, f"chain key {chain!r} escapes the datastore")
+        self.checked_chain(chain)  # two safe path components: never outside the datastore
         return f"{self.options.path}/{chain}"
 
     def _ssh(self, command: list[str], what: str, timeout: float | None = 600) -> str:
@@ -97,7 +145,7 @@ class RsyncDriver(DatastoreDriver):
         self._ssh(["mkdir", "-p", tmp], "store")
         try:
             self._rsync([str(p) for p in staged], f"{self._remote_name(tmp)}/", "store")
-            names = [p.name for p in staged]
+            names = [self.checked_name(chain, p.name) for p in staged]
             # fsync the data, then rename each file into place, then fsync the folder
             script = (
                 f"cd {shlex.quote(tmp)} && sync -- {shlex.join(names)} && "
@@ -115,9 +163,13 @@ class RsyncDriver(DatastoreDriver):
     def restore(self, chain: str, names: list[str], workdir: Path) -> dict[str, Path]:
         d = self._dir(chain)
         workdir.mkdir(parents=True, exist_ok=True)
+        out = {n: self.local_path(workdir, chain, n) for n in names}  # checks every name first
         sources = [self._remote_name(f"{d}/{n}") for n in names]
         self._rsync(sources, f"{workdir}/", "restore")
-        out = {n: workdir / n for n in names}
+        # -a copies a symlink as a link: one from a hostile store would read a local file
+        links = [n for n, p in out.items() if p.is_symlink()]
+        if links:
+            raise DatastoreError(self.name, f"refused: {d}/{links[0]} is a symbolic link")
         missing = [n for n, p in out.items() if not p.is_file()]
         if missing:
             raise DatastoreError(self.name, f"{d}/{missing[0]} is missing")
@@ -136,7 +188,8 @@ class RsyncDriver(DatastoreDriver):
             self._ssh(["sh", "-c", script], "rm")
             return
         if names:
-            self._ssh(["rm", "-f", "--", *[f"{d}/{n}" for n in names]], "rm")
+            paths = [f"{d}/{self.checked_name(chain, n)}" for n in names]
+            self._ssh(["rm", "-f", "--", *paths], "rm")
 
     def chains(self) -> list[str]:
         p = shlex.quote(self.options.path)
@@ -149,7 +202,8 @@ class RsyncDriver(DatastoreDriver):
 
     def head(self, chain: str, name: str, size: int, workdir: Path) -> bytes:
         argv = [*self.options.ssh_argv(), self.options.login, "--"]
-        cmd = shlex.join(["head", "-c", str(size), f"{self._dir(chain)}/{name}"])
+        path = f"{self._dir(chain)}/{self.checked_name(chain, name)}"
+        cmd = shlex.join(["head", "-c", str(size), "--", path])
         proc = subprocess.run([*argv, cmd], capture_output=True)
         if proc.returncode != 0:
             raise classify(self.name, "stat", proc.stderr.decode(errors="replace"))

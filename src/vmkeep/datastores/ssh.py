@@ -7,6 +7,7 @@ known_hosts file: given with ``--opt known_hosts=FILE`` or learned once on ``dat
 
 from __future__ import annotations
 
+import re
 import shlex
 import subprocess
 from pathlib import Path
@@ -49,6 +50,24 @@ class SshTarget(BaseModel):
         if value in (None, ""):
             return None
         return Path(str(value)).expanduser().absolute()
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        """A host name or address: it is an argument of ssh (``-oProxyCommand=..`` would be read
+        as an option and run as root)."""
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:%\[\]-]{0,252}", value):
+            raise ValueError("a host is a name or address: letters, digits and . - _ : [ ] %")
+        return value
+
+    @field_validator("user")
+    @classmethod
+    def _user(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", value):
+            raise ValueError(
+                "a user is 1-64 letters, digits, '.', '_' or '-', not starting with '-'"
+            )
+        return value
 
     @field_validator("port")
     @classmethod

@@ -94,7 +94,7 @@ def ds_dict(ds: Datastore, drv: DatastoreDriver | None = None) -> dict[str, Any]
         "id": ds.id,
         "name": ds.name,
         "driver": ds.driver,
-        "options": drv.options.model_dump(mode="json"),
+        "options": drv.shown_options(),  # a secret (restic password_command) as "(set)"
         "total_bytes": total,
         "free_bytes": free,
         "error": error,

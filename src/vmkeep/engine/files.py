@@ -96,15 +96,17 @@ def export_disk(
     ro = "off" if writable else "on"
     export.touch()
     pidfile = workdir / f"{name}.qsd.pid"
+    # QEMU's options are comma-separated: a comma in a path is doubled, never a new option
+    image_opt, export_opt = (str(p).replace(",", ",,") for p in (image, export))
     _run(
         [
             "qemu-storage-daemon",
             "--blockdev",
-            f"driver=file,filename={image},node-name=file0,read-only={ro}",
+            f"driver=file,filename={image_opt},node-name=file0,read-only={ro}",
             "--blockdev",
             f"driver=qcow2,file=file0,node-name=disk0,read-only={ro}",
             "--export",
-            f"type=fuse,id=exp0,node-name=disk0,mountpoint={export},writable={on}",
+            f"type=fuse,id=exp0,node-name=disk0,mountpoint={export_opt},writable={on}",
             "--daemonize",
             "--pidfile",
             str(pidfile),
