@@ -19,6 +19,16 @@ SOCKET_PATH_MAX = 108  # bytes in sockaddr_un.sun_path, the final NUL included
 DEFAULT_LIBVIRT_URI = "qemu:///system"
 
 
+PRIVATE_UMASK = 0o077  # vmkeep's files hold every guest's disks: no one else reads them
+
+
+def private_umask() -> None:
+    """Files and folders vmkeep creates are its user's alone (0600 / 0700): set by the CLI's
+    ``main`` and the daemon's ``serve``. What QEMU must reach is opened to QEMU's group alone
+    (``hypervisor/reach.py``), never to every user."""
+    os.umask(PRIVATE_UMASK)
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 

@@ -3,6 +3,7 @@ unprivileged user, can reach (storing is then a rename), else in vmkeep's data d
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -14,6 +15,7 @@ import pytest
 from vmkeep.datastores.dir import STAGING, DirDriver
 from vmkeep.engine.backup import _prepare_staging
 from vmkeep.engine.recovery import staging_dirs
+from vmkeep.hypervisor.reach import can_search, qemu_ids
 
 PLAN = SimpleNamespace(backup_id=7, seq=2)
 
@@ -28,15 +30,37 @@ def base() -> Iterator[Path]:
 
 
 def _ctx(base: Path) -> SimpleNamespace:
-    return SimpleNamespace(config=SimpleNamespace(data_dir=base / "data"))
+    # no hypervisor: QEMU's user and group come from qemu.conf (hypervisor/reach.py)
+    return SimpleNamespace(config=SimpleNamespace(data_dir=base / "data"), hv=None)
 
 
 def test_staged_in_the_datastore_when_qemu_reaches_it(base: Path) -> None:
     driver = DirDriver("ds", {"path": str(base / "ds")})
     staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
     assert staging == base / "ds" / STAGING / "7-2"
-    assert staging.stat().st_mode & 0o001 and staging.parent.stat().st_mode & 0o001
+    ids = qemu_ids()
+    assert ids is not None and can_search(staging, ids) and can_search(staging.parent, ids)
     assert driver.chains() == []  # the staging folder is no chain
+
+
+def test_under_umask_077_staging_is_opened_to_qemus_group_alone(base: Path) -> None:
+    """vmkeep's folders are 0700 (umask 077): the staging folders and the datastore's own folder
+    get QEMU's group and its search bit, never a world bit; the folder above is left alone."""
+    ids = qemu_ids()
+    assert ids is not None
+    old = os.umask(0o077)
+    try:
+        driver = DirDriver("ds", {"path": str(base / "ds")})
+        driver.check()  # vmkeep makes the datastore's folder: 0700
+        assert stat_mode(base / "ds") == 0o700
+        staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+    finally:
+        os.umask(old)
+    assert staging == base / "ds" / STAGING / "7-2"
+    for folder in (staging, staging.parent, base / "ds"):
+        st = folder.stat()
+        assert (stat_mode(folder), st.st_gid) == (0o710, ids.gid), folder
+    assert stat_mode(base) == 0o755 and base.stat().st_gid == 0  # above the datastore: as it was
 
 
 def test_staged_in_the_data_dir_when_the_datastore_is_closed_to_qemu(base: Path) -> None:

@@ -27,7 +27,7 @@ from vmkeep.engine.actions import RUNNERS
 from vmkeep.engine.context import Context
 from vmkeep.engine.workers import WorkSlots
 from vmkeep.errors import InvalidValue, VmkeepError
-from vmkeep.paths import SOCKET_PATH_MAX
+from vmkeep.paths import SOCKET_PATH_MAX, private_umask
 
 log = logging.getLogger(__name__)
 IDLE = 0.2  # seconds a worker waits when the queue is empty
@@ -148,6 +148,7 @@ def _remove_socket(path: Path, bound: tuple[int, int]) -> None:
 
 
 def serve(config: Config, listen: str | None = None, workers: int | None = None) -> None:
+    private_umask()  # also when serve() is called without the CLI's main()
     host, port = parse_listen(listen or config.api.listen)
     ctx = Context(config)
     for job_id in jobs.recover(ctx):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -45,6 +48,21 @@ def _redact(url: str) -> str:
         return url.split(":", 1)[0] + "://…"
 
 
+def _private(file: Path) -> None:
+    """The SQLite catalog (and its -wal/-shm files, which SQLite makes with the database's mode)
+    readable by vmkeep's user alone: created 0600, an older catalog's group and world bits
+    dropped."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))  # SQLite: 0644
+    for f in (file, file.with_name(file.name + "-wal"), file.with_name(file.name + "-shm")):
+        try:
+            st = f.stat()
+        except FileNotFoundError:
+            continue
+        if st.st_uid == os.geteuid() and st.st_mode & 0o077:
+            f.chmod(stat.S_IMODE(st.st_mode) & 0o700)
+
+
 class Catalog:
     """The catalog database. ``with catalog.session() as s:`` commits on success, rolls back on error."""
 
@@ -52,9 +70,12 @@ class Catalog:
         self.url = url
         self.display_url = _redact(url)
         if url.startswith("sqlite:///"):
-            folder = Path(url.removeprefix("sqlite:///")).parent
+            file = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+            folder = file.parent
             try:
-                folder.mkdir(parents=True, exist_ok=True)
+                folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+                if file.name and file.name != ":memory:":
+                    _private(file)
             except OSError as err:
                 blocked = next(
                     (p for p in [folder, *folder.parents] if p.exists() and not p.is_dir()), None

@@ -12,7 +12,7 @@ from vmkeep.lab.lab import DEFAULT_PREFIX
 
 def _lab(c: click.Context, prefix: str) -> Lab:
     ctx: Context = ctx_of(c)
-    return Lab(ctx.hv, ctx.config.lab.dir, prefix=prefix)
+    return Lab(ctx.hv, ctx.config.lab.dir, prefix=prefix, within=ctx.config.data_dir)
 
 
 prefix_option = click.option(

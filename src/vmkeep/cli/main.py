@@ -12,6 +12,7 @@ import click
 from vmkeep import __version__, gctune
 from vmkeep.cli.lazy import LazyGroup
 from vmkeep.errors import EXIT_INTERRUPTED, VmkeepError
+from vmkeep.paths import private_umask
 
 # command families, imported only when used: a no-op command stays fast
 FAMILIES = {
@@ -64,6 +65,7 @@ def _on_sigterm(_signum: int, _frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     gctune.for_command()
+    private_umask()
     signal.signal(signal.SIGTERM, _on_sigterm)
     code = 0
     try:

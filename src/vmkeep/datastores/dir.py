@@ -95,7 +95,8 @@ class DirDriver(DatastoreDriver):
     def backup(self, chain: str, staged: list[Path]) -> None:
         dest = self._chain_dir(chain)
         try:
-            dest.mkdir(parents=True, exist_ok=True)
+            for d in (dest.parent, dest):  # the VM's and the chain's folders: vmkeep's alone
+                d.mkdir(mode=0o700, parents=True, exist_ok=True)
             for src in staged:
                 final = self.local_path(dest, chain, src.name)
                 tmp = dest / (src.name + PARTIAL)
@@ -105,6 +106,7 @@ class DirDriver(DatastoreDriver):
                     shutil.copyfile(src, tmp)
                 fd = os.open(tmp, os.O_RDONLY)
                 try:
+                    os.fchmod(fd, 0o600)  # a guest's disk: readable by vmkeep's user alone
                     os.fsync(fd)
                 finally:
                     os.close(fd)

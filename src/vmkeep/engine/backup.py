@@ -71,6 +71,7 @@ from vmkeep.errors import (
 )
 from vmkeep.faults import failpoint
 from vmkeep.hypervisor.backup_xml import backup_xml, checkpoint_xml
+from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import (
     BackupMode,
     BackupStatus,
@@ -288,15 +289,11 @@ def _prepare_staging(ctx: Context, driver: DatastoreDriver, plan: Plan) -> Path:
             staging.mkdir(parents=True)
         except OSError:
             continue  # e.g. a datastore folder vmkeep may not write to yet: the next place
-        # QEMU must reach the target files created here; vmkeep opens only its own folders
-        # (and its data dir), never a datastore's parents.
-        opened = [staging, root] + (
-            [ctx.config.data_dir] if root.parent == ctx.config.data_dir else []
-        )
-        for d in opened:
-            d.chmod(d.stat().st_mode | 0o711)
-        blocked = [p for p in staging.parents if p.exists() and not p.stat().st_mode & 0o001]
-        if not blocked:
+        # QEMU must reach the target files created here: the staging folders and the one
+        # holding them (the datastore's folder, or the data dir) are opened to QEMU's group
+        # alone; the folders above are never changed.
+        blocked = open_to_qemu(staging, root.parent, ctx.hv)
+        if blocked is None:
             return staging
         shutil.rmtree(staging, ignore_errors=True)
         if staging != candidates[-1]:
@@ -305,8 +302,9 @@ def _prepare_staging(ctx: Context, driver: DatastoreDriver, plan: Plan) -> Path:
             continue
         raise BackupFailed(
             "?",
-            f"QEMU cannot reach the staging folder {staging}: {blocked[0]} is not "
-            "searchable by other users (chmod o+x, or set VMKEEP_DATA_DIR elsewhere)",
+            f"QEMU cannot reach the staging folder {staging}: "
+            f"{unreachable_why(blocked, ctx.hv)} (or set VMKEEP_DATA_DIR "
+            "elsewhere)",
         )
     raise BackupFailed("?", f"cannot create a staging folder in {candidates[-1].parent}")
 

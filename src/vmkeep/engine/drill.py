@@ -34,9 +34,10 @@ from vmkeep.engine.chains import disk_file, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.files import export_disk, partitions, stop_export
-from vmkeep.engine.instant import make_overlay
+from vmkeep.engine.instant import local_folder, make_overlay
 from vmkeep.engine.restore import pick_disks, rewrite_domain_xml, verify_files
 from vmkeep.errors import BackupNotFound, DrillFailed, HypervisorError, VmkeepError
+from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import Warnings
 
 BOOT_TIMEOUT = 300.0
@@ -211,16 +212,17 @@ def _probe(ctx: Context, name: str, command: str) -> Check:
     return Check("probe", res.exit_code == 0, f"{command!r} exited {res.exit_code}: {out}")
 
 
-def _check_reachable(images: list[Path]) -> None:
-    """QEMU (an unprivileged user) reads the backup files through the overlays: say so before any
-    work when a folder on the way is closed to it (a setup problem, not the point's)."""
+def _check_reachable(ctx: Context, images: list[Path], own: Path | None) -> None:
+    """QEMU (an unprivileged user) reads the backup files through the overlays: their folders
+    up to ``own`` (vmkeep's: the drill's work folder, a ``dir`` datastore's) are opened to its
+    group (``hypervisor/reach.py``); say so before any work when a folder on the way still keeps
+    it out (a setup problem, not the point's)."""
     for image in images:
-        for parent in image.resolve().parents:
-            if parent != Path("/") and not parent.stat().st_mode & 0o001:
-                raise VmkeepError(
-                    f"QEMU cannot reach the backup file {image}: {parent} is not searchable by "
-                    "other users (chmod o+x it, or keep the datastore in a folder QEMU can reach)"
-                )
+        blocked = open_to_qemu(image.resolve().parent, own, ctx.hv)
+        if blocked is not None:
+            raise VmkeepError(
+                f"QEMU cannot reach the backup file {image}: {unreachable_why(blocked, ctx.hv)}"
+            )
 
 
 def run_drill(
@@ -257,8 +259,11 @@ def run_drill(
                 checks.append(Check("checksums", False, str(err)))
                 raise _Failed from err
             checks.append(Check("checksums", True, f"{len(expected)} files match their checksums"))
-            _check_reachable([local[disk_file(seq, d)] for d in disks])
             overlays = {d: work / f"{d}.qcow2" for d in disks}
+            _check_reachable(ctx, list(overlays.values()), ctx.config.data_dir)
+            _check_reachable(
+                ctx, [local[disk_file(seq, d)] for d in disks], local_folder(driver, work)
+            )
             for d, ov in overlays.items():
                 make_overlay(local[disk_file(seq, d)].resolve(), ov)
                 checks += check_disk(d, ov, work)

@@ -32,9 +32,17 @@ from vmkeep.engine.chains import disk_file, point
 from vmkeep.engine.context import Context
 from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.restore import pick_disks, verify_files
-from vmkeep.errors import AlreadyExists, BackupNotFound, InvalidValue, VmkeepError
+from vmkeep.errors import (
+    AlreadyExists,
+    BackupNotFound,
+    InvalidValue,
+    NotPermitted,
+    VmkeepError,
+)
 
 SECTOR = 512
+# a guest's setuid files, device nodes and programs stay inert on the host
+MOUNT_OPTIONS = "ro,nosuid,nodev,noexec"
 
 
 @dataclass
@@ -176,21 +184,33 @@ def _pick_partition(export: Path, partition: int | None) -> tuple[int, int, int 
     return chosen.start, chosen.size, chosen.number
 
 
-def _mount(export: Path, offset: int, size: int, mountpoint: Path) -> str:
+def check_fs_type(fstype: str | None, fs_types: list[str]) -> str:
+    """The probed file-system type, if ``[mount] fs_types`` lets a guest's image reach that
+    kernel driver (the image, not the kernel's guess, would otherwise choose the parser)."""
+    if fstype is None or fstype not in fs_types:
+        raise NotPermitted(
+            f"mounting {'a ' + fstype if fstype else 'an unrecognised'} file system",
+            f"[mount] fs_types allows {', '.join(fs_types) or 'no type'}",
+            "An admin may add the type to [mount] fs_types.",
+        )
+    return fstype
+
+
+def _mount(export: Path, offset: int, size: int, mountpoint: Path, fs_types: list[str]) -> str:
+    fstype = check_fs_type(_fstype(export, offset, size), fs_types)
     loop = _run(
         ["losetup", "-r", "-f", "--show", "-o", str(offset), "--sizelimit", str(size), str(export)],
         "losetup",
     ).strip()
-    fstype = _fstype(export, offset, size)
-    opts = "ro"
+    opts = MOUNT_OPTIONS
     if fstype in ("ext3", "ext4"):
         opts += ",noload"  # no journal replay: it would write
     elif fstype == "xfs":
         opts += ",norecovery"
     try:
         _run(
-            ["mount", "-o", opts, loop, str(mountpoint)],
-            f"mounting the {fstype or '?'} file system",
+            ["mount", "-t", fstype, "-o", opts, loop, str(mountpoint)],
+            f"mounting the {fstype} file system",
         )
     except VmkeepError:
         subprocess.run(["losetup", "-d", loop], capture_output=True)
@@ -230,7 +250,7 @@ def exposed(
     """The point's disk as a read-only raw FUSE file (``Opened.export``); closed at the end of
     the block, or on an error only when ``keep`` (``mount``)."""
     root = ctx.config.data_dir / "mounts"
-    root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)  # its mounts are vmkeep's alone
     work = Path(tempfile.mkdtemp(dir=root, prefix=f"{backup_id}-"))
     try:
         image, seq, chosen = _materialize(ctx, backup_id, increment, disk, work)
@@ -248,12 +268,14 @@ def exposed(
         _close(o)
 
 
-def mount_fs(o: Opened, partition: int | None, mountpoint: Path) -> None:
-    """Mount the chosen file system of an exposed point read-only at ``mountpoint``."""
+def mount_fs(o: Opened, partition: int | None, mountpoint: Path, fs_types: list[str]) -> None:
+    """Mount the chosen file system of an exposed point at ``mountpoint``: read-only, no
+    setuid, device node or program of the guest's usable (``MOUNT_OPTIONS``), its type probed
+    and one of ``fs_types``."""
     export = Path(o.export)
     offset, size, o.partition = _pick_partition(export, partition)
-    mountpoint.mkdir(parents=True, exist_ok=True)
-    o.loop = _mount(export, offset, size, mountpoint)
+    mountpoint.mkdir(mode=0o700, parents=True, exist_ok=True)
+    o.loop = _mount(export, offset, size, mountpoint, fs_types)
     o.mountpoint = str(mountpoint)
 
 
@@ -268,6 +290,21 @@ def _inside(root: Path, rel: str) -> Path:
     if not os.path.lexists(path):
         raise InvalidValue("PATH", rel, "no such file or folder in this restore point")
     return path
+
+
+def _private_copy(dest: Path) -> None:
+    """A copy of a guest's files is vmkeep's user's alone: the guest's group and other bits are
+    dropped from every file and folder (0644 -> 0600, 0755 -> 0700); links are left as they are."""
+    for top, dirs, files in os.walk(dest) if dest.is_dir() and not dest.is_symlink() else []:
+        for name in [*dirs, *files]:
+            _owner_only(Path(top) / name)
+    _owner_only(dest)
+
+
+def _owner_only(path: Path) -> None:
+    st = path.lstat()
+    if not stat.S_ISLNK(st.st_mode):
+        path.chmod(stat.S_IMODE(st.st_mode) & 0o700)
 
 
 def _copy_regular(src: str, dest: str) -> None:
@@ -329,7 +366,7 @@ def ls(
         parts = partitions(Path(o.export))
         if partition is None and len([p for p in parts if p.fstype]) > 1:
             return info | {"partition": None, "partitions": [asdict(p) for p in parts]}
-        mount_fs(o, partition, Path(o.workdir) / "fs")
+        mount_fs(o, partition, Path(o.workdir) / "fs", ctx.config.mount.fs_types)
         mnt = Path(str(o.mountpoint))
         target = _inside(mnt, path)
         items = (
@@ -355,7 +392,7 @@ def get(
         raise InvalidValue("--to", str(to), "it is a file; give a folder")
     copied = []
     with exposed(ctx, backup_id, increment, disk) as o:
-        mount_fs(o, partition, Path(o.workdir) / "fs")
+        mount_fs(o, partition, Path(o.workdir) / "fs", ctx.config.mount.fs_types)
         mnt = Path(str(o.mountpoint))
         sources = [_source(mnt, p) for p in paths]
         for src in sources:
@@ -373,6 +410,7 @@ def get(
                 if os.path.lexists(dest):
                     dest.unlink()
                 shutil.copy2(src, dest, follow_symlinks=False)
+            _private_copy(dest)
             copied.append({"from": "/" + str(src.relative_to(mnt)), "to": str(dest)})
         return {"backup": o.backup, "increment": o.increment, "disk": o.disk, "copied": copied}
 
@@ -390,7 +428,7 @@ def stream(
     once the point is open and the file found, so errors come before any data; the point is
     closed when the iteration ends or is abandoned."""
     with exposed(ctx, backup_id, increment, disk) as o:
-        mount_fs(o, partition, Path(o.workdir) / "fs")
+        mount_fs(o, partition, Path(o.workdir) / "fs", ctx.config.mount.fs_types)
         src = _source(Path(str(o.mountpoint)), path)
         if src.is_symlink() or not src.is_file():
             raise InvalidValue("path", path, "not a regular file (list folders with files ls)")
@@ -401,6 +439,27 @@ def stream(
 
 
 # --- mount / umount ------------------------------------------------------------------------------
+def private_mountpoint(mountpoint: Path) -> None:
+    """Only vmkeep's user may enter a mount. A mounted file system shows its own root folder's
+    mode at the mount point (the guest's, often 0755), so the mount point's mode cannot keep the
+    other users out: a folder above it must be closed to them (no group or other search bit;
+    missing folders are made 0700). Refused otherwise. The mount point itself is made, or set,
+    0700: what shows there while nothing is mounted."""
+    closed = any(not p.exists() or not p.stat().st_mode & 0o011 for p in mountpoint.parents)
+    if not closed:
+        raise InvalidValue(
+            "MOUNTPOINT",
+            str(mountpoint),
+            "other users can reach it, and through it the guest's files (a mount point shows the "
+            "guest's folder mode, not its own); mount inside a folder closed to them, e.g. "
+            "'mkdir -m 700 /root/mnt' and a mount point in it",
+        )
+    for folder in [*reversed(mountpoint.parents), mountpoint]:
+        if not folder.exists():
+            folder.mkdir(mode=0o700)
+    mountpoint.chmod(0o700)
+
+
 def _state_file(ctx: Context, mountpoint: Path) -> Path:
     key = hashlib.sha256(str(mountpoint).encode()).hexdigest()[:16]
     return ctx.config.data_dir / "mounts" / f"{key}.json"
@@ -417,11 +476,12 @@ def mount(
     mountpoint = Path(os.path.abspath(mountpoint))
     if mountpoint.exists() and (not mountpoint.is_dir() or any(mountpoint.iterdir())):
         raise InvalidValue("MOUNTPOINT", str(mountpoint), "give an empty folder")
+    private_mountpoint(mountpoint)
     state = _state_file(ctx, mountpoint)
     if state.exists():
         raise AlreadyExists(f"a vmkeep mount at {mountpoint} (umount it first)")
     with exposed(ctx, backup_id, increment, disk, keep=True) as o:
-        mount_fs(o, partition, mountpoint)
+        mount_fs(o, partition, mountpoint, ctx.config.mount.fs_types)
         state.write_text(json.dumps(asdict(o)))
     return asdict(o)
 

@@ -19,7 +19,8 @@ from typing import Any
 
 from vmkeep.catalog.tables import Backup
 from vmkeep.checksums import expected_digests, row_digest
-from vmkeep.datastores.base import qemu_img_info
+from vmkeep.datastores.base import DatastoreDriver, qemu_img_info
+from vmkeep.datastores.dir import DirDriver
 from vmkeep.engine import vms
 from vmkeep.engine.chains import disk_file, point
 from vmkeep.engine.context import Context
@@ -64,6 +65,12 @@ def make_overlay(backing: Path, overlay: Path) -> None:
         raise VmkeepError(f"qemu-img create overlay {overlay.name}: {proc.stderr.strip()}")
 
 
+def local_folder(driver: DatastoreDriver, fetched_into: Path | None) -> Path | None:
+    """vmkeep's folder holding a point's files that QEMU opens under an overlay: a ``dir``
+    datastore's own folder (its files are used in place), else where they were fetched."""
+    return driver.root if isinstance(driver, DirDriver) else fetched_into
+
+
 def backing_of(image: Path) -> str | None:
     value = qemu_img_info(image).get("backing-filename")
     return str(value) if value else None
@@ -95,7 +102,7 @@ def instant_restore(
     check_restore_destination(ctx.config, opts.by, folder, opts.force)
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    warn_unsearchable(folder, warnings)
+    warn_unsearchable(ctx, folder, warnings, folder if created else None)
     # a local datastore's files are used where they are; a remote one's are fetched first
     fetched = folder / ".backing"
     overlays = {d: folder / f"{d}.qcow2" for d in disks}
@@ -104,7 +111,11 @@ def instant_restore(
         verify_files(ctx, backup_id, chain_key, expected, local)
         for d, ov in overlays.items():
             backing = local[disk_file(seq, d)]
-            warn_unsearchable(backing.parent, warnings)
+            # QEMU opens the backup's files read-only under the overlay: fetched ones are in
+            # the VM's folder; a dir datastore's are used where they are, in its folder
+            warn_unsearchable(
+                ctx, backing.parent, warnings, local_folder(driver, folder if created else None)
+            )
             make_overlay(backing.resolve(), ov)
         xml = rewrite_domain_xml(
             local[xml_entry["name"]].read_text(),

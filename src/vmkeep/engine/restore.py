@@ -40,6 +40,7 @@ from vmkeep.errors import (
     InvalidValue,
     VmkeepError,
 )
+from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import BackupStatus, Warnings
 from vmkeep.names import check_name
 
@@ -335,7 +336,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                     "path": str(dest),
                 }, warnings
             folder.mkdir(parents=True, exist_ok=True)
-            warn_unsearchable(folder, warnings)
+            warn_unsearchable(ctx, folder, warnings, folder if folder in created else None)
             paths = {d: folder / f"{d}.qcow2" for d in disks}
             created += [p for p in paths.values() if not p.exists()]
             convert_verified(
@@ -403,13 +404,18 @@ def _imported(
     }
 
 
-def warn_unsearchable(folder: Path, warnings: Warnings) -> None:
-    for parent in [folder, *folder.parents]:
-        if parent == Path("/"):
-            break
-        if not parent.stat().st_mode & 0o001:
-            warnings.add(f"{parent} is not searchable by other users: QEMU may not reach the disks")
-            break
+def warn_unsearchable(
+    ctx: Context, folder: Path, warnings: Warnings, made: Path | None = None
+) -> None:
+    """Let QEMU reach the disks in ``folder`` (``hypervisor/reach.py``): it and the folders above
+    it up to the data dir (or up to ``made``, a folder outside it that vmkeep made) are opened to
+    QEMU's group alone; a warning when a folder on the way still keeps QEMU out."""
+    data = ctx.config.data_dir.resolve()
+    where = folder.resolve()
+    own = data if where == data or data in where.parents else made
+    blocked = open_to_qemu(where, own, ctx.hv)
+    if blocked is not None:
+        warnings.add(f"{unreachable_why(blocked, ctx.hv)}: QEMU may not reach the disks")
 
 
 def verify(ctx: Context, backup_id: int) -> dict[str, Any]:

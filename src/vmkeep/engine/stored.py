@@ -318,6 +318,7 @@ def download(ctx: Context, url: str, dest: Path, force: bool = False) -> dict[st
         local = driver.restore(chain, [name], Path(tmp))[name]
         part = Path(tmp) / (name + ".part")
         shutil.copyfile(local, part)
+        part.chmod(0o600)  # a guest's disk: readable by vmkeep's user alone
         part.replace(target)
     return {"url": url, "path": str(target), "size": target.stat().st_size}
 

@@ -5,7 +5,6 @@ raises on failure (the runner then sets the failure state)."""
 
 from __future__ import annotations
 
-import os
 import random
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from vmkeep.engine.trust import mark_created, may_delete_disk
 from vmkeep.engine.vmstate import find_vm, set_fields
 from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.native import parse_disks
+from vmkeep.hypervisor.reach import open_to_qemu
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
 from vmkeep.model import VmState, Warnings
 
@@ -42,7 +42,7 @@ def parse_size(text: str | int) -> int:
 def _state_file(ctx: Context, name: str) -> Path:
     folder = ctx.config.data_dir / "states"
     folder.mkdir(parents=True, exist_ok=True)
-    folder.chmod(0o711)
+    open_to_qemu(folder, ctx.config.data_dir, ctx.hv)  # its group alone, never other users
     return folder / f"{name}.state"
 
 
@@ -296,8 +296,10 @@ def disk_attach(
         source = str(folder / f"{vm.name}-{target}.qcow2")
         if Path(source).exists():
             raise InvalidValue("--size", opts["size"], f"{source} exists; attach it with --source")
+        # 0600: libvirt's dynamic ownership hands the image to QEMU's user while attached
+        if folder == ctx.config.data_dir:
+            open_to_qemu(folder, folder, ctx.hv)
         qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
-        os.chmod(source, 0o644)
         mark_created(Path(source))
         created = True
     elif not Path(source).is_file():

@@ -17,6 +17,10 @@ class Hypervisor(ABC):
     def reconnect(self, wait: float = 60.0) -> None:  # noqa: B027 (optional; in-process fakes)
         """Drop the connection and open a new one, waiting up to ``wait`` s for the daemon."""
 
+    def qemu_ids(self) -> tuple[int, int] | None:
+        """The uid and gid QEMU runs as (libvirt's DAC label); None when unknown."""
+        return None
+
     # --- inventory -----------------------------------------------------------------------------
     @abstractmethod
     def list_domains(self) -> list[DomainInfo]:

@@ -311,6 +311,19 @@ class LibvirtHypervisor(Hypervisor):
         dom = self._dom(name)
         return self._call(lambda: self._info(dom), name)
 
+    def qemu_ids(self) -> tuple[int, int] | None:
+        """QEMU's uid and gid as libvirt runs it: the DAC security model's base label in the
+        host capabilities (``+64055:+64055``; qemu.conf's ``user``/``group``)."""
+        caps = ET.fromstring(self._call(lambda: self.conn.getCapabilities(), "capabilities"))
+        for model in caps.iterfind("host/secmodel"):
+            if model.findtext("model") != "dac":
+                continue
+            for label in model.iterfind("baselabel"):
+                uid, _, gid = (label.text or "").partition(":")
+                if uid.lstrip("+").isdigit() and gid.lstrip("+").isdigit():
+                    return int(uid.lstrip("+")), int(gid.lstrip("+"))
+        return None
+
     def domain_xml(self, name: str, *, inactive: bool = False) -> str:
         dom = self._dom(name)
         flags = libvirt.VIR_DOMAIN_XML_INACTIVE if inactive else 0

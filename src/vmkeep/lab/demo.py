@@ -35,7 +35,7 @@ OFFSITE_DATASTORE = "demo-offsite"
 
 
 def run_demo(ctx: Context, say: Callable[[str], None]) -> None:
-    lab = Lab(ctx.hv, ctx.config.lab.dir, prefix=DEMO_PREFIX)
+    lab = Lab(ctx.hv, ctx.config.lab.dir, prefix=DEMO_PREFIX, within=ctx.config.data_dir)
     say(f"catalog: {ctx.catalog.display_url}")
     lab.down()
     name, restored = f"{DEMO_PREFIX}1", f"{DEMO_PREFIX}restored"

@@ -20,6 +20,7 @@ from xml.sax.saxutils import escape
 from vmkeep.engine.trust import mark_created
 from vmkeep.errors import DomainNotFound, LabError
 from vmkeep.hypervisor import Hypervisor
+from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.lab.image import BootImage, build_boot_image
 
 log = logging.getLogger(__name__)
@@ -144,6 +145,9 @@ class Lab:
     root: Path
     prefix: str = DEFAULT_PREFIX
     agent_timeout: float = 30.0
+    # vmkeep's folder holding the lab's (its data dir): opened to QEMU's group like the lab's own
+    # folders when QEMU cannot search it; folders above are never changed
+    within: Path | None = None
 
     @property
     def cache_dir(self) -> Path:
@@ -154,6 +158,17 @@ class Lab:
 
     def serial_log(self, name: str) -> Path:
         return self.vm_dir(name) / "serial.log"
+
+    def _open_to_qemu(self, *folders: Path) -> None:
+        """QEMU boots the cached kernel and opens the disks: their folders are opened to its
+        group alone (``hypervisor/reach.py``); libvirt chowns the files themselves."""
+        root = self.root.resolve()
+        within = self.within.resolve() if self.within is not None else None
+        own = within if within is not None and within in root.parents else root
+        for folder in folders:
+            blocked = open_to_qemu(folder, own, self.hv)
+            if blocked is not None:
+                raise LabError(f"lab folder {folder}: {unreachable_why(blocked, self.hv)}")
 
     def names(self, count: int) -> list[str]:
         return [f"{self.prefix}{i}" for i in range(1, count + 1)]
@@ -183,7 +198,7 @@ class Lab:
         if vdir.exists():
             shutil.rmtree(vdir)
         vdir.mkdir(parents=True)
-        vdir.chmod(0o755)
+        self._open_to_qemu(boot.kernel.parent, vdir)
         disks = []
         for i, size in enumerate(disk_sizes):
             disk = vdir / f"disk{i}.qcow2"
