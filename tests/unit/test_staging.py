@@ -83,3 +83,20 @@ def test_stage_in_data_dir_option(base: Path) -> None:
 
 def stat_mode(p: Path) -> int:
     return p.stat().st_mode & 0o777
+
+
+def test_a_datastore_inside_the_data_dir_stages_in_itself(base: Path) -> None:
+    """The demo's layout (``<data dir>/datastores/demo``): every folder from the data dir down is
+    vmkeep's, so all are opened to QEMU's group and storing stays a rename."""
+    ids = qemu_ids()
+    assert ids is not None
+    old = os.umask(0o077)
+    try:
+        driver = DirDriver("ds", {"path": str(base / "data" / "datastores" / "demo")})
+        driver.check()
+        staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+    finally:
+        os.umask(old)
+    assert staging == base / "data" / "datastores" / "demo" / STAGING / "7-2"
+    for folder in (base / "data", base / "data" / "datastores"):
+        assert (stat_mode(folder), folder.stat().st_gid) == (0o710, ids.gid), folder

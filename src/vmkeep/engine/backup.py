@@ -290,9 +290,11 @@ def _prepare_staging(ctx: Context, driver: DatastoreDriver, plan: Plan) -> Path:
         except OSError:
             continue  # e.g. a datastore folder vmkeep may not write to yet: the next place
         # QEMU must reach the target files created here: the staging folders and the one
-        # holding them (the datastore's folder, or the data dir) are opened to QEMU's group
-        # alone; the folders above are never changed.
-        blocked = open_to_qemu(staging, root.parent, ctx.hv)
+        # holding them (the datastore's folder, or the data dir; the data dir too for a
+        # datastore inside it) are opened to QEMU's group alone; folders above never change.
+        data = ctx.config.data_dir.resolve()
+        own = data if data in root.resolve().parents else root.parent
+        blocked = open_to_qemu(staging, own, ctx.hv)
         if blocked is None:
             return staging
         shutil.rmtree(staging, ignore_errors=True)
