@@ -35,7 +35,7 @@ from vmkeep.engine.restore import (
     vm_folder,
     warn_unsearchable,
 )
-from vmkeep.engine.trust import check_restore_destination
+from vmkeep.engine.trust import check_domain_xml, check_restore_destination
 from vmkeep.errors import BackupNotFound, VmkeepError
 from vmkeep.model import Warnings
 
@@ -126,6 +126,7 @@ def instant_restore(
             no_ip=opts.no_ip,
             warnings=warnings,
         )
+        check_domain_xml(ctx.config, xml, f"instant restore of backup {backup_id}")
         (folder / "domain.xml").write_text(xml)
         ctx.hv.define(xml)
         ctx.hv.start(new_name)

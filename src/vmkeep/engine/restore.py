@@ -31,7 +31,13 @@ from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.domain_xml import set_disk_sources
 from vmkeep.engine.images import check_backing_names, flatten
 from vmkeep.engine.memory import check_new_vm, memory_entry, resume, with_disks
-from vmkeep.engine.trust import LOCAL_ADMIN, Actor, check_restore_destination, mark_created
+from vmkeep.engine.trust import (
+    LOCAL_ADMIN,
+    Actor,
+    check_domain_xml,
+    check_restore_destination,
+    mark_created,
+)
 from vmkeep.errors import (
     AlreadyExists,
     BackupNotFound,
@@ -352,6 +358,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
             resumed: bool | None = None
             if mem is not None:  # the VM itself, running again where it was
                 xml = with_disks(local[xml_entry["name"]].read_text(), paths, "qcow2")
+                check_domain_xml(ctx.config, xml, f"restore of backup {backup_id}")
                 state = local[mem["name"]]
                 resumed = resume(ctx, state, paths, warnings, persistent_xml=xml, fmt="qcow2")
             else:
@@ -364,6 +371,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                     no_ip=opts.no_ip,
                     warnings=warnings,
                 )
+                check_domain_xml(ctx.config, xml, f"restore of backup {backup_id}")
                 ctx.hv.define(xml)
         (folder / "domain.xml").write_text(xml)
         mark_created(folder / "domain.xml")
