@@ -14,7 +14,7 @@ import json
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -356,11 +356,11 @@ def create_app(
         params = {"backup": backup_id, **(body or DrillRequest()).model_dump(exclude_none=True)}
         return enqueue("drill", str(backup_id), params, who)
 
-    files_who = require("files")
-
-    async def work_slot(who: Actor = files_who) -> Callable[[], None]:
-        """A work slot for a files request (after its token check), waited for without a
-        thread; its release. WorkersBusy (503) when none is free within FILES_WAIT s."""
+    async def work_slot() -> Callable[[], None]:
+        """A work slot for a files request, waited for without a thread; its release (once).
+        WorkersBusy (503) when none is free within FILES_WAIT s. Taken in the route, after its
+        token check and its parameters' validation (a dependency's slot would stay taken when
+        the validation refuses the request)."""
         deadline = time.monotonic() + FILES_WAIT
         while not work.acquire(0):
             if time.monotonic() >= deadline:
@@ -375,36 +375,41 @@ def create_app(
 
         return release
 
-    files_slot = Depends(work_slot)
-
     @app.get("/v1/backups/{backup_id}/files")
-    def list_files(
+    async def list_files(
         backup_id: Id,
         path: str = Query(default="/", max_length=4096),
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
         partition: int | None = Query(default=None, ge=1, le=128),
-        who: Actor = files_who,
-        release: Callable[[], None] = files_slot,
+        who: Actor = require("files"),
     ) -> Any:
+        def ls() -> Any:
+            return files.ls(ctx(), backup_id, path, increment, disk, partition)
+
+        release = await work_slot()
         try:
-            return FastJSON(files.ls(ctx(), backup_id, path, increment, disk, partition))
+            return FastJSON(await run_in_threadpool(ls))
         finally:
             release()
 
     @app.get("/v1/backups/{backup_id}/files/content")
-    def download_file(
+    async def download_file(
         backup_id: Id,
         path: str = Query(min_length=1, max_length=4096),
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
         partition: int | None = Query(default=None, ge=1, le=128),
-        who: Actor = files_who,
-        release: Callable[[], None] = files_slot,
+        who: Actor = require("files"),
     ) -> StreamingResponse:
-        try:  # the slot is held until the last byte is sent (or the client is gone)
+        def opened() -> Iterator[bytes]:
             chunks = files.stream(ctx(), backup_id, path, increment, disk, partition)
             next(chunks)  # opens the point: a bad path is a 4xx before any byte is sent
+            return chunks
+
+        release = await work_slot()
+        try:  # the slot is held until the last byte is sent (or the client is gone)
+            chunks = await run_in_threadpool(opened)
         except BaseException:
             release()
             raise
