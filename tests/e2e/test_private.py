@@ -102,6 +102,20 @@ def test_backup_restores_and_download_are_private_and_qemu_still_boots_the_resto
     one = vmkeep("restore", str(bid), "--disk", "vda", "--json").json()
     assert mode(Path(one["path"])) == 0o600
     assert_private(data, qemu)
+    # attached to a running VM from <data dir>/restores: QEMU reaches it (its group, libvirt's
+    # dynamic ownership) and the guest reads the restored file system
+    added = vmkeep("vm", "disk", "attach", vm, "--source", one["path"], "--json").json()
+    try:
+        deadline = time.monotonic() + 30
+        while "vdb" not in lab.sh(vm, "ls /sys/block"):
+            assert time.monotonic() < deadline, "the guest did not see the attached disk"
+            time.sleep(0.5)
+        got = lab.sh(vm, "mkdir -p /r && mount -o ro /dev/vdb /r && cat /r/secret; umount /r")
+        assert got == SECRET
+        assert mode(Path(one["path"])) == 0o600 and mode(Path(one["path"]).parent) == 0o710
+    finally:
+        vmkeep("vm", "disk", "detach", vm, "--target", added["target"])
+    assert_private(data, qemu)
 
     # a whole new VM: its folder is open to QEMU's group alone, and QEMU boots it
     name = f"{vm}-r"

@@ -296,14 +296,16 @@ def disk_attach(
         source = str(folder / f"{vm.name}-{target}.qcow2")
         if Path(source).exists():
             raise InvalidValue("--size", opts["size"], f"{source} exists; attach it with --source")
-        # 0600: libvirt's dynamic ownership hands the image to QEMU's user while attached
-        if folder == ctx.config.data_dir:
-            open_to_qemu(folder, folder, ctx.hv)
         qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
         mark_created(Path(source))
         created = True
     elif not Path(source).is_file():
         raise InvalidValue("--source", source, "no such image file")
+    # the image stays 0600: libvirt's dynamic ownership lends it to QEMU's user while attached;
+    # a folder of the data dir on the way (restores/, images/) is opened to QEMU's group
+    parent, data = Path(source).resolve().parent, ctx.config.data_dir.resolve()
+    if parent == data or data in parent.parents:
+        open_to_qemu(parent, data, ctx.hv)
     fmt = opts.get("format") or _format_of(source)
     spec = DiskSpec(source=source, target=target, index=len(disks), fmt=fmt)
     try:
