@@ -38,14 +38,15 @@ def job_end(c: httpx.Client, headers: dict[str, str], answer: httpx.Response) ->
 @pytest.fixture
 def backed_up(vmkeep, lab: Lab, qemu_reachable_data_dir: Path) -> Any:
     """A powered-off lab VM (64 MiB data disk) with one full backup in a dir datastore."""
-    lab.create(VM, [64 << 20], start=False)
     ds = qemu_reachable_data_dir.with_name(qemu_reachable_data_dir.name + "-ds")
-    vmkeep("datastore", "add", "ds", "--driver", "dir", "--path", str(ds))
-    vmkeep("vm", "import", VM)
-    bid = vmkeep("backup", VM, "--datastore", "ds", "--json").json()["id"]
-    yield bid
-    lab.remove(VM)
-    shutil.rmtree(ds, ignore_errors=True)
+    try:
+        lab.create(VM, [64 << 20], start=False)
+        vmkeep("datastore", "add", "ds", "--driver", "dir", "--path", str(ds))
+        vmkeep("vm", "import", VM)
+        yield vmkeep("backup", VM, "--datastore", "ds", "--json").json()["id"]
+    finally:
+        lab.remove(VM)
+        shutil.rmtree(ds, ignore_errors=True)
 
 
 def test_operator_restores_only_inside_the_places(
