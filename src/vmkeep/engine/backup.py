@@ -83,6 +83,7 @@ from vmkeep.model import (
     VmState,
     Warnings,
 )
+from vmkeep.names import check_disk_name
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,7 @@ def select_disks(info: DomainInfo, cfg: BackupConfig) -> list[DiskInfo]:
         if d.transient and not cfg.backup_volatile:
             log.info("skipping volatile disk %s (BACKUP_VOLATILE=NO)", d.target)
             continue
+        check_disk_name(f"disk target of VM {info.name}", d.target)  # it names stored files
         disks.append(d)
     if not disks:
         raise BackupFailed(info.name, "it has no disk to back up")
