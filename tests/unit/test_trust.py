@@ -4,7 +4,10 @@ images, bridges); the domain XML an admin may define; what terminate may delete.
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +16,12 @@ from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
 from vmkeep.api.app import create_app
+from vmkeep.checksums import digest_file
 from vmkeep.config import load_config
 from vmkeep.engine import tokens, trust
 from vmkeep.engine.context import Context
 from vmkeep.engine.trust import Actor
-from vmkeep.errors import NotPermitted
+from vmkeep.errors import NotPermitted, VmkeepError
 from vmkeep.model import ROLES
 
 OPERATOR = Actor("op", "operator")
@@ -207,3 +211,116 @@ def test_actor_of_job_params() -> None:
     params: dict[str, Any] = {"actor_role": "root"}
     with pytest.raises(Exception, match="actor_role"):
         trust.actor_of(params)
+
+
+# --- found by a second reading: what a hostile chain or a shared folder could still do -----------
+def test_a_backing_reference_to_a_host_file_is_refused_before_qemu_opens_it(
+    clean_env: Path, tmp_path: Path
+) -> None:
+    """``files ls`` (qemu-storage-daemon, as root) of a chain imported from a hostile datastore
+    whose checksums match but whose image names a host file as its backing file."""
+    from vmkeep.engine import datastores, files, stored
+
+    ctx = Context(load_config())
+    root = tmp_path / "store"
+    datastores.add(ctx, "d", "dir", {"path": str(root)})
+    host_file = tmp_path / "shadow"
+    host_file.write_text("root:$6$secret\n")
+    folder = root / "web" / "1"
+    folder.mkdir(parents=True)
+    image = folder / "0.vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b",
+                    str(host_file), str(image), "1M"], check=True)  # fmt: skip
+    xml = folder / "0.domain.xml"
+    xml.write_text("<domain type='qemu'><name>web</name><memory>65536</memory><devices/></domain>")
+    rows = [
+        {"disk": "vda", "name": image.name, "size": image.stat().st_size,
+         "digest": digest_file(image), "virtual_size": 1 << 20},
+        {"disk": None, "name": xml.name, "size": 1, "digest": digest_file(xml)},
+    ]  # fmt: skip
+    manifest = {"vm": "web", "vm_uuid": str(uuid.uuid4()), "chain": "web/1", "mode": "FULL",
+                "increments": [{"id": 0, "parent": None, "status": "VALID", "files": rows}]}  # fmt: skip
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    bid = stored.scan(ctx, "d", do_import=True)[0]["imported"]
+    assert bid
+    with pytest.raises(VmkeepError, match="not a file of its chain"):
+        files.ls(ctx, bid, "/", None, None, None)
+
+
+def test_a_stored_domain_xml_names_no_host_file(clean_env: Path, tmp_path: Path) -> None:
+    config = load_config()
+    lab_kernel = config.lab.dir / "cache" / "vmlinuz"
+    ok = RAW_XML.format("<disk type='file' device='disk'><source file='/r/vda.qcow2'/></disk>", "")
+    ok = ok.replace(
+        "<os><type>hvm</type></os>", f"<os><type>hvm</type><kernel>{lab_kernel}</kernel></os>"
+    )
+    trust.check_stored_xml(config, ok, "restore", [Path("/r/vda.qcow2")])
+    for devices, os_extra in [
+        ("", "<initrd>/etc/shadow</initrd>"),
+        ("<disk type='file' device='cdrom'><source file='/etc/shadow'/><readonly/></disk>", ""),
+        ("<disk type='file' device='disk'><source file='/var/lib/other/x.qcow2'/></disk>", ""),
+        ("<console type='pty'><log file='/etc/passwd' append='off'/></console>", ""),
+        ("<channel type='unix'><source mode='bind' path='/root/sock'/></channel>", ""),
+    ]:
+        xml = RAW_XML.format(devices, "").replace(
+            "<os><type>hvm</type></os>", f"<os><type>hvm</type>{os_extra}</os>"
+        )
+        with pytest.raises(NotPermitted, match="names the host file"):
+            trust.check_stored_xml(config, xml, "restore", [Path("/r/vda.qcow2")])
+    # a restore ejects a cdrom's medium and moves chardev logs into the VM's folder
+    from vmkeep.engine.restore import rewrite_domain_xml
+
+    xml = RAW_XML.format(
+        "<disk type='file' device='cdrom'><source file='/etc/shadow'/><target dev='hdc'/></disk>"
+        "<console type='pty'><log file='/etc/passwd'/></console>", "")  # fmt: skip
+    out = rewrite_domain_xml(xml, "new", {}, tmp_path, no_nic=True, no_ip=False)
+    assert "/etc/shadow" not in out and "/etc/passwd" not in out
+    trust.check_stored_xml(config, out, "restore", [tmp_path])
+
+
+def test_a_place_folder_others_can_write_is_refused(clean_env: Path) -> None:
+    config = load_config()
+    shared = config.data_dir / "restores" / "shared"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)  # another user could plant a link or swap a folder here
+    with pytest.raises(NotPermitted, match="writable by other users"):
+        trust.check_restore_destination(config, OPERATOR, shared / "vda.qcow2", False)
+    shared.chmod(0o755)
+    trust.check_restore_destination(config, OPERATOR, shared / "vda.qcow2", False)
+
+
+def test_operator_images_are_raw_or_plain_qcow2(clean_env: Path) -> None:
+    config = load_config()
+    images = config.data_dir / "images"
+    images.mkdir(parents=True)
+    raw, plain, backed = images / "a.raw", images / "b.qcow2", images / "c.qcow2"
+    raw.write_bytes(b"\0" * 4096)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b",
+                    "/etc/shadow", str(backed), "1M"], check=True)  # fmt: skip
+    trust.check_image_source(config, OPERATOR, str(raw), "raw")
+    trust.check_image_source(config, OPERATOR, str(plain), None)
+    with pytest.raises(NotPermitted, match="names another file"):
+        trust.check_image_source(config, OPERATOR, str(backed), None)
+    with pytest.raises(NotPermitted, match="raw or qcow2"):
+        trust.check_image_source(config, OPERATOR, str(raw), "vmdk")
+    trust.check_image_source(config, trust.LOCAL_ADMIN, str(backed), None)
+
+
+def test_disk_attach_target_is_a_disk_name(api: tuple[TestClient, dict[str, str]]) -> None:
+    client, secrets = api
+    r = client.post("/v1/vms/nope/actions/disk-attach", json={"target": "x/../../y", "size": "1M"},
+                    headers=auth(secrets["operator"]))  # fmt: skip
+    assert r.status_code == 422 and "disk target is" in r.text, r.text
+
+
+def test_files_get_copies_drop_setuid_and_extended_attributes(tmp_path: Path) -> None:
+    from vmkeep.engine.files import _copy_regular
+
+    src, dest = tmp_path / "su", tmp_path / "copy"
+    src.write_text("#!/bin/sh\n")
+    src.chmod(0o4755)
+    os.setxattr(src, "user.vmkeep.created", b"1")
+    _copy_regular(str(src), str(dest))
+    assert dest.stat().st_mode & 0o7777 == 0o700
+    assert os.listxattr(dest) == []

@@ -36,7 +36,7 @@ from vmkeep.engine.datastores import driver_of
 from vmkeep.engine.files import export_disk, partitions, stop_export
 from vmkeep.engine.instant import local_folder, make_overlay
 from vmkeep.engine.restore import pick_disks, rewrite_domain_xml, verify_files
-from vmkeep.engine.trust import check_domain_xml
+from vmkeep.engine.trust import check_stored_xml
 from vmkeep.errors import BackupNotFound, DrillFailed, HypervisorError, VmkeepError
 from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import Warnings
@@ -271,7 +271,8 @@ def run_drill(
                 if not all(c.ok for c in checks):
                     raise _Failed
             xml = _isolated_xml(local[xml_entry["name"]].read_text(), name, overlays, work, seq)
-            check_domain_xml(ctx.config, xml, f"drill of backup {backup_id}")
+            own = [*overlays.values(), work]
+            check_stored_xml(ctx.config, xml, f"drill of backup {backup_id}", own)
             ctx.hv.define(xml)
             checks.append(_boot(ctx, name, boot_timeout))
             if not checks[-1].ok:

@@ -308,9 +308,14 @@ def _owner_only(path: Path) -> None:
 
 
 def _copy_regular(src: str, dest: str) -> None:
-    """copytree's copy: regular files only (a FIFO or device node of the guest is skipped)."""
-    if stat.S_ISREG(os.lstat(src).st_mode):
-        shutil.copy2(src, dest)
+    """copytree's copy: regular files only (a FIFO or device node of the guest is skipped), the
+    owner's bits of their mode only and no extended attributes: a guest's setuid bit or file
+    capability never lands on a root-owned file of the host, not even for a moment."""
+    st = os.lstat(src)
+    if stat.S_ISREG(st.st_mode):
+        shutil.copyfile(src, dest, follow_symlinks=False)
+        os.chmod(dest, stat.S_IMODE(st.st_mode) & 0o700)
+        os.utime(dest, ns=(st.st_atime_ns, st.st_mtime_ns))
 
 
 def _source(root: Path, rel: str) -> Path:
@@ -409,7 +414,10 @@ def get(
             else:
                 if os.path.lexists(dest):
                     dest.unlink()
-                shutil.copy2(src, dest, follow_symlinks=False)
+                if src.is_symlink():
+                    os.symlink(os.readlink(src), dest)  # a link is copied as a link
+                else:
+                    _copy_regular(str(src), str(dest))
             _private_copy(dest)
             copied.append({"from": "/" + str(src.relative_to(mnt)), "to": str(dest)})
         return {"backup": o.backup, "increment": o.increment, "disk": o.disk, "copied": copied}

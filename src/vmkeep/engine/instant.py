@@ -35,7 +35,7 @@ from vmkeep.engine.restore import (
     vm_folder,
     warn_unsearchable,
 )
-from vmkeep.engine.trust import check_domain_xml, check_restore_destination
+from vmkeep.engine.trust import check_restore_destination, check_stored_xml, mark_created
 from vmkeep.errors import BackupNotFound, VmkeepError
 from vmkeep.model import Warnings
 
@@ -117,6 +117,7 @@ def instant_restore(
                 ctx, backing.parent, warnings, local_folder(driver, folder if created else None)
             )
             make_overlay(backing.resolve(), ov)
+            mark_created(ov)
         xml = rewrite_domain_xml(
             local[xml_entry["name"]].read_text(),
             new_name,
@@ -126,7 +127,8 @@ def instant_restore(
             no_ip=opts.no_ip,
             warnings=warnings,
         )
-        check_domain_xml(ctx.config, xml, f"instant restore of backup {backup_id}")
+        own = [*overlays.values(), folder]
+        check_stored_xml(ctx.config, xml, f"instant restore of backup {backup_id}", own)
         (folder / "domain.xml").write_text(xml)
         ctx.hv.define(xml)
         ctx.hv.start(new_name)

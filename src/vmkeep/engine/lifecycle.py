@@ -19,6 +19,7 @@ from vmkeep.catalog.tables import Vm, VmHistory
 from vmkeep.engine import states, vm_actions
 from vmkeep.engine.context import Context
 from vmkeep.engine.trust import (
+    ACTOR,
     LOCAL_ADMIN,
     Actor,
     check_domain_xml,
@@ -40,7 +41,7 @@ from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.hypervisor.vmm_exec import ExecVmm, parse_args
 from vmkeep.hypervisor.vmm_native import NativeVmm
 from vmkeep.model import LcmState, VmState, Warnings
-from vmkeep.names import check_name
+from vmkeep.names import check_disk_name, check_name
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,7 @@ def run_action(
         if rule.through is not None:
             set_lcm(ctx, vm.id, rule.through)
         try:
-            result = vm_actions.HANDLERS[action](ctx, vmm, vm, opts, warnings)
+            result = vm_actions.HANDLERS[action](ctx, vmm, vm, {**opts, ACTOR: actor}, warnings)
         except BaseException as err:
             failed_lcm = rule.failure or before
             set_lcm(ctx, vm.id, failed_lcm, error=f"{action} failed: {err}")
@@ -194,8 +195,11 @@ def land(ctx: Context, vm_id: int, name: str, success: tuple[VmState, LcmState] 
 
 def check_places(ctx: Context, action: str, opts: dict[str, Any], actor: Actor) -> None:
     """The host resources an action names (an image, a bridge) are within ``actor``'s places."""
-    if action == "disk-attach" and opts.get("source"):
-        check_image_source(ctx.config, actor, str(opts["source"]))
+    if action == "disk-attach":
+        if opts.get("target") is not None:
+            check_disk_name("--target", opts["target"])
+        if opts.get("source"):
+            check_image_source(ctx.config, actor, str(opts["source"]), opts.get("format"))
     elif action == "nic-attach":
         check_nic(ctx.config, actor, opts.get("bridge"))
 

@@ -17,7 +17,7 @@ from typing import Any
 from vmkeep.catalog.tables import Increment
 from vmkeep.engine.context import Context
 from vmkeep.engine.domain_xml import set_disk_sources
-from vmkeep.engine.trust import check_domain_xml
+from vmkeep.engine.trust import check_stored_xml
 from vmkeep.errors import HypervisorError, InvalidValue, Refused
 from vmkeep.model import Warnings
 
@@ -71,7 +71,7 @@ def resume(
     warning says how to start it."""
     try:
         xml = with_disks(ctx.hv.saved_xml(str(state)), disks, fmt)
-        check_domain_xml(ctx.config, xml, "resuming a memory state")  # the stored state's XML
+        check_stored_xml(ctx.config, xml, "resuming a memory state", disks.values())
         ctx.hv.restore_memory(str(state), xml)
     except HypervisorError as err:
         if persistent_xml is not None:

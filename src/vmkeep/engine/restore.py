@@ -34,8 +34,8 @@ from vmkeep.engine.memory import check_new_vm, memory_entry, resume, with_disks
 from vmkeep.engine.trust import (
     LOCAL_ADMIN,
     Actor,
-    check_domain_xml,
     check_restore_destination,
+    check_stored_xml,
     mark_created,
 )
 from vmkeep.errors import (
@@ -101,6 +101,9 @@ def rewrite_domain_xml(
             devices.remove(disk)  # not in the backup (volatile): never share the original's file
             if warnings is not None:
                 warnings.add(f"disk {dev} was not in the backup and is left out of the restored VM")
+        elif dev not in disks:  # a cdrom's or floppy's medium: ejected, never the host's file
+            for medium in disk.findall("source"):
+                disk.remove(medium)
     for iface in list(devices.findall("interface")):
         if no_nic:
             devices.remove(iface)
@@ -108,10 +111,13 @@ def rewrite_domain_xml(
             for tag in ("mac", "ip", "target", "route"):
                 for el in iface.findall(tag):
                     iface.remove(el)
-    for chardev in [*devices.findall("serial"), *devices.findall("console")]:
+    for chardev in [*devices.findall("serial"), *devices.findall("console"),
+                    *devices.findall("channel"), *devices.findall("parallel")]:  # fmt: skip
         src = chardev.find("source")
         if chardev.get("type") == "file" and src is not None and src.get("path"):
             src.set("path", str(files_dir / Path(src.get("path", "")).name))
+        for log in chardev.findall("log"):
+            log.set("file", str(files_dir / Path(log.get("file", "log")).name))
     return ET.tostring(root, encoding="unicode")
 
 
@@ -132,10 +138,14 @@ def verify_files(
     ctx: Context, backup_id: int, chain_key: str, expected: dict[str, str], local: dict[str, Path]
 ) -> None:
     """Every fetched file against its checksum; a mismatch marks the increment holding it (and
-    those built on it) DAMAGED before ChecksumMismatch is raised."""
+    those built on it) DAMAGED before ChecksumMismatch is raised. Then every qcow2 file's backing
+    reference must name another file of the chain (a chain imported from a hostile datastore
+    comes with checksums that match: its backing reference must not reach a host file when
+    QEMU, qemu-storage-daemon or qemu-img open it)."""
     bad = _first_mismatch(expected, local)
     if bad is not None:
         raise _damaged(ctx, backup_id, chain_key, *bad)
+    check_backing_names(local)
 
 
 @contextmanager
@@ -184,16 +194,23 @@ def convert_verified(
     """Each chain top in ``dests`` (file name -> destination) flattened while every file of
     ``expected`` is checked; a destination is replaced only after the check passed (an existing
     file overwritten with --force survives a damaged backup)."""
-    tmps = {name: dest.with_name(dest.name + ".restoring") for name, dest in dests.items()}
+    # written in a folder of vmkeep's own (0700) beside each destination, then renamed: no
+    # name another user could have planted (a link) is ever opened for writing
+    work: dict[Path, Path] = {}
     try:
+        for dest in dests.values():
+            if dest.parent not in work:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                work[dest.parent] = Path(tempfile.mkdtemp(prefix=".vmkeep-", dir=dest.parent))
+        tmps = {name: work[dest.parent] / dest.name for name, dest in dests.items()}
         with verified(ctx, backup_id, chain_key, expected, local):
             for name, tmp in tmps.items():
                 flatten(local[name], tmp, ordered=False)
         for name, tmp in tmps.items():
             tmp.replace(dests[name])
     finally:
-        for tmp in tmps.values():
-            tmp.unlink(missing_ok=True)
+        for folder in work.values():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _first_mismatch(
@@ -358,7 +375,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
             resumed: bool | None = None
             if mem is not None:  # the VM itself, running again where it was
                 xml = with_disks(local[xml_entry["name"]].read_text(), paths, "qcow2")
-                check_domain_xml(ctx.config, xml, f"restore of backup {backup_id}")
+                check_stored_xml(ctx.config, xml, f"restore of backup {backup_id}", paths.values())
                 state = local[mem["name"]]
                 resumed = resume(ctx, state, paths, warnings, persistent_xml=xml, fmt="qcow2")
             else:
@@ -371,7 +388,8 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                     no_ip=opts.no_ip,
                     warnings=warnings,
                 )
-                check_domain_xml(ctx.config, xml, f"restore of backup {backup_id}")
+                own = [*paths.values(), folder]
+                check_stored_xml(ctx.config, xml, f"restore of backup {backup_id}", own)
                 ctx.hv.define(xml)
         (folder / "domain.xml").write_text(xml)
         mark_created(folder / "domain.xml")

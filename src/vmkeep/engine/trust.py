@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.config import Config
-from vmkeep.errors import InvalidValue, NotPermitted
+from vmkeep.datastores.base import qemu_img_info
+from vmkeep.engine.images import backing_name
+from vmkeep.errors import InvalidValue, NotPermitted, VmkeepError
 from vmkeep.model import ROLES
 
 # a file vmkeep wrote carries this extended attribute: an operator's --force may replace it
 MARK = "user.vmkeep.created"
 ROLE_KEY = "actor_role"  # job params: the role of whoever queued the job (set by the API)
+ACTOR = "_actor"  # a lifecycle handler's opts: the Actor (set by lifecycle.run_action)
 QEMU_NS = "http://libvirt.org/schemas/domain/qemu/1.0"
 
 
@@ -91,6 +94,7 @@ def check_restore_destination(config: Config, actor: Actor, dest: Path, force: b
             f"operators restore under {', '.join(map(str, roots))}",
             "Choose a path there, or an admin adds the folder to [restore] allowed_paths.",
         )
+    _check_owned(real, next(r for r in roots if _inside(real, [r])))
     if force and real.is_file() and not created_by_vmkeep(real):
         raise NotPermitted(
             f"replacing {dest}",
@@ -105,6 +109,25 @@ def check_restore_destination(config: Config, actor: Actor, dest: Path, force: b
                     f"it holds {entry}, which vmkeep did not create",
                     "Choose an empty or new folder, or an admin restores with --force.",
                 )
+
+
+def _check_owned(real: Path, root: Path) -> None:
+    """Every existing folder from ``root`` down to ``real`` is vmkeep's user's and writable by
+    no one else: no other local user can swap a folder or plant a link on the way after the
+    check (the restore then writes through the unresolved path)."""
+    folder = real if real.is_dir() else real.parent
+    while True:
+        if folder.exists():
+            st = folder.lstat()
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                raise NotPermitted(
+                    f"restore into {folder}",
+                    "that folder is writable by other users or owned by another",
+                    f"An admin makes it owned by uid {os.geteuid()}, not writable by others.",
+                )
+        if folder == root or folder == folder.parent:
+            return
+        folder = folder.parent
 
 
 def mark_created(path: Path) -> None:
@@ -124,8 +147,10 @@ def created_by_vmkeep(path: Path) -> bool:
         return False
 
 
-def check_image_source(config: Config, actor: Actor, source: str) -> None:
-    """An operator attaches only images under the image places."""
+def check_image_source(config: Config, actor: Actor, source: str, fmt: str | None) -> None:
+    """An operator attaches only raw or qcow2 images under the image places, and a qcow2 image
+    that names no backing or data file: a guest can write a qcow2 header into its own raw disk,
+    and a backing reference in it would lend a host file to the next guest that attaches it."""
     if actor.is_admin:
         return
     roots = image_roots(config)
@@ -135,6 +160,24 @@ def check_image_source(config: Config, actor: Actor, source: str) -> None:
             f"operators attach images under {', '.join(map(str, roots))}",
             "Move the image there, or an admin adds its folder to [vmm] image_paths.",
         )
+    path = resolved(source)
+    if not path.is_file():
+        return  # a new image (--size), or none: the action says so
+    kind = fmt or str(qemu_img_info(str(path), check=False).get("format", "raw"))
+    if kind not in ("raw", "qcow2"):
+        raise NotPermitted(
+            f"disk attach of {source} as {kind}", "operators attach raw or qcow2 images",
+            "Convert it, or an admin attaches it.",
+        )  # fmt: skip
+    try:
+        backing = backing_name(path) if kind == "qcow2" else None
+    except VmkeepError as err:
+        backing = str(err)
+    if backing is not None:
+        raise NotPermitted(
+            f"disk attach of {source}", f"the image names another file ({backing})",
+            "Flatten it (qemu-img convert), or an admin attaches it.",
+        )  # fmt: skip
 
 
 def check_nic(config: Config, actor: Actor, bridge: str | None) -> None:
@@ -188,6 +231,63 @@ def raw_xml_findings(xml: str) -> list[str]:
         elif el.tag in ("serial", "parallel", "console", "channel") and kind == "dev":
             found.append(f"<{el.tag} type='dev'>")
     return found
+
+
+# where a stored domain XML's own host files may be: vmkeep's places, libvirt's own folders for
+# sockets, and (read only: kernels, firmware) the system's
+_READ_ONLY_ROOTS = (Path("/boot"), Path("/usr/share"), Path("/usr/lib"))
+_SOCKET_ROOTS = (Path("/run/libvirt"), Path("/var/lib/libvirt/qemu"))
+
+
+def host_files(xml: str) -> list[tuple[str, str, str]]:
+    """(element, path, kind) of every host file a domain XML names for QEMU or libvirt to open:
+    kind is "read" (kernel, firmware, a read-only disk), "socket" or "write"."""
+    root = ET.fromstring(xml)
+    found: list[tuple[str, str, str]] = []
+    for tag in ("kernel", "initrd", "dtb", "loader"):
+        for el in root.findall(f"os/{tag}"):
+            if el.text and el.text.strip():
+                found.append((f"<{tag}>", el.text.strip(), "read"))
+    for el in root.findall("os/nvram"):
+        if el.text and el.text.strip():
+            found.append(("<nvram>", el.text.strip(), "write"))
+    for dev in root.find("devices") or []:
+        for src in dev.findall("source"):
+            for attr in ("file", "path", "dir"):
+                value = src.get(attr)
+                if not value:
+                    continue
+                kind = "socket" if dev.get("type") == "unix" else "write"
+                if dev.tag == "disk" and dev.find("readonly") is not None:
+                    kind = "read"
+                found.append((f"<{dev.tag}>", value, kind))
+        for log in dev.findall("log"):
+            if log.get("file"):
+                found.append((f"<{dev.tag}><log>", str(log.get("file")), "write"))
+    return found
+
+
+def check_stored_xml(config: Config, xml: str, what: str, own: Iterable[Path]) -> None:
+    """A domain XML read back from a datastore (restore, instant restore, drill, a memory
+    state's) passes the ``vm create`` check, and every host file it names is one of ``own``
+    (the files and folders this restore made) or lies in vmkeep's places: a hostile chain cannot lend a
+    host file (``<initrd>/etc/shadow</initrd>``, a cdrom, a log) to a guest."""
+    check_domain_xml(config, xml, what)
+    if config.vmm.allow_raw_xml:
+        return
+    mine = {resolved(p) for p in own}
+    places = [resolved(config.data_dir), resolved(config.lab.dir)]
+    places += restore_roots(config) + image_roots(config)
+    extra = {"read": _READ_ONLY_ROOTS, "socket": _SOCKET_ROOTS, "write": ()}
+    for element, path, kind in host_files(xml):
+        real = resolved(path)
+        if _inside(real, [*mine, *places, *extra[kind]]):
+            continue
+        raise NotPermitted(
+            what,
+            f"its domain XML names the host file {path} in {element}, outside vmkeep's places",
+            "An admin restores it after setting [vmm] allow_raw_xml = true.",
+        )
 
 
 def check_domain_xml(config: Config, xml: str, what: str) -> None:

@@ -18,7 +18,13 @@ from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine.chains import CHECKPOINT_PREFIX, reset_checkpoints
 from vmkeep.engine.context import Context
 from vmkeep.engine.images import qemu_img
-from vmkeep.engine.trust import mark_created, may_delete_disk
+from vmkeep.engine.trust import (
+    ACTOR,
+    LOCAL_ADMIN,
+    check_image_source,
+    mark_created,
+    may_delete_disk,
+)
 from vmkeep.engine.vmstate import find_vm, set_fields
 from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.native import parse_disks
@@ -294,6 +300,9 @@ def disk_attach(
             raise InvalidValue("disk attach", None, "give --source IMAGE or --size SIZE (new)")
         folder = Path(disks[0].path).parent if disks and disks[0].path else ctx.config.data_dir
         source = str(folder / f"{vm.name}-{target}.qcow2")
+        check_image_source(
+            ctx.config, opts.get(ACTOR, LOCAL_ADMIN), source, "qcow2"
+        )  # before it says "exists"
         if Path(source).exists():
             raise InvalidValue("--size", opts["size"], f"{source} exists; attach it with --source")
         qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
@@ -301,6 +310,8 @@ def disk_attach(
         created = True
     elif not Path(source).is_file():
         raise InvalidValue("--source", source, "no such image file")
+    else:  # again, under the VM's lock: the file may have changed since the API's check
+        check_image_source(ctx.config, opts.get(ACTOR, LOCAL_ADMIN), source, opts.get("format"))
     # the image stays 0600: libvirt's dynamic ownership lends it to QEMU's user while attached;
     # a folder of the data dir on the way (restores/, images/) is opened to QEMU's group
     parent, data = Path(source).resolve().parent, ctx.config.data_dir.resolve()
