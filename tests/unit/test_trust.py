@@ -324,3 +324,17 @@ def test_files_get_copies_drop_setuid_and_extended_attributes(tmp_path: Path) ->
     _copy_regular(str(src), str(dest))
     assert dest.stat().st_mode & 0o7777 == 0o700
     assert os.listxattr(dest) == []
+
+
+def test_a_stored_datastore_the_allowlist_now_refuses_is_listed_with_its_error(
+    clean_env: Path,
+) -> None:
+    from vmkeep.catalog.tables import Datastore
+    from vmkeep.engine import datastores
+
+    ctx = Context(load_config())
+    options = {"host": "nas", "path": "/srv/b", "args": "-a --rsync-path=/tmp/x"}
+    with ctx.catalog.session() as s:  # as an older vmkeep stored it
+        s.add(Datastore(name="old", driver="rsync", options=options))
+    (row,) = datastores.list_all(ctx)
+    assert row["name"] == "old" and "--rsync-path" in row["error"] and row["options"] == {}

@@ -11,7 +11,7 @@ from vmkeep.catalog.tables import Datastore
 from vmkeep.datastores import DatastoreDriver, make_driver
 from vmkeep.datastores.ssh import learn_host_key
 from vmkeep.engine.context import Context
-from vmkeep.errors import AlreadyExists, DatastoreError, DatastoreNotFound
+from vmkeep.errors import AlreadyExists, DatastoreError, DatastoreNotFound, VmkeepError
 from vmkeep.names import check_name, is_id
 
 
@@ -82,7 +82,12 @@ def monitor_once(drv: DatastoreDriver) -> tuple[int, int]:
 
 
 def ds_dict(ds: Datastore, drv: DatastoreDriver | None = None) -> dict[str, Any]:
-    drv = drv or driver_of(ds)
+    try:
+        drv = drv or driver_of(ds)
+    except VmkeepError as err:  # options an older vmkeep stored that the allowlists now refuse
+        return {"id": ds.id, "name": ds.name, "driver": ds.driver, "options": {},
+                "total_bytes": None, "free_bytes": None,
+                "error": f"{err} (remove the datastore and add it again with allowed options)"}  # fmt: skip
     total: int | None = None
     free: int | None = None
     error = None
