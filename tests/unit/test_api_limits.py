@@ -387,3 +387,14 @@ def test_audit_list_command(env: tuple[Context, dict[str, str]]) -> None:
     lines = out.output.splitlines()
     assert lines[0].split() == ["AT", "ACTOR", "ROLE", "METHOD", "PATH", "STATUS", "CLIENT"]
     assert "ops" in lines[2] and "202" in lines[2] and "c:1" in lines[2]
+
+
+def test_files_requests_leave_one_work_slot_for_jobs() -> None:
+    """Two slow downloads must not keep the daemon's two workers from claiming a backup."""
+    slots = WorkSlots(2)
+    assert slots.acquire_files()
+    assert not slots.acquire_files()  # the second slot stays for jobs
+    assert slots.acquire(0)  # a worker claims a job
+    slots.release()
+    slots.release_files()
+    assert slots.acquire_files() and slots.acquire(0)

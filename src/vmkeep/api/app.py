@@ -362,7 +362,7 @@ def create_app(
         token check and its parameters' validation (a dependency's slot would stay taken when
         the validation refuses the request)."""
         deadline = time.monotonic() + FILES_WAIT
-        while not work.acquire(0):
+        while not work.acquire_files():
             if time.monotonic() >= deadline:
                 raise work.busy()
             await asyncio.sleep(0.05)
@@ -371,7 +371,7 @@ def create_app(
         def release() -> None:
             if not released.is_set():
                 released.set()
-                work.release()
+                work.release_files()
 
         return release
 

@@ -14,6 +14,21 @@ class WorkSlots:
     def __init__(self, size: int) -> None:
         self.size = size
         self._free = threading.BoundedSemaphore(size)
+        # files requests never hold every slot: with two or more, one is always left for jobs
+        self._files = threading.BoundedSemaphore(max(1, size - 1))
+
+    def acquire_files(self) -> bool:
+        """A slot for a files request, now or never (the caller polls)."""
+        if not self._files.acquire(blocking=False):
+            return False
+        if self._free.acquire(blocking=False):
+            return True
+        self._files.release()
+        return False
+
+    def release_files(self) -> None:
+        self._free.release()
+        self._files.release()
 
     def acquire(self, timeout: float | None = None) -> bool:
         """A slot within ``timeout`` s (None: wait as long as it takes; 0: only a free one)."""
