@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,16 @@ def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     config.write_text("version = 1\n")
     monkeypatch.setenv("VMKEEP_CONFIG", str(config))
     return data
+
+
+@pytest.fixture(autouse=True)
+def keep_umask() -> Iterator[None]:
+    """A test that calls the CLI's ``main()`` in-process sets the umask to 077 (as vmkeep does):
+    give the worker its own back, so the next test's fixtures make folders as before."""
+    old = os.umask(0o022)
+    os.umask(old)
+    yield
+    os.umask(old)
 
 
 @pytest.fixture

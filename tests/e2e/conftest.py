@@ -81,6 +81,7 @@ def qemu_reachable_data_dir(clean_env: Path, monkeypatch: pytest.MonkeyPatch) ->
 
     data = LAB_DIR.parent / "e2e-data" / uuid.uuid4().hex[:8]
     data.mkdir(parents=True)
+    data.chmod(0o755)  # whatever umask an in-process CLI call left: QEMU passes through it
     monkeypatch.setenv("VMKEEP_DATA_DIR", str(data))
     yield data
     shutil.rmtree(data, ignore_errors=True)
