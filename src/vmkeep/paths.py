@@ -29,6 +29,11 @@ def private_umask() -> None:
     os.umask(PRIVATE_UMASK)
 
 
+def within(path: Path, root: Path) -> bool:
+    """Whether ``path`` is ``root`` or below it (both already resolved by the caller)."""
+    return path == root or root in path.parents
+
+
 def is_root() -> bool:
     return os.geteuid() == 0
 

@@ -21,7 +21,7 @@ from vmkeep.config import load_config
 from vmkeep.engine import tokens, trust
 from vmkeep.engine.context import Context
 from vmkeep.engine.trust import Actor
-from vmkeep.errors import NotPermitted, VmkeepError
+from vmkeep.errors import InvalidValue, NotPermitted, VmkeepError
 from vmkeep.model import ROLES
 
 OPERATOR = Actor("op", "operator")
@@ -209,7 +209,7 @@ def test_actor_of_job_params() -> None:
     assert trust.actor_of({}) == trust.LOCAL_ADMIN
     assert trust.actor_of({"actor_role": "operator", "actor": "op"}) == OPERATOR
     params: dict[str, Any] = {"actor_role": "root"}
-    with pytest.raises(Exception, match="actor_role"):
+    with pytest.raises(InvalidValue, match="actor_role"):
         trust.actor_of(params)
 
 

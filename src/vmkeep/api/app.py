@@ -167,8 +167,7 @@ def create_app(
 
     @app.exception_handler(VmkeepError)
     async def vmkeep_error(_request: Request, err: VmkeepError) -> JSONResponse:
-        status = 422 if err.http_status == 400 else err.http_status
-        return _error(status, type(err).__name__, str(err))
+        return limits.error_response(err)  # the body limit's refusals have the same shape
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:

@@ -49,6 +49,7 @@ from vmkeep.errors import (
 from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import BackupStatus, Warnings
 from vmkeep.names import check_name
+from vmkeep.paths import within
 
 log = logging.getLogger(__name__)
 
@@ -438,7 +439,7 @@ def warn_unsearchable(
     QEMU's group alone; a warning when a folder on the way still keeps QEMU out."""
     data = ctx.config.data_dir.resolve()
     where = folder.resolve()
-    own = data if where == data or data in where.parents else made
+    own = data if within(where, data) else made
     blocked = open_to_qemu(where, own, ctx.hv)
     if blocked is not None:
         warnings.add(f"{unreachable_why(blocked, ctx.hv)}: QEMU may not reach the disks")

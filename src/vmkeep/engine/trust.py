@@ -29,6 +29,7 @@ from vmkeep.datastores.base import qemu_img_info
 from vmkeep.engine.images import backing_name
 from vmkeep.errors import InvalidValue, NotPermitted, VmkeepError
 from vmkeep.model import ROLES
+from vmkeep.paths import within
 
 # a file vmkeep wrote carries this extended attribute: an operator's --force may replace it
 MARK = "user.vmkeep.created"
@@ -69,7 +70,7 @@ def resolved(path: str | Path) -> Path:
 
 
 def _inside(path: Path, roots: Iterable[Path]) -> bool:
-    return any(path == r or r in path.parents for r in roots)
+    return any(within(path, r) for r in roots)
 
 
 def restore_roots(config: Config) -> list[Path]:

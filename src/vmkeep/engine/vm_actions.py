@@ -31,6 +31,7 @@ from vmkeep.hypervisor.native import parse_disks
 from vmkeep.hypervisor.reach import open_to_qemu
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
 from vmkeep.model import VmState, Warnings
+from vmkeep.paths import within
 
 Handler = Callable[[Context, Vmm, Vm, dict[str, Any], Warnings], dict[str, Any]]
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -315,7 +316,7 @@ def disk_attach(
     # the image stays 0600: libvirt's dynamic ownership lends it to QEMU's user while attached;
     # a folder of the data dir on the way (restores/, images/) is opened to QEMU's group
     parent, data = Path(source).resolve().parent, ctx.config.data_dir.resolve()
-    if parent == data or data in parent.parents:
+    if within(parent, data):
         open_to_qemu(parent, data, ctx.hv)
     fmt = opts.get("format") or _format_of(source)
     spec = DiskSpec(source=source, target=target, index=len(disks), fmt=fmt)

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from vmkeep.errors import VmkeepError
 from vmkeep.hypervisor.base import Hypervisor
+from vmkeep.paths import within
 
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
 DEFAULT_NAMES = ("libvirt-qemu", "qemu")  # Debian/Ubuntu, then Fedora/RHEL/SUSE builds
@@ -129,8 +130,8 @@ def open_to_qemu(folder: Path, own: Path | None, hv: Hypervisor | None = None) -
     folder = folder.resolve()
     top = own.resolve() if own is not None else None
     ours = (
-        [p for p in [folder, *folder.parents] if p == top or top in p.parents]
-        if top is not None and (folder == top or top in folder.parents)
+        [p for p in [folder, *folder.parents] if within(p, top)]
+        if top is not None and within(folder, top)
         else []
     )
     for p in ours:
