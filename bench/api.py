@@ -27,8 +27,9 @@ import httpx
 from common import workspace  # bench/ is on sys.path when run as a script
 from vmkeep.catalog.tables import Vm
 from vmkeep.config import load_config
-from vmkeep.engine import jobs, tokens
-from vmkeep.engine.context import Context
+from vmkeep.engine.core import jobs
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.service import tokens
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from vmkeep.engine.states import table_markdown
+from vmkeep.engine.core.states import table_markdown
 
 doc = Path(__file__).resolve().parent.parent / "docs" / "lifecycle.md"
 lines = doc.read_text().splitlines()

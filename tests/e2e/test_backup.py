@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from vmkeep.config import load_config
-from vmkeep.engine.backup import run_backup
-from vmkeep.engine.context import Context
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.protect.backup import run_backup
 from vmkeep.errors import LabError
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.hypervisor.native import LibvirtHypervisor

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from vmkeep.config import load_config
-from vmkeep.engine.context import Context
-from vmkeep.engine.group_backup import run_group_backup
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.groups.backup import run_group_backup
 from vmkeep.errors import GroupBackupFailed, HypervisorError
 from vmkeep.hypervisor import Hypervisor, connect
 from vmkeep.hypervisor.native import LibvirtHypervisor
@@ -252,8 +252,8 @@ def test_member_without_agent_fails_the_group_with_exit_20(
 CRASH_SCRIPT = """
 import os, signal, sys
 from vmkeep.config import load_config
-from vmkeep.engine.context import Context
-from vmkeep.engine.group_backup import run_group_backup
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.groups.backup import run_group_backup
 from vmkeep.hypervisor.native import LibvirtHypervisor
 
 class DiesDuringBegin(LibvirtHypervisor):

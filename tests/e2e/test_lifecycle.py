@@ -285,9 +285,10 @@ def test_lifecycle_through_the_api(vmkeep, lab: Lab, hv: Hypervisor, cleanup: li
 
     from vmkeep.api.app import create_app
     from vmkeep.config import load_config
-    from vmkeep.engine import jobs, tokens
-    from vmkeep.engine.actions import RUNNERS
-    from vmkeep.engine.context import Context
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.core.context import Context
+    from vmkeep.engine.service import tokens
+    from vmkeep.engine.service.actions import RUNNERS
 
     vm = f"{PREFIX}lc-api"
     cleanup.append(vm)

@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
-from vmkeep.engine.trust import created_by_vmkeep
+from vmkeep.engine.core.trust import created_by_vmkeep
 from vmkeep.lab import Lab
 
 from .conftest import PREFIX, running_daemon

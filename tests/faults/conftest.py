@@ -29,7 +29,7 @@ from sqlalchemy import select
 from vmkeep.catalog import Catalog
 from vmkeep.catalog.tables import Backup, Job, Lock
 from vmkeep.datastores.dir import STAGING
-from vmkeep.engine.chains import CHECKPOINT_PREFIX, checkpoints_to_keep
+from vmkeep.engine.core.chains import CHECKPOINT_PREFIX, checkpoints_to_keep
 from vmkeep.errors import HypervisorError, HypervisorUnreachable
 from vmkeep.hypervisor import Hypervisor, connect
 from vmkeep.lab import Lab

@@ -22,8 +22,8 @@ import httpx
 
 from vmkeep.catalog.tables import Job
 from vmkeep.config import load_config
-from vmkeep.engine import audit, tokens
-from vmkeep.engine.context import Context
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.service import audit, tokens
 
 BIG = 200 << 20  # the body of the finding: 200 MB
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from vmkeep.config import load_config
-from vmkeep.engine import jobs
-from vmkeep.engine.context import Context
+from vmkeep.engine.core import jobs
+from vmkeep.engine.core.context import Context
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 

@@ -13,8 +13,8 @@ from hypothesis import HealthCheck, settings
 
 from vmkeep.api.app import create_app
 from vmkeep.config import load_config
-from vmkeep.engine import tokens
-from vmkeep.engine.context import Context
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.service import tokens
 
 # The app is built at import (schemathesis reads its schema then): give it its own catalog.
 ROOT = Path(tempfile.mkdtemp(prefix="vmkeep-schema-"))

@@ -12,8 +12,8 @@ from fastapi.testclient import TestClient
 
 from vmkeep.api.app import create_app
 from vmkeep.config import load_config
-from vmkeep.engine import tokens
-from vmkeep.engine.context import Context
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.service import tokens
 
 
 @pytest.fixture
@@ -147,7 +147,7 @@ def test_metrics_need_a_token_and_show_the_queue(setup: tuple[TestClient, dict[s
 def test_events_stream_jobs_as_sse(
     setup: tuple[TestClient, dict[str, str]], clean_env: Path
 ) -> None:
-    from vmkeep.engine import jobs
+    from vmkeep.engine.core import jobs
 
     client, secrets = setup
     ctx = Context(load_config())

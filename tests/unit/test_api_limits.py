@@ -24,9 +24,10 @@ from vmkeep.api.app import create_app
 from vmkeep.catalog.tables import Token
 from vmkeep.cli.main import cli
 from vmkeep.config import load_config
-from vmkeep.engine import audit, jobs, tokens
-from vmkeep.engine.context import Context
-from vmkeep.engine.workers import WorkSlots
+from vmkeep.engine.core import jobs
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.service import audit, tokens
+from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import CatalogError, TooManyRequests
 
 ROLES = ("viewer", "operator", "admin")
@@ -201,7 +202,7 @@ def test_a_wait_and_a_stream_end_when_the_token_is_revoked(
 
 def test_a_stream_gives_its_slot_back() -> None:
     from vmkeep.api.limits import StreamSlots
-    from vmkeep.engine.trust import Actor
+    from vmkeep.engine.core.trust import Actor
 
     slots = StreamSlots(1)
     who = Actor("t", "viewer")
@@ -243,8 +244,8 @@ def test_the_api_passes_the_queue_bound(
         raise TooManyRequests("queued jobs", args[5], 50, "[api] max_queued_per_token")
 
     monkeypatch.setattr(jobs, "enqueue", enqueue)
-    monkeypatch.setattr(app_module.vms, "check_action", lambda _c, vm, _a: vm)
-    monkeypatch.setattr(app_module.datastores, "check_exists", lambda _c, _d: None)
+    monkeypatch.setattr(app_module.inventory, "check_action", lambda _c, vm, _a: vm)
+    monkeypatch.setattr(app_module.stores, "check_exists", lambda _c, _d: None)
     client = TestClient(create_app(ctx.config))
     r = client.post(
         "/v1/vms/web/backup", json={"datastore": "d"}, headers=auth(secrets["operator"])

@@ -1,6 +1,6 @@
 import pytest
 
-from vmkeep.engine.backup_config import resolve, validate
+from vmkeep.engine.core.backup_config import resolve, validate
 from vmkeep.errors import InvalidValue
 from vmkeep.model import BackupMode, FsFreeze
 

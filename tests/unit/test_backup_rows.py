@@ -19,9 +19,9 @@ from vmkeep.catalog.tables import (
     Vm,
 )
 from vmkeep.config import load_config
-from vmkeep.engine import backups
-from vmkeep.engine.chains import backup_dict
-from vmkeep.engine.context import Context
+from vmkeep.engine.core.chains import backup_dict
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.points import listing
 
 T0 = datetime(2026, 12, 4, 1, 2, 3, 456789, tzinfo=UTC)
 
@@ -70,7 +70,7 @@ def fill(ctx: Context) -> int:
 def test_rows_show_what_the_catalog_holds(clean_env: Path) -> None:
     ctx = Context(load_config())
     b2 = fill(ctx)
-    rows = backups.list_backups(ctx)
+    rows = listing.list_backups(ctx)
     assert [(r["vm"], r["chain"], r["datastore"], r["vm_uuid"]) for r in rows] == [
         ("vm1", "vm1/1", "ds", "uuid-1"),
         ("vm2", "vm2/1", "ds", "uuid-2"),
@@ -94,8 +94,8 @@ def test_rows_show_what_the_catalog_holds(clean_env: Path) -> None:
         T0 + timedelta(seconds=2),
         disk(2),
     )
-    assert backups.list_backups(ctx, "vm2") == [r]
-    assert backups.show_backup(ctx, b2) == r
+    assert listing.list_backups(ctx, "vm2") == [r]
+    assert listing.show_backup(ctx, b2) == r
 
 
 def test_a_sessions_unflushed_changes_are_shown(clean_env: Path) -> None:
@@ -127,5 +127,5 @@ def test_times_written_with_a_zone_are_read_in_utc(clean_env: Path) -> None:
         other.execute("UPDATE backups SET created_at = '2026-12-04 03:02:03+02:00' WHERE id = ?",
                       (b2,))  # fmt: skip
     other.close()
-    created = backups.show_backup(ctx, b2)["created"]
+    created = listing.show_backup(ctx, b2)["created"]
     assert (created, created.tzinfo) == (datetime(2026, 12, 4, 1, 2, 3, tzinfo=UTC), UTC)

@@ -60,5 +60,11 @@ def test_backups_list_loads_only_what_listing_needs(tmp_path) -> None:  # type: 
     mods, out = _modules_loaded(["backups", "list", "--json"], str(tmp_path))
     assert out.strip() == "[]"
     assert "sqlalchemy" in mods  # it does read the catalog
-    unneeded = {"rich", "libvirt", "fastapi", "vmkeep.engine.restore", "vmkeep.engine.stored"}
+    unneeded = {
+        "rich",
+        "libvirt",
+        "fastapi",
+        "vmkeep.engine.restore.point",
+        "vmkeep.engine.points.stored",
+    }
     assert not unneeded & mods, unneeded & mods

@@ -11,8 +11,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vmkeep.engine import group_backup
-from vmkeep.engine.group_backup import MemberFailed, MemberJob, Timing, _cut
+from vmkeep.engine.groups import backup as group_backup
+from vmkeep.engine.groups.backup import MemberFailed, MemberJob, Timing, _cut
 from vmkeep.errors import AgentUnavailable
 from vmkeep.model import Consistency, FsFreeze, Warnings
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vmkeep.engine import quiesce
-from vmkeep.engine.group_backup import MemberFailed, MemberJob, Timing, _thaw
+from vmkeep.engine.groups.backup import MemberFailed, MemberJob, Timing, _thaw
+from vmkeep.engine.vm import quiesce
 from vmkeep.errors import HypervisorError
 
 

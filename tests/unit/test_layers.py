@@ -1,5 +1,5 @@
-"""The layout stays honest: arrows point down only, no circles inside engine/, only hypervisor/
-imports libvirt (DESIGN.md "Layers")."""
+"""The layout stays honest: arrows point down only, no circles inside engine/, the engine's rooms
+import only rooms of a lower rank, only hypervisor/ imports libvirt (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -61,3 +61,59 @@ def test_engine_has_no_import_cycles() -> None:
         list(TopologicalSorter(edges).static_order())
     except CycleError as err:  # pragma: no cover - the message is the point
         raise AssertionError(f"import cycle in engine/: {err.args[1]}") from None
+
+
+# engine/'s rooms by rank: a room imports only rooms of a lower rank (and itself)
+RANKS = {
+    "core": 0,
+    "vm": 1,
+    "points": 2,
+    "lifecycle": 2,
+    "protect": 3,
+    "restore": 3,
+    "groups": 4,
+    "service": 5,
+}
+
+
+def room(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[2] if len(parts) > 3 and parts[:2] == ["vmkeep", "engine"] else None
+
+
+def test_every_engine_module_is_in_a_ranked_room() -> None:
+    engine = SRC / "engine"
+    loose = [p.name for p in engine.glob("*.py") if p.name != "__init__.py"]
+    rooms = {p.name for p in engine.iterdir() if (p / "__init__.py").exists()}
+    assert loose == [], "put each engine module in one of the rooms of RANKS"
+    assert rooms == set(RANKS)
+    assert all((engine / r / "__init__.py").read_text().startswith('"""') for r in rooms)
+
+
+def test_rooms_import_only_lower_ranks() -> None:
+    bad = []
+    for m, deps in imports().items():
+        own = room(m)
+        if own is None:
+            continue
+        for d in deps:
+            other = room(d)
+            if other is not None and other != own and RANKS[other] >= RANKS[own]:
+                bad.append(f"{m} -> {d}")
+    assert sorted(set(bad)) == []
+
+
+def test_adapters_reach_the_engine_not_each_other() -> None:
+    """cli/ never imports api/ (but the command that starts the daemon) nor api/ cli/."""
+    bad = [
+        (m, d)
+        for m, deps in imports().items()
+        for d in deps
+        if (
+            m.startswith("vmkeep.cli.")
+            and d.startswith("vmkeep.api")
+            and m != "vmkeep.cli.daemon_cmd"
+        )
+        or (m.startswith("vmkeep.api") and d.startswith("vmkeep.cli"))
+    ]
+    assert bad == []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from vmkeep.engine import states
+from vmkeep.engine.core import states
 from vmkeep.errors import InvalidValue
 from vmkeep.hypervisor.vmm import ACTIONS, DiskSpec, parse_poll
 from vmkeep.hypervisor.vmm_exec import drv_action, parse_args

@@ -144,13 +144,13 @@ def test_open_to_qemu_never_takes_another_groups_folder(base: Path, ids: QemuIds
 
 # --- vmkeep mount (item 5) -------------------------------------------------------------------------
 def test_mount_options_keep_setuid_devices_and_programs_inert() -> None:
-    from vmkeep.engine.files import MOUNT_OPTIONS
+    from vmkeep.engine.restore.files import MOUNT_OPTIONS
 
     assert set(MOUNT_OPTIONS.split(",")) >= {"ro", "nosuid", "nodev", "noexec"}
 
 
 def test_a_file_system_type_outside_the_list_is_refused_naming_the_setting() -> None:
-    from vmkeep.engine.files import check_fs_type
+    from vmkeep.engine.restore.files import check_fs_type
     from vmkeep.errors import NotPermitted
 
     assert check_fs_type("ext4", ["ext4", "xfs"]) == "ext4"
@@ -162,7 +162,7 @@ def test_a_file_system_type_outside_the_list_is_refused_naming_the_setting() -> 
 
 
 def test_mount_point_0700_inside_a_folder_closed_to_other_users(base: Path) -> None:
-    from vmkeep.engine.files import private_mountpoint
+    from vmkeep.engine.restore.files import private_mountpoint
 
     with pytest.raises(InvalidValue, match="other users can reach it"):
         private_mountpoint(base / "mp")  # /var/tmp/x is open to everyone
@@ -179,7 +179,7 @@ def test_mount_point_0700_inside_a_folder_closed_to_other_users(base: Path) -> N
 
 
 def test_files_get_copies_are_private(base: Path) -> None:
-    from vmkeep.engine.files import _private_copy
+    from vmkeep.engine.restore.files import _private_copy
 
     tree = base / "got" / "etc"
     (tree / "sub").mkdir(parents=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from vmkeep.engine.backup_config import resolve, validate
-from vmkeep.engine.drill import _isolated_xml, e2fsck_verdict
-from vmkeep.engine.memory import with_disks
+from vmkeep.engine.core.backup_config import resolve, validate
+from vmkeep.engine.restore.drill import _isolated_xml, e2fsck_verdict
+from vmkeep.engine.restore.memory import with_disks
 from vmkeep.errors import InvalidValue
 
 XML = """<domain type='qemu'><name>web</name><uuid>0b0e6f6c-1111-2222-3333-444455556666</uuid>

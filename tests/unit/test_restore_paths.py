@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vmkeep.datastores.dir import DirDriver
-from vmkeep.engine.restore import disk_destination, vm_folder
+from vmkeep.engine.restore.point import disk_destination, vm_folder
 from vmkeep.errors import AlreadyExists, InvalidValue
 
 

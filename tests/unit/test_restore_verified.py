@@ -11,9 +11,9 @@ import pytest
 from vmkeep.checksums import Stopped, digest_file
 from vmkeep.cli.output import emit_json
 from vmkeep.config import load_config
-from vmkeep.engine.context import Context
-from vmkeep.engine.images import backing_name, check_backing_names
-from vmkeep.engine.restore import convert_verified
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.images import backing_name, check_backing_names
+from vmkeep.engine.restore.point import convert_verified
 from vmkeep.errors import ChecksumMismatch, VmkeepError
 
 

@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from vmkeep.engine.restore import rewrite_domain_xml
+from vmkeep.engine.restore.point import rewrite_domain_xml
 from vmkeep.model import Warnings
 
 SRC = """<domain type='qemu'>

@@ -1,4 +1,4 @@
-from vmkeep.engine.retention import chains_to_delete, increments_to_merge
+from vmkeep.engine.points.retention import chains_to_delete, increments_to_merge
 
 
 def test_full_mode_keeps_newest() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from vmkeep.engine import space
+from vmkeep.engine.core import space
 from vmkeep.errors import DatastoreError, InsufficientSpace
 
 

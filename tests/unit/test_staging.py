@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 
 from vmkeep.datastores.dir import STAGING, DirDriver
-from vmkeep.engine.backup import _prepare_staging
-from vmkeep.engine.recovery import staging_dirs
+from vmkeep.engine.protect.backup import _prepare_staging
+from vmkeep.engine.vm.recovery import staging_dirs
 from vmkeep.hypervisor.reach import can_search, qemu_ids
 
 PLAN = SimpleNamespace(backup_id=7, seq=2)

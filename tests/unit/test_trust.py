@@ -18,9 +18,10 @@ from fastapi.testclient import TestClient
 from vmkeep.api.app import create_app
 from vmkeep.checksums import digest_file
 from vmkeep.config import load_config
-from vmkeep.engine import tokens, trust
-from vmkeep.engine.context import Context
-from vmkeep.engine.trust import Actor
+from vmkeep.engine.core import trust
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.trust import Actor
+from vmkeep.engine.service import tokens
 from vmkeep.errors import InvalidValue, NotPermitted, VmkeepError
 from vmkeep.model import ROLES
 
@@ -219,11 +220,13 @@ def test_a_backing_reference_to_a_host_file_is_refused_before_qemu_opens_it(
 ) -> None:
     """``files ls`` (qemu-storage-daemon, as root) of a chain imported from a hostile datastore
     whose checksums match but whose image names a host file as its backing file."""
-    from vmkeep.engine import datastores, files, stored
+    from vmkeep.engine.core import stores
+    from vmkeep.engine.points import stored
+    from vmkeep.engine.restore import files
 
     ctx = Context(load_config())
     root = tmp_path / "store"
-    datastores.add(ctx, "d", "dir", {"path": str(root)})
+    stores.add(ctx, "d", "dir", {"path": str(root)})
     host_file = tmp_path / "shadow"
     host_file.write_text("root:$6$secret\n")
     folder = root / "web" / "1"
@@ -268,7 +271,7 @@ def test_a_stored_domain_xml_names_no_host_file(clean_env: Path, tmp_path: Path)
         with pytest.raises(NotPermitted, match="names the host file"):
             trust.check_stored_xml(config, xml, "restore", [Path("/r/vda.qcow2")])
     # a restore ejects a cdrom's medium and moves chardev logs into the VM's folder
-    from vmkeep.engine.restore import rewrite_domain_xml
+    from vmkeep.engine.restore.point import rewrite_domain_xml
 
     xml = RAW_XML.format(
         "<disk type='file' device='cdrom'><source file='/etc/shadow'/><target dev='hdc'/></disk>"
@@ -315,7 +318,7 @@ def test_disk_attach_target_is_a_disk_name(api: tuple[TestClient, dict[str, str]
 
 
 def test_files_get_copies_drop_setuid_and_extended_attributes(tmp_path: Path) -> None:
-    from vmkeep.engine.files import _copy_regular
+    from vmkeep.engine.restore.files import _copy_regular
 
     src, dest = tmp_path / "su", tmp_path / "copy"
     src.write_text("#!/bin/sh\n")
@@ -330,11 +333,11 @@ def test_a_stored_datastore_the_allowlist_now_refuses_is_listed_with_its_error(
     clean_env: Path,
 ) -> None:
     from vmkeep.catalog.tables import Datastore
-    from vmkeep.engine import datastores
+    from vmkeep.engine.core import stores
 
     ctx = Context(load_config())
     options = {"host": "nas", "path": "/srv/b", "args": "-a --rsync-path=/tmp/x"}
     with ctx.catalog.session() as s:  # as an older vmkeep stored it
         s.add(Datastore(name="old", driver="rsync", options=options))
-    (row,) = datastores.list_all(ctx)
+    (row,) = stores.list_all(ctx)
     assert row["name"] == "old" and "--rsync-path" in row["error"] and row["options"] == {}

@@ -25,9 +25,12 @@ from vmkeep.config import load_config
 from vmkeep.datastores import make_driver
 from vmkeep.datastores.restic import ResticDriver
 from vmkeep.datastores.retry import Retrying
-from vmkeep.engine import datastores, files, stored, tokens
-from vmkeep.engine.context import Context
-from vmkeep.engine.restore import verify
+from vmkeep.engine.core import stores
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.points import stored
+from vmkeep.engine.restore import files
+from vmkeep.engine.restore.point import verify
+from vmkeep.engine.service import tokens
 from vmkeep.errors import DatastoreError, InvalidValue
 from vmkeep.model import BackupStatus, LcmState, VmState
 from vmkeep.names import check_chain_key, check_disk_name, check_file_name
@@ -122,7 +125,7 @@ def test_hostile_manifests_are_refused_and_the_honest_chain_is_imported(
     ctx: Context, tmp_path: Path
 ) -> None:
     root = tmp_path / "store"
-    datastores.add(ctx, "d", "dir", {"path": str(root)})
+    stores.add(ctx, "d", "dir", {"path": str(root)})
     store_chain(root, "web/1")
     # a file name leading out of the work folder (to tmp_path/outside/x from any depth)
     up = "../" * 30 + str(outside(tmp_path)).lstrip("/")
@@ -159,7 +162,7 @@ def test_allow_raw_xml_lets_an_admin_import_the_raw_xml_chain(
     config.write_text(config.read_text() + "[vmm]\nallow_raw_xml = true\n")
     ctx = Context(load_config())
     root = tmp_path / "store"
-    datastores.add(ctx, "d", "dir", {"path": str(root)})
+    stores.add(ctx, "d", "dir", {"path": str(root)})
     store_chain(root, "rawxml/4", xml=RAW_XML)
     assert stored.scan(ctx, "d", do_import=True)[0]["imported"]
 
@@ -168,7 +171,7 @@ def test_a_stored_domain_xml_that_differs_from_its_checksum_is_refused(
     ctx: Context, tmp_path: Path
 ) -> None:
     root = tmp_path / "store"
-    datastores.add(ctx, "d", "dir", {"path": str(root)})
+    stores.add(ctx, "d", "dir", {"path": str(root)})
     store_chain(root, "web/1")
     (root / "web/1/0.domain.xml").write_text(RAW_XML.format(vm="web"))  # swapped after
     row = stored.scan(ctx, "d", do_import=True)[0]
@@ -198,7 +201,7 @@ def test_drivers_refuse_hostile_names_even_from_the_catalog(ctx: Context, tmp_pa
     """Defense in depth: a row imported before names were checked reaches the driver, which
     refuses to read, write or remove anything outside the chain."""
     root = tmp_path / "store"
-    datastores.add(ctx, "d", "dir", {"path": str(root)})
+    stores.add(ctx, "d", "dir", {"path": str(root)})
     victim = tmp_path / "victim"
     victim.write_text("keep me")
     (root / "evil/9").mkdir(parents=True)
@@ -272,10 +275,10 @@ def test_password_command_is_hidden_from_every_api_read_and_json(ctx: Context) -
     with ctx.catalog.session() as s:  # as 'datastore add' stores it (add would run restic)
         s.add(Datastore(name="r", driver="restic",
                         options={"repo": "/srv/restic", "password_command": SECRET_CMD}))  # fmt: skip
-    listed = datastores.list_all(ctx)
+    listed = stores.list_all(ctx)
     assert listed[0]["options"]["password_command"] == "(set)"
     assert SECRET_CMD not in json.dumps(listed)
-    assert SECRET_CMD not in json.dumps(datastores.show(ctx, "r"), default=str)
+    assert SECRET_CMD not in json.dumps(stores.show(ctx, "r"), default=str)
     client = TestClient(create_app(ctx.config))
     for role in ("viewer", "admin"):
         secret = tokens.create(ctx, f"t-{role}", role)["token"]
@@ -329,8 +332,8 @@ def test_driver_options_are_checked_when_the_datastore_is_added(
     ctx: Context, driver: str, options: dict[str, Any], text: str
 ) -> None:
     with pytest.raises(InvalidValue, match="option") as err:
-        datastores.add(ctx, "x", driver, options)
+        stores.add(ctx, "x", driver, options)
     assert text in str(err.value)
     if "allowed ones are" in text:
         assert "repo" in str(err.value) or "path" in str(err.value)
-    assert datastores.list_all(ctx) == []
+    assert stores.list_all(ctx) == []

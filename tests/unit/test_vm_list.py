@@ -11,8 +11,8 @@ from sqlalchemy import select
 
 from vmkeep.catalog.tables import Vm
 from vmkeep.config import load_config
-from vmkeep.engine import vms
-from vmkeep.engine.context import Context
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.vm import inventory
 from vmkeep.errors import DomainNotFound
 from vmkeep.model import DomainInfo, LcmState, VmState
 
@@ -56,7 +56,7 @@ def test_list_returns_and_writes_what_libvirt_says(
             s.add(Vm(name=name, uuid=f"uuid-{name}", host_uri="qemu:///system", state=state,
                      lcm_state=lcm, state_file=state_file, backup_config={"mode": "increment"}))  # fmt: skip
     updates = updated_rows(ctx.catalog.engine)
-    listed = {d["name"]: (d["state"], d["lcm_state"]) for d in vms.list_vms(ctx)}
+    listed = {d["name"]: (d["state"], d["lcm_state"]) for d in inventory.list_vms(ctx)}
     want = {
         "stays": (VmState.ACTIVE, LcmState.RUNNING),
         "paused": (VmState.SUSPENDED, LcmState.SUSPENDED),
@@ -69,8 +69,8 @@ def test_list_returns_and_writes_what_libvirt_says(
     with ctx.catalog.session() as s:
         stored = {v.name: (v.state, v.lcm_state) for v in s.execute(select(Vm)).scalars()}
     assert stored == want
-    assert vms.list_vms(ctx)[0]["backup_config"]["mode"] == "INCREMENT"
-    assert [vms.show_vm(ctx, n)["state"] for n in want] == [st for st, _ in want.values()]
+    assert inventory.list_vms(ctx)[0]["backup_config"]["mode"] == "INCREMENT"
+    assert [inventory.show_vm(ctx, n)["state"] for n in want] == [st for st, _ in want.values()]
     before = len(updates)
-    vms.list_vms(ctx)
+    inventory.list_vms(ctx)
     assert len(updates) == before  # nothing changed since: a list writes nothing

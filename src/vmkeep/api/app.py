@@ -2,7 +2,7 @@
 
 Reads answer at once; long actions are enqueued as jobs and answer 202 with the job and a
 ``Location: /v1/jobs/{id}`` header. The state rules are the engine's: before enqueueing, the API
-asks ``vms.check_action`` (the same table ``vm_action`` enforces), so a wrong state is a 409 now,
+asks ``inventory.check_action`` (the same table ``vm_action`` enforces), so a wrong state is a 409 now,
 not a failed job later. Errors carry the error tree's HTTP status and a body
 ``{"error": {"code", "message"}}``; bad input is a 422, never a 500.
 """
@@ -31,23 +31,17 @@ from vmkeep import __version__, jsontext
 from vmkeep.api import limits
 from vmkeep.api.audit import AuditLog
 from vmkeep.config import Config
-from vmkeep.engine import (
-    audit,
-    backups,
-    datastores,
-    files,
-    groups,
-    jobs,
-    lifecycle,
-    stored,
-    tokens,
-    trust,
-    vms,
-)
-from vmkeep.engine.context import Context
-from vmkeep.engine.metrics import CatalogCollector
-from vmkeep.engine.trust import LOCAL_ADMIN, ROLE_KEY, Actor
-from vmkeep.engine.workers import WorkSlots
+from vmkeep.engine.core import jobs, stores, trust
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.trust import LOCAL_ADMIN, ROLE_KEY, Actor
+from vmkeep.engine.groups import manage
+from vmkeep.engine.lifecycle import dispatch
+from vmkeep.engine.points import listing, stored
+from vmkeep.engine.restore import files
+from vmkeep.engine.service import audit, tokens
+from vmkeep.engine.service.metrics import CatalogCollector
+from vmkeep.engine.service.workers import WorkSlots
+from vmkeep.engine.vm import inventory
 from vmkeep.errors import Unauthorized, VmkeepError
 from vmkeep.paths import daemon_key
 
@@ -250,22 +244,22 @@ def create_app(
     # --- VMs -----------------------------------------------------------------------------------
     @app.get("/v1/vms")
     def list_vms(who: Actor = read) -> Any:
-        return FastJSON(vms.list_vms(ctx()))
+        return FastJSON(inventory.list_vms(ctx()))
 
     @app.get("/v1/vms/{vm}")
     def show_vm(vm: str, who: Actor = read) -> Any:
-        return FastJSON(vms.show_vm(ctx(), vm))
+        return FastJSON(inventory.show_vm(ctx(), vm))
 
     @app.post("/v1/vms/{vm}/backup", status_code=202)
     def backup_vm(vm: str, body: BackupRequest, who: Actor = require("backup")) -> JSONResponse:
         c = ctx()
-        name = vms.check_action(c, vm, "backup")
-        datastores.check_exists(c, body.datastore)  # 404 now, not a failed job later
+        name = inventory.check_action(c, vm, "backup")
+        stores.check_exists(c, body.datastore)  # 404 now, not a failed job later
         return enqueue("backup", name, {"vm": name, **body.model_dump()}, who)
 
     def quiesce_route(action: str) -> Callable[[str], JSONResponse]:
         def route(vm: str, who: Actor = require(action)) -> JSONResponse:
-            name = vms.check_action(ctx(), vm, action)
+            name = inventory.check_action(ctx(), vm, action)
             return enqueue(action, name, {"vm": name}, who)
 
         return route
@@ -278,17 +272,17 @@ def create_app(
     @app.post("/v1/vms", status_code=201)
     def create_vm(body: CreateVmRequest, who: Actor = require("vm-create")) -> Any:
         return jsonable(
-            lifecycle.create(ctx(), body.xml, hold=body.hold, origin="api", who=who.name)
+            dispatch.create(ctx(), body.xml, hold=body.hold, origin="api", who=who.name)
         )
 
     def vm_action_route(vm: str, action: str, body: dict[str, Any], who: Actor) -> JSONResponse:
         # 404 / 409 / refused now, not a failed job later (run_action checks again, locked)
-        lifecycle.check_places(ctx(), action, body, who)
-        checked = lifecycle.check_allowed(ctx(), vm, action, state=action != "recover")
+        dispatch.check_places(ctx(), action, body, who)
+        checked = dispatch.check_allowed(ctx(), vm, action, state=action != "recover")
         name = checked.name if action != "recover" else vm
         return enqueue("vm-action", name, {"vm": name, "action": action, "opts": body}, who)
 
-    for action in lifecycle.LIFECYCLE_ACTIONS:
+    for action in dispatch.LIFECYCLE_ACTIONS:
         if action == "create":
             continue
         role = {"recover": "vm-recover", "terminate": "vm-terminate"}.get(action, "vm-action")
@@ -306,20 +300,20 @@ def create_app(
 
     @app.get("/v1/vms/{vm}/history")
     def vm_history(vm: str, who: Actor = read) -> Any:
-        return jsonable(lifecycle.history(ctx(), vm))
+        return jsonable(dispatch.history(ctx(), vm))
 
     @app.get("/v1/vms/{vm}/snapshots")
     def vm_snapshots(vm: str, who: Actor = read) -> Any:
-        return jsonable(lifecycle.snapshots(ctx(), vm))
+        return jsonable(dispatch.snapshots(ctx(), vm))
 
     @app.post("/v1/vms/{vm}/reset-state")
     def reset_state(vm: str, who: Actor = require("reset-state")) -> Any:
-        return jsonable(vms.reset_state(ctx(), vm))
+        return jsonable(inventory.reset_state(ctx(), vm))
 
     # --- backups -------------------------------------------------------------------------------
     @app.get("/v1/backups")
     def list_backups(vm: str | None = None, who: Actor = read) -> Any:
-        return FastJSON(backups.list_backups(ctx(), vm))
+        return FastJSON(listing.list_backups(ctx(), vm))
 
     @app.get("/v1/backups/{backup_id}")
     def show_backup(backup_id: Id, who: Actor = read) -> Any:
@@ -332,9 +326,9 @@ def create_app(
         if body.path is not None:  # outside the actor's places: a 403 now (the job checks again)
             dest = Path(body.path)
             trust.check_restore_destination(config, who, dest, body.force and dest.is_file())
-        shown = backups.show_backup(ctx(), backup_id)
+        shown = listing.show_backup(ctx(), backup_id)
         if body.in_place:  # a VM that is not powered off is a 409 now, not a failed job later
-            vms.check_action(ctx(), str(shown["vm_id"]), "restore in place")
+            inventory.check_action(ctx(), str(shown["vm_id"]), "restore in place")
         return enqueue(
             "restore",
             str(backup_id),
@@ -344,14 +338,14 @@ def create_app(
 
     @app.post("/v1/backups/{backup_id}/verify", status_code=202)
     def verify_backup(backup_id: Id, who: Actor = require("verify")) -> JSONResponse:
-        backups.show_backup(ctx(), backup_id)
+        listing.show_backup(ctx(), backup_id)
         return enqueue("verify", str(backup_id), {"backup": backup_id}, who)
 
     @app.post("/v1/backups/{backup_id}/drill", status_code=202)
     def drill_backup(
         backup_id: Id, body: DrillRequest | None = None, who: Actor = require("drill")
     ) -> JSONResponse:
-        backups.show_backup(ctx(), backup_id)
+        listing.show_backup(ctx(), backup_id)
         params = {"backup": backup_id, **(body or DrillRequest()).model_dump(exclude_none=True)}
         return enqueue("drill", str(backup_id), params, who)
 
@@ -422,8 +416,8 @@ def create_app(
 
     @app.post("/v1/backups/{backup_id}/copy", status_code=202)
     def copy_backup(backup_id: Id, body: CopyRequest, who: Actor = require("copy")) -> JSONResponse:
-        backups.show_backup(ctx(), backup_id)
-        datastores.check_exists(ctx(), body.to)
+        listing.show_backup(ctx(), backup_id)
+        stores.check_exists(ctx(), body.to)
         return enqueue("copy", str(backup_id), {"backup": backup_id, "to": body.to}, who)
 
     @app.delete("/v1/backups/{backup_id}")
@@ -435,11 +429,11 @@ def create_app(
     # --- datastores and groups -----------------------------------------------------------------
     @app.get("/v1/datastores")
     def list_datastores(who: Actor = read) -> Any:
-        return FastJSON(datastores.list_all(ctx()))
+        return FastJSON(stores.list_all(ctx()))
 
     @app.post("/v1/datastores", status_code=201)
     def add_datastore(body: DatastoreRequest, who: Actor = require("datastore-add")) -> Any:
-        return jsonable(datastores.add(ctx(), body.name, body.driver, body.options))
+        return jsonable(stores.add(ctx(), body.name, body.driver, body.options))
 
     @app.delete("/v1/datastores/{ds}")
     def remove_datastore(
@@ -453,18 +447,18 @@ def create_app(
 
     @app.get("/v1/groups")
     def list_groups(who: Actor = read) -> Any:
-        return FastJSON(groups.list_groups(ctx()))
+        return FastJSON(manage.list_groups(ctx()))
 
     @app.post("/v1/groups", status_code=201)
     def create_group(body: GroupRequest, who: Actor = require("group-create")) -> Any:
-        return jsonable(groups.create_group(ctx(), body.name, body.vms, body.stop_order))
+        return jsonable(manage.create_group(ctx(), body.name, body.vms, body.stop_order))
 
     @app.post("/v1/groups/{group}/backup", status_code=202)
     def backup_group(
         group: str, body: GroupBackupRequest, who: Actor = require("group-backup")
     ) -> JSONResponse:
-        name = groups.show_group(ctx(), group)["name"]
-        datastores.check_exists(ctx(), body.datastore)
+        name = manage.show_group(ctx(), group)["name"]
+        stores.check_exists(ctx(), body.datastore)
         return enqueue("group-backup", name, {"group": name, **body.model_dump()}, who)
 
     # --- events (Server-Sent Events) -----------------------------------------------------------

@@ -14,7 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vmkeep.api.limits import ACTOR
-from vmkeep.engine import audit
+from vmkeep.engine.service import audit
 from vmkeep.errors import VmkeepError
 
 log = logging.getLogger(__name__)

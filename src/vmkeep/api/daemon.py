@@ -22,10 +22,11 @@ import uvicorn
 from vmkeep import gctune
 from vmkeep.api.app import create_app
 from vmkeep.config import Config
-from vmkeep.engine import jobs, lifecycle
-from vmkeep.engine.actions import RUNNERS
-from vmkeep.engine.context import Context
-from vmkeep.engine.workers import WorkSlots
+from vmkeep.engine.core import jobs
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.lifecycle import dispatch
+from vmkeep.engine.service.actions import RUNNERS
+from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import InvalidValue, VmkeepError
 from vmkeep.paths import SOCKET_PATH_MAX, private_umask
 
@@ -68,7 +69,7 @@ def _monitor(config: Config, stop: threading.Event) -> None:
     ctx = Context(config)
     while not stop.wait(config.monitor.interval):
         try:
-            for row in lifecycle.poll(ctx):
+            for row in dispatch.poll(ctx):
                 if "error" in row:
                     log.warning("poll of %s: %s", row["vm"], row["error"])
         except VmkeepError as err:

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from vmkeep.engine.trust import Actor
+from vmkeep.engine.core.trust import Actor
 from vmkeep.errors import RequestTooLarge, TooManyRequests, VmkeepError
 
 # scope["state"] keys: the actor a request was authenticated as (by ``BodyLimit`` or the route's

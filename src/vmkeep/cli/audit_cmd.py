@@ -27,5 +27,5 @@ def audit() -> None:
 def list_cmd(c: click.Context, limit: int, as_json: bool) -> None:
     """Newest first: time, actor (token name, @local, - when no token was accepted), role,
     method, path, status and client address. Never a request's body or headers."""
-    rows = read(c, "/v1/audit", "audit:list_entries", limit, limit=str(limit))
+    rows = read(c, "/v1/audit", "service.audit:list_entries", limit, limit=str(limit))
     render(rows, as_json, _table)

@@ -12,7 +12,7 @@ from vmkeep.cli.remote import segment
 from vmkeep.model import Warnings
 
 if TYPE_CHECKING:
-    from vmkeep.engine.context import Context
+    from vmkeep.engine.core.context import Context
 
 
 class DefaultGroup(click.Group):
@@ -42,7 +42,7 @@ def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: boo
     daemon on this catalog runs it as a job (Ctrl-C cancels it)."""
 
     def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
-        from vmkeep.engine.backup import run_backup
+        from vmkeep.engine.protect.backup import run_backup
 
         outcome = run_backup(ctx, vm, datastore, reset=reset, progress=progress)
         return outcome.result, outcome.warnings
@@ -74,7 +74,7 @@ def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: boo
 @click.pass_context
 def cancel_cmd(c: click.Context, vm: str, as_json: bool) -> None:
     """Cancel the running backup of VM (aborts the job, removes partial files)."""
-    from vmkeep.engine.backup import cancel_backup
+    from vmkeep.engine.protect.backup import cancel_backup
 
     res = cancel_backup(ctx_of(c), vm)
     render(

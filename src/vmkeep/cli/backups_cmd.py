@@ -33,7 +33,7 @@ def _row(b: dict[str, Any]) -> dict[str, Any]:
 @click.pass_context
 def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
     """List backups (one row per chain)."""
-    rows = read(c, "/v1/backups", "backups:list_backups", vm_ref, vm=vm_ref)
+    rows = read(c, "/v1/backups", "points.listing:list_backups", vm_ref, vm=vm_ref)
     render(
         rows,
         as_json,
@@ -49,7 +49,7 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Show one backup chain and its increments."""
-    data = read(c, f"/v1/backups/{segment(backup_id)}", "stored:show_with_sizes", backup_id)
+    data = read(c, f"/v1/backups/{segment(backup_id)}", "points.stored:show_with_sizes", backup_id)
 
     def human(d: dict[str, Any]) -> None:
         kv({k: v for k, v in d.items() if k != "increments"})
@@ -69,8 +69,8 @@ def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Check every stored file against its checksum (exit 17 on a mismatch)."""
     ctx = ctx_of(c)
-    from vmkeep.engine import jobs
-    from vmkeep.engine.restore import verify
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.restore.point import verify
 
     with jobs.recorded(ctx, "verify", str(backup_id), {"backup": backup_id}) as job:
         res = job.result = verify(ctx, backup_id)
@@ -90,7 +90,7 @@ def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 @click.pass_context
 def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json: bool) -> None:
     """Delete a whole chain, or its newest increment (never one others are built on)."""
-    from vmkeep.engine import stored
+    from vmkeep.engine.points import stored
 
     res = stored.delete_backup(ctx_of(c), backup_id, increment)
     what = f"increment {increment} of backup" if increment is not None else "backup"
@@ -113,7 +113,8 @@ def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json:
 def copy_cmd(c: click.Context, backup_id: int, to_ref: str, as_json: bool) -> None:
     """Copy a chain to a second datastore and verify it there (again later: only what is new)."""
     ctx = ctx_of(c)
-    from vmkeep.engine import jobs, stored
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.points import stored
 
     with jobs.recorded(ctx, "copy", str(backup_id), {"backup": backup_id, "to": to_ref}) as job:
         res = job.result = stored.copy_backup(ctx, backup_id, to_ref)

@@ -8,7 +8,8 @@ from typing import Any
 import click
 
 from vmkeep.cli.output import ctx_of, json_option, kv, render, table
-from vmkeep.engine import datastores, stored
+from vmkeep.engine.core import stores
+from vmkeep.engine.points import stored
 
 
 def _size(n: int | None) -> str:
@@ -45,7 +46,7 @@ def add_cmd(
         options[k] = v
     if path is not None:
         options["path"] = path
-    res = datastores.add(ctx_of(c), name, driver, options)
+    res = stores.add(ctx_of(c), name, driver, options)
 
     def human(r: dict[str, Any]) -> None:
         for key in r.get("host_keys_learned", []):
@@ -60,7 +61,7 @@ def add_cmd(
 @click.pass_context
 def list_cmd(c: click.Context, as_json: bool) -> None:
     """List datastores with total/free bytes."""
-    rows = datastores.list_all(ctx_of(c))
+    rows = stores.list_all(ctx_of(c))
     human = [dict(r, total=_size(r["total_bytes"]), free=_size(r["free_bytes"])) for r in rows]
     render(rows, as_json, lambda _r: table(human, ("id", "name", "driver", "total", "free")))
 
@@ -71,7 +72,7 @@ def list_cmd(c: click.Context, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Show one datastore."""
-    render(datastores.show(ctx_of(c), ref), as_json, kv)
+    render(stores.show(ctx_of(c), ref), as_json, kv)
 
 
 @datastore.command("remove")

@@ -9,8 +9,8 @@ from typing import Any
 import click
 
 from vmkeep.cli.output import console, ctx_of, json_option, render
-from vmkeep.engine import jobs
-from vmkeep.engine.drill import BOOT_TIMEOUT, check_passed, run_drill
+from vmkeep.engine.core import jobs
+from vmkeep.engine.restore.drill import BOOT_TIMEOUT, check_passed, run_drill
 
 
 @click.command()

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from vmkeep.cli.output import console, ctx_of, json_option, kv, render, table
-from vmkeep.engine import files as engine
+from vmkeep.engine.restore import files as engine
 
 
 def _point_options(f: Any) -> Any:

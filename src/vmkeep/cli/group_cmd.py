@@ -10,11 +10,11 @@ import click
 
 from vmkeep.cli.output import act, ctx_of, emit_json, json_option, render, report_warnings, table
 from vmkeep.cli.remote import segment
-from vmkeep.engine import groups
+from vmkeep.engine.groups import manage
 from vmkeep.model import Warnings
 
 if TYPE_CHECKING:
-    from vmkeep.engine.context import Context
+    from vmkeep.engine.core.context import Context
 
 
 @click.group()
@@ -62,7 +62,7 @@ def create_cmd(
 ) -> None:
     """Create group NAME; the VMs' order is the freeze and start order."""
     stop = [v.strip() for v in stop_order.split(",")] if stop_order else None
-    render(groups.create_group(ctx_of(c), name, list(vms), stop), as_json, _show)
+    render(manage.create_group(ctx_of(c), name, list(vms), stop), as_json, _show)
 
 
 @group.command("list")
@@ -70,7 +70,7 @@ def create_cmd(
 @click.pass_context
 def list_cmd(c: click.Context, as_json: bool) -> None:
     """List groups with their members and last group backup."""
-    rows = groups.list_groups(ctx_of(c))
+    rows = manage.list_groups(ctx_of(c))
 
     def human(rows: list[dict[str, Any]]) -> None:
         table(
@@ -98,7 +98,7 @@ def list_cmd(c: click.Context, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Show a group: orders, and its group backups with freeze windows."""
-    render(groups.show_group(ctx_of(c), ref), as_json, _show)
+    render(manage.show_group(ctx_of(c), ref), as_json, _show)
 
 
 @group.command("add")
@@ -111,7 +111,7 @@ def add_cmd(
     c: click.Context, ref: str, vms: tuple[str, ...], position: int | None, as_json: bool
 ) -> None:
     """Add VMs to a group (at the end of the order, or at --position)."""
-    render(groups.add_members(ctx_of(c), ref, list(vms), position), as_json, _show)
+    render(manage.add_members(ctx_of(c), ref, list(vms), position), as_json, _show)
 
 
 @group.command("remove")
@@ -121,7 +121,7 @@ def add_cmd(
 @click.pass_context
 def remove_cmd(c: click.Context, ref: str, vms: tuple[str, ...], as_json: bool) -> None:
     """Remove VMs from a group (their backups stay)."""
-    render(groups.remove_members(ctx_of(c), ref, list(vms)), as_json, _show)
+    render(manage.remove_members(ctx_of(c), ref, list(vms)), as_json, _show)
 
 
 @group.command("delete")
@@ -131,7 +131,7 @@ def remove_cmd(c: click.Context, ref: str, vms: tuple[str, ...], as_json: bool) 
 def delete_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Delete a group and its group-backup records (member backups stay)."""
     render(
-        groups.delete_group(ctx_of(c), ref),
+        manage.delete_group(ctx_of(c), ref),
         as_json,
         lambda r: click.echo(f"deleted group {r['name']}"),
     )
@@ -155,7 +155,7 @@ def backup_cmd(
     A running daemon on this catalog runs it as a job (Ctrl-C cancels it)."""
 
     def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
-        from vmkeep.engine.group_backup import run_group_backup
+        from vmkeep.engine.groups.backup import run_group_backup
 
         out = run_group_backup(
             ctx, ref, datastore, parallel_freeze=parallel_freeze, reset=reset, progress=progress
@@ -193,7 +193,7 @@ def backup_cmd(
 @click.pass_context
 def backups_cmd(c: click.Context, ref: str | None, as_json: bool) -> None:
     """List group backups (restore points), of one group or all."""
-    render(groups.list_group_backups(ctx_of(c), ref), as_json, _backups)
+    render(manage.list_group_backups(ctx_of(c), ref), as_json, _backups)
 
 
 @group.command("restore")
@@ -206,7 +206,7 @@ def restore_cmd(
     c: click.Context, gb_id: int, suffix: str | None, start: bool, as_json: bool
 ) -> None:
     """Restore every member of group backup ID as new VMs (name + suffix)."""
-    res, warnings = groups.restore_group(ctx_of(c), gb_id, suffix, start=start)
+    res, warnings = manage.restore_group(ctx_of(c), gb_id, suffix, start=start)
 
     def human(r: dict[str, Any]) -> None:
         for m in r["members"]:
@@ -237,7 +237,7 @@ def start_cmd(
     c: click.Context, ref: str, no_wait_agent: bool, timeout: float, as_json: bool
 ) -> None:
     """Start members in start order, each up before the next."""
-    rows = groups.start_group(ctx_of(c), ref, wait_agent=not no_wait_agent, timeout=timeout)
+    rows = manage.start_group(ctx_of(c), ref, wait_agent=not no_wait_agent, timeout=timeout)
     render(rows, as_json, _actions)
 
 
@@ -249,5 +249,5 @@ def start_cmd(
 @click.pass_context
 def stop_cmd(c: click.Context, ref: str, force: bool, timeout: float, as_json: bool) -> None:
     """Shut members down in stop order, each off before the next."""
-    rows = groups.stop_group(ctx_of(c), ref, force=force, timeout=timeout)
+    rows = manage.stop_group(ctx_of(c), ref, force=force, timeout=timeout)
     render(rows, as_json, _actions)

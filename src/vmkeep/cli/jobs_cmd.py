@@ -35,7 +35,7 @@ def jobs() -> None:
 @click.pass_context
 def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
     """Newest first."""
-    render(read(c, "/v1/jobs", "jobs:list_jobs", state, state=state), as_json, _table)
+    render(read(c, "/v1/jobs", "core.jobs:list_jobs", state, state=state), as_json, _table)
 
 
 @jobs.command("show")
@@ -43,7 +43,7 @@ def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
-    render(read(c, f"/v1/jobs/{segment(job_id)}", "jobs:get", job_id), as_json, kv)
+    render(read(c, f"/v1/jobs/{segment(job_id)}", "core.jobs:get", job_id), as_json, kv)
 
 
 @jobs.command("cancel")
@@ -52,6 +52,6 @@ def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
 @click.pass_context
 def cancel_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
     """A queued job is cancelled at once; a running one stops and cleans up."""
-    from vmkeep.engine.jobs import cancel
+    from vmkeep.engine.core.jobs import cancel
 
     render(cancel(ctx_of(c), job_id), as_json, kv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from vmkeep.cli.output import ctx_of, emit_json
-from vmkeep.engine.context import Context
+from vmkeep.engine.core.context import Context
 from vmkeep.lab import Lab, parse_size
 from vmkeep.lab.lab import DEFAULT_PREFIX
 

@@ -1,4 +1,4 @@
-"""``vmkeep vm ACTION VM ...``: the lifecycle actions (engine/lifecycle.py), ``vm poll`` and
+"""``vmkeep vm ACTION VM ...``: the lifecycle actions (engine/lifecycle/dispatch.py), ``vm poll`` and
 ``vm history``. Each action is recorded as a job and in the VM's history."""
 
 from __future__ import annotations
@@ -10,7 +10,8 @@ from typing import Any
 import click
 
 from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings, table
-from vmkeep.engine import jobs, lifecycle
+from vmkeep.engine.core import jobs
+from vmkeep.engine.lifecycle import dispatch
 
 VM = click.argument("ref", metavar="VM")
 HARD = click.option("--hard", is_flag=True, help="Do not ask the guest: pull the plug / reset.")
@@ -21,7 +22,7 @@ def _run(c: click.Context, ref: str, action: str, opts: dict[str, Any], as_json:
     opts = {k: v for k, v in opts.items() if v not in (None, False)}
     params = {"vm": ref, "action": action, "opts": opts}
     with jobs.recorded(ctx, "vm-action", ref, params) as job:
-        res, warnings = lifecycle.run_action(ctx, ref, action, opts, who=jobs.local_user())
+        res, warnings = dispatch.run_action(ctx, ref, action, opts, who=jobs.local_user())
         job.result = res
     render(res, as_json, kv)
     report_warnings(warnings)
@@ -122,7 +123,7 @@ def _group(name: str) -> click.Group:
 def create_cmd(c: click.Context, xml_file: Path, hold: bool, as_json: bool) -> None:
     """Create a VM in the catalog (PENDING) from a domain XML; 'vm deploy' boots it."""
     ctx = ctx_of(c)
-    res = lifecycle.create(ctx, xml_file.read_text(), hold=hold, who=jobs.local_user())
+    res = dispatch.create(ctx, xml_file.read_text(), hold=hold, who=jobs.local_user())
     render(res, as_json, kv)
 
 
@@ -132,7 +133,7 @@ def create_cmd(c: click.Context, xml_file: Path, hold: bool, as_json: bool) -> N
 @click.pass_context
 def snapshot_list(c: click.Context, ref: str, as_json: bool) -> None:
     """System and disk snapshots of a VM."""
-    res = lifecycle.snapshots(ctx_of(c), ref)
+    res = dispatch.snapshots(ctx_of(c), ref)
     render(res, as_json, lambda r: table(r["snapshots"], ("id", "kind", "disk", "memory", "name")))
 
 
@@ -148,7 +149,7 @@ def recover_cmd(c: click.Context, ref: str, how: str | None, as_json: bool) -> N
     """Admin: leave a *_FAILURE or stuck state."""
     if how is None:
         raise click.UsageError("give one of --success, --failure, --retry, --delete")
-    res, warnings = lifecycle.recover(ctx_of(c), ref, how, who=jobs.local_user())
+    res, warnings = dispatch.recover(ctx_of(c), ref, how, who=jobs.local_user())
     render(res, as_json, kv)
     report_warnings(warnings)
 
@@ -159,7 +160,7 @@ def recover_cmd(c: click.Context, ref: str, how: str | None, as_json: bool) -> N
 @click.pass_context
 def poll_cmd(c: click.Context, ref: str | None, as_json: bool) -> None:
     """Poll the VMM driver: states and usage of the VMs on the host."""
-    rows = lifecycle.poll(ctx_of(c), ref)
+    rows = dispatch.poll(ctx_of(c), ref)
     flat = [{"vm": r["vm"], "state": r.get("state"), **r.get("poll", {}),
              **({"error": r["error"]} if "error" in r else {})} for r in rows]  # fmt: skip
     render(rows, as_json, lambda _: table(flat, ("vm", "state", "STATE", "CPU", "MEMORY")))
@@ -171,7 +172,7 @@ def poll_cmd(c: click.Context, ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def history_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """The lifecycle actions run on a VM."""
-    rows = lifecycle.history(ctx_of(c), ref)
+    rows = dispatch.history(ctx_of(c), ref)
     render(rows, as_json, lambda r: table(r, ("id", "action", "origin", "who", "start", "end",
                                                "result", "error")))  # fmt: skip
 

@@ -20,7 +20,7 @@ from vmkeep.names import MAX_ID
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from vmkeep.engine.context import Context
+    from vmkeep.engine.core.context import Context
 
 
 @cache
@@ -106,7 +106,7 @@ def ctx_of(click_ctx: click.Context) -> Context:
     root = click_ctx.find_root()
     if root.obj is None:
         from vmkeep.config import load_config
-        from vmkeep.engine.context import Context
+        from vmkeep.engine.core.context import Context
 
         root.obj = Context(load_config(root.params.get("config_path")))
     ctx: Context = root.obj
@@ -147,7 +147,7 @@ def act(
         if queued is not None:  # from here on a Ctrl-C cancels the job
             result, warnings = queued.follow(progress)
             return result, Warnings(warnings)
-        from vmkeep.engine import jobs
+        from vmkeep.engine.core import jobs
 
         ctx = ctx_of(click_ctx)
         with jobs.recorded(ctx, kind, target, params) as recorded:

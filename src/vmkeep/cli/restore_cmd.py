@@ -13,7 +13,7 @@ from vmkeep.cli.output import act, json_option, kv, render, report_warnings
 from vmkeep.model import Warnings
 
 if TYPE_CHECKING:
-    from vmkeep.engine.context import Context
+    from vmkeep.engine.core.context import Context
 
 
 @click.command()
@@ -66,8 +66,8 @@ def restore(c: click.Context, backup_id: int, as_json: bool, **opts: object) -> 
         params["path"] = os.path.abspath(path) + ("/" if path.endswith("/") and path != "/" else "")
 
     def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
-        from vmkeep.engine.inplace import run_restore
-        from vmkeep.engine.restore import RestoreOptions
+        from vmkeep.engine.restore.inplace import run_restore
+        from vmkeep.engine.restore.point import RestoreOptions
 
         return run_restore(ctx, backup_id, RestoreOptions(**opts), progress)  # type: ignore[arg-type]
 

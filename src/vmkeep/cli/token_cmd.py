@@ -7,7 +7,7 @@ from typing import Any
 import click
 
 from vmkeep.cli.output import ctx_of, json_option, kv, render
-from vmkeep.engine import tokens as engine
+from vmkeep.engine.service import tokens as engine
 from vmkeep.model import ROLES
 
 

@@ -32,7 +32,7 @@ def vm() -> None:
 @click.pass_context
 def list_cmd(c: click.Context, as_json: bool) -> None:
     """List imported VMs with their current state."""
-    rows = read(c, "/v1/vms", "vms:list_vms")
+    rows = read(c, "/v1/vms", "vm.inventory:list_vms")
     render(rows, as_json, lambda r: table(r, COLUMNS))
 
 
@@ -44,7 +44,7 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Show one VM (name or id): state, disks, backup config."""
     # no VM name holds a "/": the command itself says what is wrong with such a reference
     path = f"/v1/vms/{segment(ref)}" if "/" not in ref else ""
-    render(read(c, path, "vms:show_vm", ref), as_json, kv)
+    render(read(c, path, "vm.inventory:show_vm", ref), as_json, kv)
 
 
 @vm.command("import")
@@ -54,11 +54,13 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) -> None:
     """Import a libvirt domain (or --all) into the catalog."""
-    from vmkeep.engine import vms
+    from vmkeep.engine.vm import inventory
 
     if bool(domain) == all_:
         raise click.UsageError("give a DOMAIN or --all (not both)")
-    rows = vms.import_all(ctx_of(c)) if all_ else [vms.import_vm(ctx_of(c), domain or "")]
+    rows = (
+        inventory.import_all(ctx_of(c)) if all_ else [inventory.import_vm(ctx_of(c), domain or "")]
+    )
     if as_json:
         emit_json(rows)
     else:
@@ -72,11 +74,12 @@ def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) 
 @click.pass_context
 def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Freeze the guest file systems (RUNNING -> QUIESCED)."""
-    from vmkeep.engine import jobs, vms
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.vm import inventory
 
     ctx = ctx_of(c)
     with jobs.recorded(ctx, "quiesce", ref, {"vm": ref}) as job:
-        res = job.result = vms.quiesce(ctx, ref)
+        res = job.result = inventory.quiesce(ctx, ref)
     render(
         res,
         as_json,
@@ -90,11 +93,12 @@ def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Thaw the guest file systems (QUIESCED -> RUNNING)."""
-    from vmkeep.engine import jobs, vms
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.vm import inventory
 
     ctx = ctx_of(c)
     with jobs.recorded(ctx, "unquiesce", ref, {"vm": ref}) as job:
-        res = job.result = vms.unquiesce(ctx, ref)
+        res = job.result = inventory.unquiesce(ctx, ref)
     render(
         res,
         as_json,
@@ -108,9 +112,9 @@ def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Admin: thaw/resume the guest and take the state from libvirt (clears ERROR)."""
-    from vmkeep.engine import vms
+    from vmkeep.engine.vm import inventory
 
-    render(vms.reset_state(ctx_of(c), ref), as_json, kv)
+    render(inventory.reset_state(ctx_of(c), ref), as_json, kv)
 
 
 @vm.command("config")
@@ -124,12 +128,12 @@ def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def config_cmd(c: click.Context, ref: str, as_json: bool, **opts: str | None) -> None:
     """Set the VM's BACKUP_CONFIG (shown by 'vm show')."""
-    from vmkeep.engine import vms
+    from vmkeep.engine.vm import inventory
 
     changes = {k: v for k, v in opts.items() if v is not None}
     if not changes:
         raise click.UsageError(
             "give at least one of --keep-last, --mode, --fs-freeze, --backup-volatile, --memory"
         )
-    res = vms.configure(ctx_of(c), ref, changes)
+    res = inventory.configure(ctx_of(c), ref, changes)
     render(res["backup_config"], as_json, kv)

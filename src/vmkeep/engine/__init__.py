@@ -1,1 +1,2 @@
-"""The engine: dispatch (state machine), backup, restore, retention, groups. Adapters call in here."""
+"""The engine: every rule of vmkeep, in rooms by concern (see docs/architecture.md). The
+adapters (cli/, api/) call it; it calls the lower layers (catalog/, hypervisor/, datastores/)."""

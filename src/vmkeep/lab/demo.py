@@ -21,10 +21,13 @@ from contextlib import suppress
 
 import httpx
 
-from vmkeep.engine import datastores, stored, tokens, vms
-from vmkeep.engine.backup import run_backup
-from vmkeep.engine.context import Context
-from vmkeep.engine.restore import RestoreOptions, restore
+from vmkeep.engine.core import stores
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.points import stored
+from vmkeep.engine.protect.backup import run_backup
+from vmkeep.engine.restore.point import RestoreOptions, restore
+from vmkeep.engine.service import tokens
+from vmkeep.engine.vm import inventory
 from vmkeep.errors import AlreadyExists, LabError, NotFound
 from vmkeep.lab.lab import Lab
 from vmkeep.lab.sshd import Sshd
@@ -41,11 +44,11 @@ def run_demo(ctx: Context, say: Callable[[str], None]) -> None:
     name, restored = f"{DEMO_PREFIX}1", f"{DEMO_PREFIX}restored"
     say(f"booting lab VM {name} (TCG, qemu-guest-agent, 256 MiB ext4 data disk) ...")
     lab.create(name, [256 << 20])
-    vms.import_vm(ctx, name)
-    vms.configure(ctx, name, {"mode": "increment", "fs_freeze": "agent"})
+    inventory.import_vm(ctx, name)
+    inventory.configure(ctx, name, {"mode": "increment", "fs_freeze": "agent"})
     ds_path = ctx.config.data_dir / "datastores" / DEMO_DATASTORE
     with suppress(AlreadyExists):  # a second demo run reuses it
-        datastores.add(ctx, DEMO_DATASTORE, "dir", {"path": str(ds_path)})
+        stores.add(ctx, DEMO_DATASTORE, "dir", {"path": str(ds_path)})
     say(f"datastore '{DEMO_DATASTORE}' (dir) at {ds_path}")
 
     first = lab.write_random(name, "/mnt/vda/first.bin", 16)
@@ -95,7 +98,7 @@ def _off_the_host(ctx: Context, backup_id: int, say: Callable[[str], None]) -> N
         with suppress(NotFound):  # a second demo run: the old sshd port is gone
             stored.remove_datastore(ctx, OFFSITE_DATASTORE, force=True)
         repo = f"sftp:root@{sshd.host}:{work / 'repo'}"
-        added = datastores.add(
+        added = stores.add(
             ctx,
             OFFSITE_DATASTORE,
             "restic",

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-from vmkeep.engine.trust import mark_created
+from vmkeep.engine.core.trust import mark_created
 from vmkeep.errors import DomainNotFound, LabError
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why

@@ -1,0 +1,351 @@
+"""The job queue: every long action is a row in ``jobs``, whatever started it (DESIGN.md "The service").
+
+QUEUED -> RUNNING -> DONE | FAILED | CANCELLED. The CLI runs its action in-process and records it
+(``recorded``); the API enqueues and a daemon worker claims and runs it (``claim`` + ``execute``).
+Claiming is atomic: ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, and on every database a
+conditional ``UPDATE ... WHERE state = 'QUEUED'`` that only one claimer can win.
+
+Cancel is a flag on the row (``cancel_requested``) that the running action polls through its
+progress callback; it then unwinds through the engine's normal cancel path (job aborted, partial
+data and checkpoint removed). After a crash the daemon marks its host's dead RUNNING jobs FAILED
+(``recover``); the VMs themselves were already recovered by their guard process.
+"""
+
+from __future__ import annotations
+
+import getpass
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from vmkeep import jsontext
+from vmkeep.catalog.locks import pid_alive
+from vmkeep.catalog.tables import Job
+from vmkeep.engine.core.context import Context
+from vmkeep.errors import JobNotFound, TooManyRequests, VmkeepError, WrongState
+from vmkeep.faults import failpoint
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, DONE, FAILED, CANCELLED = "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"
+FINAL = {DONE, FAILED, CANCELLED}
+PROGRESS_EVERY = 0.5  # seconds between progress writes (and cancel checks)
+
+Runner = Callable[
+    [Context, dict[str, Any], Callable[[int, int], None]], tuple[dict[str, Any], list[str]]
+]
+
+
+class JobCancelled(KeyboardInterrupt):
+    """Raised inside a running action when its job was cancelled: the engine's Ctrl-C path."""
+
+
+# Set when this process queues a job: the daemon's idle workers claim it at once instead of at
+# their next look at the queue (jobs queued by other processes wait for that look).
+WAKE = threading.Event()
+# Notified when a job of this process ends: a client waiting for it (``wait``) answers at once.
+ENDED = threading.Condition()
+WAIT_MAX = 30.0  # seconds a request may wait for a job's end
+
+
+def job_dict(j: Job) -> dict[str, Any]:
+    return {
+        "id": j.id,
+        "kind": j.kind,
+        "target": j.target,
+        "state": j.state,
+        "origin": j.origin,
+        "who": j.who,
+        "params": j.params,
+        "done_bytes": j.done_bytes,
+        "total_bytes": j.total_bytes,
+        "result": j.result,
+        "error": {"code": j.error_code, "message": j.error} if j.error else None,
+        "cancel_requested": j.cancel_requested,
+        "host": j.host,
+        "pid": j.pid,
+        "created": j.created_at,
+        "started": j.started_at,
+        "finished": j.finished_at,
+    }
+
+
+def local_user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())
+
+
+def enqueue(
+    ctx: Context,
+    kind: str,
+    target: str,
+    params: dict[str, Any],
+    origin: str,
+    who: str,
+    max_queued: int | None = None,
+) -> dict[str, Any]:
+    """A new QUEUED job. ``max_queued``: the QUEUED jobs ``who`` (of this ``origin``) may have
+    at once (the API passes ``[api] max_queued_per_token`` for a token); TooManyRequests
+    beyond. Running and ended jobs do not count."""
+    with ctx.catalog.session() as s:
+        if max_queued is not None:
+            waiting = queued_by(s, origin, who)
+            if waiting >= max_queued:
+                raise TooManyRequests("queued jobs", who, max_queued, "[api] max_queued_per_token")
+        job = job_dict(_add(s, kind, target, params, origin, who))
+    WAKE.set()
+    return job
+
+
+def queued_by(s: Session, origin: str, who: str) -> int:
+    """How many QUEUED jobs ``who`` has queued through ``origin``."""
+    q = select(func.count()).select_from(Job)
+    q = q.where(Job.state == QUEUED, Job.origin == origin, Job.who == who)
+    return int(s.execute(q).scalar() or 0)
+
+
+def _add(
+    s: Session, kind: str, target: str, params: dict[str, Any], origin: str, who: str, **fields: Any
+) -> Job:
+    """A new job row: QUEUED for any worker unless ``fields`` say otherwise."""
+    j = Job(kind=kind, target=target, params=params, origin=origin, who=who,
+            **({"state": QUEUED, "host": "", "pid": 0} | fields))  # fmt: skip
+    s.add(j)
+    s.flush()
+    return j
+
+
+def get(ctx: Context, job_id: int) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        j = s.get(Job, job_id)
+        if j is None:
+            raise JobNotFound(job_id)
+        return job_dict(j)
+
+
+def wait(ctx: Context, job_id: int, seconds: float) -> dict[str, Any]:
+    """The job once it has ended, or as it is after ``seconds`` (at most WAIT_MAX): a client
+    follows a job with one request per period instead of polling, and learns its end at once
+    when this process runs it (jobs of other processes are looked at every 0.25 s)."""
+    deadline = time.monotonic() + min(max(seconds, 0.0), WAIT_MAX)
+    while (job := get(ctx, job_id))["state"] not in FINAL:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        with ENDED:
+            ENDED.wait(min(left, 0.25))
+    return job
+
+
+def list_jobs(ctx: Context, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        q = select(Job).order_by(Job.id.desc()).limit(limit)
+        if state:
+            q = q.where(Job.state == state.upper())
+        return [job_dict(j) for j in s.execute(q).scalars()]
+
+
+def changes_since(
+    ctx: Context, since: datetime | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], datetime]:
+    """Jobs and VMs changed after ``since`` (all of them when None), and the new watermark."""
+    from vmkeep.catalog.tables import Vm
+
+    with ctx.catalog.session() as s:
+        now = s.execute(select(func.max(Job.updated_at))).scalar()
+        vm_now = s.execute(select(func.max(Vm.updated_at))).scalar()
+        q_jobs = select(Job).order_by(Job.id)
+        q_vms = select(Vm).order_by(Vm.id)
+        if since is not None:
+            q_jobs = q_jobs.where(Job.updated_at > since)
+            q_vms = q_vms.where(Vm.updated_at > since)
+        changed_jobs = [job_dict(j) for j in s.execute(q_jobs).scalars()]
+        changed_vms = [
+            {"id": v.id, "name": v.name, "state": v.state, "lcm_state": v.lcm_state}
+            for v in s.execute(q_vms).scalars()
+        ]
+    marks = [m for m in (now, vm_now, since) if m is not None]
+    return changed_jobs, changed_vms, max(marks) if marks else datetime.now(UTC)
+
+
+def claim(ctx: Context) -> int | None:
+    """Take the oldest QUEUED job for this process; None when there is none. Exactly one of
+    several concurrent claimers (threads, daemons on one catalog) wins each job."""
+    with ctx.catalog.session() as s:
+        job_id = s.execute(
+            select(Job.id)
+            .where(Job.state == QUEUED)
+            .order_by(Job.id)
+            .limit(1)
+            .with_for_update(skip_locked=True)
+        ).scalar()
+        if job_id is None:
+            return None
+        won = s.execute(  # type: ignore[attr-defined]
+            update(Job)
+            .where(Job.id == job_id, Job.state == QUEUED)
+            .values(
+                state=RUNNING,
+                host=socket.gethostname(),
+                pid=os.getpid(),
+                started_at=datetime.now(UTC),
+            )
+        ).rowcount
+        return job_id if won == 1 else None
+
+
+def cancel(ctx: Context, job_id: int) -> dict[str, Any]:
+    """QUEUED: cancelled at once. RUNNING: the action is asked to stop and cleans up."""
+    with ctx.catalog.session() as s:
+        j = s.get(Job, job_id)
+        if j is None:
+            raise JobNotFound(job_id)
+        if j.state in FINAL:
+            raise WrongState(f"job {job_id}", j.state, "cancel", "QUEUED or RUNNING")
+        if j.state == QUEUED:
+            j.state, j.finished_at = CANCELLED, datetime.now(UTC)
+        else:
+            j.cancel_requested = True
+        s.flush()
+        return job_dict(j)
+
+
+def running_in(ctx: Context, pid: int) -> list[dict[str, Any]]:
+    """The RUNNING jobs of process ``pid`` on this host: one for a CLI action it records, those
+    of its workers for a daemon (origin other than "cli")."""
+    with ctx.catalog.session() as s:
+        rows = s.execute(
+            select(Job).where(
+                Job.state == RUNNING, Job.host == socket.gethostname(), Job.pid == pid
+            )
+        ).scalars()
+        return [job_dict(j) for j in rows]
+
+
+class _Progress:
+    """The progress callback of a running job: writes bytes done/total (every PROGRESS_EVERY s)
+    and raises JobCancelled once the job's cancel flag is set."""
+
+    def __init__(self, ctx: Context, job_id: int) -> None:
+        self.ctx, self.job_id = ctx, job_id
+        self.last_write = 0.0
+        self.done = self.total = 0
+        self.result: dict[str, Any] = {}  # set by an in-process caller (``recorded``)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.done, self.total = done, total
+        now = time.monotonic()
+        if now - self.last_write < PROGRESS_EVERY:
+            return
+        self.last_write = now
+        if self.write():
+            raise JobCancelled
+
+    def write(self) -> bool:
+        """Store the progress; True when the job was asked to cancel."""
+        with self.ctx.catalog.session() as s:
+            j = s.get(Job, self.job_id)
+            if j is None:
+                return False
+            j.done_bytes, j.total_bytes = self.done, self.total
+            j.progress = self.done / self.total if self.total else 0.0
+            return bool(j.cancel_requested)
+
+
+def _finish(
+    ctx: Context,
+    job_id: int,
+    state: str,
+    result: dict[str, Any] | None = None,
+    progress: _Progress | None = None,
+    err: BaseException | None = None,
+) -> None:
+    with ctx.catalog.session() as s:
+        j = s.get(Job, job_id)
+        if j is None:
+            return
+        j.state, j.finished_at = state, datetime.now(UTC)
+        if progress is not None:  # the last bytes done/total, in the same transaction
+            j.done_bytes, j.total_bytes = progress.done, progress.total
+        if result is not None:
+            j.result = jsontext.plain(result)  # as the CLI's --json writes it (dates ISO)
+            j.progress = 1.0
+        if err is not None and state == FAILED:
+            j.error = str(err)
+            j.error_code = type(err).__name__
+        if state == CANCELLED:
+            j.error, j.error_code = "cancelled", "Cancelled"
+    with ENDED:
+        ENDED.notify_all()
+
+
+def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, Any]:
+    """Run a claimed job to its end state; never raises for the action's own errors."""
+    with ctx.catalog.session() as s:
+        j = s.get(Job, job_id)
+        assert j is not None
+        kind, params = j.kind, dict(j.params)
+    runner = runners.get(kind)
+    try:
+        if runner is None:
+            raise VmkeepError(f"unknown job kind {kind!r}")
+        progress = _Progress(ctx, job_id)
+        failpoint("job")  # the fault suite slows jobs down to watch several workers share a queue
+        result, warnings = runner(ctx, params, progress)
+        _finish(ctx, job_id, DONE, result | ({"warnings": warnings} if warnings else {}), progress)
+    except KeyboardInterrupt:
+        _finish(ctx, job_id, CANCELLED)
+    except VmkeepError as err:
+        _finish(ctx, job_id, FAILED, err=err)
+    except Exception as err:  # a bug: recorded, logged with its traceback, the worker goes on
+        log.exception("job %s (%s) crashed", job_id, kind)
+        _finish(ctx, job_id, FAILED, err=err)
+    return get(ctx, job_id)
+
+
+@contextmanager
+def recorded(
+    ctx: Context, kind: str, target: str, params: dict[str, Any], origin: str = "cli"
+) -> Iterator[_Progress]:
+    """An in-process action (the CLI) recorded as a job; yields its progress callback, whose
+    ``result`` the caller sets. Cancelling the job (``jobs cancel``) stops the action."""
+    with ctx.catalog.session() as s:  # one transaction: created RUNNING, by this process
+        here = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": datetime.now(UTC)}
+        job_id = _add(s, kind, target, params, origin, local_user(), state=RUNNING, **here).id
+    progress = _Progress(ctx, job_id)
+    try:
+        yield progress
+    except KeyboardInterrupt:
+        _finish(ctx, job_id, CANCELLED)
+        raise
+    except BaseException as err:
+        _finish(ctx, job_id, FAILED, err=err)
+        raise
+    _finish(ctx, job_id, DONE, progress.result, progress)
+
+
+def recover(ctx: Context) -> list[int]:
+    """Mark this host's RUNNING jobs whose process is gone FAILED (daemon restarted, CLI killed)."""
+    host = socket.gethostname()
+    failed = []
+    with ctx.catalog.session() as s:
+        rows = s.execute(select(Job).where(Job.state == RUNNING, Job.host == host)).scalars()
+        for j in rows:
+            if j.pid != os.getpid() and not pid_alive(j.pid):
+                j.state, j.finished_at = FAILED, datetime.now(UTC)
+                died = f"the vmkeep process running it (pid {j.pid}) died"
+                j.error = died if j.origin == "cli" else f"daemon restarted: {died}"
+                j.error_code = "ProcessDied"
+                failed.append(j.id)
+    return failed

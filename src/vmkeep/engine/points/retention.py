@@ -1,0 +1,150 @@
+"""Retention (KEEP_LAST). FULL mode deletes the oldest backups; INCREMENT mode flattens the oldest
+increments into the base (ACTIVE_FLATTEN while merging) so that KEEP_LAST restore points remain.
+
+Increment ids are stable: after a flatten the chain's base is its lowest remaining id.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from vmkeep.catalog.tables import Backup
+from vmkeep.checksums import digest_file
+from vmkeep.engine.core.backup_config import BackupConfig
+from vmkeep.engine.core.chains import (
+    disk_file,
+    increment_file_names,
+    latest_chain,
+    valid_increments,
+    write_manifest,
+)
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.images import flatten
+from vmkeep.engine.core.stores import driver_of
+from vmkeep.errors import BackupFailed, VmkeepError
+from vmkeep.faults import failpoint
+from vmkeep.model import BackupMode, BackupStatus
+
+log = logging.getLogger(__name__)
+
+
+def chains_to_delete(
+    chain_ids: list[int], keep_last: int | None, age: dict[int, Any] | None = None
+) -> list[int]:
+    """Oldest first; keep the newest ``keep_last``. Age is ``age[id]`` (when the backup was
+    taken: a copied or imported chain gets a new, higher id but keeps its age), else the id."""
+    if keep_last is None or len(chain_ids) <= keep_last:
+        return []
+    ordered = sorted(chain_ids, key=lambda i: (age[i], i) if age else i)
+    return ordered[: len(chain_ids) - keep_last]
+
+
+def increments_to_merge(seqs: list[int], keep_last: int | None) -> tuple[list[int], int | None]:
+    """(increments to drop, new base) so that ``keep_last`` restore points remain."""
+    seqs = sorted(seqs)
+    if keep_last is None or len(seqs) <= keep_last:
+        return [], None
+    cut = len(seqs) - keep_last
+    return seqs[:cut], seqs[cut]
+
+
+def apply_retention(ctx: Context, vm_id: int, ds_id: int, cfg: BackupConfig) -> list[str]:
+    if cfg.keep_last is None:
+        return []
+    if cfg.mode == BackupMode.FULL:
+        return _retain_full(ctx, vm_id, ds_id, cfg.keep_last)
+    return _retain_increments(ctx, vm_id, ds_id, cfg.keep_last)
+
+
+def _retain_full(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
+    with ctx.catalog.session() as s:
+        rows = (
+            s.execute(
+                select(Backup).where(
+                    Backup.vm_id == vm_id,
+                    Backup.datastore_id == ds_id,
+                    Backup.status == BackupStatus.VALID,
+                    Backup.mode == BackupMode.FULL,
+                )
+            )
+            .scalars()
+            .all()
+        )
+        by_id = {b.id: (b.chain, b.datastore) for b in rows}
+        age = {b.id: b.created_at for b in rows}
+    messages = []
+    for bid in chains_to_delete(list(by_id), keep, age):
+        chain, ds = by_id[bid]
+        driver_of(ds).rm(
+            chain
+        )  # files first: a crash leaves a row pointing at nothing, not orphans
+        with ctx.catalog.session() as s:
+            b = s.get(Backup, bid)
+            if b is not None:
+                s.delete(b)
+        messages.append(f"retention: deleted backup {bid} (KEEP_LAST={keep})")
+    return messages
+
+
+def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
+    with ctx.catalog.session() as s:
+        b = latest_chain(s, vm_id, ds_id)
+        if b is None:
+            return []
+        valid = valid_increments(b)
+        drop, base = increments_to_merge([i.seq for i in valid], keep)
+        if base is None:
+            return []
+        bid, chain, ds = b.id, b.chain, b.datastore
+        disks = [f["disk"] for f in next(i for i in valid if i.seq == base).files if f["disk"]]
+        b.active_flatten = True
+    driver = driver_of(ds)
+    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+        work = Path(tmp)
+        new_files = []
+        needed = [disk_file(q, d) for q in [*drop, base] for d in disks]
+        local = driver.restore(chain, needed, work / "in")
+        for d in disks:
+            src = local[disk_file(base, d)]
+            out = work / disk_file(base, d)
+            try:
+                flatten(src, out)  # follows the backing chain down to the oldest increment
+            except VmkeepError as err:
+                with ctx.catalog.session() as s:
+                    row = s.get(Backup, bid)
+                    assert row is not None
+                    row.active_flatten = False
+                raise BackupFailed(chain, f"flatten of {src.name}: {err}") from err
+            new_files.append(out)
+        failpoint("retention")
+        sums = {p.name: (digest_file(p), p.stat().st_size) for p in new_files}
+        driver.backup(chain, new_files)
+    with ctx.catalog.session() as s:
+        row = s.get(Backup, bid)
+        assert row is not None
+        for inc in list(row.increments):
+            if inc.seq in drop:
+                row.increments.remove(inc)
+            elif inc.seq == base:
+                files = []
+                for f in inc.files:
+                    if f["name"] in sums:
+                        f = {k: v for k, v in f.items() if k != "sha256"}
+                        f.update(digest=sums[f["name"]][0], size=sums[f["name"]][1])
+                    files.append(f)
+                inc.files, inc.parent = files, None
+                inc.size = sum(f["size"] for f in files if f["disk"])
+        # Cancelled/failed increments older than the new base have nothing left to refer to.
+        for inc in list(row.increments):
+            if inc.seq < base and inc.status != BackupStatus.VALID:
+                row.increments.remove(inc)
+        row.active_flatten = False
+    driver.rm(chain, [name for q in drop for name in increment_file_names(disks, q)])
+    write_manifest(ctx, driver, bid)
+    return [f"retention: merged increments {drop} into {base} of backup {bid} (KEEP_LAST={keep})"]

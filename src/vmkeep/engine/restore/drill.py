@@ -1,0 +1,321 @@
+"""Restore drills (Veeam's SureBackup): prove that a restore point comes back, without touching it.
+
+``vmkeep drill ID [--increment N] [--probe CMD]``:
+
+1. every file of the point's chain is checked against its checksum;
+2. each disk gets a throw-away qcow2 overlay over the backup's files (opened read-only, never
+   written); each file system on it (whole disk, or GPT/MBR partitions) is checked on the host:
+   the journal is replayed into the overlay (as a boot would), then ``e2fsck -fn``,
+   ``xfs_repair -n`` or ``fsck.vfat -n`` report without repairing;
+3. the point boots as an isolated VM (no NICs) on those overlays, and its guest agent must answer
+   within the boot timeout;
+4. the optional probe command runs in the guest through the agent and must exit 0.
+
+The first failed step ends the drill with FAIL and names the reason; the evidence of every step
+is recorded on the increment (``backups show``). The VM and its overlays are removed in every
+case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from vmkeep.catalog.tables import Backup, Drill
+from vmkeep.checksums import expected_digests, row_digest
+from vmkeep.engine.core.chains import disk_file, point
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.stores import driver_of
+from vmkeep.engine.core.trust import check_stored_xml
+from vmkeep.engine.restore.files import export_disk, partitions, stop_export
+from vmkeep.engine.restore.instant import local_folder, make_overlay
+from vmkeep.engine.restore.point import pick_disks, rewrite_domain_xml, verify_files
+from vmkeep.errors import BackupNotFound, DrillFailed, HypervisorError, VmkeepError
+from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
+from vmkeep.model import Warnings
+
+BOOT_TIMEOUT = 300.0
+PROBE_TIMEOUT = 120.0
+MARK = "vmkeep restore drill"  # in the drill VM's <description>: a leftover is recognised by it
+# e2fsck -n findings that a crash-consistent copy of a mounted ext4 has (the superblock's free
+# counters are only written at unmount/freeze): not damage (e2fsck 1.47 itself exits 0 for them)
+BENIGN = ("Free blocks count wrong", "Free inodes count wrong")
+
+
+@dataclass
+class Check:
+    step: str
+    ok: bool
+    detail: str
+
+
+class _Failed(Exception):
+    pass
+
+
+def _tail(text: str, n: int = 1500) -> str:
+    text = text.strip()
+    return text if len(text) <= n else "..." + text[-n:]
+
+
+def _run(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+
+
+# --- file systems ----------------------------------------------------------------------------------
+def _e2fsck(dev: str) -> tuple[bool, str]:
+    _run(["e2fsck", "-E", "journal_only", "-p", dev])  # replay into the overlay, as a boot would
+    proc = _run(["e2fsck", "-fn", dev])
+    return e2fsck_verdict(proc.returncode, proc.stdout + proc.stderr)
+
+
+def e2fsck_verdict(code: int, out: str) -> tuple[bool, str]:
+    """``e2fsck -fn``'s exit code and output as (sound, evidence)."""
+    if code == 0:
+        return True, "e2fsck -fn: clean"
+    problems, previous = [], ""
+    for line in (raw.strip() for raw in out.splitlines()):
+        if line.endswith("? no"):  # "Fix? no" on its own line answers the line before it
+            problems.append(previous if line.count(" ") <= 1 else line)
+        elif line:
+            previous = line
+    if code == 4 and problems and all(p.startswith(BENIGN) for p in problems):
+        return True, "e2fsck -fn: clean apart from the superblock's free counters"
+    return False, f"e2fsck -fn exited {code}: {_tail(out)}"
+
+
+def _xfs_repair(dev: str, work: Path) -> tuple[bool, str]:
+    proc = _run(["xfs_repair", "-n", dev])
+    if proc.returncode != 0 and "log" in proc.stderr.lower():
+        mnt = work / "xfs-log"  # replay the log into the overlay, as a boot would
+        mnt.mkdir(exist_ok=True)
+        if _run(["mount", "-t", "xfs", dev, str(mnt)]).returncode == 0:
+            _run(["umount", str(mnt)])
+        proc = _run(["xfs_repair", "-n", dev])
+    if proc.returncode == 0:
+        return True, "xfs_repair -n: clean"
+    return False, f"xfs_repair -n exited {proc.returncode}: {_tail(proc.stdout + proc.stderr)}"
+
+
+def _fsck_vfat(dev: str) -> tuple[bool, str]:
+    proc = _run(["fsck.vfat", "-n", dev])
+    if proc.returncode == 0:
+        return True, "fsck.vfat -n: clean"
+    return False, f"fsck.vfat -n exited {proc.returncode}: {_tail(proc.stdout + proc.stderr)}"
+
+
+def _check_fs(export: Path, offset: int, size: int, fstype: str, work: Path) -> tuple[bool, str]:
+    loop = subprocess.run(
+        ["losetup", "-f", "--show", "-o", str(offset), "--sizelimit", str(size), str(export)],
+        capture_output=True,
+        text=True,
+    )
+    if loop.returncode != 0:
+        raise VmkeepError(f"losetup {export}: {loop.stderr.strip()}")
+    dev = loop.stdout.strip()
+    try:
+        if fstype in ("ext2", "ext3", "ext4"):
+            return _e2fsck(dev)
+        if fstype == "xfs":
+            return _xfs_repair(dev, work)
+        if fstype == "vfat":
+            return _fsck_vfat(dev)
+        return True, f"{fstype}: no checker in vmkeep, not checked"
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+
+
+def check_disk(disk: str, overlay: Path, work: Path) -> list[Check]:
+    """Every file system of one disk (whole disk or partitions), checked on its overlay."""
+    export, pid = export_disk(overlay, work, writable=True, name=f"{disk}-fsck")
+    try:
+        parts = partitions(export)
+        if parts:
+            targets = [(f"{disk}p{p.number}", p.start, p.size, p.fstype) for p in parts]
+        else:
+            fstype = _blkid(export)
+            targets = [(disk, 0, export.stat().st_size, fstype)]
+        checks = []
+        for label, offset, size, fstype in targets:
+            if fstype is None:
+                checks.append(Check(f"fsck {label}", True, "no file system found, not checked"))
+                continue
+            ok, detail = _check_fs(export, offset, size, fstype, work)
+            checks.append(Check(f"fsck {label}", ok, f"{fstype}: {detail}"))
+        return checks
+    finally:
+        stop_export(pid, export)
+
+
+def _blkid(export: Path) -> str | None:
+    proc = _run(["blkid", "-p", "-o", "value", "-s", "TYPE", str(export)])
+    return proc.stdout.strip() or None
+
+
+# --- the drill -------------------------------------------------------------------------------------
+def drill_name(vm_name: str, backup_id: int, seq: int) -> str:
+    return f"{vm_name}-drill-{backup_id}-{seq}"
+
+
+def _remove_vm(ctx: Context, name: str) -> None:
+    with contextlib.suppress(VmkeepError):
+        ctx.hv.destroy(name)
+        ctx.hv.undefine(name)
+
+
+def _isolated_xml(xml: str, name: str, overlays: dict[str, Path], work: Path, seq: int) -> str:
+    """The point's domain as a new VM without NICs, on the overlays, marked as a drill."""
+    rewritten = rewrite_domain_xml(xml, name, overlays, work, no_nic=True, no_ip=False)
+    root = ET.fromstring(rewritten)
+    for el in root.findall("description"):
+        root.remove(el)
+    desc = ET.Element("description")
+    desc.text = f"{MARK} (point {seq}); removed when the drill ends"
+    root.insert(1, desc)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _clear_leftover(ctx: Context, name: str) -> None:
+    """A drill VM of the same point left by a killed drill is removed (never another domain)."""
+    try:
+        xml = ctx.hv.domain_xml(name)
+    except VmkeepError:
+        return
+    if MARK in (ET.fromstring(xml).findtext("description") or ""):
+        _remove_vm(ctx, name)
+
+
+def _boot(ctx: Context, name: str, timeout: float) -> Check:
+    t0 = time.monotonic()
+    ctx.hv.start(name)
+    while time.monotonic() - t0 < timeout:
+        if ctx.hv.guest_ping(name, 5):
+            return Check(
+                "boot", True, f"guest agent answered {time.monotonic() - t0:.1f} s after start"
+            )
+        time.sleep(1)
+    return Check("boot", False, f"the guest agent did not answer within {timeout:.0f} s of start")
+
+
+def _probe(ctx: Context, name: str, command: str) -> Check:
+    try:
+        res = ctx.hv.guest_exec(name, ["/bin/sh", "-c", command], PROBE_TIMEOUT)
+    except HypervisorError as err:
+        return Check("probe", False, f"{command!r} could not run: {err}")
+    out = _tail(f"{res.stdout}\n{res.stderr}", 500)
+    return Check("probe", res.exit_code == 0, f"{command!r} exited {res.exit_code}: {out}")
+
+
+def _check_reachable(ctx: Context, images: list[Path], own: Path | None) -> None:
+    """QEMU (an unprivileged user) reads the backup files through the overlays: their folders
+    up to ``own`` (vmkeep's: the drill's work folder, a ``dir`` datastore's) are opened to its
+    group (``hypervisor/reach.py``); say so before any work when a folder on the way still keeps
+    it out (a setup problem, not the point's)."""
+    for image in images:
+        blocked = open_to_qemu(image.resolve().parent, own, ctx.hv)
+        if blocked is not None:
+            raise VmkeepError(
+                f"QEMU cannot reach the backup file {image}: {unreachable_why(blocked, ctx.hv)}"
+            )
+
+
+def run_drill(
+    ctx: Context,
+    backup_id: int,
+    increment: int | None = None,
+    probe: str | None = None,
+    boot_timeout: float = BOOT_TIMEOUT,
+) -> tuple[dict[str, Any], Warnings]:
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            raise BackupNotFound(backup_id)
+        target, chain = point(b, increment)
+        disks = pick_disks(target, None)
+        chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
+        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"])
+        xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
+        expected[xml_entry["name"]] = row_digest(xml_entry)
+        seq, inc_id = target.seq, target.id
+    name = drill_name(vm_name, backup_id, seq)
+    work = ctx.config.data_dir / "drills" / name
+    _clear_leftover(ctx, name)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    started = datetime.now(UTC)
+    checks: list[Check] = []
+    try:
+        try:
+            local = driver.restore(chain_key, list(expected), work / ".backing")
+            try:
+                verify_files(ctx, backup_id, chain_key, expected, local)
+            except VmkeepError as err:
+                checks.append(Check("checksums", False, str(err)))
+                raise _Failed from err
+            checks.append(Check("checksums", True, f"{len(expected)} files match their checksums"))
+            overlays = {d: work / f"{d}.qcow2" for d in disks}
+            _check_reachable(ctx, list(overlays.values()), ctx.config.data_dir)
+            _check_reachable(
+                ctx, [local[disk_file(seq, d)] for d in disks], local_folder(driver, work)
+            )
+            for d, ov in overlays.items():
+                make_overlay(local[disk_file(seq, d)].resolve(), ov)
+                checks += check_disk(d, ov, work)
+                if not all(c.ok for c in checks):
+                    raise _Failed
+            xml = _isolated_xml(local[xml_entry["name"]].read_text(), name, overlays, work, seq)
+            own = [*overlays.values(), work]
+            check_stored_xml(ctx.config, xml, f"drill of backup {backup_id}", own)
+            ctx.hv.define(xml)
+            checks.append(_boot(ctx, name, boot_timeout))
+            if not checks[-1].ok:
+                raise _Failed
+            if probe is not None:
+                checks.append(_probe(ctx, name, probe))
+        except _Failed:
+            pass
+    finally:
+        _remove_vm(ctx, name)
+        shutil.rmtree(work, ignore_errors=True)
+    failed = next((c for c in checks if not c.ok), None)
+    result = "FAIL" if failed else "PASS"
+    reason = f"{failed.step}: {failed.detail}" if failed else None
+    row = Drill(
+        increment_id=inc_id,
+        result=result,
+        reason=reason,
+        probe=probe,
+        checks=[asdict(c) for c in checks],
+        started_at=started,
+        finished_at=datetime.now(UTC),
+    )
+    with ctx.catalog.session() as s:
+        s.add(row)
+        s.flush()
+        out = drill_dict(row)
+    return {"backup": backup_id, "increment": seq, **out}, Warnings()
+
+
+def check_passed(result: dict[str, Any]) -> None:
+    """A FAIL verdict as an error (exit 26, a FAILED job), for every adapter."""
+    if result["result"] != "PASS":
+        raise DrillFailed(result["drill"], result["backup"], result["increment"], result["reason"])
+
+
+def drill_dict(d: Drill) -> dict[str, Any]:
+    return {
+        "drill": d.id,
+        "result": d.result,
+        "reason": d.reason,
+        "probe": d.probe,
+        "checks": d.checks,
+        "started": d.started_at,
+        "finished": d.finished_at,
+    }

@@ -1,0 +1,483 @@
+"""Restore a whole VM (new domain, new name and UUID) or one disk, from any point of a chain.
+
+Increments are numbered as OpenNebula does (full = 0); without ``increment`` the newest point is
+restored. Every file of the chain is checked against its checksum before it is used. A point with
+memory state comes back as the VM itself, resumed (``engine/memory.py``), unless
+``without_memory``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkeep.catalog.tables import Backup, Increment
+from vmkeep.checksums import Stopped, expected_digests, matches, row_digest
+from vmkeep.engine.core.chains import disk_file, mark_damaged, point
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.images import check_backing_names, flatten
+from vmkeep.engine.core.stores import driver_of
+from vmkeep.engine.core.trust import (
+    LOCAL_ADMIN,
+    Actor,
+    check_restore_destination,
+    check_stored_xml,
+    mark_created,
+)
+from vmkeep.engine.restore.memory import check_new_vm, memory_entry, resume, with_disks
+from vmkeep.engine.vm import inventory
+from vmkeep.errors import (
+    AlreadyExists,
+    BackupNotFound,
+    ChecksumMismatch,
+    DomainNotFound,
+    InvalidValue,
+    VmkeepError,
+)
+from vmkeep.hypervisor.domain_xml import set_disk_sources
+from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
+from vmkeep.model import BackupStatus, Warnings
+from vmkeep.names import check_name
+from vmkeep.paths import within
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RestoreOptions:
+    increment: int | None = None
+    disk: str | None = None  # target name (vda) or index (0)
+    name: str | None = None
+    path: str | Path | None = None  # a str keeps a trailing '/' ("put it in this folder")
+    no_nic: bool = False
+    no_ip: bool = False
+    start: bool = False
+    force: bool = False  # overwrite an existing disk file / write into a non-empty folder
+    in_place: bool = False  # roll the VM itself back (engine/inplace.py)
+    instant: bool = False  # run it on overlays over the backup, then pull (engine/instant.py)
+    copy_bwlimit: int = 0  # MiB/s for an instant restore's copy (0: as fast as it goes)
+    without_memory: bool = False  # a point with memory state: boot cold instead of resuming
+    by: Actor = LOCAL_ADMIN  # who asks: an operator restores only into the admin's places
+
+
+def rewrite_domain_xml(
+    xml: str,
+    name: str,
+    disks: dict[str, Path],
+    files_dir: Path,
+    *,
+    no_nic: bool,
+    no_ip: bool,
+    warnings: Warnings | None = None,
+) -> str:
+    """The backed-up domain XML as a new domain: new name, no UUID, restored disks, own chardev
+    files; NO_NIC drops NICs, NO_IP keeps them but drops MAC and fixed addresses."""
+    root = ET.fromstring(xml)
+    name_el = root.find("name")
+    if name_el is None:
+        name_el = ET.SubElement(root, "name")
+    name_el.text = name
+    for tag in ("uuid", "metadata"):
+        for el in root.findall(tag):
+            root.remove(el)
+    devices = root.find("devices")
+    if devices is None:
+        return ET.tostring(root, encoding="unicode")
+    set_disk_sources(root, disks, "qcow2")
+    for disk in list(devices.findall("disk")):
+        target = disk.find("target")
+        dev = target.get("dev", "") if target is not None else ""
+        if dev not in disks and disk.get("device", "disk") == "disk":
+            devices.remove(disk)  # not in the backup (volatile): never share the original's file
+            if warnings is not None:
+                warnings.add(f"disk {dev} was not in the backup and is left out of the restored VM")
+        elif dev not in disks:  # a cdrom's or floppy's medium: ejected, never the host's file
+            for medium in disk.findall("source"):
+                disk.remove(medium)
+    for iface in list(devices.findall("interface")):
+        if no_nic:
+            devices.remove(iface)
+        elif no_ip:
+            for tag in ("mac", "ip", "target", "route"):
+                for el in iface.findall(tag):
+                    iface.remove(el)
+    for chardev in [*devices.findall("serial"), *devices.findall("console"),
+                    *devices.findall("channel"), *devices.findall("parallel")]:  # fmt: skip
+        src = chardev.find("source")
+        if chardev.get("type") == "file" and src is not None and src.get("path"):
+            src.set("path", str(files_dir / Path(src.get("path", "")).name))
+        for log in chardev.findall("log"):
+            log.set("file", str(files_dir / Path(log.get("file", "log")).name))
+    return ET.tostring(root, encoding="unicode")
+
+
+def pick_disks(target: Increment, disk: str | None) -> list[str]:
+    disks = [f["disk"] for f in target.files if f["disk"]]
+    if disk is None:
+        return disks
+    if disk.isdigit() and int(disk) < len(disks):
+        return [disks[int(disk)]]
+    if disk in disks:
+        return [disk]
+    raise InvalidValue(
+        "--disk", disk, f"the backup holds disks {', '.join(disks)} (or 0..{len(disks) - 1})"
+    )
+
+
+def verify_files(
+    ctx: Context, backup_id: int, chain_key: str, expected: dict[str, str], local: dict[str, Path]
+) -> None:
+    """Every fetched file against its checksum; a mismatch marks the increment holding it (and
+    those built on it) DAMAGED before ChecksumMismatch is raised. Then every qcow2 file's backing
+    reference must name another file of the chain (a chain imported from a hostile datastore
+    comes with checksums that match: its backing reference must not reach a host file when
+    QEMU, qemu-storage-daemon or qemu-img open it)."""
+    bad = _first_mismatch(expected, local)
+    if bad is not None:
+        raise _damaged(ctx, backup_id, chain_key, *bad)
+    check_backing_names(local)
+
+
+@contextmanager
+def verified(
+    ctx: Context, backup_id: int, chain_key: str, expected: dict[str, str], local: dict[str, Path]
+) -> Iterator[None]:
+    """``verify_files`` in a second thread while the body reads the same files (qemu-img convert
+    of the chain): the files are read from storage once, and the restore takes the longer of the
+    two instead of their sum. The block ends only when both are done; a mismatch is raised (and
+    recorded) even when the body failed too, so the caller removes what the body wrote.
+
+    Before anything reads them, every qcow2 file's backing reference must name another file of
+    the chain: a tampered file fails its checksum, but only after qemu-img has opened it, and a
+    backing reference to a host path would have it read that path into the restored image."""
+    try:
+        check_backing_names(local)
+    except VmkeepError:
+        verify_files(ctx, backup_id, chain_key, expected, local)  # damaged: say which, mark it
+        raise
+    stop = threading.Event()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
+        check = pool.submit(_first_mismatch, expected, local, stop.is_set)
+        try:
+            yield
+        except KeyboardInterrupt:  # cancelled: stop hashing (within a slice), do not wait for it
+            stop.set()
+            raise
+        except BaseException as err:
+            bad = check.result()
+            if bad is not None:
+                raise _damaged(ctx, backup_id, chain_key, *bad) from err
+            raise
+        bad = check.result()
+        if bad is not None:
+            raise _damaged(ctx, backup_id, chain_key, *bad)
+
+
+def convert_verified(
+    ctx: Context,
+    backup_id: int,
+    chain_key: str,
+    expected: dict[str, str],
+    local: dict[str, Path],
+    dests: dict[str, Path],
+) -> None:
+    """Each chain top in ``dests`` (file name -> destination) flattened while every file of
+    ``expected`` is checked; a destination is replaced only after the check passed (an existing
+    file overwritten with --force survives a damaged backup)."""
+    # written in a folder of vmkeep's own (0700) beside each destination, then renamed: no
+    # name another user could have planted (a link) is ever opened for writing
+    work: dict[Path, Path] = {}
+    try:
+        for dest in dests.values():
+            if dest.parent not in work:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                work[dest.parent] = Path(tempfile.mkdtemp(prefix=".vmkeep-", dir=dest.parent))
+        tmps = {name: work[dest.parent] / dest.name for name, dest in dests.items()}
+        with verified(ctx, backup_id, chain_key, expected, local):
+            for name, tmp in tmps.items():
+                flatten(local[name], tmp, ordered=False)
+        for name, tmp in tmps.items():
+            tmp.replace(dests[name])
+    finally:
+        for folder in work.values():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _first_mismatch(
+    expected: dict[str, str], local: dict[str, Path], stop: Callable[[], bool] | None = None
+) -> tuple[str, str, str] | None:
+    for name, want in expected.items():
+        try:
+            ok, got = matches(local[name], want, stop)
+        except Stopped:
+            return None
+        if not ok:
+            return name, want, got
+    return None
+
+
+def _damaged(
+    ctx: Context, backup_id: int, chain_key: str, name: str, want: str, got: str
+) -> ChecksumMismatch:
+    err = ChecksumMismatch(f"{chain_key}/{name}", want, got)
+    mark_damaged(ctx, backup_id, name, str(err))
+    return err
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first existing ancestor of ``path`` that is a file (it could never be a folder)."""
+    for parent in path.parents:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def disk_destination(path: str | Path | None, default: Path, force: bool) -> Path:
+    """Where one restored disk image goes: ``path`` itself, or ``default``'s name inside it when
+    ``path`` is a folder (existing, or written with a trailing '/'). Checked before any work."""
+    if path is None:
+        dest = default
+    else:
+        raw = str(path)
+        dest = Path(os.path.abspath(os.path.expanduser(raw)))
+        if raw.endswith("/") or dest.is_dir():
+            dest = dest / default.name
+    blocked = _blocking_file(dest)
+    if blocked is not None:
+        raise InvalidValue("--path", str(path), f"{blocked} is a file, not a folder")
+    if dest.is_dir():
+        raise InvalidValue("--path", str(path), f"{dest} is a folder; give a file name")
+    if dest.exists() and not force:
+        raise AlreadyExists(f"{dest} (add --force to overwrite it)")
+    return dest
+
+
+def vm_folder(path: str | Path | None, default: Path, force: bool) -> Path:
+    """The folder for a restored VM's disks: must not be a file, nor a non-empty folder
+    unless ``force``."""
+    folder = default if path is None else Path(os.path.abspath(os.path.expanduser(str(path))))
+    if folder.exists() and not folder.is_dir():
+        raise InvalidValue("--path", str(path), f"{folder} is a file; give a folder for the disks")
+    blocked = _blocking_file(folder)
+    if blocked is not None:
+        raise InvalidValue("--path", str(path), f"{blocked} is a file, not a folder")
+    # vmkeep's own default folder of a VM whose domain is gone may be reused; a user's may not.
+    if path is not None and folder.is_dir() and any(folder.iterdir()) and not force:
+        raise AlreadyExists(f"folder {folder} is not empty (add --force to write into it)")
+    return folder
+
+
+def check_place(ctx: Context, opts: RestoreOptions, default: Path) -> None:
+    """An operator's destination is checked against the admin's places before anything is said
+    about it (whether it exists, is a file): a refusal tells nothing of the host's files."""
+    where = Path(str(opts.path)) if opts.path is not None else default
+    check_restore_destination(ctx.config, opts.by, where, force=False)
+
+
+def check_new_vm_name(ctx: Context, name: str) -> None:
+    check_name("--name", name)
+    try:
+        ctx.hv.domain(name)
+    except DomainNotFound:
+        pass
+    else:
+        raise AlreadyExists(f"libvirt domain {name!r} (choose another --name)")
+    # A catalog row with this name but no domain (removed outside vmkeep) is re-bound by import.
+
+
+def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[str, Any], Warnings]:
+    """Every check (names, paths, free names) runs before any data moves; a failure removes
+    whatever this restore created and nothing else."""
+    warnings = Warnings()
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            raise BackupNotFound(backup_id)
+        target, chain = point(b, opts.increment)
+        disks = pick_disks(target, opts.disk)
+        chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
+        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"] in disks)
+        xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
+        expected[xml_entry["name"]] = row_digest(xml_entry)
+        seq, vm_uuid = target.seq, b.vm.uuid
+        one_disk = opts.disk is not None and opts.name is None
+        mem = None if one_disk or opts.without_memory else memory_entry(target)
+        if mem is not None:
+            expected[mem["name"]] = row_digest(mem)
+    restores = ctx.config.data_dir / "restores"
+    if one_disk:
+        default = restores / f"{vm_name}-{backup_id}-{seq}.{disks[0]}.qcow2"
+        check_place(ctx, opts, default)
+        dest = disk_destination(opts.path, default, opts.force)
+        check_restore_destination(ctx.config, opts.by, dest, opts.force)
+        created: list[Path] = [] if dest.exists() else [dest]
+        new_name = ""
+        folder = dest.parent
+    elif mem is not None:
+        if opts.no_nic or opts.no_ip:
+            raise InvalidValue(
+                "--no-nic" if opts.no_nic else "--no-ip",
+                "with memory state",
+                "a VM resumed from its memory keeps its devices; add --without-memory",
+            )
+        check_new_vm(ctx, vm_name, vm_uuid, opts.name)
+        new_name = vm_name
+        check_place(ctx, opts, restores / new_name)
+        folder = vm_folder(opts.path, restores / new_name, opts.force)
+        check_restore_destination(ctx.config, opts.by, folder, opts.force)
+        created = [] if folder.exists() else [folder]
+    else:
+        new_name = opts.name or f"{vm_name}-restore-{backup_id}-{seq}"
+        check_new_vm_name(ctx, new_name)
+        check_place(ctx, opts, restores / new_name)
+        folder = vm_folder(opts.path, restores / new_name, opts.force)
+        check_restore_destination(ctx.config, opts.by, folder, opts.force)
+        created = [] if folder.exists() else [folder]
+    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+            local = driver.restore(chain_key, list(expected), Path(tmp))
+            if one_disk:
+                convert_verified(
+                    ctx, backup_id, chain_key, expected, local, {disk_file(seq, disks[0]): dest}
+                )
+                mark_created(dest)
+                return {
+                    "backup": backup_id,
+                    "increment": seq,
+                    "disk": disks[0],
+                    "path": str(dest),
+                }, warnings
+            folder.mkdir(parents=True, exist_ok=True)
+            warn_unsearchable(ctx, folder, warnings, folder if folder in created else None)
+            paths = {d: folder / f"{d}.qcow2" for d in disks}
+            created += [p for p in paths.values() if not p.exists()]
+            convert_verified(
+                ctx,
+                backup_id,
+                chain_key,
+                expected,
+                local,
+                {disk_file(seq, d): p for d, p in paths.items()},
+            )
+            for p in paths.values():
+                mark_created(p)
+            resumed: bool | None = None
+            if mem is not None:  # the VM itself, running again where it was
+                xml = with_disks(local[xml_entry["name"]].read_text(), paths, "qcow2")
+                check_stored_xml(ctx.config, xml, f"restore of backup {backup_id}", paths.values())
+                state = local[mem["name"]]
+                resumed = resume(ctx, state, paths, warnings, persistent_xml=xml, fmt="qcow2")
+            else:
+                xml = rewrite_domain_xml(
+                    local[xml_entry["name"]].read_text(),
+                    new_name,
+                    paths,
+                    folder,
+                    no_nic=opts.no_nic,
+                    no_ip=opts.no_ip,
+                    warnings=warnings,
+                )
+                own = [*paths.values(), folder]
+                check_stored_xml(ctx.config, xml, f"restore of backup {backup_id}", own)
+                ctx.hv.define(xml)
+        (folder / "domain.xml").write_text(xml)
+        mark_created(folder / "domain.xml")
+    except BaseException:
+        for p in reversed(created):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        raise
+    started = bool(resumed)
+    if opts.start and not started:
+        ctx.hv.start(new_name)
+        started = True
+    result = _imported(ctx, backup_id, seq, new_name, folder, paths, started, resumed)
+    return result, warnings
+
+
+def _imported(
+    ctx: Context,
+    backup_id: int,
+    seq: int,
+    name: str,
+    folder: Path,
+    paths: dict[str, Path],
+    started: bool,
+    resumed: bool | None = None,
+) -> dict[str, Any]:
+    inventory.import_vm(ctx, name)
+    return {
+        "backup": backup_id,
+        "increment": seq,
+        "vm": name,
+        "path": str(folder),
+        "disks": {d: str(p) for d, p in paths.items()},
+        "started": started,
+        **({} if resumed is None else {"resumed": resumed}),
+    }
+
+
+def warn_unsearchable(
+    ctx: Context, folder: Path, warnings: Warnings, made: Path | None = None
+) -> None:
+    """Let QEMU reach the disks in ``folder`` (``hypervisor/reach.py``): it and the folders above
+    it up to the data dir (or up to ``made``, a folder outside it that vmkeep made) are opened to
+    QEMU's group alone; a warning when a folder on the way still keeps QEMU out."""
+    data = ctx.config.data_dir.resolve()
+    where = folder.resolve()
+    own = data if within(where, data) else made
+    blocked = open_to_qemu(where, own, ctx.hv)
+    if blocked is not None:
+        warnings.add(f"{unreachable_why(blocked, ctx.hv)}: QEMU may not reach the disks")
+
+
+def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
+    """Check every file of every VALID increment against its checksum (and qemu-img check)."""
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            raise BackupNotFound(backup_id)
+        checked = [
+            i for i in b.increments if i.status in (BackupStatus.VALID, BackupStatus.DAMAGED)
+        ]
+        expected = expected_digests(f for i in checked for f in i.files)
+        chain_key, driver = b.chain, driver_of(b.datastore)
+    results: list[dict[str, Any]] = []
+    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+        local = driver.restore(chain_key, list(expected), Path(tmp))
+        for name, want in expected.items():
+            ok, got = matches(local[name], want)
+            if ok and name.endswith(".qcow2"):
+                ok = (
+                    subprocess.run(
+                        ["qemu-img", "check", "-q", str(local[name])], capture_output=True
+                    ).returncode
+                    == 0
+                )
+            results.append({"file": name, "ok": ok, "digest": got, "expected": want})
+    bad = [r["file"] for r in results if not r["ok"]]
+    for name in bad:
+        mark_damaged(ctx, backup_id, name, f"verify: {name} does not match its checksum")
+    if bad:
+        raise ChecksumMismatch(
+            f"{chain_key}/{bad[0]}",
+            expected[bad[0]],
+            next(r["digest"] for r in results if r["file"] == bad[0]),
+        )
+    store_check = driver.verify_store(chain_key)  # restic: check --read-data-subset
+    return {"backup": backup_id, "files": results, "ok": True, "store_check": store_check}

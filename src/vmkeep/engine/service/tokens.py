@@ -1,0 +1,119 @@
+"""API tokens and roles: viewer reads; operator backs up, restores, verifies, quiesces and cancels
+jobs; admin also resets state, adds datastores and groups. The role an action needs comes from
+``POLICY``, overridable per action in the config (``[api.policy]``, e.g. ``quiesce = "admin"``
+as Nova's spec has it by default).
+
+A token is ``vmk_`` + 32 random bytes (URL-safe base64); only its sha256 is stored, so a catalog
+leak does not leak tokens, and the secret is printed once at creation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from vmkeep.catalog.tables import Token
+from vmkeep.engine.core.context import Context
+from vmkeep.errors import AlreadyExists, Forbidden, InvalidValue, NotFound, Unauthorized
+from vmkeep.model import ROLES
+from vmkeep.names import check_name
+
+PREFIX = "vmk_"
+# ``tokens list`` shows when a token was last used to this precision: writing the time on every
+# request made each GET a write transaction, and concurrent clients queued on SQLite's lock
+LAST_USED_STEP = timedelta(seconds=60)
+
+# action -> least role; "read" covers every GET.
+POLICY: dict[str, str] = {
+    "read": "viewer",
+    "backup": "operator",
+    "group-backup": "operator",
+    "restore": "operator",
+    "verify": "operator",
+    "drill": "operator",
+    "quiesce": "operator",
+    "unquiesce": "operator",
+    "cancel-job": "operator",
+    "reset-state": "admin",
+    "datastore-add": "admin",
+    "datastore-remove": "admin",
+    "datastore-scan": "admin",
+    "backup-delete": "admin",
+    "copy": "operator",
+    "files": "operator",  # reads the guests' files: more than a viewer may see
+    "group-create": "admin",
+    "vm-action": "operator",  # lifecycle actions; recover and terminate need admin (below)
+    "vm-recover": "admin",
+    "vm-terminate": "admin",
+    "vm-create": "admin",
+    "audit": "admin",  # who did what (engine/audit.py)
+}
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def _check_role(role: str) -> str:
+    if role not in ROLES:
+        raise InvalidValue("--role", role, f"use one of {', '.join(ROLES)}")
+    return role
+
+
+def create(ctx: Context, name: str, role: str) -> dict[str, Any]:
+    """A new token; the returned ``token`` is the only time the secret is shown."""
+    check_name("token name", name)
+    _check_role(role)
+    secret = PREFIX + secrets.token_urlsafe(32)
+    with ctx.catalog.session() as s:
+        if s.execute(select(Token.id).where(Token.name == name)).first():
+            raise AlreadyExists(f"token {name!r}")
+        s.add(Token(name=name, role=role, digest=_digest(secret)))
+    return {"name": name, "role": role, "token": secret}
+
+
+def list_tokens(ctx: Context) -> list[dict[str, Any]]:
+    with ctx.catalog.session() as s:
+        return [
+            {"name": t.name, "role": t.role, "created": t.created_at, "last_used": t.last_used_at}
+            for t in s.execute(select(Token).order_by(Token.id)).scalars()
+        ]
+
+
+def revoke(ctx: Context, name: str) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        t = s.execute(select(Token).where(Token.name == name)).scalar_one_or_none()
+        if t is None:
+            raise NotFound(f"token {name!r}")
+        s.delete(t)
+    return {"name": name, "revoked": True}
+
+
+def authenticate(ctx: Context, header: str | None) -> tuple[str, str]:
+    """(token name, role) for an ``Authorization`` header value; Unauthorized otherwise."""
+    if not header:
+        raise Unauthorized("no Authorization header")
+    scheme, _, secret = header.partition(" ")
+    if scheme.lower() != "bearer" or not secret.strip():
+        raise Unauthorized("the Authorization header is not 'Bearer TOKEN'")
+    digest = _digest(secret.strip())
+    with ctx.catalog.session() as s:
+        t = s.execute(select(Token).where(Token.digest == digest)).scalar_one_or_none()
+        if t is None or not hmac.compare_digest(t.digest, digest):
+            raise Unauthorized("unknown or revoked token")
+        now = datetime.now(UTC)
+        if t.last_used_at is None or now - t.last_used_at >= LAST_USED_STEP:
+            t.last_used_at = now  # else a read stays a read: no write per request
+        return t.name, t.role
+
+
+def authorize(name: str, role: str, action: str, overrides: dict[str, str]) -> None:
+    """Forbidden unless ``role`` is at least the role ``action`` needs."""
+    needed = overrides.get(action) or POLICY.get(action, "admin")
+    if ROLES.index(role) < ROLES.index(needed):
+        raise Forbidden(name, role, action, needed)

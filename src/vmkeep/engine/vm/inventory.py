@@ -1,0 +1,315 @@
+"""VM inventory and the per-VM quiesce contract (OpenNebula DispatchManager / Nova quiesce spec).
+
+Every action checks the VM's state first and refuses a wrong state with ``WrongState``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from sqlalchemy import select
+
+from vmkeep import jsontext
+from vmkeep.catalog import lock
+from vmkeep.catalog.tables import Vm
+from vmkeep.engine.core import states
+from vmkeep.engine.core.backup_config import resolve, validate
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.vm import quiesce as quiesce_guard
+from vmkeep.engine.vm.quiesce import Thawed, ensure_thawed
+from vmkeep.engine.vm.record import BUSY_STATES, OFF_HOST, find_vm, set_lcm, states_of
+from vmkeep.engine.vm.recovery import recover_vm
+from vmkeep.errors import (
+    AgentTimeout,
+    AgentUnavailable,
+    DomainNotFound,
+    HypervisorError,
+    InvalidValue,
+    WrongState,
+)
+from vmkeep.model import DomainInfo, LcmState, VmState
+from vmkeep.names import check_name
+
+log = logging.getLogger(__name__)
+
+
+def _observed(
+    ctx: Context,
+    name: str,
+    state: str,
+    lcm_state: str,
+    state_file: str | None,
+    live: dict[str, DomainInfo] | None = None,
+) -> tuple[str, str]:
+    """The (state, lcm_state) the catalog should hold for a VM whose row has ``state``,
+    ``lcm_state`` and ``state_file``, as libvirt sees it now (``live``: every domain's, from one
+    call; else the domain is asked)."""
+    try:
+        info = ctx.hv.domain(name) if live is None else live[name]
+    except (DomainNotFound, KeyError):
+        if state in OFF_HOST:
+            return state, lcm_state  # PENDING, HOLD, STOPPED, UNDEPLOYED, DONE: no domain
+        new, lcm = VmState.UNKNOWN, LcmState.UNKNOWN
+    else:
+        new, lcm = states_of(info)
+        if (state in OFF_HOST or state_file) and new != VmState.ACTIVE:
+            return state, lcm_state  # saved or off the host: only a running domain says else
+    return new, lcm_state if lcm_state in BUSY_STATES else lcm
+
+
+def _refresh(ctx: Context, vm: Vm, live: dict[str, DomainInfo] | None = None) -> None:
+    state, lcm = _observed(ctx, vm.name, vm.state, vm.lcm_state, vm.state_file, live)
+    # assign only what changed: an unchanged row then costs the session's flush nothing
+    if vm.state != state:
+        vm.state = state
+    if vm.lcm_state != lcm:
+        vm.lcm_state = lcm
+
+
+def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
+    """Add a libvirt domain to the catalog (idempotent: re-import refreshes it)."""
+    info = ctx.hv.domain(domain)
+    try:
+        check_name(f"domain name of {domain!r}", info.name)
+    except InvalidValue as err:
+        raise InvalidValue(
+            "domain", domain, f"{err.args[2]}; rename it first with 'virsh domrename'"
+        ) from None
+    state, lcm = states_of(info)
+    with ctx.catalog.session() as s:
+        vm = s.execute(select(Vm).where(Vm.uuid == info.uuid)).scalar_one_or_none()
+        if vm is None:
+            vm = s.execute(select(Vm).where(Vm.name == info.name)).scalar_one_or_none()
+        if vm is None:
+            vm = Vm(name=info.name, uuid=info.uuid, host_uri=ctx.hv.uri, backup_config={})
+            s.add(vm)
+        vm.name, vm.uuid, vm.host_uri, vm.state = info.name, info.uuid, ctx.hv.uri, state
+        if vm.lcm_state is None or vm.lcm_state not in BUSY_STATES:
+            vm.lcm_state = lcm
+        s.flush()
+        return vm_dict(vm, info)
+
+
+def import_all(ctx: Context) -> list[dict[str, Any]]:
+    return [import_vm(ctx, d.name) for d in ctx.hv.list_domains()]
+
+
+def list_vms(ctx: Context) -> list[dict[str, Any]]:
+    """Every VM, its state refreshed from one libvirt call. The rows are read as plain tuples
+    and only those whose state changed are loaded as objects and written (1,000 VMs: 25 ms as
+    ORM objects, 9 ms so, in-process)."""
+    with ctx.catalog.session() as s:
+        rows = s.execute(select(Vm.state_file, *_SHOWN).order_by(Vm.id)).all()
+        live = ctx.hv.states()  # one libvirt call, however many VMs
+        out, changed = [], []
+        for state_file, *shown in rows:
+            d = _summary(*shown)
+            state, lcm = _observed(ctx, d["name"], d["state"], d["lcm_state"], state_file, live)
+            if (state, lcm) != (d["state"], d["lcm_state"]):
+                changed.append(d["id"])
+                d["state"], d["lcm_state"] = state, lcm
+            out.append(d)
+        if changed:
+            for vm in s.execute(select(Vm).where(Vm.id.in_(changed))).scalars():
+                _refresh(ctx, vm, live)
+        return out
+
+
+def show_vm(ctx: Context, ref: str) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        _refresh(ctx, vm)
+        try:
+            info: DomainInfo | None = ctx.hv.domain(vm.name)
+        except DomainNotFound:
+            info = None
+        return vm_dict(vm, info)
+
+
+@functools.lru_cache(maxsize=256)
+def _resolved_cached(config_json: bytes) -> bytes:
+    return jsontext.dumps(resolve(jsontext.loads(config_json)).as_dict())
+
+
+def _resolved(config: dict[str, Any] | None) -> dict[str, Any]:
+    """A VM's effective backup config (most VMs share one: resolved once, copied per row)."""
+    key = orjson.dumps(config or {}, option=orjson.OPT_SORT_KEYS)
+    result: dict[str, Any] = jsontext.loads(_resolved_cached(key))
+    return result
+
+
+# the columns of a VM that ``vm list`` and ``vm show`` show, in ``_summary``'s order
+_SHOWN = (Vm.id, Vm.name, Vm.uuid, Vm.host_uri, Vm.state, Vm.lcm_state, Vm.pool,
+          Vm.backup_config, Vm.error, Vm.created, Vm.usage)  # fmt: skip
+
+
+def _summary(
+    id: int,
+    name: str,
+    uuid: str,
+    host: str,
+    state: str,
+    lcm_state: str,
+    pool: str | None,
+    backup_config: dict[str, Any] | None,
+    error: str | None,
+    created: bool,
+    usage: dict[str, Any] | None,
+) -> dict[str, Any]:
+    return {
+        "id": id,
+        "name": name,
+        "uuid": uuid,
+        "host": host,
+        "state": state,
+        "lcm_state": lcm_state,
+        "pool": pool,
+        "backup_config": _resolved(backup_config),
+        "error": error,
+        "created": created,
+        "usage": usage or {},
+    }
+
+
+def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
+    out = _summary(*(getattr(vm, c.key) for c in _SHOWN))
+    if info is not None:
+        out["disks"] = [
+            {"target": d.target, "path": d.path, "format": d.fmt, "device": d.device}
+            for d in info.disks
+        ]
+        out["agent_channel"] = info.has_agent_channel
+        out["checkpoints"] = list(info.checkpoints)
+    return out
+
+
+def check_action(ctx: Context, ref: str, action: str) -> str:
+    """Raise WrongState unless the VM's current state allows ``action``; returns its name."""
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        check_state(ctx, vm, action)
+        return vm.name
+
+
+def check_state(ctx: Context, vm: Vm, action: str) -> None:
+    """Refresh the VM's row (in its session) from libvirt; WrongState unless it allows ``action``."""
+    _refresh(ctx, vm)
+    needs = states.needs(action)
+    if vm.lcm_state not in needs:
+        raise WrongState(vm.name, vm.lcm_state, action, " or ".join(sorted(needs)))
+
+
+@contextmanager
+def vm_action(
+    ctx: Context, ref: str, action: str, needs: frozenset[LcmState] | None = None
+) -> Iterator[Vm]:
+    """Lock the VM and check its lcm state for ``action``; yields a detached Vm row.
+
+    What a dead vmkeep process left on the VM (a BACKUP state, a RUNNING attempt, its checkpoint
+    and partial files, a frozen or paused guest) is cleaned up first, so no failure needs a
+    manual step before the next action."""
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        _refresh(ctx, vm)
+        vm_id, name = vm.id, vm.name
+    needs = states.needs(action) if needs is None else needs
+    with lock(ctx.catalog, f"vm:{vm_id}", action, label=f"VM {name}"):
+        recover_vm(ctx, vm_id, "the vmkeep process running it died; cleaned up by the next action")
+        with ctx.catalog.session() as s:
+            vm = find_vm(s, str(vm_id))
+            if vm.lcm_state not in needs:
+                raise WrongState(vm.name, vm.lcm_state, action, " or ".join(sorted(needs)))
+        yield vm
+
+
+def quiesce(ctx: Context, ref: str) -> dict[str, Any]:
+    """RUNNING -> QUIESCING -> QUIESCED: freeze the guest file systems through the agent."""
+    with vm_action(ctx, ref, "quiesce") as vm:
+        set_lcm(ctx, vm.id, LcmState.QUIESCING)
+        try:
+            frozen = ctx.hv.fs_freeze(vm.name, ctx.agent_timeout)
+        except AgentUnavailable:
+            # Nothing happened in the guest: the VM stays RUNNING and the caller is told why.
+            set_lcm(ctx, vm.id, LcmState.RUNNING)
+            raise
+        except AgentTimeout:
+            # The agent is hung: the freeze may still run when it wakes. The VM stays RUNNING
+            # (not frozen on purpose) and a guard thaws it once the agent answers again.
+            set_lcm(ctx, vm.id, LcmState.RUNNING)
+            quiesce_guard.spawn(ctx, [vm.id], pending=True)
+            raise
+        except HypervisorError as err:
+            thawed = ensure_thawed(ctx, vm.name)
+            if thawed == Thawed.SILENT:
+                quiesce_guard.spawn(ctx, [vm.id], pending=True)
+            set_lcm(ctx, vm.id, LcmState.ERROR, error=f"quiesce failed: {err}")
+            raise
+        now = datetime.now(UTC)
+        set_lcm(ctx, vm.id, LcmState.QUIESCED, quiesced_at=now)
+        # A crashed or forgetful caller never leaves the guest frozen: thawed at the deadline.
+        max_s = ctx.config.quiesce.max_seconds
+        quiesce_guard.spawn(ctx, [vm.id], quiesced_at=now)
+        return {
+            "vm": vm.name,
+            "lcm_state": LcmState.QUIESCED,
+            "filesystems": frozen,
+            "auto_unquiesce_at": now + timedelta(seconds=max_s),
+        }
+
+
+def unquiesce(ctx: Context, ref: str) -> dict[str, Any]:
+    """QUIESCED -> UNQUIESCING -> RUNNING: thaw the guest file systems."""
+    with vm_action(ctx, ref, "unquiesce") as vm:
+        set_lcm(ctx, vm.id, LcmState.UNQUIESCING)
+        try:
+            thawed = ctx.hv.fs_thaw(vm.name, ctx.agent_timeout)
+        except HypervisorError as err:
+            quiesce_guard.spawn(ctx, [vm.id], pending=True)
+            set_lcm(ctx, vm.id, LcmState.ERROR, error=f"unquiesce failed: {err}")
+            raise
+        set_lcm(ctx, vm.id, LcmState.RUNNING, quiesced_at=None)
+        return {"vm": vm.name, "lcm_state": LcmState.RUNNING, "filesystems": thawed}
+
+
+def reset_state(ctx: Context, ref: str) -> dict[str, Any]:
+    """Admin recovery: make sure the guest is thawed and resumed, then take the state from libvirt."""
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        name, vm_id = vm.name, vm.id
+    with lock(ctx.catalog, f"vm:{vm_id}", "reset-state", label=f"VM {name}"):
+        recovered = recover_vm(ctx, vm_id, "reset-state: the vmkeep process running it died")
+        info = ctx.hv.domain(name)
+        if info.paused:
+            ctx.hv.resume(name)
+        thawed = ensure_thawed(ctx, name) if info.state == VmState.ACTIVE else None
+        if thawed == Thawed.SILENT:
+            quiesce_guard.spawn(ctx, [vm_id], pending=True)
+        state, lcm = states_of(ctx.hv.domain(name))
+        set_lcm(ctx, vm_id, lcm, state=state, quiesced_at=None)
+    return {
+        "vm": name,
+        "state": state,
+        "lcm_state": lcm,
+        "thawed": None if thawed is None else thawed == Thawed.CONFIRMED,
+        "agent": thawed,
+        "recovered": recovered,
+    }
+
+
+def configure(ctx: Context, ref: str, changes: dict[str, Any]) -> dict[str, Any]:
+    """Set BACKUP_CONFIG keys of a VM (validated; errors name the bad value)."""
+    normalised = {k: validate(k, v) for k, v in changes.items()}
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, ref)
+        cfg = dict(vm.backup_config or {})
+        for k, v in normalised.items():
+            cfg[k] = str(v) if hasattr(v, "value") else v
+        vm.backup_config = cfg
+        s.flush()
+        return vm_dict(vm)
