@@ -61,6 +61,9 @@ class VmkeepError(Exception):
 
     exit_code = 2
     http_status = 500
+    # what the failed action still has to show (a drill's evidence): kept on its job and shown
+    # with the error by the CLI, whether the daemon or the command ran it
+    result: dict[str, Any] | None = None
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)

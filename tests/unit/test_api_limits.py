@@ -19,14 +19,14 @@ from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import text
 
-from vmkeep.api import app as app_module
+from vmkeep.api import stream_routes
 from vmkeep.api.app import create_app
 from vmkeep.catalog.tables import Token
 from vmkeep.cli.main import cli
 from vmkeep.config import load_config
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.service import audit, tokens
+from vmkeep.engine.service import audit, runners, tokens
 from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import CatalogError, TooManyRequests
 
@@ -176,8 +176,8 @@ def test_a_wait_and_a_stream_end_when_the_token_is_revoked(
     env: tuple[Context, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctx, secrets = env
-    monkeypatch.setattr(app_module, "TOKEN_RECHECK", 0.2)
-    monkeypatch.setattr(app_module, "EVENT_POLL", 0.05)
+    monkeypatch.setattr(stream_routes, "TOKEN_RECHECK", 0.2)
+    monkeypatch.setattr(stream_routes, "EVENT_POLL", 0.05)
     job = _queued_job(ctx)
     app = create_app(ctx.config)
     viewer = auth(secrets["viewer"])
@@ -244,8 +244,8 @@ def test_the_api_passes_the_queue_bound(
         raise TooManyRequests("queued jobs", args[5], 50, "[api] max_queued_per_token")
 
     monkeypatch.setattr(jobs, "enqueue", enqueue)
-    monkeypatch.setattr(app_module.inventory, "check_action", lambda _c, vm, _a: vm)
-    monkeypatch.setattr(app_module.stores, "check_exists", lambda _c, _d: None)
+    monkeypatch.setattr(runners.inventory, "check_action", lambda _c, vm, _a: vm)
+    monkeypatch.setattr(runners.stores, "check_exists", lambda _c, _d: None)
     client = TestClient(create_app(ctx.config))
     r = client.post(
         "/v1/vms/web/backup", json={"datastore": "d"}, headers=auth(secrets["operator"])
@@ -260,7 +260,7 @@ def test_files_requests_hold_a_work_slot(
     env: tuple[Context, dict[str, str]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     ctx, secrets = env
-    monkeypatch.setattr(app_module, "FILES_WAIT", 0.3)
+    monkeypatch.setattr(stream_routes, "FILES_WAIT", 0.3)
     slots = WorkSlots(1)
     client = TestClient(create_app(ctx.config, slots=slots))
     h = auth(secrets["operator"])

@@ -66,8 +66,10 @@ def test_route_table_is_complete(clean_env: Path) -> None:
 def test_every_route_with_every_role(api: tuple[TestClient, dict[str, str]], role: str) -> None:
     client, secrets = api
     for method, path, action in route_table():
-        url = path.replace("{vm}", "nope").replace("{ds}", "nope").replace("{group}", "nope")
-        for key in ("{backup_id}", "{job_id}"):
+        url = path
+        for key in ("{vm}", "{ds}", "{datastore}", "{group}"):
+            url = url.replace(key, "nope")
+        for key in ("{backup_id}", "{backup}", "{job_id}", "{group_backup}"):
             url = url.replace(key, "999999")
         r = client.request(method, url, json={} if method == "POST" else None,
                            headers=auth(secrets[role]), params={"max_seconds": 0})  # fmt: skip

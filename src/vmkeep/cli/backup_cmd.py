@@ -2,17 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
 import click
 
 from vmkeep.cli.output import act, ctx_of, emit_json, json_option, render, report_warnings
-from vmkeep.cli.remote import segment
-from vmkeep.model import Warnings
-
-if TYPE_CHECKING:
-    from vmkeep.engine.core.context import Context
 
 
 class DefaultGroup(click.Group):
@@ -40,22 +32,8 @@ def backup() -> None:
 def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: bool) -> None:
     """Back up VM to a datastore (full, or an increment per the VM's BACKUP_CONFIG). A running
     daemon on this catalog runs it as a job (Ctrl-C cancels it)."""
-
-    def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
-        from vmkeep.engine.protect.backup import run_backup
-
-        outcome = run_backup(ctx, vm, datastore, reset=reset, progress=progress)
-        return outcome.result, outcome.warnings
-
-    body = {"datastore": datastore, "reset": reset}
-    r, warnings = act(
-        c,
-        ("backup", vm, {"vm": vm, **body}),
-        # no VM name holds a "/": the command itself says what is wrong with such a reference
-        (f"/v1/vms/{segment(vm)}/backup", body) if "/" not in vm else None,
-        here,
-        bar=not as_json,
-    )
+    params = {"vm": vm, "datastore": datastore, "reset": reset}
+    r, warnings = act(c, "backup", params, bar=not as_json)
     if as_json:
         emit_json(r)
     else:

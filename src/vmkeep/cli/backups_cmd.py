@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from vmkeep.cli.output import CATALOG_ID, console, ctx_of, json_option, kv, read, render, table
+from vmkeep.cli.output import CATALOG_ID, act, console, json_option, kv, read, render, table
 from vmkeep.cli.remote import segment
 
 
@@ -68,12 +68,7 @@ def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 @click.pass_context
 def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Check every stored file against its checksum (exit 17 on a mismatch)."""
-    ctx = ctx_of(c)
-    from vmkeep.engine.core import jobs
-    from vmkeep.engine.restore.point import verify
-
-    with jobs.recorded(ctx, "verify", str(backup_id), {"backup": backup_id}) as job:
-        res = job.result = verify(ctx, backup_id)
+    res, _ = act(c, "verify", {"backup": backup_id}, bar=False)
     render(
         res,
         as_json,
@@ -90,9 +85,7 @@ def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 @click.pass_context
 def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json: bool) -> None:
     """Delete a whole chain, or its newest increment (never one others are built on)."""
-    from vmkeep.engine.points import stored
-
-    res = stored.delete_backup(ctx_of(c), backup_id, increment)
+    res, _ = act(c, "delete", {"backup": backup_id, "increment": increment}, bar=False)
     what = f"increment {increment} of backup" if increment is not None else "backup"
     render(
         res,
@@ -112,12 +105,7 @@ def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json:
 @click.pass_context
 def copy_cmd(c: click.Context, backup_id: int, to_ref: str, as_json: bool) -> None:
     """Copy a chain to a second datastore and verify it there (again later: only what is new)."""
-    ctx = ctx_of(c)
-    from vmkeep.engine.core import jobs
-    from vmkeep.engine.points import stored
-
-    with jobs.recorded(ctx, "copy", str(backup_id), {"backup": backup_id, "to": to_ref}) as job:
-        res = job.result = stored.copy_backup(ctx, backup_id, to_ref)
+    res, _ = act(c, "copy", {"backup": backup_id, "to": to_ref}, bar=False)
     render(
         res,
         as_json,

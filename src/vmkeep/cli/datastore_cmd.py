@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from vmkeep.cli.output import ctx_of, json_option, kv, render, table
+from vmkeep.cli.output import act, ctx_of, json_option, kv, render, table
 from vmkeep.engine.core import stores
 from vmkeep.engine.points import stored
 
@@ -100,7 +100,7 @@ def remove_cmd(c: click.Context, ref: str, force: bool, as_json: bool) -> None:
 @click.pass_context
 def scan_cmd(c: click.Context, ref: str, do_import: bool, as_json: bool) -> None:
     """List the chains stored in a datastore; --import brings unknown ones into the catalog."""
-    rows = stored.scan(ctx_of(c), ref, do_import)
+    rows = act(c, "scan", {"datastore": ref, "import": do_import}, bar=False)[0]["chains"]
     human = [
         dict(
             r,

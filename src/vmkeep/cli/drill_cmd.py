@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from vmkeep.cli.output import console, ctx_of, json_option, render
-from vmkeep.engine.core import jobs
-from vmkeep.engine.restore.drill import BOOT_TIMEOUT, check_passed, run_drill
+from vmkeep.cli.output import act, console, json_option, render, report_warnings, shown_on_failure
+
+BOOT_TIMEOUT = 300.0  # the params model's default (engine/service/params.py DrillParams)
 
 
 @click.command()
@@ -36,8 +36,7 @@ def drill(
 ) -> None:
     """Boot a restore point as an isolated throw-away VM and check it (checksums, fsck, agent,
     probe); the result is recorded on the point (backups show)."""
-    ctx = ctx_of(c)
-    params = {"backup": backup_id, "increment": increment, "probe": probe}
+    params = {"backup": backup_id, "increment": increment, "probe": probe, "timeout": timeout}
 
     def human(r: dict[str, Any]) -> None:
         for chk in r["checks"]:
@@ -46,8 +45,7 @@ def drill(
         console().print(f"drill {r['drill']} of backup {r['backup']} point {r['increment']}: "
                       f"{r['result']}", markup=False, highlight=False)  # fmt: skip
 
-    with jobs.recorded(ctx, "drill", str(backup_id), params) as job:
-        res, _ = run_drill(ctx, backup_id, increment, probe, timeout)
-        job.result = res
-        render(res, as_json, human)
-        check_passed(res)  # FAIL: exit 26, and the job is FAILED with this error
+    with shown_on_failure(as_json, human):  # FAIL: the evidence, then exit 26 (a FAILED job)
+        res, warnings = act(c, "drill", params, bar=False)
+    render(res, as_json, human)
+    report_warnings(warnings)

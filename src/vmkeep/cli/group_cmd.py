@@ -3,18 +3,12 @@ start/stop."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from vmkeep.cli.output import act, ctx_of, emit_json, json_option, render, report_warnings, table
-from vmkeep.cli.remote import segment
 from vmkeep.engine.groups import manage
-from vmkeep.model import Warnings
-
-if TYPE_CHECKING:
-    from vmkeep.engine.core.context import Context
 
 
 @click.group()
@@ -154,22 +148,8 @@ def backup_cmd(
     """Back up every member at one consistent cut: freeze in order, begin all, thaw in reverse.
     A running daemon on this catalog runs it as a job (Ctrl-C cancels it)."""
 
-    def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
-        from vmkeep.engine.groups.backup import run_group_backup
-
-        out = run_group_backup(
-            ctx, ref, datastore, parallel_freeze=parallel_freeze, reset=reset, progress=progress
-        )
-        return out.result, out.warnings
-
-    body = {"datastore": datastore, "parallel_freeze": parallel_freeze, "reset": reset}
-    r, warnings = act(
-        c,
-        ("group-backup", ref, {"group": ref, **body}),
-        (f"/v1/groups/{segment(ref)}/backup", body) if "/" not in ref else None,
-        here,
-        bar=not as_json,
-    )
+    params = {"group": ref, "datastore": datastore, "parallel_freeze": parallel_freeze}
+    r, warnings = act(c, "group-backup", params | {"reset": reset}, bar=not as_json)
     if as_json:
         emit_json(r)
     else:
@@ -206,7 +186,8 @@ def restore_cmd(
     c: click.Context, gb_id: int, suffix: str | None, start: bool, as_json: bool
 ) -> None:
     """Restore every member of group backup ID as new VMs (name + suffix)."""
-    res, warnings = manage.restore_group(ctx_of(c), gb_id, suffix, start=start)
+    params = {"group_backup": gb_id, "suffix": suffix, "start": start}
+    res, warnings = act(c, "group-restore", params, bar=False)
 
     def human(r: dict[str, Any]) -> None:
         for m in r["members"]:
@@ -237,8 +218,10 @@ def start_cmd(
     c: click.Context, ref: str, no_wait_agent: bool, timeout: float, as_json: bool
 ) -> None:
     """Start members in start order, each up before the next."""
-    rows = manage.start_group(ctx_of(c), ref, wait_agent=not no_wait_agent, timeout=timeout)
-    render(rows, as_json, _actions)
+    params = {"group": ref, "wait_agent": not no_wait_agent, "timeout": timeout}
+    res, warnings = act(c, "group-start", params, bar=False)
+    render(res["members"], as_json, _actions)
+    report_warnings(warnings)
 
 
 @group.command("stop")
@@ -249,5 +232,7 @@ def start_cmd(
 @click.pass_context
 def stop_cmd(c: click.Context, ref: str, force: bool, timeout: float, as_json: bool) -> None:
     """Shut members down in stop order, each off before the next."""
-    rows = manage.stop_group(ctx_of(c), ref, force=force, timeout=timeout)
-    render(rows, as_json, _actions)
+    params = {"group": ref, "force": force, "timeout": timeout}
+    res, warnings = act(c, "group-stop", params, bar=False)
+    render(res["members"], as_json, _actions)
+    report_warnings(warnings)

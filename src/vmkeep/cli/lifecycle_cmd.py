@@ -1,5 +1,6 @@
-"""``vmkeep vm ACTION VM ...``: the lifecycle actions (engine/lifecycle/dispatch.py), ``vm poll`` and
-``vm history``. Each action is recorded as a job and in the VM's history."""
+"""``vmkeep vm ACTION VM ...``: the lifecycle actions (engine/lifecycle/), ``vm poll`` and
+``vm history``. Each action is an entry of the action table: the daemon's job when a daemon
+serves the catalog, else run here and recorded as a job; always in the VM's history."""
 
 from __future__ import annotations
 
@@ -9,21 +10,15 @@ from typing import Any
 
 import click
 
-from vmkeep.cli.output import ctx_of, json_option, kv, render, report_warnings, table
-from vmkeep.engine.core import jobs
-from vmkeep.engine.lifecycle import dispatch
+from vmkeep.cli.output import act, ctx_of, json_option, kv, render, report_warnings, table
 
 VM = click.argument("ref", metavar="VM")
 HARD = click.option("--hard", is_flag=True, help="Do not ask the guest: pull the plug / reset.")
 
 
 def _run(c: click.Context, ref: str, action: str, opts: dict[str, Any], as_json: bool) -> None:
-    ctx = ctx_of(c)
-    opts = {k: v for k, v in opts.items() if v not in (None, False)}
-    params = {"vm": ref, "action": action, "opts": opts}
-    with jobs.recorded(ctx, "vm-action", ref, params) as job:
-        res, warnings = dispatch.run_action(ctx, ref, action, opts, who=jobs.local_user())
-        job.result = res
+    given = {k: v for k, v in opts.items() if v is not None}
+    res, warnings = act(c, f"vm-{action}", {"vm": ref, **given}, bar=False)
     render(res, as_json, kv)
     report_warnings(warnings)
 
@@ -122,8 +117,10 @@ def _group(name: str) -> click.Group:
 @click.pass_context
 def create_cmd(c: click.Context, xml_file: Path, hold: bool, as_json: bool) -> None:
     """Create a VM in the catalog (PENDING) from a domain XML; 'vm deploy' boots it."""
-    ctx = ctx_of(c)
-    res = dispatch.create(ctx, xml_file.read_text(), hold=hold, who=jobs.local_user())
+    from vmkeep.engine.core.jobs import local_user
+    from vmkeep.engine.lifecycle import dispatch
+
+    res = dispatch.create(ctx_of(c), xml_file.read_text(), hold=hold, who=local_user())
     render(res, as_json, kv)
 
 
@@ -133,6 +130,8 @@ def create_cmd(c: click.Context, xml_file: Path, hold: bool, as_json: bool) -> N
 @click.pass_context
 def snapshot_list(c: click.Context, ref: str, as_json: bool) -> None:
     """System and disk snapshots of a VM."""
+    from vmkeep.engine.lifecycle import dispatch
+
     res = dispatch.snapshots(ctx_of(c), ref)
     render(res, as_json, lambda r: table(r["snapshots"], ("id", "kind", "disk", "memory", "name")))
 
@@ -149,9 +148,7 @@ def recover_cmd(c: click.Context, ref: str, how: str | None, as_json: bool) -> N
     """Admin: leave a *_FAILURE or stuck state."""
     if how is None:
         raise click.UsageError("give one of --success, --failure, --retry, --delete")
-    res, warnings = dispatch.recover(ctx_of(c), ref, how, who=jobs.local_user())
-    render(res, as_json, kv)
-    report_warnings(warnings)
+    _run(c, ref, "recover", {"how": how}, as_json)
 
 
 @click.command("poll")
@@ -160,6 +157,8 @@ def recover_cmd(c: click.Context, ref: str, how: str | None, as_json: bool) -> N
 @click.pass_context
 def poll_cmd(c: click.Context, ref: str | None, as_json: bool) -> None:
     """Poll the VMM driver: states and usage of the VMs on the host."""
+    from vmkeep.engine.lifecycle import dispatch
+
     rows = dispatch.poll(ctx_of(c), ref)
     flat = [{"vm": r["vm"], "state": r.get("state"), **r.get("poll", {}),
              **({"error": r["error"]} if "error" in r else {})} for r in rows]  # fmt: skip
@@ -172,6 +171,8 @@ def poll_cmd(c: click.Context, ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def history_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """The lifecycle actions run on a VM."""
+    from vmkeep.engine.lifecycle import dispatch
+
     rows = dispatch.history(ctx_of(c), ref)
     render(rows, as_json, lambda r: table(r, ("id", "action", "origin", "who", "start", "end",
                                                "result", "error")))  # fmt: skip

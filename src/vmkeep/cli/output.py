@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vmkeep import jsontext
+from vmkeep import errors, jsontext
 from vmkeep.cli import remote
 from vmkeep.cli.lazy import resolve
 from vmkeep.model import Warnings
@@ -129,36 +129,42 @@ def read(
 
 
 def act(
-    click_ctx: click.Context,
-    job: tuple[str, str, dict[str, Any]],
-    daemon: tuple[str, dict[str, Any]] | None,
-    call: Callable[[Context, Callable[[int, int], None]], tuple[Any, Warnings]],
-    *,
-    bar: bool,
+    click_ctx: click.Context, kind: str, params: dict[str, Any], *, bar: bool
 ) -> tuple[Any, Warnings]:
-    """A long action and its warnings. When a daemon serves this catalog, ``daemon`` (``POST
-    path``, body) hands it the action as a job, followed to its end (Ctrl-C cancels it; the
-    daemon cleans up); else ``call(ctx, progress)`` runs here, recorded as ``job`` (kind,
-    target, params). ``bar``: a byte progress bar on a terminal. The result comes as the same
-    JSON values either way (``jsontext``), so the output does not depend on which ran it."""
-    kind, target, params = job
-    with transfer_progress(f"{kind} {target}", not bar) as progress:
-        queued = remote.submit(click_ctx, *daemon) if daemon is not None else None
+    """A long action of the action table (``engine/service/actions.py``) and its warnings.
+    When a daemon serves this catalog, it runs the action as its job, followed to its end here
+    (Ctrl-C cancels it; the daemon cleans up); else it runs in this process, recorded as the same
+    job. ``bar``: a byte progress bar on a terminal. The result comes as the same JSON values
+    either way (``jsontext``), so the output does not depend on which ran it. An error that
+    carries a result (a drill's evidence) has it in ``.result``."""
+    from vmkeep.engine.service import actions
+
+    a = actions.action(kind)
+    p = actions.parse(a, params)
+    with transfer_progress(f"{kind} {a.target_of(p)}", not bar) as progress:
+        # no name holds a "/": the command itself says what is wrong with such a reference
+        ask = all("/" not in str(getattr(p, f)) for f in a.path_fields)
+        queued = (
+            remote.submit(click_ctx, a.path(p, remote.segment), a.body(p), a.method)
+            if ask
+            else None
+        )
         if queued is not None:  # from here on a Ctrl-C cancels the job
             result, warnings = queued.follow(progress)
             return result, Warnings(warnings)
-        from vmkeep.engine.core import jobs
-
-        ctx = ctx_of(click_ctx)
-        with jobs.recorded(ctx, kind, target, params) as recorded:
-
-            def both(done: int, total: int) -> None:
-                progress(done, total)
-                recorded(done, total)
-
-            result, warns = call(ctx, both)
-            recorded.result = result
+        result, warns = actions.run_here(ctx_of(click_ctx), a, p, progress)
     return jsontext.plain(result), warns
+
+
+@contextmanager
+def shown_on_failure(as_json: bool, human: Callable[[Any], None]) -> Iterator[None]:
+    """Render the result an action's error carries (a drill's evidence) before the error."""
+    try:
+        yield
+    except errors.VmkeepError as err:
+        if err.result is not None:
+            render(jsontext.plain(err.result), as_json, human)
+        raise
 
 
 def report_warnings(warnings: Warnings) -> None:

@@ -154,7 +154,9 @@ class Job:
         if self.job["state"] == "CANCELLED":
             raise KeyboardInterrupt
         if self.job["state"] == "FAILED":
-            raise _error(500, {"error": self.job["error"] or {}})
+            err = _error(500, {"error": self.job["error"] or {}})
+            err.result = self.job.get("result")  # what the action still has to show
+            raise err
         result = dict(self.job["result"] or {})
         return result, list(result.pop("warnings", []))
 
@@ -184,8 +186,9 @@ class Job:
         )
 
 
-def submit(c: click.Context, path: str, body: dict[str, Any]) -> Job | None:
-    """Ask the daemon to run a long action (``POST path``): its queued job, or None when the
+def submit(c: click.Context, path: str, body: dict[str, Any], method: str = "POST") -> Job | None:
+    """Ask the daemon to run a long action (``METHOD path``, the body as the query of a
+    DELETE): its queued job, or None when the
     command must run it itself: no daemon, ``VMKEEP_NO_DAEMON``, a daemon on another catalog
     (421) or not vmkeep's (401/403). Its refusal (unknown VM, wrong state, a value out of
     range) is raised as the command's own error. Never falls back once the daemon may have
@@ -196,7 +199,11 @@ def submit(c: click.Context, path: str, body: dict[str, Any]) -> Job | None:
         return None
     with _held_signals() as held:  # a Ctrl-C now must not lose a job the daemon just queued
         try:
-            status, data = _ask(where, "POST", path, body)
+            if method == "DELETE":
+                query = {k: str(v).lower() if isinstance(v, bool) else v for k, v in body.items()}
+                status, data = _ask(where, method, path + (f"?{urlencode(query)}" if query else ""))
+            else:
+                status, data = _ask(where, method, path, body)
         except _ABSENT:
             status, data = 0, None
         except (OSError, http.client.HTTPException) as err:

@@ -4,16 +4,11 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import click
 
 from vmkeep.cli.output import act, json_option, kv, render, report_warnings
-from vmkeep.model import Warnings
-
-if TYPE_CHECKING:
-    from vmkeep.engine.core.context import Context
 
 
 @click.command()
@@ -58,27 +53,13 @@ if TYPE_CHECKING:
 @click.pass_context
 def restore(c: click.Context, backup_id: int, as_json: bool, **opts: object) -> None:
     """Restore a backup as a new VM, one disk image, or the VM itself (--in-place). A running
-    daemon on this catalog runs it as a job (Ctrl-C cancels it), except --instant."""
+    daemon on this catalog runs it as a job (Ctrl-C cancels it)."""
     given = {k: v for k, v in opts.items() if v is not None and v is not False}  # --increment 0
     params: dict[str, Any] = {"backup": backup_id, **given}
     if isinstance(opts.get("path"), str):  # the daemon's working directory is not this one
         path = str(opts["path"])
         params["path"] = os.path.abspath(path) + ("/" if path.endswith("/") and path != "/" else "")
 
-    def here(ctx: Context, progress: Callable[[int, int], None]) -> tuple[Any, Warnings]:
-        from vmkeep.engine.restore.inplace import run_restore
-        from vmkeep.engine.restore.point import RestoreOptions
-
-        return run_restore(ctx, backup_id, RestoreOptions(**opts), progress)  # type: ignore[arg-type]
-
-    body = {k: v for k, v in params.items() if k != "backup"}
-    res, warnings = act(
-        c,
-        ("restore", str(backup_id), params),
-        # --instant runs the VM on the backup while it copies: in this process, as before
-        (f"/v1/backups/{backup_id}/restore", body) if not opts.get("instant") else None,
-        here,
-        bar=not as_json and bool(opts.get("instant")),
-    )
+    res, warnings = act(c, "restore", params, bar=not as_json and bool(opts.get("instant")))
     render(res, as_json, kv)
     report_warnings(warnings)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import click
 
 from vmkeep.cli.lazy import LazyGroup
-from vmkeep.cli.output import ctx_of, emit_json, json_option, kv, read, render, table
+from vmkeep.cli.output import act, ctx_of, emit_json, json_option, kv, read, render, table
 from vmkeep.cli.remote import segment
 
 COLUMNS = ("id", "name", "state", "lcm_state", "host")
@@ -74,12 +74,7 @@ def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) 
 @click.pass_context
 def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Freeze the guest file systems (RUNNING -> QUIESCED)."""
-    from vmkeep.engine.core import jobs
-    from vmkeep.engine.vm import inventory
-
-    ctx = ctx_of(c)
-    with jobs.recorded(ctx, "quiesce", ref, {"vm": ref}) as job:
-        res = job.result = inventory.quiesce(ctx, ref)
+    res, _ = act(c, "quiesce", {"vm": ref}, bar=False)
     render(
         res,
         as_json,
@@ -93,12 +88,7 @@ def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Thaw the guest file systems (QUIESCED -> RUNNING)."""
-    from vmkeep.engine.core import jobs
-    from vmkeep.engine.vm import inventory
-
-    ctx = ctx_of(c)
-    with jobs.recorded(ctx, "unquiesce", ref, {"vm": ref}) as job:
-        res = job.result = inventory.unquiesce(ctx, ref)
+    res, _ = act(c, "unquiesce", {"vm": ref}, bar=False)
     render(
         res,
         as_json,
@@ -112,9 +102,7 @@ def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Admin: thaw/resume the guest and take the state from libvirt (clears ERROR)."""
-    from vmkeep.engine.vm import inventory
-
-    render(inventory.reset_state(ctx_of(c), ref), as_json, kv)
+    render(act(c, "reset-state", {"vm": ref}, bar=False)[0], as_json, kv)
 
 
 @vm.command("config")

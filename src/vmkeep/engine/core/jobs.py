@@ -282,6 +282,8 @@ def _finish(
             j.result = jsontext.plain(result)  # as the CLI's --json writes it (dates ISO)
             j.progress = 1.0
         if err is not None and state == FAILED:
+            if err_result := getattr(err, "result", None):
+                j.result = jsontext.plain(err_result)
             j.error = str(err)
             j.error_code = type(err).__name__
         if state == CANCELLED:

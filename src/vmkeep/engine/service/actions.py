@@ -1,115 +1,244 @@
-"""The long actions a job can run: kind -> engine call. The CLI, the API and (later) schedules
-enqueue these kinds; a daemon worker runs them through ``jobs.execute``. Each runner takes the
-job's JSON params and a progress callback and returns (result, warnings)."""
+"""The action table: every long action vmkeep runs, one entry each. The one door.
+
+An entry names the action's job ``kind``, its typed ``params`` model (``params.py``), the
+``policy`` key whose least role may ask for it (``tokens.POLICY``, ``[api.policy]``), the param
+that names its ``target``, what it ``locks`` while it runs, its API ``route``, and two engine
+calls by name (``runners.py``, imported only when an action runs):
+
+- ``check(ctx, action, params, actor) -> params``: what can be refused before the action is queued (an
+  unknown VM, a wrong state, a place outside the actor's); returns the params with references
+  made canonical (a VM's name for its id). The runner checks again under its locks.
+- ``run(ctx, action, params, progress, caller) -> (result, warnings)``: the engine call itself.
+
+Every adapter goes through here: the API's action routes are generated from the table
+(``api/actions.py``); the CLI hands an action to the daemon when one serves the catalog, or runs
+it in-process through ``run_here`` (recorded as the same job); the daemon's workers run queued
+jobs through ``RUNNERS``. Adding an action: a params model, an entry here, its check and run in
+``runners.py``, a CLI command that calls ``cli/output.act`` (docs/architecture.md).
+
+Only pydantic and the standard library at import: the CLI loads this module on its way to the
+daemon.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from functools import partial
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from vmkeep.engine.core import trust
-from vmkeep.engine.core.context import Context
-from vmkeep.engine.core.jobs import Runner
-from vmkeep.engine.groups import backup as group_backup
-from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.points import stored
-from vmkeep.engine.protect import backup
-from vmkeep.engine.restore import drill, inplace, point
-from vmkeep.engine.vm import inventory
+from vmkeep.engine.service import params as P
+
+if TYPE_CHECKING:
+    from vmkeep.engine.core.context import Context
+    from vmkeep.engine.core.trust import Actor
+    from vmkeep.model import Warnings
 
 Progress = Callable[[int, int], None]
 
 
-def _backup(
-    ctx: Context, p: dict[str, Any], progress: Progress
+@dataclass(frozen=True)
+class Caller:
+    """Who runs an action and through which door: the actor whose places bound it, the name its
+    history and job rows show, and the origin ("cli": in the command's process; "api": a job of
+    the daemon, whether the CLI, the API or a schedule queued it)."""
+
+    actor: Actor
+    who: str
+    origin: str
+
+
+@dataclass(frozen=True)
+class Action:
+    kind: str
+    params: type[P.Params]
+    policy: str
+    target: str  # the params field naming what it acts on (the job's target)
+    locks: str  # what it holds while it runs: "vm", "point", "group", "datastore"
+    route: str  # the API route, "{field}" segments from the params
+    check: str  # "module:function" in vmkeep.engine.service.runners
+    run: str
+    summary: str
+    method: str = "POST"
+
+    @property
+    def path_fields(self) -> list[str]:
+        return re.findall(r"{(\w+)}", self.route)
+
+    def path(self, p: P.Params, quote: Callable[[str], str]) -> str:
+        """The route for these params, each path segment through ``quote``."""
+        return self.route.format(**{f: quote(str(getattr(p, f))) for f in self.path_fields})
+
+    def body(self, p: P.Params) -> dict[str, Any]:
+        """The params the route takes in its body (or query, for DELETE): all but the path's."""
+        return p.model_dump(by_alias=True, exclude=set(self.path_fields), exclude_none=True)
+
+    def target_of(self, p: P.Params) -> str:
+        return str(getattr(p, self.target))
+
+
+def _vm(kind: str, params: type[P.Params], summary: str, policy: str = "vm-action") -> Action:
+    """A lifecycle action (engine/lifecycle): ``POST /v1/vms/{vm}/actions/NAME``."""
+    return Action(f"vm-{kind}", params, policy, "vm", "vm", f"/v1/vms/{{vm}}/actions/{kind}",
+                  "lifecycle", "lifecycle", summary)  # fmt: skip
+
+
+_TABLE = [
+    Action("backup", P.BackupParams, "backup", "vm", "vm", "/v1/vms/{vm}/backup",
+           "backup", "backup", "Back up a VM (full, or an increment per its backup config)."),
+    Action("group-backup", P.GroupBackupParams, "group-backup", "group", "group",
+           "/v1/groups/{group}/backup", "group_backup", "group_backup",
+           "Back up every member at one consistent cut."),
+    Action("restore", P.RestoreParams, "restore", "backup", "point",
+           "/v1/backups/{backup}/restore", "restore", "restore",
+           "Restore a point: new VM, one disk, in place, or instant."),
+    Action("verify", P.PointParams, "verify", "backup", "point", "/v1/backups/{backup}/verify",
+           "point", "verify", "Check every stored file against its checksum."),
+    Action("copy", P.CopyParams, "copy", "backup", "point", "/v1/backups/{backup}/copy",
+           "copy", "copy", "Copy a chain to a second datastore and verify it there."),
+    Action("delete", P.DeleteParams, "backup-delete", "backup", "point", "/v1/backups/{backup}",
+           "point", "delete", "Delete a chain, or its newest increment.", method="DELETE"),
+    Action("drill", P.DrillParams, "drill", "backup", "point", "/v1/backups/{backup}/drill",
+           "point", "drill", "Boot a point as an isolated VM and check it."),
+    Action("scan", P.ScanParams, "datastore-scan", "datastore", "datastore",
+           "/v1/datastores/{datastore}/scan", "datastore", "scan",
+           "List the chains a datastore holds; import unknown ones."),
+    Action("quiesce", P.VmParams, "quiesce", "vm", "vm", "/v1/vms/{vm}/quiesce",
+           "vm_state", "quiesce", "Freeze the guest file systems."),
+    Action("unquiesce", P.VmParams, "unquiesce", "vm", "vm", "/v1/vms/{vm}/unquiesce",
+           "vm_state", "unquiesce", "Thaw the guest file systems."),
+    Action("reset-state", P.VmParams, "reset-state", "vm", "vm", "/v1/vms/{vm}/reset-state",
+           "vm", "reset_state", "Thaw/resume the guest, take the state from libvirt."),
+    Action("group-start", P.GroupStartParams, "group-start", "group", "group",
+           "/v1/groups/{group}/start", "group", "group_start",
+           "Start the members in start order."),
+    Action("group-stop", P.GroupStopParams, "group-stop", "group", "group",
+           "/v1/groups/{group}/stop", "group", "group_stop", "Stop the members in stop order."),
+    Action("group-restore", P.GroupRestoreParams, "group-restore", "group_backup", "group",
+           "/v1/group-backups/{group_backup}/restore", "group_point", "group_restore",
+           "Restore every member of a group backup as new VMs."),
+    _vm("deploy", P.VmParams, "Define and boot a PENDING or UNDEPLOYED VM."),
+    _vm("hold", P.VmParams, "Keep a PENDING VM from being deployed."),
+    _vm("release", P.VmParams, "Let a HOLD VM be deployed."),
+    _vm("poweroff", P.HardParams, "Shut the guest down (hard: pull the plug)."),
+    _vm("reboot", P.HardParams, "Reboot the guest (hard: reset)."),
+    _vm("suspend", P.VmParams, "Save the guest's memory on the host and stop it."),
+    _vm("resume", P.VmParams, "Bring a SUSPENDED or STOPPED VM back; boot a POWEROFF one."),
+    _vm("stop", P.VmParams, "Save the memory to a state file, take the VM off the host."),
+    _vm("undeploy", P.HardParams, "Take the VM off the host, disks kept."),
+    _vm("terminate", P.TerminateParams, "Destroy the VM and delete its disks.", "vm-terminate"),
+    _vm("resize", P.ResizeParams, "Change vCPUs and memory of a stopped VM."),
+    _vm("disk-resize", P.DiskResizeParams, "Grow a disk."),
+    _vm("migrate", P.MigrateParams, "Live migration (not supported yet)."),
+    _vm("snapshot-create", P.VmParams, "Take a system snapshot."),
+    _vm("snapshot-revert", P.SnapshotParams, "Go back to a system snapshot."),
+    _vm("snapshot-delete", P.SnapshotParams, "Delete a system snapshot."),
+    _vm("disk-snapshot-create", P.DiskParams, "Snapshot one disk of a powered-off VM."),
+    _vm("disk-snapshot-revert", P.SnapshotParams, "Put one disk back to its snapshot."),
+    _vm("disk-snapshot-delete", P.SnapshotParams, "Delete a disk snapshot."),
+    _vm("disk-attach", P.DiskAttachParams, "Attach a disk."),
+    _vm("disk-detach", P.DiskDetachParams, "Detach a disk (its image stays)."),
+    _vm("nic-attach", P.NicAttachParams, "Attach a NIC."),
+    _vm("nic-detach", P.NicDetachParams, "Detach a NIC."),
+    _vm("recover", P.RecoverParams, "Admin: leave a *_FAILURE or stuck state.", "vm-recover"),
+]  # fmt: skip
+
+ACTIONS: dict[str, Action] = {a.kind: a for a in _TABLE}
+
+
+def action(kind: str) -> Action:
+    from vmkeep.errors import InvalidValue
+
+    if kind not in ACTIONS:
+        raise InvalidValue("kind", kind, f"use one of {', '.join(ACTIONS)}")
+    return ACTIONS[kind]
+
+
+def _call(name: str, a: Action) -> Callable[..., Any]:
+    runners = import_module("vmkeep.engine.service.runners")
+    fn: Callable[..., Any] = getattr(runners, f"{name}_{getattr(a, name)}")
+    return fn
+
+
+def parse(a: Action, data: dict[str, Any]) -> P.Params:
+    """The action's params from plain values; InvalidValue names the first one out of range."""
+    from pydantic import ValidationError
+
+    from vmkeep.errors import InvalidValue
+
+    try:
+        return a.params.model_validate(data)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ())) or a.kind
+        raise InvalidValue(where, first.get("input"), first.get("msg", "")) from None
+
+
+def check(ctx: Context, a: Action, p: P.Params, actor: Actor) -> P.Params:
+    """The action's checks before it is queued or run: refusals now, not a failed job later."""
+    checked: P.Params = _call("check", a)(ctx, a, p, actor)
+    return checked
+
+
+def run(
+    ctx: Context, a: Action, p: P.Params, progress: Progress, caller: Caller
+) -> tuple[dict[str, Any], Warnings]:
+    """The action itself (its own checks again, under its locks)."""
+    from vmkeep.model import Warnings
+
+    result, warnings = _call("run", a)(ctx, a, p, progress, caller)
+    return result, warnings if isinstance(warnings, Warnings) else Warnings(list(warnings))
+
+
+def enqueue(
+    ctx: Context, a: Action, p: P.Params, actor: Actor, max_queued: int | None = None
+) -> dict[str, Any]:
+    """Check, then queue the action as a daemon's job (``who``: the actor's name). The job's
+    params carry the actor's role, so the runner bounds it by the same places."""
+    from vmkeep.engine.core import jobs, trust
+
+    p = check(ctx, a, p, actor)
+    stored = p.model_dump(mode="json", by_alias=True, exclude_none=True)
+    stored |= {trust.ROLE_KEY: actor.role, "actor": actor.name}
+    return jobs.enqueue(ctx, a.kind, a.target_of(p), stored, "api", actor.name, max_queued)
+
+
+def run_here(
+    ctx: Context, a: Action, p: P.Params, progress: Progress
+) -> tuple[dict[str, Any], Warnings]:
+    """Check and run the action in this process (the CLI without a daemon), recorded as a job of
+    this process: listed, cancellable (``jobs cancel``), with the same result and warnings."""
+    from vmkeep.engine.core import jobs, trust
+
+    who = jobs.local_user()
+    p = check(ctx, a, p, trust.LOCAL_ADMIN)
+    stored = p.model_dump(mode="json", by_alias=True, exclude_none=True)
+    with jobs.recorded(ctx, a.kind, a.target_of(p), stored) as job:
+
+        def both(done: int, total: int) -> None:
+            progress(done, total)
+            job(done, total)
+
+        result, warnings = run(ctx, a, p, both, Caller(trust.LOCAL_ADMIN, who, "cli"))
+        job.result = result | ({"warnings": warnings.items} if warnings else {})
+    return result, warnings
+
+
+def _job_runner(
+    a: Action, ctx: Context, stored: dict[str, Any], progress: Progress
 ) -> tuple[dict[str, Any], list[str]]:
-    out = backup.run_backup(
-        ctx, str(p["vm"]), str(p["datastore"]), reset=bool(p.get("reset")), progress=progress
-    )
-    return out.result, out.warnings.items
+    """A queued job of kind ``a.kind``, as a daemon worker runs it (``jobs.execute``)."""
+    from vmkeep.engine.core import trust
 
-
-def _group_backup(
-    ctx: Context, p: dict[str, Any], progress: Progress
-) -> tuple[dict[str, Any], list[str]]:
-    out = group_backup.run_group_backup(
-        ctx,
-        str(p["group"]),
-        str(p["datastore"]),
-        parallel_freeze=bool(p.get("parallel_freeze")),
-        reset=bool(p.get("reset")),
-        progress=progress,
-    )
-    return out.result, out.warnings.items
-
-
-def _restore(
-    ctx: Context, p: dict[str, Any], progress: Progress
-) -> tuple[dict[str, Any], list[str]]:
-    fields = point.RestoreOptions.__dataclass_fields__
-    opts = point.RestoreOptions(
-        **{k: v for k, v in p.items() if k in fields and k != "by"}, by=trust.actor_of(p)
-    )
-    result, warnings = inplace.run_restore(ctx, int(p["backup"]), opts, progress)
+    actor = trust.actor_of(stored)
+    fields = {k: v for k, v in stored.items() if k not in (trust.ROLE_KEY, "actor")}
+    p = parse(a, fields)
+    result, warnings = run(ctx, a, p, progress, Caller(actor, actor.name, "api"))
     return result, warnings.items
 
 
-def _verify(
-    ctx: Context, p: dict[str, Any], _progress: Progress
-) -> tuple[dict[str, Any], list[str]]:
-    return point.verify(ctx, int(p["backup"])), []
-
-
-def _drill(
-    ctx: Context, p: dict[str, Any], _progress: Progress
-) -> tuple[dict[str, Any], list[str]]:
-    result, warnings = drill.run_drill(
-        ctx,
-        int(p["backup"]),
-        p.get("increment"),
-        p.get("probe"),
-        float(p.get("timeout", drill.BOOT_TIMEOUT)),
-    )
-    drill.check_passed(result)  # a FAIL verdict is a FAILED job, as on the CLI
-    return result, warnings.items
-
-
-def _vm_action(
-    ctx: Context, p: dict[str, Any], _progress: Progress
-) -> tuple[dict[str, Any], list[str]]:
-    opts = dict(p.get("opts") or {})
-    if p["action"] == "recover":
-        result, warnings = dispatch.recover(ctx, str(p["vm"]), str(opts.get("how")), origin="api")
-    else:
-        result, warnings = dispatch.run_action(ctx, str(p["vm"]), str(p["action"]), opts,
-                                                origin="api", actor=trust.actor_of(p))  # fmt: skip
-    return result, warnings.items
-
-
-def _copy(ctx: Context, p: dict[str, Any], _progress: Progress) -> tuple[dict[str, Any], list[str]]:
-    return stored.copy_backup(ctx, int(p["backup"]), str(p["to"])), []
-
-
-def _quiesce(
-    ctx: Context, p: dict[str, Any], _progress: Progress
-) -> tuple[dict[str, Any], list[str]]:
-    return inventory.quiesce(ctx, str(p["vm"])), []
-
-
-def _unquiesce(
-    ctx: Context, p: dict[str, Any], _progress: Progress
-) -> tuple[dict[str, Any], list[str]]:
-    return inventory.unquiesce(ctx, str(p["vm"])), []
-
-
-RUNNERS: dict[str, Runner] = {
-    "backup": _backup,
-    "group-backup": _group_backup,
-    "restore": _restore,
-    "verify": _verify,
-    "drill": _drill,
-    "vm-action": _vm_action,
-    "copy": _copy,
-    "quiesce": _quiesce,
-    "unquiesce": _unquiesce,
+RUNNERS: dict[str, Callable[[Context, dict[str, Any], Progress], Any]] = {
+    a.kind: partial(_job_runner, a) for a in _TABLE
 }

@@ -47,6 +47,9 @@ POLICY: dict[str, str] = {
     "copy": "operator",
     "files": "operator",  # reads the guests' files: more than a viewer may see
     "group-create": "admin",
+    "group-start": "operator",  # each member as its lifecycle action would (vm-action)
+    "group-stop": "operator",
+    "group-restore": "operator",  # new VMs, as a restore makes
     "vm-action": "operator",  # lifecycle actions; recover and terminate need admin (below)
     "vm-recover": "admin",
     "vm-terminate": "admin",

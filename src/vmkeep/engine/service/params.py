@@ -1,0 +1,158 @@
+"""The typed params of every long action (pydantic): what a job row's ``params`` hold, what the
+API's action routes take (the target from the path, the rest from the body) and what the CLI
+fills from its options. Bounds here are the one place a value's range is stated; the engine
+checks meaning (a VM exists, a state allows the action) when the action runs.
+
+Only pydantic here: the CLI imports this module to hand an action to the daemon without loading
+the engine.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmkeep.names import MAX_ID
+
+Name = Annotated[str, Field(min_length=1, max_length=255)]
+CatalogId = Annotated[int, Field(ge=1, le=MAX_ID)]
+DiskName = Annotated[str, Field(max_length=64)]
+
+
+class Params(BaseModel):
+    """Params of one action: unknown fields are refused (a typo is an error, not ignored)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+# --- VMs ----------------------------------------------------------------------------------------
+class VmParams(Params):
+    vm: Name
+
+
+class BackupParams(VmParams):
+    datastore: Name
+    reset: bool = False
+
+
+# --- points -------------------------------------------------------------------------------------
+class PointParams(Params):
+    backup: CatalogId
+
+
+class RestoreParams(PointParams):
+    increment: int | None = Field(default=None, ge=0)
+    disk: DiskName | None = None
+    name: Name | None = None
+    path: str | None = Field(default=None, max_length=4096)
+    no_nic: bool = False
+    no_ip: bool = False
+    start: bool = False
+    force: bool = False
+    in_place: bool = False
+    instant: bool = False
+    copy_bwlimit: int = Field(default=0, ge=0, le=1 << 20)
+    without_memory: bool = False
+
+
+class CopyParams(PointParams):
+    to: Name
+
+
+class DeleteParams(PointParams):
+    increment: int | None = Field(default=None, ge=0)
+
+
+class DrillParams(PointParams):
+    increment: int | None = Field(default=None, ge=0)
+    probe: str | None = Field(default=None, min_length=1, max_length=4096)
+    timeout: float = Field(default=300.0, ge=1, le=86400)
+
+
+class ScanParams(Params):
+    datastore: Name
+    import_: bool = Field(default=False, alias="import")
+
+
+# --- groups -------------------------------------------------------------------------------------
+class GroupParams(Params):
+    group: Name
+
+
+class GroupBackupParams(GroupParams):
+    datastore: Name
+    parallel_freeze: bool = False
+    reset: bool = False
+
+
+class GroupStartParams(GroupParams):
+    wait_agent: bool = True
+    timeout: float = Field(default=120.0, gt=0, le=86400)
+
+
+class GroupStopParams(GroupParams):
+    force: bool = False
+    timeout: float = Field(default=60.0, gt=0, le=86400)
+
+
+class GroupRestoreParams(Params):
+    group_backup: CatalogId
+    suffix: str | None = Field(default=None, max_length=64)
+    start: bool = False
+
+
+# --- lifecycle actions (each reads its own options) ----------------------------------------------
+class HardParams(VmParams):
+    hard: bool = False
+
+
+class TerminateParams(HardParams):
+    keep_disks: bool = False
+
+
+class ResizeParams(VmParams):
+    vcpus: int | None = Field(default=None, ge=1, le=512)
+    memory: int | None = Field(default=None, ge=16, le=1 << 24)
+
+
+class DiskResizeParams(VmParams):
+    disk: DiskName | None = None
+    size: str = Field(min_length=1, max_length=32)
+
+
+class SnapshotParams(VmParams):
+    snapshot: int = Field(ge=1, le=2**31 - 1)
+
+
+class DiskParams(VmParams):
+    disk: DiskName | None = None
+
+
+class DiskAttachParams(VmParams):
+    source: str | None = Field(default=None, max_length=4096)
+    size: str | None = Field(default=None, max_length=32)
+    target: DiskName | None = None
+    format: str | None = Field(default=None, max_length=16)
+
+
+class DiskDetachParams(VmParams):
+    target: DiskName
+
+
+class NicAttachParams(VmParams):
+    bridge: str | None = Field(default=None, max_length=64)
+    mac: str | None = Field(default=None, max_length=17)
+    model: str | None = Field(default=None, max_length=32)
+
+
+class NicDetachParams(VmParams):
+    mac: str = Field(min_length=1, max_length=17)
+
+
+class MigrateParams(VmParams):
+    host: str | None = Field(default=None, max_length=255)
+
+
+class RecoverParams(VmParams):
+    how: Literal["success", "failure", "retry", "delete"]

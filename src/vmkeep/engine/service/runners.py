@@ -1,0 +1,198 @@
+"""The engine calls behind the action table (``actions.py``): for each entry a ``check_*`` (what
+can be refused before the action is queued, references made canonical) and a ``run_*`` (the
+action itself). Loaded only when an action is checked or run: it imports every room.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vmkeep.engine.core import stores, trust
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.trust import Actor
+from vmkeep.engine.groups import backup as group_backup
+from vmkeep.engine.groups import manage
+from vmkeep.engine.lifecycle import dispatch
+from vmkeep.engine.points import listing, stored
+from vmkeep.engine.protect import backup
+from vmkeep.engine.restore import drill, inplace, point
+from vmkeep.engine.service import params as P
+from vmkeep.engine.vm import inventory
+from vmkeep.engine.vm.record import find_vm
+from vmkeep.errors import DrillFailed
+from vmkeep.model import Warnings
+
+if TYPE_CHECKING:
+    from vmkeep.engine.service.actions import Action, Caller, Progress
+
+Outcome = tuple[dict[str, Any], Warnings | list[str]]
+
+
+# --- checks before queueing ------------------------------------------------------------------
+def check_backup(ctx: Context, _a: Action, p: P.BackupParams, _actor: Actor) -> P.Params:
+    name = inventory.check_action(ctx, p.vm, "backup")
+    stores.check_exists(ctx, p.datastore)  # 404 now, not a failed job later
+    return p.model_copy(update={"vm": name})
+
+
+def check_group_backup(ctx: Context, _a: Action, p: P.GroupBackupParams, _actor: Actor) -> P.Params:
+    name = manage.show_group(ctx, p.group)["name"]
+    stores.check_exists(ctx, p.datastore)
+    return p.model_copy(update={"group": name})
+
+
+def check_restore(ctx: Context, _a: Action, p: P.RestoreParams, actor: Actor) -> P.Params:
+    if p.path is not None:  # outside the actor's places: a 403 now (the job checks again)
+        dest = Path(p.path)
+        trust.check_restore_destination(ctx.config, actor, dest, p.force and dest.is_file())
+    shown = listing.show_backup(ctx, p.backup)
+    if p.in_place:  # a VM that is not powered off is a 409 now, not a failed job later
+        inventory.check_action(ctx, str(shown["vm_id"]), "restore in place")
+    return p
+
+
+def check_point(ctx: Context, _a: Action, p: P.PointParams, _actor: Actor) -> P.Params:
+    listing.show_backup(ctx, p.backup)
+    return p
+
+
+def check_copy(ctx: Context, _a: Action, p: P.CopyParams, _actor: Actor) -> P.Params:
+    listing.show_backup(ctx, p.backup)
+    stores.check_exists(ctx, p.to)
+    return p
+
+
+def check_datastore(ctx: Context, _a: Action, p: P.ScanParams, _actor: Actor) -> P.Params:
+    stores.check_exists(ctx, p.datastore)
+    return p
+
+
+def check_vm_state(ctx: Context, a: Action, p: P.VmParams, _actor: Actor) -> P.Params:
+    """The VM's state allows the action (quiesce, unquiesce)."""
+    return p.model_copy(update={"vm": inventory.check_action(ctx, p.vm, a.kind)})
+
+
+def check_vm(ctx: Context, _a: Action, p: P.VmParams, _actor: Actor) -> P.Params:
+    """The VM exists (an action allowed in any state)."""
+    with ctx.catalog.session() as s:
+        return p.model_copy(update={"vm": find_vm(s, p.vm).name})
+
+
+def check_group(ctx: Context, _a: Action, p: P.GroupParams, _actor: Actor) -> P.Params:
+    return p.model_copy(update={"group": manage.show_group(ctx, p.group)["name"]})
+
+
+def check_group_point(ctx: Context, _a: Action, p: P.GroupRestoreParams, _actor: Actor) -> P.Params:
+    manage.show_group_backup(ctx, p.group_backup)
+    return p
+
+
+def _lifecycle(a: Action, p: P.VmParams) -> tuple[str, dict[str, Any]]:
+    """The lifecycle action's name and its options (those given, not the defaults)."""
+    return a.kind.removeprefix("vm-"), p.model_dump(exclude={"vm"}, exclude_defaults=True)
+
+
+def check_lifecycle(ctx: Context, a: Action, p: P.VmParams, actor: Actor) -> P.Params:
+    """Unknown VM, refused or wrong state, a place outside the actor's: before queueing (one
+    catalog read and one look at libvirt; ``run_action`` checks again under the VM's lock)."""
+    name, opts = _lifecycle(a, p)
+    dispatch.check_places(ctx, name, opts, actor)
+    if name == "recover":  # any stuck state: it only has to be known
+        dispatch.check_allowed(ctx, p.vm, name)
+        return p
+    return p.model_copy(update={"vm": dispatch.check_allowed(ctx, p.vm, name, state=True).name})
+
+
+# --- the actions -----------------------------------------------------------------------------
+def run_backup(
+    ctx: Context, _a: Action, p: P.BackupParams, progress: Progress, _c: Caller
+) -> Outcome:
+    out = backup.run_backup(ctx, p.vm, p.datastore, reset=p.reset, progress=progress)
+    return out.result, out.warnings
+
+
+def run_group_backup(
+    ctx: Context, _a: Action, p: P.GroupBackupParams, progress: Progress, _c: Caller
+) -> Outcome:
+    out = group_backup.run_group_backup(
+        ctx,
+        p.group,
+        p.datastore,
+        parallel_freeze=p.parallel_freeze,
+        reset=p.reset,
+        progress=progress,
+    )
+    return out.result, out.warnings
+
+
+def run_restore(
+    ctx: Context, _a: Action, p: P.RestoreParams, progress: Progress, c: Caller
+) -> Outcome:
+    opts = point.RestoreOptions(**p.model_dump(exclude={"backup"}), by=c.actor)
+    return inplace.run_restore(ctx, p.backup, opts, progress)
+
+
+def run_verify(ctx: Context, _a: Action, p: P.PointParams, _pr: Progress, _c: Caller) -> Outcome:
+    return point.verify(ctx, p.backup), []
+
+
+def run_copy(ctx: Context, _a: Action, p: P.CopyParams, _pr: Progress, _c: Caller) -> Outcome:
+    return stored.copy_backup(ctx, p.backup, p.to), []
+
+
+def run_delete(ctx: Context, _a: Action, p: P.DeleteParams, _pr: Progress, _c: Caller) -> Outcome:
+    return stored.delete_backup(ctx, p.backup, p.increment), []
+
+
+def run_drill(ctx: Context, _a: Action, p: P.DrillParams, _pr: Progress, _c: Caller) -> Outcome:
+    result, warnings = drill.run_drill(ctx, p.backup, p.increment, p.probe, p.timeout)
+    try:
+        drill.check_passed(result)  # a FAIL verdict is a FAILED job, for every adapter
+    except DrillFailed as err:
+        err.result = result  # the evidence stays on the job and is shown with the error
+        raise
+    return result, warnings
+
+
+def run_scan(ctx: Context, _a: Action, p: P.ScanParams, _pr: Progress, _c: Caller) -> Outcome:
+    return {"datastore": p.datastore, "chains": stored.scan(ctx, p.datastore, p.import_)}, []
+
+
+def run_quiesce(ctx: Context, _a: Action, p: P.VmParams, _pr: Progress, _c: Caller) -> Outcome:
+    return inventory.quiesce(ctx, p.vm), []
+
+
+def run_unquiesce(ctx: Context, _a: Action, p: P.VmParams, _pr: Progress, _c: Caller) -> Outcome:
+    return inventory.unquiesce(ctx, p.vm), []
+
+
+def run_reset_state(ctx: Context, _a: Action, p: P.VmParams, _pr: Progress, _c: Caller) -> Outcome:
+    return inventory.reset_state(ctx, p.vm), []
+
+
+def run_group_start(
+    ctx: Context, _a: Action, p: P.GroupStartParams, _pr: Progress, _c: Caller
+) -> Outcome:
+    rows = manage.start_group(ctx, p.group, wait_agent=p.wait_agent, timeout=p.timeout)
+    return {"group": p.group, "members": rows}, []
+
+
+def run_group_stop(
+    ctx: Context, _a: Action, p: P.GroupStopParams, _pr: Progress, _c: Caller
+) -> Outcome:
+    rows = manage.stop_group(ctx, p.group, force=p.force, timeout=p.timeout)
+    return {"group": p.group, "members": rows}, []
+
+
+def run_group_restore(
+    ctx: Context, _a: Action, p: P.GroupRestoreParams, _pr: Progress, _c: Caller
+) -> Outcome:
+    return manage.restore_group(ctx, p.group_backup, p.suffix, start=p.start)
+
+
+def run_lifecycle(ctx: Context, a: Action, p: P.VmParams, _pr: Progress, c: Caller) -> Outcome:
+    name, opts = _lifecycle(a, p)
+    if name == "recover":
+        return dispatch.recover(ctx, p.vm, opts["how"], origin=c.origin, who=c.who)
+    return dispatch.run_action(ctx, p.vm, name, opts, origin=c.origin, who=c.who, actor=c.actor)
