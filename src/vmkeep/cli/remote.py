@@ -1,10 +1,10 @@
 """The daemon on this host, when one runs, as ``virsh`` uses libvirtd: the list and show
-commands ask it over its socket in the data dir (``vmkeep daemon``), and ``backup`` and
-``restore`` hand it their action as a job and follow it. Its process has the catalog and libvirt
-loaded, so a read answers in about 0.1 s instead of loading them itself (~0.7 s here, mostly
-SQLAlchemy's import), and an action starts at once, within the daemon's job limits. Without a
-daemon serving the same catalog, or with ``VMKEEP_NO_DAEMON=1``, the command does it itself:
-same data, same output.
+commands ask it over its socket in the data dir (``vmkeep daemon``), and every long action (the
+action table, ``engine/service/actions.py``) is handed to it as a job and followed. Its process
+has the catalog and libvirt loaded, so a read answers in about 0.1 s instead of loading them
+itself (~0.7 s here, mostly SQLAlchemy's import), and an action starts at once, within the
+daemon's job limits. Without a daemon serving the same catalog, or with ``VMKEEP_NO_DAEMON=1``,
+the command does it itself: same data, same output.
 
 Only the standard library and orjson (``jsontext``) here: this module is on the fast path.
 """
@@ -128,7 +128,7 @@ def _held_signals() -> Iterator[list[int]]:
 
 
 class Job:
-    """A long action (backup, restore) the daemon runs for this command: ``submit`` queues it,
+    """A long action the daemon runs for this command: ``submit`` queues it,
     ``follow`` waits for its end. The daemon holds the VM and cleans up whatever happens to this
     process; Ctrl-C here cancels the job (the daemon stops it as the command would have)."""
 
