@@ -30,7 +30,7 @@ from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.native import parse_disks
 from vmkeep.hypervisor.reach import open_to_qemu
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
-from vmkeep.model import VmState, Warnings
+from vmkeep.model import LcmState, VmState, Warnings
 from vmkeep.paths import within
 
 Handler = Callable[[Context, Vmm, Vm, dict[str, Any], Warnings], dict[str, Any]]
@@ -106,7 +106,7 @@ def resume(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
         Path(vm.state_file).unlink(missing_ok=True)
         set_fields(ctx, vm.id, state_file=None)
         return {"memory": True}
-    if vm.lcm_state == "SUSPENDED":  # vCPUs paused outside vmkeep
+    if vm.lcm_state == LcmState.SUSPENDED:  # vCPUs paused outside vmkeep
         ctx.hv.resume(vm.name)
         return {"memory": True}
     vmm.deploy(vm.name, ctx.hv.domain_xml(vm.name, inactive=True))  # POWEROFF: a boot
@@ -371,7 +371,7 @@ def resize(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
     vcpus, memory = opts.get("vcpus"), opts.get("memory")
     if vcpus is None and memory is None:
         raise InvalidValue("resize", None, "give --vcpus N and/or --memory MIB")
-    on_host = vm.lcm_state != "UNDEPLOYED"
+    on_host = vm.lcm_state != LcmState.UNDEPLOYED
     xml = ctx.hv.domain_xml(vm.name, inactive=True) if on_host else (vm.template or "")
     root = ET.fromstring(xml)
     if vcpus is not None:
