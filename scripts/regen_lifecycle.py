@@ -1,4 +1,4 @@
-"""Rewrite the table in docs/lifecycle.md from src/vmkeep/engine/states.py (keeps the prose)."""
+"""Rewrite docs/lifecycle.md's table from src/vmkeep/engine/core/states.py (keeps the prose)."""
 
 from pathlib import Path
 

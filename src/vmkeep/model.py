@@ -10,7 +10,7 @@ ROLES = ("viewer", "operator", "admin")  # API token roles, least to most
 
 class VmState(enum.StrEnum):
     """OpenNebula's VM state. PENDING, HOLD, STOPPED, UNDEPLOYED and DONE are off the host: only
-    vmkeep's catalog knows them (``engine/lifecycle.py``); the others follow libvirt."""
+    vmkeep's catalog knows them (``engine/lifecycle/dispatch.py``); the others follow libvirt."""
 
     PENDING = "PENDING"  # created, waiting for deploy
     HOLD = "HOLD"  # created, held: deploy refused until release
@@ -59,6 +59,17 @@ class LcmState(enum.StrEnum):
     RESTORE = "RESTORE"
     ERROR = "ERROR"
     UNKNOWN = "UNKNOWN"
+
+
+class JobState(enum.StrEnum):
+    """A job's state (``engine/core/jobs.py``): QUEUED -> RUNNING -> DONE | FAILED | CANCELLED. The
+    catalog stores, and JSON shows, these strings."""
+
+    QUEUED = "QUEUED"  # waiting for a worker
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
 
 
 class FsFreeze(enum.StrEnum):

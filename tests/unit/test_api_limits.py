@@ -29,6 +29,7 @@ from vmkeep.engine.core.context import Context
 from vmkeep.engine.service import audit, runners, tokens
 from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import CatalogError, TooManyRequests
+from vmkeep.model import JobState
 
 ROLES = ("viewer", "operator", "admin")
 
@@ -226,7 +227,7 @@ def test_queued_jobs_are_bounded_per_token(env: tuple[Context, dict[str, str]]) 
         jobs.enqueue(ctx, "verify", "1", {}, "api", "ops", max_queued=3)
     jobs.enqueue(ctx, "verify", "1", {}, "api", "other", max_queued=3)  # another token
     jobs.enqueue(ctx, "verify", "1", {}, "api", "ops")  # no bound given (the local admin)
-    first = jobs.list_jobs(ctx, jobs.QUEUED)[-1]["id"]
+    first = jobs.list_jobs(ctx, JobState.QUEUED)[-1]["id"]
     jobs.cancel(ctx, first)  # an ended job no longer counts
     while jobs.claim(ctx) not in (None,):  # running jobs do not count either
         pass
@@ -297,7 +298,7 @@ def test_a_daemon_worker_runs_a_job_only_with_a_free_slot(
     worker.start()
     try:
         time.sleep(0.8)
-        assert jobs.get(ctx, job)["state"] == jobs.QUEUED
+        assert jobs.get(ctx, job)["state"] == JobState.QUEUED
         slots.release()
         deadline = time.monotonic() + 10
         while jobs.get(ctx, job)["state"] not in jobs.FINAL:

@@ -303,13 +303,16 @@ def test_operator_images_are_raw_or_plain_qcow2(clean_env: Path) -> None:
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-u", "-b",
                     "/etc/shadow", str(backed), "1M"], check=True)  # fmt: skip
-    trust.check_image_source(config, OPERATOR, str(raw), "raw")
-    trust.check_image_source(config, OPERATOR, str(plain), None)
+    # the check returns the format it learned (the caller probes no more), None when it read none
+    assert trust.check_image_source(config, OPERATOR, str(raw), "raw") == "raw"
+    assert trust.check_image_source(config, OPERATOR, str(raw), None) == "raw"
+    assert trust.check_image_source(config, OPERATOR, str(plain), None) == "qcow2"
     with pytest.raises(NotPermitted, match="names another file"):
         trust.check_image_source(config, OPERATOR, str(backed), None)
     with pytest.raises(NotPermitted, match="raw or qcow2"):
         trust.check_image_source(config, OPERATOR, str(raw), "vmdk")
-    trust.check_image_source(config, trust.LOCAL_ADMIN, str(backed), None)
+    assert trust.check_image_source(config, trust.LOCAL_ADMIN, str(backed), None) is None
+    assert trust.check_image_source(config, OPERATOR, str(images / "new.qcow2"), "qcow2") is None
 
 
 def test_disk_attach_target_is_a_disk_name(api: tuple[TestClient, dict[str, str]]) -> None:
@@ -343,3 +346,51 @@ def test_a_stored_datastore_the_allowlist_now_refuses_is_listed_with_its_error(
         s.add(Datastore(name="old", driver="rsync", options=options))
     (row,) = stores.list_all(ctx)
     assert row["name"] == "old" and "--rsync-path" in row["error"] and row["options"] == {}
+
+
+def test_disk_attach_reads_an_image_once(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under the VM's lock, ``disk attach`` runs ``qemu-img info`` on the image once at most: the
+    operator's check hands on the format it read; a given --format or a new image needs none."""
+    from types import SimpleNamespace
+
+    from vmkeep.engine.lifecycle import operations
+    from vmkeep.hypervisor.vmm import DiskSpec
+    from vmkeep.model import DiskInfo, DomainInfo, VmState, Warnings
+
+    config = load_config()
+    images = config.data_dir / "images"
+    images.mkdir(parents=True)
+    raw, plain = images / "a.raw", images / "b.qcow2"
+    raw.write_bytes(b"\0" * 4096)
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
+    probes: list[str] = []
+
+    def counted(path: Path | str, check: bool = True) -> dict[str, Any]:
+        probes.append(str(path))
+        return real_info(path, check)
+
+    real_info = trust.qemu_img_info
+    monkeypatch.setattr(trust, "qemu_img_info", counted)
+    monkeypatch.setattr(operations, "qemu_img_info", counted)
+    monkeypatch.setattr(operations, "open_to_qemu", lambda *a: None)
+    disk0 = DiskInfo("vda", str(images / "root.qcow2"), "qcow2")
+    domain = DomainInfo("web", "u", VmState.POWEROFF, False, True, disks=(disk0,))
+    attached: list[DiskSpec] = []
+    hv = SimpleNamespace(domain=lambda name: domain)
+    ctx: Any = SimpleNamespace(config=config, hv=hv)
+    vmm: Any = SimpleNamespace(attach_disk=lambda name, spec: attached.append(spec))
+    vm: Any = SimpleNamespace(name="web", id=1)
+
+    def attach(actor: Actor = OPERATOR, **opts: Any) -> tuple[str, int]:
+        probes.clear()
+        operations.disk_attach(ctx, vmm, vm, {**opts, trust.ACTOR: actor}, Warnings())
+        return attached[-1].fmt, len(probes)
+
+    assert attach(source=str(plain)) == ("qcow2", 1)
+    assert attach(source=str(raw)) == ("raw", 1)
+    assert attach(trust.LOCAL_ADMIN, source=str(plain)) == ("qcow2", 1)  # no check, one probe
+    assert attach(source=str(plain), format="qcow2") == ("qcow2", 0)
+    assert attach(size="1M") == ("qcow2", 0)
+    assert (images / "web-vdb.qcow2").is_file()
+    with pytest.raises(NotPermitted, match="raw or qcow2"):
+        attach(source=str(raw), format="vmdk")

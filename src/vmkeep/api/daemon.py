@@ -28,6 +28,7 @@ from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.service.actions import RUNNERS
 from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import InvalidValue, VmkeepError
+from vmkeep.model import JobState
 from vmkeep.paths import SOCKET_PATH_MAX, private_umask
 
 log = logging.getLogger(__name__)
@@ -204,7 +205,7 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
             _remove_socket(config.socket, bound[1])
         stop.set()
         jobs.WAKE.set()  # idle workers see ``stop`` at once
-        for job in jobs.list_jobs(ctx, jobs.RUNNING):
+        for job in jobs.list_jobs(ctx, JobState.RUNNING):
             if job["pid"] == jobs.os.getpid():
                 jobs.cancel(ctx, job["id"])
         for t in pool:

@@ -8,6 +8,7 @@ import click
 
 from vmkeep.cli.output import CATALOG_ID, ctx_of, json_option, kv, read, render
 from vmkeep.cli.remote import segment
+from vmkeep.model import JobState
 
 
 def _table(rows: list[dict[str, Any]]) -> None:
@@ -29,7 +30,7 @@ def jobs() -> None:
 @jobs.command("list")
 @click.option(
     "--state",
-    type=click.Choice(["QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"], case_sensitive=False),
+    type=click.Choice([s.value for s in JobState], case_sensitive=False),
 )
 @json_option
 @click.pass_context

@@ -31,6 +31,7 @@ from vmkeep.engine.vm import inventory
 from vmkeep.errors import AlreadyExists, LabError, NotFound
 from vmkeep.lab.lab import Lab
 from vmkeep.lab.sshd import Sshd
+from vmkeep.model import JobState
 
 DEMO_PREFIX = "vmkeep-demo-"
 DEMO_DATASTORE = "demo"
@@ -149,10 +150,10 @@ def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> 
             r = api.post(f"/v1/vms/{name}/backup", json={"datastore": DEMO_DATASTORE})
             job = r.json()["job"]
             say(f"  {r.status_code} Accepted, Location: {r.headers['location']}")
-            while job["state"] in ("QUEUED", "RUNNING"):
+            while job["state"] in (JobState.QUEUED, JobState.RUNNING):
                 time.sleep(0.3)
                 job = api.get(f"/v1/jobs/{job['id']}").json()
-            if job["state"] != "DONE":
+            if job["state"] != JobState.DONE:
                 raise LabError(f"backup job through the API ended {job['state']}: {job['error']}")
             res = job["result"]
             say(

@@ -33,11 +33,12 @@ from vmkeep.catalog.tables import Job
 from vmkeep.engine.core.context import Context
 from vmkeep.errors import JobNotFound, TooManyRequests, VmkeepError, WrongState
 from vmkeep.faults import failpoint
+from vmkeep.model import JobState
 
 log = logging.getLogger(__name__)
 
-QUEUED, RUNNING, DONE, FAILED, CANCELLED = "QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"
-FINAL = {DONE, FAILED, CANCELLED}
+# the states a job ends in
+FINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 PROGRESS_EVERY = 0.5  # seconds between progress writes (and cancel checks)
 
 Runner = Callable[
@@ -111,7 +112,7 @@ def enqueue(
 def queued_by(s: Session, origin: str, who: str) -> int:
     """How many QUEUED jobs ``who`` has queued through ``origin``."""
     q = select(func.count()).select_from(Job)
-    q = q.where(Job.state == QUEUED, Job.origin == origin, Job.who == who)
+    q = q.where(Job.state == JobState.QUEUED, Job.origin == origin, Job.who == who)
     return int(s.execute(q).scalar() or 0)
 
 
@@ -120,7 +121,7 @@ def _add(
 ) -> Job:
     """A new job row: QUEUED for any worker unless ``fields`` say otherwise."""
     j = Job(kind=kind, target=target, params=params, origin=origin, who=who,
-            **({"state": QUEUED, "host": "", "pid": 0} | fields))  # fmt: skip
+            **({"state": JobState.QUEUED, "host": "", "pid": 0} | fields))  # fmt: skip
     s.add(j)
     s.flush()
     return j
@@ -185,7 +186,7 @@ def claim(ctx: Context) -> int | None:
     with ctx.catalog.session() as s:
         job_id = s.execute(
             select(Job.id)
-            .where(Job.state == QUEUED)
+            .where(Job.state == JobState.QUEUED)
             .order_by(Job.id)
             .limit(1)
             .with_for_update(skip_locked=True)
@@ -194,9 +195,9 @@ def claim(ctx: Context) -> int | None:
             return None
         won = s.execute(  # type: ignore[attr-defined]
             update(Job)
-            .where(Job.id == job_id, Job.state == QUEUED)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)
             .values(
-                state=RUNNING,
+                state=JobState.RUNNING,
                 host=socket.gethostname(),
                 pid=os.getpid(),
                 started_at=datetime.now(UTC),
@@ -213,8 +214,8 @@ def cancel(ctx: Context, job_id: int) -> dict[str, Any]:
             raise JobNotFound(job_id)
         if j.state in FINAL:
             raise WrongState(f"job {job_id}", j.state, "cancel", "QUEUED or RUNNING")
-        if j.state == QUEUED:
-            j.state, j.finished_at = CANCELLED, datetime.now(UTC)
+        if j.state == JobState.QUEUED:
+            j.state, j.finished_at = JobState.CANCELLED, datetime.now(UTC)
         else:
             j.cancel_requested = True
         s.flush()
@@ -227,7 +228,7 @@ def running_in(ctx: Context, pid: int) -> list[dict[str, Any]]:
     with ctx.catalog.session() as s:
         rows = s.execute(
             select(Job).where(
-                Job.state == RUNNING, Job.host == socket.gethostname(), Job.pid == pid
+                Job.state == JobState.RUNNING, Job.host == socket.gethostname(), Job.pid == pid
             )
         ).scalars()
         return [job_dict(j) for j in rows]
@@ -266,7 +267,7 @@ class _Progress:
 def _finish(
     ctx: Context,
     job_id: int,
-    state: str,
+    state: JobState,
     result: dict[str, Any] | None = None,
     progress: _Progress | None = None,
     err: BaseException | None = None,
@@ -281,12 +282,12 @@ def _finish(
         if result is not None:
             j.result = jsontext.plain(result)  # as the CLI's --json writes it (dates ISO)
             j.progress = 1.0
-        if err is not None and state == FAILED:
+        if err is not None and state == JobState.FAILED:
             if err_result := getattr(err, "result", None):
                 j.result = jsontext.plain(err_result)
             j.error = str(err)
             j.error_code = type(err).__name__
-        if state == CANCELLED:
+        if state == JobState.CANCELLED:
             j.error, j.error_code = "cancelled", "Cancelled"
     with ENDED:
         ENDED.notify_all()
@@ -305,14 +306,15 @@ def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, 
         progress = _Progress(ctx, job_id)
         failpoint("job")  # the fault suite slows jobs down to watch several workers share a queue
         result, warnings = runner(ctx, params, progress)
-        _finish(ctx, job_id, DONE, result | ({"warnings": warnings} if warnings else {}), progress)
+        result = result | ({"warnings": warnings} if warnings else {})
+        _finish(ctx, job_id, JobState.DONE, result, progress)
     except KeyboardInterrupt:
-        _finish(ctx, job_id, CANCELLED)
+        _finish(ctx, job_id, JobState.CANCELLED)
     except VmkeepError as err:
-        _finish(ctx, job_id, FAILED, err=err)
+        _finish(ctx, job_id, JobState.FAILED, err=err)
     except Exception as err:  # a bug: recorded, logged with its traceback, the worker goes on
         log.exception("job %s (%s) crashed", job_id, kind)
-        _finish(ctx, job_id, FAILED, err=err)
+        _finish(ctx, job_id, JobState.FAILED, err=err)
     return get(ctx, job_id)
 
 
@@ -324,17 +326,19 @@ def recorded(
     ``result`` the caller sets. Cancelling the job (``jobs cancel``) stops the action."""
     with ctx.catalog.session() as s:  # one transaction: created RUNNING, by this process
         here = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": datetime.now(UTC)}
-        job_id = _add(s, kind, target, params, origin, local_user(), state=RUNNING, **here).id
+        job_id = _add(
+            s, kind, target, params, origin, local_user(), state=JobState.RUNNING, **here
+        ).id
     progress = _Progress(ctx, job_id)
     try:
         yield progress
     except KeyboardInterrupt:
-        _finish(ctx, job_id, CANCELLED)
+        _finish(ctx, job_id, JobState.CANCELLED)
         raise
     except BaseException as err:
-        _finish(ctx, job_id, FAILED, err=err)
+        _finish(ctx, job_id, JobState.FAILED, err=err)
         raise
-    _finish(ctx, job_id, DONE, progress.result, progress)
+    _finish(ctx, job_id, JobState.DONE, progress.result, progress)
 
 
 def recover(ctx: Context) -> list[int]:
@@ -342,10 +346,12 @@ def recover(ctx: Context) -> list[int]:
     host = socket.gethostname()
     failed = []
     with ctx.catalog.session() as s:
-        rows = s.execute(select(Job).where(Job.state == RUNNING, Job.host == host)).scalars()
+        rows = s.execute(
+            select(Job).where(Job.state == JobState.RUNNING, Job.host == host)
+        ).scalars()
         for j in rows:
             if j.pid != os.getpid() and not pid_alive(j.pid):
-                j.state, j.finished_at = FAILED, datetime.now(UTC)
+                j.state, j.finished_at = JobState.FAILED, datetime.now(UTC)
                 died = f"the vmkeep process running it (pid {j.pid}) died"
                 j.error = died if j.origin == "cli" else f"daemon restarted: {died}"
                 j.error_code = "ProcessDied"

@@ -1,7 +1,8 @@
 """The one table of VM actions and the states they need (OpenNebula's DispatchManager): the CLI, the
 API (a 409 before a job is queued) and the engine (again under the VM's lock) all read it, and
 docs/lifecycle.md is generated from it (``scripts/regen_lifecycle.py``; a unit test keeps the two
-in sync). No I/O here.
+in sync). Also the only home of named sets of VM and lcm states (busy, stale, off the host, ...):
+other modules import them from here. No I/O here.
 
 Each rule: the lcm states the action is allowed from; the transient lcm state while the VMM driver
 works; where a success leaves the VM; where a failure leaves it (None: back where it was, with
@@ -10,6 +11,7 @@ the error on the VM; a ``*_FAILURE`` state: ``vm recover`` decides).
 
 from __future__ import annotations
 
+from collections.abc import Set
 from dataclasses import dataclass
 
 from vmkeep.model import LcmState as L
@@ -28,7 +30,7 @@ class Rule:
 
 
 def _r(
-    needs: set[L],
+    needs: Set[L],
     through: L | None,
     success: tuple[S, L] | None,
     failure: L | None,
@@ -39,26 +41,53 @@ def _r(
     return Rule(frozenset(needs), through, success, failure, summary, vmm, supported)
 
 
+# --- state sets: every named set of VM or lcm states lives here (nowhere else in src/) --------
+# (VM state, lcm state) of an idle running VM, and of an idle powered-off one
 RUNNING = (S.ACTIVE, L.RUNNING)
 POWEROFF = (S.POWEROFF, L.POWEROFF)
-ON_HOST = {L.RUNNING, L.POWEROFF}
+# lcm states of an idle VM whose domain is on the host (running or powered off)
+ON_HOST = frozenset({L.RUNNING, L.POWEROFF})
 # transient states: a process that died in one leaves it; ``recover`` ends it
-TRANSIENT = {
-    L.BOOT,
-    L.SHUTDOWN,
-    L.SHUTDOWN_POWEROFF,
-    L.SHUTDOWN_UNDEPLOY,
-    L.SAVE_SUSPEND,
-    L.SAVE_STOP,
-    L.HOTPLUG,
-    L.HOTPLUG_NIC,
-    L.HOTPLUG_SNAPSHOT,
-    L.HOTPLUG_RESIZE,
-    L.DISK_SNAPSHOT,
-    L.DISK_RESIZE,
-    L.CLEANUP_DELETE,
-}
-FAILURES = {L.BOOT_FAILURE, L.EPILOG_FAILURE}
+TRANSIENT = frozenset(
+    {
+        L.BOOT,
+        L.SHUTDOWN,
+        L.SHUTDOWN_POWEROFF,
+        L.SHUTDOWN_UNDEPLOY,
+        L.SAVE_SUSPEND,
+        L.SAVE_STOP,
+        L.HOTPLUG,
+        L.HOTPLUG_NIC,
+        L.HOTPLUG_SNAPSHOT,
+        L.HOTPLUG_RESIZE,
+        L.DISK_SNAPSHOT,
+        L.DISK_RESIZE,
+        L.CLEANUP_DELETE,
+    }
+)
+# failure states a lifecycle action may leave: only ``vm recover`` (or ``terminate``) ends them
+FAILURES = frozenset({L.BOOT_FAILURE, L.EPILOG_FAILURE})
+# lcm states only a running vmkeep action may hold: with no live owner they are leftovers
+STALE_STATES = frozenset({L.BACKUP, L.BACKUP_POWEROFF, L.QUIESCING, L.UNQUIESCING, L.RESTORE})
+# lcm states of a quiesce under way, held or being undone: the guard process watches them
+QUIESCE_STATES = frozenset({L.QUIESCING, L.QUIESCED, L.UNQUIESCING})
+# lcm states that mean "vmkeep is doing something"; a refresh from libvirt leaves them alone
+BUSY_STATES = frozenset(
+    {
+        L.BACKUP,
+        L.BACKUP_POWEROFF,
+        L.QUIESCING,
+        L.QUIESCED,
+        L.UNQUIESCING,
+        L.RESTORE,
+        L.ERROR,
+        *TRANSIENT,
+        *FAILURES,
+    }
+)
+# VM states only vmkeep knows (the domain is off the host, or saved): libvirt's view never
+# replaces them unless the domain runs again
+OFF_HOST = frozenset({S.PENDING, S.HOLD, S.STOPPED, S.UNDEPLOYED, S.DONE})
 
 RULES: dict[str, Rule] = {
     # --- lifecycle (``vmkeep vm ACTION VM``) ---------------------------------------------------

@@ -148,12 +148,15 @@ def created_by_vmkeep(path: Path) -> bool:
         return False
 
 
-def check_image_source(config: Config, actor: Actor, source: str, fmt: str | None) -> None:
+def check_image_source(config: Config, actor: Actor, source: str, fmt: str | None) -> str | None:
     """An operator attaches only raw or qcow2 images under the image places, and a qcow2 image
     that names no backing or data file: a guest can write a qcow2 header into its own raw disk,
-    and a backing reference in it would lend a host file to the next guest that attaches it."""
+    and a backing reference in it would lend a host file to the next guest that attaches it.
+
+    Returns the image's format when the check learned it (an operator's existing image: ``fmt``,
+    or what ``qemu-img info`` says), None otherwise: the caller need not probe the image again."""
     if actor.is_admin:
-        return
+        return None
     roots = image_roots(config)
     if not _inside(resolved(source), roots):
         raise NotPermitted(
@@ -163,7 +166,7 @@ def check_image_source(config: Config, actor: Actor, source: str, fmt: str | Non
         )
     path = resolved(source)
     if not path.is_file():
-        return  # a new image (--size), or none: the action says so
+        return None  # a new image (--size), or none: the action says so
     kind = fmt or str(qemu_img_info(str(path), check=False).get("format", "raw"))
     if kind not in ("raw", "qcow2"):
         raise NotPermitted(
@@ -179,6 +182,7 @@ def check_image_source(config: Config, actor: Actor, source: str, fmt: str | Non
             f"disk attach of {source}", f"the image names another file ({backing})",
             "Flatten it (qemu-img convert), or an admin attaches it.",
         )  # fmt: skip
+    return kind
 
 
 def check_nic(config: Config, actor: Actor, bridge: str | None) -> None:

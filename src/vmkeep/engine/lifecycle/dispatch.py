@@ -18,6 +18,7 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Vm, VmHistory
 from vmkeep.engine.core import states
 from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.states import BUSY_STATES, OFF_HOST
 from vmkeep.engine.core.trust import (
     ACTOR,
     LOCAL_ADMIN,
@@ -28,7 +29,7 @@ from vmkeep.engine.core.trust import (
 )
 from vmkeep.engine.lifecycle import operations
 from vmkeep.engine.vm.inventory import check_state, vm_action
-from vmkeep.engine.vm.record import BUSY_STATES, OFF_HOST, find_vm, set_lcm, states_of
+from vmkeep.engine.vm.record import find_vm, set_lcm, states_of
 from vmkeep.errors import (
     AlreadyExists,
     DomainNotFound,
@@ -41,7 +42,7 @@ from vmkeep.hypervisor.native import LibvirtHypervisor
 from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.hypervisor.vmm_exec import ExecVmm, parse_args
 from vmkeep.hypervisor.vmm_native import NativeVmm
-from vmkeep.model import LcmState, VmState, Warnings
+from vmkeep.model import JobState, LcmState, VmState, Warnings
 from vmkeep.names import check_disk_name, check_name
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,12 @@ def _begin_history(
 ) -> int:
     with ctx.catalog.session() as s:
         row = VmHistory(
-            vm_id=vm_id, action=action, origin=origin, who=who, detail=detail, result="RUNNING"
+            vm_id=vm_id,
+            action=action,
+            origin=origin,
+            who=who,
+            detail=detail,
+            result=JobState.RUNNING,
         )
         s.add(row)
         s.flush()
@@ -76,7 +82,7 @@ def _end_history(ctx: Context, hid: int, error: BaseException | None) -> None:
         row = s.get(VmHistory, hid)
         assert row is not None
         row.finished_at = datetime.now(UTC)
-        row.result = "FAILED" if error else "DONE"
+        row.result = JobState.FAILED if error else JobState.DONE
         row.error = None if error is None else f"{type(error).__name__}: {error}"
 
 

@@ -30,7 +30,7 @@ from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.native import parse_disks
 from vmkeep.hypervisor.reach import open_to_qemu
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
-from vmkeep.model import VmState, Warnings
+from vmkeep.model import LcmState, VmState, Warnings
 from vmkeep.paths import within
 
 Handler = Callable[[Context, Vmm, Vm, dict[str, Any], Warnings], dict[str, Any]]
@@ -106,7 +106,7 @@ def resume(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
         Path(vm.state_file).unlink(missing_ok=True)
         set_fields(ctx, vm.id, state_file=None)
         return {"memory": True}
-    if vm.lcm_state == "SUSPENDED":  # vCPUs paused outside vmkeep
+    if vm.lcm_state == LcmState.SUSPENDED:  # vCPUs paused outside vmkeep
         ctx.hv.resume(vm.name)
         return {"memory": True}
     vmm.deploy(vm.name, ctx.hv.domain_xml(vm.name, inactive=True))  # POWEROFF: a boot
@@ -296,6 +296,7 @@ def disk_attach(
         raise InvalidValue("--target", target, f"VM {vm.name} already has {target}")
     source = opts.get("source")
     created = False
+    known: str | None = None  # the image's format, once something has read it
     if source is None:
         if not opts.get("size"):
             raise InvalidValue("disk attach", None, "give --source IMAGE or --size SIZE (new)")
@@ -308,17 +309,18 @@ def disk_attach(
             raise InvalidValue("--size", opts["size"], f"{source} exists; attach it with --source")
         qemu_img("create", "-q", "-f", "qcow2", source, str(parse_size(opts["size"])))
         mark_created(Path(source))
-        created = True
+        created, known = True, "qcow2"
     elif not Path(source).is_file():
         raise InvalidValue("--source", source, "no such image file")
     else:  # again, under the VM's lock: the file may have changed since the API's check
-        check_image_source(ctx.config, opts.get(ACTOR, LOCAL_ADMIN), source, opts.get("format"))
+        actor = opts.get(ACTOR, LOCAL_ADMIN)
+        known = check_image_source(ctx.config, actor, source, opts.get("format"))
     # the image stays 0600: libvirt's dynamic ownership lends it to QEMU's user while attached;
     # a folder of the data dir on the way (restores/, images/) is opened to QEMU's group
     parent, data = Path(source).resolve().parent, ctx.config.data_dir.resolve()
     if within(parent, data):
         open_to_qemu(parent, data, ctx.hv)
-    fmt = opts.get("format") or _format_of(source)
+    fmt = opts.get("format") or known or _format_of(source)  # probed once under the lock
     spec = DiskSpec(source=source, target=target, index=len(disks), fmt=fmt)
     try:
         vmm.attach_disk(vm.name, spec)
@@ -369,7 +371,7 @@ def resize(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
     vcpus, memory = opts.get("vcpus"), opts.get("memory")
     if vcpus is None and memory is None:
         raise InvalidValue("resize", None, "give --vcpus N and/or --memory MIB")
-    on_host = vm.lcm_state != "UNDEPLOYED"
+    on_host = vm.lcm_state != LcmState.UNDEPLOYED
     xml = ctx.hv.domain_xml(vm.name, inactive=True) if on_host else (vm.template or "")
     root = ET.fromstring(xml)
     if vcpus is not None:

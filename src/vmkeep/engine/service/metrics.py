@@ -19,7 +19,7 @@ from vmkeep.catalog.tables import Backup, Datastore, Increment, Job, Vm
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of, monitor_once
 from vmkeep.errors import VmkeepError
-from vmkeep.model import BackupStatus
+from vmkeep.model import BackupStatus, JobState
 
 
 class CatalogCollector(Collector):
@@ -80,8 +80,8 @@ class CatalogCollector(Collector):
                 by_status.add_metric([status.value], statuses.get(status.value, 0))
             written.add_metric([], sum(size for _name, _when, size in newest))
             states = Counter(s.execute(select(Job.state)).scalars())
-            for state in ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED"):
-                jobs.add_metric([state], states.get(state, 0))
+            for job_state in JobState:
+                jobs.add_metric([job_state.value], states.get(job_state.value, 0))
             finished = s.execute(
                 select(Job.kind, Job.state, Job.started_at, Job.finished_at)
                 .where(Job.finished_at.is_not(None), Job.started_at.is_not(None))

@@ -21,9 +21,10 @@ from vmkeep.catalog.tables import Vm
 from vmkeep.engine.core import states
 from vmkeep.engine.core.backup_config import resolve, validate
 from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.states import BUSY_STATES, OFF_HOST
 from vmkeep.engine.vm import quiesce as quiesce_guard
 from vmkeep.engine.vm.quiesce import Thawed, ensure_thawed
-from vmkeep.engine.vm.record import BUSY_STATES, OFF_HOST, find_vm, set_lcm, states_of
+from vmkeep.engine.vm.record import find_vm, set_lcm, states_of
 from vmkeep.engine.vm.recovery import recover_vm
 from vmkeep.errors import (
     AgentTimeout,

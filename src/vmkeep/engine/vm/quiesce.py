@@ -3,7 +3,7 @@
 A guest agent that does not answer a freeze in time may still run it later: qemu-ga reads its
 commands in order and libvirt only stopped *waiting* (seen on a real guest: agent stopped with
 SIGSTOP, freeze timed out, agent resumed -> ``guest-fsfreeze-status`` said ``frozen``). So a
-timed-out freeze counts as "may happen later": a detached guard process (``engine/watchdog.py``)
+timed-out freeze counts as "may happen later": a detached guard process (``engine/vm/watchdog.py``)
 waits until the agent answers again and thaws the guest, unless a vmkeep action holds it frozen
 on purpose at that moment; success is only reported once ``guest-fsfreeze-status`` says
 ``thawed``.
@@ -171,7 +171,7 @@ def spawn(
     quiesced_at: datetime | None = None,
     pending: bool = False,
 ) -> subprocess.Popen[bytes]:
-    """Start a detached guard (``engine/watchdog.py``) for ``vm_ids``:
+    """Start a detached guard (``engine/vm/watchdog.py``) for ``vm_ids``:
 
     * ``owner``: recover the VMs at once if that process dies (thaw, resume, clean up);
     * ``quiesced_at``: unquiesce at ``quiesce.max_seconds`` unless it was unquiesced before;

@@ -10,29 +10,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Vm
-from vmkeep.engine.core import states
 from vmkeep.engine.core.context import Context
 from vmkeep.errors import VmkeepError, VmNotFound
 from vmkeep.model import DomainInfo, LcmState, VmState
 from vmkeep.names import is_id
 
 log = logging.getLogger(__name__)
-
-# lcm states that mean "vmkeep is doing something"; a refresh from libvirt leaves them alone.
-BUSY_STATES = {
-    LcmState.BACKUP,
-    LcmState.BACKUP_POWEROFF,
-    LcmState.QUIESCING,
-    LcmState.QUIESCED,
-    LcmState.UNQUIESCING,
-    LcmState.RESTORE,
-    LcmState.ERROR,
-    *states.TRANSIENT,
-    *states.FAILURES,
-}
-# states only vmkeep knows (the domain is off the host, or saved): libvirt's view never replaces
-# them unless the domain runs again
-OFF_HOST = {VmState.PENDING, VmState.HOLD, VmState.STOPPED, VmState.UNDEPLOYED, VmState.DONE}
 
 
 def states_of(info: DomainInfo) -> tuple[VmState, LcmState]:

@@ -5,8 +5,8 @@ in the datastore, catalog rows -> FAILED/CANCELLED). ``recover_vm`` does that fo
 dead process left behind and brings the guest back (thawed, resumed; a powered-off VM that was
 started paused for its backup is powered off again) and its state from libvirt. It runs
 
-* in the guard process the moment the owner dies (``engine/watchdog.py``),
-* in the next command that takes the VM's lock and finds such leftovers (``vms.vm_action``),
+* in the guard process the moment the owner dies (``engine/vm/watchdog.py``),
+* in the next command that takes the VM's lock and finds such leftovers (``inventory.vm_action``),
 * in ``backup cancel`` when no live process runs the backup,
 
 so no failure needs a manual step. The caller holds the VM's lock.
@@ -37,6 +37,7 @@ from vmkeep.engine.core.chains import (
 )
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import PARTIAL
+from vmkeep.engine.core.states import STALE_STATES
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.engine.vm.quiesce import Thawed, ensure_thawed, freeze_lock, spawn
 from vmkeep.engine.vm.record import sync_state
@@ -44,15 +45,6 @@ from vmkeep.errors import HypervisorUnreachable, NotFound, VmkeepError
 from vmkeep.model import BackupStatus, LcmState, VmState
 
 log = logging.getLogger(__name__)
-
-# lcm states that only a running vmkeep action may hold: with no live owner they are leftovers.
-STALE_STATES = {
-    LcmState.BACKUP,
-    LcmState.BACKUP_POWEROFF,
-    LcmState.QUIESCING,
-    LcmState.UNQUIESCING,
-    LcmState.RESTORE,
-}
 
 
 @dataclass(frozen=True)

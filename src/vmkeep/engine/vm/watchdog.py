@@ -30,6 +30,7 @@ from vmkeep.catalog.locks import acquire, holder, lock, pid_alive, release
 from vmkeep.catalog.tables import Vm
 from vmkeep.config import Config
 from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.states import QUIESCE_STATES
 from vmkeep.engine.vm.inventory import unquiesce
 from vmkeep.engine.vm.quiesce import CONFIG_ENV, Thawed, ensure_thawed, freeze_lock
 from vmkeep.engine.vm.recovery import recover_vm
@@ -39,7 +40,6 @@ from vmkeep.model import LcmState, VmState
 log = logging.getLogger("vmkeep.watchdog")
 POLL = 0.25
 GUARD_SECONDS = 24 * 3600  # a pending guard waits this long for a hung agent at most
-QUIESCE_STATES = {LcmState.QUIESCING, LcmState.QUIESCED, LcmState.UNQUIESCING}
 
 
 def _vm(ctx: Context, vm_id: int) -> tuple[str, str, datetime | None] | None:
