@@ -41,7 +41,7 @@ from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of, find_datastore
 from vmkeep.engine.groups.manage import find_group, group_backup_dict
-from vmkeep.engine.protect.backup import (
+from vmkeep.engine.protect.member import (
     MemberJob,
     ProgressFn,
     after_success,
