@@ -36,7 +36,7 @@ from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.trust import LOCAL_ADMIN, ROLE_KEY, Actor
 from vmkeep.engine.groups import manage
 from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.points import listing, stored
+from vmkeep.engine.points import delete, listing, scan
 from vmkeep.engine.restore import files
 from vmkeep.engine.service import audit, tokens
 from vmkeep.engine.service.metrics import CatalogCollector
@@ -317,7 +317,7 @@ def create_app(
 
     @app.get("/v1/backups/{backup_id}")
     def show_backup(backup_id: Id, who: Actor = read) -> Any:
-        return FastJSON(stored.show_with_sizes(ctx(), backup_id))
+        return FastJSON(listing.show_with_sizes(ctx(), backup_id))
 
     @app.post("/v1/backups/{backup_id}/restore", status_code=202)
     def restore_backup(
@@ -424,7 +424,7 @@ def create_app(
     def delete_backup(
         backup_id: Id, increment: int | None = None, who: Actor = require("backup-delete")
     ) -> Any:
-        return jsonable(stored.delete_backup(ctx(), backup_id, increment))
+        return jsonable(delete.delete_backup(ctx(), backup_id, increment))
 
     # --- datastores and groups -----------------------------------------------------------------
     @app.get("/v1/datastores")
@@ -439,11 +439,11 @@ def create_app(
     def remove_datastore(
         ds: str, force: bool = False, who: Actor = require("datastore-remove")
     ) -> Any:
-        return jsonable(stored.remove_datastore(ctx(), ds, force))
+        return jsonable(delete.remove_datastore(ctx(), ds, force))
 
     @app.post("/v1/datastores/{ds}/scan")
     def scan_datastore(ds: str, body: ScanRequest, who: Actor = require("datastore-scan")) -> Any:
-        return jsonable(stored.scan(ctx(), ds, body.import_))
+        return jsonable(scan.scan(ctx(), ds, body.import_))
 
     @app.get("/v1/groups")
     def list_groups(who: Actor = read) -> Any:

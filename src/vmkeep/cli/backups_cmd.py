@@ -49,7 +49,7 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Show one backup chain and its increments."""
-    data = read(c, f"/v1/backups/{segment(backup_id)}", "points.stored:show_with_sizes", backup_id)
+    data = read(c, f"/v1/backups/{segment(backup_id)}", "points.listing:show_with_sizes", backup_id)
 
     def human(d: dict[str, Any]) -> None:
         kv({k: v for k, v in d.items() if k != "increments"})
@@ -90,9 +90,9 @@ def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 @click.pass_context
 def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json: bool) -> None:
     """Delete a whole chain, or its newest increment (never one others are built on)."""
-    from vmkeep.engine.points import stored
+    from vmkeep.engine.points import delete
 
-    res = stored.delete_backup(ctx_of(c), backup_id, increment)
+    res = delete.delete_backup(ctx_of(c), backup_id, increment)
     what = f"increment {increment} of backup" if increment is not None else "backup"
     render(
         res,
@@ -114,10 +114,10 @@ def copy_cmd(c: click.Context, backup_id: int, to_ref: str, as_json: bool) -> No
     """Copy a chain to a second datastore and verify it there (again later: only what is new)."""
     ctx = ctx_of(c)
     from vmkeep.engine.core import jobs
-    from vmkeep.engine.points import stored
+    from vmkeep.engine.points import copy
 
     with jobs.recorded(ctx, "copy", str(backup_id), {"backup": backup_id, "to": to_ref}) as job:
-        res = job.result = stored.copy_backup(ctx, backup_id, to_ref)
+        res = job.result = copy.copy_backup(ctx, backup_id, to_ref)
     render(
         res,
         as_json,

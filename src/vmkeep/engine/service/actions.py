@@ -12,7 +12,7 @@ from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.jobs import Runner
 from vmkeep.engine.groups import backup as group_backup
 from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.points import stored
+from vmkeep.engine.points import copy
 from vmkeep.engine.protect import backup
 from vmkeep.engine.restore import drill, inplace, point
 from vmkeep.engine.vm import inventory
@@ -87,7 +87,7 @@ def _vm_action(
 
 
 def _copy(ctx: Context, p: dict[str, Any], _progress: Progress) -> tuple[dict[str, Any], list[str]]:
-    return stored.copy_backup(ctx, int(p["backup"]), str(p["to"])), []
+    return copy.copy_backup(ctx, int(p["backup"]), str(p["to"])), []
 
 
 def _quiesce(
