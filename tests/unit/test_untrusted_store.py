@@ -28,7 +28,7 @@ from vmkeep.datastores.retry import Retrying
 from vmkeep.engine.core import stores
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.points import copy, scan
-from vmkeep.engine.restore import files
+from vmkeep.engine.restore import export
 from vmkeep.engine.restore.point import verify
 from vmkeep.engine.service import tokens
 from vmkeep.errors import DatastoreError, InvalidValue
@@ -236,9 +236,9 @@ def test_qemu_storage_daemon_options_double_a_comma(
         Path(argv[argv.index("--pidfile") + 1]).write_text("1\n")
         return ""
 
-    monkeypatch.setattr(files, "_run", fake_run)
+    monkeypatch.setattr(export, "_run", fake_run)
     image = tmp_path / "0.vda,file.locking=off.qcow2"
-    files.export_disk(image, tmp_path)
+    export.export_disk(image, tmp_path)
     blockdev = seen[0][2]
     assert blockdev == f"driver=file,filename={tmp_path}/0.vda,,file.locking=off.qcow2," + (
         "node-name=file0,read-only=on"
