@@ -2,7 +2,7 @@
 
 import pytest
 
-from vmkeep.engine.protect.backup import poll_delay
+from vmkeep.engine.protect.member import poll_delay
 
 
 def test_poll_delay_aims_at_the_jobs_expected_end() -> None:

@@ -65,6 +65,8 @@ def test_backups_list_loads_only_what_listing_needs(tmp_path) -> None:  # type: 
         "libvirt",
         "fastapi",
         "vmkeep.engine.restore.point",
-        "vmkeep.engine.points.stored",
+        "vmkeep.engine.points.copy",
+        "vmkeep.engine.points.delete",
+        "vmkeep.engine.points.scan",
     }
     assert not unneeded & mods, unneeded & mods

@@ -12,7 +12,9 @@ from types import SimpleNamespace
 import pytest
 
 from vmkeep.engine.groups import backup as group_backup
-from vmkeep.engine.groups.backup import MemberFailed, MemberJob, Timing, _cut
+from vmkeep.engine.groups.backup import MemberFailed, _cut
+from vmkeep.engine.groups.records import Timing
+from vmkeep.engine.protect.member import MemberJob
 from vmkeep.errors import AgentUnavailable
 from vmkeep.model import Consistency, FsFreeze, Warnings
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from vmkeep.engine.groups.backup import MemberFailed, MemberJob, Timing, _thaw
+from vmkeep.engine.groups.backup import MemberFailed, _thaw
+from vmkeep.engine.groups.records import Timing
+from vmkeep.engine.protect.member import MemberJob
 from vmkeep.engine.vm import quiesce
 from vmkeep.errors import HypervisorError
 

@@ -144,13 +144,13 @@ def test_open_to_qemu_never_takes_another_groups_folder(base: Path, ids: QemuIds
 
 # --- vmkeep mount (item 5) -------------------------------------------------------------------------
 def test_mount_options_keep_setuid_devices_and_programs_inert() -> None:
-    from vmkeep.engine.restore.files import MOUNT_OPTIONS
+    from vmkeep.engine.restore.export import MOUNT_OPTIONS
 
     assert set(MOUNT_OPTIONS.split(",")) >= {"ro", "nosuid", "nodev", "noexec"}
 
 
 def test_a_file_system_type_outside_the_list_is_refused_naming_the_setting() -> None:
-    from vmkeep.engine.restore.files import check_fs_type
+    from vmkeep.engine.restore.export import check_fs_type
     from vmkeep.errors import NotPermitted
 
     assert check_fs_type("ext4", ["ext4", "xfs"]) == "ext4"

@@ -12,7 +12,7 @@ from vmkeep.datastores.base import DatastoreDriver
 from vmkeep.datastores.restic import ResticDriver
 from vmkeep.datastores.retry import Retrying
 from vmkeep.datastores.ssh import classify, parse_df
-from vmkeep.engine.points.stored import parse_url
+from vmkeep.engine.points.copy import parse_url
 from vmkeep.errors import DatastoreError, DatastoreUnreachable, InvalidValue
 
 

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 
 from vmkeep.datastores.dir import STAGING, DirDriver
-from vmkeep.engine.protect.backup import _prepare_staging
+from vmkeep.engine.protect.staging import prepare_staging
 from vmkeep.engine.vm.recovery import staging_dirs
 from vmkeep.hypervisor.reach import can_search, qemu_ids
 
@@ -36,7 +36,7 @@ def _ctx(base: Path) -> SimpleNamespace:
 
 def test_staged_in_the_datastore_when_qemu_reaches_it(base: Path) -> None:
     driver = DirDriver("ds", {"path": str(base / "ds")})
-    staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+    staging = prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
     assert staging == base / "ds" / STAGING / "7-2"
     ids = qemu_ids()
     assert ids is not None and can_search(staging, ids) and can_search(staging.parent, ids)
@@ -53,7 +53,7 @@ def test_under_umask_077_staging_is_opened_to_qemus_group_alone(base: Path) -> N
         driver = DirDriver("ds", {"path": str(base / "ds")})
         driver.check()  # vmkeep makes the datastore's folder: 0700
         assert stat_mode(base / "ds") == 0o700
-        staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+        staging = prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
     finally:
         os.umask(old)
     assert staging == base / "ds" / STAGING / "7-2"
@@ -68,7 +68,7 @@ def test_staged_in_the_data_dir_when_the_datastore_is_closed_to_qemu(base: Path)
     closed.mkdir(mode=0o700)
     closed.chmod(0o700)
     driver = DirDriver("ds", {"path": str(closed / "ds")})
-    staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+    staging = prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
     assert staging == base / "data" / "staging" / "7-2"
     assert not (closed / "ds" / STAGING).exists()  # tried, then removed
     assert stat_mode(closed) == 0o700  # vmkeep opens no folder of the user's
@@ -76,7 +76,7 @@ def test_staged_in_the_data_dir_when_the_datastore_is_closed_to_qemu(base: Path)
 
 def test_stage_in_data_dir_option(base: Path) -> None:
     driver = DirDriver("ds", {"path": str(base / "ds"), "stage_in_data_dir": "true"})
-    staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+    staging = prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
     assert staging == base / "data" / "staging" / "7-2"
     assert staging_dirs(_ctx(base), driver, 7, 2) == [staging]  # type: ignore[arg-type]
 
@@ -94,7 +94,7 @@ def test_a_datastore_inside_the_data_dir_stages_in_itself(base: Path) -> None:
     try:
         driver = DirDriver("ds", {"path": str(base / "data" / "datastores" / "demo")})
         driver.check()
-        staging = _prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
+        staging = prepare_staging(_ctx(base), driver, PLAN)  # type: ignore[arg-type]
     finally:
         os.umask(old)
     assert staging == base / "data" / "datastores" / "demo" / STAGING / "7-2"

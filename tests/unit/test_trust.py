@@ -223,7 +223,7 @@ def test_a_backing_reference_to_a_host_file_is_refused_before_qemu_opens_it(
     """``files ls`` (qemu-storage-daemon, as root) of a chain imported from a hostile datastore
     whose checksums match but whose image names a host file as its backing file."""
     from vmkeep.engine.core import stores
-    from vmkeep.engine.points import stored
+    from vmkeep.engine.points import scan
     from vmkeep.engine.restore import files
 
     ctx = Context(load_config())
@@ -246,7 +246,7 @@ def test_a_backing_reference_to_a_host_file_is_refused_before_qemu_opens_it(
     manifest = {"vm": "web", "vm_uuid": str(uuid.uuid4()), "chain": "web/1", "mode": "FULL",
                 "increments": [{"id": 0, "parent": None, "status": "VALID", "files": rows}]}  # fmt: skip
     (folder / "manifest.json").write_text(json.dumps(manifest))
-    bid = stored.scan(ctx, "d", do_import=True)[0]["imported"]
+    bid = scan.scan(ctx, "d", do_import=True)[0]["imported"]
     assert bid
     with pytest.raises(VmkeepError, match="not a file of its chain"):
         files.ls(ctx, bid, "/", None, None, None)

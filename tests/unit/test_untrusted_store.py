@@ -27,8 +27,8 @@ from vmkeep.datastores.restic import ResticDriver
 from vmkeep.datastores.retry import Retrying
 from vmkeep.engine.core import stores
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.points import stored
-from vmkeep.engine.restore import files
+from vmkeep.engine.points import copy, scan
+from vmkeep.engine.restore import export
 from vmkeep.engine.restore.point import verify
 from vmkeep.engine.service import tokens
 from vmkeep.errors import DatastoreError, InvalidValue
@@ -136,7 +136,7 @@ def test_hostile_manifests_are_refused_and_the_honest_chain_is_imported(
     store_chain(root, "rawxml/4", xml=RAW_XML)
     # a chain key that is no name
     store_chain(root, "bad name/5")
-    rows = {r["chain"]: r for r in stored.scan(ctx, "d", do_import=True)}
+    rows = {r["chain"]: r for r in scan.scan(ctx, "d", do_import=True)}
     assert rows["web/1"]["imported"] and "refused" not in rows["web/1"]
     for chain, why in [
         ("evil/2", "stored file name is"),
@@ -151,7 +151,7 @@ def test_hostile_manifests_are_refused_and_the_honest_chain_is_imported(
     assert verify(ctx, rows["web/1"]["imported"])["ok"]
     assert not outside(tmp_path).parent.exists()
     # a second scan imports nothing more and refuses the same chains again
-    again = {r["chain"]: r for r in stored.scan(ctx, "d", do_import=True)}
+    again = {r["chain"]: r for r in scan.scan(ctx, "d", do_import=True)}
     assert again["web/1"]["known"] and again["evil/2"]["refused"]
 
 
@@ -164,7 +164,7 @@ def test_allow_raw_xml_lets_an_admin_import_the_raw_xml_chain(
     root = tmp_path / "store"
     stores.add(ctx, "d", "dir", {"path": str(root)})
     store_chain(root, "rawxml/4", xml=RAW_XML)
-    assert stored.scan(ctx, "d", do_import=True)[0]["imported"]
+    assert scan.scan(ctx, "d", do_import=True)[0]["imported"]
 
 
 def test_a_stored_domain_xml_that_differs_from_its_checksum_is_refused(
@@ -174,7 +174,7 @@ def test_a_stored_domain_xml_that_differs_from_its_checksum_is_refused(
     stores.add(ctx, "d", "dir", {"path": str(root)})
     store_chain(root, "web/1")
     (root / "web/1/0.domain.xml").write_text(RAW_XML.format(vm="web"))  # swapped after
-    row = stored.scan(ctx, "d", do_import=True)[0]
+    row = scan.scan(ctx, "d", do_import=True)[0]
     assert row["imported"] is None and "checksum" in row["refused"].lower()
 
 
@@ -223,7 +223,7 @@ def test_drivers_refuse_hostile_names_even_from_the_catalog(ctx: Context, tmp_pa
 def test_a_url_names_a_chain_and_a_file_by_the_rules() -> None:
     for bad in ("dir://d/web/1/..", "dir://d/../1/x", "dir://d/web/1/a,b"):
         with pytest.raises(InvalidValue):
-            stored.parse_url(bad)
+            copy.parse_url(bad)
 
 
 def test_qemu_storage_daemon_options_double_a_comma(
@@ -236,9 +236,9 @@ def test_qemu_storage_daemon_options_double_a_comma(
         Path(argv[argv.index("--pidfile") + 1]).write_text("1\n")
         return ""
 
-    monkeypatch.setattr(files, "_run", fake_run)
+    monkeypatch.setattr(export, "_run", fake_run)
     image = tmp_path / "0.vda,file.locking=off.qcow2"
-    files.export_disk(image, tmp_path)
+    export.export_disk(image, tmp_path)
     blockdev = seen[0][2]
     assert blockdev == f"driver=file,filename={tmp_path}/0.vda,,file.locking=off.qcow2," + (
         "node-name=file0,read-only=on"

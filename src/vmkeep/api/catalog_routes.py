@@ -17,7 +17,7 @@ from vmkeep.engine.core import jobs, stores
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.groups import manage
 from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.points import listing, stored
+from vmkeep.engine.points import delete, listing
 from vmkeep.engine.service import audit
 from vmkeep.engine.service.metrics import CatalogCollector
 from vmkeep.engine.service.params import Params
@@ -79,7 +79,7 @@ def routes(api: Api, r: FastAPI) -> None:
 
     @r.get("/v1/backups/{backup_id}")
     def show_backup(backup_id: Id, who: Actor = read) -> Any:
-        return FastJSON(stored.show_with_sizes(ctx(), backup_id))
+        return FastJSON(listing.show_with_sizes(ctx(), backup_id))
 
     @r.get("/v1/datastores")
     def list_datastores(who: Actor = read) -> Any:
@@ -93,7 +93,7 @@ def routes(api: Api, r: FastAPI) -> None:
     def remove_datastore(
         ds: str, force: bool = False, who: Actor = require("datastore-remove")
     ) -> Any:
-        return jsonable(stored.remove_datastore(ctx(), ds, force))
+        return jsonable(delete.remove_datastore(ctx(), ds, force))
 
     @r.get("/v1/groups")
     def list_groups(who: Actor = read) -> Any:

@@ -49,7 +49,7 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
     """Show one backup chain and its increments."""
-    data = read(c, f"/v1/backups/{segment(backup_id)}", "points.stored:show_with_sizes", backup_id)
+    data = read(c, f"/v1/backups/{segment(backup_id)}", "points.listing:show_with_sizes", backup_id)
 
     def human(d: dict[str, Any]) -> None:
         kv({k: v for k, v in d.items() if k != "increments"})

@@ -9,7 +9,7 @@ import click
 
 from vmkeep.cli.output import act, ctx_of, json_option, kv, render, table
 from vmkeep.engine.core import stores
-from vmkeep.engine.points import stored
+from vmkeep.engine.points import copy, delete
 
 
 def _size(n: int | None) -> str:
@@ -82,7 +82,7 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 @click.pass_context
 def remove_cmd(c: click.Context, ref: str, force: bool, as_json: bool) -> None:
     """Remove a datastore from the catalog (refused while it holds backups, unless --force)."""
-    res = stored.remove_datastore(ctx_of(c), ref, force)
+    res = delete.remove_datastore(ctx_of(c), ref, force)
     render(
         res,
         as_json,
@@ -126,5 +126,5 @@ def scan_cmd(c: click.Context, ref: str, do_import: bool, as_json: bool) -> None
 @click.pass_context
 def download_cmd(c: click.Context, url: str, dest: Path, force: bool, as_json: bool) -> None:
     """Download one stored file by the URL 'backups show' prints (<driver>://<ds>/<chain>/<file>)."""
-    res = stored.download(ctx_of(c), url, dest, force)
+    res = copy.download(ctx_of(c), url, dest, force)
     render(res, as_json, lambda r: click.echo(f"{r['url']} -> {r['path']} ({r['size']} bytes)"))

@@ -23,7 +23,7 @@ import httpx
 
 from vmkeep.engine.core import stores
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.points import stored
+from vmkeep.engine.points import copy, delete
 from vmkeep.engine.protect.backup import run_backup
 from vmkeep.engine.restore.point import RestoreOptions, restore
 from vmkeep.engine.service import tokens
@@ -97,7 +97,7 @@ def _off_the_host(ctx: Context, backup_id: int, say: Callable[[str], None]) -> N
         password.chmod(0o600)
     with Sshd(work / "sshd") as sshd:
         with suppress(NotFound):  # a second demo run: the old sshd port is gone
-            stored.remove_datastore(ctx, OFFSITE_DATASTORE, force=True)
+            delete.remove_datastore(ctx, OFFSITE_DATASTORE, force=True)
         repo = f"sftp:root@{sshd.host}:{work / 'repo'}"
         added = stores.add(
             ctx,
@@ -114,13 +114,13 @@ def _off_the_host(ctx: Context, backup_id: int, say: Callable[[str], None]) -> N
         for key in added.get("host_keys_learned", []):
             say(f"sshd on {sshd.host}:{sshd.port}; host key learned: {key}")
         say(f"datastore '{OFFSITE_DATASTORE}' (restic over SFTP) at {repo}")
-        res = stored.copy_backup(ctx, backup_id, OFFSITE_DATASTORE)
+        res = copy.copy_backup(ctx, backup_id, OFFSITE_DATASTORE)
         say(
             f"backups copy {backup_id} --to {OFFSITE_DATASTORE}: increments "
             f"{res['copied_increments']} copied, read back and verified (BLAKE3 checksums) as backup "
             f"{res['copy']}"
         )
-        stored.remove_datastore(ctx, OFFSITE_DATASTORE, force=True)
+        delete.remove_datastore(ctx, OFFSITE_DATASTORE, force=True)
 
 
 def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> None:

@@ -19,6 +19,7 @@
 Any failure before the end thaws every frozen member (reverse order), aborts the jobs already
 started, removes partial data, deletes the new checkpoints (libvirt merges their bitmaps into
 the parent, so every chain stays usable), and records the attempt FAILED with member and reason.
+The group backup's catalog rows (step 7, and FAILED) are written by ``records``.
 """
 
 from __future__ import annotations
@@ -30,18 +31,16 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, NoReturn, TypeVar
 
-from sqlalchemy import select
-
 from vmkeep.catalog import lock
-from vmkeep.catalog.tables import GroupBackup, GroupBackupMember, Vm
+from vmkeep.catalog.tables import Vm
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of, find_datastore
-from vmkeep.engine.groups.manage import find_group, group_backup_dict
-from vmkeep.engine.protect.backup import (
+from vmkeep.engine.groups.manage import find_group
+from vmkeep.engine.groups.records import Timing, close_abandoned, record_end, record_start
+from vmkeep.engine.protect.member import (
     MemberJob,
     ProgressFn,
     after_success,
@@ -84,23 +83,6 @@ def _member(name: str) -> Iterator[None]:
         raise
     except Exception as err:
         raise MemberFailed(name, err) from err
-
-
-@dataclass
-class Timing:
-    """Milliseconds since the group's first freeze began."""
-
-    t0: float = field(default_factory=time.monotonic)
-    frozen: dict[str, float] = field(default_factory=dict)
-    thawed: dict[str, float] = field(default_factory=dict)
-
-    def now(self) -> float:
-        return (time.monotonic() - self.t0) * 1000
-
-    @property
-    def window_ms(self) -> float | None:
-        """First freeze -> last thaw (the first freeze starts at 0)."""
-        return max(self.thawed.values(), default=None)
 
 
 @dataclass
@@ -249,73 +231,6 @@ def _thaw(
             raise p.err from None
 
 
-# --- records -----------------------------------------------------------------------------------------
-def _record_start(ctx: Context, group_id: int, ds_id: int, vms: list[Vm], parallel: bool) -> int:
-    with ctx.catalog.session() as s:
-        gb = GroupBackup(
-            group_id=group_id,
-            datastore_id=ds_id,
-            status=BackupStatus.RUNNING,
-            parallel_freeze=parallel,
-        )
-        for i, vm in enumerate(vms):
-            gb.members.append(
-                GroupBackupMember(
-                    vm_id=vm.id, vm_name=vm.name, position=i, status=BackupStatus.RUNNING
-                )
-            )
-        s.add(gb)
-        s.flush()
-        return gb.id
-
-
-def _close_abandoned(ctx: Context, group_id: int) -> None:
-    """A RUNNING record while we hold the group's lock was left by a process that died."""
-    with ctx.catalog.session() as s:
-        stale = s.execute(
-            select(GroupBackup).where(
-                GroupBackup.group_id == group_id, GroupBackup.status == BackupStatus.RUNNING
-            )
-        ).scalars()
-        for gb in stale:
-            gb.status, gb.finished_at = BackupStatus.FAILED, datetime.now(UTC)
-            gb.error = "abandoned: the vmkeep process running it died"
-            for m in gb.members:
-                m.status = BackupStatus.FAILED
-
-
-def _record_end(
-    ctx: Context,
-    gb_id: int,
-    jobs: list[MemberJob],
-    timing: Timing,
-    status: BackupStatus,
-    failed_vm: str | None = None,
-    reason: str | None = None,
-) -> dict[str, Any]:
-    by_name = {j.name: j for j in jobs}
-    with ctx.catalog.session() as s:
-        gb = s.get(GroupBackup, gb_id)
-        assert gb is not None
-        gb.status, gb.failed_vm, gb.error = status, failed_vm, reason
-        gb.freeze_window_ms = timing.window_ms
-        gb.finished_at = datetime.now(UTC)
-        for m in gb.members:
-            j = by_name.get(m.vm_name)
-            m.status = status
-            m.frozen_at_ms = timing.frozen.get(m.vm_name)
-            m.thawed_at_ms = timing.thawed.get(m.vm_name)
-            if j is not None and j.plan is not None:
-                m.backup_id, m.seq = j.plan.backup_id, j.plan.seq
-                m.consistency = j.q.consistency
-                m.freeze_ms = j.q.freeze_ms
-            if status != BackupStatus.VALID:
-                other = failed_vm is not None and m.vm_name != failed_vm
-                m.error = f"not taken: {failed_vm} failed" if other else reason
-        s.flush()
-        return group_backup_dict(gb)
-
-
 # --- the command ---------------------------------------------------------------------------------------
 def run_group_backup(
     ctx: Context,
@@ -343,9 +258,9 @@ def run_group_backup(
         stack.enter_context(
             lock(ctx.catalog, f"group:{group_id}", "group backup", label=f"group {group_name}")
         )
-        _close_abandoned(ctx, group_id)
+        close_abandoned(ctx, group_id)
         vms = [stack.enter_context(vm_action(ctx, r, "group backup")) for r in refs]
-        gb_id = _record_start(ctx, group_id, ds_id, vms, parallel_freeze)
+        gb_id = record_start(ctx, group_id, ds_id, vms, parallel_freeze)
         # If this process dies from here on, the guard thaws, resumes and cleans up every member.
         stack.enter_context(guarding(ctx, [vm.id for vm in vms]))
         jobs: list[MemberJob] = []
@@ -366,7 +281,7 @@ def run_group_backup(
                 )
             except BaseException as err:
                 _fail_all(ctx, gb_id, group_name, jobs, timing, err)
-            out.result = _record_end(ctx, gb_id, jobs, timing, BackupStatus.VALID)
+            out.result = record_end(ctx, gb_id, jobs, timing, BackupStatus.VALID)
             for j in jobs:
                 after_success(ctx, j)
         finally:
@@ -446,7 +361,7 @@ def _fail_all(
         except Exception as e:  # keep cleaning up the other members
             log.error("clean-up of %s failed: %s", j.name, e)
     status = BackupStatus.CANCELLED if cancelled else BackupStatus.FAILED
-    _record_end(ctx, gb_id, jobs, timing, status, failed_vm, reason)
+    record_end(ctx, gb_id, jobs, timing, status, failed_vm, reason)
     if cancelled:
         raise KeyboardInterrupt
     raise GroupBackupFailed(gb_id, group_name, failed_vm or "-", reason) from cause

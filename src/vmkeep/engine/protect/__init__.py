@@ -1,2 +1,4 @@
-"""Taking a restore point of one VM: plan, staging, the libvirt backup job, finishing or
-undoing it (``backup``). Imports ``core``, ``vm`` and ``points`` (retention after a backup)."""
+"""Taking a restore point of one VM: what to take (``plan``), where QEMU writes it (``staging``),
+the steps of one VM's backup in flight (``member``, shared with a group backup) and the command
+that runs them or cancels them (``backup``). Imports ``core``, ``vm`` and ``points`` (retention
+after a backup)."""

@@ -14,7 +14,7 @@ from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.groups import backup as group_backup
 from vmkeep.engine.groups import manage
 from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.points import listing, stored
+from vmkeep.engine.points import copy, delete, listing, scan
 from vmkeep.engine.protect import backup
 from vmkeep.engine.restore import drill, inplace, point
 from vmkeep.engine.service import params as P
@@ -138,11 +138,11 @@ def run_verify(ctx: Context, _a: Action, p: P.PointParams, _pr: Progress, _c: Ca
 
 
 def run_copy(ctx: Context, _a: Action, p: P.CopyParams, _pr: Progress, _c: Caller) -> Outcome:
-    return stored.copy_backup(ctx, p.backup, p.to), []
+    return copy.copy_backup(ctx, p.backup, p.to), []
 
 
 def run_delete(ctx: Context, _a: Action, p: P.DeleteParams, _pr: Progress, _c: Caller) -> Outcome:
-    return stored.delete_backup(ctx, p.backup, p.increment), []
+    return delete.delete_backup(ctx, p.backup, p.increment), []
 
 
 def run_drill(ctx: Context, _a: Action, p: P.DrillParams, _pr: Progress, _c: Caller) -> Outcome:
@@ -156,7 +156,7 @@ def run_drill(ctx: Context, _a: Action, p: P.DrillParams, _pr: Progress, _c: Cal
 
 
 def run_scan(ctx: Context, _a: Action, p: P.ScanParams, _pr: Progress, _c: Caller) -> Outcome:
-    return {"datastore": p.datastore, "chains": stored.scan(ctx, p.datastore, p.import_)}, []
+    return {"datastore": p.datastore, "chains": scan.scan(ctx, p.datastore, p.import_)}, []
 
 
 def run_quiesce(ctx: Context, _a: Action, p: P.VmParams, _pr: Progress, _c: Caller) -> Outcome:
