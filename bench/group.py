@@ -7,7 +7,7 @@ guest-visible write stall is measured inside every member: a loop appends /proc/
 file on the frozen file system, and the longest gap between two appends during the backup is the
 stall the application saw (minus the loop's normal gap, measured without a backup).
 
-Target (DESIGN.md): 3 VMs without order constraint <= 1.5 x one VM's window.
+Target: 3 VMs without order constraint <= 1.5 x one VM's window.
 """
 
 from __future__ import annotations

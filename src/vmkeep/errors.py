@@ -340,3 +340,12 @@ def exit_code_table() -> str:
 
 if __name__ == "__main__":
     print(exit_code_table(), end="")
+
+
+def exit_code_of(code: str | None) -> int:
+    """The exit code of the error class named ``code`` (a job's or an API answer's error code);
+    VmkeepError's for a name that is no error class here."""
+    cls = globals().get(str(code))
+    if isinstance(cls, type) and issubclass(cls, VmkeepError):
+        return cls.exit_code
+    return VmkeepError.exit_code

@@ -111,6 +111,7 @@ def test_run_here_records_result_and_warnings_as_the_daemon_does(
     )
     assert job["params"] == {"backup": 3}
     assert job["result"] == {"backup": 3, "files": [], "warnings": ["slow disk"]}
+    assert job["exit_code"] == 1  # what the command exited with: done, with warnings
 
 
 def test_a_failed_action_keeps_the_result_its_error_carries(
@@ -126,6 +127,7 @@ def test_a_failed_action_keeps_the_result_its_error_carries(
     job = jobs.list_jobs(ctx)[0]
     assert (job["state"], job["error"]["code"]) == ("FAILED", "DrillFailed")
     assert job["result"] == {"drill": 4, "result": "FAIL"}
+    assert job["exit_code"] == DrillFailed.exit_code == 26
 
 
 def test_a_queued_job_runs_with_the_actor_the_api_named(
@@ -145,7 +147,9 @@ def test_a_queued_job_runs_with_the_actor_the_api_named(
     job = actions.enqueue(ctx, a, actions.parse(a, {"vm": "web"}), Actor("ops", "operator"))
     assert (job["kind"], job["target"], job["who"], job["origin"]) == ("quiesce", "web", "ops",
                                                                       "api")  # fmt: skip
+    assert job["exit_code"] is None  # not ended
     assert jobs.claim(ctx) == job["id"]
     done = jobs.execute(ctx, job["id"], actions.RUNNERS)
     assert done["state"] == "DONE" and done["result"] == {"vm": "web"}, done
+    assert done["exit_code"] == 0
     assert [(c.actor.name, c.actor.role, c.origin) for c in seen] == [("ops", "operator", "api")]

@@ -235,7 +235,5 @@ def _error(status: int, data: dict[str, Any]) -> errors.VmkeepError:
     same exit code (the class is named in the answer)."""
     err = data["error"] if isinstance(data["error"], dict) else {}
     out = errors.VmkeepError(err.get("message") or f"the daemon answered HTTP {status}")
-    cls = getattr(errors, str(err.get("code")), None)
-    if isinstance(cls, type) and issubclass(cls, errors.VmkeepError):
-        out.exit_code = cls.exit_code
+    out.exit_code = errors.exit_code_of(err.get("code"))
     return out

@@ -1,4 +1,4 @@
-"""The VMM driver contract (OpenNebula's virtualization driver, ../shared/seeds/003_*): the actions
+"""The VMM driver contract (after OpenNebula's virtualization driver): the actions
 the lifecycle engine hands to a host's driver. Two implementations: ``native`` (libvirt in-process,
 ``vmm_native.py``) and ``exec`` (one executable per action, ``vmm_exec.py``).
 

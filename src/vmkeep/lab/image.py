@@ -1,6 +1,6 @@
 """Builds the lab guest's boot artefacts (kernel + initramfs) from the host's Debian packages.
 
-Recipe (DESIGN.md "Test lab"): Debian's ``linux-image-amd64`` kernel, ``busybox-static``, the
+Recipe: Debian's ``linux-image-amd64`` kernel, ``busybox-static``, the
 ``qemu-guest-agent`` binary with the libraries ``ldd`` lists, and the virtio/ext4 modules. The result
 is cached under a key of its inputs, so a second run costs nothing.
 """

@@ -1,4 +1,4 @@
-"""The job queue: every long action is a row in ``jobs``, whatever started it (DESIGN.md "The service").
+"""The job queue: every long action is a row in ``jobs``, whatever started it (docs/architecture.md, "How a job flows").
 
 QUEUED -> RUNNING -> DONE | FAILED | CANCELLED. The CLI runs its action in-process and records it
 (``recorded``); the API enqueues and a daemon worker claims and runs it (``claim`` + ``execute``).
@@ -27,7 +27,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from vmkeep import jsontext
+from vmkeep import errors, jsontext
 from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Job
 from vmkeep.engine.core.context import Context
@@ -71,6 +71,7 @@ def job_dict(j: Job) -> dict[str, Any]:
         "total_bytes": j.total_bytes,
         "result": j.result,
         "error": {"code": j.error_code, "message": j.error} if j.error else None,
+        "exit_code": exit_code(j.state, j.error_code, j.result),
         "cancel_requested": j.cancel_requested,
         "host": j.host,
         "pid": j.pid,
@@ -78,6 +79,19 @@ def job_dict(j: Job) -> dict[str, Any]:
         "started": j.started_at,
         "finished": j.finished_at,
     }
+
+
+def exit_code(state: str, error_code: str | None, result: Any) -> int | None:
+    """The exit code of the command that ran (or followed) the job: 0 done, 1 done with
+    warnings, the error's own code (``errors.py``), EXIT_INTERRUPTED when cancelled; None while
+    it runs."""
+    if state == JobState.DONE:
+        return 1 if isinstance(result, dict) and result.get("warnings") else 0
+    if state == JobState.CANCELLED:
+        return errors.EXIT_INTERRUPTED
+    if state == JobState.FAILED:
+        return errors.exit_code_of(error_code)
+    return None
 
 
 def local_user() -> str:

@@ -1,4 +1,4 @@
-"""Group-consistent backup (Nova quiesce spec; DESIGN.md "Group-consistent backup").
+"""Group-consistent backup (after Nova's quiesce spec; docs/architecture.md).
 
 1. lock the group, then every member in group order; each must be RUNNING or POWEROFF;
 2. plan each member: full, or an increment of its own chain (catalog rows RUNNING);

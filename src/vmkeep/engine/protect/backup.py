@@ -1,4 +1,4 @@
-"""Backup of a running or powered-off VM (DESIGN.md "Backup of a running VM").
+"""Backup of a running or powered-off VM.
 
 1. lock the VM, check its state, lcm_state = BACKUP (BACKUP_POWEROFF for an off VM);
 2. plan: new full chain, or an increment of the last chain when its checkpoint is still there

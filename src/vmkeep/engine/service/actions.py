@@ -58,8 +58,8 @@ class Action:
     target: str  # the params field naming what it acts on (the job's target)
     locks: str  # what it holds while it runs: "vm", "point", "group", "datastore"
     route: str  # the API route, "{field}" segments from the params
-    check: str  # "module:function" in vmkeep.engine.service.runners
-    run: str
+    check: str  # runners.check_<this>
+    run: str  # runners.run_<this>
     summary: str
     method: str = "POST"
 
