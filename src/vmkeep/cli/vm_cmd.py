@@ -68,32 +68,22 @@ def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) 
             click.echo(f"imported {r['name']} (id {r['id']}, {r['lcm_state']})")
 
 
-@vm.command("quiesce")
-@click.argument("ref", metavar="VM")
-@json_option
-@click.pass_context
-def quiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
-    """Freeze the guest file systems (RUNNING -> QUIESCED)."""
-    res, _ = act(c, "quiesce", {"vm": ref}, bar=False)
-    render(
-        res,
-        as_json,
-        lambda r: click.echo(f"{r['vm']}: QUIESCED ({r['filesystems']} file systems frozen)"),
-    )
+def _freeze_command(kind: str, doc: str, state: str, done: str) -> None:
+    """``vm quiesce|unquiesce VM``: the action, then ``VM: STATE (N file systems DONE)``."""
+
+    def cmd(c: click.Context, ref: str, as_json: bool) -> None:
+        res, _ = act(c, kind, {"vm": ref}, bar=False)
+        human = f"{{vm}}: {state} ({{filesystems}} file systems {done})"
+        render(res, as_json, lambda r: click.echo(human.format(**r)))
+
+    cmd.__doc__ = doc
+    vm.command(kind)(click.argument("ref", metavar="VM")(json_option(click.pass_context(cmd))))
 
 
-@vm.command("unquiesce")
-@click.argument("ref", metavar="VM")
-@json_option
-@click.pass_context
-def unquiesce_cmd(c: click.Context, ref: str, as_json: bool) -> None:
-    """Thaw the guest file systems (QUIESCED -> RUNNING)."""
-    res, _ = act(c, "unquiesce", {"vm": ref}, bar=False)
-    render(
-        res,
-        as_json,
-        lambda r: click.echo(f"{r['vm']}: RUNNING ({r['filesystems']} file systems thawed)"),
-    )
+_freeze_command("quiesce", "Freeze the guest file systems (RUNNING -> QUIESCED).", "QUIESCED",
+                "frozen")  # fmt: skip
+_freeze_command("unquiesce", "Thaw the guest file systems (QUIESCED -> RUNNING).", "RUNNING",
+                "thawed")  # fmt: skip
 
 
 @vm.command("reset-state")
