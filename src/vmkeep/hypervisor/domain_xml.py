@@ -67,6 +67,11 @@ def domain_name(xml: str) -> str:
     return ET.fromstring(xml).findtext("name", "")
 
 
+def domain_uuid(xml: str) -> str:
+    """The ``<uuid>`` of a domain XML (empty when it has none)."""
+    return (ET.fromstring(xml).findtext("uuid") or "").strip()
+
+
 def description(xml: str) -> str:
     """The ``<description>`` of a domain XML (empty when it has none)."""
     return ET.fromstring(xml).findtext("description") or ""
