@@ -1,6 +1,9 @@
-"""Every reading and edit of libvirt XML that vmkeep does, as pure functions: text or ElementTree
-in, text or ElementTree out; no I/O, no libvirt, no catalog. The hypervisor implementations, the
-VMM drivers and the engine (restore, drill, lifecycle) call these and pass in what they need.
+"""Domain XML in one place: the readings and edits of a libvirt domain's XML, and the device and
+snapshot XML the drivers hand to libvirt, as pure functions (text or ElementTree in, text or
+ElementTree out; no I/O, no libvirt, no catalog). The hypervisor implementations, the VMM
+drivers and the engine (restore, drill, lifecycle) call these and pass in what they need. Backup
+and checkpoint XML: ``backup_xml.py``; what the trust rules refuse in an XML: the engine's
+``core/trust.py``.
 
 Output is what ``ET.tostring(root, encoding="unicode")`` writes (attributes in double quotes).
 """
