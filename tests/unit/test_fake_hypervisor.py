@@ -13,11 +13,13 @@ import pytest
 from vmkeep.config import load_config
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.lifecycle import dispatch
+from vmkeep.engine.restore import memory
 from vmkeep.errors import DomainNotFound, HypervisorError, VmmError, WrongState
 from vmkeep.hypervisor import Hypervisor
+from vmkeep.hypervisor.domain_xml import with_disks
 from vmkeep.hypervisor.fake import FakeHypervisor, FakeVmm
 from vmkeep.hypervisor.vmm import Vmm
-from vmkeep.model import LcmState, VmState
+from vmkeep.model import LcmState, VmState, Warnings
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vmkeep"
 XML = """<domain type='qemu'><name>web</name><memory unit='MiB'>256</memory>
@@ -188,3 +190,24 @@ def test_the_fake_follows_libvirts_rules() -> None:
     with pytest.raises(HypervisorError, match="uuid"):
         hv.define(XML.format(disk="/x").replace("<name>web</name>", f"<name>web</name><uuid>"
                                                 f"{'0' * 8}-0000-0000-0000-{'0' * 12}</uuid>"))  # fmt: skip
+
+
+def test_a_memory_state_resumes_on_the_restored_disks(ctx: Context, tmp_path: Path) -> None:
+    hv = fake(ctx)
+    old = XML.format(disk="/old/web-vda.qcow2")
+    hv.start(hv.define(old))
+    hv.save_memory("web", "/states/web.state")
+    hv.destroy("web")
+    hv.undefine("web")  # the domain is gone: the restore recreates it
+    disks = {"vda": tmp_path / "vda.qcow2"}
+    persistent = with_disks(old, disks, "qcow2")
+    warnings = Warnings()
+    state = Path("/states/web.state")
+    assert memory.resume(ctx, state, disks, warnings, persistent_xml=persistent, fmt="qcow2")
+    info = hv.domain("web")
+    assert info.state == VmState.ACTIVE and info.persistent and not warnings.items
+    assert [(d.path, d.fmt) for d in info.disks] == [(str(disks["vda"]), "qcow2")]
+    # libvirt refuses (here: the domain runs already): it is defined and a warning says why
+    assert not memory.resume(ctx, state, disks, warnings, persistent_xml=persistent)
+    assert any("could not be resumed" in w for w in warnings.items)
+    assert hv.calls[-1] == ("define", "web")
