@@ -10,8 +10,8 @@ import pytest
 
 from vmkeep.engine.core.backup_config import resolve, validate
 from vmkeep.engine.restore.drill import _isolated_xml, e2fsck_verdict
-from vmkeep.engine.restore.memory import with_disks
 from vmkeep.errors import InvalidValue
+from vmkeep.hypervisor.domain_xml import with_disks
 
 XML = """<domain type='qemu'><name>web</name><uuid>0b0e6f6c-1111-2222-3333-444455556666</uuid>
 <devices>

@@ -273,12 +273,12 @@ def test_a_stored_domain_xml_names_no_host_file(clean_env: Path, tmp_path: Path)
         with pytest.raises(NotPermitted, match="names the host file"):
             trust.check_stored_xml(config, xml, "restore", [Path("/r/vda.qcow2")])
     # a restore ejects a cdrom's medium and moves chardev logs into the VM's folder
-    from vmkeep.engine.restore.point import rewrite_domain_xml
+    from vmkeep.hypervisor.domain_xml import new_domain_xml
 
     xml = RAW_XML.format(
         "<disk type='file' device='cdrom'><source file='/etc/shadow'/><target dev='hdc'/></disk>"
         "<console type='pty'><log file='/etc/passwd'/></console>", "")  # fmt: skip
-    out = rewrite_domain_xml(xml, "new", {}, tmp_path, no_nic=True, no_ip=False)
+    out, _left_out = new_domain_xml(xml, "new", {}, tmp_path, no_nic=True, no_ip=False)
     assert "/etc/shadow" not in out and "/etc/passwd" not in out
     trust.check_stored_xml(config, out, "restore", [tmp_path])
 

@@ -1,13 +1,16 @@
 """The hypervisor interface the engine talks to (OpenNebula's VMM driver actions).
 
-The engine's unit tests use a fake behind this interface; end-to-end tests use the native libvirt
-implementation in ``native.py`` against a real libvirtd.
+The engine never names a concrete implementation: it gets one from ``Context.hv`` and, for the
+lifecycle, the host's in-process VMM driver from ``native_vmm()``. The engine's unit tests use
+the in-memory ``FakeHypervisor`` (``fake.py``) behind this interface; end-to-end tests use the
+native libvirt implementation in ``native.py`` against a real libvirtd.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.model import DomainInfo, GuestExecResult
 
 
@@ -20,6 +23,12 @@ class Hypervisor(ABC):
     def qemu_ids(self) -> tuple[int, int] | None:
         """The uid and gid QEMU runs as (libvirt's DAC label); None when unknown."""
         return None
+
+    @abstractmethod
+    def native_vmm(self) -> Vmm:
+        """The ``native`` VMM driver of this hypervisor: the lifecycle's actions in-process, on
+        this hypervisor's own connection (a host whose ``[[hosts]]`` entry says ``vmm = native``,
+        or that has none)."""
 
     # --- inventory -----------------------------------------------------------------------------
     @abstractmethod

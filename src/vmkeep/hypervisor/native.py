@@ -16,7 +16,6 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
-from xml.sax.saxutils import quoteattr
 
 import libvirt
 import libvirt_qemu
@@ -32,7 +31,9 @@ from vmkeep.errors import (
     NotFound,
 )
 from vmkeep.hypervisor.base import Hypervisor
-from vmkeep.model import DiskInfo, DomainInfo, GuestExecResult, VmState
+from vmkeep.hypervisor.domain_xml import has_agent_channel, memory_snapshot_xml, parse_disks
+from vmkeep.hypervisor.vmm import Vmm
+from vmkeep.model import DomainInfo, GuestExecResult, VmState
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,39 +73,6 @@ _CONNECTION_CODES = {
     libvirt.VIR_ERR_NO_CONNECT,
     libvirt.VIR_ERR_INVALID_CONN,
 }
-
-
-def parse_disks(xml: str) -> tuple[DiskInfo, ...]:
-    """Disks of a domain XML, in target order as libvirt lists them."""
-    root = ET.fromstring(xml)
-    disks: list[DiskInfo] = []
-    for disk in root.findall("./devices/disk"):
-        target = disk.find("target")
-        source = disk.find("source")
-        driver = disk.find("driver")
-        if target is None:
-            continue
-        path = ""
-        if source is not None:
-            path = source.get("file") or source.get("dev") or source.get("name") or ""
-        disks.append(
-            DiskInfo(
-                target=target.get("dev", ""),
-                path=path,
-                fmt=(driver.get("type", "raw") if driver is not None else "raw"),
-                device=disk.get("device", "disk"),
-                readonly=disk.find("readonly") is not None,
-                transient=disk.find("transient") is not None,
-            )
-        )
-    return tuple(disks)
-
-
-def has_agent_channel(xml: str) -> bool:
-    root = ET.fromstring(xml)
-    return any(
-        t.get("name") == "org.qemu.guest_agent.0" for t in root.findall("./devices/channel/target")
-    )
 
 
 def agent_error(name: str, command: str, timeout: float, code: int, msg: str) -> HypervisorError:
@@ -276,6 +244,12 @@ class LibvirtHypervisor(Hypervisor):
             checkpoints=checkpoints,
         )
 
+    def native_vmm(self) -> Vmm:
+        """The ``native`` VMM driver: every action in-process on this connection."""
+        from vmkeep.hypervisor.vmm_native import NativeVmm  # it imports this module
+
+        return NativeVmm(self)
+
     # --- inventory ------------------------------------------------------------------------------
     def list_domains(self) -> list[DomainInfo]:
         doms = self._call(lambda: self.conn.listAllDomains(0), "list domains")
@@ -384,12 +358,7 @@ class LibvirtHypervisor(Hypervisor):
         touching its disks or stopping it: a memory-only external snapshot without metadata. Call
         it on a paused domain for a state consistent with a disk point taken while still paused."""
         targets = [d.target for d in parse_disks(self.domain_xml(name)) if d.target]
-        disks = "".join(f"<disk name={quoteattr(t)} snapshot='no'/>" for t in targets)
-        xml = (
-            "<domainsnapshot><name>vmkeep-memory</name>"
-            f"<memory snapshot='external' file={quoteattr(path)}/>"
-            f"<disks>{disks}</disks></domainsnapshot>"
-        )
+        xml = memory_snapshot_xml(path, targets)
         dom = self._dom(name)
         flags = libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
         self._call(lambda: dom.snapshotCreateXML(xml, flags), f"save the memory of {name}")

@@ -1,6 +1,7 @@
 """The VMM driver contract (after OpenNebula's virtualization driver): the actions
 the lifecycle engine hands to a host's driver. Two implementations: ``native`` (libvirt in-process,
-``vmm_native.py``) and ``exec`` (one executable per action, ``vmm_exec.py``).
+``vmm_native.py``; the engine gets it from ``Hypervisor.native_vmm()``, which for the in-memory
+``fake.py`` is its ``FakeVmm``) and ``exec`` (one executable per action, ``vmm_exec.py``).
 
 Each call succeeds or raises ``VmmError`` with the driver's message. ``poll`` returns the seed's
 record: ``STATE`` (a = active, p = paused, e = error/crashed, d = disappeared or off) and the usage

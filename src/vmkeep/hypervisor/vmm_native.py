@@ -5,11 +5,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from typing import TypeVar
-from xml.sax.saxutils import quoteattr
 
 import libvirt
 
 from vmkeep.errors import DomainNotFound, VmmError
+from vmkeep.hypervisor.domain_xml import (
+    disk_device_xml,
+    nic_detach_xml,
+    nic_device_xml,
+    system_snapshot_xml,
+)
 from vmkeep.hypervisor.native import LibvirtHypervisor
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
 
@@ -24,27 +29,6 @@ _POLL_STATES = {
     libvirt.VIR_DOMAIN_CRASHED: "e",
     libvirt.VIR_DOMAIN_SHUTOFF: "d",
 }
-
-
-def disk_xml(d: DiskSpec) -> str:
-    ro = "<readonly/>" if d.readonly else ""
-    return (
-        f"<disk type='file' device='disk'><driver name='qemu' type={quoteattr(d.fmt)} "
-        f"cache={quoteattr(d.cache)}/><source file={quoteattr(d.source)}/>"
-        f"<target dev={quoteattr(d.target)} bus='virtio'/>{ro}</disk>"
-    )
-
-
-def nic_xml(n: NicSpec) -> str:
-    target = f"<target dev={quoteattr(n.target)}/>" if n.target else ""
-    if n.bridge:
-        head, source = "<interface type='bridge'>", f"<source bridge={quoteattr(n.bridge)}/>"
-    else:
-        head, source = "<interface type='user'>", ""
-    return (
-        f"{head}<mac address={quoteattr(n.mac)}/>{source}<model type={quoteattr(n.model)}/>"
-        f"{target}</interface>"
-    )
 
 
 class NativeVmm(Vmm):
@@ -161,7 +145,7 @@ class NativeVmm(Vmm):
     def snapshot_create(self, domain: str, snapshot_id: int) -> str:
         dom = self._dom("snapshot_create", domain)
         name = f"snap-{snapshot_id}"
-        xml = f"<domainsnapshot><name>{name}</name></domainsnapshot>"  # internal: disks + RAM
+        xml = system_snapshot_xml(name)  # internal: disks + RAM
         self._call("snapshot_create", lambda: dom.snapshotCreateXML(xml, 0))
         return name
 
@@ -178,20 +162,22 @@ class NativeVmm(Vmm):
     # --- hotplug ----------------------------------------------------------------------------------
     def attach_disk(self, domain: str, disk: DiskSpec) -> None:
         dom = self._dom("attach_disk", domain)
-        self._call("attach_disk", lambda: dom.attachDeviceFlags(disk_xml(disk), self._flags(dom)))
+        xml = disk_device_xml(disk)
+        self._call("attach_disk", lambda: dom.attachDeviceFlags(xml, self._flags(dom)))
 
     def detach_disk(self, domain: str, disk: DiskSpec) -> None:
         dom = self._dom("detach_disk", domain)
-        xml = disk_xml(disk)
+        xml = disk_device_xml(disk)
         self._call("detach_disk", lambda: dom.detachDeviceFlags(xml, self._flags(dom)))
 
     def attach_nic(self, domain: str, nic: NicSpec) -> None:
         dom = self._dom("attach_nic", domain)
-        self._call("attach_nic", lambda: dom.attachDeviceFlags(nic_xml(nic), self._flags(dom)))
+        xml = nic_device_xml(nic)
+        self._call("attach_nic", lambda: dom.attachDeviceFlags(xml, self._flags(dom)))
 
     def detach_nic(self, domain: str, mac: str) -> None:
         dom = self._dom("detach_nic", domain)
-        xml = f"<interface type='user'><mac address={quoteattr(mac)}/></interface>"
+        xml = nic_detach_xml(mac)
         self._call("detach_nic", lambda: dom.detachDeviceFlags(xml, self._flags(dom)))
 
     def resize_disk(self, domain: str, target: str, size: int) -> None:

@@ -38,10 +38,8 @@ from vmkeep.errors import (
     VmkeepError,
     WrongState,
 )
-from vmkeep.hypervisor.native import LibvirtHypervisor
 from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.hypervisor.vmm_exec import ExecVmm, parse_args
-from vmkeep.hypervisor.vmm_native import NativeVmm
 from vmkeep.model import JobState, LcmState, VmState, Warnings
 from vmkeep.names import check_disk_name, check_name
 
@@ -52,8 +50,7 @@ def vmm_of(ctx: Context) -> Vmm:
     """The VMM driver of this host (``[[hosts]]`` entry whose uri is the libvirt uri)."""
     host = next((h for h in ctx.config.hosts if h.uri == ctx.hv.uri), None)
     if host is None or host.vmm == "native":
-        assert isinstance(ctx.hv, LibvirtHypervisor)
-        return NativeVmm(ctx.hv)
+        return ctx.hv.native_vmm()
     if host.vmm_dir is None:
         raise InvalidValue(f"hosts.{host.name}.vmm_dir", None, "the exec driver needs vmm_dir")
     return ExecVmm(host.vmm_dir, parse_args(host.vmm_args), host.uri, ctx.config.data_dir / "vmm")

@@ -6,7 +6,6 @@ raises on failure (the runner then sets the failure state)."""
 from __future__ import annotations
 
 import random
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from vmkeep.engine.core.trust import (
 )
 from vmkeep.engine.vm.record import find_vm, set_fields
 from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
-from vmkeep.hypervisor.native import parse_disks
+from vmkeep.hypervisor.domain_xml import mac_addresses, parse_disks, with_cpu_memory
 from vmkeep.hypervisor.reach import open_to_qemu
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
 from vmkeep.model import LcmState, VmState, Warnings
@@ -358,7 +357,7 @@ def nic_attach(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings
 
 def nic_detach(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) -> dict[str, Any]:
     mac = str(opts.get("mac") or "")
-    macs = [m.get("address") for m in ET.fromstring(ctx.hv.domain_xml(vm.name)).iter("mac")]
+    macs = mac_addresses(ctx.hv.domain_xml(vm.name))
     if mac not in macs:
         raise InvalidValue("--mac", mac, f"VM {vm.name} has NICs {', '.join(map(str, macs))}")
     vmm.detach_nic(vm.name, mac)
@@ -373,22 +372,7 @@ def resize(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
         raise InvalidValue("resize", None, "give --vcpus N and/or --memory MIB")
     on_host = vm.lcm_state != LcmState.UNDEPLOYED
     xml = ctx.hv.domain_xml(vm.name, inactive=True) if on_host else (vm.template or "")
-    root = ET.fromstring(xml)
-    if vcpus is not None:
-        el = root.find("vcpu")
-        if el is None:
-            el = ET.SubElement(root, "vcpu")
-        el.attrib.pop("current", None)
-        el.text = str(int(vcpus))
-    if memory is not None:
-        for tag in ("memory", "currentMemory"):
-            el = root.find(tag)
-            if el is None:
-                el = ET.SubElement(root, tag)
-            el.attrib.clear()
-            el.set("unit", "MiB")
-            el.text = str(int(memory))
-    new = ET.tostring(root, encoding="unicode")
+    new = with_cpu_memory(xml, vcpus, memory)
     if on_host:
         ctx.hv.define(new)
     set_fields(ctx, vm.id, template=new)

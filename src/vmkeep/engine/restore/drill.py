@@ -22,7 +22,6 @@ import contextlib
 import shutil
 import subprocess
 import time
-import xml.etree.ElementTree as ET
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,10 +33,11 @@ from vmkeep.engine.core.chains import disk_file, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.engine.core.trust import check_stored_xml
-from vmkeep.engine.restore.files import export_disk, partitions, stop_export
+from vmkeep.engine.restore.export import export_disk, partitions, stop_export
 from vmkeep.engine.restore.instant import local_folder, make_overlay
-from vmkeep.engine.restore.point import pick_disks, rewrite_domain_xml, verify_files
+from vmkeep.engine.restore.point import pick_disks, verify_files
 from vmkeep.errors import BackupNotFound, DrillFailed, HypervisorError, VmkeepError
+from vmkeep.hypervisor.domain_xml import description, new_domain_xml, with_description
 from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import Warnings
 
@@ -172,14 +172,8 @@ def _remove_vm(ctx: Context, name: str) -> None:
 
 def _isolated_xml(xml: str, name: str, overlays: dict[str, Path], work: Path, seq: int) -> str:
     """The point's domain as a new VM without NICs, on the overlays, marked as a drill."""
-    rewritten = rewrite_domain_xml(xml, name, overlays, work, no_nic=True, no_ip=False)
-    root = ET.fromstring(rewritten)
-    for el in root.findall("description"):
-        root.remove(el)
-    desc = ET.Element("description")
-    desc.text = f"{MARK} (point {seq}); removed when the drill ends"
-    root.insert(1, desc)
-    return ET.tostring(root, encoding="unicode")
+    rewritten, _left_out = new_domain_xml(xml, name, overlays, work, no_nic=True, no_ip=False)
+    return with_description(rewritten, f"{MARK} (point {seq}); removed when the drill ends")
 
 
 def _clear_leftover(ctx: Context, name: str) -> None:
@@ -188,7 +182,7 @@ def _clear_leftover(ctx: Context, name: str) -> None:
         xml = ctx.hv.domain_xml(name)
     except VmkeepError:
         return
-    if MARK in (ET.fromstring(xml).findtext("description") or ""):
+    if MARK in description(xml):
         _remove_vm(ctx, name)
 
 

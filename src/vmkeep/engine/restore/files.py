@@ -22,10 +22,6 @@ from typing import Any
 
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.restore.export import Opened, close, exposed, mount_fs, partitions
-
-# re-exported: restore.drill imports these from this module
-from vmkeep.engine.restore.export import export_disk as export_disk
-from vmkeep.engine.restore.export import stop_export as stop_export
 from vmkeep.errors import AlreadyExists, InvalidValue
 
 

@@ -30,13 +30,14 @@ from vmkeep.engine.restore.point import (
     check_new_vm_name,
     check_place,
     pick_disks,
-    rewrite_domain_xml,
     verify_files,
     vm_folder,
+    warn_left_out,
     warn_unsearchable,
 )
 from vmkeep.engine.vm import inventory
 from vmkeep.errors import BackupNotFound, VmkeepError
+from vmkeep.hypervisor.domain_xml import new_domain_xml
 from vmkeep.model import Warnings
 
 Progress = Callable[[int, int], None]
@@ -118,15 +119,15 @@ def instant_restore(
             )
             make_overlay(backing.resolve(), ov)
             mark_created(ov)
-        xml = rewrite_domain_xml(
+        xml, left_out = new_domain_xml(
             local[xml_entry["name"]].read_text(),
             new_name,
             overlays,
             folder,
             no_nic=opts.no_nic,
             no_ip=opts.no_ip,
-            warnings=warnings,
         )
+        warn_left_out(warnings, left_out)
         own = [*overlays.values(), folder]
         check_stored_xml(ctx.config, xml, f"instant restore of backup {backup_id}", own)
         (folder / "domain.xml").write_text(xml)

@@ -10,7 +10,6 @@ recreated when its domain is gone. Limits: the same QEMU machine type and CPU mo
 
 from __future__ import annotations
 
-import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Any
 
@@ -18,21 +17,13 @@ from vmkeep.catalog.tables import Increment
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.trust import check_stored_xml
 from vmkeep.errors import HypervisorError, InvalidValue, Refused
-from vmkeep.hypervisor.domain_xml import set_disk_sources
+from vmkeep.hypervisor.domain_xml import with_disks
 from vmkeep.model import Warnings
 
 
 def memory_entry(target: Increment) -> dict[str, Any] | None:
     """The memory state file row of a point, if it has one."""
     return next((f for f in target.files if f.get("memory")), None)
-
-
-def with_disks(xml: str, disks: dict[str, Path], fmt: str | None = None) -> str:
-    """``xml`` with the sources of the disks in ``disks`` (target -> image) replaced; name, UUID
-    and every device stay, as libvirt requires to resume a save image."""
-    root = ET.fromstring(xml)
-    set_disk_sources(root, disks, fmt)
-    return ET.tostring(root, encoding="unicode")
 
 
 def check_new_vm(ctx: Context, name: str, uuid: str, new_name: str | None) -> None:

@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from vmkeep.engine.core.trust import (
     check_stored_xml,
     mark_created,
 )
-from vmkeep.engine.restore.memory import check_new_vm, memory_entry, resume, with_disks
+from vmkeep.engine.restore.memory import check_new_vm, memory_entry, resume
 from vmkeep.engine.vm import inventory
 from vmkeep.errors import (
     AlreadyExists,
@@ -45,7 +44,7 @@ from vmkeep.errors import (
     InvalidValue,
     VmkeepError,
 )
-from vmkeep.hypervisor.domain_xml import set_disk_sources
+from vmkeep.hypervisor.domain_xml import new_domain_xml, with_disks
 from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import BackupStatus, Warnings
 from vmkeep.names import check_name
@@ -71,55 +70,10 @@ class RestoreOptions:
     by: Actor = LOCAL_ADMIN  # who asks: an operator restores only into the admin's places
 
 
-def rewrite_domain_xml(
-    xml: str,
-    name: str,
-    disks: dict[str, Path],
-    files_dir: Path,
-    *,
-    no_nic: bool,
-    no_ip: bool,
-    warnings: Warnings | None = None,
-) -> str:
-    """The backed-up domain XML as a new domain: new name, no UUID, restored disks, own chardev
-    files; NO_NIC drops NICs, NO_IP keeps them but drops MAC and fixed addresses."""
-    root = ET.fromstring(xml)
-    name_el = root.find("name")
-    if name_el is None:
-        name_el = ET.SubElement(root, "name")
-    name_el.text = name
-    for tag in ("uuid", "metadata"):
-        for el in root.findall(tag):
-            root.remove(el)
-    devices = root.find("devices")
-    if devices is None:
-        return ET.tostring(root, encoding="unicode")
-    set_disk_sources(root, disks, "qcow2")
-    for disk in list(devices.findall("disk")):
-        target = disk.find("target")
-        dev = target.get("dev", "") if target is not None else ""
-        if dev not in disks and disk.get("device", "disk") == "disk":
-            devices.remove(disk)  # not in the backup (volatile): never share the original's file
-            if warnings is not None:
-                warnings.add(f"disk {dev} was not in the backup and is left out of the restored VM")
-        elif dev not in disks:  # a cdrom's or floppy's medium: ejected, never the host's file
-            for medium in disk.findall("source"):
-                disk.remove(medium)
-    for iface in list(devices.findall("interface")):
-        if no_nic:
-            devices.remove(iface)
-        elif no_ip:
-            for tag in ("mac", "ip", "target", "route"):
-                for el in iface.findall(tag):
-                    iface.remove(el)
-    for chardev in [*devices.findall("serial"), *devices.findall("console"),
-                    *devices.findall("channel"), *devices.findall("parallel")]:  # fmt: skip
-        src = chardev.find("source")
-        if chardev.get("type") == "file" and src is not None and src.get("path"):
-            src.set("path", str(files_dir / Path(src.get("path", "")).name))
-        for log in chardev.findall("log"):
-            log.set("file", str(files_dir / Path(log.get("file", "log")).name))
-    return ET.tostring(root, encoding="unicode")
+def warn_left_out(warnings: Warnings, left_out: list[str]) -> None:
+    """A warning for each disk of the backed-up domain that the point does not hold."""
+    for dev in left_out:
+        warnings.add(f"disk {dev} was not in the backup and is left out of the restored VM")
 
 
 def pick_disks(target: Increment, disk: str | None) -> list[str]:
@@ -380,15 +334,15 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                 state = local[mem["name"]]
                 resumed = resume(ctx, state, paths, warnings, persistent_xml=xml, fmt="qcow2")
             else:
-                xml = rewrite_domain_xml(
+                xml, left_out = new_domain_xml(
                     local[xml_entry["name"]].read_text(),
                     new_name,
                     paths,
                     folder,
                     no_nic=opts.no_nic,
                     no_ip=opts.no_ip,
-                    warnings=warnings,
                 )
+                warn_left_out(warnings, left_out)
                 own = [*paths.values(), folder]
                 check_stored_xml(ctx.config, xml, f"restore of backup {backup_id}", own)
                 ctx.hv.define(xml)
