@@ -6,7 +6,7 @@ import libvirt
 import pytest
 
 from vmkeep.errors import AgentTimeout, AgentUnavailable, HypervisorError
-from vmkeep.hypervisor.native import agent_error
+from vmkeep.hypervisor.libvirt_errors import agent_error
 
 UNRESPONSIVE = libvirt.VIR_ERR_AGENT_UNRESPONSIVE
 
