@@ -10,12 +10,14 @@ import json
 import tempfile
 import uuid
 from collections.abc import Collection, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, joinedload, object_session
 
+from vmkeep.catalog.locks import lock
 from vmkeep.catalog.tables import (
     Backup,
     Datastore,
@@ -26,7 +28,7 @@ from vmkeep.catalog.tables import (
     Vm,
 )
 from vmkeep.engine.core.context import Context
-from vmkeep.errors import IncrementDamaged, IncrementNotFound, WrongState
+from vmkeep.errors import BackupNotFound, IncrementDamaged, IncrementNotFound, WrongState
 from vmkeep.model import BackupMode, BackupStatus
 
 if TYPE_CHECKING:  # reading the catalog needs no driver (nor their pydantic models)
@@ -63,6 +65,25 @@ def new_chain_key(
     if key in stored or s.execute(taken.where(Backup.id != backup_id)).first() is not None:
         key = f"{vm_name}/{backup_id}-{uuid.uuid4().hex[:6]}"
     return key
+
+
+def find_backup(s: Session, backup_id: int) -> Backup:
+    """A chain's row by its id; BackupNotFound when there is none."""
+    b = s.get(Backup, backup_id)
+    if b is None:
+        raise BackupNotFound(backup_id)
+    return b
+
+
+@contextmanager
+def chain_locked(ctx: Context, backup_id: int, what: str) -> Iterator[None]:
+    """Hold the lock of the VM whose chain ``backup_id`` is (BackupNotFound first): no backup,
+    retention or other change of its chains meanwhile."""
+    with ctx.catalog.session() as s:
+        b = find_backup(s, backup_id)
+        vm_id, name = b.vm_id, b.vm.name
+    with lock(ctx.catalog, f"vm:{vm_id}", what, label=f"VM {name}"):
+        yield
 
 
 def latest_chain(s: Session, vm_id: int, ds_id: int) -> Backup | None:

@@ -11,17 +11,15 @@ from typing import Any
 
 from sqlalchemy import select
 
-from vmkeep.catalog.locks import lock
 from vmkeep.catalog.tables import Backup, Increment
 from vmkeep.checksums import expected_digests, matches, row_digest
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.engine.core.chains import valid_increments, write_manifest
+from vmkeep.engine.core.chains import chain_locked, find_backup, valid_increments, write_manifest
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of, find_datastore
 from vmkeep.engine.points.scratch import scratch
 from vmkeep.errors import (
     AlreadyExists,
-    BackupNotFound,
     ChecksumMismatch,
     InvalidValue,
     Refused,
@@ -38,20 +36,13 @@ def copy_backup(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
     increments the copy lacks (or whose content changed, after a retention merge). Holds the
     VM's lock (no backup or retention changes the chain meanwhile); a failure removes what it
     stored and leaves the copy's catalog row as it was minus the increments it was replacing."""
-    with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
-        vm_id, vm_name = b.vm_id, b.vm.name
-    with lock(ctx.catalog, f"vm:{vm_id}", "copy", label=f"VM {vm_name}"):
+    with chain_locked(ctx, backup_id, "copy"):
         return _copy_locked(ctx, backup_id, to_ref)
 
 
 def _copy_locked(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         dest_ds = find_datastore(s, to_ref)
         if dest_ds.id == b.datastore_id:
             raise InvalidValue("--to", to_ref, "that is the datastore the backup is on already")

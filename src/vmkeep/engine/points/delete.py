@@ -8,28 +8,21 @@ from typing import Any
 
 from sqlalchemy import select
 
-from vmkeep.catalog.locks import lock
 from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember
-from vmkeep.engine.core.chains import valid_increments, write_manifest
+from vmkeep.engine.core.chains import chain_locked, find_backup, valid_increments, write_manifest
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of, find_datastore
 from vmkeep.engine.vm.recovery import prune_checkpoints
-from vmkeep.errors import BackupNotFound, HypervisorError, IncrementNotFound, NotFound, Refused
+from vmkeep.errors import HypervisorError, IncrementNotFound, NotFound, Refused
 from vmkeep.model import BackupStatus
 
 
 def delete_backup(ctx: Context, backup_id: int, increment: int | None = None) -> dict[str, Any]:
     """Delete a whole chain, or its newest increment; never an increment others are built on."""
-    with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
-        vm_id, vm_name = b.vm_id, b.vm.name
-    with lock(ctx.catalog, f"vm:{vm_id}", "delete backup", label=f"VM {vm_name}"):
+    with chain_locked(ctx, backup_id, "delete backup"):
         with ctx.catalog.session() as s:
-            b = s.get(Backup, backup_id)
-            if b is None:
-                raise BackupNotFound(backup_id)
+            b = find_backup(s, backup_id)
+            vm_id, vm_name = b.vm_id, b.vm.name
             if b.status == BackupStatus.RUNNING or any(
                 i.status == BackupStatus.RUNNING for i in b.increments
             ):

@@ -7,12 +7,12 @@ from pathlib import Path
 from typing import Any
 
 from vmkeep.catalog.tables import Backup
-from vmkeep.engine.core.chains import backup_dict, backup_dicts
+from vmkeep.engine.core.chains import backup_dict, backup_dicts, find_backup
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.engine.points.scratch import scratch
 from vmkeep.engine.vm.record import find_vm
-from vmkeep.errors import BackupNotFound, DatastoreError
+from vmkeep.errors import DatastoreError
 
 
 def list_backups(ctx: Context, vm_ref: str | None = None) -> list[dict[str, Any]]:
@@ -24,18 +24,14 @@ def list_backups(ctx: Context, vm_ref: str | None = None) -> list[dict[str, Any]
 
 def show_backup(ctx: Context, backup_id: int) -> dict[str, Any]:
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         return backup_dict(b)
 
 
 def show_with_sizes(ctx: Context, backup_id: int) -> dict[str, Any]:
     """``backups show``: the chain, each file's download URL and each point's restored size."""
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         data = backup_dict(b)
         driver = driver_of(b.datastore)
     for inc in data["increments"]:

@@ -27,16 +27,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmkeep.catalog.tables import Backup, Drill
+from vmkeep.catalog.tables import Drill
 from vmkeep.checksums import expected_digests, row_digest
-from vmkeep.engine.core.chains import disk_file, point
+from vmkeep.engine.core.chains import disk_file, find_backup, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.engine.core.trust import check_stored_xml
 from vmkeep.engine.restore.export import export_disk, partitions, stop_export
 from vmkeep.engine.restore.instant import local_folder, make_overlay
 from vmkeep.engine.restore.point import pick_disks, verify_files
-from vmkeep.errors import BackupNotFound, DrillFailed, HypervisorError, VmkeepError
+from vmkeep.errors import DrillFailed, HypervisorError, VmkeepError
 from vmkeep.hypervisor.domain_xml import description, new_domain_xml, with_description
 from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import Warnings
@@ -228,9 +228,7 @@ def run_drill(
     boot_timeout: float = BOOT_TIMEOUT,
 ) -> tuple[dict[str, Any], Warnings]:
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         target, chain = point(b, increment)
         disks = pick_disks(target, None)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)

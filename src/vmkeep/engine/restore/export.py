@@ -19,13 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmkeep.catalog.tables import Backup
 from vmkeep.checksums import expected_digests
-from vmkeep.engine.core.chains import disk_file, point
+from vmkeep.engine.core.chains import disk_file, find_backup, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.engine.restore.point import pick_disks, verify_files
-from vmkeep.errors import BackupNotFound, InvalidValue, NotPermitted, VmkeepError
+from vmkeep.errors import InvalidValue, NotPermitted, VmkeepError
 
 SECTOR = 512
 # a guest's setuid files, device nodes and programs stay inert on the host
@@ -69,9 +68,7 @@ def _materialize(
 ) -> tuple[Path, int, str]:
     """The point's disk file with its backing chain, verified, readable locally."""
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         target, chain = point(b, increment)
         chosen = pick_disks(target, disk)[0]
         expected = expected_digests(f for i in chain for f in i.files if f["disk"] == chosen)

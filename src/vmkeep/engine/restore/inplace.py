@@ -22,7 +22,7 @@ from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup
 from vmkeep.checksums import row_digest
-from vmkeep.engine.core.chains import disk_file, point, reset_checkpoints
+from vmkeep.engine.core.chains import disk_file, find_backup, point, reset_checkpoints
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import flatten
 from vmkeep.engine.core.stores import driver_of
@@ -32,7 +32,7 @@ from vmkeep.engine.restore.point import RestoreOptions, pick_disks, restore, ver
 from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.record import set_lcm, sync_state
 from vmkeep.engine.vm.recovery import SWAP_NEW, SWAP_OLD
-from vmkeep.errors import BackupNotFound, InvalidValue
+from vmkeep.errors import InvalidValue
 from vmkeep.faults import failpoint
 from vmkeep.model import LcmState, Warnings
 
@@ -55,9 +55,7 @@ def restore_in_place(
 ) -> tuple[dict[str, Any], Warnings]:
     warnings = Warnings()
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         target, chain = point(b, increment)
         disks = pick_disks(target, disk)
         chain_key, driver, vm_ref = b.chain, driver_of(b.datastore), str(b.vm_id)

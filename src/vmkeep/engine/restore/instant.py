@@ -17,27 +17,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vmkeep.catalog.tables import Backup
 from vmkeep.checksums import expected_digests, row_digest
 from vmkeep.datastores.base import DatastoreDriver, qemu_img_info
 from vmkeep.datastores.dir import DirDriver
-from vmkeep.engine.core.chains import disk_file, point
+from vmkeep.engine.core.chains import disk_file, find_backup, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
-from vmkeep.engine.core.trust import check_restore_destination, check_stored_xml, mark_created
+from vmkeep.engine.core.trust import check_restore_destination, mark_created
 from vmkeep.engine.restore.point import (
     RestoreOptions,
     check_new_vm_name,
     check_place,
+    new_vm_xml,
     pick_disks,
     verify_files,
     vm_folder,
-    warn_left_out,
     warn_unsearchable,
 )
 from vmkeep.engine.vm import inventory
-from vmkeep.errors import BackupNotFound, VmkeepError
-from vmkeep.hypervisor.domain_xml import new_domain_xml
+from vmkeep.errors import VmkeepError
 from vmkeep.model import Warnings
 
 Progress = Callable[[int, int], None]
@@ -86,9 +84,7 @@ def instant_restore(
     warnings = Warnings()
     t0 = time.monotonic()
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         target, chain = point(b, opts.increment)
         disks = pick_disks(target, None)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
@@ -119,17 +115,9 @@ def instant_restore(
             )
             make_overlay(backing.resolve(), ov)
             mark_created(ov)
-        xml, left_out = new_domain_xml(
-            local[xml_entry["name"]].read_text(),
-            new_name,
-            overlays,
-            folder,
-            no_nic=opts.no_nic,
-            no_ip=opts.no_ip,
-        )
-        warn_left_out(warnings, left_out)
-        own = [*overlays.values(), folder]
-        check_stored_xml(ctx.config, xml, f"instant restore of backup {backup_id}", own)
+        stored = local[xml_entry["name"]].read_text()
+        what = f"instant restore of backup {backup_id}"
+        xml = new_vm_xml(ctx, stored, new_name, overlays, folder, opts, warnings, what)
         (folder / "domain.xml").write_text(xml)
         ctx.hv.define(xml)
         ctx.hv.start(new_name)

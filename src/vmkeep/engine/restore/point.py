@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmkeep.catalog.tables import Backup, Increment
+from vmkeep.catalog.tables import Increment
 from vmkeep.checksums import Stopped, expected_digests, matches, row_digest
-from vmkeep.engine.core.chains import disk_file, mark_damaged, point
+from vmkeep.engine.core.chains import disk_file, find_backup, mark_damaged, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import check_backing_names, flatten
 from vmkeep.engine.core.stores import driver_of
@@ -38,7 +38,6 @@ from vmkeep.engine.restore.memory import check_new_vm, memory_entry, resume
 from vmkeep.engine.vm import inventory
 from vmkeep.errors import (
     AlreadyExists,
-    BackupNotFound,
     ChecksumMismatch,
     DomainNotFound,
     InvalidValue,
@@ -70,10 +69,26 @@ class RestoreOptions:
     by: Actor = LOCAL_ADMIN  # who asks: an operator restores only into the admin's places
 
 
-def warn_left_out(warnings: Warnings, left_out: list[str]) -> None:
-    """A warning for each disk of the backed-up domain that the point does not hold."""
+def new_vm_xml(
+    ctx: Context,
+    stored_xml: str,
+    name: str,
+    disks: dict[str, Path],
+    folder: Path,
+    opts: RestoreOptions,
+    warnings: Warnings,
+    what: str,
+) -> str:
+    """The domain XML of a new VM from a point's stored XML (``domain_xml.new_domain_xml``):
+    a warning for each disk the point does not hold, and every host file it names checked to be
+    in vmkeep's places or the new VM's own (``trust.check_stored_xml``)."""
+    xml, left_out = new_domain_xml(
+        stored_xml, name, disks, folder, no_nic=opts.no_nic, no_ip=opts.no_ip
+    )
     for dev in left_out:
         warnings.add(f"disk {dev} was not in the backup and is left out of the restored VM")
+    check_stored_xml(ctx.config, xml, what, [*disks.values(), folder])
+    return xml
 
 
 def pick_disks(target: Increment, disk: str | None) -> list[str]:
@@ -255,9 +270,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
     whatever this restore created and nothing else."""
     warnings = Warnings()
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         target, chain = point(b, opts.increment)
         disks = pick_disks(target, opts.disk)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
@@ -334,17 +347,9 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
                 state = local[mem["name"]]
                 resumed = resume(ctx, state, paths, warnings, persistent_xml=xml, fmt="qcow2")
             else:
-                xml, left_out = new_domain_xml(
-                    local[xml_entry["name"]].read_text(),
-                    new_name,
-                    paths,
-                    folder,
-                    no_nic=opts.no_nic,
-                    no_ip=opts.no_ip,
-                )
-                warn_left_out(warnings, left_out)
-                own = [*paths.values(), folder]
-                check_stored_xml(ctx.config, xml, f"restore of backup {backup_id}", own)
+                stored = local[xml_entry["name"]].read_text()
+                what = f"restore of backup {backup_id}"
+                xml = new_vm_xml(ctx, stored, new_name, paths, folder, opts, warnings, what)
                 ctx.hv.define(xml)
         (folder / "domain.xml").write_text(xml)
         mark_created(folder / "domain.xml")
@@ -402,9 +407,7 @@ def warn_unsearchable(
 def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
     """Check every file of every VALID increment against its checksum (and qemu-img check)."""
     with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            raise BackupNotFound(backup_id)
+        b = find_backup(s, backup_id)
         checked = [
             i for i in b.increments if i.status in (BackupStatus.VALID, BackupStatus.DAMAGED)
         ]
