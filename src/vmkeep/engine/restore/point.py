@@ -69,6 +69,12 @@ class RestoreOptions:
     by: Actor = LOCAL_ADMIN  # who asks: an operator restores only into the admin's places
 
 
+def warn_left_out(warnings: Warnings, left_out: list[str]) -> None:
+    """A warning for each disk of the backed-up domain that the point does not hold."""
+    for dev in left_out:
+        warnings.add(f"disk {dev} was not in the backup and is left out of the restored VM")
+
+
 def new_vm_xml(
     ctx: Context,
     stored_xml: str,
@@ -85,8 +91,7 @@ def new_vm_xml(
     xml, left_out = new_domain_xml(
         stored_xml, name, disks, folder, no_nic=opts.no_nic, no_ip=opts.no_ip
     )
-    for dev in left_out:
-        warnings.add(f"disk {dev} was not in the backup and is left out of the restored VM")
+    warn_left_out(warnings, left_out)
     check_stored_xml(ctx.config, xml, what, [*disks.values(), folder])
     return xml
 
