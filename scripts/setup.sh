@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           qemu-guest-agent linux-image-amd64 busybox-static e2fsprogs restic rsync openssh-server
-          cpio python3-venv openssl postgresql-15 fdisk dosfstools xfsprogs fuse3)
+          cpio python3-venv openssl postgresql-15 fdisk dosfstools xfsprogs fuse3
+          jq curl)  # the README's API examples
 
 missing=()
 for p in "${PACKAGES[@]}"; do

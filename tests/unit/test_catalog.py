@@ -70,3 +70,16 @@ def test_lock_of_dead_process_is_reclaimed(tmp_path: Path) -> None:
     with lock(cat, "vm:7", "restore"), cat.session() as s:
         row = s.get(Lock, "vm:7")
         assert row is not None and row.pid == os.getpid() and row.reason == "restore"
+
+
+def test_a_postgresql_url_without_its_driver_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PostgreSQL's driver is the ``postgres`` extra: without it the error says how to get it."""
+    from vmkeep.errors import CatalogError
+
+    monkeypatch.setitem(sys.modules, "psycopg", None)  # as if it were not installed
+    with pytest.raises(CatalogError) as raised:
+        Catalog("postgresql+psycopg://vmkeep@localhost/vmkeep", migrate=False)
+    assert "pip install 'vmkeep[postgres]'" in str(raised.value), raised.value
+    assert "psycopg" in str(raised.value)

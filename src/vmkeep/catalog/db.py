@@ -89,7 +89,13 @@ class Catalog:
             # JSON columns (increments' file lists) read with orjson: 10,000 rows in a list
             # command cost 0.24 s through the standard library's decoder
             self.engine: Engine = create_engine(url, future=True, json_deserializer=_json_loads)
-        except (SQLAlchemyError, ImportError) as err:
+        except ImportError as err:
+            missing = getattr(err, "name", None) or ""
+            hint = ""
+            if missing.split(".")[0] == "psycopg":  # the PostgreSQL driver is an extra
+                hint = "; PostgreSQL needs its driver: pip install 'vmkeep[postgres]'"
+            raise CatalogError(f"cannot open {self.display_url}: {reason(err)}{hint}") from err
+        except SQLAlchemyError as err:
             raise CatalogError(f"cannot open {self.display_url}: {reason(err)}") from err
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
