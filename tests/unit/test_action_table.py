@@ -50,6 +50,10 @@ def test_bad_params_name_the_field() -> None:
         actions.parse(ACTIONS["drill"], {"backup": 1, "timeout": 0})
     with pytest.raises(InvalidValue, match="nosuch"):
         actions.parse(ACTIONS["backup"], {"vm": "a", "datastore": "d", "nosuch": 1})
+    with pytest.raises(InvalidValue, match="--name"):  # as the CLI names it
+        actions.parse(ACTIONS["restore"], {"backup": 1, "name": "x" * 300}, options=True)
+    with pytest.raises(InvalidValue, match="BACKUP"):
+        actions.parse(ACTIONS["restore"], {"backup": 0}, options=True)
     with pytest.raises(InvalidValue, match="kind"):
         actions.action("nosuch")
 

@@ -140,7 +140,7 @@ def act(
     from vmkeep.engine.service import actions
 
     a = actions.action(kind)
-    p = actions.parse(a, params)
+    p = actions.parse(a, params, options=True)
     with transfer_progress(f"{kind} {a.target_of(p)}", not bar) as progress:
         # no name holds a "/": the command itself says what is wrong with such a reference
         ask = all("/" not in str(getattr(p, f)) for f in a.path_fields)

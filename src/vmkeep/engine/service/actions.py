@@ -162,8 +162,9 @@ def _call(name: str, a: Action) -> Callable[..., Any]:
     return fn
 
 
-def parse(a: Action, data: dict[str, Any]) -> P.Params:
-    """The action's params from plain values; InvalidValue names the first one out of range."""
+def parse(a: Action, data: dict[str, Any], *, options: bool = False) -> P.Params:
+    """The action's params from plain values; InvalidValue names the first one out of range
+    (``options``: as the CLI calls it, ``--copy-bwlimit`` or the argument ``BACKUP``)."""
     from pydantic import ValidationError
 
     from vmkeep.errors import InvalidValue
@@ -173,6 +174,8 @@ def parse(a: Action, data: dict[str, Any]) -> P.Params:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ())) or a.kind
+        if options and where in a.params.model_fields:
+            where = where.upper() if where == a.target else "--" + where.replace("_", "-")
         raise InvalidValue(where, first.get("input"), first.get("msg", "")) from None
 
 
