@@ -53,7 +53,7 @@ def test_bad_params_name_the_field() -> None:
     with pytest.raises(InvalidValue, match="--name"):  # as the CLI names it
         actions.parse(ACTIONS["restore"], {"backup": 1, "name": "x" * 300}, options=True)
     with pytest.raises(InvalidValue, match="BACKUP"):
-        actions.parse(ACTIONS["restore"], {"backup": 0}, options=True)
+        actions.parse(ACTIONS["restore"], {"backup": -1}, options=True)
     with pytest.raises(InvalidValue, match="kind"):
         actions.action("nosuch")
 

@@ -4,6 +4,7 @@ serves the catalog, else run here and recorded as a job; always in the VM's hist
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ HARD = click.option("--hard", is_flag=True, help="Do not ask the guest: pull the
 
 def _run(c: click.Context, ref: str, action: str, opts: dict[str, Any], as_json: bool) -> None:
     given = {k: v for k, v in opts.items() if v is not None}
+    if isinstance(given.get("source"), str):  # the daemon's working directory is not this one
+        given["source"] = os.path.abspath(given["source"])
     res, warnings = act(c, f"vm-{action}", {"vm": ref, **given}, bar=False)
     render(res, as_json, kv)
     report_warnings(warnings)

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 from vmkeep import errors, jsontext
 from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Job
+from vmkeep.engine.core.cancel import Cancellation
 from vmkeep.engine.core.context import Context
 from vmkeep.errors import JobNotFound, TooManyRequests, VmkeepError, WrongState
 from vmkeep.faults import failpoint
@@ -250,13 +251,15 @@ def running_in(ctx: Context, pid: int) -> list[dict[str, Any]]:
 
 class _Progress:
     """The progress callback of a running job: writes bytes done/total (every PROGRESS_EVERY s)
-    and raises JobCancelled once the job's cancel flag is set."""
+    and raises JobCancelled once the job's cancel flag is set. An action that calls it seldom
+    is told by ``cancellation``'s watcher instead (``cancel.py``)."""
 
     def __init__(self, ctx: Context, job_id: int) -> None:
         self.ctx, self.job_id = ctx, job_id
         self.last_write = 0.0
         self.done = self.total = 0
         self.result: dict[str, Any] = {}  # set by an in-process caller (``recorded``)
+        self.cancellation = Cancellation(self.cancel_asked, JobCancelled, PROGRESS_EVERY)
 
     def __call__(self, done: int, total: int) -> None:
         self.done, self.total = done, total
@@ -264,8 +267,29 @@ class _Progress:
         if now - self.last_write < PROGRESS_EVERY:
             return
         self.last_write = now
-        if self.write():
+        if self.write() and self.cancellation.tell():
             raise JobCancelled
+
+    def cancel_asked(self) -> bool:
+        with self.ctx.catalog.session() as s:
+            q = select(Job.cancel_requested).where(Job.id == self.job_id)
+            return bool(s.execute(q).scalar())
+
+    @contextmanager
+    def watched(self) -> Iterator[None]:
+        """The action runs in the block; a cancel reaches it even when it calls no progress
+        (a late one, after it has finished, is dropped)."""
+        self.cancellation.start()
+        finished = False
+        try:
+            yield
+            finished = True
+        finally:
+            try:
+                self.cancellation.close()
+            except JobCancelled:
+                if not finished:
+                    raise
 
     def write(self) -> bool:
         """Store the progress; True when the job was asked to cancel."""
@@ -319,7 +343,8 @@ def execute(ctx: Context, job_id: int, runners: dict[str, Runner]) -> dict[str, 
             raise VmkeepError(f"unknown job kind {kind!r}")
         progress = _Progress(ctx, job_id)
         failpoint("job")  # the fault suite slows jobs down to watch several workers share a queue
-        result, warnings = runner(ctx, params, progress)
+        with progress.watched():
+            result, warnings = runner(ctx, params, progress)
         result = result | ({"warnings": warnings} if warnings else {})
         _finish(ctx, job_id, JobState.DONE, result, progress)
     except KeyboardInterrupt:
@@ -345,7 +370,8 @@ def recorded(
         ).id
     progress = _Progress(ctx, job_id)
     try:
-        yield progress
+        with progress.watched():
+            yield progress
     except KeyboardInterrupt:
         _finish(ctx, job_id, JobState.CANCELLED)
         raise

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from vmkeep.names import MAX_ID
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]
-CatalogId = Annotated[int, Field(ge=1, le=MAX_ID)]
+# a catalog id; 0 is simply not found (the API's routes refuse ids below 1 as bad input)
+CatalogId = Annotated[int, Field(ge=0, le=MAX_ID)]
 DiskName = Annotated[str, Field(max_length=64)]
 
 
@@ -88,12 +89,12 @@ class GroupBackupParams(GroupParams):
 
 class GroupStartParams(GroupParams):
     wait_agent: bool = True
-    timeout: float = Field(default=120.0, gt=0, le=86400)
+    timeout: float = Field(default=120.0, ge=0)  # per member
 
 
 class GroupStopParams(GroupParams):
     force: bool = False
-    timeout: float = Field(default=60.0, gt=0, le=86400)
+    timeout: float = Field(default=60.0, ge=0)  # per member; 0 with force: destroy at once
 
 
 class GroupRestoreParams(Params):

@@ -47,8 +47,8 @@ POLICY: dict[str, str] = {
     "copy": "operator",
     "files": "operator",  # reads the guests' files: more than a viewer may see
     "group-create": "admin",
-    "group-start": "operator",  # each member as its lifecycle action would (vm-action)
-    "group-stop": "operator",
+    "group-start": "admin",  # every member, imported ones too (no imported_vms_actions check)
+    "group-stop": "admin",  # --force destroys
     "group-restore": "operator",  # new VMs, as a restore makes
     "vm-action": "operator",  # lifecycle actions; recover and terminate need admin (below)
     "vm-recover": "admin",
