@@ -6,8 +6,10 @@ the same as when the command runs the action itself."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from vmkeep.hypervisor import Hypervisor
@@ -78,3 +80,34 @@ def test_long_commands_are_the_daemons_jobs(
     vmkeep("vm", "resume", vm)
     cli_jobs = [j for j in vmkeep("jobs", "list", "--json").json() if j["origin"] == "cli"]
     assert {"vm-suspend", "vm-resume", "verify", "backup"} <= {j["kind"] for j in cli_jobs}
+
+
+def test_ctrl_c_cancels_a_drill_the_daemon_runs(
+    vmkeep, hv: Hypervisor, agent_vm: str, qemu_reachable_data_dir: Path
+) -> None:
+    """A drill reports no progress while its guest boots: Ctrl-C on the command still stops the
+    daemon's job at once (the cancel is raised in the job's thread), and the drill's throw-away
+    VM is gone."""
+    vm = agent_vm
+    for cp in hv.checkpoints(vm):
+        hv.delete_checkpoint(vm, cp)
+    vmkeep("vm", "import", vm)
+    vmkeep(
+        "datastore", "add", "ds", "--driver", "dir", "--path", str(qemu_reachable_data_dir / "ds")
+    )
+    bid = str(vmkeep("backup", vm, "-d", "ds", "--json").json()["id"])
+    with running_daemon() as (_proc, _api):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vmkeep.cli.main", "drill", bid, "--timeout", "600"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ),
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not any(d.name.startswith(f"{vm}-drill-") for d in hv.list_domains()):
+            assert time.monotonic() < deadline and proc.poll() is None, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130 and "cancelling job" in err, err
+        job = vmkeep("jobs", "list", "--json").json()[0]
+        assert (job["kind"], job["state"], job["exit_code"]) == ("drill", "CANCELLED", 130), job
+    assert not [d.name for d in hv.list_domains() if d.name.startswith(f"{vm}-drill-")]
