@@ -24,9 +24,9 @@ SHELLS = ("bash", "zsh", "fish")
 Completer = Callable[[click.Context, click.Parameter | None, str], list[str]]
 
 
-def _completer(path: str, kind: str, key: str) -> Completer:
+def _completer(path: str, kind: str, key: str, ids: bool = False) -> Completer:
     """The values of ``key`` in the rows of ``GET path`` (or of ``refs(kind)`` in this process)
-    that start with what was typed so far."""
+    that start with what was typed so far: names A-Z, ``ids`` newest first, whichever answered."""
 
     def offered(c: click.Context, _param: click.Parameter | None, incomplete: str) -> list[str]:
         try:
@@ -38,19 +38,20 @@ def _completer(path: str, kind: str, key: str) -> Completer:
                 from vmkeep.engine.core.refs import refs
 
                 values = refs(ctx_of(c), kind)
+            fit = [v for v in values if v.startswith(incomplete)]
+            return sorted(fit, key=int, reverse=True) if ids else sorted(fit)
         except Exception:  # no config, a broken catalog, a daemon's refusal: offer nothing
             return []
-        return [v for v in values if v.startswith(incomplete)]
 
     offered.__doc__ = f"{kind} completion: {path} or the catalog"
     return offered
 
 
 vms = _completer("/v1/vms", "vm", "name")
-backups = _completer("/v1/backups", "backup", "id")
+backups = _completer("/v1/backups", "backup", "id", ids=True)
 datastores = _completer("/v1/datastores", "datastore", "name")
 groups = _completer("/v1/groups", "group", "name")
-jobs = _completer("/v1/jobs", "job", "id")
+jobs = _completer("/v1/jobs", "job", "id", ids=True)
 
 
 def answer(cli: click.Command, var: str, instruction: str) -> int:

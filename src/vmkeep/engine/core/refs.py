@@ -11,7 +11,7 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Backup, Datastore, Group, Job, Vm
 from vmkeep.engine.core.context import Context
 
-# kind: (column, newest first); ids newest first (the ones a user means most), names A-Z
+# kind: (column, ids: past LIMIT rows keep the newest, the ones a user means most)
 KINDS: dict[str, tuple[Any, bool]] = {
     "vm": (Vm.name, False),
     "backup": (Backup.id, True),
