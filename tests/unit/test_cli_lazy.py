@@ -53,6 +53,7 @@ def test_version_loads_no_config_catalog_or_libraries(tmp_path) -> None:  # type
     mods, out = _modules_loaded(["--version"], str(tmp_path))
     assert out.startswith("vmkeep, version ")
     heavy = {"sqlalchemy", "pydantic", "rich", "libvirt", "vmkeep.config", "importlib.metadata"}
+    heavy |= {"vmkeep.cli.complete", "click.shell_completion"}  # shell completion: only on Tab
     assert not heavy & mods
 
 
@@ -68,5 +69,18 @@ def test_backups_list_loads_only_what_listing_needs(tmp_path) -> None:  # type: 
         "vmkeep.engine.points.copy",
         "vmkeep.engine.points.delete",
         "vmkeep.engine.points.scan",
+        "vmkeep.engine.core.refs",
+        "click.shell_completion",
     }
     assert not unneeded & mods, unneeded & mods
+
+
+def test_completion_callbacks_import_nothing_a_command_does_not_already() -> None:
+    """Every command module imports ``cli/complete.py`` for its ``shell_complete=`` callbacks:
+    that may cost no module beyond itself (what they need is imported on Tab only)."""
+    code = (
+        "import sys; import vmkeep.cli.output; before = set(sys.modules); "
+        "import vmkeep.cli.complete; print(*sorted(set(sys.modules) - before))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["vmkeep.cli.complete"]

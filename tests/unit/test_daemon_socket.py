@@ -151,3 +151,24 @@ def test_a_second_daemon_on_the_data_dir_and_a_dead_ones_socket(
         _, err = again.communicate(timeout=60)
     assert again.returncode == 0, err
     assert not sock.exists()
+
+
+def test_completion_asks_the_daemon(daemon: tuple[subprocess.Popen[str], int]) -> None:
+    """Tab's answer (``cli/complete.py``) comes from the daemon's list routes, the same as the
+    catalog read in the process would give, and without that process loading SQLAlchemy."""
+    ask = {"_VMKEEP_COMPLETE": "bash_complete"}
+    direct = dict(os.environ, VMKEEP_NO_DAEMON="1")
+    for line in ("vmkeep vm show vm-0001", "vmkeep backups show 1", "vmkeep jobs show "):
+        words = {"COMP_WORDS": line, "COMP_CWORD": "3", **ask}
+        traced = subprocess.run(
+            [sys.executable, "-X", "importtime", *VK[1:]],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ, **words),
+        )
+        assert traced.returncode == 0 and "sqlalchemy" not in traced.stderr, line
+        itself = subprocess.run(VK, capture_output=True, text=True, env=dict(direct, **words))
+        assert (itself.returncode, itself.stderr) == (0, "")
+        assert traced.stdout == itself.stdout, line
+        if "vm show" in line:
+            assert traced.stdout.split() == [f"plain,vm-000{n}" for n in range(10, 20)]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import act, ctx_of, emit_json, json_option, render, report_warnings
+
+if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
 
 
 class DefaultGroup(click.Group):
@@ -17,6 +23,13 @@ class DefaultGroup(click.Group):
             args.insert(0, self.default)
         return super().parse_args(ctx, args)
 
+    def shell_complete(self, ctx: click.Context, incomplete: str) -> list[CompletionItem]:
+        """``backup <Tab>``: the VMs (for the default command) as well as the subcommands."""
+        from click.shell_completion import CompletionItem
+
+        vms = complete.vms(ctx, None, incomplete) if not incomplete.startswith("-") else []
+        return super().shell_complete(ctx, incomplete) + [CompletionItem(v) for v in vms]
+
 
 @click.group(cls=DefaultGroup)
 def backup() -> None:
@@ -24,8 +37,14 @@ def backup() -> None:
 
 
 @backup.command("run")
-@click.argument("vm")
-@click.option("--datastore", "-d", required=True, help="Target datastore (name or id).")
+@click.argument("vm", shell_complete=complete.vms)
+@click.option(
+    "--datastore",
+    "-d",
+    required=True,
+    help="Target datastore (name or id).",
+    shell_complete=complete.datastores,
+)
 @click.option("--reset", is_flag=True, help="Start a new full chain (INCREMENT mode).")
 @json_option
 @click.pass_context
@@ -47,7 +66,7 @@ def run_cmd(c: click.Context, vm: str, datastore: str, reset: bool, as_json: boo
 
 
 @backup.command("cancel")
-@click.argument("vm")
+@click.argument("vm", shell_complete=complete.vms)
 @json_option
 @click.pass_context
 def cancel_cmd(c: click.Context, vm: str, as_json: bool) -> None:

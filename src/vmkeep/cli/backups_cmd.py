@@ -11,6 +11,7 @@ from typing import Any
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import CATALOG_ID, act, console, json_option, kv, read, render, table
 from vmkeep.cli.remote import segment
 
@@ -28,7 +29,9 @@ def _row(b: dict[str, Any]) -> dict[str, Any]:
 
 
 @backups.command("list")
-@click.option("--vm", "vm_ref", default=None, help="Only this VM's backups.")
+@click.option(
+    "--vm", "vm_ref", default=None, help="Only this VM's backups.", shell_complete=complete.vms
+)
 @json_option
 @click.pass_context
 def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
@@ -44,7 +47,7 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 
 
 @backups.command("show")
-@click.argument("backup_id", type=CATALOG_ID)
+@click.argument("backup_id", type=CATALOG_ID, shell_complete=complete.backups)
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
@@ -63,7 +66,7 @@ def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 
 
 @backups.command("verify")
-@click.argument("backup_id", type=int)
+@click.argument("backup_id", type=int, shell_complete=complete.backups)
 @json_option
 @click.pass_context
 def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
@@ -79,7 +82,7 @@ def verify_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
 
 
 @backups.command("delete")
-@click.argument("backup_id", type=int)
+@click.argument("backup_id", type=int, shell_complete=complete.backups)
 @click.option("--increment", type=int, default=None, help="Only this (newest) increment.")
 @json_option
 @click.pass_context
@@ -99,8 +102,15 @@ def delete_cmd(c: click.Context, backup_id: int, increment: int | None, as_json:
 
 
 @backups.command("copy")
-@click.argument("backup_id", type=int)
-@click.option("--to", "to_ref", required=True, metavar="DATASTORE", help="Second datastore.")
+@click.argument("backup_id", type=int, shell_complete=complete.backups)
+@click.option(
+    "--to",
+    "to_ref",
+    required=True,
+    metavar="DATASTORE",
+    help="Second datastore.",
+    shell_complete=complete.datastores,
+)
 @json_option
 @click.pass_context
 def copy_cmd(c: click.Context, backup_id: int, to_ref: str, as_json: bool) -> None:

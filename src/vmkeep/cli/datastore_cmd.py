@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import act, ctx_of, json_option, kv, render, table
 from vmkeep.engine.core import stores
 from vmkeep.engine.points import copy, delete
@@ -67,7 +68,7 @@ def list_cmd(c: click.Context, as_json: bool) -> None:
 
 
 @datastore.command("show")
-@click.argument("ref", metavar="DATASTORE")
+@click.argument("ref", metavar="DATASTORE", shell_complete=complete.datastores)
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
@@ -76,7 +77,7 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 
 
 @datastore.command("remove")
-@click.argument("ref", metavar="DATASTORE")
+@click.argument("ref", metavar="DATASTORE", shell_complete=complete.datastores)
 @click.option("--force", is_flag=True, help="Forget its backups too (their files stay there).")
 @json_option
 @click.pass_context
@@ -94,7 +95,7 @@ def remove_cmd(c: click.Context, ref: str, force: bool, as_json: bool) -> None:
 
 
 @datastore.command("scan")
-@click.argument("ref", metavar="DATASTORE")
+@click.argument("ref", metavar="DATASTORE", shell_complete=complete.datastores)
 @click.option("--import", "do_import", is_flag=True, help="Add unknown chains to the catalog.")
 @json_option
 @click.pass_context

@@ -8,13 +8,14 @@ from typing import Any
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import act, console, json_option, render, report_warnings, shown_on_failure
 
 BOOT_TIMEOUT = 300.0  # the params model's default (engine/service/params.py DrillParams)
 
 
 @click.command()
-@click.argument("backup_id", type=int)
+@click.argument("backup_id", type=int, shell_complete=complete.backups)
 @click.option("--increment", type=int, default=None, help="Restore point (default newest).")
 @click.option("--probe", default=None, metavar="CMD", help="Run CMD in the guest; must exit 0.")
 @click.option(

@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import console, ctx_of, json_option, kv, render, table
 from vmkeep.engine.restore import files as engine
 
@@ -29,7 +30,7 @@ def files() -> None:
 
 
 @files.command("ls")
-@click.argument("backup_id", type=int)
+@click.argument("backup_id", type=int, shell_complete=complete.backups)
 @click.argument("path", default="/")
 @_point_options
 @json_option
@@ -57,7 +58,7 @@ def ls_cmd(
 
 
 @files.command("get")
-@click.argument("backup_id", type=int)
+@click.argument("backup_id", type=int, shell_complete=complete.backups)
 @click.argument("paths", nargs=-1, required=True)
 @click.option("--to", "to", required=True, type=click.Path(path_type=Path), help="Folder.")
 @click.option("--force", is_flag=True, help="Overwrite files that exist in --to.")
@@ -86,7 +87,7 @@ def get_cmd(
 
 
 @click.command("mount")
-@click.argument("backup_id", type=int)
+@click.argument("backup_id", type=int, shell_complete=complete.backups)
 @click.argument("mountpoint", type=click.Path(path_type=Path))
 @_point_options
 @json_option

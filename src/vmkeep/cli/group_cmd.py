@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import act, ctx_of, emit_json, json_option, render, report_warnings, table
 from vmkeep.engine.groups import manage
 
@@ -43,7 +44,7 @@ def _backups(rows: list[dict[str, Any]]) -> None:
 
 @group.command("create")
 @click.argument("name")
-@click.argument("vms", nargs=-1, required=True, metavar="VM...")
+@click.argument("vms", nargs=-1, required=True, metavar="VM...", shell_complete=complete.vms)
 @click.option(
     "--stop-order",
     default=None,
@@ -87,7 +88,7 @@ def list_cmd(c: click.Context, as_json: bool) -> None:
 
 
 @group.command("show")
-@click.argument("ref", metavar="GROUP")
+@click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
@@ -96,8 +97,8 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 
 
 @group.command("add")
-@click.argument("ref", metavar="GROUP")
-@click.argument("vms", nargs=-1, required=True, metavar="VM...")
+@click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
+@click.argument("vms", nargs=-1, required=True, metavar="VM...", shell_complete=complete.vms)
 @click.option("--position", type=int, default=None, help="Insert at this 0-based position.")
 @json_option
 @click.pass_context
@@ -109,8 +110,8 @@ def add_cmd(
 
 
 @group.command("remove")
-@click.argument("ref", metavar="GROUP")
-@click.argument("vms", nargs=-1, required=True, metavar="VM...")
+@click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
+@click.argument("vms", nargs=-1, required=True, metavar="VM...", shell_complete=complete.vms)
 @json_option
 @click.pass_context
 def remove_cmd(c: click.Context, ref: str, vms: tuple[str, ...], as_json: bool) -> None:
@@ -119,7 +120,7 @@ def remove_cmd(c: click.Context, ref: str, vms: tuple[str, ...], as_json: bool) 
 
 
 @group.command("delete")
-@click.argument("ref", metavar="GROUP")
+@click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
 @json_option
 @click.pass_context
 def delete_cmd(c: click.Context, ref: str, as_json: bool) -> None:
@@ -132,8 +133,14 @@ def delete_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 
 
 @group.command("backup")
-@click.argument("ref", metavar="GROUP")
-@click.option("--datastore", "-d", required=True, help="Target datastore (name or id).")
+@click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
+@click.option(
+    "--datastore",
+    "-d",
+    required=True,
+    help="Target datastore (name or id).",
+    shell_complete=complete.datastores,
+)
 @click.option(
     "--parallel-freeze",
     is_flag=True,
@@ -168,7 +175,7 @@ def backup_cmd(
 
 
 @group.command("backups")
-@click.argument("ref", metavar="[GROUP]", required=False)
+@click.argument("ref", metavar="[GROUP]", required=False, shell_complete=complete.groups)
 @json_option
 @click.pass_context
 def backups_cmd(c: click.Context, ref: str | None, as_json: bool) -> None:
@@ -205,7 +212,7 @@ def _actions(rows: list[dict[str, Any]]) -> None:
 
 
 @group.command("start")
-@click.argument("ref", metavar="GROUP")
+@click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
 @click.option(
     "--no-wait-agent",
     is_flag=True,
@@ -225,7 +232,7 @@ def start_cmd(
 
 
 @group.command("stop")
-@click.argument("ref", metavar="GROUP")
+@click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
 @click.option("--force", is_flag=True, help="Destroy a member that is not off after --timeout.")
 @click.option("--timeout", type=float, default=60.0, show_default=True, help="Seconds per member.")
 @json_option

@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import CATALOG_ID, ctx_of, json_option, kv, read, render
 from vmkeep.cli.remote import segment
 from vmkeep.model import JobState
@@ -40,7 +41,7 @@ def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
 
 
 @jobs.command("show")
-@click.argument("job_id", type=CATALOG_ID)
+@click.argument("job_id", type=CATALOG_ID, shell_complete=complete.jobs)
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
@@ -48,7 +49,7 @@ def show_cmd(c: click.Context, job_id: int, as_json: bool) -> None:
 
 
 @jobs.command("cancel")
-@click.argument("job_id", type=int)
+@click.argument("job_id", type=int, shell_complete=complete.jobs)
 @json_option
 @click.pass_context
 def cancel_cmd(c: click.Context, job_id: int, as_json: bool) -> None:

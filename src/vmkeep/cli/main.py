@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -31,7 +32,10 @@ FAMILIES = {
     "umount": "vmkeep.cli.files_cmd:umount",
     "drill": "vmkeep.cli.drill_cmd:drill",
     "audit": "vmkeep.cli.audit_cmd:audit",
+    "completion": "vmkeep.cli.complete:completion",
 }
+# set by the shell completion script (``vmkeep completion SHELL``): answer the shell, run nothing
+COMPLETE_VAR = "_VMKEEP_COMPLETE"
 
 
 @click.group(
@@ -67,6 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     gctune.for_command()
     private_umask()
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if os.environ.get(COMPLETE_VAR):
+        from vmkeep.cli.complete import answer
+
+        sys.exit(answer(cli, COMPLETE_VAR, os.environ[COMPLETE_VAR]))
     code = 0
     try:
         with cli.make_context("vmkeep", list(sys.argv[1:] if argv is None else argv)) as ctx:

@@ -8,11 +8,12 @@ from typing import Any
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import act, json_option, kv, render, report_warnings
 
 
 @click.command()
-@click.argument("backup_id", type=int)
+@click.argument("backup_id", type=int, shell_complete=complete.backups)
 @click.option(
     "--increment", type=int, default=None, help="Restore point (0 = full; default newest)."
 )

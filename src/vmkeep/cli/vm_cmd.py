@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.lazy import LazyGroup
 from vmkeep.cli.output import act, ctx_of, emit_json, json_option, kv, read, render, table
 from vmkeep.cli.remote import segment
@@ -37,7 +38,7 @@ def list_cmd(c: click.Context, as_json: bool) -> None:
 
 
 @vm.command("show")
-@click.argument("ref", metavar="VM")
+@click.argument("ref", metavar="VM", shell_complete=complete.vms)
 @json_option
 @click.pass_context
 def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
@@ -77,7 +78,11 @@ def _freeze_command(kind: str, doc: str, state: str, done: str) -> None:
         render(res, as_json, lambda r: click.echo(human.format(**r)))
 
     cmd.__doc__ = doc
-    vm.command(kind)(click.argument("ref", metavar="VM")(json_option(click.pass_context(cmd))))
+    vm.command(kind)(
+        click.argument("ref", metavar="VM", shell_complete=complete.vms)(
+            json_option(click.pass_context(cmd))
+        )
+    )
 
 
 _freeze_command("quiesce", "Freeze the guest file systems (RUNNING -> QUIESCED).", "QUIESCED",
@@ -87,7 +92,7 @@ _freeze_command("unquiesce", "Thaw the guest file systems (QUIESCED -> RUNNING).
 
 
 @vm.command("reset-state")
-@click.argument("ref", metavar="VM")
+@click.argument("ref", metavar="VM", shell_complete=complete.vms)
 @json_option
 @click.pass_context
 def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
@@ -96,7 +101,7 @@ def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 
 
 @vm.command("config")
-@click.argument("ref", metavar="VM")
+@click.argument("ref", metavar="VM", shell_complete=complete.vms)
 @click.option("--keep-last", help="Restore points to keep (a number, or 'all').")
 @click.option("--mode", help="full | increment")
 @click.option("--fs-freeze", help="none | agent | suspend")
