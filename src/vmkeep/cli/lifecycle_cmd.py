@@ -11,11 +11,10 @@ from typing import Any
 
 import click
 
+from vmkeep.cli import complete
 from vmkeep.cli.output import act, ctx_of, json_option, kv, render, report_warnings, table
 
-VM = click.argument(
-    "ref", metavar="VM", shell_complete=__import__("vmkeep.cli.complete", fromlist=["vms"]).vms
-)
+VM = click.argument("ref", metavar="VM", shell_complete=complete.vms)
 HARD = click.option("--hard", is_flag=True, help="Do not ask the guest: pull the plug / reset.")
 
 
