@@ -11,13 +11,31 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from vmkeep.names import MAX_ID
+from vmkeep.errors import InvalidValue
+from vmkeep.names import MAX_ID, MAX_LEN, RULE, check_name
+
+
+def _snapshot_name(value: str) -> str:
+    """names.py's rule: an all-digit name is refused, it would be read as an id."""
+    try:
+        return check_name("name", value)
+    except InvalidValue:
+        raise ValueError(RULE) from None
+
+
+def _id_as_text(value: object) -> object:
+    """A snapshot id sent as a number (``{"snapshot": 3}``) is the reference ``"3"``."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 CatalogId = Annotated[int, Field(ge=1, le=MAX_ID)]
 DiskName = Annotated[str, Field(max_length=64)]
+SnapshotName = Annotated[str, Field(max_length=MAX_LEN), AfterValidator(_snapshot_name)]
+# a snapshot's name, or its id (all digits), as ``onevm snapshot-revert`` takes it
+SnapshotRef = Annotated[str, BeforeValidator(_id_as_text), Field(min_length=1, max_length=MAX_LEN)]
 
 
 class Params(BaseModel):
@@ -121,12 +139,20 @@ class DiskResizeParams(VmParams):
     size: str = Field(min_length=1, max_length=32)
 
 
+class SnapshotCreateParams(VmParams):
+    name: SnapshotName | None = None
+
+
 class SnapshotParams(VmParams):
-    snapshot: int = Field(ge=1, le=2**31 - 1)
+    snapshot: SnapshotRef
 
 
 class DiskParams(VmParams):
     disk: DiskName | None = None
+
+
+class DiskSnapshotCreateParams(DiskParams):
+    name: SnapshotName | None = None
 
 
 class DiskAttachParams(VmParams):
