@@ -33,7 +33,7 @@ def _id_as_text(value: object) -> object:
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 CatalogId = Annotated[int, Field(ge=1, le=MAX_ID)]
 DiskName = Annotated[str, Field(max_length=64)]
-SnapshotName = Annotated[str, Field(max_length=MAX_LEN), AfterValidator(_snapshot_name)]
+SnapshotName = Annotated[str, AfterValidator(_snapshot_name)]  # its length too: RULE says it
 # a snapshot's name, or its id (all digits), as ``onevm snapshot-revert`` takes it
 SnapshotRef = Annotated[str, BeforeValidator(_id_as_text), Field(min_length=1, max_length=MAX_LEN)]
 
