@@ -3,8 +3,8 @@ API's action routes take (the target from the path, the rest from the body) and 
 fills from its options. Bounds here are the one place a value's range is stated; the engine
 checks meaning (a VM exists, a state allows the action) when the action runs.
 
-Only pydantic here: the CLI imports this module to hand an action to the daemon without loading
-the engine.
+Only pydantic and the names rule (``names.py``) here: the CLI imports this module to hand an
+action to the daemon without loading the engine.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
 from vmkeep.errors import InvalidValue
 from vmkeep.names import MAX_ID, MAX_LEN, RULE, check_name
@@ -22,7 +23,7 @@ def _snapshot_name(value: str) -> str:
     try:
         return check_name("name", value)
     except InvalidValue:
-        raise ValueError(RULE) from None
+        raise PydanticCustomError("name", RULE) from None  # the rule alone, as the engine says it
 
 
 def _id_as_text(value: object) -> object:
