@@ -181,6 +181,7 @@ def test_params_and_routes_read_names_and_ids(ctx: Context) -> None:
     client = TestClient(create_app(ctx.config))
     bad = client.post("/v1/vms/web/actions/snapshot-create", json={"name": "12"}, headers=admin)
     assert bad.status_code in (400, 422) and "not only digits" in bad.text, bad.text
+    assert set(bad.json()["error"]) == {"code", "message"}
     # a JSON number is still an id; the refusal is the unknown VM (404), not the params
     gone = client.post("/v1/vms/web/actions/snapshot-revert", json={"snapshot": 3}, headers=admin)
     assert gone.status_code == 404 and "'web'" in gone.text, gone.text
