@@ -1,9 +1,10 @@
 """The VM lifecycle on real lab VMs, through both VMM drivers (native libvirt, and the exec driver
-over the shipped drivers/exec/virsh scripts): create -> deploy -> snapshot create/revert (a file
-written after the snapshot is gone, a RAM counter is back) -> disk attach/detach (the guest sees
-the device) -> suspend/resume and stop/resume (memory survives) -> undeploy/deploy -> reboot ->
-poweroff -> a guest that powers itself off is POWEROFF at the next poll -> terminate. Wrong-state
-calls exit 4. The exec driver's -r retries a failing script and -t runs deploys side by side."""
+over the shipped drivers/exec/virsh scripts): create -> deploy -> a named snapshot created and
+reverted by its name (a file written after the snapshot is gone, a RAM counter is back) -> disk
+attach/detach (the guest sees the device) -> suspend/resume and stop/resume (memory survives) ->
+undeploy/deploy -> reboot -> poweroff -> a guest that powers itself off is POWEROFF at the next
+poll -> terminate. Wrong-state calls exit 4. The exec driver's -r retries a failing script and -t
+runs deploys side by side."""
 
 from __future__ import annotations
 
@@ -106,25 +107,33 @@ def test_lifecycle_through_the_driver(
     vmkeep("vm", "deploy", vm, check=4)
     vmkeep("vm", "release", vm, check=4)
 
-    # system snapshot with memory: a file written afterwards is gone after the revert, and a
-    # process's in-RAM counter is back to (about) its value at the snapshot
+    # a named system snapshot with memory, reverted by its name: a file written afterwards is
+    # gone after the revert, and a process's in-RAM counter is back to (about) its value at the
+    # snapshot; libvirt knows the snapshot by vmkeep's own name for it, never the user's
     lab.sh(vm, f"({COUNTER}) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid")
     lab.write_random(vm, "/mnt/vda/kept", 1)
     time.sleep(0.5)
-    snap = vmkeep("vm", "snapshot", "create", vm, "--json").json()
+    snap = vmkeep("vm", "snapshot", "create", vm, "before-write", "--json").json()
+    assert (snap["snapshot"], snap["name"]) == (1, "before-write"), snap
     at_snapshot, pid = counter(lab, vm)
     lab.write_random(vm, "/mnt/vda/after", 1)
     time.sleep(3)
     before_revert, _ = counter(lab, vm)
-    vmkeep("vm", "snapshot", "revert", vm, str(snap["snapshot"]))
+    vmkeep("vm", "snapshot", "revert", vm, "before-write")
     value, same_pid = counter(lab, vm)
     assert same_pid == pid and value < before_revert, (at_snapshot, value, before_revert)
     lab.sh(vm, "test -e /mnt/vda/kept")
     with pytest.raises(LabError):
         lab.sh(vm, "test -e /mnt/vda/after")
     listed = vmkeep("vm", "snapshot", "list", vm, "--json").json()["snapshots"]
-    assert [(s["id"], s["kind"], s["memory"]) for s in listed] == [(1, "system", True)]
-    vmkeep("vm", "snapshot", "delete", vm, "1")
+    assert [(s["id"], s["name"], s["kind"], s["memory"]) for s in listed] == [
+        (1, "before-write", "system", True)
+    ]  # fmt: skip
+    libvirt_names = subprocess.run(["virsh", "-q", "snapshot-list", vm, "--name"],
+                                   capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert libvirt_names == [listed[0]["hypervisor_name"]], libvirt_names
+    assert "before-write" not in libvirt_names
+    vmkeep("vm", "snapshot", "delete", vm, "1")  # all digits: the id
 
     # disk hotplug: the guest sees the new block device, then it is gone
     added = vmkeep("vm", "disk", "attach", vm, "--size", "64M", "--json").json()
@@ -324,9 +333,9 @@ def test_lifecycle_through_the_api(vmkeep, lab: Lab, hv: Hypervisor, cleanup: li
 def test_cold_actions_and_imported_vms(
     driver: str, vmkeep, lab: Lab, hv: Hypervisor, tmp_path: Path, cleanup: list[str]
 ) -> None:
-    """On a powered-off VM: resize, disk-resize, NIC attach/detach in the definition, a disk
-    snapshot reverted (a file written after it is gone at the next boot); an imported VM refuses
-    what [vmm] imported_vms_actions does not list."""
+    """On a powered-off VM: resize, disk-resize, NIC attach/detach in the definition, a named disk
+    snapshot reverted by its name (a file written after it is gone at the next boot); an imported
+    VM refuses what [vmm] imported_vms_actions does not list."""
     use_driver(driver)
     vm = f"{PREFIX}lc-cold-{driver}"
     cleanup.append(vm)
@@ -349,7 +358,8 @@ def test_cold_actions_and_imported_vms(
     assert "52:54:00:aa:bb:cc" not in hv.domain_xml(vm, inactive=True)
     vmkeep("vm", "nic", "detach", vm, "--mac", "52:54:00:aa:bb:cc", check=9)
 
-    snap = vmkeep("vm", "disk-snapshot", "create", vm, "--disk", "vda", "--json").json()
+    snap = vmkeep("vm", "disk-snapshot", "create", vm, "clean", "--disk", "vda", "--json").json()
+    assert (snap["name"], snap["hypervisor_name"]) == ("clean", f"disk-snap-{snap['snapshot']}")
     fresh_log(lab, vm)
     vmkeep("vm", "resume", vm)
     booted(lab, vm)
@@ -357,7 +367,7 @@ def test_cold_actions_and_imported_vms(
     assert size == 192 << 20
     lab.sh(vm, "echo x > /mnt/vda/after-snap && sync")
     vmkeep("vm", "poweroff", vm, "--hard")
-    vmkeep("vm", "disk-snapshot", "revert", vm, str(snap["snapshot"]))
+    vmkeep("vm", "disk-snapshot", "revert", vm, "clean")
     fresh_log(lab, vm)
     vmkeep("vm", "resume", vm)
     booted(lab, vm)

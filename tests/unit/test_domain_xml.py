@@ -193,3 +193,6 @@ def test_snapshot_xml() -> None:
         ("vda", "no"), ("vdb", "no")
     ]  # fmt: skip
     assert ET.fromstring(dx.system_snapshot_xml("snap-3")).findtext("name") == "snap-3"
+    hostile = "a</name><memory snapshot='external' file='/etc/x'/><name>&b"
+    parsed = ET.fromstring(dx.system_snapshot_xml(hostile))
+    assert parsed.findtext("name") == hostile and parsed.find("memory") is None

@@ -97,11 +97,17 @@ class VmSnapshot(Base):
     """A system snapshot (``kind`` system: disks + memory) or one disk's (``kind`` disk)."""
 
     __tablename__ = "vm_snapshots"
-    __table_args__ = (UniqueConstraint("vm_id", "seq"),)
+    __table_args__ = (
+        UniqueConstraint("vm_id", "seq"),
+        UniqueConstraint("vm_id", "label", name="uq_vm_snapshots_label"),
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id"))
     seq: Mapped[int] = mapped_column(Integer)  # the snapshot id users see (ONE_SNAPSHOT_ID)
     name: Mapped[str] = mapped_column(String(255))  # the hypervisor's name for it
+    # the user's name for it (names.py's rule, unique per VM; None: unnamed); never handed to
+    # the hypervisor or qemu-img, which know the snapshot by ``name``
+    label: Mapped[str | None] = mapped_column(String(64), default=None)
     kind: Mapped[str] = mapped_column(String(8))
     disk: Mapped[str | None] = mapped_column(String(32), default=None)
     memory: Mapped[bool] = mapped_column(default=False)

@@ -43,7 +43,8 @@ def _action(name: str, doc: str, params: tuple[Param, ...], action: str) -> clic
     return click.command(name)(VM(f))
 
 
-SNAPSHOT = click.argument("snapshot", type=int)
+SNAPSHOT = click.argument("snapshot", metavar="SNAPSHOT")  # a name, or an id (all digits)
+NAME = click.argument("name", metavar="[NAME]", required=False)
 DISK = click.option("--disk", default=None, help="Disk target (default: the first).")
 
 # vmkeep vm NAME VM ...: runs action NAME
@@ -71,14 +72,18 @@ ACTIONS: list[tuple[str, str, tuple[Param, ...]]] = [
 # vmkeep vm GROUP SUB VM ...: runs action GROUP-SUB
 GROUPS: dict[str, tuple[str, list[tuple[str, str, tuple[Param, ...]]]]] = {
     "snapshot": ("System snapshots: disks and, of a running VM, its memory.", [
-        ("create", "Take a system snapshot.", ()),
-        ("revert", "Go back to a system snapshot (memory too when it has it).", (SNAPSHOT,)),
-        ("delete", "Delete a system snapshot.", (SNAPSHOT,)),
+        ("create", "Take a system snapshot, named NAME if given (unique per VM).", (NAME,)),
+        ("revert", "Go back to a system snapshot (memory too when it has it). SNAPSHOT: its "
+                   "name, or its id (all digits).", (SNAPSHOT,)),
+        ("delete", "Delete a system snapshot. SNAPSHOT: its name, or its id (all digits).",
+            (SNAPSHOT,)),
     ]),
     "disk-snapshot": ("Snapshots of one disk of a powered-off VM (qcow2 internal, no memory).", [
-        ("create", "Snapshot one disk.", (DISK,)),
-        ("revert", "Put one disk back to its snapshot.", (SNAPSHOT,)),
-        ("delete", "Delete a disk snapshot.", (SNAPSHOT,)),
+        ("create", "Snapshot one disk, named NAME if given (unique per VM).", (NAME, DISK)),
+        ("revert", "Put one disk back to its snapshot. SNAPSHOT: its name, or its id (all "
+                   "digits).", (SNAPSHOT,)),
+        ("delete", "Delete a disk snapshot. SNAPSHOT: its name, or its id (all digits).",
+            (SNAPSHOT,)),
     ]),
     "disk": ("Attach or detach disks (hotplug on a running VM).", [
         ("attach", "Attach a disk.", (
@@ -133,11 +138,12 @@ def create_cmd(c: click.Context, xml_file: Path, hold: bool, as_json: bool) -> N
 @json_option
 @click.pass_context
 def snapshot_list(c: click.Context, ref: str, as_json: bool) -> None:
-    """System and disk snapshots of a VM."""
+    """System and disk snapshots of a VM: id, name (empty: unnamed), the hypervisor's name."""
     from vmkeep.engine.lifecycle import dispatch
 
     res = dispatch.snapshots(ctx_of(c), ref)
-    render(res, as_json, lambda r: table(r["snapshots"], ("id", "kind", "disk", "memory", "name")))
+    columns = ("id", "name", "kind", "disk", "memory", "hypervisor_name")
+    render(res, as_json, lambda r: table(r["snapshots"], columns))
 
 
 @click.command("recover")

@@ -260,8 +260,11 @@ def nic_detach_xml(mac: str) -> str:
 
 
 def system_snapshot_xml(name: str) -> str:
-    """An internal system snapshot (disks and, of a running domain, RAM) named ``name``."""
-    return f"<domainsnapshot><name>{name}</name></domainsnapshot>"
+    """An internal system snapshot (disks and, of a running domain, RAM) named ``name`` (escaped:
+    whatever the name holds stays the text of ``<name>``)."""
+    root = ET.Element("domainsnapshot")
+    ET.SubElement(root, "name").text = name
+    return _text(root)
 
 
 def memory_snapshot_xml(path: str, targets: Iterable[str]) -> str:

@@ -369,6 +369,7 @@ class FakeVmm(Vmm):
         d = self._on("snapshot_create", domain)
         name = f"snap-{snapshot_id}"
         d.snapshots[name] = (d.xml, d.running, d.paused)
+        self.hv.calls.append(("snapshot_create", domain))
         return name
 
     def _snapshot(self, action: str, domain: str, name: str) -> FakeDomain:
@@ -380,9 +381,11 @@ class FakeVmm(Vmm):
     def snapshot_revert(self, domain: str, name: str) -> None:
         d = self._snapshot("snapshot_revert", domain, name)
         d.xml, d.running, d.paused = d.snapshots[name]
+        self.hv.calls.append(("snapshot_revert", domain))
 
     def snapshot_delete(self, domain: str, name: str) -> None:
         del self._snapshot("snapshot_delete", domain, name).snapshots[name]
+        self.hv.calls.append(("snapshot_delete", domain))
 
     # --- hotplug ------------------------------------------------------------------------------
     def attach_disk(self, domain: str, disk: DiskSpec) -> None:

@@ -25,11 +25,12 @@ from vmkeep.engine.core.trust import (
     may_delete_disk,
 )
 from vmkeep.engine.vm.record import find_vm, set_fields
-from vmkeep.errors import DomainNotFound, InvalidValue, NotFound
+from vmkeep.errors import AlreadyExists, DomainNotFound, InvalidValue, NotFound
 from vmkeep.hypervisor.domain_xml import mac_addresses, parse_disks, with_cpu_memory
 from vmkeep.hypervisor.reach import open_to_qemu
 from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
 from vmkeep.model import LcmState, VmState, Warnings
+from vmkeep.names import check_name, is_id
 from vmkeep.paths import within
 
 Handler = Callable[[Context, Vmm, Vm, dict[str, Any], Warnings], dict[str, Any]]
@@ -179,28 +180,57 @@ def _next_seq(ctx: Context, vm_id: int) -> int:
         return int(top.scalar() or 0) + 1
 
 
-def _snapshot(ctx: Context, vm: Vm, seq: Any, kind: str) -> VmSnapshot:
+MAX_SEQ = 2**31 - 1  # VmSnapshot.seq is a 32-bit integer
+
+
+def _snapshot(ctx: Context, vm: Vm, ref: Any, kind: str) -> VmSnapshot:
+    """The VM's ``kind`` snapshot ``ref``: an all-digit ``ref`` is its id, else its name."""
+    text = str(ref)
+    if is_id(text):
+        which = VmSnapshot.seq == (int(text) if int(text) <= MAX_SEQ else 0)
+    else:
+        which = VmSnapshot.label == text
     with ctx.catalog.session() as s:
         snap = s.execute(
-            select(VmSnapshot).where(
-                VmSnapshot.vm_id == vm.id, VmSnapshot.seq == int(seq), VmSnapshot.kind == kind
-            )
+            select(VmSnapshot).where(VmSnapshot.vm_id == vm.id, which)
         ).scalar_one_or_none()
-        if snap is None:
-            raise NotFound(f"{kind} snapshot {seq} of VM {vm.name} (see 'vmkeep vm snapshot list')")
+        if snap is None or snap.kind != kind:
+            other = "" if snap is None else f"it is a {snap.kind} snapshot; "
+            see = f"see 'vmkeep vm snapshot list {vm.name}'"
+            raise NotFound(f"{kind} snapshot {text!r} of VM {vm.name} ({other}{see})")
         s.expunge(snap)
         return snap
+
+
+def _new_name(ctx: Context, vm: Vm, name: Any, cmd: str) -> str | None:
+    """The user's name for a new snapshot (None: unnamed): names.py's rule, unique per VM.
+    Checked before the hypervisor takes the snapshot, so a refusal leaves nothing behind."""
+    if name is None:
+        return None
+    check_name("snapshot name", name)
+    with ctx.catalog.session() as s:
+        taken = s.execute(
+            select(VmSnapshot.seq).where(VmSnapshot.vm_id == vm.id, VmSnapshot.label == name)
+        ).scalar_one_or_none()
+    if taken is not None:
+        raise AlreadyExists(
+            f"snapshot {name!r} of VM {vm.name} (id {taken}; give another name, or delete it "
+            f"first: 'vmkeep vm {cmd} delete {vm.name} {name}')"
+        )
+    return str(name)
 
 
 def snapshot_create(
     ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings
 ) -> dict[str, Any]:
+    label = _new_name(ctx, vm, opts.get("name"), "snapshot")
     seq = _next_seq(ctx, vm.id)
     running = ctx.hv.domain(vm.name).state == VmState.ACTIVE
-    name = vmm.snapshot_create(vm.name, seq)
+    name = vmm.snapshot_create(vm.name, seq)  # the hypervisor's name: never the user's
     with ctx.catalog.session() as s:
-        s.add(VmSnapshot(vm_id=vm.id, seq=seq, name=name, kind="system", memory=running))
-    return {"snapshot": seq, "name": name, "memory": running}
+        s.add(VmSnapshot(vm_id=vm.id, seq=seq, name=name, label=label, kind="system",
+                         memory=running))  # fmt: skip
+    return {"snapshot": seq, "name": label, "hypervisor_name": name, "memory": running}
 
 
 def snapshot_revert(
@@ -209,7 +239,7 @@ def snapshot_revert(
     snap = _snapshot(ctx, vm, opts.get("snapshot"), "system")
     _drop_checkpoints(ctx, vm, w, f"VM {vm.name} goes back to snapshot {snap.seq}")
     vmm.snapshot_revert(vm.name, snap.name)
-    return {"snapshot": snap.seq, "memory": snap.memory}
+    return {"snapshot": snap.seq, "name": snap.label, "memory": snap.memory}
 
 
 def snapshot_delete(
@@ -219,18 +249,19 @@ def snapshot_delete(
     vmm.snapshot_delete(vm.name, snap.name)
     with ctx.catalog.session() as s:
         s.delete(s.get(VmSnapshot, snap.id))
-    return {"snapshot": snap.seq, "deleted": True}
+    return {"snapshot": snap.seq, "name": snap.label, "deleted": True}
 
 
 def snapshot_list(ctx: Context, ref: str) -> dict[str, Any]:
+    """``name``: the user's (None: unnamed); ``hypervisor_name``: libvirt's or qemu-img's."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
         rows = s.execute(
             select(VmSnapshot).where(VmSnapshot.vm_id == vm.id).order_by(VmSnapshot.seq)
         ).scalars()
         snaps = [
-            {"id": r.seq, "name": r.name, "kind": r.kind, "disk": r.disk, "memory": r.memory,
-             "created": r.created_at}
+            {"id": r.seq, "name": r.label, "kind": r.kind, "disk": r.disk, "memory": r.memory,
+             "created": r.created_at, "hypervisor_name": r.name}
             for r in rows
         ]  # fmt: skip
         return {"vm": vm.name, "snapshots": snaps}
@@ -253,12 +284,13 @@ def disk_snapshot_create(
     ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings
 ) -> dict[str, Any]:
     target, path = _disk_path(ctx, vm, opts.get("disk"))
+    label = _new_name(ctx, vm, opts.get("name"), "disk-snapshot")
     seq = _next_seq(ctx, vm.id)
-    name = f"disk-snap-{seq}"
+    name = f"disk-snap-{seq}"  # qemu-img's name: never the user's
     qemu_img("snapshot", "-c", name, path)
     with ctx.catalog.session() as s:
-        s.add(VmSnapshot(vm_id=vm.id, seq=seq, name=name, kind="disk", disk=target))
-    return {"snapshot": seq, "disk": target, "name": name}
+        s.add(VmSnapshot(vm_id=vm.id, seq=seq, name=name, label=label, kind="disk", disk=target))
+    return {"snapshot": seq, "disk": target, "name": label, "hypervisor_name": name}
 
 
 def disk_snapshot_revert(
@@ -268,7 +300,7 @@ def disk_snapshot_revert(
     _target, path = _disk_path(ctx, vm, snap.disk)
     _drop_checkpoints(ctx, vm, w, f"disk {snap.disk} goes back to snapshot {snap.seq}")
     qemu_img("snapshot", "-a", snap.name, path)
-    return {"snapshot": snap.seq, "disk": snap.disk}
+    return {"snapshot": snap.seq, "name": snap.label, "disk": snap.disk}
 
 
 def disk_snapshot_delete(
@@ -279,7 +311,7 @@ def disk_snapshot_delete(
     qemu_img("snapshot", "-d", snap.name, path)
     with ctx.catalog.session() as s:
         s.delete(s.get(VmSnapshot, snap.id))
-    return {"snapshot": snap.seq, "deleted": True}
+    return {"snapshot": snap.seq, "name": snap.label, "deleted": True}
 
 
 # --- devices --------------------------------------------------------------------------------------

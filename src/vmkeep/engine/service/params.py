@@ -3,22 +3,41 @@ API's action routes take (the target from the path, the rest from the body) and 
 fills from its options. Bounds here are the one place a value's range is stated; the engine
 checks meaning (a VM exists, a state allows the action) when the action runs.
 
-Only pydantic here: the CLI imports this module to hand an action to the daemon without loading
-the engine.
+Only pydantic and the names rule (``names.py``) here: the CLI imports this module to hand an
+action to the daemon without loading the engine.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic_core import PydanticCustomError
 
-from vmkeep.names import MAX_ID
+from vmkeep.errors import InvalidValue
+from vmkeep.names import MAX_ID, MAX_LEN, RULE, check_name
+
+
+def _snapshot_name(value: str) -> str:
+    """names.py's rule: an all-digit name is refused, it would be read as an id."""
+    try:
+        return check_name("name", value)
+    except InvalidValue:
+        raise PydanticCustomError("name", RULE) from None  # the rule alone, as the engine says it
+
+
+def _id_as_text(value: object) -> object:
+    """A snapshot id sent as a number (``{"snapshot": 3}``) is the reference ``"3"``."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]
 # a catalog id; 0 is simply not found (the API's routes refuse ids below 1 as bad input)
 CatalogId = Annotated[int, Field(ge=0, le=MAX_ID)]
 DiskName = Annotated[str, Field(max_length=64)]
+SnapshotName = Annotated[str, AfterValidator(_snapshot_name)]  # its length too: RULE says it
+# a snapshot's name, or its id (all digits), as ``onevm snapshot-revert`` takes it
+SnapshotRef = Annotated[str, BeforeValidator(_id_as_text), Field(min_length=1, max_length=MAX_LEN)]
 
 
 class Params(BaseModel):
@@ -122,12 +141,20 @@ class DiskResizeParams(VmParams):
     size: str = Field(min_length=1, max_length=32)
 
 
+class SnapshotCreateParams(VmParams):
+    name: SnapshotName | None = None
+
+
 class SnapshotParams(VmParams):
-    snapshot: int = Field(ge=1, le=2**31 - 1)
+    snapshot: SnapshotRef
 
 
 class DiskParams(VmParams):
     disk: DiskName | None = None
+
+
+class DiskSnapshotCreateParams(DiskParams):
+    name: SnapshotName | None = None
 
 
 class DiskAttachParams(VmParams):
