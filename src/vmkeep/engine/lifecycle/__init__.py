@@ -1,3 +1,3 @@
 """The VM lifecycle (OpenNebula's DispatchManager): the state-checked run of an action with
 its history (``dispatch``) and what each action does through the VMM driver
-(``operations``). Imports ``core`` and ``vm``."""
+(``operations``; system and disk snapshots: ``snapshots``). Imports ``core`` and ``vm``."""

@@ -28,6 +28,7 @@ from vmkeep.engine.core.trust import (
     check_nic,
 )
 from vmkeep.engine.lifecycle import operations
+from vmkeep.engine.lifecycle.snapshots import snapshot_list
 from vmkeep.engine.vm.inventory import check_state, vm_action
 from vmkeep.engine.vm.record import find_vm, set_lcm, states_of
 from vmkeep.errors import (
@@ -85,7 +86,7 @@ def _end_history(ctx: Context, hid: int, error: BaseException | None) -> None:
 
 def snapshots(ctx: Context, ref: str) -> dict[str, Any]:
     """System and disk snapshots of a VM (a read: no lock, no history)."""
-    return operations.snapshot_list(ctx, ref)
+    return snapshot_list(ctx, ref)
 
 
 def history(ctx: Context, ref: str) -> list[dict[str, Any]]:
