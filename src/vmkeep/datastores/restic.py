@@ -100,7 +100,8 @@ class ResticOptions(DriverOptions):
         return self
 
     def sftp(self) -> tuple[SshTarget, str] | None:
-        """(ssh target, remote path) of an ``sftp:USER@HOST:/PATH`` repository."""
+        """(ssh target, remote path) of an ``sftp:[USER@]HOST:/PATH`` repository (HOST may be an
+        ssh config alias: see ssh.py)."""
         if not self.repo.startswith("sftp:"):
             return None
         rest = self.repo.removeprefix("sftp:")

@@ -183,9 +183,13 @@ def _config_args() -> list[str]:
     (as in ``--opt identity=~/...`` and vmkeep's own folders). When the two differ and $HOME has
     an ssh config, ``ssh -G`` is given that one (``-F``: then without /etc/ssh/ssh_config)."""
     mine = Path.home() / ".ssh" / "config"
-    if mine.is_file() and mine != Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh" / "config":
+    if not mine.is_file():
+        return []
+    try:
+        ssh_own = Path(pwd.getpwuid(os.getuid()).pw_dir) / ".ssh" / "config"
+    except KeyError:  # no passwd entry: ssh has no ~ of its own
         return ["-F", str(mine)]
-    return []
+    return [] if ssh_own.exists() and mine.samefile(ssh_own) else ["-F", str(mine)]
 
 
 def _run_ssh_g(ds: str, args: list[str], host: str) -> str:
@@ -231,11 +235,18 @@ def default_identities(ds: str) -> list[str]:
 _TOKEN = re.compile(r"%(.)|\$\{")
 
 
+def _local_user() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return str(os.getuid())
+
+
 def _expand_identity(ds: str, alias: str, value: str, tokens: dict[str, str]) -> Path:
     local = {
         "%": "%",
         "d": str(Path.home()),
-        "u": pwd.getpwuid(os.getuid()).pw_name,
+        "u": _local_user(),
         "i": str(os.getuid()),
     }
     known = local | tokens
