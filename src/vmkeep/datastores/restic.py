@@ -26,6 +26,7 @@ import signal
 import subprocess
 import time
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from pydantic import Field, model_validator
 
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register
 from vmkeep.datastores.ssh import (
+    SshLogin,
     SshTarget,
     classify,
     parse_df,
@@ -98,7 +100,8 @@ class ResticOptions(DriverOptions):
         return self
 
     def sftp(self) -> tuple[SshTarget, str] | None:
-        """(ssh target, remote path) of an ``sftp:USER@HOST:/PATH`` repository."""
+        """(ssh target, remote path) of an ``sftp:[USER@]HOST:/PATH`` repository (HOST may be an
+        ssh config alias: see ssh.py)."""
         if not self.repo.startswith("sftp:"):
             return None
         rest = self.repo.removeprefix("sftp:")
@@ -108,8 +111,8 @@ class ResticOptions(DriverOptions):
             raise ValueError("an SFTP repo is sftp:USER@HOST:/ABSOLUTE/PATH")
         target = SshTarget(
             host=host,
-            user=user if at else "root",
-            port=self.port or 22,
+            user=user if at else None,
+            port=self.port,
             identity=self.identity,
             known_hosts=self.known_hosts,
         )
@@ -156,12 +159,11 @@ class ResticDriver(DatastoreDriver):
         if o.ionice is not None:
             argv += ["ionice", "-c", "2", "-n", str(o.ionice)]
         argv += ["restic", "--repo", o.repo]  # the password: through _env(), never argv
-        sftp = o.sftp()
-        if sftp is not None:
-            target, _path = sftp
+        target = self._target
+        if target is not None:
             argv += ["-o", f"sftp.command={target.ssh_command()} {target.login} -s sftp"]
         if o.connections:
-            backend = "sftp" if sftp else "local"
+            backend = "sftp" if target else "local"
             argv += ["-o", f"{backend}.connections={o.connections}"]
         if o.bwlimit:
             argv += ["--limit-upload", str(o.bwlimit), "--limit-download", str(o.bwlimit)]
@@ -261,9 +263,14 @@ class ResticDriver(DatastoreDriver):
             if prune:
                 self._run(["prune"], "prune", lock_wait=LOCK_WAIT)
 
-    def ssh_target(self) -> SshTarget | None:
+    @cached_property
+    def _target(self) -> SshLogin | None:
+        """The SFTP login as ssh itself would make it (an ssh config alias resolved, see ssh.py)."""
         sftp = self.options.sftp()
-        return sftp[0] if sftp else None
+        return sftp[0].resolve(self.name) if sftp else None
+
+    def ssh_target(self) -> SshLogin | None:
+        return self._target
 
     # --- contract -------------------------------------------------------------------------------
     def check(self) -> None:
@@ -279,9 +286,8 @@ class ResticDriver(DatastoreDriver):
 
     def monitor(self) -> tuple[int, int]:
         sftp = self.options.sftp()
-        if sftp is not None:
-            target, remote_path = sftp
-            out = remote(self.name, target, ["df", "-P", "-B1", remote_path], "monitor")
+        if sftp is not None and self._target is not None:
+            out = remote(self.name, self._target, ["df", "-P", "-B1", sftp[1]], "monitor")
             return parse_df(self.name, out)
         path = Path(self.options.repo)
         while not path.exists() and path != path.parent:
@@ -294,8 +300,8 @@ class ResticDriver(DatastoreDriver):
 
     def used(self) -> int:
         sftp = self.options.sftp()
-        if sftp is not None:
-            return remote_tree_size(self.name, sftp[0], sftp[1])
+        if sftp is not None and self._target is not None:
+            return remote_tree_size(self.name, self._target, sftp[1])
         return tree_size(Path(self.options.repo))
 
     def backup(self, chain: str, staged: list[Path]) -> None:

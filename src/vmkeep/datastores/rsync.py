@@ -13,12 +13,20 @@ import re
 import shlex
 import subprocess
 import uuid
+from functools import cached_property
 from pathlib import Path
 
 from pydantic import Field, field_validator
 
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register
-from vmkeep.datastores.ssh import SshTarget, classify, parse_df, remote, remote_tree_size
+from vmkeep.datastores.ssh import (
+    SshLogin,
+    SshTarget,
+    classify,
+    parse_df,
+    remote,
+    remote_tree_size,
+)
 from vmkeep.errors import DatastoreError, DatastoreUnreachable
 
 PARTIAL = ".partial-"
@@ -106,11 +114,16 @@ class RsyncDriver(DatastoreDriver):
         self.checked_chain(chain)  # two safe path components: never outside the datastore
         return f"{self.options.path}/{chain}"
 
+    @cached_property
+    def _target(self) -> SshLogin:
+        """The login as ssh itself would make it (an ssh config alias resolved, see ssh.py)."""
+        return self.options.resolve(self.name)
+
     def _ssh(self, command: list[str], what: str, timeout: float | None = 600) -> str:
-        return remote(self.name, self.options, command, what, timeout)
+        return remote(self.name, self._target, command, what, timeout)
 
     def _rsync(self, sources: list[str], dest: str, what: str) -> None:
-        argv = ["rsync", *shlex.split(self.options.args), "-e", self.options.ssh_command()]
+        argv = ["rsync", *shlex.split(self.options.args), "-e", self._target.ssh_command()]
         if self.options.bwlimit:
             argv.append(f"--bwlimit={self.options.bwlimit}")
         proc = subprocess.run([*argv, "--", *sources, dest], capture_output=True, text=True)
@@ -123,10 +136,10 @@ class RsyncDriver(DatastoreDriver):
             raise classify(self.name, what, proc.stderr)
 
     def _remote_name(self, path: str) -> str:
-        return f"{self.options.login}:{path}"  # names and chain keys are strict (names.py)
+        return f"{self._target.login}:{path}"  # names and chain keys are strict (names.py)
 
-    def ssh_target(self) -> SshTarget:
-        return self.options
+    def ssh_target(self) -> SshLogin:
+        return self._target
 
     # --- contract -------------------------------------------------------------------------------
     def check(self) -> None:
@@ -137,7 +150,7 @@ class RsyncDriver(DatastoreDriver):
         return parse_df(self.name, self._ssh(["df", "-P", "-B1", self.options.path], "monitor"))
 
     def used(self) -> int:
-        return remote_tree_size(self.name, self.options, self.options.path)
+        return remote_tree_size(self.name, self._target, self.options.path)
 
     def backup(self, chain: str, staged: list[Path]) -> None:
         d = self._dir(chain)
@@ -201,7 +214,7 @@ class RsyncDriver(DatastoreDriver):
         return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
 
     def head(self, chain: str, name: str, size: int, workdir: Path) -> bytes:
-        argv = [*self.options.ssh_argv(), self.options.login, "--"]
+        argv = [*self._target.ssh_argv(), self._target.login, "--"]
         path = f"{self._dir(chain)}/{self.checked_name(chain, name)}"
         cmd = shlex.join(["head", "-c", str(size), "--", path])
         proc = subprocess.run([*argv, cmd], capture_output=True)
