@@ -38,13 +38,7 @@ def backup() -> None:
 
 @backup.command("run")
 @click.argument("vm", shell_complete=complete.vms)
-@click.option(
-    "--datastore",
-    "-d",
-    required=True,
-    help="Target datastore (name or id).",
-    shell_complete=complete.datastores,
-)
+@complete.datastore_option
 @click.option("--reset", is_flag=True, help="Start a new full chain (INCREMENT mode).")
 @json_option
 @click.pass_context

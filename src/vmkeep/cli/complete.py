@@ -87,3 +87,13 @@ def completion(shell: str) -> None:
     assert script is not None  # every name of SHELLS is one of click's
     root = click.get_current_context().find_root().command
     click.echo(script(root, {}, PROG, COMPLETE_VAR).source())
+
+
+# the target datastore of backup and group backup
+datastore_option = click.option(
+    "--datastore",
+    "-d",
+    required=True,
+    help="Target datastore (name or id).",
+    shell_complete=datastores,
+)

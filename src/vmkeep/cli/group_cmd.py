@@ -134,13 +134,7 @@ def delete_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 
 @group.command("backup")
 @click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
-@click.option(
-    "--datastore",
-    "-d",
-    required=True,
-    help="Target datastore (name or id).",
-    shell_complete=complete.datastores,
-)
+@complete.datastore_option
 @click.option(
     "--parallel-freeze",
     is_flag=True,
