@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "vmkeep"
 @pytest.mark.parametrize("a", ACTIONS.values(), ids=list(ACTIONS))
 def test_every_entry_is_complete(a: Action) -> None:
     assert a.policy in tokens.POLICY, f"{a.kind}: add its policy key to tokens.POLICY"
-    fields = a.params.model_fields
+    fields = a.model.model_fields
     assert a.target in fields and all(f in fields for f in a.path_fields), a
     assert a.locks in ("vm", "point", "group", "datastore")
     for name in ("check", "run"):
@@ -157,3 +157,16 @@ def test_a_queued_job_runs_with_the_actor_the_api_named(
     assert done["state"] == "DONE" and done["result"] == {"vm": "web"}, done
     assert done["exit_code"] == 0
     assert [(c.actor.name, c.actor.role, c.origin) for c in seen] == [("ops", "operator", "api")]
+
+
+def test_the_table_loads_without_pydantic() -> None:
+    """A command that hands its action to the daemon loads the table, not the params models."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, vmkeep.engine.service.actions as a; a.ACTIONS['backup'].path("
+        "{'vm': 'web'}, str); print('pydantic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -26,16 +26,16 @@ _BODIES: dict[tuple[type[P.Params], tuple[str, ...]], type[P.Params] | None] = {
 def _body_model(a: Action) -> type[P.Params] | None:
     """The params of ``a`` outside its path, as one model (None when there are none); one model
     per params class, so the schema names each once."""
-    key = (a.params, tuple(a.path_fields))
+    key = (a.model, tuple(a.path_fields))
     if key not in _BODIES:
-        fields = {n: (f.annotation, f) for n, f in a.params.model_fields.items() if n not in key[1]}
-        name = a.params.__name__.removesuffix("Params") + "Request"
+        fields = {n: (f.annotation, f) for n, f in a.model.model_fields.items() if n not in key[1]}
+        name = a.model.__name__.removesuffix("Params") + "Request"
         _BODIES[key] = create_model(name, __base__=P.Params, **fields) if fields else None  # type: ignore[call-overload]
     return _BODIES[key]
 
 
 def _path_param(a: Action, name: str) -> inspect.Parameter:
-    annotation: Any = a.params.model_fields[name].annotation
+    annotation: Any = a.model.model_fields[name].annotation
     if annotation is int:  # a catalog id is a 64-bit integer: a larger one is bad input (422)
         annotation = Annotated[int, PathParam(ge=1, le=MAX_ID)]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)

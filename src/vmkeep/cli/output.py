@@ -140,18 +140,16 @@ def act(
     from vmkeep.engine.service import actions
 
     a = actions.action(kind)
-    p = actions.parse(a, params, options=True)
-    with transfer_progress(f"{kind} {a.target_of(p)}", not bar) as progress:
+    values = {k: v for k, v in params.items() if v is not None}
+    with transfer_progress(f"{kind} {a.target_of(values)}", not bar) as progress:
         # no name holds a "/": the command itself says what is wrong with such a reference
-        ask = all("/" not in str(getattr(p, f)) for f in a.path_fields)
-        queued = (
-            remote.submit(click_ctx, a.path(p, remote.segment), a.body(p), a.method)
-            if ask
-            else None
-        )
+        ask = all("/" not in str(values.get(f, "")) for f in a.path_fields)
+        queued = remote.submit(click_ctx, a.path(values, remote.segment), a.body(values),
+                               a.method) if ask else None  # fmt: skip
         if queued is not None:  # from here on a Ctrl-C cancels the job
             result, warnings = queued.follow(progress)
             return result, Warnings(warnings)
+        p = actions.parse(a, params, options=True)
         result, warns = actions.run_here(ctx_of(click_ctx), a, p, progress)
     return jsontext.plain(result), warns
 

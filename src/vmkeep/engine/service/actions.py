@@ -16,24 +16,23 @@ it in-process through ``run_here`` (recorded as the same job); the daemon's work
 jobs through ``RUNNERS``. Adding an action: a params model, an entry here, its check and run in
 ``runners.py``, a CLI command that calls ``cli/output.act`` (docs/architecture.md).
 
-Only pydantic and the standard library at import: the CLI loads this module on its way to the
-daemon.
+Only the standard library at import: the CLI loads this module on its way to the daemon (the
+params models, and pydantic with them, are loaded when an action is validated or run here).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
-from vmkeep.engine.service import params as P
-
 if TYPE_CHECKING:
     from vmkeep.engine.core.context import Context
     from vmkeep.engine.core.trust import Actor
+    from vmkeep.engine.service import params as P
     from vmkeep.model import Warnings
 
 Progress = Callable[[int, int], None]
@@ -53,7 +52,7 @@ class Caller:
 @dataclass(frozen=True)
 class Action:
     kind: str
-    params: type[P.Params]
+    params: str  # the name of its model in params.py (loaded when first used: ``model``)
     policy: str
     target: str  # the params field naming what it acts on (the job's target)
     locks: str  # what it holds while it runs: "vm", "point", "group", "datastore"
@@ -67,83 +66,91 @@ class Action:
     def path_fields(self) -> list[str]:
         return re.findall(r"{(\w+)}", self.route)
 
-    def path(self, p: P.Params, quote: Callable[[str], str]) -> str:
+    @property
+    def model(self) -> type[P.Params]:
+        """The params model (pydantic is loaded then: a command that hands its action to the
+        daemon never loads it; the daemon validates)."""
+        model: type[P.Params] = getattr(import_module("vmkeep.engine.service.params"), self.params)
+        return model
+
+    def path(self, values: Mapping[str, Any], quote: Callable[[str], str]) -> str:
         """The route for these params, each path segment through ``quote``."""
-        return self.route.format(**{f: quote(str(getattr(p, f))) for f in self.path_fields})
+        return self.route.format(**{f: quote(str(values[f])) for f in self.path_fields})
 
-    def body(self, p: P.Params) -> dict[str, Any]:
-        """The params the route takes in its body (or query, for DELETE): all but the path's."""
-        return p.model_dump(by_alias=True, exclude=set(self.path_fields), exclude_none=True)
+    def body(self, values: Mapping[str, Any]) -> dict[str, Any]:
+        """The params the route takes in its body (or query, for DELETE): all but the path's,
+        and none that is None."""
+        return {k: v for k, v in values.items() if k not in self.path_fields and v is not None}
 
-    def target_of(self, p: P.Params) -> str:
-        return str(getattr(p, self.target))
+    def target_of(self, p: P.Params | Mapping[str, Any]) -> str:
+        return str(p[self.target] if isinstance(p, Mapping) else getattr(p, self.target))
 
 
-def _vm(kind: str, params: type[P.Params], summary: str, policy: str = "vm-action") -> Action:
+def _vm(kind: str, params: str, summary: str, policy: str = "vm-action") -> Action:
     """A lifecycle action (engine/lifecycle): ``POST /v1/vms/{vm}/actions/NAME``."""
     return Action(f"vm-{kind}", params, policy, "vm", "vm", f"/v1/vms/{{vm}}/actions/{kind}",
                   "lifecycle", "lifecycle", summary)  # fmt: skip
 
 
 _TABLE = [
-    Action("backup", P.BackupParams, "backup", "vm", "vm", "/v1/vms/{vm}/backup",
+    Action("backup", "BackupParams", "backup", "vm", "vm", "/v1/vms/{vm}/backup",
            "backup", "backup", "Back up a VM (full, or an increment per its backup config)."),
-    Action("group-backup", P.GroupBackupParams, "group-backup", "group", "group",
+    Action("group-backup", "GroupBackupParams", "group-backup", "group", "group",
            "/v1/groups/{group}/backup", "group_backup", "group_backup",
            "Back up every member at one consistent cut."),
-    Action("restore", P.RestoreParams, "restore", "backup", "point",
+    Action("restore", "RestoreParams", "restore", "backup", "point",
            "/v1/backups/{backup}/restore", "restore", "restore",
            "Restore a point: new VM, one disk, in place, or instant."),
-    Action("verify", P.PointParams, "verify", "backup", "point", "/v1/backups/{backup}/verify",
+    Action("verify", "PointParams", "verify", "backup", "point", "/v1/backups/{backup}/verify",
            "point", "verify", "Check every stored file against its checksum."),
-    Action("copy", P.CopyParams, "copy", "backup", "point", "/v1/backups/{backup}/copy",
+    Action("copy", "CopyParams", "copy", "backup", "point", "/v1/backups/{backup}/copy",
            "copy", "copy", "Copy a chain to a second datastore and verify it there."),
-    Action("delete", P.DeleteParams, "backup-delete", "backup", "point", "/v1/backups/{backup}",
+    Action("delete", "DeleteParams", "backup-delete", "backup", "point", "/v1/backups/{backup}",
            "point", "delete", "Delete a chain, or its newest increment.", method="DELETE"),
-    Action("drill", P.DrillParams, "drill", "backup", "point", "/v1/backups/{backup}/drill",
+    Action("drill", "DrillParams", "drill", "backup", "point", "/v1/backups/{backup}/drill",
            "point", "drill", "Boot a point as an isolated VM and check it."),
-    Action("scan", P.ScanParams, "datastore-scan", "datastore", "datastore",
+    Action("scan", "ScanParams", "datastore-scan", "datastore", "datastore",
            "/v1/datastores/{datastore}/scan", "datastore", "scan",
            "List the chains a datastore holds; import unknown ones."),
-    Action("quiesce", P.VmParams, "quiesce", "vm", "vm", "/v1/vms/{vm}/quiesce",
+    Action("quiesce", "VmParams", "quiesce", "vm", "vm", "/v1/vms/{vm}/quiesce",
            "vm_state", "quiesce", "Freeze the guest file systems."),
-    Action("unquiesce", P.VmParams, "unquiesce", "vm", "vm", "/v1/vms/{vm}/unquiesce",
+    Action("unquiesce", "VmParams", "unquiesce", "vm", "vm", "/v1/vms/{vm}/unquiesce",
            "vm_state", "unquiesce", "Thaw the guest file systems."),
-    Action("reset-state", P.VmParams, "reset-state", "vm", "vm", "/v1/vms/{vm}/reset-state",
+    Action("reset-state", "VmParams", "reset-state", "vm", "vm", "/v1/vms/{vm}/reset-state",
            "vm", "reset_state", "Thaw/resume the guest, take the state from libvirt."),
-    Action("group-start", P.GroupStartParams, "group-start", "group", "group",
+    Action("group-start", "GroupStartParams", "group-start", "group", "group",
            "/v1/groups/{group}/start", "group", "group_start",
            "Start the members in start order."),
-    Action("group-stop", P.GroupStopParams, "group-stop", "group", "group",
+    Action("group-stop", "GroupStopParams", "group-stop", "group", "group",
            "/v1/groups/{group}/stop", "group", "group_stop", "Stop the members in stop order."),
-    Action("group-restore", P.GroupRestoreParams, "group-restore", "group_backup", "group",
+    Action("group-restore", "GroupRestoreParams", "group-restore", "group_backup", "group",
            "/v1/group-backups/{group_backup}/restore", "group_point", "group_restore",
            "Restore every member of a group backup as new VMs."),
-    _vm("deploy", P.VmParams, "Define and boot a PENDING or UNDEPLOYED VM."),
-    _vm("hold", P.VmParams, "Keep a PENDING VM from being deployed."),
-    _vm("release", P.VmParams, "Let a HOLD VM be deployed."),
-    _vm("poweroff", P.HardParams, "Shut the guest down (hard: pull the plug)."),
-    _vm("reboot", P.HardParams, "Reboot the guest (hard: reset)."),
-    _vm("suspend", P.VmParams, "Save the guest's memory on the host and stop it."),
-    _vm("resume", P.VmParams, "Bring a SUSPENDED or STOPPED VM back; boot a POWEROFF one."),
-    _vm("stop", P.VmParams, "Save the memory to a state file, take the VM off the host."),
-    _vm("undeploy", P.HardParams, "Take the VM off the host, disks kept."),
-    _vm("terminate", P.TerminateParams, "Destroy the VM and delete its disks.", "vm-terminate"),
-    _vm("resize", P.ResizeParams, "Change vCPUs and memory of a stopped VM."),
-    _vm("disk-resize", P.DiskResizeParams, "Grow a disk."),
-    _vm("migrate", P.MigrateParams, "Live migration (not supported yet)."),
-    _vm("snapshot-create", P.SnapshotCreateParams, "Take a system snapshot."),
-    _vm("snapshot-revert", P.SnapshotParams, "Go back to a system snapshot."),
-    _vm("snapshot-delete", P.SnapshotParams, "Delete a system snapshot."),
-    _vm("disk-snapshot-create", P.DiskSnapshotCreateParams,
+    _vm("deploy", "VmParams", "Define and boot a PENDING or UNDEPLOYED VM."),
+    _vm("hold", "VmParams", "Keep a PENDING VM from being deployed."),
+    _vm("release", "VmParams", "Let a HOLD VM be deployed."),
+    _vm("poweroff", "HardParams", "Shut the guest down (hard: pull the plug)."),
+    _vm("reboot", "HardParams", "Reboot the guest (hard: reset)."),
+    _vm("suspend", "VmParams", "Save the guest's memory on the host and stop it."),
+    _vm("resume", "VmParams", "Bring a SUSPENDED or STOPPED VM back; boot a POWEROFF one."),
+    _vm("stop", "VmParams", "Save the memory to a state file, take the VM off the host."),
+    _vm("undeploy", "HardParams", "Take the VM off the host, disks kept."),
+    _vm("terminate", "TerminateParams", "Destroy the VM and delete its disks.", "vm-terminate"),
+    _vm("resize", "ResizeParams", "Change vCPUs and memory of a stopped VM."),
+    _vm("disk-resize", "DiskResizeParams", "Grow a disk."),
+    _vm("migrate", "MigrateParams", "Live migration (not supported yet)."),
+    _vm("snapshot-create", "SnapshotCreateParams", "Take a system snapshot."),
+    _vm("snapshot-revert", "SnapshotParams", "Go back to a system snapshot."),
+    _vm("snapshot-delete", "SnapshotParams", "Delete a system snapshot."),
+    _vm("disk-snapshot-create", "DiskSnapshotCreateParams",
         "Snapshot one disk of a powered-off VM."),
-    _vm("disk-snapshot-revert", P.SnapshotParams, "Put one disk back to its snapshot."),
-    _vm("disk-snapshot-delete", P.SnapshotParams, "Delete a disk snapshot."),
-    _vm("disk-attach", P.DiskAttachParams, "Attach a disk."),
-    _vm("disk-detach", P.DiskDetachParams, "Detach a disk (its image stays)."),
-    _vm("nic-attach", P.NicAttachParams, "Attach a NIC."),
-    _vm("nic-detach", P.NicDetachParams, "Detach a NIC."),
-    _vm("recover", P.RecoverParams, "Admin: leave a *_FAILURE or stuck state.", "vm-recover"),
+    _vm("disk-snapshot-revert", "SnapshotParams", "Put one disk back to its snapshot."),
+    _vm("disk-snapshot-delete", "SnapshotParams", "Delete a disk snapshot."),
+    _vm("disk-attach", "DiskAttachParams", "Attach a disk."),
+    _vm("disk-detach", "DiskDetachParams", "Detach a disk (its image stays)."),
+    _vm("nic-attach", "NicAttachParams", "Attach a NIC."),
+    _vm("nic-detach", "NicDetachParams", "Detach a NIC."),
+    _vm("recover", "RecoverParams", "Admin: leave a *_FAILURE or stuck state.", "vm-recover"),
 ]  # fmt: skip
 
 ACTIONS: dict[str, Action] = {a.kind: a for a in _TABLE}
@@ -171,11 +178,11 @@ def parse(a: Action, data: dict[str, Any], *, options: bool = False) -> P.Params
     from vmkeep.errors import InvalidValue
 
     try:
-        return a.params.model_validate(data)
+        return a.model.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ())) or a.kind
-        if options and where in a.params.model_fields:
+        if options and where in a.model.model_fields:
             where = where.upper() if where == a.target else "--" + where.replace("_", "-")
         raise InvalidValue(where, first.get("input"), first.get("msg", "")) from None
 
