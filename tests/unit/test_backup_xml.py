@@ -1,4 +1,5 @@
-"""Generated libvirt XML against golden files (virt-manager style). Regenerate with REGOLDEN=1."""
+"""Generated libvirt XML against golden files (virt-manager style). Regenerate with REGOLDEN=1 (the
+regenerating run fails; the next one checks)."""
 
 import os
 from pathlib import Path
@@ -9,9 +10,12 @@ DATA = Path(__file__).parent / "data"
 
 
 def golden(name: str, text: str) -> None:
+    """``text`` equals the golden file. With REGOLDEN=1 the file is rewritten and the test fails
+    (it proved nothing): review the diff, then run again without REGOLDEN."""
     path = DATA / name
     if os.environ.get("REGOLDEN"):
         path.write_text(text)
+        raise AssertionError(f"{path} regenerated: review 'git diff', then run without REGOLDEN")
     assert text == path.read_text()
 
 
