@@ -16,6 +16,7 @@ from pydantic import field_validator
 from vmkeep.datastores.base import DatastoreDriver, DriverOptions, register, wrap_oserror
 from vmkeep.datastores.ssh import tree_size
 from vmkeep.errors import DatastoreError
+from vmkeep.faults import failpoint
 
 PARTIAL = ".partial"
 STAGING = ".vmkeep-staging"
@@ -110,6 +111,7 @@ class DirDriver(DatastoreDriver):
                     os.fsync(fd)
                 finally:
                     os.close(fd)
+                failpoint("dir-rename")  # the fault suite kills a store between partial and final
                 os.replace(tmp, final)
             _fsync_dir(dest)
         except OSError as err:
