@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from vmkeep.hypervisor import Hypervisor
-from vmkeep.lab import Lab
 
 from .conftest import Result, running_daemon
 
@@ -31,9 +32,9 @@ def traced(trace: Path, *args: str, check: int = 0) -> tuple[Result, str]:
     return res, trace.read_text()
 
 
-def test_long_commands_are_the_daemons_jobs(
-    vmkeep, lab: Lab, hv: Hypervisor, agent_vm: str, tmp_path: Path, qemu_reachable_data_dir: Path
-) -> None:
+@pytest.fixture
+def point(vmkeep, hv: Hypervisor, agent_vm: str, qemu_reachable_data_dir: Path) -> tuple[str, str]:
+    """The agent VM imported, a dir datastore, and a first backup: (VM, backup id)."""
     vm = agent_vm
     for cp in hv.checkpoints(vm):
         hv.delete_checkpoint(vm, cp)
@@ -41,7 +42,13 @@ def test_long_commands_are_the_daemons_jobs(
     vmkeep(
         "datastore", "add", "ds", "--driver", "dir", "--path", str(qemu_reachable_data_dir / "ds")
     )
-    bid = str(vmkeep("backup", vm, "-d", "ds", "--json").json()["id"])
+    return vm, str(vmkeep("backup", vm, "-d", "ds", "--json").json()["id"])
+
+
+def test_long_commands_are_the_daemons_jobs(
+    vmkeep, hv: Hypervisor, point: tuple[str, str], tmp_path: Path
+) -> None:
+    vm, bid = point
     here = vmkeep("backups", "verify", bid, "--json").json()  # no daemon: in this process
 
     commands = [
@@ -83,19 +90,12 @@ def test_long_commands_are_the_daemons_jobs(
 
 
 def test_ctrl_c_cancels_a_drill_the_daemon_runs(
-    vmkeep, hv: Hypervisor, agent_vm: str, qemu_reachable_data_dir: Path
+    vmkeep, hv: Hypervisor, point: tuple[str, str]
 ) -> None:
     """A drill reports no progress while its guest boots: Ctrl-C on the command still stops the
     daemon's job at once (the cancel is raised in the job's thread), and the drill's throw-away
     VM is gone."""
-    vm = agent_vm
-    for cp in hv.checkpoints(vm):
-        hv.delete_checkpoint(vm, cp)
-    vmkeep("vm", "import", vm)
-    vmkeep(
-        "datastore", "add", "ds", "--driver", "dir", "--path", str(qemu_reachable_data_dir / "ds")
-    )
-    bid = str(vmkeep("backup", vm, "-d", "ds", "--json").json()["id"])
+    vm, bid = point
     with running_daemon() as (_proc, _api):
         proc = subprocess.Popen(
             [sys.executable, "-m", "vmkeep.cli.main", "drill", bid, "--timeout", "600"],

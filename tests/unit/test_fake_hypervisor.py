@@ -10,27 +10,23 @@ from typing import Any
 
 import pytest
 
-from vmkeep.config import load_config
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.restore import memory
 from vmkeep.errors import DomainNotFound, HypervisorError, VmmError, WrongState
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.hypervisor.domain_xml import with_disks
-from vmkeep.hypervisor.fake import FakeHypervisor, FakeVmm
+from vmkeep.hypervisor.fake import SAMPLE_XML, FakeHypervisor, FakeVmm
 from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.model import LcmState, VmState, Warnings
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vmkeep"
-XML = """<domain type='qemu'><name>web</name><memory unit='MiB'>256</memory>
-<vcpu>1</vcpu><os><type>hvm</type></os>
-<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-<source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+XML = SAMPLE_XML
 
 
 @pytest.fixture
-def ctx(clean_env: Path) -> Context:
-    return Context(load_config(), _hv=FakeHypervisor())
+def ctx(fake_ctx: Context) -> Context:
+    return fake_ctx
 
 
 def fake(ctx: Context) -> FakeHypervisor:

@@ -20,22 +20,18 @@ from sqlalchemy.exc import IntegrityError
 from vmkeep.api.app import create_app
 from vmkeep.catalog import Catalog
 from vmkeep.catalog.db import MIGRATIONS_DIR
-from vmkeep.config import load_config
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.service import actions, tokens
 from vmkeep.errors import AlreadyExists, InvalidValue, NotFound
-from vmkeep.hypervisor.fake import FakeHypervisor
+from vmkeep.hypervisor.fake import SAMPLE_XML, FakeHypervisor
 
-XML = """<domain type='qemu'><name>web</name><memory unit='MiB'>256</memory>
-<vcpu>1</vcpu><os><type>hvm</type></os>
-<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
-<source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+XML = SAMPLE_XML
 
 
 @pytest.fixture
-def ctx(clean_env: Path) -> Context:
-    return Context(load_config(), _hv=FakeHypervisor())
+def ctx(fake_ctx: Context) -> Context:
+    return fake_ctx
 
 
 @pytest.fixture

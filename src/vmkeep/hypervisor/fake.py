@@ -38,6 +38,13 @@ from vmkeep.model import DomainInfo, GuestExecResult, VmState
 T = TypeVar("T")
 
 
+# A minimal domain the fake (and libvirt) accepts: unit tests format {disk} with an image path.
+SAMPLE_XML = """<domain type='qemu'><name>web</name><memory unit='MiB'>256</memory>
+<vcpu>1</vcpu><os><type>hvm</type></os>
+<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>
+<source file='{disk}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"""
+
+
 @dataclass
 class FakeDomain:
     """One domain as the fake keeps it."""
