@@ -23,7 +23,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from vmkeep.errors import ConfigError
 from vmkeep.model import ROLES
@@ -129,6 +129,47 @@ class MonitorConfig(_Section):
     interval: float = Field(default=60.0, ge=1, le=86400)  # the daemon's poll loop, seconds
 
 
+class BackupDefaults(_Section):
+    """``[backup]``: the global layer of the backup policy (VM -> pool -> here -> built-in
+    defaults; a backup job's options go over all of them). A key left out is not set here."""
+
+    keep_last: int | str | None = None
+    mode: str | None = None
+    fs_freeze: str | None = None
+    backup_volatile: bool | None = None
+    memory: bool | None = None
+    exclude: bool | None = None  # left out of ``--all`` and ``--pool`` backup jobs
+
+    def layer(self) -> dict[str, Any]:
+        """The keys this section sets."""
+        return self.model_dump(exclude_none=True)
+
+
+class LimitsConfig(_Section):
+    """How many backups run at once (0: no limit). Waiting jobs stay QUEUED with the reason."""
+
+    max_backups: int = Field(default=0, ge=0, le=10000)  # in the whole catalog
+    max_backups_host: int = Field(default=0, ge=0, le=10000)  # on one host (one daemon)
+    # on one datastore (a restic repository takes one writer whatever this says)
+    max_backups_datastore: int = Field(default=0, ge=0, le=10000)
+
+
+class ScheduleConfig(_Section):
+    tick: float = Field(default=1.0, gt=0, le=60)  # seconds between the scheduler's looks
+
+
+class NotifyConfig(_Section):
+    """Where finished jobs are reported (``engine/service/notify.py``)."""
+
+    webhook_url: SecretStr | None = None  # JSON POST per finished job (may hold a token)
+    webhook_secret: SecretStr | None = None  # adds an HMAC-SHA256 signature header
+    urls: list[SecretStr] = []  # notification-library URLs (mailto://, ...): may hold passwords
+    on: Literal["always", "failure"] = "always"
+    timeout: float = Field(default=10.0, gt=0, le=300)  # seconds per delivery attempt
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    retry_after: float = Field(default=5.0, gt=0, le=3600)  # first retry; doubles each time
+
+
 class LabConfig(_Section):
     # Not under /root: QEMU runs as libvirt-qemu and must traverse the path to the images.
     dir: Path = Path("/var/lib/vmkeep/lab")
@@ -149,6 +190,10 @@ class Config(_Section):
     restore: RestoreConfig = RestoreConfig()
     mount: MountConfig = MountConfig()
     monitor: MonitorConfig = MonitorConfig()
+    backup: BackupDefaults = BackupDefaults()
+    limits: LimitsConfig = LimitsConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    notify: NotifyConfig = NotifyConfig()
 
     @field_validator("data_dir")
     @classmethod

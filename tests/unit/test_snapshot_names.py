@@ -19,7 +19,7 @@ from sqlalchemy.exc import IntegrityError
 
 from vmkeep.api.app import create_app
 from vmkeep.catalog import Catalog
-from vmkeep.catalog.db import MIGRATIONS_DIR
+from vmkeep.catalog.db import HEAD_REVISION, MIGRATIONS_DIR
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.service import actions, tokens
@@ -154,7 +154,7 @@ def test_a_snapshot_taken_before_names_stays_reachable_by_id(ctx: Context) -> No
         conn.execute(text("INSERT INTO vm_snapshots (vm_id, seq, name, kind, memory, created_at) "
                           "VALUES (1, 1, 'snap-1', 'system', 1, '2026-01-01 00:00:00')"))  # fmt: skip
     old.dispose()
-    assert ctx.catalog.current_revision() == "0009"  # migrated when opened
+    assert ctx.catalog.current_revision() == HEAD_REVISION  # migrated when opened
     assert listed(ctx) == [(1, None, "system", "snap-1")]
     assert act(ctx, "snapshot-revert", snapshot=1)["snapshot"] == 1  # an int, as jobs stored it
     assert hv.calls[-1] == ("snapshot_revert", "web")

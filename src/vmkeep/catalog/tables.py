@@ -207,6 +207,11 @@ class Job(Base):
     cancel_requested: Mapped[bool] = mapped_column(default=False)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # the limits (engine/core/limits.py): higher first, then the oldest; why a QUEUED job waits
+    priority: Mapped[int] = mapped_column(Integer, default=50)
+    wait_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    datastore: Mapped[str | None] = mapped_column(String(255), default=None)  # it writes to
+    run_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)  # a job run
 
 
 class Token(Base):
@@ -314,3 +319,77 @@ class AuditEntry(Base):
     path: Mapped[str] = mapped_column(String(2048))
     status: Mapped[int] = mapped_column(Integer)
     client: Mapped[str] = mapped_column(String(255))
+
+
+class Pool(Base):
+    """A pool of VMs sharing a backup policy: VM -> pool -> ``[backup]`` of the config file."""
+
+    __tablename__ = "pools"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    backup_config: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class BackupJob(Base):
+    """What to back up (``selector``: vms, group, pool or all), where, when (``schedule``), and
+    the policy keys it sets over the VMs' (``options``)."""
+
+    __tablename__ = "backup_jobs"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    selector: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    datastore: Mapped[str] = mapped_column(String(255))
+    copy_to: Mapped[str | None] = mapped_column(String(255), default=None)
+    schedule: Mapped[str] = mapped_column(String(255))
+    priority: Mapped[int] = mapped_column(Integer, default=50)
+    execution: Mapped[str] = mapped_column(String(16), default="sequential")
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    repeat_missed: Mapped[bool] = mapped_column(default=True)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    owner: Mapped[str] = mapped_column(String(255), default="")
+    role: Mapped[str] = mapped_column(String(16), default="admin")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class BackupJobRun(Base):
+    """One fired slot of a backup job (or a ``backupjob run``): unique per job and slot, so two
+    daemons never fire the same slot twice. Its jobs carry its id (``Job.run_id``)."""
+
+    __tablename__ = "backup_job_runs"
+    __table_args__ = (UniqueConstraint("backup_job_id", "slot_at", name="uq_backup_job_runs_slot"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    backup_job_id: Mapped[int] = mapped_column(ForeignKey("backup_jobs.id"))
+    slot_at: Mapped[datetime] = mapped_column()
+    origin: Mapped[str] = mapped_column(String(16))  # schedule | missed | manual
+    state: Mapped[str] = mapped_column(String(16))  # FIRED | SKIPPED (a missed slot not run)
+    host: Mapped[str] = mapped_column(String(255), default="")
+    who: Mapped[str] = mapped_column(String(255), default="")
+    skipped: Mapped[list[Any]] = mapped_column(default=list)  # [{vm, reason}]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Notification(Base):
+    """The outbox: one row per finished job and target, sent (and retried) by the daemon."""
+
+    __tablename__ = "notifications"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(Integer)
+    target: Mapped[str] = mapped_column(String(64))  # "webhook" | "url:N"
+    payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    state: Mapped[str] = mapped_column(String(16), default="PENDING")  # PENDING | SENT | FAILED
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_at: Mapped[datetime] = mapped_column(default=utcnow)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Counter(Base):
+    """Named counters; ``claim`` is bumped by every claim, which serialises claimers (a row
+    lock on PostgreSQL, the write lock on SQLite) so that the limits are counted exactly."""
+
+    __tablename__ = "counters"
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)

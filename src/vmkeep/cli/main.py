@@ -33,6 +33,9 @@ FAMILIES = {
     "drill": "vmkeep.cli.drill_cmd:drill",
     "audit": "vmkeep.cli.audit_cmd:audit",
     "completion": "vmkeep.cli.complete:completion",
+    "backupjob": "vmkeep.cli.backupjob_cmd:backupjob",
+    "pool": "vmkeep.cli.pool_cmd:pool",
+    "notify": "vmkeep.cli.notify_cmd:notify",
 }
 # set by the shell completion script (``vmkeep completion SHELL``): answer the shell, run nothing
 COMPLETE_VAR = "_VMKEEP_COMPLETE"
