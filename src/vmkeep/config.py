@@ -156,6 +156,7 @@ class LimitsConfig(_Section):
 
 class ScheduleConfig(_Section):
     tick: float = Field(default=1.0, gt=0, le=60)  # seconds between the scheduler's looks
+    timezone: str = ""  # cron and calendar slots in this zone (empty: the host's local zone)
 
 
 class NotifyConfig(_Section):

@@ -146,7 +146,7 @@ def _tag(snapshot: dict[str, Any], key: str) -> str | None:
 class ResticDriver(DatastoreDriver):
     driver = "restic"
     options_model = ResticOptions
-    capabilities = frozenset({"remote", "dedup"})
+    capabilities = frozenset({"remote", "dedup", "one-writer"})  # one-writer: limits.py
     secret_options = frozenset({"password_command"})
     options: ResticOptions
 

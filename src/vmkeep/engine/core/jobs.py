@@ -2,8 +2,9 @@
 
 QUEUED -> RUNNING -> DONE | FAILED | CANCELLED. The CLI runs its action in-process and records it
 (``recorded``); the API enqueues and a daemon worker claims and runs it (``claim`` + ``execute``).
-Claiming is atomic: ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL, and on every database a
-conditional ``UPDATE ... WHERE state = 'QUEUED'`` that only one claimer can win.
+Claiming is atomic: every claimer first bumps the ``claim`` counter row, which holds the others
+off until it commits (a row lock on PostgreSQL, the write lock on SQLite); it then picks by
+priority within the limits (``limits.py``).
 
 Cancel is a flag on the row (``cancel_requested``) that the running action polls through its
 progress callback; it then unwinds through the engine's normal cancel path (job aborted, partial
@@ -29,7 +30,8 @@ from sqlalchemy.orm import Session
 
 from vmkeep import errors, jsontext
 from vmkeep.catalog.locks import pid_alive
-from vmkeep.catalog.tables import Job
+from vmkeep.catalog.tables import BackupJob, BackupJobRun, Counter, Datastore, Job
+from vmkeep.engine.core import limits
 from vmkeep.engine.core.cancel import Cancellation
 from vmkeep.engine.core.context import Context
 from vmkeep.errors import JobNotFound, TooManyRequests, VmkeepError, WrongState
@@ -41,6 +43,7 @@ log = logging.getLogger(__name__)
 # the states a job ends in
 FINAL = frozenset({JobState.DONE, JobState.FAILED, JobState.CANCELLED})
 PROGRESS_EVERY = 0.5  # seconds between progress writes (and cancel checks)
+DEFAULT_PRIORITY = 50  # 0-99, as OpenNebula's backup jobs: higher starts first
 
 Runner = Callable[
     [Context, dict[str, Any], Callable[[int, int], None]], tuple[dict[str, Any], list[str]]
@@ -114,16 +117,20 @@ def enqueue(
     origin: str,
     who: str,
     max_queued: int | None = None,
+    priority: int = DEFAULT_PRIORITY,
+    run_id: int | None = None,
 ) -> dict[str, Any]:
     """A new QUEUED job. ``max_queued``: the QUEUED jobs ``who`` (of this ``origin``) may have
     at once (the API passes ``[api] max_queued_per_token`` for a token); TooManyRequests
-    beyond. Running and ended jobs do not count."""
+    beyond. Running and ended jobs do not count. ``priority`` 0-99 (higher starts first) and
+    ``run_id`` (the backup-job run it belongs to): ``limits.py``."""
     with ctx.catalog.session() as s:
         if max_queued is not None:
             waiting = queued_by(s, origin, who)
             if waiting >= max_queued:
                 raise TooManyRequests("queued jobs", who, max_queued, "[api] max_queued_per_token")
-        job = job_dict(_add(s, kind, target, params, origin, who))
+        extra = {"priority": priority, "run_id": run_id}
+        job = job_dict(_add(s, kind, target, params, origin, who, **extra))
     WAKE.set()
     return job
 
@@ -140,6 +147,7 @@ def _add(
 ) -> Job:
     """A new job row: QUEUED for any worker unless ``fields`` say otherwise."""
     j = Job(kind=kind, target=target, params=params, origin=origin, who=who,
+            datastore=limits.writes_to(kind, params),
             **({"state": JobState.QUEUED, "host": "", "pid": 0} | fields))  # fmt: skip
     s.add(j)
     s.flush()
@@ -200,29 +208,72 @@ def changes_since(
 
 
 def claim(ctx: Context) -> int | None:
-    """Take the oldest QUEUED job for this process; None when there is none. Exactly one of
-    several concurrent claimers (threads, daemons on one catalog) wins each job."""
-    with ctx.catalog.session() as s:
-        job_id = s.execute(
-            select(Job.id)
-            .where(Job.state == JobState.QUEUED)
-            .order_by(Job.id)
-            .limit(1)
-            .with_for_update(skip_locked=True)
-        ).scalar()
-        if job_id is None:
+    """Take the next QUEUED job this process may start (``limits.py``: priority, then the
+    oldest, within the limits); None when there is none. Claimers (threads, daemons on one
+    catalog) take turns on the ``claim`` counter, so each job is won once and the limits are
+    counted exactly. A job passed over keeps the reason on its row."""
+    with ctx.catalog.session() as s:  # the common case, nothing queued: one read, no write
+        if s.execute(select(Job.id).where(Job.state == JobState.QUEUED).limit(1)).first() is None:
             return None
-        won = s.execute(  # type: ignore[attr-defined]
-            update(Job)
-            .where(Job.id == job_id, Job.state == JobState.QUEUED)
-            .values(
-                state=JobState.RUNNING,
-                host=socket.gethostname(),
-                pid=os.getpid(),
-                started_at=datetime.now(UTC),
-            )
-        ).rowcount
-        return job_id if won == 1 else None
+    host = socket.gethostname()
+    with ctx.catalog.session() as s:
+        s.execute(update(Counter).where(Counter.name == "claim").values(value=Counter.value + 1))
+        running = limits.Running()
+        q = select(Job.kind, Job.host, Job.datastore, Job.run_id).where(
+            Job.state == JobState.RUNNING
+        )
+        for kind, on, ds, run in s.execute(q):
+            running.add(kind, on, ds, run)
+        queued = list(
+            s.execute(
+                select(Job)
+                .where(Job.state == JobState.QUEUED)
+                .order_by(Job.priority.desc(), Job.id)
+                .limit(CLAIM_LOOKAHEAD)
+            ).scalars()
+        )
+        one_writer = _one_writer_stores(s, {j.datastore for j in queued if j.datastore})
+        sequential = _sequential_runs(s, {j.run_id for j in queued if j.run_id is not None})
+        for j in queued:
+            run = j.run_id if j.run_id in sequential else None
+            why = limits.blocker(ctx.config.limits, running, j.kind, j.datastore, host,
+                                 j.datastore in one_writer, run)  # fmt: skip
+            if why is None:
+                j.state, j.host, j.pid = JobState.RUNNING, host, os.getpid()
+                j.started_at, j.wait_reason = datetime.now(UTC), None
+                return j.id
+            if j.wait_reason != why:
+                j.wait_reason = why
+        return None
+
+
+CLAIM_LOOKAHEAD = 200  # QUEUED jobs a claim looks at, in the order they may start
+
+
+def _one_writer_stores(s: Session, names: set[str]) -> set[str]:
+    """The datastores among ``names`` whose driver takes one writer at a time."""
+    if not names:
+        return set()
+    from vmkeep.datastores import REGISTRY
+
+    rows = s.execute(select(Datastore.name, Datastore.driver).where(Datastore.name.in_(names)))
+    return {
+        name
+        for name, driver in rows
+        if "one-writer" in getattr(REGISTRY.get(driver), "capabilities", ())
+    }
+
+
+def _sequential_runs(s: Session, run_ids: set[int]) -> set[int]:
+    """The runs among ``run_ids`` whose backup job runs its VMs one after another."""
+    if not run_ids:
+        return set()
+    q = (
+        select(BackupJobRun.id)
+        .join(BackupJob, BackupJob.id == BackupJobRun.backup_job_id)
+        .where(BackupJobRun.id.in_(run_ids), BackupJob.execution == "sequential")
+    )
+    return set(s.execute(q).scalars())
 
 
 def cancel(ctx: Context, job_id: int) -> dict[str, Any]:
