@@ -135,6 +135,10 @@ class JobNotFound(NotFound):
     """Job {} does not exist; see 'vmkeep jobs list'."""
 
 
+class BackupJobNotFound(NotFound):
+    """Backup job '{}' does not exist; see 'vmkeep backupjob list'."""
+
+
 class AlreadyExists(VmkeepError):
     """{} already exists."""
 

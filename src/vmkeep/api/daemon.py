@@ -1,4 +1,5 @@
-"""``vmkeep daemon``: one process holding the API (uvicorn) and the job workers.
+"""``vmkeep daemon``: one process holding the API (uvicorn), the job workers, the monitor and
+the scheduler of backup jobs (``engine/service/scheduler.py``).
 
 At start it marks this host's RUNNING jobs left by a dead process FAILED (their VMs were recovered
 by their guard process). SIGTERM / Ctrl-C: uvicorn stops taking requests, workers stop claiming,
@@ -25,6 +26,7 @@ from vmkeep.config import Config
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.lifecycle import dispatch
+from vmkeep.engine.service import scheduler
 from vmkeep.engine.service.actions import RUNNERS
 from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import InvalidValue, VmkeepError
@@ -149,7 +151,12 @@ def _remove_socket(path: Path, bound: tuple[int, int]) -> None:
             path.unlink()
 
 
-def serve(config: Config, listen: str | None = None, workers: int | None = None) -> None:
+def serve(
+    config: Config,
+    listen: str | None = None,
+    workers: int | None = None,
+    clock: scheduler.Clock | None = None,
+) -> None:
     private_umask()  # also when serve() is called without the CLI's main()
     host, port = parse_listen(listen or config.api.listen)
     ctx = Context(config)
@@ -185,6 +192,11 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
     local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
     gctune.for_daemon()
     pool.append(threading.Thread(target=_monitor, args=(config, stop), name="monitor", daemon=True))
+    pool.append(
+        threading.Thread(
+            target=scheduler.loop, args=(config, stop, clock), name="scheduler", daemon=True
+        )
+    )
     for t in pool:
         t.start()
     scheme = "https" if tls[0] else "http"
@@ -195,7 +207,7 @@ def serve(config: Config, listen: str | None = None, workers: int | None = None)
         host,
         port,
         also,
-        len(pool) - 1,
+        slots.size,
     )
     try:
         asyncio.run(_serve_both(server, local, sock))  # returns after SIGTERM / SIGINT

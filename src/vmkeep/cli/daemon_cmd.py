@@ -12,13 +12,23 @@ from vmkeep.cli.output import ctx_of
 @click.command()
 @click.option("--listen", default=None, help="HOST:PORT (default [api] listen, 127.0.0.1:8700).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Jobs run at once.")
+@click.option(
+    "--clock",
+    default=None,
+    hidden=True,  # for tests (CONTRIBUTING.md): the scheduler's clock, START,SPEED
+    help="The scheduler's clock: START,SPEED (ISO start time, clock seconds per real second).",
+)
 @click.pass_context
-def daemon(c: click.Context, listen: str | None, workers: int | None) -> None:
-    """Run the vmkeep service in the foreground (API under /v1, job workers)."""
+def daemon(c: click.Context, listen: str | None, workers: int | None, clock: str | None) -> None:
+    """Run the vmkeep service in the foreground (API under /v1, job workers, the scheduler of
+    backup jobs)."""
     from vmkeep.api.daemon import serve
+    from vmkeep.engine.service.scheduler import parse_clock
+
+    fast = parse_clock(clock) if clock else None
 
     # uvicorn handles SIGTERM/SIGINT during serve() and re-raises them when it has shut down; by
     # then the daemon has stopped cleanly, so the re-raised signal must not turn into exit 130.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _s, _f: None)
-    serve(ctx_of(c).config, listen, workers)
+    serve(ctx_of(c).config, listen, workers, clock=fast)

@@ -43,7 +43,7 @@ def validate(key: str, value: Any) -> Any:
         if n < 1:
             raise InvalidValue("keep_last", value, "use a whole number >= 1, or 'all'")
         return n
-    if key in ("backup_volatile", "memory"):
+    if key in ("backup_volatile", "memory", "exclude"):
         return _yes_no(key, value)
     if key == "fs_freeze":
         try:

@@ -67,7 +67,9 @@ def zone(name: str = "") -> tzinfo:
     try:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidValue("[schedule] timezone", name, "use a zone name like Europe/Berlin") from None
+        raise InvalidValue(
+            "[schedule] timezone", name, "use a zone name like Europe/Berlin"
+        ) from None
 
 
 def parse(text: str, now: datetime, tz: tzinfo | None = None) -> Spec:
@@ -91,7 +93,9 @@ def parse(text: str, now: datetime, tz: tzinfo | None = None) -> Spec:
         try:
             at = datetime.fromisoformat(given)
         except ValueError:
-            raise InvalidValue("--schedule", text, "use an ISO time, e.g. 2026-12-24T22:00") from None
+            raise InvalidValue(
+                "--schedule", text, "use an ISO time, e.g. 2026-12-24T22:00"
+            ) from None
         at = at.replace(tzinfo=tz) if at.tzinfo is None else at
         return Spec(_AT + at.isoformat(), given)
     cron = _cron_of(low)

@@ -204,16 +204,23 @@ def run(
 
 
 def enqueue(
-    ctx: Context, a: Action, p: P.Params, actor: Actor, max_queued: int | None = None
+    ctx: Context,
+    a: Action,
+    p: P.Params,
+    actor: Actor,
+    max_queued: int | None = None,
+    origin: str = "api",
+    **job: Any,
 ) -> dict[str, Any]:
     """Check, then queue the action as a daemon's job (``who``: the actor's name). The job's
-    params carry the actor's role, so the runner bounds it by the same places."""
+    params carry the actor's role, so the runner bounds it by the same places. ``origin``:
+    "api", or "schedule" for a backup job's run; ``job``: ``jobs.enqueue``'s priority and run."""
     from vmkeep.engine.core import jobs, trust
 
     p = check(ctx, a, p, actor)
     stored = p.model_dump(mode="json", by_alias=True, exclude_none=True)
     stored |= {trust.ROLE_KEY: actor.role, "actor": actor.name}
-    return jobs.enqueue(ctx, a.kind, a.target_of(p), stored, "api", actor.name, max_queued)
+    return jobs.enqueue(ctx, a.kind, a.target_of(p), stored, origin, actor.name, max_queued, **job)
 
 
 def run_here(

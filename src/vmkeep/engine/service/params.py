@@ -51,9 +51,15 @@ class VmParams(Params):
     vm: Name
 
 
+# a backup job's policy keys over the VM's (backup_config.validate checks them when they apply)
+Policy = dict[str, str | int | bool]
+
+
 class BackupParams(VmParams):
     datastore: Name
     reset: bool = False
+    policy: Policy = {}
+    copy_to: Name | None = None  # then copy the new point there and verify it (3-2-1)
 
 
 # --- points -------------------------------------------------------------------------------------
@@ -104,6 +110,8 @@ class GroupBackupParams(GroupParams):
     datastore: Name
     parallel_freeze: bool = False
     reset: bool = False
+    policy: Policy = {}
+    copy_to: Name | None = None
 
 
 class GroupStartParams(GroupParams):

@@ -20,7 +20,7 @@ from vmkeep.engine.restore import drill, inplace, point
 from vmkeep.engine.service import params as P
 from vmkeep.engine.vm import inventory
 from vmkeep.engine.vm.record import find_vm
-from vmkeep.errors import DrillFailed
+from vmkeep.errors import DrillFailed, VmkeepError
 from vmkeep.model import Warnings
 
 if TYPE_CHECKING:
@@ -108,7 +108,11 @@ def check_lifecycle(ctx: Context, a: Action, p: P.VmParams, actor: Actor) -> P.P
 def run_backup(
     ctx: Context, _a: Action, p: P.BackupParams, progress: Progress, _c: Caller
 ) -> Outcome:
-    out = backup.run_backup(ctx, p.vm, p.datastore, reset=p.reset, progress=progress)
+    out = backup.run_backup(
+        ctx, p.vm, p.datastore, reset=p.reset, progress=progress, **_overrides(p.policy)
+    )
+    if p.copy_to:
+        out.result["copy"] = _copy_new_point(ctx, out.result["id"], p.copy_to, out.warnings)
     return out.result, out.warnings
 
 
@@ -122,8 +126,30 @@ def run_group_backup(
         parallel_freeze=p.parallel_freeze,
         reset=p.reset,
         progress=progress,
+        **_overrides(p.policy),
     )
+    if p.copy_to:
+        out.result["copies"] = [
+            _copy_new_point(ctx, m["backup"], p.copy_to, out.warnings)
+            for m in out.result.get("members", [])
+            if m.get("backup") is not None
+        ]
     return out.result, out.warnings
+
+
+def _overrides(policy: dict[str, Any]) -> dict[str, Any]:
+    return {"overrides": dict(policy)} if policy else {}
+
+
+def _copy_new_point(ctx: Context, backup_id: int, to: str, warnings: Warnings) -> dict[str, Any]:
+    """A backup job's ``--copy-to``: the chain's new point copied to a second datastore and
+    verified there (only what the copy lacks). A failed copy is a warning: the backup itself
+    is stored and stays; the next run copies what is missing."""
+    try:
+        return copy.copy_backup(ctx, backup_id, to)
+    except VmkeepError as err:
+        warnings.add(f"copy of backup {backup_id} to {to} failed: {err}; the backup is stored")
+        return {"backup": backup_id, "datastore": to, "error": str(err)}
 
 
 def run_restore(

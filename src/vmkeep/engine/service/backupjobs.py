@@ -1,0 +1,294 @@
+"""Backup jobs (OpenNebula's backup jobs, Proxmox's backup schedules): which VMs (a list, a
+group, a pool or all), which datastore (and a second one to copy to), when (``schedules.py``),
+how urgent (priority 0-99), one VM at a time or all at once, and the policy keys they set over
+the VMs' own. Here: defining them and showing them with their runs; firing them is
+``scheduler.py``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Pool
+from vmkeep.engine.core import backup_config, jobs, schedules, stores
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.groups.manage import find_group
+from vmkeep.engine.vm.record import find_vm
+from vmkeep.errors import AlreadyExists, BackupJobNotFound, InvalidValue, NotFound
+from vmkeep.model import JobState
+from vmkeep.names import check_name
+
+EXECUTIONS = ("sequential", "parallel")
+# the policy keys a backup job may set over its VMs' (backup_config.KEYS but exclude: a job
+# names its VMs itself)
+OPTION_KEYS = ("mode", "fs_freeze", "keep_last", "memory", "backup_volatile")
+SELECTORS = ("vms", "group", "pool", "all")
+
+
+def find(s: Session, name: str) -> BackupJob:
+    bj = s.execute(select(BackupJob).where(BackupJob.name == name)).scalar_one_or_none()
+    if bj is None:
+        raise BackupJobNotFound(name)
+    return bj
+
+
+def selector_text(sel: dict[str, Any]) -> str:
+    if "vms" in sel:
+        return "vms " + ",".join(sel["vms"])
+    if "group" in sel:
+        return f"group {sel['group']}"
+    if "pool" in sel:
+        return f"pool {sel['pool']}"
+    return "all"
+
+
+def _selector(s: Session, sel: dict[str, Any]) -> dict[str, Any]:
+    """Exactly one of vms / group / pool / all, each naming what exists (names canonical)."""
+    given = [k for k in SELECTORS if sel.get(k)]
+    if len(given) != 1:
+        raise InvalidValue("backup job", "--vm/--group/--pool/--all", "give exactly one of them")
+    kind = given[0]
+    if kind == "vms":
+        return {"vms": list(dict.fromkeys(find_vm(s, str(v)).name for v in sel["vms"]))}
+    if kind == "group":
+        return {"group": find_group(s, str(sel["group"])).name}
+    if kind == "pool":
+        pool = s.execute(select(Pool).where(Pool.name == sel["pool"])).scalar_one_or_none()
+        if pool is None:
+            raise NotFound(f"pool {sel['pool']!r}; see 'vmkeep pool list'")
+        return {"pool": pool.name}
+    return {"all": True}
+
+
+def _options(options: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key, value in options.items():
+        if key not in OPTION_KEYS:
+            raise InvalidValue("backup job option", key, f"use one of {', '.join(OPTION_KEYS)}")
+        if value is None:
+            continue
+        checked = backup_config.validate(key, value)
+        out[key] = str(checked) if hasattr(checked, "value") else checked
+    return out
+
+
+def _check(s: Session, bj: BackupJob) -> None:
+    """Every field of ``bj`` valid and canonical (the schedule checked and stored canonical)."""
+    stores.find_datastore(s, bj.datastore)
+    if bj.copy_to is not None and stores.find_datastore(s, bj.copy_to).name == bj.datastore:
+        raise InvalidValue("--copy-to", bj.copy_to, "name a datastore other than --datastore")
+    if not 0 <= bj.priority <= 99:
+        raise InvalidValue("--priority", bj.priority, "use 0-99 (higher runs first)")
+    if bj.execution not in EXECUTIONS:
+        raise InvalidValue("--execution", bj.execution, f"use {' or '.join(EXECUTIONS)}")
+
+
+def create(
+    ctx: Context,
+    name: str,
+    selector: dict[str, Any],
+    datastore: str,
+    schedule: str,
+    *,
+    priority: int = jobs.DEFAULT_PRIORITY,
+    execution: str = "sequential",
+    options: dict[str, Any] | None = None,
+    copy_to: str | None = None,
+    repeat_missed: bool = True,
+    enabled: bool = True,
+    owner: str = "",
+    role: str = "admin",
+    now: datetime | None = None,
+) -> dict[str, Any]:
+    """A new backup job; ``owner``/``role``: who made it (its runs act with that role)."""
+    check_name("backup job name", name)
+    now = now or datetime.now(UTC)
+    tz = schedules.zone(ctx.config.schedule.timezone)
+    with ctx.catalog.session() as s:
+        if s.execute(select(BackupJob.id).where(BackupJob.name == name)).first() is not None:
+            raise AlreadyExists(f"backup job {name!r}")
+        bj = BackupJob(
+            name=name,
+            selector=_selector(s, selector),
+            datastore=stores.find_datastore(s, datastore).name,
+            copy_to=stores.find_datastore(s, copy_to).name if copy_to else None,
+            schedule=schedules.parse(schedule, now, tz).text,
+            priority=priority,
+            execution=execution,
+            options=_options(options or {}),
+            repeat_missed=repeat_missed,
+            enabled=enabled,
+            owner=owner,
+            role=role,
+            created_at=now,
+        )
+        _check(s, bj)
+        s.add(bj)
+        s.flush()
+        return _dict(s, bj, now)
+
+
+def edit(
+    ctx: Context, name: str, changes: dict[str, Any], now: datetime | None = None
+) -> dict[str, Any]:
+    """Change the given fields (the same names as ``create``'s; a selector replaces the old)."""
+    now = now or datetime.now(UTC)
+    tz = schedules.zone(ctx.config.schedule.timezone)
+    with ctx.catalog.session() as s:
+        bj = find(s, name)
+        sel = {k: changes.pop(k) for k in SELECTORS if changes.get(k)}
+        if sel:
+            bj.selector = _selector(s, sel)
+        for key, value in changes.items():
+            if value is None:
+                continue
+            if key == "schedule":
+                bj.schedule = schedules.parse(value, now, tz).text
+            elif key == "options":
+                bj.options = {**bj.options, **_options(value)}
+                bj.options = {k: v for k, v in bj.options.items() if value.get(k, "") is not None}
+            elif key == "datastore":
+                bj.datastore = stores.find_datastore(s, value).name
+            elif key == "copy_to":
+                bj.copy_to = stores.find_datastore(s, value).name if value else None
+            elif key in ("priority", "execution", "repeat_missed", "enabled"):
+                setattr(bj, key, value)
+            else:
+                raise InvalidValue("backup job field", key, "see 'vmkeep backupjob edit --help'")
+        _check(s, bj)
+        return _dict(s, bj, now)
+
+
+def set_enabled(ctx: Context, name: str, enabled: bool) -> dict[str, Any]:
+    return edit(ctx, name, {"enabled": enabled})
+
+
+def remove(ctx: Context, name: str) -> dict[str, Any]:
+    """Delete a backup job and its runs' records; its QUEUED jobs are cancelled (running ones
+    finish; jobs keep their run's id)."""
+    with ctx.catalog.session() as s:
+        bj = find(s, name)
+        shown = _dict(s, bj, datetime.now(UTC))
+        run_ids = select(BackupJobRun.id).where(BackupJobRun.backup_job_id == bj.id)
+        for j in s.execute(
+            select(Job).where(Job.run_id.in_(run_ids), Job.state == JobState.QUEUED)
+        ).scalars():
+            j.state, j.finished_at = JobState.CANCELLED, datetime.now(UTC)
+            j.error, j.error_code = f"backup job {name} was deleted", "Cancelled"
+        s.execute(delete(BackupJobRun).where(BackupJobRun.backup_job_id == bj.id))
+        s.delete(bj)
+        return shown
+
+
+def next_run(bj: BackupJob, now: datetime, tz_name: str = "") -> datetime | None:
+    """When the scheduler fires it next (None: disabled, or a one-shot that has fired)."""
+    if not bj.enabled:
+        return None
+    spec = schedules.stored(bj.schedule)
+    tz = schedules.zone(tz_name)
+    due = schedules.latest_due(spec, now, tz)
+    if due is not None and due >= bj.created_at and due > (last_slot_of(bj) or bj.created_at):
+        return due  # due now: the scheduler's next look fires it
+    return schedules.next_after(spec, max(now, bj.created_at), tz)
+
+
+def last_slot_of(bj: BackupJob) -> datetime | None:
+    """The newest slot the scheduler fired (or skipped) for it; manual runs do not count."""
+    s = _session_of(bj)
+    q = select(func.max(BackupJobRun.slot_at)).where(
+        BackupJobRun.backup_job_id == bj.id, BackupJobRun.origin != "manual"
+    )
+    last: datetime | None = s.execute(q).scalar()
+    return last
+
+
+def _session_of(bj: BackupJob) -> Session:
+    from sqlalchemy.orm import object_session
+
+    s = object_session(bj)
+    assert s is not None
+    return s
+
+
+def run_dict(s: Session, r: BackupJobRun) -> dict[str, Any]:
+    rows = s.execute(select(Job).where(Job.run_id == r.id).order_by(Job.id)).scalars()
+    return {
+        "id": r.id,
+        "slot": r.slot_at,
+        "origin": r.origin,
+        "state": r.state,
+        "host": r.host,
+        "who": r.who,
+        "created": r.created_at,
+        "skipped": list(r.skipped or []),
+        "jobs": [
+            {
+                "id": j.id,
+                "target": j.target,
+                "state": j.state,
+                "waiting": j.wait_reason if j.state == JobState.QUEUED else None,
+                "error": j.error,
+                "exit_code": jobs.exit_code(j.state, j.error_code, j.result),
+            }
+            for j in rows
+        ],
+    }
+
+
+def _dict(s: Session, bj: BackupJob, now: datetime, tz_name: str = "") -> dict[str, Any]:
+    last = s.execute(
+        select(BackupJobRun)
+        .where(BackupJobRun.backup_job_id == bj.id)
+        .order_by(BackupJobRun.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    return {
+        "id": bj.id,
+        "name": bj.name,
+        "selector": dict(bj.selector),
+        "target": selector_text(bj.selector),
+        "datastore": bj.datastore,
+        "copy_to": bj.copy_to,
+        "schedule": bj.schedule,
+        "priority": bj.priority,
+        "execution": bj.execution,
+        "options": dict(bj.options),
+        "repeat_missed": bj.repeat_missed,
+        "enabled": bj.enabled,
+        "owner": bj.owner,
+        "role": bj.role,
+        "created": bj.created_at,
+        "next_run": next_run(bj, now, tz_name),
+        "last_run": run_dict(s, last) if last is not None else None,
+    }
+
+
+def list_all(ctx: Context, now: datetime | None = None) -> list[dict[str, Any]]:
+    now = now or datetime.now(UTC)
+    tz = ctx.config.schedule.timezone
+    with ctx.catalog.session() as s:
+        rows = s.execute(select(BackupJob).order_by(BackupJob.name)).scalars()
+        return [_dict(s, bj, now, tz) for bj in rows]
+
+
+def show(ctx: Context, name: str, now: datetime | None = None) -> dict[str, Any]:
+    """One backup job, its last runs, and per VM its last result or why it was left out."""
+    from vmkeep.engine.service import scheduler  # the selection rule lives with the firing
+
+    now = now or datetime.now(UTC)
+    with ctx.catalog.session() as s:
+        bj = find(s, name)
+        out = _dict(s, bj, now, ctx.config.schedule.timezone)
+        runs = s.execute(
+            select(BackupJobRun)
+            .where(BackupJobRun.backup_job_id == bj.id)
+            .order_by(BackupJobRun.id.desc())
+            .limit(10)
+        ).scalars()
+        out["runs"] = [run_dict(s, r) for r in runs]
+        out["vms"] = scheduler.vm_results(ctx, s, bj)
+        return out

@@ -1,0 +1,248 @@
+"""The daemon's scheduler: fires each backup job at its slots (``schedules.py``).
+
+Each look (every ``[schedule] tick`` s) takes every enabled backup job's newest due slot; one
+that has not been fired is fired: a ``backup_job_runs`` row, unique per job and slot (two
+daemons on one catalog: the second insert fails and that daemon leaves it), then one queued job
+per VM (a group: one group backup) through the action table, with the backup job's priority,
+its run's id and its policy keys. A slot found older than the grace time was missed (no daemon
+ran then): it runs once now, however many slots were missed (``repeat_missed``, the default),
+or is recorded SKIPPED. The clock is injectable (``Clock``): tests run a night in seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Pool, Vm
+from vmkeep.config import Config
+from vmkeep.engine.core import backup_config, schedules
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.trust import Actor
+from vmkeep.engine.service import actions, backupjobs
+from vmkeep.errors import CatalogError, VmkeepError
+from vmkeep.model import JobState
+
+log = logging.getLogger(__name__)
+GRACE = 60.0  # seconds after its slot that a fire is on time, not a missed slot run late
+
+
+class Clock(Protocol):
+    speed: float  # clock seconds per real second
+
+    def now(self) -> datetime: ...
+
+
+class SystemClock:
+    speed = 1.0
+
+    def now(self) -> datetime:
+        return datetime.now(UTC)
+
+
+@dataclass
+class FastClock:
+    """Starts at ``start`` and runs ``speed`` times faster than the real one (tests: a night in
+    seconds; ``vmkeep daemon --clock START,SPEED``)."""
+
+    start: datetime
+    speed: float
+    _t0: float = field(default_factory=time.monotonic)
+
+    def now(self) -> datetime:
+        return self.start + timedelta(seconds=(time.monotonic() - self._t0) * self.speed)
+
+
+def parse_clock(text: str) -> FastClock:
+    start, _, speed = text.partition(",")
+    try:
+        at = datetime.fromisoformat(start)
+        return FastClock(at if at.tzinfo else at.replace(tzinfo=UTC), float(speed or 1))
+    except ValueError:
+        raise VmkeepError(f"--clock {text!r}: use START,SPEED, e.g. 2026-12-05T01:50,600") from None
+
+
+# --- what a run backs up -----------------------------------------------------------------------
+def selection(
+    ctx: Context, s: Session, bj: BackupJob
+) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, str]]]:
+    """The actions a run of ``bj`` queues (kind, params), and the VMs it leaves out with why:
+    not in the catalog any more, or excluded (``vm config VM --exclude yes``, which a ``--pool``
+    or ``--all`` job honours; a VM named by ``--vm`` is backed up whatever it says)."""
+    sel = bj.selector
+    common: dict[str, Any] = {"datastore": bj.datastore}
+    if bj.options:
+        common["policy"] = dict(bj.options)
+    if bj.copy_to:
+        common["copy_to"] = bj.copy_to
+    if "group" in sel:
+        return [("group-backup", {"group": sel["group"]} | common)], []
+    skipped: list[dict[str, str]] = []
+    if "vms" in sel:
+        known = set(s.execute(select(Vm.name).where(Vm.name.in_(sel["vms"]))).scalars())
+        skipped = [
+            {"vm": v, "reason": "not in the catalog (vm import it, or backupjob edit --vm)"}
+            for v in sel["vms"]
+            if v not in known
+        ]
+        return [("backup", {"vm": v} | common) for v in sel["vms"] if v in known], skipped
+    q = select(Vm).order_by(Vm.name)
+    if "pool" in sel:
+        q = q.where(Vm.pool == sel["pool"])
+    vms = list(s.execute(q).scalars())
+    excluded = _excluded(ctx, s, vms)
+    out = []
+    for vm in vms:
+        if vm.name in excluded:
+            why = f"excluded by its policy ({excluded[vm.name]}; vm config {vm.name} --exclude no)"
+            skipped.append({"vm": vm.name, "reason": why})
+        else:
+            out.append(("backup", {"vm": vm.name} | common))
+    return out, skipped
+
+
+def _excluded(ctx: Context, s: Session, vms: list[Vm]) -> dict[str, str]:
+    """The VMs whose effective policy excludes them, with the layer that says so."""
+    pools = {p.name: p.backup_config for p in s.execute(select(Pool)).scalars()}
+    glob = ctx.config.backup.layer()
+    out = {}
+    for vm in vms:
+        for where, layer in (("vm", vm.backup_config), (f"pool {vm.pool}", pools.get(vm.pool or "")),
+                             ("config", glob)):  # fmt: skip
+            if layer and "exclude" in layer:
+                if backup_config.validate("exclude", layer["exclude"]):
+                    out[vm.name] = where
+                break
+    return out
+
+
+# --- firing ----------------------------------------------------------------------------------
+def fire(
+    ctx: Context, bj_id: int, slot: datetime, origin: str, who: str = "", skip: bool = False
+) -> dict[str, Any] | None:
+    """Fire one slot of a backup job: its run row and its queued jobs (``skip``: a missed slot
+    recorded, nothing queued). None when the slot was fired already (by another daemon)."""
+    try:
+        with ctx.catalog.session() as s:
+            bj = s.get(BackupJob, bj_id)
+            if bj is None:
+                return None
+            run = BackupJobRun(backup_job_id=bj.id, slot_at=slot, origin=origin,
+                               state="SKIPPED" if skip else "FIRED",
+                               host=socket.gethostname(), who=who or "scheduler", skipped=[])  # fmt: skip
+            s.add(run)
+            s.flush()
+            run_id, name, role, priority = run.id, bj.name, bj.role, bj.priority
+            targets, skipped = ([], []) if skip else selection(ctx, s, bj)
+    except CatalogError as err:
+        if isinstance(err.__cause__, IntegrityError):
+            return None  # fired by another daemon: the unique slot row is theirs
+        raise
+    actor = Actor(f"backupjob:{name}", role)
+    for kind, params in targets:
+        a = actions.action(kind)
+        try:
+            p = actions.parse(a, params)
+            actions.enqueue(ctx, a, p, actor, origin="schedule" if origin != "manual" else "api",
+                            priority=priority, run_id=run_id)  # fmt: skip
+        except VmkeepError as err:  # refused now (a VM in a state that allows no backup, ...)
+            skipped.append({"vm": str(params.get("vm") or params.get("group")), "reason": str(err)})
+    with ctx.catalog.session() as s:
+        r = s.get(BackupJobRun, run_id)
+        assert r is not None
+        r.skipped = skipped
+        s.flush()
+        out = backupjobs.run_dict(s, r)
+    log.info("backup job %s: run %s (%s, slot %s): %d jobs queued, %d skipped", name, run_id,
+             origin, slot.isoformat(), len(out["jobs"]), len(skipped))  # fmt: skip
+    return out
+
+
+def run_now(ctx: Context, name: str, who: str) -> dict[str, Any]:
+    """``backupjob run NAME``: a run now, outside the schedule (it does not count as a slot)."""
+    with ctx.catalog.session() as s:
+        bj_id = backupjobs.find(s, name).id
+    run = fire(ctx, bj_id, datetime.now(UTC), "manual", who)
+    assert run is not None  # a manual slot is this instant: no other run has it
+    return run
+
+
+def tick(ctx: Context, now: datetime, grace: float = GRACE) -> list[dict[str, Any]]:
+    """One look: fire every enabled backup job whose newest due slot has not been fired."""
+    tz = schedules.zone(ctx.config.schedule.timezone)
+    fired = []
+    with ctx.catalog.session() as s:
+        due = []
+        for bj in s.execute(select(BackupJob).where(BackupJob.enabled.is_(True))).scalars():
+            slot = schedules.latest_due(schedules.stored(bj.schedule), now, tz)
+            if slot is None or slot < bj.created_at:
+                continue  # none yet, or only slots from before the job existed
+            last = backupjobs.last_slot_of(bj)
+            if last is None or slot > last:
+                due.append((bj.id, bj.name, bj.repeat_missed, slot))
+    for bj_id, name, repeat, slot in due:
+        missed = (now - slot).total_seconds() > grace
+        try:
+            run = fire(ctx, bj_id, slot, "missed" if missed else "schedule",
+                       skip=missed and not repeat)  # fmt: skip
+        except VmkeepError as err:
+            log.error("backup job %s: firing slot %s failed: %s", name, slot.isoformat(), err)
+            continue
+        if run is not None:
+            if missed:
+                log.warning("backup job %s: slot %s was missed (no daemon ran then): %s", name,
+                            slot.isoformat(), "run now" if repeat else "skipped")  # fmt: skip
+            fired.append(run)
+    return fired
+
+
+def loop(config: Config, stop: threading.Event, clock: Clock | None = None) -> None:
+    """The daemon's scheduler thread: a look every ``[schedule] tick`` s until ``stop``."""
+    ctx = Context(config)
+    clock = clock or SystemClock()
+    # a slot is on time within a minute, or within three looks of a fast clock
+    grace = max(GRACE, 3 * config.schedule.tick * clock.speed)
+    while not stop.is_set():
+        try:
+            tick(ctx, clock.now(), grace)
+        except VmkeepError as err:
+            log.error("scheduler: %s", err)
+        except Exception:  # a bug: logged with its traceback, the scheduler goes on
+            log.exception("scheduler look failed")
+        stop.wait(config.schedule.tick)
+
+
+# --- what each VM got ------------------------------------------------------------------------
+def vm_results(ctx: Context, s: Session, bj: BackupJob) -> list[dict[str, Any]]:
+    """Per VM (or group) the backup job names now: its last job of this backup job (state,
+    when, error, why it waits) or why the last run left it out."""
+    targets, skipped = selection(ctx, s, bj)
+    runs = select(BackupJobRun.id).where(BackupJobRun.backup_job_id == bj.id)
+    last: dict[str, Job] = {}
+    for row in s.execute(select(Job).where(Job.run_id.in_(runs)).order_by(Job.id)).scalars():
+        last[row.target] = row
+    rows = []
+    for _kind, params in targets:
+        name = str(params.get("vm") or params.get("group"))
+        j = last.get(name)
+        rows.append({
+            "vm": name,
+            "job": j.id if j else None,
+            "state": j.state if j else "NEVER",
+            "finished": j.finished_at if j else None,
+            "error": j.error if j else None,
+            "reason": (j.wait_reason or "waiting for a free worker")
+            if j is not None and j.state == JobState.QUEUED else None,
+        })  # fmt: skip
+    rows += [{"vm": x["vm"], "job": None, "state": "SKIPPED", "finished": None, "error": None,
+              "reason": x["reason"]} for x in skipped]  # fmt: skip
+    return rows
