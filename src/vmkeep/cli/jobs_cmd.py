@@ -17,6 +17,8 @@ def _table(rows: list[dict[str, Any]]) -> None:
         done, total = j["done_bytes"], j["total_bytes"]
         pct = f"{100 * done / total:3.0f}%" if total else "   -"
         err = f"  {j['error']['message']}" if j["error"] else ""
+        if j["state"] == JobState.QUEUED:  # why it has not started (engine/core/limits.py)
+            err = f"  waiting: {j.get('waiting') or 'for a free worker'}"
         click.echo(
             f"{j['id']:>5}  {j['state']:<9} {pct}  {j['kind']:<12} {j['target']:<24} "
             f"{j['origin']}/{j['who']}{err}"

@@ -13,7 +13,7 @@ from typing import Any
 from vmkeep.errors import InvalidValue
 from vmkeep.model import BackupMode, FsFreeze
 
-KEYS = ("keep_last", "backup_volatile", "fs_freeze", "mode", "memory")
+KEYS = ("keep_last", "backup_volatile", "fs_freeze", "mode", "memory", "exclude")
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class BackupConfig:
     fs_freeze: FsFreeze = FsFreeze.NONE
     mode: BackupMode = BackupMode.FULL
     memory: bool = False  # save RAM with the disks (a running VM; restore resumes it)
+    exclude: bool = False  # left out of --pool and --all backup jobs
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

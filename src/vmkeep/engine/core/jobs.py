@@ -207,13 +207,16 @@ def changes_since(
     return changed_jobs, changed_vms, max(marks) if marks else datetime.now(UTC)
 
 
-def claim(ctx: Context) -> int | None:
+def claim(ctx: Context, only: int | None = None) -> int | None:
     """Take the next QUEUED job this process may start (``limits.py``: priority, then the
-    oldest, within the limits); None when there is none. Claimers (threads, daemons on one
+    oldest, within the limits); None when there is none (``only``: that job, if it may start). Claimers (threads, daemons on one
     catalog) take turns on the ``claim`` counter, so each job is won once and the limits are
     counted exactly. A job passed over keeps the reason on its row."""
+    queued_now = Job.state == JobState.QUEUED
+    if only is not None:
+        queued_now = queued_now & (Job.id == only)
     with ctx.catalog.session() as s:  # the common case, nothing queued: one read, no write
-        if s.execute(select(Job.id).where(Job.state == JobState.QUEUED).limit(1)).first() is None:
+        if s.execute(select(Job.id).where(queued_now).limit(1)).first() is None:
             return None
     host = socket.gethostname()
     with ctx.catalog.session() as s:
@@ -227,7 +230,7 @@ def claim(ctx: Context) -> int | None:
         queued = list(
             s.execute(
                 select(Job)
-                .where(Job.state == JobState.QUEUED)
+                .where(queued_now)
                 .order_by(Job.priority.desc(), Job.id)
                 .limit(CLAIM_LOOKAHEAD)
             ).scalars()

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Pool
+from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Pool, Vm
 from vmkeep.engine.core import backup_config, jobs, schedules, stores
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.groups.manage import find_group
@@ -239,6 +239,14 @@ def run_dict(s: Session, r: BackupJobRun) -> dict[str, Any]:
     }
 
 
+def get_run(ctx: Context, run_id: int) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        r = s.get(BackupJobRun, run_id)
+        if r is None:
+            raise NotFound(f"backup job run {run_id}")
+        return run_dict(s, r)
+
+
 def _dict(s: Session, bj: BackupJob, now: datetime, tz_name: str = "") -> dict[str, Any]:
     last = s.execute(
         select(BackupJobRun)
@@ -277,8 +285,6 @@ def list_all(ctx: Context, now: datetime | None = None) -> list[dict[str, Any]]:
 
 def show(ctx: Context, name: str, now: datetime | None = None) -> dict[str, Any]:
     """One backup job, its last runs, and per VM its last result or why it was left out."""
-    from vmkeep.engine.service import scheduler  # the selection rule lives with the firing
-
     now = now or datetime.now(UTC)
     with ctx.catalog.session() as s:
         bj = find(s, name)
@@ -290,5 +296,86 @@ def show(ctx: Context, name: str, now: datetime | None = None) -> dict[str, Any]
             .limit(10)
         ).scalars()
         out["runs"] = [run_dict(s, r) for r in runs]
-        out["vms"] = scheduler.vm_results(ctx, s, bj)
+        out["vms"] = vm_results(ctx, s, bj)
         return out
+
+
+# --- what a run backs up -----------------------------------------------------------------------
+def selection(
+    ctx: Context, s: Session, bj: BackupJob
+) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, str]]]:
+    """The actions a run of ``bj`` queues (kind, params), and the VMs it leaves out with why:
+    not in the catalog any more, or excluded (``vm config VM --exclude yes``, which a ``--pool``
+    or ``--all`` job honours; a VM named by ``--vm`` is backed up whatever it says)."""
+    sel = bj.selector
+    common: dict[str, Any] = {"datastore": bj.datastore}
+    if bj.options:
+        common["policy"] = dict(bj.options)
+    if bj.copy_to:
+        common["copy_to"] = bj.copy_to
+    if "group" in sel:
+        return [("group-backup", {"group": sel["group"]} | common)], []
+    skipped: list[dict[str, str]] = []
+    if "vms" in sel:
+        known = set(s.execute(select(Vm.name).where(Vm.name.in_(sel["vms"]))).scalars())
+        skipped = [
+            {"vm": v, "reason": "not in the catalog (vm import it, or backupjob edit --vm)"}
+            for v in sel["vms"]
+            if v not in known
+        ]
+        return [("backup", {"vm": v} | common) for v in sel["vms"] if v in known], skipped
+    q = select(Vm).order_by(Vm.name)
+    if "pool" in sel:
+        q = q.where(Vm.pool == sel["pool"])
+    vms = list(s.execute(q).scalars())
+    excluded = _excluded(ctx, s, vms)
+    out = []
+    for vm in vms:
+        if vm.name in excluded:
+            why = f"excluded by its policy ({excluded[vm.name]}; vm config {vm.name} --exclude no)"
+            skipped.append({"vm": vm.name, "reason": why})
+        else:
+            out.append(("backup", {"vm": vm.name} | common))
+    return out, skipped
+
+
+def _excluded(ctx: Context, s: Session, vms: list[Vm]) -> dict[str, str]:
+    """The VMs whose effective policy excludes them, with the layer that says so."""
+    pools = {p.name: p.backup_config for p in s.execute(select(Pool)).scalars()}
+    glob = ctx.config.backup.layer()
+    out = {}
+    for vm in vms:
+        for where, layer in (("vm", vm.backup_config), (f"pool {vm.pool}", pools.get(vm.pool or "")),
+                             ("config", glob)):  # fmt: skip
+            if layer and "exclude" in layer:
+                if backup_config.validate("exclude", layer["exclude"]):
+                    out[vm.name] = where
+                break
+    return out
+
+
+# --- what each VM got ------------------------------------------------------------------------
+def vm_results(ctx: Context, s: Session, bj: BackupJob) -> list[dict[str, Any]]:
+    """Per VM (or group) the backup job names now: its last job of this backup job (state,
+    when, error, why it waits) or why the last run left it out."""
+    targets, skipped = selection(ctx, s, bj)
+    runs = select(BackupJobRun.id).where(BackupJobRun.backup_job_id == bj.id)
+    last: dict[str, Job] = {}
+    for row in s.execute(select(Job).where(Job.run_id.in_(runs)).order_by(Job.id)).scalars():
+        last[row.target] = row
+    rows = []
+    for _kind, params in targets:
+        name = str(params.get("vm") or params.get("group"))
+        j = last.get(name)
+        rows.append({
+            "vm": name,
+            "job": j.id if j else None,
+            "state": j.state if j else "NEVER",
+            "finished": j.finished_at if j else None,
+            "error": j.error if j else None,
+            "reason": (j.wait_reason or "waiting for a free worker")
+            if j is not None and j.state == JobState.QUEUED else None,
+        })  # fmt: skip
+    rows += [{"vm": x["vm"], "job": None, "state": "SKIPPED", "finished": None, "error": None,
+              "reason": x["reason"]} for x in skipped]  # fmt: skip
+    return rows

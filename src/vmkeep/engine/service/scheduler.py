@@ -21,16 +21,14 @@ from typing import Any, Protocol
 
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
 
-from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Pool, Vm
+from vmkeep.catalog.tables import BackupJob, BackupJobRun
 from vmkeep.config import Config
-from vmkeep.engine.core import backup_config, schedules
+from vmkeep.engine.core import schedules
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.service import actions, backupjobs
 from vmkeep.errors import CatalogError, VmkeepError
-from vmkeep.model import JobState
 
 log = logging.getLogger(__name__)
 GRACE = 60.0  # seconds after its slot that a fire is on time, not a missed slot run late
@@ -71,60 +69,6 @@ def parse_clock(text: str) -> FastClock:
         raise VmkeepError(f"--clock {text!r}: use START,SPEED, e.g. 2026-12-05T01:50,600") from None
 
 
-# --- what a run backs up -----------------------------------------------------------------------
-def selection(
-    ctx: Context, s: Session, bj: BackupJob
-) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, str]]]:
-    """The actions a run of ``bj`` queues (kind, params), and the VMs it leaves out with why:
-    not in the catalog any more, or excluded (``vm config VM --exclude yes``, which a ``--pool``
-    or ``--all`` job honours; a VM named by ``--vm`` is backed up whatever it says)."""
-    sel = bj.selector
-    common: dict[str, Any] = {"datastore": bj.datastore}
-    if bj.options:
-        common["policy"] = dict(bj.options)
-    if bj.copy_to:
-        common["copy_to"] = bj.copy_to
-    if "group" in sel:
-        return [("group-backup", {"group": sel["group"]} | common)], []
-    skipped: list[dict[str, str]] = []
-    if "vms" in sel:
-        known = set(s.execute(select(Vm.name).where(Vm.name.in_(sel["vms"]))).scalars())
-        skipped = [
-            {"vm": v, "reason": "not in the catalog (vm import it, or backupjob edit --vm)"}
-            for v in sel["vms"]
-            if v not in known
-        ]
-        return [("backup", {"vm": v} | common) for v in sel["vms"] if v in known], skipped
-    q = select(Vm).order_by(Vm.name)
-    if "pool" in sel:
-        q = q.where(Vm.pool == sel["pool"])
-    vms = list(s.execute(q).scalars())
-    excluded = _excluded(ctx, s, vms)
-    out = []
-    for vm in vms:
-        if vm.name in excluded:
-            why = f"excluded by its policy ({excluded[vm.name]}; vm config {vm.name} --exclude no)"
-            skipped.append({"vm": vm.name, "reason": why})
-        else:
-            out.append(("backup", {"vm": vm.name} | common))
-    return out, skipped
-
-
-def _excluded(ctx: Context, s: Session, vms: list[Vm]) -> dict[str, str]:
-    """The VMs whose effective policy excludes them, with the layer that says so."""
-    pools = {p.name: p.backup_config for p in s.execute(select(Pool)).scalars()}
-    glob = ctx.config.backup.layer()
-    out = {}
-    for vm in vms:
-        for where, layer in (("vm", vm.backup_config), (f"pool {vm.pool}", pools.get(vm.pool or "")),
-                             ("config", glob)):  # fmt: skip
-            if layer and "exclude" in layer:
-                if backup_config.validate("exclude", layer["exclude"]):
-                    out[vm.name] = where
-                break
-    return out
-
-
 # --- firing ----------------------------------------------------------------------------------
 def fire(
     ctx: Context, bj_id: int, slot: datetime, origin: str, who: str = "", skip: bool = False
@@ -142,7 +86,7 @@ def fire(
             s.add(run)
             s.flush()
             run_id, name, role, priority = run.id, bj.name, bj.role, bj.priority
-            targets, skipped = ([], []) if skip else selection(ctx, s, bj)
+            targets, skipped = ([], []) if skip else backupjobs.selection(ctx, s, bj)
     except CatalogError as err:
         if isinstance(err.__cause__, IntegrityError):
             return None  # fired by another daemon: the unique slot row is theirs
@@ -219,30 +163,3 @@ def loop(config: Config, stop: threading.Event, clock: Clock | None = None) -> N
         except Exception:  # a bug: logged with its traceback, the scheduler goes on
             log.exception("scheduler look failed")
         stop.wait(config.schedule.tick)
-
-
-# --- what each VM got ------------------------------------------------------------------------
-def vm_results(ctx: Context, s: Session, bj: BackupJob) -> list[dict[str, Any]]:
-    """Per VM (or group) the backup job names now: its last job of this backup job (state,
-    when, error, why it waits) or why the last run left it out."""
-    targets, skipped = selection(ctx, s, bj)
-    runs = select(BackupJobRun.id).where(BackupJobRun.backup_job_id == bj.id)
-    last: dict[str, Job] = {}
-    for row in s.execute(select(Job).where(Job.run_id.in_(runs)).order_by(Job.id)).scalars():
-        last[row.target] = row
-    rows = []
-    for _kind, params in targets:
-        name = str(params.get("vm") or params.get("group"))
-        j = last.get(name)
-        rows.append({
-            "vm": name,
-            "job": j.id if j else None,
-            "state": j.state if j else "NEVER",
-            "finished": j.finished_at if j else None,
-            "error": j.error if j else None,
-            "reason": (j.wait_reason or "waiting for a free worker")
-            if j is not None and j.state == JobState.QUEUED else None,
-        })  # fmt: skip
-    rows += [{"vm": x["vm"], "job": None, "state": "SKIPPED", "finished": None, "error": None,
-              "reason": x["reason"]} for x in skipped]  # fmt: skip
-    return rows

@@ -55,6 +55,7 @@ POLICY: dict[str, str] = {
     "vm-terminate": "admin",
     "vm-create": "admin",
     "audit": "admin",  # who did what (engine/audit.py)
+    "backupjob-edit": "operator",  # its runs act with the role of who made it
 }
 
 

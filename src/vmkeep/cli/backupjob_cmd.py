@@ -1,0 +1,259 @@
+"""``vmkeep backupjob create|list|show|run|enable|disable|edit|delete``: backups on a schedule
+(docs/policies.md). The daemon's scheduler fires them; ``run`` fires one now."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from vmkeep import errors
+from vmkeep.cli import remote
+from vmkeep.cli.output import ctx_of, json_option, kv, read, render, table
+from vmkeep.cli.remote import segment
+
+_POLICY = (
+    ("--mode", "full | increment"),
+    ("--fs-freeze", "none | agent | suspend"),
+    ("--keep-last", "restore points to keep (a number, or 'all')"),
+    ("--memory", "yes | no: also save the RAM of a running VM"),
+    ("--backup-volatile", "yes | no"),
+)
+
+
+def _job_options(create: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options ``create`` and ``edit`` share (``edit``: only those given change)."""
+
+    def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
+        opts = [
+            click.option("--vm", "vms", multiple=True, help="A VM to back up (repeat it)."),
+            click.option("--group", default=None, help="A group: one group-consistent cut."),
+            click.option("--pool", default=None, help="Every VM of a pool (not the excluded)."),
+            click.option("--all", "all_", is_flag=True, help="Every VM (not the excluded)."),
+            click.option("--datastore", required=create, default=None, help="Where to store."),
+            click.option(
+                "--schedule",
+                required=create,
+                default=None,
+                help="Cron ('0 2 * * *'), calendar event ('daily', 'mon..fri 02:00'), "
+                "'now', '+SECONDS' or an ISO time.",
+            ),  # fmt: skip
+            click.option(
+                "--priority",
+                type=click.IntRange(0, 99),
+                default=None,
+                help="0-99, higher runs first (default 50).",
+            ),  # fmt: skip
+            click.option(
+                "--execution",
+                type=click.Choice(["sequential", "parallel"]),
+                default=None,
+                help="One VM at a time (default), or all at once.",
+            ),  # fmt: skip
+            click.option(
+                "--copy-to",
+                default=None,
+                help="Copy and verify each new point to this second datastore.",
+            ),  # fmt: skip
+            click.option(
+                "--repeat-missed/--no-repeat-missed",
+                default=None,
+                help="Run a slot missed while no daemon ran, once (default) or not.",
+            ),  # fmt: skip
+            *(click.option(name, default=None, help=h) for name, h in _POLICY),
+            json_option,
+        ]
+        for opt in reversed(opts):
+            f = opt(f)
+        return f
+
+    return wrap
+
+
+def _fields(o: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(selector, policy options, other fields) from the parsed options."""
+    selector = {"vms": list(o.pop("vms") or []), "group": o.pop("group"), "pool": o.pop("pool"),
+                "all": o.pop("all_")}  # fmt: skip
+    policy = {n.lstrip("-").replace("-", "_"): o.pop(n.lstrip("-").replace("-", "_"))
+              for n, _ in _POLICY}  # fmt: skip
+    return selector, {k: v for k, v in policy.items() if v is not None}, o
+
+
+def _show(j: dict[str, Any]) -> None:
+    last = j.get("last_run")
+    kv({
+        "name": j["name"], "target": j["target"], "datastore": j["datastore"],
+        "copy_to": j["copy_to"], "schedule": j["schedule"], "enabled": j["enabled"],
+        "priority": j["priority"], "execution": j["execution"], "options": j["options"],
+        "repeat_missed": j["repeat_missed"], "next_run": j["next_run"],
+        "last_run": f"{last['slot']} ({last['origin']}, {last['state']})" if last else None,
+    })  # fmt: skip
+    if j.get("vms"):
+        click.echo("")
+        table(j["vms"], ("vm", "state", "job", "finished", "reason", "error"))
+
+
+def _list(rows: list[dict[str, Any]]) -> None:
+    flat = [r | {"last": r["last_run"]["slot"] if r["last_run"] else None} for r in rows]
+    table(flat, ("name", "target", "datastore", "schedule", "priority", "enabled", "next_run",
+                 "last"))  # fmt: skip
+
+
+@click.group()
+def backupjob() -> None:
+    """Backups that run themselves: what, where, when, how urgent."""
+
+
+@backupjob.command("create")
+@click.argument("name")
+@_job_options(create=True)
+@click.option("--disabled", is_flag=True, help="Create it disabled (enable it later).")
+@click.pass_context
+def create_cmd(c: click.Context, name: str, as_json: bool, disabled: bool, **o: Any) -> None:
+    """Create backup job NAME: give one of --vm, --group, --pool, --all."""
+    from vmkeep.engine.core.jobs import DEFAULT_PRIORITY, local_user
+    from vmkeep.engine.service import backupjobs
+
+    selector, policy, rest = _fields(o)
+    made = backupjobs.create(
+        ctx_of(c), name, selector, rest["datastore"], rest["schedule"],
+        priority=DEFAULT_PRIORITY if rest["priority"] is None else rest["priority"],
+        execution=rest["execution"] or "sequential", options=policy, copy_to=rest["copy_to"],
+        repeat_missed=rest["repeat_missed"] is not False, enabled=not disabled, owner=local_user(),
+    )  # fmt: skip
+    render(made, as_json, _show)
+
+
+@backupjob.command("edit")
+@click.argument("name")
+@_job_options(create=False)
+@click.pass_context
+def edit_cmd(c: click.Context, name: str, as_json: bool, **o: Any) -> None:
+    """Change what is given; a policy key given as 'unset' goes back to the VMs' own."""
+    from vmkeep.engine.service import backupjobs
+
+    selector, policy, rest = _fields(o)
+    changes = {k: v for k, v in selector.items() if v} | {
+        k: v for k, v in rest.items() if v is not None
+    }
+    if policy:
+        changes["options"] = {k: None if v == "unset" else v for k, v in policy.items()}
+    if not changes:
+        raise click.UsageError("give at least one option to change (see --help)")
+    render(backupjobs.edit(ctx_of(c), name, changes), as_json, _show)
+
+
+@backupjob.command("list")
+@json_option
+@click.pass_context
+def list_cmd(c: click.Context, as_json: bool) -> None:
+    """Every backup job with its next and last run."""
+    render(read(c, "/v1/backupjobs", "service.backupjobs:list_all"), as_json, _list)
+
+
+@backupjob.command("show")
+@click.argument("name")
+@json_option
+@click.pass_context
+def show_cmd(c: click.Context, name: str, as_json: bool) -> None:
+    """One backup job: its runs, and per VM its last result or why it was left out."""
+    path = f"/v1/backupjobs/{segment(name)}" if "/" not in name else ""
+    render(read(c, path, "service.backupjobs:show", name), as_json, _show)
+
+
+def _toggle(enabled: bool) -> None:
+    def cmd(c: click.Context, name: str, as_json: bool) -> None:
+        from vmkeep.engine.service import backupjobs
+
+        render(backupjobs.set_enabled(ctx_of(c), name, enabled), as_json, _show)
+
+    cmd.__doc__ = "Let the scheduler fire it." if enabled else "Keep the scheduler from firing it."
+    backupjob.command("enable" if enabled else "disable")(
+        click.argument("name")(json_option(click.pass_context(cmd)))
+    )
+
+
+_toggle(True)
+_toggle(False)
+
+
+@backupjob.command("delete")
+@click.argument("name")
+@json_option
+@click.pass_context
+def delete_cmd(c: click.Context, name: str, as_json: bool) -> None:
+    """Delete it; its queued jobs are cancelled, running ones finish."""
+    from vmkeep.engine.service import backupjobs
+
+    gone = backupjobs.remove(ctx_of(c), name)
+    render(gone, as_json, lambda j: click.echo(f"deleted backup job {j['name']}"))
+
+
+@backupjob.command("run")
+@click.argument("name")
+@click.option("--no-wait", is_flag=True, help="With a daemon: queue the run and return.")
+@json_option
+@click.pass_context
+def run_cmd(c: click.Context, name: str, no_wait: bool, as_json: bool) -> None:
+    """Run it now, outside its schedule. With a daemon serving the catalog its workers run the
+    queued jobs (within the limits); without one they run here, one after another."""
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.service import scheduler
+
+    ctx = ctx_of(c)
+    served = remote.get(c, "/v1/backupjobs") is not None
+    run = scheduler.run_now(ctx, name, jobs.local_user())
+    ids = [j["id"] for j in run["jobs"]]
+    if not (served and no_wait):
+        _wait_all(ctx, ids, here=not served)
+    from vmkeep.engine.service.backupjobs import get_run
+
+    run = get_run(ctx, run["id"])  # as it ended (or stands, --no-wait)
+    render(run, as_json, _run)
+    _exit_of(run)
+
+
+def _wait_all(ctx: Any, ids: list[int], here: bool) -> None:
+    """Each job to its end: run here (no daemon) or followed (the daemon's workers run them).
+    Ctrl-C cancels what has not ended."""
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.service.actions import RUNNERS
+
+    try:
+        for job_id in ids:
+            while jobs.get(ctx, job_id)["state"] not in jobs.FINAL:
+                if here and jobs.claim(ctx, only=job_id) == job_id:
+                    if jobs.execute(ctx, job_id, RUNNERS)["state"] == "CANCELLED":
+                        raise KeyboardInterrupt
+                    break
+                jobs.wait(ctx, job_id, 1.0)
+    except KeyboardInterrupt:
+        for job_id in ids:
+            if jobs.get(ctx, job_id)["state"] not in jobs.FINAL:
+                jobs.cancel(ctx, job_id)
+        raise
+
+
+def _run(r: dict[str, Any]) -> None:
+    click.echo(f"run {r['id']} ({r['origin']}): {len(r['jobs'])} jobs, {len(r['skipped'])} skipped")
+    if r["jobs"]:
+        table(r["jobs"], ("id", "target", "state", "waiting", "exit_code", "error"))
+    for x in r["skipped"]:
+        click.echo(f"skipped {x['vm']}: {x['reason']}")
+
+
+def _exit_of(run: dict[str, Any]) -> None:
+    """Exit 0 when every job ended DONE, 1 with warnings or a skipped VM, else the first
+    failure's code."""
+    codes = [j["exit_code"] for j in run["jobs"] if j["exit_code"] not in (None, 0, 1)]
+    if codes:
+        failed = [j for j in run["jobs"] if j["exit_code"] == codes[0]][0]
+        err = errors.VmkeepError(
+            f"{len(codes)} of {len(run['jobs'])} jobs of run {run['id']} failed; first: job "
+            f"{failed['id']} ({failed['target']}): {failed['error']}"
+        )
+        err.exit_code = codes[0]
+        raise err
+    if run["skipped"] or any(j["exit_code"] == 1 for j in run["jobs"]):
+        click.get_current_context().find_root().meta["vmkeep.exit_code"] = 1

@@ -1,0 +1,275 @@
+"""Backup jobs on a simulated clock, over a real SQLite catalog: 20 catalog-only VMs (the fake
+hypervisor's domains) fired at 02:00, run by worker threads through the real claim within the
+limits (a runner that holds each job a moment stands in for the backup); counts come from the
+job rows."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from vmkeep.catalog.tables import BackupJobRun, Datastore, Job, Vm
+from vmkeep.config import load_config
+from vmkeep.engine.core import jobs, schedules, stores
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.service import backupjobs, scheduler
+from vmkeep.engine.vm import inventory
+from vmkeep.errors import InvalidValue
+from vmkeep.hypervisor.fake import SAMPLE_XML, FakeHypervisor
+
+NIGHT = datetime(2026, 12, 4, 18, 0, tzinfo=UTC)  # the jobs are made the evening before
+
+
+def _ctx(tmp_path: Path, **limits: int) -> Context:
+    env = {"VMKEEP_DATA_DIR": str(tmp_path / "data"), "VMKEEP_SCHEDULE_TIMEZONE": "UTC"}
+    env |= {f"VMKEEP_LIMITS_{k.upper()}": str(v) for k, v in limits.items()}
+    ctx = Context(load_config(environ=env), _hv=FakeHypervisor())
+    stores.add(ctx, "ds", "dir", {"path": str(tmp_path / "ds")})
+    return ctx
+
+
+def _vms(ctx: Context, tmp_path: Path, n: int) -> list[str]:
+    names = [f"vm{i:02d}" for i in range(n)]
+    for name in names:
+        disk = tmp_path / f"{name}.qcow2"
+        disk.touch()
+        ctx.hv.define(
+            SAMPLE_XML.format(disk=disk).replace("<name>web</name>", f"<name>{name}</name>")
+        )
+        inventory.import_vm(ctx, name)
+    return names
+
+
+class Workers:
+    """``n`` worker threads claiming and running jobs as the daemon's do (``jobs.claim`` +
+    ``jobs.execute``), each job held ``hold`` s; stops when told."""
+
+    def __init__(self, ctx: Context, n: int, hold: float = 0.05) -> None:
+        self.stop = threading.Event()
+
+        def backup(
+            _c: Context, params: dict[str, Any], _p: Any
+        ) -> tuple[dict[str, Any], list[str]]:
+            time.sleep(hold)
+            return {"vm": params["vm"]}, []
+
+        runners = {"backup": backup, "group-backup": backup}
+
+        def work() -> None:
+            mine = Context(ctx.config, _hv=ctx.hv)
+            while not self.stop.is_set():
+                job_id = jobs.claim(mine)
+                if job_id is None:
+                    time.sleep(0.01)
+                    continue
+                jobs.execute(mine, job_id, runners)
+
+        self.threads = [threading.Thread(target=work) for _ in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join()
+
+
+def _rows(ctx: Context) -> list[Job]:
+    with ctx.catalog.session() as s:
+        return list(s.execute(select(Job).order_by(Job.id)).scalars())
+
+
+def _drain(ctx: Context, timeout: float = 60) -> list[Job]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = _rows(ctx)
+        if all(j.state not in ("QUEUED", "RUNNING") for j in rows):
+            return rows
+        assert time.monotonic() < deadline, "jobs did not end"
+        time.sleep(0.05)
+
+
+def _most_at_once(rows: list[Job]) -> int:
+    """The most jobs RUNNING at one instant, from their rows' start and end times."""
+    edges = sorted([(j.started_at, 1) for j in rows] + [(j.finished_at, -1) for j in rows],
+                   key=lambda e: (e[0], e[1]))  # fmt: skip
+    now = most = 0
+    for _, step in edges:
+        now += step
+        most = max(most, now)
+    return most
+
+
+def test_a_cron_job_backs_up_20_vms_over_a_night_never_more_than_max_backups(
+    tmp_path: Path,
+) -> None:
+    ctx = _ctx(tmp_path, max_backups=2)
+    names = _vms(ctx, tmp_path, 20)
+    backupjobs.create(ctx, "nightly", {"all": True}, "ds", "0 2 * * *", execution="parallel",
+                      now=NIGHT)  # fmt: skip
+    workers = Workers(ctx, 5)
+    try:
+        fired = []
+        t = NIGHT
+        while t < NIGHT + timedelta(hours=24):  # a look every 10 simulated minutes
+            fired += scheduler.tick(ctx, t, grace=600)
+            t += timedelta(minutes=10)
+        rows = _drain(ctx)
+    finally:
+        workers.close()
+    assert len(fired) == 1 and fired[0]["slot"] == datetime(2026, 12, 5, 2, 0, tzinfo=UTC)
+    assert sorted(j.target for j in rows) == names
+    assert all(j.state == "DONE" and j.run_id == fired[0]["id"] for j in rows)
+    assert _most_at_once(rows) == 2  # 5 workers, limit 2: it was reached and never passed
+
+
+def test_priority_first_then_the_oldest_and_the_reason_shown(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path, max_backups=1)
+    _vms(ctx, tmp_path, 6)
+    backupjobs.create(ctx, "low", {"vms": ["vm00", "vm01", "vm02"]}, "ds", "0 2 * * *",
+                      priority=10, execution="parallel", now=NIGHT)  # fmt: skip
+    backupjobs.create(ctx, "high", {"vms": ["vm03", "vm04", "vm05"]}, "ds", "0 2 * * *",
+                      priority=90, execution="parallel", now=NIGHT)  # fmt: skip
+    fired = scheduler.tick(ctx, datetime(2026, 12, 5, 2, 0, 30, tzinfo=UTC))
+    assert len(fired) == 2
+    first = jobs.claim(ctx)
+    assert first is not None
+    assert jobs.claim(ctx) is None  # max_backups=1 is reached
+    waiting = [j for j in _rows(ctx) if j.state == "QUEUED"]
+    assert all(j.wait_reason == "max_backups: 1 of 1 backups running" for j in waiting)
+    shown = jobs.list_jobs(ctx, "QUEUED")
+    assert {j["waiting"] for j in shown} == {"max_backups: 1 of 1 backups running"}
+    jobs._finish(ctx, first, jobs.JobState.DONE, {})
+    order = [first]
+    while (nxt := jobs.claim(ctx)) is not None:
+        order.append(nxt)
+        jobs._finish(ctx, nxt, jobs.JobState.DONE, {})
+    targets = {j.id: j.target for j in _rows(ctx)}
+    assert [targets[i] for i in order] == ["vm03", "vm04", "vm05", "vm00", "vm01", "vm02"]
+
+
+def test_a_sequential_run_runs_one_vm_at_a_time(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 4)
+    backupjobs.create(ctx, "seq", {"all": True}, "ds", "now", now=NIGHT)
+    workers = Workers(ctx, 4)
+    try:
+        assert len(scheduler.tick(ctx, NIGHT + timedelta(seconds=1))) == 1
+        rows = _drain(ctx)
+    finally:
+        workers.close()
+    assert len(rows) == 4 and _most_at_once(rows) == 1
+
+
+def test_a_missed_slot_runs_once_or_is_skipped(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 2)
+    backupjobs.create(ctx, "again", {"all": True}, "ds", "0 2 * * *", now=NIGHT)
+    backupjobs.create(ctx, "not-again", {"all": True}, "ds", "0 2 * * *", repeat_missed=False,
+                      now=NIGHT)  # fmt: skip
+    back = NIGHT + timedelta(days=3, hours=5)  # the daemon was down for three nights
+    fired = {r["id"]: r for r in scheduler.tick(ctx, back)}
+    assert len(fired) == 2
+    by_job = {backupjobs.show(ctx, n)["name"]: backupjobs.show(ctx, n)["last_run"]
+              for n in ("again", "not-again")}  # fmt: skip
+    assert by_job["again"]["origin"] == "missed" and by_job["again"]["state"] == "FIRED"
+    assert len(by_job["again"]["jobs"]) == 2  # once, not once per missed night
+    assert by_job["again"]["slot"] == datetime(2026, 12, 7, 2, 0, tzinfo=UTC)
+    assert by_job["not-again"]["state"] == "SKIPPED" and by_job["not-again"]["jobs"] == []
+    assert scheduler.tick(ctx, back + timedelta(minutes=5)) == []  # nothing fires twice
+    nxt = backupjobs.show(ctx, "again", now=back)["next_run"]
+    assert nxt == datetime(2026, 12, 8, 2, 0, tzinfo=UTC)
+
+
+def test_daemons_on_one_catalog_fire_each_slot_once(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 3)
+    backupjobs.create(ctx, "nightly", {"all": True}, "ds", "0 2 * * *", now=NIGHT)
+    at = datetime(2026, 12, 5, 2, 0, 5, tzinfo=UTC)
+    results: list[list[dict[str, Any]]] = []
+    start = threading.Barrier(4)
+
+    def daemon() -> None:
+        mine = Context(ctx.config, _hv=ctx.hv)
+        start.wait()
+        results.append(scheduler.tick(mine, at))
+
+    threads = [threading.Thread(target=daemon) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sum(len(r) for r in results) == 1
+    with ctx.catalog.session() as s:
+        assert len(list(s.execute(select(BackupJobRun)).scalars())) == 1
+    assert len(_rows(ctx)) == 3
+
+
+def test_exclusion_and_vanished_vms_are_shown_with_their_reason(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 3)
+    inventory.configure(ctx, "vm01", {"exclude": "yes"})
+    backupjobs.create(ctx, "all", {"all": True}, "ds", "now", now=NIGHT)
+    backupjobs.create(ctx, "named", {"vms": ["vm01", "vm02"]}, "ds", "now", now=NIGHT)
+    scheduler.tick(ctx, NIGHT + timedelta(seconds=1))
+    shown = {r["vm"]: r for r in backupjobs.show(ctx, "all")["vms"]}
+    assert shown["vm01"]["state"] == "SKIPPED"
+    assert "excluded by its policy (vm; vm config vm01 --exclude no)" in shown["vm01"]["reason"]
+    assert (
+        shown["vm00"]["state"] == "QUEUED"
+        and shown["vm00"]["reason"] == "waiting for a free worker"
+    )
+    named = backupjobs.show(ctx, "named")["last_run"]
+    assert sorted(j["target"] for j in named["jobs"]) == ["vm01", "vm02"]  # named: no exclusion
+    with ctx.catalog.session() as s:
+        s.delete(s.execute(select(Vm).where(Vm.name == "vm02")).scalar_one())
+    run = scheduler.run_now(ctx, "named", "tester")
+    assert [j["target"] for j in run["jobs"]] == ["vm01"]
+    assert run["skipped"][0]["vm"] == "vm02" and "not in the catalog" in run["skipped"][0]["reason"]
+
+
+def test_a_restic_datastore_takes_one_writer(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 2)
+    with ctx.catalog.session() as s:
+        s.add(Datastore(name="repo", driver="restic", options={"repository": "/nowhere"}))
+    backupjobs.create(ctx, "offsite", {"all": True}, "repo", "now", execution="parallel",
+                      now=NIGHT)  # fmt: skip
+    scheduler.tick(ctx, NIGHT + timedelta(seconds=1))
+    assert jobs.claim(ctx) is not None
+    assert jobs.claim(ctx) is None
+    (waiting,) = [j for j in _rows(ctx) if j.state == "QUEUED"]
+    assert waiting.wait_reason == "datastore repo takes one writer at a time: 1 of 1 writing"
+
+
+@pytest.mark.parametrize(
+    ("spec", "now", "due", "nxt"),
+    [
+        ("0 2 * * *", "2026-12-05T02:00:00", "2026-12-05T02:00:00", "2026-12-06T02:00:00"),
+        ("0 2 * * *", "2026-12-05T01:59:59", "2026-12-04T02:00:00", "2026-12-05T02:00:00"),
+        ("mon..fri 02:00", "2026-12-05T12:00:00", "2026-12-04T02:00:00", "2026-12-07T02:00:00"),
+        ("sat,sun 3:30", "2026-12-05T12:00:00", "2026-12-05T03:30:00", "2026-12-06T03:30:00"),
+        ("daily", "2026-12-05T12:00:00", "2026-12-05T00:00:00", "2026-12-06T00:00:00"),
+        ("*/15", "2026-12-05T12:07:00", "2026-12-05T12:00:00", "2026-12-05T12:15:00"),
+        ("+3600", "2026-12-05T12:00:00", None, "2026-12-05T13:00:00"),
+        ("2026-12-24T22:00", "2026-12-05T12:00:00", None, "2026-12-24T22:00:00"),
+    ],
+)
+def test_schedule_forms(spec: str, now: str, due: str | None, nxt: str) -> None:
+    t = datetime.fromisoformat(now).replace(tzinfo=UTC)
+    parsed = schedules.parse(spec, t, UTC)
+    got = schedules.latest_due(parsed, t, UTC)
+    assert (got.isoformat()[:19] if got else None) == due
+    assert schedules.next_after(parsed, t, UTC) == datetime.fromisoformat(nxt).replace(tzinfo=UTC)
+
+
+@pytest.mark.parametrize("bad", ["", "often", "25:00", "mon..fry 02:00", "+soon", "0 2 * *"])
+def test_a_bad_schedule_names_the_forms(bad: str) -> None:
+    with pytest.raises(InvalidValue, match="--schedule"):
+        schedules.parse(bad, NIGHT, UTC)
