@@ -109,18 +109,23 @@ def vmkeep(clean_env: Path) -> object:
 
 
 @contextmanager
-def running_daemon() -> Iterator[tuple[subprocess.Popen[str], httpx.Client]]:
+def running_daemon(
+    *extra: str, log: Path | None = None
+) -> Iterator[tuple[subprocess.Popen[str], httpx.Client]]:
     """A real ``vmkeep daemon`` on loopback and on its socket in the test's data dir, with an
-    httpx client of its API; stopped with SIGTERM (exit 0)."""
+    httpx client of its API; stopped with SIGTERM (exit 0). ``extra``: more daemon options;
+    ``log``: where its stderr goes."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    err = open(log, "a") if log is not None else subprocess.DEVNULL  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vmkeep.cli.main", "daemon", "--listen", f"127.0.0.1:{port}"],
+        [sys.executable, "-m", "vmkeep.cli.main", "daemon", "--listen", f"127.0.0.1:{port}",
+         *extra],
         env=dict(os.environ),
-        stderr=subprocess.DEVNULL,
+        stderr=err,
         text=True,
-    )
+    )  # fmt: skip
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120) as c:
             deadline = time.monotonic() + 30
@@ -135,4 +140,7 @@ def running_daemon() -> Iterator[tuple[subprocess.Popen[str], httpx.Client]]:
             yield proc, c
     finally:
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == 0
+        code = proc.wait(timeout=120)
+        if log is not None:
+            err.close()  # type: ignore[union-attr]
+        assert code == 0

@@ -104,3 +104,56 @@ def test_two_daemons_run_each_of_20_jobs_exactly_once(
     assert {j["state"] for j in ended} == {"FAILED"}  # the backups do not exist: fast, real runs
     assert all(j["error"]["code"] == "BackupNotFound" for j in ended)
     assert len({j["pid"] for j in ended}) == 2, "both daemons took jobs"
+
+
+def test_two_daemons_on_one_clock_fire_each_slot_once(
+    postgres: str, clean_env: Path, tmp_path: Path
+) -> None:
+    """Both daemons look for due slots five times a second on one shared clock (ten minutes a
+    second): each slot of an every-10-minutes job becomes one run, none is lost, and both
+    daemons won some (the unique slot row decides, not timing)."""
+    from datetime import UTC, datetime
+
+    from sqlalchemy import select
+
+    from vmkeep.catalog.tables import BackupJobRun, Vm
+    from vmkeep.engine.core import stores
+    from vmkeep.engine.service import backupjobs
+
+    ctx = Context(load_config(environ=dict(os.environ) | {"VMKEEP_CATALOG_URL": postgres}))
+    with ctx.catalog.session() as s:  # a catalog-only VM: its runs are recorded, not backed up
+        s.add(Vm(name="ghost", uuid="00000000-0000-4000-8000-00000000beef", host_uri="qemu:///x",
+                 state="POWEROFF", lcm_state="POWEROFF", backup_config={}))  # fmt: skip
+    stores.add(ctx, "slots-ds", "dir", {"path": str(tmp_path / "ds")})
+    start = datetime(2030, 1, 1, 0, 0, 30, tzinfo=UTC)
+    backupjobs.create(ctx, "every10", {"vms": ["ghost"]}, "slots-ds", "*/10 * * * *",
+                      now=datetime(2030, 1, 1, tzinfo=UTC))  # fmt: skip
+    env = dict(os.environ) | {"VMKEEP_CATALOG_URL": postgres, "VMKEEP_SCHEDULE_TICK": "0.2"}
+    since = time.time() + 3  # both clocks read 00:00:30 three seconds from now
+    procs = []
+    for i in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        err = open(tmp_path / f"s{i}.log", "w")  # noqa: SIM115 (closed below)
+        procs.append((subprocess.Popen(
+            [sys.executable, "-m", "vmkeep.cli.main", "-v", "daemon", "--listen",
+             f"127.0.0.1:{port}", "--clock", f"{start.isoformat()},600,{since}"],
+            env=env, stderr=err,
+        ), err))  # fmt: skip
+    try:
+        time.sleep(max(0.0, since - time.time()) + 12)  # 00:00:30 -> 02:00:30 on their clock
+    finally:
+        for proc, err in procs:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=60)
+            err.close()
+    with ctx.catalog.session() as s:
+        slots = sorted(s.execute(select(BackupJobRun.slot_at)).scalars())
+    logs = [(tmp_path / f"s{i}.log").read_text() for i in range(2)]
+    fired = [len(re.findall(r"backup job every10: run \d+", text)) for text in logs]
+    assert len(slots) >= 10, (slots, logs)
+    steps = {(b - a).total_seconds() for a, b in zip(slots, slots[1:], strict=False)}
+    assert steps == {600.0}, slots  # every ten minutes, none twice, none lost
+    assert sum(fired) == len(slots) and min(fired) >= 1, fired  # both fired; each slot once
+    assert not any("failed" in text and "firing slot" in text for text in logs), logs

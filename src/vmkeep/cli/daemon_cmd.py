@@ -15,8 +15,9 @@ from vmkeep.cli.output import ctx_of
 @click.option(
     "--clock",
     default=None,
-    hidden=True,  # for tests (CONTRIBUTING.md): the scheduler's clock, START,SPEED
-    help="The scheduler's clock: START,SPEED (ISO start time, clock seconds per real second).",
+    hidden=True,  # for tests (CONTRIBUTING.md)
+    help="The scheduler's clock: START,SPEED[,SINCE] (ISO time it reads at Unix time SINCE, "
+    "clock seconds per real second).",
 )
 @click.pass_context
 def daemon(c: click.Context, listen: str | None, workers: int | None, clock: str | None) -> None:

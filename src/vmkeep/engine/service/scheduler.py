@@ -49,24 +49,30 @@ class SystemClock:
 
 @dataclass
 class FastClock:
-    """Starts at ``start`` and runs ``speed`` times faster than the real one (tests: a night in
-    seconds; ``vmkeep daemon --clock START,SPEED``)."""
+    """Reads ``start`` at the real time ``since`` (a Unix time; default: when it is made) and
+    runs ``speed`` times faster than the real clock. Tests: a night in seconds; two daemons
+    given the same ``since`` share one clock, as two hosts synchronised by NTP do
+    (``vmkeep daemon --clock START,SPEED[,SINCE]``)."""
 
     start: datetime
     speed: float
-    _t0: float = field(default_factory=time.monotonic)
+    since: float = field(default_factory=time.time)
 
     def now(self) -> datetime:
-        return self.start + timedelta(seconds=(time.monotonic() - self._t0) * self.speed)
+        return self.start + timedelta(seconds=(time.time() - self.since) * self.speed)
 
 
 def parse_clock(text: str) -> FastClock:
-    start, _, speed = text.partition(",")
+    start, _, rest = text.partition(",")
+    speed, _, since = rest.partition(",")
     try:
         at = datetime.fromisoformat(start)
-        return FastClock(at if at.tzinfo else at.replace(tzinfo=UTC), float(speed or 1))
+        at = at if at.tzinfo else at.replace(tzinfo=UTC)
+        return FastClock(at, float(speed or 1), float(since) if since else time.time())
     except ValueError:
-        raise VmkeepError(f"--clock {text!r}: use START,SPEED, e.g. 2026-12-05T01:50,600") from None
+        raise VmkeepError(
+            f"--clock {text!r}: use START,SPEED[,SINCE], e.g. 2026-12-05T01:50,600"
+        ) from None
 
 
 # --- firing ----------------------------------------------------------------------------------
