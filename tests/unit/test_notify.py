@@ -363,9 +363,7 @@ def test_a_claimed_row_is_not_sent_again(
     assert rx.requests == []
 
 
-def test_the_loop_sends_when_woken_and_survives_errors(
-    clean_env: Path, receiver: Callable[..., Receiver]
-) -> None:
+def test_the_loop_sends_when_woken(clean_env: Path, receiver: Callable[..., Receiver]) -> None:
     rx = receiver()
     ctx = webhook_ctx(clean_env, rx.url())
     stop, wake = threading.Event(), threading.Event()
@@ -379,6 +377,29 @@ def test_the_loop_sends_when_woken_and_survives_errors(
                 break
             stop.wait(0.05)
         assert rows(ctx)[0].state == "SENT"
+    finally:
+        stop.set()
+        wake.set()
+        t.join(timeout=5)
+    assert not t.is_alive()
+
+
+def test_the_loop_survives_a_catalog_it_cannot_open(
+    clean_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    nowhere = CatalogConfig(url="sqlite:////proc/no-such-folder/catalog.db")
+    config = load_config().model_copy(update={"catalog": nowhere})
+    stop, wake = threading.Event(), threading.Event()
+    t = threading.Thread(target=notify.loop, args=(config, stop, wake), daemon=True)
+    t.start()
+    try:
+        for _ in range(100):
+            if len([r for r in caplog.records if "outbox" in r.getMessage()]) >= 2:
+                break
+            wake.set()
+            stop.wait(0.05)
+        assert len([r for r in caplog.records if "cannot read the outbox" in r.getMessage()]) >= 2
+        assert t.is_alive()  # it went on after each error
     finally:
         stop.set()
         wake.set()

@@ -41,19 +41,16 @@ class Target:
     def shown(self) -> str:
         return redact(self.url)
 
-    @property
-    def label(self) -> str:
-        return f"{self.name} ({self.shown})"
-
 
 def targets(cfg: NotifyConfig) -> list[Target]:
     """The configured targets, in order: the webhook, then each apprise URL."""
     found = [Target("webhook", cfg.webhook_url.get_secret_value())] if cfg.webhook_url else []
     found += [Target(f"url:{i}", u.get_secret_value()) for i, u in enumerate(cfg.urls)]
-    for t in found:
-        _SECRETS.update(_fragments(t.url))
-    if cfg.webhook_secret is not None:
-        _SECRETS.add(cfg.webhook_secret.get_secret_value())
+    with _SECRETS_LOCK:
+        for t in found:
+            _SECRETS.update(_fragments(t.url))
+        if cfg.webhook_secret is not None:
+            _SECRETS.add(cfg.webhook_secret.get_secret_value())
     _install_log_scrub()
     return found
 
@@ -106,12 +103,14 @@ def _fragments(url: str) -> set[str]:
 
 # every secret fragment of the targets seen in this process (``targets``)
 _SECRETS: set[str] = set()
+_SECRETS_LOCK = threading.Lock()
 
 
-def scrub(text: str, extra: tuple[str, ...] = ()) -> str:
+def scrub(text: str) -> str:
     """``text`` with every URL redacted and every known secret fragment cut out."""
     text = _URL.sub(lambda m: redact(m.group(0)), text)
-    secrets = sorted(_SECRETS | {s for e in extra for s in _fragments(e)}, key=len, reverse=True)
+    with _SECRETS_LOCK:
+        secrets = sorted(_SECRETS, key=len, reverse=True)
     for s in secrets:
         text = text.replace(s, "…")
     return text
