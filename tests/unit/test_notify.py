@@ -21,7 +21,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from vmkeep.api.app import create_app
-from vmkeep.catalog.tables import BackupJob, BackupJobRun, Notification
+from vmkeep.catalog.tables import Backup, BackupJob, BackupJobRun, Datastore, Notification, Vm
 from vmkeep.cli.main import cli
 from vmkeep.config import CatalogConfig, load_config
 from vmkeep.engine.core import jobs
@@ -196,6 +196,28 @@ def test_warnings_are_reported_and_no_signature_without_a_secret(
     assert sent["status"] == "warnings"
     assert sent["warnings"] == ["the guest agent did not answer: crash-consistent"]
     assert (sent["error"], sent["backupjob"], sent["run"]) == (None, None, None)
+
+
+def test_a_verify_names_the_vm_of_its_backup(
+    clean_env: Path, receiver: Callable[..., Receiver]
+) -> None:
+    rx = receiver()
+    ctx = webhook_ctx(clean_env, rx.url())
+    with ctx.catalog.session() as s:
+        vm = Vm(name="db1", uuid="0f6c3f1e-1111-4a4a-9b9b-000000000001", host_uri="test:///",
+                state="ACTIVE", lcm_state="RUNNING")  # fmt: skip
+        store = Datastore(name="local", driver="dir", options={})
+        s.add_all([vm, store])
+        s.flush()
+        backup = Backup(vm_id=vm.id, datastore_id=store.id, chain="db1/1", mode="full",
+                        status="VALID")  # fmt: skip
+        s.add(backup)
+        s.flush()
+        backup_id = backup.id
+    assert notify.job_ended(ctx, finished_job(ctx, kind="verify", target=str(backup_id))) == 1
+    assert notify.deliver_due(ctx) == 1
+    sent = json.loads(rx.requests[0]["body"])
+    assert (sent["kind"], sent["target"], sent["vm"]) == ("verify", str(backup_id), "db1")
 
 
 def test_a_500_is_retried_with_back_off_until_it_is_sent(
