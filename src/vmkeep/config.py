@@ -160,7 +160,8 @@ class ScheduleConfig(_Section):
 
 
 class NotifyConfig(_Section):
-    """Where finished jobs are reported (``engine/service/notify.py``)."""
+    """Where finished jobs are reported (``engine/service/notify.py``; docs/notifications.md).
+    ``on = "failure"`` reports FAILED jobs only (not done with warnings, not cancelled)."""
 
     webhook_url: SecretStr | None = None  # JSON POST per finished job (may hold a token)
     webhook_secret: SecretStr | None = None  # adds an HMAC-SHA256 signature header

@@ -42,6 +42,7 @@ keeps the two in sync.
     │   └── WorkersBusy           29  503
     ├── Refused                   25  409
     ├── DrillFailed               26  422
+    ├── NotificationFailed        30  502
     └── LabError                  19  500
 
 Exit codes 0 (success), 1 (finished with warnings) and 130 (interrupted) are not errors.
@@ -255,6 +256,13 @@ class DrillFailed(VmkeepError):
 
     exit_code = 26
     http_status = 422
+
+
+class NotificationFailed(VmkeepError):
+    """Notification to {} failed: {}. Check the target in [notify] (webhook_url, urls) and that its receiver is up, then run 'vmkeep notify test' again."""
+
+    exit_code = 30
+    http_status = 502
 
 
 class GroupBackupFailed(VmkeepError):

@@ -21,7 +21,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__
-from vmkeep.api import actions, catalog_routes, limits, schedule_routes, stream_routes
+from vmkeep.api import (
+    actions,
+    catalog_routes,
+    limits,
+    notify_routes,
+    schedule_routes,
+    stream_routes,
+)
 from vmkeep.api.audit import AuditLog
 from vmkeep.api.base import Api
 from vmkeep.config import Config
@@ -134,6 +141,6 @@ def create_app(
         return {"ok": True, "version": __version__}
 
     api = Api(config, ctx, require, is_local, token_valid, work, streams)
-    for module in (catalog_routes, actions, stream_routes, schedule_routes):
+    for module in (catalog_routes, actions, stream_routes, schedule_routes, notify_routes):
         module.routes(api, app)
     return app

@@ -1,5 +1,6 @@
-"""``vmkeep daemon``: one process holding the API (uvicorn), the job workers, the monitor and
-the scheduler of backup jobs (``engine/service/scheduler.py``).
+"""``vmkeep daemon``: one process holding the API (uvicorn), the job workers, the monitor, the
+scheduler of backup jobs (``engine/service/scheduler.py``) and the sender of notifications
+(``engine/service/notify.py``: a worker writes a finished job's outbox rows, never waits).
 
 At start it marks this host's RUNNING jobs left by a dead process FAILED (their VMs were recovered
 by their guard process). SIGTERM / Ctrl-C: uvicorn stops taking requests, workers stop claiming,
@@ -26,7 +27,7 @@ from vmkeep.config import Config
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.service import scheduler
+from vmkeep.engine.service import notify, scheduler
 from vmkeep.engine.service.actions import RUNNERS
 from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import InvalidValue, VmkeepError
@@ -59,7 +60,8 @@ def _worker(config: Config, stop: threading.Event, slots: WorkSlots) -> None:
                 job_id = None
             if job_id is not None:
                 log.info("running job %s", job_id)
-                jobs.execute(ctx, job_id, RUNNERS)
+                job = jobs.execute(ctx, job_id, RUNNERS)
+                notify.job_ended(ctx, job)  # outbox rows only: never waits for a delivery
                 continue
         finally:
             slots.release()
@@ -197,6 +199,11 @@ def serve(
             target=scheduler.loop, args=(config, stop, clock), name="scheduler", daemon=True
         )
     )
+    pool.append(
+        threading.Thread(
+            target=notify.loop, args=(config, stop, notify.WAKE), name="notify", daemon=True
+        )
+    )
     for t in pool:
         t.start()
     scheme = "https" if tls[0] else "http"
@@ -217,6 +224,7 @@ def serve(
             _remove_socket(config.socket, bound[1])
         stop.set()
         jobs.WAKE.set()  # idle workers see ``stop`` at once
+        notify.WAKE.set()
         for job in jobs.list_jobs(ctx, JobState.RUNNING):
             if job["pid"] == jobs.os.getpid():
                 jobs.cancel(ctx, job["id"])
