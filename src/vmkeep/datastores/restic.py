@@ -195,7 +195,22 @@ class ResticDriver(DatastoreDriver):
             return DatastoreError(
                 self.name, f"{what}: the repository is locked by another restic that is running"
             )
+        if self._target is not None and "unable to start the sftp session" in low:
+            why = self._ssh_refusal()  # restic passes ssh's own words on only sometimes
+            if why:
+                return classify(self.name, what, why)
         return classify(self.name, what, stderr)
+
+    def _ssh_refusal(self) -> str:
+        """What ssh says when it logs in as restic's sftp command does ("" when it can)."""
+        target = self._target
+        assert target is not None
+        try:
+            proc = subprocess.run([*target.ssh_argv(), target.login, "--", "true"],
+                                  capture_output=True, text=True, timeout=30)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return "ssh: no answer in 30 s"
+        return proc.stderr if proc.returncode != 0 else ""
 
     def _run(
         self,
