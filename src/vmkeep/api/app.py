@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__
-from vmkeep.api import actions, catalog_routes, limits, stream_routes
+from vmkeep.api import actions, catalog_routes, limits, pool_routes, stream_routes
 from vmkeep.api.audit import AuditLog
 from vmkeep.api.base import Api
 from vmkeep.config import Config
@@ -134,6 +134,6 @@ def create_app(
         return {"ok": True, "version": __version__}
 
     api = Api(config, ctx, require, is_local, token_valid, work, streams)
-    for module in (catalog_routes, actions, stream_routes):
+    for module in (catalog_routes, pool_routes, actions, stream_routes):
         module.routes(api, app)
     return app

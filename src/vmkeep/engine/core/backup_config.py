@@ -21,6 +21,7 @@ KEYS = ("keep_last", "backup_volatile", "fs_freeze", "mode", "memory", "exclude"
 # the value that removes a key from a layer (VM or pool): the key is inherited again
 UNSET = "unset"
 DEFAULT = "default"  # the source of a key no layer sets
+MAX_KEEP = 1_000_000  # keep_last's bound (a number past 64 bits is no JSON every reader takes)
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,13 @@ def validate(key: str, value: Any) -> Any:
     if key == "keep_last":
         if value in (None, "", "none", "all"):
             return None
+        hint = f"use a whole number from 1 to {MAX_KEEP}, or 'all'"
         try:
             n = int(value)
-        except (TypeError, ValueError):
-            raise InvalidValue("keep_last", value, "use a whole number >= 1, or 'all'") from None
-        if n < 1:
-            raise InvalidValue("keep_last", value, "use a whole number >= 1, or 'all'")
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidValue("keep_last", value, hint) from None
+        if not 1 <= n <= MAX_KEEP:
+            raise InvalidValue("keep_last", value, hint)
         return n
     if key in ("backup_volatile", "memory", "exclude"):
         return _yes_no(key, value)
