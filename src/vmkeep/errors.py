@@ -132,6 +132,10 @@ class GroupBackupNotFound(NotFound):
     """Group backup {} does not exist; see 'vmkeep group backups'."""
 
 
+class PoolNotFound(NotFound):
+    """Pool '{}' does not exist; see 'vmkeep pool list' or create it with 'vmkeep pool create'."""
+
+
 class JobNotFound(NotFound):
     """Job {} does not exist; see 'vmkeep jobs list'."""
 

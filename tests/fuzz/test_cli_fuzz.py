@@ -149,6 +149,20 @@ def test_vm_config(vm: str, keep: str, mode: str, freeze: str) -> None:
 
 
 @FUZZ
+@given(name=names, keep=numbers, mode=names, exclude=names, vm=names)
+def test_pool_create_and_vm_pool(name: str, keep: str, mode: str, exclude: str, vm: str) -> None:
+    assume("\x00" not in name + keep + mode + exclude + vm)
+    before = snapshot()
+    with sandbox({}):
+        check(*run("pool", "create", name, "--keep-last", keep, "--mode", mode))
+        check(*run("pool", "set", name, "--exclude", exclude, "--keep-last", "unset"))
+        check(*run("vm", "config", vm, "--pool", name))
+        check(*run("pool", "show", name, "--json"))
+        check(*run("pool", "delete", name))
+    assert snapshot() == before
+
+
+@FUZZ
 @given(backup=numbers, inc=numbers, name=names, path=st.one_of(rel_paths, nasty), disk=names)
 def test_restore_and_show(backup: str, inc: str, name: str, path: str, disk: str) -> None:
     assume("\x00" not in backup + inc + name + path + disk)

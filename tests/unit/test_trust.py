@@ -67,7 +67,7 @@ def test_every_route_with_every_role(api: tuple[TestClient, dict[str, str]], rol
     client, secrets = api
     for method, path, action in route_table():
         url = path
-        for key in ("{vm}", "{ds}", "{datastore}", "{group}"):
+        for key in ("{vm}", "{ds}", "{datastore}", "{group}", "{pool}"):
             url = url.replace(key, "nope")
         for key in ("{backup_id}", "{backup}", "{job_id}", "{group_backup}"):
             url = url.replace(key, "999999")

@@ -11,15 +11,8 @@ import click
 from vmkeep import errors
 from vmkeep.cli import remote
 from vmkeep.cli.output import ctx_of, json_option, kv, read, render, table
+from vmkeep.cli.policy_options import job_policy_options, policy_changes
 from vmkeep.cli.remote import segment
-
-_POLICY = (
-    ("--mode", "full | increment"),
-    ("--fs-freeze", "none | agent | suspend"),
-    ("--keep-last", "restore points to keep (a number, or 'all')"),
-    ("--memory", "yes | no: also save the RAM of a running VM"),
-    ("--backup-volatile", "yes | no"),
-)
 
 
 def _job_options(create: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -61,12 +54,11 @@ def _job_options(create: bool) -> Callable[[Callable[..., Any]], Callable[..., A
                 default=None,
                 help="Run a slot missed while no daemon ran, once (default) or not.",
             ),  # fmt: skip
-            *(click.option(name, default=None, help=h) for name, h in _POLICY),
             json_option,
         ]
         for opt in reversed(opts):
             f = opt(f)
-        return f
+        return job_policy_options(f)
 
     return wrap
 
@@ -75,9 +67,7 @@ def _fields(o: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str
     """(selector, policy options, other fields) from the parsed options."""
     selector = {"vms": list(o.pop("vms") or []), "group": o.pop("group"), "pool": o.pop("pool"),
                 "all": o.pop("all_")}  # fmt: skip
-    policy = {n.lstrip("-").replace("-", "_"): o.pop(n.lstrip("-").replace("-", "_"))
-              for n, _ in _POLICY}  # fmt: skip
-    return selector, {k: v for k, v in policy.items() if v is not None}, o
+    return selector, policy_changes(o), o
 
 
 def _show(j: dict[str, Any]) -> None:
@@ -138,7 +128,7 @@ def edit_cmd(c: click.Context, name: str, as_json: bool, **o: Any) -> None:
         k: v for k, v in rest.items() if v is not None
     }
     if policy:
-        changes["options"] = {k: None if v == "unset" else v for k, v in policy.items()}
+        changes["options"] = {k: None if v.lower() == "unset" else v for k, v in policy.items()}
     if not changes:
         raise click.UsageError("give at least one option to change (see --help)")
     render(backupjobs.edit(ctx_of(c), name, changes), as_json, _show)

@@ -1,6 +1,6 @@
 """Shell completion. ``vmkeep completion bash|zsh|fish`` prints click's script for that shell;
 on Tab the script runs ``vmkeep`` again with ``_VMKEEP_COMPLETE`` set (``main.COMPLETE_VAR``),
-and ``answer`` prints what fits. VM names, backup ids, datastore and group names and job ids
+and ``answer`` prints what fits. VM names, backup ids, datastore, group and pool names and job ids
 come from the callbacks below (``shell_complete=`` of the arguments and options that take
 them): from the daemon that serves this catalog (``remote.get``, the list routes), else from the
 catalog read in this process (``engine/core/refs.py``). A completion never prints an error:
@@ -52,6 +52,7 @@ backups = _completer("/v1/backups", "backup", "id", ids=True)
 datastores = _completer("/v1/datastores", "datastore", "name")
 groups = _completer("/v1/groups", "group", "name")
 jobs = _completer("/v1/jobs", "job", "id", ids=True)
+pools = _completer("/v1/pools", "pool", "name")
 
 
 def answer(cli: click.Command, var: str, instruction: str) -> int:

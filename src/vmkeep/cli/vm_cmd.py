@@ -4,11 +4,14 @@ pulls in the VMM drivers and libvirt, which the commands here do not need."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from vmkeep.cli import complete
 from vmkeep.cli.lazy import LazyGroup
 from vmkeep.cli.output import act, ctx_of, emit_json, json_option, kv, read, render, table
+from vmkeep.cli.policy_options import NAMES, policy_changes, policy_lines, policy_options
 from vmkeep.cli.remote import segment
 
 COLUMNS = ("id", "name", "state", "lcm_state", "host")
@@ -45,7 +48,15 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
     """Show one VM (name or id): state, disks, backup config."""
     # no VM name holds a "/": the command itself says what is wrong with such a reference
     path = f"/v1/vms/{segment(ref)}" if "/" not in ref else ""
-    render(read(c, path, "vm.inventory:show_vm", ref), as_json, kv)
+    render(read(c, path, "vm.inventory:show_vm", ref), as_json, _show)
+
+
+def _show(vm: dict[str, Any]) -> None:
+    """``vm show``: the VM's fields, then its effective backup config with each key's source."""
+    config, sources = vm.get("backup_config") or {}, vm.get("backup_config_sources")
+    kv({k: v for k, v in vm.items() if k not in ("backup_config", "backup_config_sources")})
+    click.echo("BACKUP_CONFIG")
+    policy_lines(config, sources, indent="  ")
 
 
 @vm.command("import")
@@ -102,21 +113,32 @@ def reset_state_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 
 @vm.command("config")
 @click.argument("ref", metavar="VM", shell_complete=complete.vms)
-@click.option("--keep-last", help="Restore points to keep (a number, or 'all').")
-@click.option("--mode", help="full | increment")
-@click.option("--fs-freeze", help="none | agent | suspend")
-@click.option("--backup-volatile", help="yes | no")
-@click.option("--memory", help="yes | no: also save the RAM of a running VM (restore resumes it)")
+@policy_options
+@click.option("--pool", help="Put the VM in this pool (see 'vmkeep pool list').",
+              shell_complete=complete.pools)  # fmt: skip
+@click.option("--no-pool", is_flag=True, help="Take the VM out of its pool.")
 @json_option
 @click.pass_context
-def config_cmd(c: click.Context, ref: str, as_json: bool, **opts: str | None) -> None:
-    """Set the VM's BACKUP_CONFIG (shown by 'vm show')."""
+def config_cmd(
+    c: click.Context, ref: str, pool: str | None, no_pool: bool, as_json: bool, **opts: Any
+) -> None:
+    """Set the VM's BACKUP_CONFIG keys and its pool. The effective config (the VM's keys over
+    its pool's over [backup] of the config file) is printed, with each key's source."""
     from vmkeep.engine.vm import inventory
 
-    changes = {k: v for k, v in opts.items() if v is not None}
+    changes = policy_changes(opts)
+    if pool is not None and no_pool:
+        raise click.UsageError("give --pool POOL or --no-pool, not both")
+    if pool is not None or no_pool:
+        changes["pool"] = pool  # None: out of its pool
     if not changes:
-        raise click.UsageError(
-            "give at least one of --keep-last, --mode, --fs-freeze, --backup-volatile, --memory"
-        )
+        options = ", ".join(NAMES)
+        raise click.UsageError(f"give at least one of {options}, --pool, --no-pool")
     res = inventory.configure(ctx_of(c), ref, changes)
-    render(res["backup_config"], as_json, kv)
+    out = {k: res[k] for k in ("name", "pool", "backup_config", "backup_config_sources")}
+
+    def human(r: dict[str, Any]) -> None:
+        click.echo(f"VM {r['name']}, pool {r['pool'] or '(none)'}")
+        policy_lines(r["backup_config"], r["backup_config_sources"], indent="  ")
+
+    render(out, as_json, human)

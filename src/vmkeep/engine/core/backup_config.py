@@ -1,12 +1,16 @@
-"""BACKUP_CONFIG (OpenNebula): KEEP_LAST, BACKUP_VOLATILE, FS_FREEZE, MODE, and MEMORY (stoney's
-state file: each backup of a running VM also saves its RAM).
+"""BACKUP_CONFIG (OpenNebula): KEEP_LAST, BACKUP_VOLATILE, FS_FREEZE, MODE, MEMORY (stoney's
+state file: each backup of a running VM also saves its RAM) and EXCLUDE (the VM is left out of
+``--all`` and ``--pool`` backup jobs).
 
-Stored per VM as a dict of the keys the user set; ``resolve`` layers VM over pool over the defaults
-(stoney's VM -> pool -> global inheritance).
+Stored per VM, per pool and in ``[backup]`` of the config file as a dict of the keys set there;
+``resolve_named`` layers them, most specific first (backup job, VM, pool, config), over the
+defaults and says which layer set each key. Which layers a VM has is ``engine/vm/policy.py``'s
+rule (``effective``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -14,6 +18,10 @@ from vmkeep.errors import InvalidValue
 from vmkeep.model import BackupMode, FsFreeze
 
 KEYS = ("keep_last", "backup_volatile", "fs_freeze", "mode", "memory", "exclude")
+# the value that removes a key from a layer (VM or pool): the key is inherited again
+UNSET = "unset"
+DEFAULT = "default"  # the source of a key no layer sets
+MAX_KEEP = 1_000_000  # keep_last's bound (a number past 64 bits is no JSON every reader takes)
 
 
 @dataclass(frozen=True)
@@ -23,7 +31,7 @@ class BackupConfig:
     fs_freeze: FsFreeze = FsFreeze.NONE
     mode: BackupMode = BackupMode.FULL
     memory: bool = False  # save RAM with the disks (a running VM; restore resumes it)
-    exclude: bool = False  # left out of --pool and --all backup jobs
+    exclude: bool = False  # left out of ``--all`` and ``--pool`` backup jobs
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -37,12 +45,13 @@ def validate(key: str, value: Any) -> Any:
     if key == "keep_last":
         if value in (None, "", "none", "all"):
             return None
+        hint = f"use a whole number from 1 to {MAX_KEEP}, or 'all'"
         try:
             n = int(value)
-        except (TypeError, ValueError):
-            raise InvalidValue("keep_last", value, "use a whole number >= 1, or 'all'") from None
-        if n < 1:
-            raise InvalidValue("keep_last", value, "use a whole number >= 1, or 'all'")
+        except (TypeError, ValueError, OverflowError):
+            raise InvalidValue("keep_last", value, hint) from None
+        if not 1 <= n <= MAX_KEEP:
+            raise InvalidValue("keep_last", value, hint)
         return n
     if key in ("backup_volatile", "memory", "exclude"):
         return _yes_no(key, value)
@@ -72,9 +81,48 @@ def _yes_no(key: str, value: Any) -> bool:
     raise InvalidValue(key, value, "use yes or no")
 
 
+def stored(value: Any) -> Any:
+    """A validated value as a layer keeps it in JSON (an enum as its text)."""
+    return str(value) if hasattr(value, "value") else value
+
+
+def changed(layer: dict[str, Any] | None, changes: dict[str, Any]) -> dict[str, Any]:
+    """``layer`` with ``changes`` applied: each value validated, or ``UNSET`` (any case) to
+    remove the key so that it is inherited again. The one rule for a VM's and a pool's keys."""
+    out = dict(layer or {})
+    for key, value in changes.items():
+        if isinstance(value, str) and value.strip().lower() == UNSET:
+            if key not in KEYS:
+                validate(key, value)  # names the known keys
+            out.pop(key, None)
+        else:
+            out[key] = stored(validate(key, value))
+    return out
+
+
+def resolve_named(
+    layers: Iterable[tuple[str, dict[str, Any] | None]],
+) -> tuple[BackupConfig, dict[str, str]]:
+    """Merge named layers, most specific first (e.g. ``("backupjob", ...)``, ``("vm", ...)``,
+    ``("pool web", ...)``, ``("config", ...)``), over the defaults. Returns the config and, for
+    every key, the name of the layer that set it (``"default"`` when none did). A bad value is
+    an ``InvalidValue`` that names the key and its layer."""
+    values: dict[str, Any] = {}
+    sources = dict.fromkeys(KEYS, DEFAULT)
+    for name, layer in layers:
+        for key, value in (layer or {}).items():
+            if key in values:
+                continue  # a more specific layer set it
+            try:
+                values[key] = validate(key, value)
+            except InvalidValue as err:
+                if key not in KEYS:
+                    raise InvalidValue(f"{name} backup config", key, err.args[2]) from None
+                raise InvalidValue(f"{key} (set by {name})", value, err.args[2]) from None
+            sources[key] = name
+    return BackupConfig(**values), sources
+
+
 def resolve(*layers: dict[str, Any] | None) -> BackupConfig:
-    """Merge layers, most specific first (VM, pool, global), over the defaults."""
-    merged: dict[str, Any] = {}
-    for layer in reversed([x for x in layers if x]):
-        merged.update({k: validate(k, v) for k, v in layer.items()})
-    return BackupConfig(**merged)
+    """Merge unnamed layers, most specific first (VM, pool, global), over the defaults."""
+    return resolve_named((f"layer {i}", x) for i, x in enumerate(layers, 1))[0]

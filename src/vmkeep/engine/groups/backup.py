@@ -52,6 +52,7 @@ from vmkeep.engine.protect.member import (
     wait_jobs,
 )
 from vmkeep.engine.vm.inventory import vm_action
+from vmkeep.engine.vm.policy import check_overrides
 from vmkeep.engine.vm.quiesce import (
     Quiesce,
     freeze_guest,
@@ -240,7 +241,11 @@ def run_group_backup(
     parallel_freeze: bool = False,
     reset: bool = False,
     progress: ProgressFn | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> GroupOutcome:
+    """Back up a group's members as one consistent cut. ``overrides``: backup policy keys set
+    over every member's effective ones for this backup only (``policy.effective``)."""
+    overrides = check_overrides(overrides)
     out = GroupOutcome({})
     warnings = out.warnings
     with ctx.catalog.session() as s:
@@ -278,6 +283,7 @@ def run_group_backup(
                     timing,
                     warnings,
                     progress,
+                    overrides,
                 )
             except BaseException as err:
                 _fail_all(ctx, gb_id, group_name, jobs, timing, err)
@@ -303,10 +309,11 @@ def _run(
     timing: Timing,
     warnings: Warnings,
     progress: ProgressFn | None,
+    overrides: dict[str, Any] | None = None,
 ) -> None:
     for vm in vms:
         with _member(vm.name):
-            job = prepare_job(ctx, vm, ds_id, driver, reset, warnings)
+            job = prepare_job(ctx, vm, ds_id, driver, reset, warnings, overrides)
             if job.memory:  # its agent freeze would be saved in the RAM and come back frozen
                 job.memory = False
                 warnings.add(

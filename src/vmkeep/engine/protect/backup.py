@@ -46,6 +46,7 @@ from vmkeep.engine.protect.member import (
 )
 from vmkeep.engine.vm import quiesce
 from vmkeep.engine.vm.inventory import vm_action
+from vmkeep.engine.vm.policy import check_overrides
 from vmkeep.engine.vm.record import find_vm, set_lcm, sync_state
 from vmkeep.engine.vm.recovery import recover_vm
 from vmkeep.errors import BackupFailed, VmkeepError, WrongState
@@ -68,7 +69,11 @@ def run_backup(
     *,
     reset: bool = False,
     progress: ProgressFn | None = None,
+    overrides: dict[str, Any] | None = None,
 ) -> BackupOutcome:
+    """Back up one VM to a datastore. ``overrides``: backup policy keys set over the VM's
+    effective ones for this backup only (a backup job's options; ``policy.effective``)."""
+    overrides = check_overrides(overrides)
     out = BackupOutcome({})
     warnings = out.warnings
     steps = Steps()
@@ -78,7 +83,7 @@ def run_backup(
             with ctx.catalog.session() as s:
                 ds = find_datastore(s, ds_ref)
                 driver, ds_id = driver_of(ds), ds.id
-            job = prepare_job(ctx, vm, ds_id, driver, reset, warnings)
+            job = prepare_job(ctx, vm, ds_id, driver, reset, warnings, overrides)
             job.steps = steps
             set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)
         # If this process dies from here on, the guard thaws/resumes and cleans up at once.

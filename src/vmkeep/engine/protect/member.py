@@ -19,7 +19,7 @@ from vmkeep.catalog.tables import Backup, Vm
 from vmkeep.checksums import digest_file
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.core import space
-from vmkeep.engine.core.backup_config import BackupConfig, resolve
+from vmkeep.engine.core.backup_config import BackupConfig
 from vmkeep.engine.core.chains import backup_dict, disk_file, memory_file, write_manifest
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import qemu_img
@@ -27,6 +27,7 @@ from vmkeep.engine.core.steps import Steps
 from vmkeep.engine.points.retention import apply_retention
 from vmkeep.engine.protect.plan import Plan, abandon_plan, plan_backup, select_disks
 from vmkeep.engine.protect.staging import canonical, prepare_staging
+from vmkeep.engine.vm.policy import effective
 from vmkeep.engine.vm.quiesce import Quiesce, quiesced
 from vmkeep.engine.vm.record import find_vm
 from vmkeep.engine.vm.recovery import Attempt, discard_attempt, prune_checkpoints
@@ -63,16 +64,24 @@ class MemberJob:
 
 
 def prepare_job(
-    ctx: Context, vm: Vm, ds_id: int, driver: DatastoreDriver, reset: bool, warnings: Warnings
+    ctx: Context,
+    vm: Vm,
+    ds_id: int,
+    driver: DatastoreDriver,
+    reset: bool,
+    warnings: Warnings,
+    overrides: dict[str, Any] | None = None,
 ) -> MemberJob:
-    """Read the domain, resolve BACKUP_CONFIG and pick the disks (no catalog rows yet)."""
+    """Read the domain, resolve the VM's effective BACKUP_CONFIG (``policy.effective``: the
+    backup job's ``overrides`` over the VM, its pool and ``[backup]``) and pick the disks (no
+    catalog rows yet). The config stays on the job: plan, quiesce and retention use it."""
     info = ctx.hv.domain(vm.name)
     if info.uuid != vm.uuid:
         warnings.add(f"domain {vm.name} was recreated (UUID changed); starting a new full chain")
         reset = True
         with ctx.catalog.session() as s:
             find_vm(s, str(vm.id)).uuid = info.uuid
-    cfg = resolve(vm.backup_config)
+    cfg, _sources = effective(ctx, vm, overrides)
     disks = select_disks(info, cfg)
     offline = info.state == VmState.POWEROFF
     memory = cfg.memory and not offline

@@ -13,10 +13,11 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Pool, Vm
+from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Vm
 from vmkeep.engine.core import backup_config, jobs, schedules, stores
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.groups.manage import find_group
+from vmkeep.engine.vm import policy
 from vmkeep.engine.vm.record import find_vm
 from vmkeep.errors import AlreadyExists, BackupJobNotFound, InvalidValue, NotFound
 from vmkeep.model import JobState
@@ -57,10 +58,7 @@ def _selector(s: Session, sel: dict[str, Any]) -> dict[str, Any]:
     if kind == "group":
         return {"group": find_group(s, str(sel["group"])).name}
     if kind == "pool":
-        pool = s.execute(select(Pool).where(Pool.name == sel["pool"])).scalar_one_or_none()
-        if pool is None:
-            raise NotFound(f"pool {sel['pool']!r}; see 'vmkeep pool list'")
-        return {"pool": pool.name}
+        return {"pool": policy.find_pool(s, str(sel["pool"])).name}
     return {"all": True}
 
 
@@ -328,30 +326,16 @@ def selection(
     if "pool" in sel:
         q = q.where(Vm.pool == sel["pool"])
     vms = list(s.execute(q).scalars())
-    excluded = _excluded(ctx, s, vms)
+    policies = policy.Policies(ctx, s)
     out = []
     for vm in vms:
-        if vm.name in excluded:
-            why = f"excluded by its policy ({excluded[vm.name]}; vm config {vm.name} --exclude no)"
+        cfg, sources = policies.of(vm.backup_config, vm.pool)
+        if cfg["exclude"]:
+            why = f"excluded by its policy ({sources['exclude']}; vm config {vm.name} --exclude no)"
             skipped.append({"vm": vm.name, "reason": why})
         else:
             out.append(("backup", {"vm": vm.name} | common))
     return out, skipped
-
-
-def _excluded(ctx: Context, s: Session, vms: list[Vm]) -> dict[str, str]:
-    """The VMs whose effective policy excludes them, with the layer that says so."""
-    pools = {p.name: p.backup_config for p in s.execute(select(Pool)).scalars()}
-    glob = ctx.config.backup.layer()
-    out = {}
-    for vm in vms:
-        for where, layer in (("vm", vm.backup_config), (f"pool {vm.pool}", pools.get(vm.pool or "")),
-                             ("config", glob)):  # fmt: skip
-            if layer and "exclude" in layer:
-                if backup_config.validate("exclude", layer["exclude"]):
-                    out[vm.name] = where
-                break
-    return out
 
 
 # --- what each VM got ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from vmkeep.engine.points import copy, delete, listing, scan
 from vmkeep.engine.protect import backup
 from vmkeep.engine.restore import drill, inplace, point
 from vmkeep.engine.service import params as P
-from vmkeep.engine.vm import inventory
+from vmkeep.engine.vm import inventory, policy
 from vmkeep.engine.vm.record import find_vm
 from vmkeep.errors import DrillFailed, VmkeepError
 from vmkeep.model import Warnings
@@ -31,14 +31,20 @@ Outcome = tuple[dict[str, Any], Warnings | list[str]]
 
 # --- checks before queueing ------------------------------------------------------------------
 def check_backup(ctx: Context, _a: Action, p: P.BackupParams, _actor: Actor) -> P.Params:
+    policy.check_overrides(p.policy)  # a bad key or value: refused now, named with its layer
     name = inventory.check_action(ctx, p.vm, "backup")
     stores.check_exists(ctx, p.datastore)  # 404 now, not a failed job later
+    if p.copy_to:
+        stores.check_exists(ctx, p.copy_to)
     return p.model_copy(update={"vm": name})
 
 
 def check_group_backup(ctx: Context, _a: Action, p: P.GroupBackupParams, _actor: Actor) -> P.Params:
+    policy.check_overrides(p.policy)
     name = manage.show_group(ctx, p.group)["name"]
     stores.check_exists(ctx, p.datastore)
+    if p.copy_to:
+        stores.check_exists(ctx, p.copy_to)
     return p.model_copy(update={"group": name})
 
 
@@ -109,7 +115,7 @@ def run_backup(
     ctx: Context, _a: Action, p: P.BackupParams, progress: Progress, _c: Caller
 ) -> Outcome:
     out = backup.run_backup(
-        ctx, p.vm, p.datastore, reset=p.reset, progress=progress, **_overrides(p.policy)
+        ctx, p.vm, p.datastore, reset=p.reset, progress=progress, overrides=p.policy or None
     )
     if p.copy_to:
         out.result["copy"] = _copy_new_point(ctx, out.result["id"], p.copy_to, out.warnings)
@@ -126,7 +132,7 @@ def run_group_backup(
         parallel_freeze=p.parallel_freeze,
         reset=p.reset,
         progress=progress,
-        **_overrides(p.policy),
+        overrides=p.policy or None,
     )
     if p.copy_to:
         out.result["copies"] = [
@@ -135,10 +141,6 @@ def run_group_backup(
             if m.get("backup") is not None
         ]
     return out.result, out.warnings
-
-
-def _overrides(policy: dict[str, Any]) -> dict[str, Any]:
-    return {"overrides": dict(policy)} if policy else {}
 
 
 def _copy_new_point(ctx: Context, backup_id: int, to: str, warnings: Warnings) -> dict[str, Any]:

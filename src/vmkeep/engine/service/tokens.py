@@ -1,7 +1,7 @@
 """API tokens and roles: viewer reads; operator backs up, restores, verifies, quiesces and cancels
-jobs; admin also resets state, adds datastores and groups. The role an action needs comes from
-``POLICY``, overridable per action in the config (``[api.policy]``, e.g. ``quiesce = "admin"``
-as Nova's spec has it by default).
+jobs; admin also resets state, adds datastores, groups and pools, and sets a VM's backup policy.
+The role an action needs comes from ``POLICY``, overridable per action in the config
+(``[api.policy]``, e.g. ``quiesce = "admin"`` as Nova's spec has it by default).
 
 A token is ``vmk_`` + 32 random bytes (URL-safe base64); only its sha256 is stored, so a catalog
 leak does not leak tokens, and the secret is printed once at creation.
@@ -55,7 +55,12 @@ POLICY: dict[str, str] = {
     "vm-terminate": "admin",
     "vm-create": "admin",
     "audit": "admin",  # who did what (engine/audit.py)
-    "backupjob-edit": "operator",  # its runs act with the role of who made it
+    # backup policy (engine/vm/policy.py): a lower keep_last deletes restore points at the next
+    # backup, as backup-delete does, so both are admin's; [api.policy] can lower them
+    "pool-edit": "admin",  # create, change and delete pools
+    "vm-config": "admin",  # a VM's own keys and its pool
+    "backupjob-edit": "admin",  # a job's keep_last prunes as vm-config's does; its runs act
+    # with the role of who made it
 }
 
 

@@ -5,24 +5,22 @@ Every action checks the VM's state first and refuses a wrong state with ``WrongS
 
 from __future__ import annotations
 
-import functools
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from sqlalchemy import select
 
-from vmkeep import jsontext
 from vmkeep.catalog import lock
 from vmkeep.catalog.tables import Vm
 from vmkeep.engine.core import states
-from vmkeep.engine.core.backup_config import resolve, validate
+from vmkeep.engine.core.backup_config import changed
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.states import BUSY_STATES, OFF_HOST
 from vmkeep.engine.vm import quiesce as quiesce_guard
+from vmkeep.engine.vm.policy import Policies, pool_for_vm
 from vmkeep.engine.vm.quiesce import Thawed, ensure_thawed
 from vmkeep.engine.vm.record import find_vm, set_lcm, states_of
 from vmkeep.engine.vm.recovery import recover_vm
@@ -94,7 +92,7 @@ def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
         if vm.lcm_state is None or vm.lcm_state not in BUSY_STATES:
             vm.lcm_state = lcm
         s.flush()
-        return vm_dict(vm, info)
+        return vm_dict(vm, Policies(ctx, s), info)
 
 
 def import_all(ctx: Context) -> list[dict[str, Any]]:
@@ -102,22 +100,24 @@ def import_all(ctx: Context) -> list[dict[str, Any]]:
 
 
 def list_vms(ctx: Context) -> list[dict[str, Any]]:
-    """Every VM, its state refreshed from one libvirt call. The rows are read as plain tuples
-    and only those whose state changed are loaded as objects and written (1,000 VMs: 25 ms as
-    ORM objects, 9 ms so, in-process)."""
+    """Every VM, its state refreshed from one libvirt call, with its effective backup config
+    (one read of the pools table: ``policy.Policies``). The rows are read as plain tuples and
+    only those whose state changed are loaded as objects and written (1,000 VMs: 25 ms as ORM
+    objects, 9 ms so, in-process)."""
     with ctx.catalog.session() as s:
         rows = s.execute(select(Vm.state_file, *_SHOWN).order_by(Vm.id)).all()
+        policies = Policies(ctx, s)
         live = ctx.hv.states()  # one libvirt call, however many VMs
-        out, changed = [], []
+        out, moved = [], []
         for state_file, *shown in rows:
-            d = _summary(*shown)
+            d = _summary(policies, *shown)
             state, lcm = _observed(ctx, d["name"], d["state"], d["lcm_state"], state_file, live)
             if (state, lcm) != (d["state"], d["lcm_state"]):
-                changed.append(d["id"])
+                moved.append(d["id"])
                 d["state"], d["lcm_state"] = state, lcm
             out.append(d)
-        if changed:
-            for vm in s.execute(select(Vm).where(Vm.id.in_(changed))).scalars():
+        if moved:
+            for vm in s.execute(select(Vm).where(Vm.id.in_(moved))).scalars():
                 _refresh(ctx, vm, live)
         return out
 
@@ -130,19 +130,7 @@ def show_vm(ctx: Context, ref: str) -> dict[str, Any]:
             info: DomainInfo | None = ctx.hv.domain(vm.name)
         except DomainNotFound:
             info = None
-        return vm_dict(vm, info)
-
-
-@functools.lru_cache(maxsize=256)
-def _resolved_cached(config_json: bytes) -> bytes:
-    return jsontext.dumps(resolve(jsontext.loads(config_json)).as_dict())
-
-
-def _resolved(config: dict[str, Any] | None) -> dict[str, Any]:
-    """A VM's effective backup config (most VMs share one: resolved once, copied per row)."""
-    key = orjson.dumps(config or {}, option=orjson.OPT_SORT_KEYS)
-    result: dict[str, Any] = jsontext.loads(_resolved_cached(key))
-    return result
+        return vm_dict(vm, Policies(ctx, s), info)
 
 
 # the columns of a VM that ``vm list`` and ``vm show`` show, in ``_summary``'s order
@@ -151,6 +139,7 @@ _SHOWN = (Vm.id, Vm.name, Vm.uuid, Vm.host_uri, Vm.state, Vm.lcm_state, Vm.pool,
 
 
 def _summary(
+    policies: Policies,
     id: int,
     name: str,
     uuid: str,
@@ -171,15 +160,18 @@ def _summary(
         "state": state,
         "lcm_state": lcm_state,
         "pool": pool,
-        "backup_config": _resolved(backup_config),
+        "backup_config": policies.config(backup_config, pool),
         "error": error,
         "created": created,
         "usage": usage or {},
     }
 
 
-def vm_dict(vm: Vm, info: DomainInfo | None = None) -> dict[str, Any]:
-    out = _summary(*(getattr(vm, c.key) for c in _SHOWN))
+def vm_dict(vm: Vm, policies: Policies, info: DomainInfo | None = None) -> dict[str, Any]:
+    """One VM as ``vm show`` shows it: ``vm list``'s columns, ``backup_config_sources`` (the
+    layer that set each key of its effective config) and what libvirt says of its domain."""
+    out = _summary(policies, *(getattr(vm, c.key) for c in _SHOWN))
+    out["backup_config_sources"] = policies.of(vm.backup_config, vm.pool)[1]
     if info is not None:
         out["disks"] = [
             {"target": d.target, "path": d.path, "format": d.fmt, "device": d.device}
@@ -304,13 +296,16 @@ def reset_state(ctx: Context, ref: str) -> dict[str, Any]:
 
 
 def configure(ctx: Context, ref: str, changes: dict[str, Any]) -> dict[str, Any]:
-    """Set BACKUP_CONFIG keys of a VM (validated; errors name the bad value)."""
-    normalised = {k: validate(k, v) for k, v in changes.items()}
+    """Set BACKUP_CONFIG keys of a VM (validated; errors name the bad value). A value ``unset``
+    removes the key (inherited again from the pool or ``[backup]``). The key ``pool`` puts the
+    VM in a pool, which must exist; ``None`` takes it out of its pool."""
+    keys = dict(changes)
+    moving, pool = "pool" in keys, keys.pop("pool", None)
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
-        cfg = dict(vm.backup_config or {})
-        for k, v in normalised.items():
-            cfg[k] = str(v) if hasattr(v, "value") else v
-        vm.backup_config = cfg
+        new_pool = pool_for_vm(s, pool) if pool is not None else None
+        vm.backup_config = changed(vm.backup_config, keys)
+        if moving:
+            vm.pool = new_pool
         s.flush()
-        return vm_dict(vm)
+        return vm_dict(vm, Policies(ctx, s))

@@ -1,0 +1,53 @@
+"""The backup policy options that ``vm config`` and ``pool create|set`` share (one declaration),
+and how a policy is printed: each key's effective value and the layer that set it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+UNSET_HELP = "'unset' removes the key (inherited again)"
+# (option, its parameter name, help): the keys of engine/core/backup_config.py KEYS
+OPTIONS = (
+    ("--keep-last", "keep_last", "Restore points to keep (a number, or 'all')."),
+    ("--mode", "mode", "full | increment"),
+    ("--fs-freeze", "fs_freeze", "none | agent | suspend"),
+    ("--backup-volatile", "backup_volatile", "yes | no"),
+    ("--memory", "memory", "yes | no: also save the RAM of a running VM (restore resumes it)"),
+    ("--exclude", "exclude", "yes | no: leave the VM out of --all and --pool backup jobs"),
+)
+NAMES = tuple(name for name, _, _ in OPTIONS)
+# a backup job's keys over its VMs' (``backupjob create|edit``): all but exclude, a job names
+# its VMs itself
+JOB_OPTIONS = tuple(o for o in OPTIONS if o[1] != "exclude")
+
+
+def policy_options(fn: F, options: tuple[tuple[str, str, str], ...] = OPTIONS) -> F:
+    """Add the policy options to a command; they arrive as keyword arguments (None: not given)."""
+    for option, param, help_text in reversed(options):
+        fn = click.option(option, param, default=None, help=f"{help_text} ({UNSET_HELP})")(fn)
+    return fn
+
+
+def job_policy_options(fn: F) -> F:
+    return policy_options(fn, JOB_OPTIONS)
+
+
+def policy_changes(opts: dict[str, Any]) -> dict[str, Any]:
+    """The policy keys given on the command line (taken out of ``opts``)."""
+    return {param: value for _, param, _ in OPTIONS if (value := opts.pop(param, None)) is not None}
+
+
+def policy_lines(config: dict[str, Any], sources: dict[str, str] | None, indent: str = "") -> None:
+    """``KEY  VALUE  (SOURCE)`` per key of an effective config."""
+    width = max((len(k) for k in config), default=0)
+    for key, value in config.items():
+        shown = "all" if key == "keep_last" and value is None else value
+        if isinstance(shown, bool):
+            shown = "yes" if shown else "no"
+        source = f"  ({sources[key]})" if sources and key in sources else ""
+        click.echo(f"{indent}{key:<{width}}  {shown}{source}")
