@@ -273,3 +273,69 @@ def test_schedule_forms(spec: str, now: str, due: str | None, nxt: str) -> None:
 def test_a_bad_schedule_names_the_forms(bad: str) -> None:
     with pytest.raises(InvalidValue, match="--schedule"):
         schedules.parse(bad, NIGHT, UTC)
+
+
+def test_a_jobs_bwlimit_reaches_a_remote_datastores_driver(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 1)
+    backupjobs.create(ctx, "slow", {"all": True}, "ds", "now", options={"bwlimit": "512",
+                      "keep_last": "3"}, now=NIGHT)  # fmt: skip
+    (run,) = scheduler.tick(ctx, NIGHT + timedelta(seconds=1))
+    params = jobs.get(ctx, run["jobs"][0]["id"])["params"]
+    assert (params["bwlimit"], params["policy"]) == (512, {"keep_last": 3})
+    far = Datastore(name="far", driver="rsync", options={"host": "nas", "user": "b", "path": "/s"})
+    assert stores.driver_of(far, 512).options.bwlimit == 512  # type: ignore[attr-defined]
+    assert stores.driver_of(far).options.bwlimit is None  # type: ignore[attr-defined]
+    local = Datastore(name="d", driver="dir", options={"path": str(tmp_path)})
+    assert not hasattr(stores.driver_of(local, 512).options, "bwlimit")  # local: no limit
+    with pytest.raises(InvalidValue, match="--bwlimit"):
+        backupjobs.edit(ctx, "slow", {"options": {"bwlimit": "fast"}})
+
+
+def test_backup_job_routes_by_role(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from vmkeep.api.app import create_app
+    from vmkeep.engine.service import tokens
+
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 2)
+    client = TestClient(create_app(ctx.config))
+    admin = {"Authorization": f"Bearer {tokens.create(ctx, 'a', 'admin')['token']}"}
+    operator = {"Authorization": f"Bearer {tokens.create(ctx, 'o', 'operator')['token']}"}
+    viewer = {"Authorization": f"Bearer {tokens.create(ctx, 'v', 'viewer')['token']}"}
+    body = {"name": "nightly", "all": True, "datastore": "ds", "schedule": "0 2 * * *",
+            "options": {"mode": "increment"}, "priority": 70}  # fmt: skip
+    assert client.post("/v1/backupjobs", json=body, headers=operator).status_code == 403
+    made = client.post("/v1/backupjobs", json=body, headers=admin)
+    assert made.status_code == 201, made.text
+    assert (made.json()["owner"], made.json()["role"], made.json()["priority"]) == (
+        "a",
+        "admin",
+        70,
+    )
+    bad = client.post(
+        "/v1/backupjobs", json=body | {"name": "x", "schedule": "often"}, headers=admin
+    )
+    assert bad.status_code == 422 and "--schedule" in bad.json()["error"]["message"]
+    listed = client.get("/v1/backupjobs", headers=viewer).json()
+    assert [j["name"] for j in listed] == ["nightly"] and listed[0]["next_run"] is not None
+    changed = client.patch("/v1/backupjobs/nightly", json={"enabled": False}, headers=admin)
+    assert changed.json()["enabled"] is False and changed.json()["next_run"] is None
+    # the app reaches the real libvirtd, where these fake-hypervisor domains do not exist: each
+    # VM is refused when queued, and the run says why
+    run = client.post("/v1/backupjobs/nightly/run", headers=operator)
+    assert run.status_code == 201 and run.json()["jobs"] == [] and run.json()["who"] == "o"
+    assert [x["vm"] for x in run.json()["skipped"]] == ["vm00", "vm01"]
+    assert "backup needs POWEROFF or RUNNING" in run.json()["skipped"][0]["reason"]
+    shown = client.get("/v1/backupjobs/nightly", headers=viewer).json()
+    assert {v["vm"]: v["state"] for v in shown["vms"]} == {"vm00": "SKIPPED", "vm01": "SKIPPED"}
+    assert "POWEROFF or RUNNING" in shown["vms"][0]["reason"]
+    # queued the engine's way (its hypervisor knows the domains): the job carries the policy
+    queued = scheduler.run_now(ctx, "nightly", "tester")["jobs"][0]
+    params = jobs.get(ctx, queued["id"])
+    assert (params["priority"], params["who"], params["params"]["policy"]) == (
+        70, "backupjob:nightly", {"mode": "INCREMENT"})  # fmt: skip
+    assert client.delete("/v1/backupjobs/nightly", headers=admin).status_code == 200
+    assert jobs.get(ctx, queued["id"])["state"] == "CANCELLED"  # its queued jobs went with it
+    assert client.get("/v1/backupjobs/nightly", headers=viewer).status_code == 404

@@ -67,7 +67,10 @@ def _fields(o: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str
     """(selector, policy options, other fields) from the parsed options."""
     selector = {"vms": list(o.pop("vms") or []), "group": o.pop("group"), "pool": o.pop("pool"),
                 "all": o.pop("all_")}  # fmt: skip
-    return selector, policy_changes(o), o
+    policy = policy_changes(o)
+    if (bw := o.pop("bwlimit")) is not None:
+        policy["bwlimit"] = bw
+    return selector, policy, o
 
 
 def _show(j: dict[str, Any]) -> None:

@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Datastore
-from vmkeep.datastores import DatastoreDriver, make_driver
+from vmkeep.datastores import REGISTRY, DatastoreDriver, make_driver
 from vmkeep.datastores.ssh import learn_host_key
 from vmkeep.engine.core.context import Context
 from vmkeep.errors import AlreadyExists, DatastoreError, DatastoreNotFound, VmkeepError
@@ -23,8 +23,13 @@ def find_datastore(s: Session, ref: str) -> Datastore:
     return ds
 
 
-def driver_of(ds: Datastore) -> DatastoreDriver:
-    return make_driver(ds.driver, ds.name, ds.options)
+def driver_of(ds: Datastore, bwlimit: int | None = None) -> DatastoreDriver:
+    """The datastore's driver; ``bwlimit`` (KiB/s, a backup job's) over its own, for a driver
+    that sends over the network (restic, rsync; a dir datastore writes locally: no limit)."""
+    options = ds.options
+    if bwlimit and "bwlimit" in REGISTRY[ds.driver].options_model.model_fields:
+        options = options | {"bwlimit": bwlimit}
+    return make_driver(ds.driver, ds.name, options)
 
 
 def add(ctx: Context, name: str, driver: str, options: dict[str, Any]) -> dict[str, Any]:

@@ -242,6 +242,7 @@ def run_group_backup(
     reset: bool = False,
     progress: ProgressFn | None = None,
     overrides: dict[str, Any] | None = None,
+    bwlimit: int | None = None,
 ) -> GroupOutcome:
     """Back up a group's members as one consistent cut. ``overrides``: backup policy keys set
     over every member's effective ones for this backup only (``policy.effective``)."""
@@ -253,7 +254,7 @@ def run_group_backup(
         group_id, group_name = g.id, g.name
         refs = [str(m.vm_id) for m in g.members]
         ds = find_datastore(s, ds_ref)
-        driver, ds_id = driver_of(ds), ds.id
+        driver, ds_id = driver_of(ds, bwlimit), ds.id
     if not refs:
         raise InvalidValue(
             "group", group_name, "it has no members; add VMs with 'vmkeep group add'"

@@ -70,6 +70,7 @@ def run_backup(
     reset: bool = False,
     progress: ProgressFn | None = None,
     overrides: dict[str, Any] | None = None,
+    bwlimit: int | None = None,
 ) -> BackupOutcome:
     """Back up one VM to a datastore. ``overrides``: backup policy keys set over the VM's
     effective ones for this backup only (a backup job's options; ``policy.effective``)."""
@@ -82,7 +83,7 @@ def run_backup(
         with step("prepare"):
             with ctx.catalog.session() as s:
                 ds = find_datastore(s, ds_ref)
-                driver, ds_id = driver_of(ds), ds.id
+                driver, ds_id = driver_of(ds, bwlimit), ds.id
             job = prepare_job(ctx, vm, ds_id, driver, reset, warnings, overrides)
             job.steps = steps
             set_lcm(ctx, vm.id, LcmState.BACKUP_POWEROFF if job.offline else LcmState.BACKUP)

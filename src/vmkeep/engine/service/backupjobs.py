@@ -63,11 +63,21 @@ def _selector(s: Session, sel: dict[str, Any]) -> dict[str, Any]:
 
 
 def _options(options: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for key, value in options.items():
-        if key not in OPTION_KEYS:
-            raise InvalidValue("backup job option", key, f"use one of {', '.join(OPTION_KEYS)}")
+        if key not in (*OPTION_KEYS, "bwlimit"):
+            raise InvalidValue(
+                "backup job option", key, f"use one of {', '.join(OPTION_KEYS)}, bwlimit"
+            )
         if value is None:
+            continue
+        if key == "bwlimit":  # KiB/s to a restic or rsync datastore (not a policy key)
+            try:
+                out[key] = int(value)
+            except (TypeError, ValueError):
+                out[key] = 0
+            if not 1 <= out[key] <= 1 << 30:
+                raise InvalidValue("--bwlimit", value, "use KiB/s, a whole number >= 1")
             continue
         checked = backup_config.validate(key, value)
         out[key] = str(checked) if hasattr(checked, "value") else checked
@@ -307,8 +317,11 @@ def selection(
     or ``--all`` job honours; a VM named by ``--vm`` is backed up whatever it says)."""
     sel = bj.selector
     common: dict[str, Any] = {"datastore": bj.datastore}
-    if bj.options:
-        common["policy"] = dict(bj.options)
+    policy_keys = {k: v for k, v in bj.options.items() if k != "bwlimit"}
+    if policy_keys:
+        common["policy"] = policy_keys
+    if bj.options.get("bwlimit"):
+        common["bwlimit"] = bj.options["bwlimit"]
     if bj.copy_to:
         common["copy_to"] = bj.copy_to
     if "group" in sel:
@@ -340,26 +353,41 @@ def selection(
 
 # --- what each VM got ------------------------------------------------------------------------
 def vm_results(ctx: Context, s: Session, bj: BackupJob) -> list[dict[str, Any]]:
-    """Per VM (or group) the backup job names now: its last job of this backup job (state,
-    when, error, why it waits) or why the last run left it out."""
+    """Per VM (or group) the backup job names now: its job in the last run that had one for it
+    (state, when, error, why it waits), or why the newest run left it out (excluded, refused
+    when queued: a state that allows no backup, ...)."""
     targets, skipped = selection(ctx, s, bj)
-    runs = select(BackupJobRun.id).where(BackupJobRun.backup_job_id == bj.id)
+    runs = list(
+        s.execute(
+            select(BackupJobRun)
+            .where(BackupJobRun.backup_job_id == bj.id)
+            .order_by(BackupJobRun.id)
+        ).scalars()
+    )
     last: dict[str, Job] = {}
-    for row in s.execute(select(Job).where(Job.run_id.in_(runs)).order_by(Job.id)).scalars():
+    q = select(Job).where(Job.run_id.in_([r.id for r in runs])).order_by(Job.id)
+    for row in s.execute(q).scalars():
         last[row.target] = row
+    left_out = {x["vm"]: x["reason"] for x in (runs[-1].skipped if runs else [])}
     rows = []
     for _kind, params in targets:
         name = str(params.get("vm") or params.get("group"))
         j = last.get(name)
-        rows.append({
-            "vm": name,
-            "job": j.id if j else None,
-            "state": j.state if j else "NEVER",
-            "finished": j.finished_at if j else None,
-            "error": j.error if j else None,
-            "reason": (j.wait_reason or "waiting for a free worker")
-            if j is not None and j.state == JobState.QUEUED else None,
-        })  # fmt: skip
-    rows += [{"vm": x["vm"], "job": None, "state": "SKIPPED", "finished": None, "error": None,
-              "reason": x["reason"]} for x in skipped]  # fmt: skip
-    return rows
+        if name in left_out and (j is None or j.run_id != runs[-1].id):
+            rows.append(_result(name, None, "SKIPPED", left_out[name]))
+        elif j is None:
+            rows.append(_result(name, None, "NEVER", None))
+        else:
+            waits = (
+                (j.wait_reason or "waiting for a free worker")
+                if j.state == JobState.QUEUED
+                else None
+            )
+            rows.append(_result(name, j, j.state, waits))
+    return rows + [_result(x["vm"], None, "SKIPPED", x["reason"]) for x in skipped]
+
+
+def _result(vm: str, j: Job | None, state: str, reason: str | None) -> dict[str, Any]:
+    return {"vm": vm, "job": j.id if j else None, "state": state,
+            "finished": j.finished_at if j else None, "error": j.error if j else None,
+            "reason": reason}  # fmt: skip

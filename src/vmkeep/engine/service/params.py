@@ -60,6 +60,7 @@ class BackupParams(VmParams):
     reset: bool = False
     policy: Policy = {}
     copy_to: Name | None = None  # then copy the new point there and verify it (3-2-1)
+    bwlimit: int | None = Field(default=None, ge=1, le=1 << 30)  # KiB/s to a remote datastore
 
 
 # --- points -------------------------------------------------------------------------------------
@@ -112,6 +113,7 @@ class GroupBackupParams(GroupParams):
     reset: bool = False
     policy: Policy = {}
     copy_to: Name | None = None
+    bwlimit: int | None = Field(default=None, ge=1, le=1 << 30)
 
 
 class GroupStartParams(GroupParams):

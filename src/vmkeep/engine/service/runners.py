@@ -115,7 +115,13 @@ def run_backup(
     ctx: Context, _a: Action, p: P.BackupParams, progress: Progress, _c: Caller
 ) -> Outcome:
     out = backup.run_backup(
-        ctx, p.vm, p.datastore, reset=p.reset, progress=progress, overrides=p.policy or None
+        ctx,
+        p.vm,
+        p.datastore,
+        reset=p.reset,
+        progress=progress,
+        overrides=p.policy or None,
+        bwlimit=p.bwlimit,
     )
     if p.copy_to:
         out.result["copy"] = _copy_new_point(ctx, out.result["id"], p.copy_to, out.warnings)
@@ -133,6 +139,7 @@ def run_group_backup(
         reset=p.reset,
         progress=progress,
         overrides=p.policy or None,
+        bwlimit=p.bwlimit,
     )
     if p.copy_to:
         out.result["copies"] = [
