@@ -4,7 +4,8 @@
 Boots a lab VM, writes data in it, takes a full backup (guest frozen through qemu-guest-agent),
 writes more, takes an incremental, restores the incremental as a new VM, boots it and compares the
 checksums the restored guest reports with the originals; copies the chain off the host (restic
-over SFTP to a real sshd on loopback) and backs up once more through the daemon's REST API.
+over SFTP to a real sshd on loopback) and backs up once more through the daemon's REST API, once
+through the daemon's socket, and once by a backup job its scheduler fires.
 """
 
 from __future__ import annotations
@@ -162,11 +163,37 @@ def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> 
             )
             _read_through_the_daemon(ctx, name, env, say)
             _cli_backup_through_the_daemon(api, name, env, say)
+            _scheduled_by_the_daemon(ctx, name, say)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
         tokens.revoke(ctx, token_name)
     say("vmkeep daemon stopped (SIGTERM)")
+
+
+def _scheduled_by_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> None:
+    """A backup job on the schedule ``now``: the daemon's scheduler fires it within a second,
+    a worker runs the backup (docs/policies.md)."""
+    from vmkeep.engine.service import backupjobs
+
+    job_name = f"demo-{os.getpid()}"
+    backupjobs.create(ctx, job_name, {"vms": [name]}, DEMO_DATASTORE, "now", owner="demo")
+    say(f"backup job {job_name} created (--vm {name} --schedule now) ...")
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            run = backupjobs.show(ctx, job_name)["last_run"]
+            if run and run["jobs"] and run["jobs"][0]["state"] not in ("QUEUED", "RUNNING"):
+                break
+            if time.monotonic() > deadline:
+                raise LabError(f"backup job {job_name} did not run within 300 s: {run}")
+            time.sleep(0.3)
+        job = run["jobs"][0]
+        if job["state"] != JobState.DONE:
+            raise LabError(f"the scheduled backup ended {job['state']}: {job['error']}")
+        say(f"  the daemon's scheduler fired it (run {run['id']}): job {job['id']} DONE")
+    finally:
+        backupjobs.remove(ctx, job_name)
 
 
 def _cli_backup_through_the_daemon(
