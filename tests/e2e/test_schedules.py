@@ -187,3 +187,22 @@ def test_a_pool_policy_backs_up_every_vm_every_night_and_posts_to_a_webhook(
     assert nxt < again, (ended, nxt, again)
     text = log.read_text()
     assert SECRET not in text and "abc123" not in text  # no secret in the daemon's log
+
+    # the daemon was down for three nights: back up, it runs the job once, for the newest slot
+    vmkeep("backupjob", "enable", "nightly")
+    back = datetime.fromisoformat(second["slot"]) + timedelta(days=3, hours=8)
+    with running_daemon("--clock", f"{back.isoformat()},1", log=log):
+        runs = _wait("the missed run", lambda: [
+            r for r in vmkeep("backupjob", "show", "nightly", "--json").json()["runs"]
+            if r["origin"] == "missed" and r["jobs"]
+            and all(j["state"] in ("DONE", "FAILED") for j in r["jobs"])])  # fmt: skip
+        time.sleep(3)  # three more looks of the scheduler: nothing else fires
+        after = vmkeep("backupjob", "show", "nightly", "--json").json()["runs"]
+    (missed,) = runs
+    assert [r["id"] for r in after if r["origin"] == "missed"] == [missed["id"]], after
+    assert max(r["slot"] for r in after) == missed["slot"] and missed["state"] == "FIRED"
+    assert datetime.fromisoformat(missed["slot"]) == datetime.fromisoformat(
+        second["slot"]
+    ) + timedelta(days=3)
+    assert sorted(j["target"] for j in missed["jobs"]) == vms
+    assert all(j["state"] == "DONE" for j in missed["jobs"]), missed

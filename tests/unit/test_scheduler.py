@@ -339,3 +339,78 @@ def test_backup_job_routes_by_role(tmp_path: Path) -> None:
     assert client.delete("/v1/backupjobs/nightly", headers=admin).status_code == 200
     assert jobs.get(ctx, queued["id"])["state"] == "CANCELLED"  # its queued jobs went with it
     assert client.get("/v1/backupjobs/nightly", headers=viewer).status_code == 404
+
+
+def test_the_backupjob_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from click.testing import CliRunner
+
+    from vmkeep.cli import backupjob_cmd, output
+    from vmkeep.cli.main import cli
+
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 2)
+    monkeypatch.setenv("VMKEEP_NO_DAEMON", "1")
+    for module in (output, backupjob_cmd):
+        monkeypatch.setattr(module, "ctx_of", lambda _c: ctx)
+
+    def run(*args: str) -> tuple[int, str]:
+        res = CliRunner().invoke(cli, list(args))
+        if res.exception and not isinstance(res.exception, SystemExit):
+            return getattr(res.exception, "exit_code", 99), f"{res.output}{res.exception}"
+        return res.exit_code, res.output
+
+    code, out = run("backupjob", "create", "nightly", "--vm", "vm00", "--vm", "vm01", "--datastore",
+                    "ds", "--schedule", "mon..fri 02:00", "--keep-last", "7", "--bwlimit", "900",
+                    "--priority", "80", "--json")  # fmt: skip
+    assert code == 0, out
+    made = json.loads(out)
+    assert (made["schedule"], made["options"], made["priority"]) == (
+        "0 2 * * 1-5", {"keep_last": 7, "bwlimit": 900}, 80)  # fmt: skip
+    code, out = run("backupjob", "create", "x", "--all", "--datastore", "ds", "--schedule", "often")
+    assert code == InvalidValue.exit_code and "cron expression" in out, out
+    code, out = run(
+        "backupjob", "create", "y", "--vm", "nope", "--datastore", "ds", "--schedule", "now"
+    )
+    assert code == 6 and "nope" in out
+    code, out = run("backupjob", "create", "z", "--all", "--pool", "p", "--datastore", "ds",
+                    "--schedule", "now")  # fmt: skip
+    assert code == InvalidValue.exit_code and "exactly one" in out, out
+    code, out = run("backupjob", "edit", "nightly", "--keep-last", "unset", "--execution",
+                    "parallel", "--json")  # fmt: skip
+    assert code == 0 and json.loads(out)["options"] == {"bwlimit": 900}, out
+    assert json.loads(run("backupjob", "disable", "nightly", "--json")[1])["next_run"] is None
+    code, out = run("backupjob", "list")
+    assert code == 0 and "nightly" in out and "vms vm00,vm01" in out, out
+    code, out = run("backupjob", "show", "nightly")
+    assert code == 0 and "NEVER" in out, out  # no run yet, per VM
+    # no daemon: the run's jobs run here; the fake guests' empty images cannot be backed up
+    code, out = run("backupjob", "run", "nightly")
+    assert code not in (0, 1) and "2 of 2 jobs of run" in out, out
+    shown = json.loads(run("backupjob", "show", "nightly", "--json")[1])
+    assert {v["state"] for v in shown["vms"]} == {"FAILED"} and shown["last_run"][
+        "origin"
+    ] == "manual"
+    code, out = run("backupjob", "delete", "nightly")
+    assert code == 0 and "deleted backup job nightly" in out
+    assert run("backupjob", "show", "nightly")[0] == 6
+
+
+def test_a_new_schedule_or_a_reenabled_job_does_not_fire_old_slots(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 1)
+    backupjobs.create(ctx, "j", {"all": True}, "ds", "0 2 * * *", now=NIGHT)
+    (first,) = scheduler.tick(ctx, datetime(2026, 12, 5, 2, 0, 10, tzinfo=UTC))
+    # at 10:00 the schedule becomes 03:00: today's 03:00 slot came before the change
+    ten = datetime(2026, 12, 5, 10, 0, tzinfo=UTC)
+    backupjobs.edit(ctx, "j", {"schedule": "0 3 * * *"}, now=ten)
+    assert scheduler.tick(ctx, ten + timedelta(minutes=1)) == []
+    assert backupjobs.show(ctx, "j", now=ten)["next_run"] == datetime(2026, 12, 6, 3, 0, tzinfo=UTC)
+    # disabled for two nights, enabled again: those nights do not run now
+    backupjobs.edit(ctx, "j", {"enabled": False}, now=ten)
+    back = ten + timedelta(days=2)
+    backupjobs.edit(ctx, "j", {"enabled": True}, now=back)
+    assert scheduler.tick(ctx, back + timedelta(minutes=1)) == []
+    (nxt,) = scheduler.tick(ctx, datetime(2026, 12, 8, 3, 0, 5, tzinfo=UTC))
+    assert nxt["origin"] == "schedule" and nxt["id"] != first["id"]

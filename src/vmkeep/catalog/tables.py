@@ -351,6 +351,8 @@ class BackupJob(Base):
     role: Mapped[str] = mapped_column(String(16), default="admin")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # slots before this never fire: set when it is made, enabled, or given a new schedule
+    active_since: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class BackupJobRun(Base):

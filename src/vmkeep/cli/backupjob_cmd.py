@@ -31,29 +31,34 @@ def _job_options(create: bool) -> Callable[[Callable[..., Any]], Callable[..., A
                 default=None,
                 help="Cron ('0 2 * * *'), calendar event ('daily', 'mon..fri 02:00'), "
                 "'now', '+SECONDS' or an ISO time.",
-            ),  # fmt: skip
+            ),
             click.option(
                 "--priority",
                 type=click.IntRange(0, 99),
                 default=None,
                 help="0-99, higher runs first (default 50).",
-            ),  # fmt: skip
+            ),
             click.option(
                 "--execution",
                 type=click.Choice(["sequential", "parallel"]),
                 default=None,
                 help="One VM at a time (default), or all at once.",
-            ),  # fmt: skip
+            ),
+            click.option(
+                "--bwlimit",
+                default=None,
+                help="KiB/s to a restic or rsync datastore ('unset' in edit).",
+            ),
             click.option(
                 "--copy-to",
                 default=None,
                 help="Copy and verify each new point to this second datastore.",
-            ),  # fmt: skip
+            ),
             click.option(
                 "--repeat-missed/--no-repeat-missed",
                 default=None,
                 help="Run a slot missed while no daemon ran, once (default) or not.",
-            ),  # fmt: skip
+            ),
             json_option,
         ]
         for opt in reversed(opts):
@@ -209,15 +214,21 @@ def run_cmd(c: click.Context, name: str, no_wait: bool, as_json: bool) -> None:
 
 def _wait_all(ctx: Any, ids: list[int], here: bool) -> None:
     """Each job to its end: run here (no daemon) or followed (the daemon's workers run them).
-    Ctrl-C cancels what has not ended."""
+    Ctrl-C cancels what has not ended. Jobs run here are reported as the daemon's are
+    (``[notify]``): each one's notifications are sent as it ends; one that fails stays in the
+    outbox for a daemon to retry."""
     from vmkeep.engine.core import jobs
+    from vmkeep.engine.service import notify
     from vmkeep.engine.service.actions import RUNNERS
 
     try:
         for job_id in ids:
             while jobs.get(ctx, job_id)["state"] not in jobs.FINAL:
                 if here and jobs.claim(ctx, only=job_id) == job_id:
-                    if jobs.execute(ctx, job_id, RUNNERS)["state"] == "CANCELLED":
+                    job = jobs.execute(ctx, job_id, RUNNERS)
+                    if notify.job_ended(ctx, job):
+                        notify.deliver_due(ctx)
+                    if job["state"] == "CANCELLED":
                         raise KeyboardInterrupt
                     break
                 jobs.wait(ctx, job_id, 1.0)

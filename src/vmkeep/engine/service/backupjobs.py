@@ -133,6 +133,7 @@ def create(
             owner=owner,
             role=role,
             created_at=now,
+            active_since=now,
         )
         _check(s, bj)
         s.add(bj)
@@ -155,7 +156,9 @@ def edit(
             if value is None:
                 continue
             if key == "schedule":
-                bj.schedule = schedules.parse(value, now, tz).text
+                text = schedules.parse(value, now, tz).text
+                if text != bj.schedule:  # the old schedule's slots are not the new one's
+                    bj.schedule, bj.active_since = text, now
             elif key == "options":
                 bj.options = {**bj.options, **_options(value)}
                 bj.options = {k: v for k, v in bj.options.items() if value.get(k, "") is not None}
@@ -163,7 +166,11 @@ def edit(
                 bj.datastore = stores.find_datastore(s, value).name
             elif key == "copy_to":
                 bj.copy_to = stores.find_datastore(s, value).name if value else None
-            elif key in ("priority", "execution", "repeat_missed", "enabled"):
+            elif key == "enabled":
+                if value and not bj.enabled:  # slots while it was disabled do not run now
+                    bj.active_since = now
+                bj.enabled = bool(value)
+            elif key in ("priority", "execution", "repeat_missed"):
                 setattr(bj, key, value)
             else:
                 raise InvalidValue("backup job field", key, "see 'vmkeep backupjob edit --help'")
@@ -199,9 +206,9 @@ def next_run(bj: BackupJob, now: datetime, tz_name: str = "") -> datetime | None
     spec = schedules.stored(bj.schedule)
     tz = schedules.zone(tz_name)
     due = schedules.latest_due(spec, now, tz)
-    if due is not None and due >= bj.created_at and due > (last_slot_of(bj) or bj.created_at):
+    if due is not None and due >= bj.active_since and due > (last_slot_of(bj) or bj.active_since):
         return due  # due now: the scheduler's next look fires it
-    return schedules.next_after(spec, max(now, bj.created_at), tz)
+    return schedules.next_after(spec, max(now, bj.active_since), tz)
 
 
 def last_slot_of(bj: BackupJob) -> datetime | None:

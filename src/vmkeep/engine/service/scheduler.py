@@ -134,8 +134,8 @@ def tick(ctx: Context, now: datetime, grace: float = GRACE) -> list[dict[str, An
         due = []
         for bj in s.execute(select(BackupJob).where(BackupJob.enabled.is_(True))).scalars():
             slot = schedules.latest_due(schedules.stored(bj.schedule), now, tz)
-            if slot is None or slot < bj.created_at:
-                continue  # none yet, or only slots from before the job existed
+            if slot is None or slot < bj.active_since:
+                continue  # none yet, or only slots from before it was made, enabled or changed
             last = backupjobs.last_slot_of(bj)
             if last is None or slot > last:
                 due.append((bj.id, bj.name, bj.repeat_missed, slot))

@@ -37,6 +37,7 @@ def upgrade() -> None:
         sa.Column("role", sa.String(16), nullable=False),
         sa.Column("created_at", UtcDateTime, nullable=False),
         sa.Column("updated_at", UtcDateTime, nullable=False),
+        sa.Column("active_since", UtcDateTime, nullable=False),
     )
     op.create_table(
         "backup_job_runs",
