@@ -414,3 +414,20 @@ def test_a_new_schedule_or_a_reenabled_job_does_not_fire_old_slots(tmp_path: Pat
     assert scheduler.tick(ctx, back + timedelta(minutes=1)) == []
     (nxt,) = scheduler.tick(ctx, datetime(2026, 12, 8, 3, 0, 5, tzinfo=UTC))
     assert nxt["origin"] == "schedule" and nxt["id"] != first["id"]
+
+
+def test_a_long_queue_waiting_for_one_datastore_hides_no_job_that_may_start(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    with ctx.catalog.session() as s:
+        s.add(Datastore(name="repo", driver="restic", options={"repository": "/nowhere"}))
+    for i in range(300):
+        jobs.enqueue(ctx, "backup", f"v{i}", {"vm": f"v{i}", "datastore": "repo"}, "api", "t")
+    last = jobs.enqueue(ctx, "backup", "x", {"vm": "x", "datastore": "ds"}, "api", "t")["id"]
+    first = jobs.claim(ctx)
+    assert jobs.claim(ctx) == last  # behind 299 waiting jobs, and still found
+    assert jobs.claim(ctx) is None
+    waiting = [j for j in _rows(ctx) if j.state == "QUEUED"]
+    assert len(waiting) == 299 and first is not None
+    assert {j.wait_reason for j in waiting} == {
+        "datastore repo takes one writer at a time: 1 of 1 writing"
+    }

@@ -209,9 +209,16 @@ def changes_since(
 
 def claim(ctx: Context, only: int | None = None) -> int | None:
     """Take the next QUEUED job this process may start (``limits.py``: priority, then the
-    oldest, within the limits); None when there is none (``only``: that job, if it may start). Claimers (threads, daemons on one
-    catalog) take turns on the ``claim`` counter, so each job is won once and the limits are
-    counted exactly. A job passed over keeps the reason on its row."""
+    oldest, within the limits); None when there is none (``only``: that job, if it may start).
+    Claimers (threads, daemons on one catalog) take turns on the ``claim`` counter, so each job
+    is won once and the limits are counted exactly. A job passed over keeps the reason on its
+    row.
+
+    What holds a job back depends only on its kind, its datastore and (a sequential run) its
+    run: jobs alike wait for the same reason. So each kind of waiting job is asked about once,
+    the oldest of the highest priority first, and its reason is written on all of them: a
+    thousand jobs of one run waiting for a restic repository never hide a job behind them that
+    may start."""
     queued_now = Job.state == JobState.QUEUED
     if only is not None:
         queued_now = queued_now & (Job.id == only)
@@ -227,30 +234,48 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
         )
         for kind, on, ds, run in s.execute(q):
             running.add(kind, on, ds, run)
-        queued = list(
-            s.execute(
-                select(Job)
-                .where(queued_now)
-                .order_by(Job.priority.desc(), Job.id)
-                .limit(CLAIM_LOOKAHEAD)
-            ).scalars()
-        )
-        one_writer = _one_writer_stores(s, {j.datastore for j in queued if j.datastore})
-        sequential = _sequential_runs(s, {j.run_id for j in queued if j.run_id is not None})
-        for j in queued:
-            run = j.run_id if j.run_id in sequential else None
-            why = limits.blocker(ctx.config.limits, running, j.kind, j.datastore, host,
-                                 j.datastore in one_writer, run)  # fmt: skip
-            if why is None:
-                j.state, j.host, j.pid = JobState.RUNNING, host, os.getpid()
-                j.started_at, j.wait_reason = datetime.now(UTC), None
-                return j.id
-            if j.wait_reason != why:
-                j.wait_reason = why
+        cols = (Job.id, Job.kind, Job.datastore, Job.run_id, Job.wait_reason)
+        queued = s.execute(
+            select(*cols).where(queued_now).order_by(Job.priority.desc(), Job.id)
+        ).all()
+        one_writer = _one_writer_stores(s, {r.datastore for r in queued if r.datastore})
+        sequential = _sequential_runs(s, {r.run_id for r in queued if r.run_id is not None})
+        reasons: dict[tuple[bool, str | None, int | None], str] = {}
+        stale: dict[str, list[int]] = {}
+        for r in queued:
+            run = r.run_id if r.run_id in sequential else None
+            alike = (r.kind in limits.BACKUP_KINDS, r.datastore, run)
+            if alike not in reasons:
+                why = limits.blocker(ctx.config.limits, running, r.kind, r.datastore, host,
+                                     r.datastore in one_writer, run)  # fmt: skip
+                if why is None:
+                    _mark_waiting(s, stale)
+                    s.execute(
+                        update(Job)
+                        .where(Job.id == r.id)
+                        .values(
+                            state=JobState.RUNNING,
+                            host=host,
+                            pid=os.getpid(),
+                            started_at=datetime.now(UTC),
+                            wait_reason=None,
+                        )  # fmt: skip
+                    )
+                    return int(r.id)
+                reasons[alike] = why
+            if r.wait_reason != reasons[alike]:
+                stale.setdefault(reasons[alike], []).append(r.id)
+        _mark_waiting(s, stale)
         return None
 
 
-CLAIM_LOOKAHEAD = 200  # QUEUED jobs a claim looks at, in the order they may start
+def _mark_waiting(s: Session, stale: dict[str, list[int]]) -> None:
+    """Write each passed-over job's new reason (only where it changed)."""
+    for why, ids in stale.items():
+        for chunk in range(0, len(ids), 500):
+            s.execute(
+                update(Job).where(Job.id.in_(ids[chunk : chunk + 500])).values(wait_reason=why)
+            )
 
 
 def _one_writer_stores(s: Session, names: set[str]) -> set[str]:
