@@ -90,6 +90,8 @@ def _show(j: dict[str, Any]) -> None:
     if j.get("vms"):
         click.echo("")
         table(j["vms"], ("vm", "state", "job", "finished", "reason", "error"))
+    elif "vms" in j:  # show, not create/edit
+        click.echo(f"\nno VM selected now ({j['target']})")
 
 
 def _list(rows: list[dict[str, Any]]) -> None:
