@@ -156,7 +156,19 @@ class LimitsConfig(_Section):
 
 class ScheduleConfig(_Section):
     tick: float = Field(default=1.0, gt=0, le=60)  # seconds between the scheduler's looks
-    timezone: str = ""  # cron and calendar slots in this zone (empty: the host's local zone)
+    timezone: str = ""  # new backup jobs read their slots in this zone (empty: the host's)
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            if value:
+                ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("use a zone name like Europe/Berlin (or leave it empty)") from None
+        return value
 
 
 class NotifyConfig(_Section):

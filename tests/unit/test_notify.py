@@ -27,7 +27,7 @@ from vmkeep.config import CatalogConfig, load_config
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.service import notify, tokens
-from vmkeep.engine.service.notify_send import redact, scrub
+from vmkeep.engine.service.notify_send import redact, scrub, url_name
 from vmkeep.errors import BackupFailed, NotificationFailed
 
 TOKEN = "T0KEN-in-the-path-9f8e7d6c"  # a Slack-style hook's token, part of the URL
@@ -333,8 +333,9 @@ def test_an_apprise_url_is_delivered_and_its_password_never_shows(
     assert message["message"].startswith("vmkeep: backup of web1 failed: Backup of VM 'web1'")
     assert message["type"] == "failure"
     by_target = {r.target: r for r in rows(ctx)}
-    assert [by_target[t].state for t in ("webhook", "url:0", "url:1")] == ["SENT", "SENT", "FAILED"]
-    assert by_target["url:1"].error and "json://…@127.0.0.1" in by_target["url:1"].error
+    url0, url1 = (url_name(u.get_secret_value()) for u in ctx.config.notify.urls)
+    assert [by_target[t].state for t in ("webhook", url0, url1)] == ["SENT", "SENT", "FAILED"]
+    assert by_target[url1].error and "json://…@127.0.0.1" in by_target[url1].error
 
     stored = json.dumps([[r.target, r.payload, r.error] for r in rows(ctx)])
     listed = json.dumps(notify.list_rows(ctx), default=str)

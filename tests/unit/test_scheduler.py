@@ -269,7 +269,10 @@ def test_schedule_forms(spec: str, now: str, due: str | None, nxt: str) -> None:
     assert schedules.next_after(parsed, t, UTC) == datetime.fromisoformat(nxt).replace(tzinfo=UTC)
 
 
-@pytest.mark.parametrize("bad", ["", "often", "25:00", "mon..fry 02:00", "+soon", "0 2 * *"])
+@pytest.mark.parametrize(
+    "bad",
+    ["", "often", "25:00", "mon..fry 02:00", "+soon", "0 2 * *", "0 0 30 2 *", "2020-01-01T00:00"],
+)
 def test_a_bad_schedule_names_the_forms(bad: str) -> None:
     with pytest.raises(InvalidValue, match="--schedule"):
         schedules.parse(bad, NIGHT, UTC)
@@ -292,20 +295,21 @@ def test_a_jobs_bwlimit_reaches_a_remote_datastores_driver(tmp_path: Path) -> No
         backupjobs.edit(ctx, "slow", {"options": {"bwlimit": "fast"}})
 
 
-def test_backup_job_routes_by_role(tmp_path: Path) -> None:
+def test_backup_job_routes_by_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from fastapi.testclient import TestClient
 
-    from vmkeep.api.app import create_app
+    from vmkeep.api import app
     from vmkeep.engine.service import tokens
 
     ctx = _ctx(tmp_path)
     _vms(ctx, tmp_path, 2)
-    client = TestClient(create_app(ctx.config))
+    monkeypatch.setattr(app, "Context", lambda config: Context(config, _hv=ctx.hv))
+    client = TestClient(app.create_app(ctx.config))
     admin = {"Authorization": f"Bearer {tokens.create(ctx, 'a', 'admin')['token']}"}
     operator = {"Authorization": f"Bearer {tokens.create(ctx, 'o', 'operator')['token']}"}
     viewer = {"Authorization": f"Bearer {tokens.create(ctx, 'v', 'viewer')['token']}"}
     body = {"name": "nightly", "all": True, "datastore": "ds", "schedule": "0 2 * * *",
-            "options": {"mode": "increment"}, "priority": 70}  # fmt: skip
+            "options": {"mode": "increment", "keep_last": "all"}, "priority": 70}  # fmt: skip
     assert client.post("/v1/backupjobs", json=body, headers=operator).status_code == 403
     made = client.post("/v1/backupjobs", json=body, headers=admin)
     assert made.status_code == 201, made.text
@@ -322,20 +326,23 @@ def test_backup_job_routes_by_role(tmp_path: Path) -> None:
     assert [j["name"] for j in listed] == ["nightly"] and listed[0]["next_run"] is not None
     changed = client.patch("/v1/backupjobs/nightly", json={"enabled": False}, headers=admin)
     assert changed.json()["enabled"] is False and changed.json()["next_run"] is None
-    # the app reaches the real libvirtd, where these fake-hypervisor domains do not exist: each
-    # VM is refused when queued, and the run says why
+    # keep_last 'all' (null) is a value too: the run's jobs carry it
     run = client.post("/v1/backupjobs/nightly/run", headers=operator)
-    assert run.status_code == 201 and run.json()["jobs"] == [] and run.json()["who"] == "o"
-    assert [x["vm"] for x in run.json()["skipped"]] == ["vm00", "vm01"]
-    assert "backup needs POWEROFF or RUNNING" in run.json()["skipped"][0]["reason"]
+    assert run.status_code == 201 and run.json()["who"] == "o" and run.json()["skipped"] == []
+    assert sorted(j["target"] for j in run.json()["jobs"]) == ["vm00", "vm01"]
+    queued = jobs.get(ctx, run.json()["jobs"][0]["id"])
+    assert (queued["priority"], queued["who"], queued["params"]["policy"]) == (
+        70, "backupjob:nightly", {"mode": "INCREMENT", "keep_last": None})  # fmt: skip
     shown = client.get("/v1/backupjobs/nightly", headers=viewer).json()
-    assert {v["vm"]: v["state"] for v in shown["vms"]} == {"vm00": "SKIPPED", "vm01": "SKIPPED"}
-    assert "POWEROFF or RUNNING" in shown["vms"][0]["reason"]
-    # queued the engine's way (its hypervisor knows the domains): the job carries the policy
-    queued = scheduler.run_now(ctx, "nightly", "tester")["jobs"][0]
-    params = jobs.get(ctx, queued["id"])
-    assert (params["priority"], params["who"], params["params"]["policy"]) == (
-        70, "backupjob:nightly", {"mode": "INCREMENT"})  # fmt: skip
+    assert {v["vm"]: v["state"] for v in shown["vms"]} == {"vm00": "QUEUED", "vm01": "QUEUED"}
+    # policy keys in a backup's body are a backup job's: not an operator's
+    sneaky = {"datastore": "ds", "policy": {"keep_last": 1}}
+    refused = client.post("/v1/vms/vm00/backup", json=sneaky, headers=operator)
+    assert refused.status_code == 403, refused.text
+    assert client.post("/v1/vms/vm00/backup", json=sneaky, headers=admin).status_code == 202
+    # the datastore a job writes to cannot go from under it
+    gone = client.delete("/v1/datastores/ds", headers=admin)
+    assert gone.status_code == 409 and "backup jobs nightly" in gone.json()["error"]["message"]
     assert client.delete("/v1/backupjobs/nightly", headers=admin).status_code == 200
     assert jobs.get(ctx, queued["id"])["state"] == "CANCELLED"  # its queued jobs went with it
     assert client.get("/v1/backupjobs/nightly", headers=viewer).status_code == 404
@@ -431,3 +438,54 @@ def test_a_long_queue_waiting_for_one_datastore_hides_no_job_that_may_start(tmp_
     assert {j.wait_reason for j in waiting} == {
         "datastore repo takes one writer at a time: 1 of 1 writing"
     }
+
+
+def test_a_night_whose_clocks_go_back_fires_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Europe/Berlin, 25 October 2026: 02:30 comes twice on the wall clock, once as a slot."""
+    monkeypatch.setenv("VMKEEP_SCHEDULE_TIMEZONE", "Europe/Berlin")
+    ctx = Context(load_config(environ={"VMKEEP_DATA_DIR": str(tmp_path / "data"),
+                                       "VMKEEP_SCHEDULE_TIMEZONE": "Europe/Berlin"}),
+                  _hv=FakeHypervisor())  # fmt: skip
+    stores.add(ctx, "ds", "dir", {"path": str(tmp_path / "ds")})
+    _vms(ctx, tmp_path, 1)
+    made = backupjobs.create(ctx, "j", {"all": True}, "ds", "30 2 * * *",
+                             now=datetime(2026, 10, 24, 12, 0, tzinfo=UTC))  # fmt: skip
+    assert made["timezone"] == "Europe/Berlin"
+    fired = []
+    t = datetime(2026, 10, 24, 22, 0, tzinfo=UTC)
+    while t < datetime(2026, 10, 25, 5, 0, tzinfo=UTC):
+        fired += scheduler.tick(ctx, t, grace=900)
+        t += timedelta(minutes=10)
+    assert [r["slot"] for r in fired] == [datetime(2026, 10, 25, 0, 30, tzinfo=UTC)]  # 02:30 CEST
+
+
+def test_a_bad_time_zone_is_refused_when_the_config_loads(tmp_path: Path) -> None:
+    from vmkeep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="VMKEEP_SCHEDULE_TIMEZONE"):
+        load_config(
+            environ={"VMKEEP_DATA_DIR": str(tmp_path), "VMKEEP_SCHEDULE_TIMEZONE": "Mars/Olympus"}
+        )
+
+
+def test_a_vm_a_run_could_not_queue_is_reported_and_an_excluded_one_is_not(tmp_path: Path) -> None:
+    from vmkeep.catalog.tables import Notification
+
+    env = {"VMKEEP_DATA_DIR": str(tmp_path / "data"), "VMKEEP_NOTIFY_ON": "failure",
+           "VMKEEP_NOTIFY_WEBHOOK_URL": "http://127.0.0.1:9/hook"}  # fmt: skip
+    ctx = Context(load_config(environ=env), _hv=FakeHypervisor())
+    stores.add(ctx, "ds", "dir", {"path": str(tmp_path / "ds")})
+    _vms(ctx, tmp_path, 3)
+    inventory.configure(ctx, "vm02", {"exclude": "yes"})
+    ctx.hv.undefine("vm01")  # gone from the host: its backup is refused when queued
+    backupjobs.create(ctx, "nightly", {"all": True}, "ds", "now", now=NIGHT)
+    (run,) = scheduler.tick(ctx, NIGHT + timedelta(seconds=1))
+    assert [j["target"] for j in run["jobs"]] == ["vm00"]
+    assert {x["vm"] for x in run["skipped"]} == {"vm01", "vm02"}
+    with ctx.catalog.session() as s:
+        (note,) = [n.payload for n in s.execute(select(Notification)).scalars()]
+    assert (note["event"], note["status"], note["vm"], note["backupjob"]) == (
+        "run.left_out", "failed", "vm01", "nightly")  # fmt: skip
+    assert "vm01: " in note["error"]["message"] and "vm02" not in note["error"]["message"]

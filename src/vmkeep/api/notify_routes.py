@@ -1,5 +1,5 @@
 """The notification outbox (``engine/service/notify.py``): a read for viewers. Targets are
-named ("webhook", "url:N") and shown redacted, never their URLs."""
+named ("webhook", "url:<digest>") and shown redacted, never their URLs."""
 
 from __future__ import annotations
 

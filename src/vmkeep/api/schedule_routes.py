@@ -39,7 +39,7 @@ class BackupJobRequest(BackupJobChange):
     name: Text = Field(min_length=1, max_length=255)
     datastore: Text = Field(max_length=255)
     schedule: Text = Field(max_length=255)
-    options: Policy = {}  # type: ignore[assignment]
+    options: Policy = {}
 
 
 def routes(api: Api, r: FastAPI) -> None:
@@ -81,7 +81,7 @@ def routes(api: Api, r: FastAPI) -> None:
         changes = body.model_dump(exclude_unset=True)
         if "all" in changes:
             changes["all"] = bool(changes["all"])
-        return jsonable(backupjobs.edit(ctx(), name, changes))
+        return jsonable(backupjobs.edit(ctx(), name, changes, by=(who.name, who.role)))
 
     @r.delete("/v1/backupjobs/{name}")
     def delete_backupjob(name: str, who: Actor = require("backupjob-edit")) -> Any:

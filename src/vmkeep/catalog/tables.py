@@ -353,6 +353,8 @@ class BackupJob(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # slots before this never fire: set when it is made, enabled, or given a new schedule
     active_since: Mapped[datetime] = mapped_column(default=utcnow)
+    # the zone its cron and calendar slots are read in (every daemon reads them alike)
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
 
 
 class BackupJobRun(Base):
@@ -360,7 +362,10 @@ class BackupJobRun(Base):
     daemons never fire the same slot twice. Its jobs carry its id (``Job.run_id``)."""
 
     __tablename__ = "backup_job_runs"
-    __table_args__ = (UniqueConstraint("backup_job_id", "slot_at", name="uq_backup_job_runs_slot"),)
+    __table_args__ = (
+        UniqueConstraint("backup_job_id", "slot_at", name="uq_backup_job_runs_slot"),
+        {"sqlite_autoincrement": True},  # jobs keep a deleted run's id: never given again
+    )
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     backup_job_id: Mapped[int] = mapped_column(ForeignKey("backup_jobs.id"))
     slot_at: Mapped[datetime] = mapped_column()
@@ -378,7 +383,7 @@ class Notification(Base):
     __tablename__ = "notifications"
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(Integer)
-    target: Mapped[str] = mapped_column(String(64))  # "webhook" | "url:N"
+    target: Mapped[str] = mapped_column(String(64))  # "webhook" | "url:<digest>"
     payload: Mapped[dict[str, Any]] = mapped_column(default=dict)
     state: Mapped[str] = mapped_column(String(16), default="PENDING")  # PENDING | SENT | FAILED
     attempts: Mapped[int] = mapped_column(Integer, default=0)

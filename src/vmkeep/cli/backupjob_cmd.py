@@ -141,7 +141,10 @@ def edit_cmd(c: click.Context, name: str, as_json: bool, **o: Any) -> None:
         changes["options"] = {k: None if v.lower() == "unset" else v for k, v in policy.items()}
     if not changes:
         raise click.UsageError("give at least one option to change (see --help)")
-    render(backupjobs.edit(ctx_of(c), name, changes), as_json, _show)
+    from vmkeep.engine.core.jobs import local_user
+
+    by = (local_user(), "admin")  # the catalog's owner, as every command without a daemon
+    render(backupjobs.edit(ctx_of(c), name, changes, by=by), as_json, _show)
 
 
 @backupjob.command("list")
@@ -217,19 +220,19 @@ def run_cmd(c: click.Context, name: str, no_wait: bool, as_json: bool) -> None:
 def _wait_all(ctx: Any, ids: list[int], here: bool) -> None:
     """Each job to its end: run here (no daemon) or followed (the daemon's workers run them).
     Ctrl-C cancels what has not ended. Jobs run here are reported as the daemon's are
-    (``[notify]``): each one's notifications are sent as it ends; one that fails stays in the
-    outbox for a daemon to retry."""
+    (``[notify]``): their notifications are sent once the last has ended (a dead receiver
+    never holds a backup up); one that fails stays in the outbox for a daemon to retry."""
     from vmkeep.engine.core import jobs
     from vmkeep.engine.service import notify
     from vmkeep.engine.service.actions import RUNNERS
 
+    reports = 0
     try:
         for job_id in ids:
             while jobs.get(ctx, job_id)["state"] not in jobs.FINAL:
                 if here and jobs.claim(ctx, only=job_id) == job_id:
                     job = jobs.execute(ctx, job_id, RUNNERS)
-                    if notify.job_ended(ctx, job):
-                        notify.deliver_due(ctx)
+                    reports += notify.job_ended(ctx, job)
                     if job["state"] == "CANCELLED":
                         raise KeyboardInterrupt
                     break
@@ -239,6 +242,9 @@ def _wait_all(ctx: Any, ids: list[int], here: bool) -> None:
             if jobs.get(ctx, job_id)["state"] not in jobs.FINAL:
                 jobs.cancel(ctx, job_id)
         raise
+    finally:
+        if reports:
+            notify.deliver_due(ctx)
 
 
 def _run(r: dict[str, Any]) -> None:

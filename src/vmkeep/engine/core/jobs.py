@@ -249,19 +249,21 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
                 why = limits.blocker(ctx.config.limits, running, r.kind, r.datastore, host,
                                      r.datastore in one_writer, run)  # fmt: skip
                 if why is None:
-                    _mark_waiting(s, stale)
-                    s.execute(
+                    won = s.execute(  # type: ignore[attr-defined]
                         update(Job)
-                        .where(Job.id == r.id)
+                        .where(Job.id == r.id, Job.state == JobState.QUEUED)  # not cancelled
                         .values(
                             state=JobState.RUNNING,
                             host=host,
                             pid=os.getpid(),
                             started_at=datetime.now(UTC),
                             wait_reason=None,
-                        )  # fmt: skip
-                    )
-                    return int(r.id)
+                        )
+                    ).rowcount
+                    if won == 1:
+                        _mark_waiting(s, stale)
+                        return int(r.id)
+                    continue  # cancelled meanwhile: the next one alike is asked again
                 reasons[alike] = why
             if r.wait_reason != reasons[alike]:
                 stale.setdefault(reasons[alike], []).append(r.id)

@@ -10,17 +10,22 @@ Forms (docs/policies.md has examples):
 - a one-shot: ``now``, ``+SECONDS`` (from when the job is created), or an ISO time
   (``2026-12-24T22:00``, the host's time zone unless it names one).
 
-Cron and calendar slots are in the host's local time zone (``[schedule] timezone`` overrides).
+Cron and calendar slots are read in a backup job's time zone, fixed when it is made:
+``[schedule] timezone``, else the host's zone (``TZ``, ``/etc/localtime``). A zone name, never a
+fixed offset: a night whose clocks go back has one 02:30, and every daemon reads the slots alike.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta, tzinfo
+from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 
 from vmkeep.errors import InvalidValue
 
@@ -58,18 +63,39 @@ class Spec:
         return self.text.startswith(_AT)
 
 
-def zone(name: str = "") -> tzinfo:
-    """``[schedule] timezone``, or the host's local zone."""
-    if not name:
-        local = datetime.now().astimezone().tzinfo
-        assert local is not None
-        return local
+def host_zone() -> str:
+    """The host's time zone by name: ``TZ``, else where ``/etc/localtime`` points, else
+    ``/etc/timezone``; UTC when none names one."""
+    candidates = [os.environ.get("TZ", "").lstrip(":")]
+    with contextlib.suppress(OSError):
+        link = os.readlink("/etc/localtime")
+        candidates.append(link.split("zoneinfo/", 1)[1] if "zoneinfo/" in link else "")
+    with contextlib.suppress(OSError):
+        candidates.append(Path("/etc/timezone").read_text().strip())
+    for name in candidates:
+        if name and known_zone(name):
+            return name
+    return "UTC"
+
+
+def known_zone(name: str) -> bool:
     try:
-        return ZoneInfo(name)
+        ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError):
-        raise InvalidValue(
-            "[schedule] timezone", name, "use a zone name like Europe/Berlin"
-        ) from None
+        return False
+    return True
+
+
+def zone_name(configured: str = "") -> str:
+    """The zone a new backup job reads its slots in: ``[schedule] timezone``, or the host's."""
+    if configured and not known_zone(configured):
+        raise InvalidValue("[schedule] timezone", configured, "use a zone name like Europe/Berlin")
+    return configured or host_zone()
+
+
+def zone(name: str = "") -> tzinfo:
+    """The zone ``name`` (``zone_name``'s choice when empty)."""
+    return ZoneInfo(zone_name(name))
 
 
 def parse(text: str, now: datetime, tz: tzinfo | None = None) -> Spec:
@@ -97,10 +123,16 @@ def parse(text: str, now: datetime, tz: tzinfo | None = None) -> Spec:
                 "--schedule", text, "use an ISO time, e.g. 2026-12-24T22:00"
             ) from None
         at = at.replace(tzinfo=tz) if at.tzinfo is None else at
+        if at < now:
+            raise InvalidValue("--schedule", text, "that time has passed; 'now' runs it at once")
         return Spec(_AT + at.isoformat(), given)
     cron = _cron_of(low)
     if cron is None or not croniter.is_valid(cron):
         raise InvalidValue("--schedule", text, f"give {FORMS}")
+    try:  # valid fields that name no day (30 February) are no schedule either
+        croniter(cron, now.astimezone(tz)).get_next(datetime)
+    except (CroniterBadDateError, ValueError):
+        raise InvalidValue("--schedule", text, "it names no time that ever comes") from None
     return Spec(cron, given)
 
 

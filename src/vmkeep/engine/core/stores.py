@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.tables import Datastore
+from vmkeep.catalog.tables import BackupJob, Datastore
 from vmkeep.datastores import REGISTRY, DatastoreDriver, make_driver
 from vmkeep.datastores.ssh import learn_host_key
 from vmkeep.engine.core.context import Context
@@ -109,3 +109,22 @@ def ds_dict(ds: Datastore, drv: DatastoreDriver | None = None) -> dict[str, Any]
         "free_bytes": free,
         "error": error,
     }
+
+
+def backup_jobs_using(
+    s: Session, datastore: str | None = None, group: str | None = None
+) -> list[str]:
+    """The backup jobs that write to ``datastore`` (or copy to it), or back up ``group``: what
+    removing it would silently stop."""
+    out = []
+    for name, ds, copy_to, selector in s.execute(
+        select(BackupJob.name, BackupJob.datastore, BackupJob.copy_to, BackupJob.selector)
+    ):
+        if (
+            datastore is not None
+            and datastore in (ds, copy_to)
+            or group is not None
+            and (selector or {}).get("group") == group
+        ):
+            out.append(name)
+    return sorted(out)

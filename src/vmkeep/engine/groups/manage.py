@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupMember
 from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.stores import backup_jobs_using
 from vmkeep.engine.restore.point import RestoreOptions, restore
 from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.record import find_vm, sync_state
@@ -28,6 +29,7 @@ from vmkeep.errors import (
     GroupNotFound,
     HypervisorError,
     InvalidValue,
+    Refused,
 )
 from vmkeep.model import BackupStatus, LcmState, VmState, Warnings
 from vmkeep.names import check_name, is_id
@@ -175,6 +177,13 @@ def delete_group(ctx: Context, ref: str) -> dict[str, Any]:
     """Remove the group; its members' backups stay (they are ordinary per-VM chains)."""
     with ctx.catalog.session() as s:
         g = find_group(s, ref)
+        if users := backup_jobs_using(s, group=g.name):
+            raise Refused(
+                f"deleting group {g.name}",
+                f"backup jobs {', '.join(users)} back it up",
+                "Delete them first with 'vmkeep backupjob delete NAME', or point them at "
+                "other VMs with 'vmkeep backupjob edit NAME --vm VM'.",
+            )
         out = {"id": g.id, "name": g.name, "deleted": True}
         for b in s.execute(select(GroupBackup).where(GroupBackup.group_id == g.id)).scalars():
             s.delete(b)

@@ -31,22 +31,26 @@ from vmkeep.names import check_chain_key, check_file_name
 log = logging.getLogger(__name__)
 
 
-def copy_backup(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
+def copy_backup(
+    ctx: Context, backup_id: int, to_ref: str, bwlimit: int | None = None
+) -> dict[str, Any]:
     """Copy a chain to another datastore and verify it there. Copying again later copies only the
     increments the copy lacks (or whose content changed, after a retention merge). Holds the
     VM's lock (no backup or retention changes the chain meanwhile); a failure removes what it
     stored and leaves the copy's catalog row as it was minus the increments it was replacing."""
     with chain_locked(ctx, backup_id, "copy"):
-        return _copy_locked(ctx, backup_id, to_ref)
+        return _copy_locked(ctx, backup_id, to_ref, bwlimit)
 
 
-def _copy_locked(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
+def _copy_locked(
+    ctx: Context, backup_id: int, to_ref: str, bwlimit: int | None = None
+) -> dict[str, Any]:
     with ctx.catalog.session() as s:
         b = find_backup(s, backup_id)
         dest_ds = find_datastore(s, to_ref)
         if dest_ds.id == b.datastore_id:
             raise InvalidValue("--to", to_ref, "that is the datastore the backup is on already")
-        src_driver, dst_driver = driver_of(b.datastore), driver_of(dest_ds)
+        src_driver, dst_driver = driver_of(b.datastore), driver_of(dest_ds, bwlimit)
         chain, vm_id, mode, created = b.chain, b.vm_id, b.mode, b.created_at
         source = {i.seq: i for i in valid_increments(b)}
         if not source:

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember
 from vmkeep.engine.core.chains import chain_locked, find_backup, valid_increments, write_manifest
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.core.stores import driver_of, find_datastore
+from vmkeep.engine.core.stores import backup_jobs_using, driver_of, find_datastore
 from vmkeep.engine.vm.recovery import prune_checkpoints
 from vmkeep.errors import HypervisorError, IncrementNotFound, NotFound, Refused
 from vmkeep.model import BackupStatus
@@ -96,6 +96,13 @@ def remove_datastore(ctx: Context, ref: str, force: bool = False) -> dict[str, A
     back)."""
     with ctx.catalog.session() as s:
         ds = find_datastore(s, ref)
+        if users := backup_jobs_using(s, datastore=ds.name):
+            raise Refused(
+                f"removing datastore {ds.name}",
+                f"backup jobs {', '.join(users)} write to it",
+                "Point them elsewhere with 'vmkeep backupjob edit NAME --datastore D' (or "
+                "--copy-to), or delete them with 'vmkeep backupjob delete NAME'.",
+            )
         rows = s.execute(select(Backup).where(Backup.datastore_id == ds.id)).scalars().all()
         running = [b.id for b in rows if b.status == BackupStatus.RUNNING]
         if running:

@@ -115,7 +115,8 @@ def create(
     """A new backup job; ``owner``/``role``: who made it (its runs act with that role)."""
     check_name("backup job name", name)
     now = now or datetime.now(UTC)
-    tz = schedules.zone(ctx.config.schedule.timezone)
+    tz_name = schedules.zone_name(ctx.config.schedule.timezone)
+    tz = schedules.zone(tz_name)
     with ctx.catalog.session() as s:
         if s.execute(select(BackupJob.id).where(BackupJob.name == name)).first() is not None:
             raise AlreadyExists(f"backup job {name!r}")
@@ -134,6 +135,7 @@ def create(
             role=role,
             created_at=now,
             active_since=now,
+            timezone=tz_name,
         )
         _check(s, bj)
         s.add(bj)
@@ -142,13 +144,21 @@ def create(
 
 
 def edit(
-    ctx: Context, name: str, changes: dict[str, Any], now: datetime | None = None
+    ctx: Context,
+    name: str,
+    changes: dict[str, Any],
+    now: datetime | None = None,
+    by: tuple[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Change the given fields (the same names as ``create``'s; a selector replaces the old)."""
+    """Change the given fields (the same names as ``create``'s; a selector replaces the old).
+    ``by``: (owner, role) of who edits: the job's runs act with that role from now on (never
+    with the role of whoever made it, if that was more)."""
     now = now or datetime.now(UTC)
-    tz = schedules.zone(ctx.config.schedule.timezone)
     with ctx.catalog.session() as s:
         bj = find(s, name)
+        if by is not None:
+            bj.owner, bj.role = by
+        tz = schedules.zone(bj.timezone)
         sel = {k: changes.pop(k) for k in SELECTORS if changes.get(k)}
         if sel:
             bj.selector = _selector(s, sel)
@@ -199,12 +209,12 @@ def remove(ctx: Context, name: str) -> dict[str, Any]:
         return shown
 
 
-def next_run(bj: BackupJob, now: datetime, tz_name: str = "") -> datetime | None:
+def next_run(bj: BackupJob, now: datetime) -> datetime | None:
     """When the scheduler fires it next (None: disabled, or a one-shot that has fired)."""
     if not bj.enabled:
         return None
     spec = schedules.stored(bj.schedule)
-    tz = schedules.zone(tz_name)
+    tz = schedules.zone(bj.timezone)
     due = schedules.latest_due(spec, now, tz)
     if due is not None and due >= bj.active_since and due > (last_slot_of(bj) or bj.active_since):
         return due  # due now: the scheduler's next look fires it
@@ -262,7 +272,7 @@ def get_run(ctx: Context, run_id: int) -> dict[str, Any]:
         return run_dict(s, r)
 
 
-def _dict(s: Session, bj: BackupJob, now: datetime, tz_name: str = "") -> dict[str, Any]:
+def _dict(s: Session, bj: BackupJob, now: datetime) -> dict[str, Any]:
     last = s.execute(
         select(BackupJobRun)
         .where(BackupJobRun.backup_job_id == bj.id)
@@ -285,17 +295,17 @@ def _dict(s: Session, bj: BackupJob, now: datetime, tz_name: str = "") -> dict[s
         "owner": bj.owner,
         "role": bj.role,
         "created": bj.created_at,
-        "next_run": next_run(bj, now, tz_name),
+        "timezone": bj.timezone,
+        "next_run": next_run(bj, now),
         "last_run": run_dict(s, last) if last is not None else None,
     }
 
 
 def list_all(ctx: Context, now: datetime | None = None) -> list[dict[str, Any]]:
     now = now or datetime.now(UTC)
-    tz = ctx.config.schedule.timezone
     with ctx.catalog.session() as s:
         rows = s.execute(select(BackupJob).order_by(BackupJob.name)).scalars()
-        return [_dict(s, bj, now, tz) for bj in rows]
+        return [_dict(s, bj, now) for bj in rows]
 
 
 def show(ctx: Context, name: str, now: datetime | None = None) -> dict[str, Any]:
@@ -303,7 +313,7 @@ def show(ctx: Context, name: str, now: datetime | None = None) -> dict[str, Any]
     now = now or datetime.now(UTC)
     with ctx.catalog.session() as s:
         bj = find(s, name)
-        out = _dict(s, bj, now, ctx.config.schedule.timezone)
+        out = _dict(s, bj, now)
         runs = s.execute(
             select(BackupJobRun)
             .where(BackupJobRun.backup_job_id == bj.id)
@@ -318,7 +328,7 @@ def show(ctx: Context, name: str, now: datetime | None = None) -> dict[str, Any]
 # --- what a run backs up -----------------------------------------------------------------------
 def selection(
     ctx: Context, s: Session, bj: BackupJob
-) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, str]]]:
+) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
     """The actions a run of ``bj`` queues (kind, params), and the VMs it leaves out with why:
     not in the catalog any more, or excluded (``vm config VM --exclude yes``, which a ``--pool``
     or ``--all`` job honours; a VM named by ``--vm`` is backed up whatever it says)."""
@@ -333,7 +343,7 @@ def selection(
         common["copy_to"] = bj.copy_to
     if "group" in sel:
         return [("group-backup", {"group": sel["group"]} | common)], []
-    skipped: list[dict[str, str]] = []
+    skipped: list[dict[str, Any]] = []
     if "vms" in sel:
         known = set(s.execute(select(Vm.name).where(Vm.name.in_(sel["vms"]))).scalars())
         skipped = [
@@ -352,7 +362,7 @@ def selection(
         cfg, sources = policies.of(vm.backup_config, vm.pool)
         if cfg["exclude"]:
             why = f"excluded by its policy ({sources['exclude']}; vm config {vm.name} --exclude no)"
-            skipped.append({"vm": vm.name, "reason": why})
+            skipped.append({"vm": vm.name, "reason": why, "excluded": True})
         else:
             out.append(("backup", {"vm": vm.name} | common))
     return out, skipped

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -144,22 +145,51 @@ def job_ended(ctx: Context, job: dict[str, Any]) -> int:
     RUNNERS)``, call ``notify.job_ended(ctx, job)``. It sets ``WAKE``, so the notify thread
     (``loop``) of this process sends at once."""
     try:
-        cfg = ctx.config.notify
-        status = wanted(cfg, job)
-        found = targets(cfg) if status is not None else []
-        if status is None or not found:
+        status = wanted(ctx.config.notify, job)
+        if status is None:
             return 0
-        payload = payload_of(ctx, job, status)
-        now = datetime.now(UTC)
-        with ctx.catalog.session() as s:
-            for t in found:
-                s.add(Notification(job_id=int(job["id"]), target=t.name, payload=payload,
-                                   state="PENDING", attempts=0, next_at=now, created_at=now))  # fmt: skip
-        WAKE.set()  # the notify thread of this process sends them at once
-        return len(found)
+        return _queue(ctx, int(job["id"]), lambda: payload_of(ctx, job, status))
     except Exception as err:  # noqa: BLE001 - never fail (or block) the job for a report
         log.warning("notifications of job %s not queued: %s", job.get("id"), scrub(str(err)))
         return 0
+
+
+def run_left_out(ctx: Context, backupjob: str, run_id: int, left_out: list[dict[str, str]]) -> int:
+    """A backup job's run that could not queue some VMs (refused when queued: a state that
+    allows no backup, a datastore gone, ...): reported as a failure, whatever ``on`` says, so a
+    night's backups never stop without a word. VMs left out by their policy (``exclude``) are
+    not reported. Never raises."""
+    if not left_out:
+        return 0
+    now = datetime.now(UTC).isoformat()
+    reasons = "; ".join(f"{x['vm']}: {x['reason']}" for x in left_out)
+    payload: dict[str, Any] = {
+        "event": "run.left_out", "status": "failed", "job": None, "kind": "backupjob run",
+        "target": backupjob, "vm": ", ".join(x["vm"] for x in left_out), "backupjob": backupjob,
+        "run": run_id, "error": {"code": "LeftOut", "message": f"not backed up: {reasons}"},
+        "warnings": [], "duration_s": None, "started": now, "finished": now,
+        "host": socket.gethostname(),
+    }  # fmt: skip
+    try:
+        return _queue(ctx, 0, lambda: payload)
+    except Exception as err:  # noqa: BLE001 - never fail the scheduler for a report
+        log.warning("notifications of run %s not queued: %s", run_id, scrub(str(err)))
+        return 0
+
+
+def _queue(ctx: Context, job_id: int, payload: Callable[[], dict[str, Any]]) -> int:
+    """One PENDING row per configured target (``job_id`` 0: a run's report, no job)."""
+    found = targets(ctx.config.notify)
+    if not found:
+        return 0
+    body = payload()
+    now = datetime.now(UTC)
+    with ctx.catalog.session() as s:
+        for t in found:
+            s.add(Notification(job_id=job_id, target=t.name, payload=body, state="PENDING",
+                               attempts=0, next_at=now, created_at=now))  # fmt: skip
+    WAKE.set()  # the notify thread of this process sends them at once
+    return len(found)
 
 
 def _claim(ctx: Context, row_id: int, attempts: int, now: datetime) -> Notification | None:

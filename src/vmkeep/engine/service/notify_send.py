@@ -32,7 +32,8 @@ _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]{1,31}://[^\s'\"<>]*[^\s'\"<>.,;:!?)\]
 
 @dataclass(frozen=True)
 class Target:
-    """One place to send to: ``name`` is what rows store ("webhook" or "url:N")."""
+    """One place to send to: ``name`` is what rows store ("webhook" or "url:" and a digest
+    of the URL: a row follows its URL, not its place in ``urls``, when the list changes)."""
 
     name: str
     url: str  # the secret: never logged, stored or shown
@@ -45,7 +46,7 @@ class Target:
 def targets(cfg: NotifyConfig) -> list[Target]:
     """The configured targets, in order: the webhook, then each apprise URL."""
     found = [Target("webhook", cfg.webhook_url.get_secret_value())] if cfg.webhook_url else []
-    found += [Target(f"url:{i}", u.get_secret_value()) for i, u in enumerate(cfg.urls)]
+    found += [Target(url_name(u.get_secret_value()), u.get_secret_value()) for u in cfg.urls]
     with _SECRETS_LOCK:
         for t in found:
             _SECRETS.update(_fragments(t.url))
@@ -59,6 +60,12 @@ def _shown_host(host: str) -> bool:
     """A host name or address is shown; a "host" that is no DNS name (``slack://TokenA/...``,
     ``tgram://123:TOKEN/...``) is a credential and is hidden."""
     return "." in host or ":" in host or host == "localhost"
+
+
+def url_name(url: str) -> str:
+    """An apprise URL's name in the outbox: ``url:`` and 12 hex digits of its SHA-256 (the URL
+    holds passwords: never stored; the digest names it without revealing it)."""
+    return "url:" + hashlib.sha256(url.encode()).hexdigest()[:12]
 
 
 def redact(url: str) -> str:

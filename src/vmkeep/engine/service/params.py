@@ -52,7 +52,7 @@ class VmParams(Params):
 
 
 # a backup job's policy keys over the VM's (backup_config.validate checks them when they apply)
-Policy = dict[str, str | int | bool]
+Policy = dict[str, str | int | bool | None]  # None: keep_last 'all'
 
 
 class BackupParams(VmParams):

@@ -18,6 +18,7 @@ from vmkeep.engine.points import copy, delete, listing, scan
 from vmkeep.engine.protect import backup
 from vmkeep.engine.restore import drill, inplace, point
 from vmkeep.engine.service import params as P
+from vmkeep.engine.service import tokens
 from vmkeep.engine.vm import inventory, policy
 from vmkeep.engine.vm.record import find_vm
 from vmkeep.errors import DrillFailed, VmkeepError
@@ -30,8 +31,16 @@ Outcome = tuple[dict[str, Any], Warnings | list[str]]
 
 
 # --- checks before queueing ------------------------------------------------------------------
-def check_backup(ctx: Context, _a: Action, p: P.BackupParams, _actor: Actor) -> P.Params:
+def _check_policy(ctx: Context, p: P.BackupParams | P.GroupBackupParams, actor: Actor) -> None:
+    """Policy keys over the VM's are a backup job's (``backupjob-edit``): a lower keep_last
+    deletes restore points, so the same role must ask for them in a backup's body."""
+    if p.policy:
+        tokens.authorize(actor.name, actor.role, "backupjob-edit", ctx.config.api.policy)
     policy.check_overrides(p.policy)  # a bad key or value: refused now, named with its layer
+
+
+def check_backup(ctx: Context, _a: Action, p: P.BackupParams, actor: Actor) -> P.Params:
+    _check_policy(ctx, p, actor)
     name = inventory.check_action(ctx, p.vm, "backup")
     stores.check_exists(ctx, p.datastore)  # 404 now, not a failed job later
     if p.copy_to:
@@ -39,8 +48,8 @@ def check_backup(ctx: Context, _a: Action, p: P.BackupParams, _actor: Actor) -> 
     return p.model_copy(update={"vm": name})
 
 
-def check_group_backup(ctx: Context, _a: Action, p: P.GroupBackupParams, _actor: Actor) -> P.Params:
-    policy.check_overrides(p.policy)
+def check_group_backup(ctx: Context, _a: Action, p: P.GroupBackupParams, actor: Actor) -> P.Params:
+    _check_policy(ctx, p, actor)
     name = manage.show_group(ctx, p.group)["name"]
     stores.check_exists(ctx, p.datastore)
     if p.copy_to:
@@ -124,7 +133,9 @@ def run_backup(
         bwlimit=p.bwlimit,
     )
     if p.copy_to:
-        out.result["copy"] = _copy_new_point(ctx, out.result["id"], p.copy_to, out.warnings)
+        out.result["copy"] = _copy_new_point(
+            ctx, out.result["id"], p.copy_to, out.warnings, p.bwlimit
+        )
     return out.result, out.warnings
 
 
@@ -143,19 +154,21 @@ def run_group_backup(
     )
     if p.copy_to:
         out.result["copies"] = [
-            _copy_new_point(ctx, m["backup"], p.copy_to, out.warnings)
+            _copy_new_point(ctx, m["backup"], p.copy_to, out.warnings, p.bwlimit)
             for m in out.result.get("members", [])
             if m.get("backup") is not None
         ]
     return out.result, out.warnings
 
 
-def _copy_new_point(ctx: Context, backup_id: int, to: str, warnings: Warnings) -> dict[str, Any]:
+def _copy_new_point(
+    ctx: Context, backup_id: int, to: str, warnings: Warnings, bwlimit: int | None
+) -> dict[str, Any]:
     """A backup job's ``--copy-to``: the chain's new point copied to a second datastore and
     verified there (only what the copy lacks). A failed copy is a warning: the backup itself
     is stored and stays; the next run copies what is missing."""
     try:
-        return copy.copy_backup(ctx, backup_id, to)
+        return copy.copy_backup(ctx, backup_id, to, bwlimit=bwlimit)
     except VmkeepError as err:
         warnings.add(f"copy of backup {backup_id} to {to} failed: {err}; the backup is stored")
         return {"backup": backup_id, "datastore": to, "error": str(err)}

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -27,7 +27,7 @@ from vmkeep.config import Config
 from vmkeep.engine.core import schedules
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.trust import Actor
-from vmkeep.engine.service import actions, backupjobs
+from vmkeep.engine.service import actions, backupjobs, notify
 from vmkeep.errors import CatalogError, VmkeepError
 
 log = logging.getLogger(__name__)
@@ -98,14 +98,22 @@ def fire(
             return None  # fired by another daemon: the unique slot row is theirs
         raise
     actor = Actor(f"backupjob:{name}", role)
+    excluded = [x for x in skipped if x.get("excluded")]  # by their policy: not reported
+    left_out = [x for x in skipped if not x.get("excluded")]  # vanished VMs, refusals: reported
     for kind, params in targets:
         a = actions.action(kind)
+        what = str(params.get("vm") or params.get("group"))
         try:
             p = actions.parse(a, params)
             actions.enqueue(ctx, a, p, actor, origin="schedule" if origin != "manual" else "api",
                             priority=priority, run_id=run_id)  # fmt: skip
         except VmkeepError as err:  # refused now (a VM in a state that allows no backup, ...)
-            skipped.append({"vm": str(params.get("vm") or params.get("group")), "reason": str(err)})
+            left_out.append({"vm": what, "reason": str(err)})
+        except Exception as err:  # a bug: recorded on the run, the other VMs still go
+            log.exception("backup job %s: queueing %s failed", name, what)
+            left_out.append({"vm": what, "reason": f"not queued: {type(err).__name__}: {err}"})
+    skipped = excluded + left_out
+    notify.run_left_out(ctx, name, run_id, left_out)
     with ctx.catalog.session() as s:
         r = s.get(BackupJobRun, run_id)
         assert r is not None
@@ -126,17 +134,23 @@ def run_now(ctx: Context, name: str, who: str) -> dict[str, Any]:
     return run
 
 
+def _same_wall_time(a: datetime, b: datetime, tz: tzinfo) -> bool:
+    return a.astimezone(tz).replace(tzinfo=None) == b.astimezone(tz).replace(tzinfo=None)
+
+
 def tick(ctx: Context, now: datetime, grace: float = GRACE) -> list[dict[str, Any]]:
     """One look: fire every enabled backup job whose newest due slot has not been fired."""
-    tz = schedules.zone(ctx.config.schedule.timezone)
     fired = []
     with ctx.catalog.session() as s:
         due = []
         for bj in s.execute(select(BackupJob).where(BackupJob.enabled.is_(True))).scalars():
-            slot = schedules.latest_due(schedules.stored(bj.schedule), now, tz)
+            spec, tz = schedules.stored(bj.schedule), schedules.zone(bj.timezone)
+            slot = schedules.latest_due(spec, now, tz)
             if slot is None or slot < bj.active_since:
                 continue  # none yet, or only slots from before it was made, enabled or changed
             last = backupjobs.last_slot_of(bj)
+            if last is not None and _same_wall_time(slot, last, tz):
+                continue  # the hour a night's clocks go back repeats: its slot fires once
             if last is None or slot > last:
                 due.append((bj.id, bj.name, bj.repeat_missed, slot))
     for bj_id, name, repeat, slot in due:

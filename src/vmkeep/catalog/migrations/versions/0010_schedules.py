@@ -38,6 +38,7 @@ def upgrade() -> None:
         sa.Column("created_at", UtcDateTime, nullable=False),
         sa.Column("updated_at", UtcDateTime, nullable=False),
         sa.Column("active_since", UtcDateTime, nullable=False),
+        sa.Column("timezone", sa.String(64), nullable=False),
     )
     op.create_table(
         "backup_job_runs",
@@ -51,6 +52,7 @@ def upgrade() -> None:
         sa.Column("skipped", sa.JSON, nullable=False),
         sa.Column("created_at", UtcDateTime, nullable=False),
         sa.UniqueConstraint("backup_job_id", "slot_at", name="uq_backup_job_runs_slot"),
+        sqlite_autoincrement=True,  # jobs keep a deleted run's id: it must never come back
     )
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("priority", sa.Integer, nullable=False, server_default="50"))
