@@ -104,6 +104,9 @@ def _copy_locked(ctx: Context, backup_id: int, to_ref: str) -> dict[str, Any]:
                 copy.increments.append(
                     Increment(seq=seq, parent=parent, files=files, checkpoint=None, **fields)
                 )
+            for inc in copy.increments:  # a note changed since the last copy
+                if inc.seq in src_rows:
+                    inc.note = src_rows[inc.seq][2]["note"]
             copy.status = BackupStatus.VALID
             copy.finished_at = max((r[2]["finished_at"] for r in src_rows.values()), default=None)
             copy_id = copy.id
@@ -168,6 +171,7 @@ def _inc_fields(i: Increment) -> dict[str, Any]:
         "freeze_ms": i.freeze_ms,
         "started_at": i.started_at,
         "finished_at": i.finished_at,
+        "note": i.note,  # the note goes with the copy; protection does not (docs/policies.md)
     }
 
 

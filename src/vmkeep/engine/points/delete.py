@@ -9,7 +9,14 @@ from typing import Any
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember
-from vmkeep.engine.core.chains import chain_locked, find_backup, valid_increments, write_manifest
+from vmkeep.engine.core.chains import (
+    chain_locked,
+    find_backup,
+    needed_by_protected,
+    protected_seqs,
+    valid_increments,
+    write_manifest,
+)
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of, find_datastore
 from vmkeep.engine.vm.recovery import prune_checkpoints
@@ -17,8 +24,13 @@ from vmkeep.errors import HypervisorError, IncrementNotFound, NotFound, Refused
 from vmkeep.model import BackupStatus
 
 
-def delete_backup(ctx: Context, backup_id: int, increment: int | None = None) -> dict[str, Any]:
-    """Delete a whole chain, or its newest increment; never an increment others are built on."""
+def delete_backup(
+    ctx: Context, backup_id: int, increment: int | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Delete a whole chain, or its newest increment; never an increment others are built on.
+    A chain holding a protected point, or an increment a protected point needs, only with
+    ``force`` (an admin's: ``backup-delete`` is admin's and ``runners.check_delete`` refuses
+    ``force`` to anyone else)."""
     with chain_locked(ctx, backup_id, "delete backup"):
         with ctx.catalog.session() as s:
             b = find_backup(s, backup_id)
@@ -49,6 +61,9 @@ def delete_backup(ctx: Context, backup_id: int, increment: int | None = None) ->
                     )
                 inc = next(i for i in b.increments if i.seq == increment)
                 files, drop = list(inc.files), inc
+            needed = needed_by_protected(b)
+            if not force and (increment is None or increment in needed) and needed:
+                _refuse_protected(b.id, increment, protected_seqs(b))
         names = [f["name"] for f in files]
         if drop is None:
             driver.rm(chain)  # files first: a crash leaves a row pointing at nothing
@@ -83,6 +98,17 @@ def delete_backup(ctx: Context, backup_id: int, increment: int | None = None) ->
     }
 
 
+def _refuse_protected(backup_id: int, increment: int | None, protected: list[int]) -> None:
+    what = f"increment {increment} of backup" if increment is not None else "backup"
+    n = protected[-1]
+    raise Refused(
+        f"delete of {what} {backup_id}",
+        f"its increments {', '.join(map(str, protected))} are protected",
+        f"Lift the protection with 'vmkeep backups unprotect {backup_id} --increment {n}' "
+        "(for each protected increment), or delete anyway with --force (admin only).",
+    )
+
+
 def _live_checkpoints(ctx: Context, vm_name: str) -> list[str]:
     try:
         return ctx.hv.checkpoints(vm_name)
@@ -92,8 +118,8 @@ def _live_checkpoints(ctx: Context, vm_name: str) -> list[str]:
 
 def remove_datastore(ctx: Context, ref: str, force: bool = False) -> dict[str, Any]:
     """Forget a datastore. Refused while the catalog has backups on it, unless ``force``: then
-    their catalog rows go too; the data stays where it is (``datastore scan --import`` brings it
-    back)."""
+    their catalog rows go too, protected points and notes with them; the data stays where it
+    is (``datastore scan --import`` brings it back, without protection or notes)."""
     with ctx.catalog.session() as s:
         ds = find_datastore(s, ref)
         rows = s.execute(select(Backup).where(Backup.datastore_id == ds.id)).scalars().all()
@@ -109,8 +135,9 @@ def remove_datastore(ctx: Context, ref: str, force: bool = False) -> dict[str, A
             raise Refused(
                 f"removing datastore {ds.name}",
                 f"it holds {len(rows)} backup(s) ({ids})",
-                "Delete them with 'vmkeep backups delete ID', or add --force to forget them "
-                "(their files stay in the datastore and can be imported again).",
+                "Delete them with 'vmkeep backups delete ID', or add --force to forget them, "
+                "protected points too (their files stay in the datastore and can be imported "
+                "again, unprotected).",
             )
         for b in rows:
             for m in s.execute(
