@@ -126,14 +126,14 @@ def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[
         if base is None:
             return []
         notes = []
-        needed = needed_by_protected(b)
-        if needed & set(drop):
+        held = needed_by_protected(b)
+        if held & set(drop):
             planned = len(drop)
-            drop, base = stop_at_protected(drop, seqs, needed)
+            drop, base = stop_at_protected(drop, seqs, held)
             notes.append(
                 f"retention: kept {len(seqs) - len(drop)} points of backup {b.id}, "
                 f"{planned - len(drop)} more than KEEP_LAST={keep}: protected increments "
-                f"{protected_seqs(b)} need increments {sorted(needed)} (lift it with "
+                f"{protected_seqs(b)} need increments {sorted(held)} (lift it with "
                 f"'vmkeep backups unprotect {b.id} --increment N')"
             )
             if not drop:
