@@ -319,6 +319,12 @@ def test_routes_by_role(ctx: Context, tmp_path: Path) -> None:
     assert r.status_code == 422, r.text
     shown = client.get(url, headers=role["viewer"]).json()["increments"][0]
     assert (shown["protected"], shown["note"]) == (True, "keep")
+    r = client.delete(url, headers=role["admin"])  # refused before a job is queued
+    assert r.status_code == 409 and f"unprotect {bid} --increment 0" in r.text, r.text
+    r = client.delete(url, params={"force": True}, headers=role["operator"])
+    assert r.status_code == 403, r.text
+    r = client.delete(url, params={"force": True}, headers=role["admin"])
+    assert r.status_code == 202 and r.json()["job"]["state"] == "QUEUED", r.text
     r = client.delete(f"{url}/protect", params={"increment": 0}, headers=role["admin"])
     assert r.status_code == 200 and r.json()["protected"] is False, r.text
 

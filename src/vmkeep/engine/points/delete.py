@@ -61,9 +61,7 @@ def delete_backup(
                     )
                 inc = next(i for i in b.increments if i.seq == increment)
                 files, drop = list(inc.files), inc
-            needed = needed_by_protected(b)
-            if not force and (increment is None or increment in needed) and needed:
-                _refuse_protected(b.id, increment, protected_seqs(b))
+            _check_protected(b, None if drop is None else increment, force)
         names = [f["name"] for f in files]
         if drop is None:
             driver.rm(chain)  # files first: a crash leaves a row pointing at nothing
@@ -98,14 +96,28 @@ def delete_backup(
     }
 
 
-def _refuse_protected(backup_id: int, increment: int | None, protected: list[int]) -> None:
+def check_delete(ctx: Context, backup_id: int, increment: int | None, force: bool) -> None:
+    """Refused now (before a job is queued) when the delete would remove a protected point."""
+    with ctx.catalog.session() as s:
+        b = find_backup(s, backup_id)
+        whole = increment is None or sorted(i.seq for i in b.increments) == [increment]
+        _check_protected(b, None if whole else increment, force)
+
+
+def _check_protected(b: Backup, increment: int | None, force: bool) -> None:
+    """Refused unless ``force``: the whole chain (``increment`` None) while it holds a
+    protected point, or an increment a protected point needs."""
+    needed = needed_by_protected(b)
+    if force or not needed or (increment is not None and increment not in needed):
+        return
+    protected = protected_seqs(b)
     what = f"increment {increment} of backup" if increment is not None else "backup"
-    n = protected[-1]
     raise Refused(
-        f"delete of {what} {backup_id}",
+        f"delete of {what} {b.id}",
         f"its increments {', '.join(map(str, protected))} are protected",
-        f"Lift the protection with 'vmkeep backups unprotect {backup_id} --increment {n}' "
-        "(for each protected increment), or delete anyway with --force (admin only).",
+        f"Lift the protection with 'vmkeep backups unprotect {b.id} --increment "
+        f"{protected[-1]}' (for each protected increment), or delete anyway with --force "
+        "(admin only).",
     )
 
 

@@ -49,9 +49,11 @@ def set_note(ctx: Context, backup_id: int, increment: int | None, text: str) -> 
         raise InvalidValue(
             "note", text[:40] + "...", f"it has {len(text)} characters; use at most {NOTE_MAX}"
         )
-    if any(ord(ch) < 32 and ch not in "\n\t" for ch in text):
+    if any((ord(ch) < 32 and ch not in "\n\t") or 0xD800 <= ord(ch) < 0xE000 for ch in text):
         raise InvalidValue(
-            "note", text[:40], "remove its control characters (tab and newline are allowed)"
+            "note",
+            text[:40],
+            "remove its control characters and lone surrogates (tab and newline are allowed)",
         )
     with ctx.catalog.session() as s:
         b = find_backup(s, backup_id)
