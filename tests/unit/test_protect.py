@@ -181,9 +181,12 @@ def test_note_set_cleared_and_too_long(ctx: Context, tmp_path: Path) -> None:
 def test_full_mode_skips_protected_chains_and_does_not_count_them(
     ctx: Context, tmp_path: Path
 ) -> None:
-    chains = [make_chain(ctx, tmp_path, "FULL", 1, age=h) for h in range(4)]
+    chains = [make_chain(ctx, tmp_path, "FULL", 1, age=h) for h in range(2)]
     protect.protect(ctx, chains[0], actor_name="a")  # the oldest: first to go without it
     vm_id, ds_id = ids(ctx)
+    cfg = resolve({"keep_last": 2, "mode": "full"})
+    assert apply_retention(ctx, vm_id, ds_id, cfg) == []  # no more than KEEP_LAST: silent
+    chains += [make_chain(ctx, tmp_path, "FULL", 1, age=h) for h in range(2, 4)]
     msgs = apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 2, "mode": "full"}))
     assert msgs[0].startswith(f"retention: kept protected backups [{chains[0]}] besides")
     assert msgs[1:] == [f"retention: deleted backup {chains[1]} (KEEP_LAST=2)"]

@@ -97,7 +97,7 @@ def _retain_full(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
         by_id = {b.id: (b.chain, b.datastore) for b in rows}
         age = {b.id: b.created_at for b in rows}
     messages = []
-    if protected:
+    if protected and len(protected) + len(by_id) > keep:  # said only when it keeps more
         messages.append(
             f"retention: kept protected backups {protected} besides KEEP_LAST={keep} "
             "(protected points are never pruned and not counted)"
