@@ -335,7 +335,7 @@ def test_routes_by_role(ctx: Context, tmp_path: Path) -> None:
 def test_force_needs_an_admin_even_when_delete_is_lowered(ctx: Context, tmp_path: Path) -> None:
     from vmkeep.engine.core.trust import Actor
     from vmkeep.engine.service import params, runners
-    from vmkeep.engine.service.actions import action
+    from vmkeep.engine.service.actions import Caller, action
 
     bid = make_chain(ctx, tmp_path, "INCREMENT", 1)
     p = params.DeleteParams(backup=bid, force=True)
@@ -343,3 +343,8 @@ def test_force_needs_an_admin_even_when_delete_is_lowered(ctx: Context, tmp_path
     with pytest.raises(Forbidden, match="has role operator; backups delete --force needs admin"):
         runners.check_delete(ctx, a, p, Actor("o", "operator"))
     assert runners.check_delete(ctx, a, p, Actor("root", "admin")) == p
+    with pytest.raises(Forbidden, match="backups delete --force needs admin"):  # a queued job
+        runners.run_delete(
+            ctx, a, p, lambda _d, _t: None, Caller(Actor("o", "operator"), "o", "api")
+        )
+    assert listing.show_backup(ctx, bid)["id"] == bid  # not deleted

@@ -63,7 +63,7 @@ def check_point(ctx: Context, _a: Action, p: P.PointParams, _actor: Actor) -> P.
     return p
 
 
-def check_delete(ctx: Context, a: Action, p: P.DeleteParams, actor: Actor) -> P.Params:
+def check_delete(ctx: Context, _a: Action, p: P.DeleteParams, actor: Actor) -> P.Params:
     _check_force(actor, p)
     delete.check_delete(ctx, p.backup, p.increment, p.force)  # a 409 now, not a failed job
     return p
