@@ -82,8 +82,10 @@ def test_rows_show_what_the_catalog_holds(clean_env: Path) -> None:
     assert r["created"].tzinfo is UTC
     full, mem, last = r["increments"]
     assert list(full) == ["id", "parent", "status", "checkpoint", "size", "consistency",
-                          "freeze_ms", "started", "finished", "error", "files", "group",
+                          "freeze_ms", "started", "finished", "error", "files", "protected",
+                          "protected_by", "protected_at", "note", "group",
                           "last_drill"]  # fmt: skip
+    assert (full["protected"], full["protected_by"], full["note"]) == (False, None, None)
     assert full["group"] == {"group_backup": 1, "group": "g", "group_freeze_window_ms": 7.0,
                              "member_freeze_ms": 3.0}  # fmt: skip
     assert (mem["id"], mem["parent"], mem["memory"], mem["downtime_ms"]) == (1, 0, True, 2.5)

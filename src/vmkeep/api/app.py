@@ -26,6 +26,7 @@ from vmkeep.api import (
     catalog_routes,
     limits,
     notify_routes,
+    point_routes,
     pool_routes,
     schedule_routes,
     stream_routes,
@@ -142,7 +143,7 @@ def create_app(
         return {"ok": True, "version": __version__}
 
     api = Api(config, ctx, require, is_local, token_valid, work, streams)
-    for module in (catalog_routes, pool_routes, actions, stream_routes, schedule_routes,
-                   notify_routes):  # fmt: skip
+    for module in (catalog_routes, point_routes, pool_routes, actions, stream_routes,
+                   schedule_routes, notify_routes):  # fmt: skip
         module.routes(api, app)
     return app

@@ -160,6 +160,12 @@ class Increment(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # a protected point is never pruned nor deleted without an admin's force (and neither are
+    # the chain's points it needs: engine/core/chains.py: needed_by_protected)
+    protected: Mapped[bool] = mapped_column(default=False)
+    note: Mapped[str | None] = mapped_column(Text, default=None)
+    protected_by: Mapped[str | None] = mapped_column(String(255), default=None)
+    protected_at: Mapped[datetime | None] = mapped_column(default=None)
     backup: Mapped[Backup] = relationship(back_populates="increments")
     drills: Mapped[list[Drill]] = relationship(
         back_populates="increment", order_by="Drill.id", cascade="all, delete-orphan"

@@ -78,7 +78,11 @@ def show_cmd(c: click.Context, ref: str, as_json: bool) -> None:
 
 @datastore.command("remove")
 @click.argument("ref", metavar="DATASTORE", shell_complete=complete.datastores)
-@click.option("--force", is_flag=True, help="Forget its backups too (their files stay there).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Forget its backups too, protected points included (their files stay there).",
+)
 @json_option
 @click.pass_context
 def remove_cmd(c: click.Context, ref: str, force: bool, as_json: bool) -> None:

@@ -140,6 +140,26 @@ def point(b: Backup, increment: int | None) -> tuple[Increment, list[Increment]]
     return valid[seq], list(reversed(chain))
 
 
+def needed_by_protected(b: Backup) -> set[int]:
+    """The seqs of the chain's protected points and of every point they are built on (by parent
+    links): restoring a protected point needs them all, so none of them may be deleted or merged
+    away. The one rule retention and delete share (docs/policies.md, "Protected points")."""
+    by_seq = {i.seq: i for i in b.increments}
+    needed: set[int] = set()
+    for inc in b.increments:
+        seq: int | None = inc.seq if inc.protected else None
+        while seq is not None and seq not in needed:
+            needed.add(seq)
+            parent = by_seq.get(seq)
+            seq = parent.parent if parent is not None else None
+    return needed
+
+
+def protected_seqs(b: Backup) -> list[int]:
+    """The chain's protected points, in order."""
+    return sorted(i.seq for i in b.increments if i.protected)
+
+
 def chain_disks(s: Session, backup_id: int) -> set[str]:
     b = s.get(Backup, backup_id)
     return {f["disk"] for i in b.increments for f in i.files if f["disk"]} if b else set()
@@ -199,6 +219,9 @@ def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> Non
         b = s.get(Backup, backup_id)
         assert b is not None
         data = backup_dict(b)
+    for inc in data["increments"]:
+        for key in _CATALOG_ONLY:
+            inc.pop(key, None)
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
         path = Path(tmp) / "manifest.json"
@@ -254,8 +277,13 @@ _INCREMENT_SHOWN: dict[str, Any] = {
     "checkpoint": Increment.checkpoint, "size": Increment.size,
     "consistency": Increment.consistency, "freeze_ms": Increment.freeze_ms,
     "started": Increment.started_at, "finished": Increment.finished_at, "error": Increment.error,
-    "files": Increment.files,
+    "files": Increment.files, "protected": Increment.protected,
+    "protected_by": Increment.protected_by, "protected_at": Increment.protected_at,
+    "note": Increment.note,
 }  # fmt: skip
+# Kept in the catalog only, never in a chain's manifest: a manifest is written when the chain's
+# files change, so it would go stale, and an import must not take protection from a datastore.
+_CATALOG_ONLY = ("protected", "protected_by", "protected_at", "note")
 
 
 def _increment_rows(s: Session, backup_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:

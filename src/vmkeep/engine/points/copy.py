@@ -108,6 +108,9 @@ def _copy_locked(
                 copy.increments.append(
                     Increment(seq=seq, parent=parent, files=files, checkpoint=None, **fields)
                 )
+            for inc in copy.increments:  # a note changed since the last copy
+                if inc.seq in src_rows:
+                    inc.note = src_rows[inc.seq][2]["note"]
             copy.status = BackupStatus.VALID
             copy.finished_at = max((r[2]["finished_at"] for r in src_rows.values()), default=None)
             copy_id = copy.id
@@ -172,6 +175,7 @@ def _inc_fields(i: Increment) -> dict[str, Any]:
         "freeze_ms": i.freeze_ms,
         "started_at": i.started_at,
         "finished_at": i.finished_at,
+        "note": i.note,  # the note goes with the copy; protection does not (docs/policies.md)
     }
 
 

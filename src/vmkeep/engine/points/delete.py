@@ -9,7 +9,14 @@ from typing import Any
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember
-from vmkeep.engine.core.chains import chain_locked, find_backup, valid_increments, write_manifest
+from vmkeep.engine.core.chains import (
+    chain_locked,
+    find_backup,
+    needed_by_protected,
+    protected_seqs,
+    valid_increments,
+    write_manifest,
+)
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import backup_jobs_using, driver_of, find_datastore
 from vmkeep.engine.vm.recovery import prune_checkpoints
@@ -17,8 +24,13 @@ from vmkeep.errors import HypervisorError, IncrementNotFound, NotFound, Refused
 from vmkeep.model import BackupStatus
 
 
-def delete_backup(ctx: Context, backup_id: int, increment: int | None = None) -> dict[str, Any]:
-    """Delete a whole chain, or its newest increment; never an increment others are built on."""
+def delete_backup(
+    ctx: Context, backup_id: int, increment: int | None = None, force: bool = False
+) -> dict[str, Any]:
+    """Delete a whole chain, or its newest increment; never an increment others are built on.
+    A chain holding a protected point, or an increment a protected point needs, only with
+    ``force`` (an admin's: ``backup-delete`` is admin's and ``runners.check_delete`` refuses
+    ``force`` to anyone else)."""
     with chain_locked(ctx, backup_id, "delete backup"):
         with ctx.catalog.session() as s:
             b = find_backup(s, backup_id)
@@ -49,6 +61,7 @@ def delete_backup(ctx: Context, backup_id: int, increment: int | None = None) ->
                     )
                 inc = next(i for i in b.increments if i.seq == increment)
                 files, drop = list(inc.files), inc
+            _check_protected(b, None if drop is None else increment, force)
         names = [f["name"] for f in files]
         if drop is None:
             driver.rm(chain)  # files first: a crash leaves a row pointing at nothing
@@ -83,6 +96,31 @@ def delete_backup(ctx: Context, backup_id: int, increment: int | None = None) ->
     }
 
 
+def check_delete(ctx: Context, backup_id: int, increment: int | None, force: bool) -> None:
+    """Refused now (before a job is queued) when the delete would remove a protected point."""
+    with ctx.catalog.session() as s:
+        b = find_backup(s, backup_id)
+        whole = increment is None or sorted(i.seq for i in b.increments) == [increment]
+        _check_protected(b, None if whole else increment, force)
+
+
+def _check_protected(b: Backup, increment: int | None, force: bool) -> None:
+    """Refused unless ``force``: the whole chain (``increment`` None) while it holds a
+    protected point, or an increment a protected point needs."""
+    needed = needed_by_protected(b)
+    if force or not needed or (increment is not None and increment not in needed):
+        return
+    protected = protected_seqs(b)
+    what = f"increment {increment} of backup" if increment is not None else "backup"
+    raise Refused(
+        f"delete of {what} {b.id}",
+        f"its increments {', '.join(map(str, protected))} are protected",
+        f"Lift the protection with 'vmkeep backups unprotect {b.id} --increment "
+        f"{protected[-1]}' (for each protected increment), or delete anyway with --force "
+        "(admin only).",
+    )
+
+
 def _live_checkpoints(ctx: Context, vm_name: str) -> list[str]:
     try:
         return ctx.hv.checkpoints(vm_name)
@@ -92,8 +130,8 @@ def _live_checkpoints(ctx: Context, vm_name: str) -> list[str]:
 
 def remove_datastore(ctx: Context, ref: str, force: bool = False) -> dict[str, Any]:
     """Forget a datastore. Refused while the catalog has backups on it, unless ``force``: then
-    their catalog rows go too; the data stays where it is (``datastore scan --import`` brings it
-    back)."""
+    their catalog rows go too, protected points and notes with them; the data stays where it
+    is (``datastore scan --import`` brings it back, without protection or notes)."""
     with ctx.catalog.session() as s:
         ds = find_datastore(s, ref)
         if users := backup_jobs_using(s, datastore=ds.name):
@@ -116,8 +154,9 @@ def remove_datastore(ctx: Context, ref: str, force: bool = False) -> dict[str, A
             raise Refused(
                 f"removing datastore {ds.name}",
                 f"it holds {len(rows)} backup(s) ({ids})",
-                "Delete them with 'vmkeep backups delete ID', or add --force to forget them "
-                "(their files stay in the datastore and can be imported again).",
+                "Delete them with 'vmkeep backups delete ID', or add --force to forget them, "
+                "protected points too (their files stay in the datastore and can be imported "
+                "again, unprotected).",
             )
         for b in rows:
             for m in s.execute(

@@ -2,12 +2,19 @@
 increments into the base (ACTIVE_FLATTEN while merging) so that KEEP_LAST restore points remain.
 
 Increment ids are stable: after a flatten the chain's base is its lowest remaining id.
+
+Protected points (``points/protect.py``) are never pruned, and neither are the points they are
+built on (``chains.needed_by_protected``). FULL mode skips a chain holding a protected point and
+does not count it against KEEP_LAST (as Proxmox Backup Server's prune skips protected
+snapshots); INCREMENT mode stops the merge before the first point a protected one needs, keeping
+more than KEEP_LAST points, and says so.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
+from itertools import takewhile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +27,8 @@ from vmkeep.engine.core.chains import (
     disk_file,
     increment_file_names,
     latest_chain,
+    needed_by_protected,
+    protected_seqs,
     valid_increments,
     write_manifest,
 )
@@ -53,6 +62,14 @@ def increments_to_merge(seqs: list[int], keep_last: int | None) -> tuple[list[in
     return seqs[:cut], seqs[cut]
 
 
+def stop_at_protected(drop: list[int], seqs: list[int], needed: set[int]) -> tuple[list[int], int]:
+    """``increments_to_merge``'s plan (``drop``, a prefix of the sorted ``seqs``) cut short
+    before the first increment a protected point needs: (increments to drop, new base). Nothing
+    to drop when the base itself is needed."""
+    kept = list(takewhile(lambda q: q not in needed, drop))
+    return kept, sorted(seqs)[len(kept)]
+
+
 def apply_retention(ctx: Context, vm_id: int, ds_id: int, cfg: BackupConfig) -> list[str]:
     if cfg.keep_last is None:
         return []
@@ -75,9 +92,16 @@ def _retain_full(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
             .scalars()
             .all()
         )
+        protected = sorted(b.id for b in rows if needed_by_protected(b))
+        rows = [b for b in rows if b.id not in protected]  # skipped, and not counted
         by_id = {b.id: (b.chain, b.datastore) for b in rows}
         age = {b.id: b.created_at for b in rows}
     messages = []
+    if protected and len(protected) + len(by_id) > keep:  # said only when it keeps more
+        messages.append(
+            f"retention: kept protected backups {protected} besides KEEP_LAST={keep} "
+            "(protected points are never pruned and not counted)"
+        )
     for bid in chains_to_delete(list(by_id), keep, age):
         chain, ds = by_id[bid]
         driver_of(ds).rm(
@@ -97,9 +121,23 @@ def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[
         if b is None:
             return []
         valid = valid_increments(b)
-        drop, base = increments_to_merge([i.seq for i in valid], keep)
+        seqs = [i.seq for i in valid]
+        drop, base = increments_to_merge(seqs, keep)
         if base is None:
             return []
+        notes = []
+        held = needed_by_protected(b)
+        if held & set(drop):
+            planned = len(drop)
+            drop, base = stop_at_protected(drop, seqs, held)
+            notes.append(
+                f"retention: kept {len(seqs) - len(drop)} points of backup {b.id}, "
+                f"{planned - len(drop)} more than KEEP_LAST={keep}: protected increments "
+                f"{protected_seqs(b)} need increments {sorted(held)} (lift it with "
+                f"'vmkeep backups unprotect {b.id} --increment N')"
+            )
+            if not drop:
+                return notes
         bid, chain, ds = b.id, b.chain, b.datastore
         disks = [f["disk"] for f in next(i for i in valid if i.seq == base).files if f["disk"]]
         b.active_flatten = True
@@ -147,4 +185,7 @@ def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[
         row.active_flatten = False
     driver.rm(chain, [name for q in drop for name in increment_file_names(disks, q)])
     write_manifest(ctx, driver, bid)
-    return [f"retention: merged increments {drop} into {base} of backup {bid} (KEEP_LAST={keep})"]
+    return [
+        f"retention: merged increments {drop} into {base} of backup {bid} (KEEP_LAST={keep})",
+        *notes,
+    ]

@@ -106,7 +106,7 @@ _TABLE = [
     Action("copy", "CopyParams", "copy", "backup", "point", "/v1/backups/{backup}/copy",
            "copy", "copy", "Copy a chain to a second datastore and verify it there."),
     Action("delete", "DeleteParams", "backup-delete", "backup", "point", "/v1/backups/{backup}",
-           "point", "delete", "Delete a chain, or its newest increment.", method="DELETE"),
+           "delete", "delete", "Delete a chain, or its newest increment.", method="DELETE"),
     Action("drill", "DrillParams", "drill", "backup", "point", "/v1/backups/{backup}/drill",
            "point", "drill", "Boot a point as an isolated VM and check it."),
     Action("scan", "ScanParams", "datastore-scan", "datastore", "datastore",

@@ -89,6 +89,7 @@ class CopyParams(PointParams):
 
 class DeleteParams(PointParams):
     increment: int | None = Field(default=None, ge=0)
+    force: bool = False  # protected points too: admin only (runners.check_delete)
 
 
 class DrillParams(PointParams):

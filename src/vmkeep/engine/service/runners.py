@@ -21,7 +21,7 @@ from vmkeep.engine.service import params as P
 from vmkeep.engine.service import tokens
 from vmkeep.engine.vm import inventory, policy
 from vmkeep.engine.vm.record import find_vm
-from vmkeep.errors import DrillFailed, VmkeepError
+from vmkeep.errors import DrillFailed, Forbidden, VmkeepError
 from vmkeep.model import Warnings
 
 if TYPE_CHECKING:
@@ -70,6 +70,19 @@ def check_restore(ctx: Context, _a: Action, p: P.RestoreParams, actor: Actor) ->
 def check_point(ctx: Context, _a: Action, p: P.PointParams, _actor: Actor) -> P.Params:
     listing.show_backup(ctx, p.backup)
     return p
+
+
+def check_delete(ctx: Context, _a: Action, p: P.DeleteParams, actor: Actor) -> P.Params:
+    _check_force(actor, p)
+    delete.check_delete(ctx, p.backup, p.increment, p.force)  # a 409 now, not a failed job
+    return p
+
+
+def _check_force(actor: Actor, p: P.DeleteParams) -> None:
+    """Deleting protected points (``--force``) is an admin's, even where ``[api.policy]`` lets
+    a lower role delete."""
+    if p.force and not actor.is_admin:
+        raise Forbidden(actor.name, actor.role, "backups delete --force", "admin")
 
 
 def check_copy(ctx: Context, _a: Action, p: P.CopyParams, _actor: Actor) -> P.Params:
@@ -189,8 +202,9 @@ def run_copy(ctx: Context, _a: Action, p: P.CopyParams, _pr: Progress, _c: Calle
     return copy.copy_backup(ctx, p.backup, p.to), []
 
 
-def run_delete(ctx: Context, _a: Action, p: P.DeleteParams, _pr: Progress, _c: Caller) -> Outcome:
-    return delete.delete_backup(ctx, p.backup, p.increment), []
+def run_delete(ctx: Context, _a: Action, p: P.DeleteParams, _pr: Progress, c: Caller) -> Outcome:
+    _check_force(c.actor, p)  # a job queued before a policy change, or run here
+    return delete.delete_backup(ctx, p.backup, p.increment, p.force), []
 
 
 def run_drill(ctx: Context, _a: Action, p: P.DrillParams, _pr: Progress, _c: Caller) -> Outcome:

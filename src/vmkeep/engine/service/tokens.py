@@ -43,7 +43,13 @@ POLICY: dict[str, str] = {
     "datastore-add": "admin",
     "datastore-remove": "admin",
     "datastore-scan": "admin",
-    "backup-delete": "admin",
+    "backup-delete": "admin",  # and its --force, which deletes protected points, always
+    # protected points (engine/points/protect.py): protecting only keeps more, as Proxmox
+    # Backup Server lets Datastore.Modify protect; unprotecting lets retention and delete remove
+    # the point again, so it is admin's as backup-delete is; a note is a label
+    "backup-protect": "operator",
+    "backup-unprotect": "admin",
+    "backup-note": "operator",
     "copy": "operator",
     "files": "operator",  # reads the guests' files: more than a viewer may see
     "group-create": "admin",

@@ -1,0 +1,350 @@
+"""Protected restore points and notes (engine/points/protect.py) on a real SQLite catalog and a
+real ``dir`` datastore holding real qcow2 backing chains (qemu-img): retention never prunes a
+protected point nor a point it needs, delete refuses them unless an admin forces it, copy keeps
+the note and not the protection; the CLI commands and the API routes by role."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from vmkeep.api.app import create_app
+from vmkeep.catalog.tables import Backup, Increment, Vm
+from vmkeep.checksums import digest_file
+from vmkeep.cli import backups_cmd, output
+from vmkeep.cli.main import cli
+from vmkeep.engine.core import stores
+from vmkeep.engine.core.backup_config import resolve
+from vmkeep.engine.core.chains import checkpoint_name, disk_file, needed_by_protected
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.points import copy, delete, listing, protect
+from vmkeep.engine.points.retention import apply_retention, stop_at_protected
+from vmkeep.engine.service import tokens
+from vmkeep.errors import Forbidden, IncrementNotFound, InvalidValue, Refused
+
+T0 = datetime(2026, 12, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def ctx(fake_ctx: Context, tmp_path: Path) -> Context:
+    stores.add(fake_ctx, "ds", "dir", {"path": str(tmp_path / "store")})
+    stores.add(fake_ctx, "ds2", "dir", {"path": str(tmp_path / "store2")})
+    with fake_ctx.catalog.session() as s:
+        s.add(Vm(name="web", uuid="uuid-web", host_uri="fake:///system", state="ACTIVE",
+                 lcm_state="RUNNING"))  # fmt: skip
+    return fake_ctx
+
+
+def ids(ctx: Context) -> tuple[int, int]:
+    with ctx.catalog.session() as s:
+        vm = s.execute(select(Vm).where(Vm.name == "web")).scalar_one()
+        return vm.id, stores.find_datastore(s, "ds").id
+
+
+def qemu_img(*args: str) -> str:
+    return subprocess.run(["qemu-img", *args], check=True, capture_output=True, text=True).stdout
+
+
+def make_chain(ctx: Context, tmp: Path, mode: str, points: int, age: int = 0) -> int:
+    """A chain of ``points`` VALID points stored in the ``dir`` datastore: a full qcow2, then
+    increments backed by their parent by relative name, each writing its own byte pattern."""
+    vm_id, ds_id = ids(ctx)
+    with ctx.catalog.session() as s:
+        b = Backup(vm_id=vm_id, datastore_id=ds_id, chain="", mode=mode, status="VALID",
+                   created_at=T0 + timedelta(hours=age))  # fmt: skip
+        s.add(b)
+        s.flush()
+        b.chain, bid = f"web/{b.id}", b.id
+    work = tmp / f"stage-{bid}"
+    work.mkdir()
+    staged, rows = [], []
+    for seq in range(points):
+        img = work / disk_file(seq, "vda")
+        if seq == 0:
+            qemu_img("create", "-q", "-f", "qcow2", str(img), "4M")
+        else:
+            parent = disk_file(seq - 1, "vda")
+            qemu_img("create", "-q", "-f", "qcow2", "-b", parent, "-F", "qcow2", str(img))
+        pattern = f"write -P {seq + 1} {seq * 65536} 65536"
+        subprocess.run(["qemu-io", "-c", pattern, str(img)], check=True, capture_output=True)
+        f = {"disk": "vda", "name": img.name, "size": img.stat().st_size,
+             "digest": digest_file(img)}  # fmt: skip
+        rows.append(Increment(backup_id=bid, seq=seq, parent=seq - 1 if seq else None,
+                              status="VALID", size=f["size"], files=[f], started_at=T0,
+                              checkpoint=checkpoint_name(bid, seq) if seq == points - 1 else None,
+                              finished_at=T0))  # fmt: skip
+        staged.append(img)
+    with ctx.catalog.session() as s:
+        driver = stores.driver_of(stores.find_datastore(s, "ds"))
+        s.add_all(rows)
+    driver.backup(f"web/{bid}", staged)
+    return bid
+
+
+def points(ctx: Context, bid: int) -> list[tuple[int, int | None, bool]]:
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, bid)
+        assert b is not None
+        return [(i.seq, i.parent, i.protected) for i in b.increments]
+
+
+def stored(tmp: Path, bid: int, seq: int) -> Path:
+    return tmp / "store" / "web" / str(bid) / disk_file(seq, "vda")
+
+
+def read_pattern(img: Path, seq: int) -> bool:
+    """Whether the image (through its backing chain) holds point ``seq``'s bytes."""
+    run = subprocess.run(
+        ["qemu-io", "-r", "-c", f"read -P {seq + 1} {seq * 65536} 65536", str(img)],
+        capture_output=True,
+        text=True,
+    )
+    return run.returncode == 0 and "Pattern verification failed" not in run.stdout
+
+
+# --- the rule ----------------------------------------------------------------------------------
+def test_needed_by_protected_walks_the_parents(ctx: Context, tmp_path: Path) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 5)
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, bid)
+        assert b is not None
+        assert needed_by_protected(b) == set()
+        b.increments[2].protected = True
+        assert needed_by_protected(b) == {0, 1, 2}
+        b.increments[4].protected = True
+        assert needed_by_protected(b) == {0, 1, 2, 3, 4}
+
+
+def test_stop_at_protected_cuts_the_merge_short() -> None:
+    assert stop_at_protected([3, 4, 5], [3, 4, 5, 6, 7], {5}) == ([3, 4], 5)
+    assert stop_at_protected([0, 1], [0, 1, 2, 3], {0, 1, 2}) == ([], 0)
+    assert stop_at_protected([0, 1], [0, 1, 2, 3], set()) == ([0, 1], 2)
+
+
+# --- protect, unprotect, notes -----------------------------------------------------------------
+def test_protect_the_newest_point_and_unprotect(ctx: Context, tmp_path: Path) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 3)
+    res = protect.protect(ctx, bid, actor_name="alice")
+    assert (res["increment"], res["protected"], res["protected_by"]) == (2, True, "alice")
+    assert res["protected_at"] is not None
+    again = protect.protect(ctx, bid, 2, actor_name="bob")  # keeps who protected it first
+    assert (again["protected_by"], again["protected_at"]) == ("alice", res["protected_at"])
+    shown = listing.show_backup(ctx, bid)["increments"]
+    assert [(i["id"], i["protected"], i["protected_by"]) for i in shown] == [
+        (0, False, None), (1, False, None), (2, True, "alice")
+    ]  # fmt: skip
+    listed = listing.list_backups(ctx)[0]["increments"][2]
+    assert (listed["protected"], listed["protected_by"]) == (True, "alice")
+    res = protect.unprotect(ctx, bid, 2)
+    assert (res["protected"], res["protected_by"], res["protected_at"]) == (False, None, None)
+    assert points(ctx, bid) == [(0, None, False), (1, 0, False), (2, 1, False)]
+
+
+def test_protect_refuses_a_missing_or_unsound_point(ctx: Context, tmp_path: Path) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 2)
+    with pytest.raises(IncrementNotFound, match="has no increment 7; it has increments 0, 1"):
+        protect.protect(ctx, bid, 7, actor_name="a")
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, bid)
+        assert b is not None
+        b.increments[1].status = "DAMAGED"
+    with pytest.raises(Refused, match="it is DAMAGED and restores nothing.*VALID: 0"):
+        protect.protect(ctx, bid, 1, actor_name="a")
+    assert protect.protect(ctx, bid, actor_name="a")["increment"] == 0  # newest VALID
+
+
+def test_note_set_cleared_and_too_long(ctx: Context, tmp_path: Path) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 2)
+    assert protect.set_note(ctx, bid, 0, "before the upgrade\nto 12")["note"] == (
+        "before the upgrade\nto 12"
+    )
+    assert listing.show_backup(ctx, bid)["increments"][0]["note"] == "before the upgrade\nto 12"
+    assert protect.set_note(ctx, bid, None, "newest")["increment"] == 1
+    with pytest.raises(InvalidValue, match="it has 1025 characters; use at most 1024"):
+        protect.set_note(ctx, bid, 0, "x" * 1025)
+    with pytest.raises(InvalidValue, match="remove its control characters"):
+        protect.set_note(ctx, bid, 0, "bad\x1b[31m")
+    assert protect.set_note(ctx, bid, 0, "x" * 1024)["note"] == "x" * 1024
+    assert protect.set_note(ctx, bid, 0, "")["note"] is None
+    assert listing.show_backup(ctx, bid)["increments"][0]["note"] is None
+
+
+# --- retention ---------------------------------------------------------------------------------
+def test_full_mode_skips_protected_chains_and_does_not_count_them(
+    ctx: Context, tmp_path: Path
+) -> None:
+    chains = [make_chain(ctx, tmp_path, "FULL", 1, age=h) for h in range(2)]
+    protect.protect(ctx, chains[0], actor_name="a")  # the oldest: first to go without it
+    vm_id, ds_id = ids(ctx)
+    cfg = resolve({"keep_last": 2, "mode": "full"})
+    assert apply_retention(ctx, vm_id, ds_id, cfg) == []  # no more than KEEP_LAST: silent
+    chains += [make_chain(ctx, tmp_path, "FULL", 1, age=h) for h in range(2, 4)]
+    msgs = apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 2, "mode": "full"}))
+    assert msgs[0].startswith(f"retention: kept protected backups [{chains[0]}] besides")
+    assert msgs[1:] == [f"retention: deleted backup {chains[1]} (KEEP_LAST=2)"]
+    left = [b["id"] for b in listing.list_backups(ctx)]
+    assert left == [chains[0], chains[2], chains[3]]  # protected + KEEP_LAST unprotected
+    assert stored(tmp_path, chains[0], 0).exists()
+    assert not stored(tmp_path, chains[1], 0).exists()
+
+
+def test_increment_mode_merge_stops_at_a_protected_point(ctx: Context, tmp_path: Path) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 5)
+    protect.protect(ctx, bid, 1, actor_name="a")
+    vm_id, ds_id = ids(ctx)
+    cfg = resolve({"keep_last": 2, "mode": "increment"})
+    msgs = apply_retention(ctx, vm_id, ds_id, cfg)
+    assert msgs == [
+        f"retention: kept 5 points of backup {bid}, 3 more than KEEP_LAST=2: protected "
+        f"increments [1] need increments [0, 1] (lift it with 'vmkeep backups unprotect {bid} "
+        "--increment N')"
+    ]
+    assert [p[0] for p in points(ctx, bid)] == [0, 1, 2, 3, 4]
+    # the protected point is still restorable: its stored backing chain is whole
+    img = stored(tmp_path, bid, 1)
+    info = json.loads(qemu_img("info", "--backing-chain", "--output=json", str(img)))
+    assert [Path(i["filename"]).name for i in info] == [disk_file(1, "vda"), disk_file(0, "vda")]
+    assert read_pattern(img, 0) and read_pattern(img, 1)
+
+    protect.unprotect(ctx, bid, 1)  # then the merge happens as before
+    msgs = apply_retention(ctx, vm_id, ds_id, cfg)
+    assert msgs == [f"retention: merged increments [0, 1, 2] into 3 of backup {bid} (KEEP_LAST=2)"]
+    assert points(ctx, bid) == [(3, None, False), (4, 3, False)]
+    assert not stored(tmp_path, bid, 1).exists()
+    assert all(read_pattern(stored(tmp_path, bid, 4), q) for q in range(5))
+
+
+# --- delete ------------------------------------------------------------------------------------
+def test_delete_refused_then_forced(ctx: Context, tmp_path: Path) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 3)
+    protect.protect(ctx, bid, 1, actor_name="a")
+    with pytest.raises(Refused, match=rf"its increments 1 are protected\. Lift .*unprotect {bid} "
+                       r"--increment 1.*--force \(admin only\)"):  # fmt: skip
+        delete.delete_backup(ctx, bid)
+    protect.protect(ctx, bid, 2, actor_name="a")
+    with pytest.raises(Refused, match=f"delete of increment 2 of backup {bid} refused"):
+        delete.delete_backup(ctx, bid, 2)
+    assert [p[0] for p in points(ctx, bid)] == [0, 1, 2] and stored(tmp_path, bid, 2).exists()
+    res = delete.delete_backup(ctx, bid, 2, force=True)
+    assert res["deleted_files"] == [disk_file(2, "vda")]
+    protect.unprotect(ctx, bid, 1)
+    delete.delete_backup(ctx, bid)  # nothing protected left: no force needed
+    assert listing.list_backups(ctx) == []
+
+
+def test_copy_keeps_the_note_not_the_protection(ctx: Context, tmp_path: Path) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 2)
+    protect.protect(ctx, bid, 1, actor_name="a")
+    protect.set_note(ctx, bid, 1, "golden")
+    res = copy.copy_backup(ctx, bid, "ds2")
+    inc = listing.show_backup(ctx, res["copy"])["increments"][1]
+    assert (inc["note"], inc["protected"], inc["protected_by"]) == ("golden", False, None)
+    protect.set_note(ctx, bid, 1, "golden, checked")  # a later copy brings the new note
+    res = copy.copy_backup(ctx, bid, "ds2")
+    assert res["copied_increments"] == []
+    assert listing.show_backup(ctx, res["copy"])["increments"][1]["note"] == "golden, checked"
+    manifest = json.loads((tmp_path / "store2" / "web" / str(bid) / "manifest.json").read_text())
+    assert "protected" not in manifest["increments"][1] and "note" not in manifest["increments"][1]
+
+
+# --- adapters ----------------------------------------------------------------------------------
+@pytest.fixture
+def run_cli(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``vmkeep ARGS`` in-process on the test's context; (exit code, output)."""
+    monkeypatch.setenv("VMKEEP_NO_DAEMON", "1")
+    for module in (output, backups_cmd):
+        monkeypatch.setattr(module, "ctx_of", lambda _c: ctx)
+
+    def run(*args: str) -> tuple[int, str]:
+        result = CliRunner().invoke(cli, list(args))
+        if result.exception and not isinstance(result.exception, SystemExit):
+            code = getattr(result.exception, "exit_code", 99)
+            return code, f"{result.output}{result.exception}"
+        return result.exit_code, result.output
+
+    return run
+
+
+def test_cli_protect_note_show_delete(ctx: Context, tmp_path: Path, run_cli: Any) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 2)
+    code, out = run_cli("backups", "protect", str(bid), "--json")
+    assert code == 0, out
+    assert json.loads(out)["increment"] == 1 and json.loads(out)["protected"] is True
+    code, out = run_cli("backups", "note", str(bid), "--increment", "0", "base of the upgrade")
+    assert code == 0 and f"increment 0 of backup {bid} note set" in out, out
+    code, out = run_cli("backups", "show", str(bid))
+    assert code == 0, out
+    assert "P (" in out and "base of the upgrade" in out and "P: protected" in out
+    code, out = run_cli("backups", "list", "--json")
+    incs = json.loads(out)[0]["increments"]
+    assert [(i["protected"], i["note"]) for i in incs] == [
+        (False, "base of the upgrade"), (True, None)
+    ]  # fmt: skip
+    code, out = run_cli("backups", "delete", str(bid))
+    assert code == 25 and f"unprotect {bid} --increment 1" in out, out
+    code, out = run_cli("backups", "note", str(bid), "y" * 1025)
+    assert code == 9 and "use at most 1024" in out, out
+    code, out = run_cli("backups", "unprotect", str(bid), "--increment", "5")
+    assert code != 0 and "has no increment 5" in out, out
+    code, out = run_cli("backups", "delete", str(bid), "--force", "--json")
+    assert code == 0, out
+    assert listing.list_backups(ctx) == []
+
+
+def test_routes_by_role(ctx: Context, tmp_path: Path) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 2)
+    client = TestClient(create_app(ctx.config))
+    role = {r: {"Authorization": f"Bearer {tokens.create(ctx, r[0], r)['token']}"}
+            for r in ("viewer", "operator", "admin")}  # fmt: skip
+    url = f"/v1/backups/{bid}"
+    assert client.post(f"{url}/protect", headers=role["viewer"]).status_code == 403
+    r = client.post(f"{url}/protect", params={"increment": 0}, headers=role["operator"])
+    assert r.status_code == 200, r.text
+    assert (r.json()["increment"], r.json()["protected_by"]) == (0, "o")
+    assert client.delete(f"{url}/protect", headers=role["operator"]).status_code == 403
+    r = client.put(f"{url}/note", json={"increment": 0, "text": "keep"}, headers=role["viewer"])
+    assert r.status_code == 403
+    r = client.put(f"{url}/note", json={"increment": 0, "text": "keep"}, headers=role["operator"])
+    assert r.status_code == 200 and r.json()["note"] == "keep", r.text
+    r = client.put(f"{url}/note", json={"text": "z" * 2000}, headers=role["operator"])
+    assert r.status_code == 422 and "at most 1024" in r.json()["error"]["message"], r.text
+    r = client.post(f"{url}/protect", params={"increment": 9}, headers=role["operator"])
+    assert r.status_code == 404, r.text
+    r = client.post(f"{url}/protect", params={"increment": -1}, headers=role["operator"])
+    assert r.status_code == 422, r.text
+    shown = client.get(url, headers=role["viewer"]).json()["increments"][0]
+    assert (shown["protected"], shown["note"]) == (True, "keep")
+    r = client.delete(url, headers=role["admin"])  # refused before a job is queued
+    assert r.status_code == 409 and f"unprotect {bid} --increment 0" in r.text, r.text
+    r = client.delete(url, params={"force": True}, headers=role["operator"])
+    assert r.status_code == 403, r.text
+    r = client.delete(url, params={"force": True}, headers=role["admin"])
+    assert r.status_code == 202 and r.json()["job"]["state"] == "QUEUED", r.text
+    r = client.delete(f"{url}/protect", params={"increment": 0}, headers=role["admin"])
+    assert r.status_code == 200 and r.json()["protected"] is False, r.text
+
+
+def test_force_needs_an_admin_even_when_delete_is_lowered(ctx: Context, tmp_path: Path) -> None:
+    from vmkeep.engine.core.trust import Actor
+    from vmkeep.engine.service import params, runners
+    from vmkeep.engine.service.actions import Caller, action
+
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 1)
+    p = params.DeleteParams(backup=bid, force=True)
+    a = action("delete")
+    with pytest.raises(Forbidden, match="has role operator; backups delete --force needs admin"):
+        runners.check_delete(ctx, a, p, Actor("o", "operator"))
+    assert runners.check_delete(ctx, a, p, Actor("root", "admin")) == p
+    with pytest.raises(Forbidden, match="backups delete --force needs admin"):  # a queued job
+        runners.run_delete(
+            ctx, a, p, lambda _d, _t: None, Caller(Actor("o", "operator"), "o", "api")
+        )
+    assert listing.show_backup(ctx, bid)["id"] == bid  # not deleted
