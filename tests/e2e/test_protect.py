@@ -29,7 +29,7 @@ def test_a_protected_point_survives_retention_and_delete(
         ids.append(vmkeep("backup", vm, "-d", "ds", "--json").json()["id"])
         if i == 0:
             shown = vmkeep("backups", "protect", str(ids[0]), "--json").json()
-            assert shown["increments"][0]["protected"] is True, shown
+            assert (shown["backup"], shown["increment"], shown["protected"]) == (ids[0], 0, True)
             vmkeep("backups", "note", str(ids[0]), "before the upgrade")
     kept = [b["id"] for b in vmkeep("backups", "list", "--vm", vm, "--json").json()]
     assert kept == [ids[0], ids[2]]  # keep_last 1, and the protected chain passed by

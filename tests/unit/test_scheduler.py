@@ -489,3 +489,20 @@ def test_a_vm_a_run_could_not_queue_is_reported_and_an_excluded_one_is_not(tmp_p
     assert (note["event"], note["status"], note["vm"], note["backupjob"]) == (
         "run.left_out", "failed", "vm01", "nightly")  # fmt: skip
     assert "vm01: " in note["error"]["message"] and "vm02" not in note["error"]["message"]
+
+
+def test_a_killed_commands_running_row_holds_no_backup_slot(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+
+    ctx = _ctx(tmp_path, max_backups=1)
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid no process has now: the command that ran the backup was killed
+    with ctx.catalog.session() as s:
+        s.add(Job(kind="backup", target="a", params={"vm": "a", "datastore": "ds"}, origin="cli",
+                  who="t", state="RUNNING", host=socket.gethostname(), pid=gone.pid,
+                  datastore="ds"))  # fmt: skip
+    waiting = jobs.enqueue(ctx, "backup", "b", {"vm": "b", "datastore": "ds"}, "api", "t")["id"]
+    assert jobs.claim(ctx) == waiting
+    dead = jobs.list_jobs(ctx, "FAILED")
+    assert [(j["target"], j["error"]["code"]) for j in dead] == [("a", "ProcessDied")]

@@ -229,11 +229,12 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
     with ctx.catalog.session() as s:
         s.execute(update(Counter).where(Counter.name == "claim").values(value=Counter.value + 1))
         running = limits.Running()
-        q = select(Job.kind, Job.host, Job.datastore, Job.run_id).where(
-            Job.state == JobState.RUNNING
-        )
-        for kind, on, ds, run in s.execute(q):
-            running.add(kind, on, ds, run)
+        q = select(Job.id, Job.kind, Job.host, Job.datastore, Job.run_id, Job.pid, Job.origin)
+        for row in s.execute(q.where(Job.state == JobState.RUNNING)).all():
+            if row.host == host and row.pid != os.getpid() and not pid_alive(row.pid):
+                _died(s, row.id, row.pid, row.origin)  # a killed command's row holds no slot
+                continue
+            running.add(row.kind, row.host, row.datastore, row.run_id)
         cols = (Job.id, Job.kind, Job.datastore, Job.run_id, Job.wait_reason)
         queued = s.execute(
             select(*cols).where(queued_now).order_by(Job.priority.desc(), Job.id)
@@ -467,18 +468,32 @@ def recorded(
 
 
 def recover(ctx: Context) -> list[int]:
-    """Mark this host's RUNNING jobs whose process is gone FAILED (daemon restarted, CLI killed)."""
+    """Mark this host's RUNNING jobs whose process is gone FAILED (daemon restarted, CLI killed).
+    A claim does the same for the rows it counts against the limits."""
     host = socket.gethostname()
     failed = []
     with ctx.catalog.session() as s:
         rows = s.execute(
             select(Job).where(Job.state == JobState.RUNNING, Job.host == host)
         ).scalars()
-        for j in rows:
+        for j in list(rows):
             if j.pid != os.getpid() and not pid_alive(j.pid):
-                j.state, j.finished_at = JobState.FAILED, datetime.now(UTC)
-                died = f"the vmkeep process running it (pid {j.pid}) died"
-                j.error = died if j.origin == "cli" else f"daemon restarted: {died}"
-                j.error_code = "ProcessDied"
+                _died(s, j.id, j.pid, j.origin)
                 failed.append(j.id)
     return failed
+
+
+def _died(s: Session, job_id: int, pid: int, origin: str) -> None:
+    """A RUNNING job of this host whose process is gone: FAILED (its VM was recovered by the
+    guard process)."""
+    died = f"the vmkeep process running it (pid {pid}) died"
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.RUNNING)
+        .values(
+            state=JobState.FAILED,
+            finished_at=datetime.now(UTC),
+            error_code="ProcessDied",
+            error=died if origin == "cli" else f"daemon restarted: {died}",
+        )  # fmt: skip
+    )
