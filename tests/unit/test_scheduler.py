@@ -506,3 +506,20 @@ def test_a_killed_commands_running_row_holds_no_backup_slot(tmp_path: Path) -> N
     assert jobs.claim(ctx) == waiting
     dead = jobs.list_jobs(ctx, "FAILED")
     assert [(j["target"], j["error"]["code"]) for j in dead] == [("a", "ProcessDied")]
+
+
+def test_a_slot_due_between_two_looks_is_on_time_however_long_a_look_takes(tmp_path: Path) -> None:
+    ctx = _ctx(tmp_path)
+    _vms(ctx, tmp_path, 1)
+    backupjobs.create(ctx, "late", {"all": True}, "ds", "0 2 * * *", repeat_missed=False,
+                      now=NIGHT)  # fmt: skip
+    # the previous look was at 01:59; this one comes at 02:05 (a long run was being queued)
+    (run,) = scheduler.tick(ctx, datetime(2026, 12, 5, 2, 5, tzinfo=UTC),
+                            since=datetime(2026, 12, 5, 1, 59, tzinfo=UTC))  # fmt: skip
+    assert (run["origin"], run["state"], len(run["jobs"])) == ("schedule", "FIRED", 1)
+    backupjobs.create(ctx, "gap", {"all": True}, "ds", "0 3 * * *", repeat_missed=False,
+                      now=NIGHT)  # fmt: skip
+    # a slot from before the previous look was missed (that look did not fire it)
+    (skipped,) = scheduler.tick(ctx, datetime(2026, 12, 5, 3, 5, tzinfo=UTC),
+                                since=datetime(2026, 12, 5, 3, 1, tzinfo=UTC))  # fmt: skip
+    assert (skipped["origin"], skipped["state"], skipped["jobs"]) == ("missed", "SKIPPED", [])

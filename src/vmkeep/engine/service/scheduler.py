@@ -4,9 +4,9 @@ Each look (every ``[schedule] tick`` s) takes every enabled backup job's newest 
 that has not been fired is fired: a ``backup_job_runs`` row, unique per job and slot (two
 daemons on one catalog: the second insert fails and that daemon leaves it), then one queued job
 per VM (a group: one group backup) through the action table, with the backup job's priority,
-its run's id and its policy keys. A slot found older than the grace time was missed (no daemon
-ran then): it runs once now, however many slots were missed (``repeat_missed``, the default),
-or is recorded SKIPPED. The clock is injectable (``Clock``): tests run a night in seconds.
+its run's id and its policy keys. A slot that came due before this daemon's previous look (or,
+at its first look, more than a minute ago) was missed (no daemon ran then): it runs once now,
+however many slots were missed (``repeat_missed``, the default), or is recorded SKIPPED. The clock is injectable (``Clock``): tests run a night in seconds.
 """
 
 from __future__ import annotations
@@ -138,8 +138,13 @@ def _same_wall_time(a: datetime, b: datetime, tz: tzinfo) -> bool:
     return a.astimezone(tz).replace(tzinfo=None) == b.astimezone(tz).replace(tzinfo=None)
 
 
-def tick(ctx: Context, now: datetime, grace: float = GRACE) -> list[dict[str, Any]]:
-    """One look: fire every enabled backup job whose newest due slot has not been fired."""
+def tick(
+    ctx: Context, now: datetime, grace: float = GRACE, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """One look: fire every enabled backup job whose newest due slot has not been fired.
+    ``since``: when the previous look was (its clock time): a slot that came due after it is on
+    time however long the looks take (a large run's queueing); one from before it was missed.
+    The first look after a start has no previous one: a slot older than ``grace`` s was missed."""
     fired = []
     with ctx.catalog.session() as s:
         due = []
@@ -154,7 +159,7 @@ def tick(ctx: Context, now: datetime, grace: float = GRACE) -> list[dict[str, An
             if last is None or slot > last:
                 due.append((bj.id, bj.name, bj.repeat_missed, slot))
     for bj_id, name, repeat, slot in due:
-        missed = (now - slot).total_seconds() > grace
+        missed = slot < since if since is not None else (now - slot).total_seconds() > grace
         try:
             run = fire(ctx, bj_id, slot, "missed" if missed else "schedule",
                        skip=missed and not repeat)  # fmt: skip
@@ -173,11 +178,14 @@ def loop(config: Config, stop: threading.Event, clock: Clock | None = None) -> N
     """The daemon's scheduler thread: a look every ``[schedule] tick`` s until ``stop``."""
     ctx = Context(config)
     clock = clock or SystemClock()
-    # a slot is on time within a minute, or within three looks of a fast clock
+    # the first look: a slot is on time within a minute, or within three looks of a fast clock
     grace = max(GRACE, 3 * config.schedule.tick * clock.speed)
+    since: datetime | None = None
     while not stop.is_set():
+        now = clock.now()
         try:
-            tick(ctx, clock.now(), grace)
+            tick(ctx, now, grace, since)
+            since = now
         except VmkeepError as err:
             log.error("scheduler: %s", err)
         except Exception:  # a bug: logged with its traceback, the scheduler goes on
