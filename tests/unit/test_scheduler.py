@@ -523,3 +523,11 @@ def test_a_slot_due_between_two_looks_is_on_time_however_long_a_look_takes(tmp_p
     (skipped,) = scheduler.tick(ctx, datetime(2026, 12, 5, 3, 5, tzinfo=UTC),
                                 since=datetime(2026, 12, 5, 3, 1, tzinfo=UTC))  # fmt: skip
     assert (skipped["origin"], skipped["state"], skipped["jobs"]) == ("missed", "SKIPPED", [])
+
+
+def test_a_bad_backup_default_stops_at_once(tmp_path: Path) -> None:
+    from vmkeep.errors import ConfigError
+
+    env = {"VMKEEP_DATA_DIR": str(tmp_path), "VMKEEP_BACKUP_MODE": "incremental-forever"}
+    with pytest.raises(ConfigError, match=r"\[backup\] mode.*use full or increment"):
+        Context(load_config(environ=env))

@@ -18,6 +18,18 @@ class Context:
     config: Config
     _hv: Hypervisor | None = field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        """``[backup]`` holds policy values only the engine can check: a bad one stops every
+        command at once, naming the key, not each backup later."""
+        from vmkeep.engine.core.backup_config import validate
+        from vmkeep.errors import ConfigError, InvalidValue
+
+        for key, value in self.config.backup.layer().items():
+            try:
+                validate(key, value)
+            except InvalidValue as err:
+                raise ConfigError(f"[backup] {key}", str(err)) from None
+
     @cached_property
     def catalog(self) -> Catalog:
         from vmkeep.catalog import Catalog
