@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import event, select
 
 from vmkeep.api.app import create_app
 from vmkeep.catalog.tables import BackupJob, Vm
-from vmkeep.cli import output, pool_cmd, vm_cmd
-from vmkeep.cli.main import cli
+from vmkeep.cli import pool_cmd, vm_cmd
 from vmkeep.config import load_config
 from vmkeep.engine.core.backup_config import KEYS, BackupConfig, resolve, resolve_named
 from vmkeep.engine.core.context import Context
@@ -244,20 +242,9 @@ def test_backup_takes_overrides_over_the_effective_policy(ctx: Context, tmp_path
 
 # --- the CLI --------------------------------------------------------------------------------------
 @pytest.fixture
-def run_cli(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> Any:
+def run_cli(ctx: Context, cli_on: Any) -> Any:
     """``vmkeep ARGS`` in-process on the fake-hypervisor context; (exit code, output)."""
-    monkeypatch.setenv("VMKEEP_NO_DAEMON", "1")
-    for module in (output, vm_cmd, pool_cmd):
-        monkeypatch.setattr(module, "ctx_of", lambda _c: ctx)
-
-    def run(*args: str) -> tuple[int, str]:
-        result = CliRunner().invoke(cli, list(args))
-        if result.exception and not isinstance(result.exception, SystemExit):
-            code = getattr(result.exception, "exit_code", 99)
-            return code, f"{result.output}{result.exception}"
-        return result.exit_code, result.output
-
-    return run
+    return cli_on(ctx, vm_cmd, pool_cmd)
 
 
 def test_pool_and_vm_config_commands(ctx: Context, run_cli: Any) -> None:

@@ -12,15 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from click.testing import CliRunner
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from vmkeep.api.app import create_app
 from vmkeep.catalog.tables import Backup, Increment, Vm
 from vmkeep.checksums import digest_file
-from vmkeep.cli import backups_cmd, output
-from vmkeep.cli.main import cli
+from vmkeep.cli import backups_cmd
 from vmkeep.engine.core import stores
 from vmkeep.engine.core.backup_config import resolve
 from vmkeep.engine.core.chains import checkpoint_name, disk_file, needed_by_protected
@@ -257,20 +255,9 @@ def test_copy_keeps_the_note_not_the_protection(ctx: Context, tmp_path: Path) ->
 
 # --- adapters ----------------------------------------------------------------------------------
 @pytest.fixture
-def run_cli(ctx: Context, monkeypatch: pytest.MonkeyPatch) -> Any:
+def run_cli(ctx: Context, cli_on: Any) -> Any:
     """``vmkeep ARGS`` in-process on the test's context; (exit code, output)."""
-    monkeypatch.setenv("VMKEEP_NO_DAEMON", "1")
-    for module in (output, backups_cmd):
-        monkeypatch.setattr(module, "ctx_of", lambda _c: ctx)
-
-    def run(*args: str) -> tuple[int, str]:
-        result = CliRunner().invoke(cli, list(args))
-        if result.exception and not isinstance(result.exception, SystemExit):
-            code = getattr(result.exception, "exit_code", 99)
-            return code, f"{result.output}{result.exception}"
-        return result.exit_code, result.output
-
-    return run
+    return cli_on(ctx, backups_cmd)
 
 
 def test_cli_protect_note_show_delete(ctx: Context, tmp_path: Path, run_cli: Any) -> None:

@@ -348,25 +348,14 @@ def test_backup_job_routes_by_role(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert client.get("/v1/backupjobs/nightly", headers=viewer).status_code == 404
 
 
-def test_the_backupjob_commands(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_backupjob_commands(tmp_path: Path, cli_on: Any) -> None:
     import json
 
-    from click.testing import CliRunner
-
-    from vmkeep.cli import backupjob_cmd, output
-    from vmkeep.cli.main import cli
+    from vmkeep.cli import backupjob_cmd
 
     ctx = _ctx(tmp_path)
     _vms(ctx, tmp_path, 2)
-    monkeypatch.setenv("VMKEEP_NO_DAEMON", "1")
-    for module in (output, backupjob_cmd):
-        monkeypatch.setattr(module, "ctx_of", lambda _c: ctx)
-
-    def run(*args: str) -> tuple[int, str]:
-        res = CliRunner().invoke(cli, list(args))
-        if res.exception and not isinstance(res.exception, SystemExit):
-            return getattr(res.exception, "exit_code", 99), f"{res.output}{res.exception}"
-        return res.exit_code, res.output
+    run = cli_on(ctx, backupjob_cmd)
 
     code, out = run("backupjob", "create", "nightly", "--vm", "vm00", "--vm", "vm01", "--datastore",
                     "ds", "--schedule", "mon..fri 02:00", "--keep-last", "7", "--bwlimit", "900",
