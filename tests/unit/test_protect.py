@@ -253,6 +253,21 @@ def test_copy_keeps_the_note_not_the_protection(ctx: Context, tmp_path: Path) ->
     assert "protected" not in manifest["increments"][1] and "note" not in manifest["increments"][1]
 
 
+def test_a_copy_never_replaces_a_protected_point_on_its_datastore(
+    ctx: Context, tmp_path: Path
+) -> None:
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 3)
+    copied = copy.copy_backup(ctx, bid, "ds2")["copy"]
+    protect.protect(ctx, copied, 1, actor_name="a")  # on the second datastore
+    vm_id, ds_id = ids(ctx)
+    apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 2, "mode": "increment"}))
+    with pytest.raises(Refused, match="points 1 there are protected"):
+        copy.copy_backup(ctx, bid, "ds2")  # the source's point 1 was rewritten by the merge
+    kept = tmp_path / "store2" / "web" / str(bid) / disk_file(1, "vda")
+    assert read_pattern(kept, 0) and read_pattern(kept, 1)  # the protected bytes are intact
+    assert (1, 0, True) in points(ctx, copied)
+
+
 # --- adapters ----------------------------------------------------------------------------------
 @pytest.fixture
 def run_cli(ctx: Context, cli_on: Any) -> Any:

@@ -448,6 +448,8 @@ def test_a_night_whose_clocks_go_back_fires_once(
         fired += scheduler.tick(ctx, t, grace=900)
         t += timedelta(minutes=10)
     assert [r["slot"] for r in fired] == [datetime(2026, 10, 25, 0, 30, tzinfo=UTC)]  # 02:30 CEST
+    shown = backupjobs.show(ctx, "j", now=datetime(2026, 10, 25, 2, 0, tzinfo=UTC))
+    assert shown["next_run"] == datetime(2026, 10, 26, 1, 30, tzinfo=UTC)  # not the repeat
 
 
 def test_a_bad_time_zone_is_refused_when_the_config_loads(tmp_path: Path) -> None:
@@ -512,6 +514,12 @@ def test_a_slot_due_between_two_looks_is_on_time_however_long_a_look_takes(tmp_p
     (skipped,) = scheduler.tick(ctx, datetime(2026, 12, 5, 3, 5, tzinfo=UTC),
                                 since=datetime(2026, 12, 5, 3, 1, tzinfo=UTC))  # fmt: skip
     assert (skipped["origin"], skipped["state"], skipped["jobs"]) == ("missed", "SKIPPED", [])
+    backupjobs.create(ctx, "outage", {"all": True}, "ds", "0 4 * * *", repeat_missed=False,
+                      now=NIGHT)  # fmt: skip
+    # the looks stopped at 03:59 (the catalog was down) and come back at 07:00: late, missed
+    (late,) = scheduler.tick(ctx, datetime(2026, 12, 5, 7, 0, tzinfo=UTC),
+                             since=datetime(2026, 12, 5, 3, 59, tzinfo=UTC))  # fmt: skip
+    assert (late["origin"], late["state"]) == ("missed", "SKIPPED")
 
 
 def test_a_bad_backup_default_stops_at_once(tmp_path: Path) -> None:

@@ -210,6 +210,10 @@ def run_cmd(c: click.Context, name: str, no_wait: bool, as_json: bool) -> None:
     ids = [j["id"] for j in run["jobs"]]
     if not (served and no_wait):
         _wait_all(ctx, ids, here=not served)
+    if not served and any(not x.get("excluded") for x in run["skipped"]):
+        from vmkeep.engine.service import notify
+
+        notify.deliver_due(ctx)  # the run's report of the VMs it left out: no daemon sends it
     from vmkeep.engine.service.backupjobs import get_run
 
     run = get_run(ctx, run["id"])  # as it ended (or stands, --no-wait)

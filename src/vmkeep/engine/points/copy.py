@@ -14,7 +14,13 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Backup, Increment
 from vmkeep.checksums import expected_digests, matches, row_digest
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.engine.core.chains import chain_locked, find_backup, valid_increments, write_manifest
+from vmkeep.engine.core.chains import (
+    chain_locked,
+    find_backup,
+    needed_by_protected,
+    valid_increments,
+    write_manifest,
+)
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of, find_datastore
 from vmkeep.engine.points.scratch import scratch
@@ -61,12 +67,22 @@ def _copy_locked(
         copy = _copy_row(s, dest_ds.id, chain)
         existed = copy is not None
         have = {i.seq: expected_digests(i.files) for i in valid_increments(copy)} if copy else {}
+        kept = needed_by_protected(copy) if copy else set()
         dest_id, dest_name = dest_ds.id, dest_ds.name
     todo = [
         seq
         for seq, (_p, files, _f) in sorted(src_rows.items())
         if have.get(seq) != expected_digests(files)
     ]
+    if overwritten := sorted(set(todo) & set(have) & kept):
+        # the source was merged since (retention): copying would replace protected points
+        raise Refused(
+            f"copy of backup {backup_id} to {dest_name}",
+            f"its points {', '.join(map(str, overwritten))} there are protected (or needed by "
+            "a protected point) and the source's have changed since",
+            "Unprotect them there ('vmkeep backups unprotect ID --increment N' on the copy), "
+            "or copy into another datastore.",
+        )
     copied: list[str] = []
     try:
         with scratch(ctx) as tmp:

@@ -7,7 +7,7 @@ the VMs' own. Here: defining them and showing them with their runs; firing them 
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -216,9 +216,22 @@ def next_run(bj: BackupJob, now: datetime) -> datetime | None:
     spec = schedules.stored(bj.schedule)
     tz = schedules.zone(bj.timezone)
     due = schedules.latest_due(spec, now, tz)
-    if due is not None and due >= bj.active_since and due > (last_slot_of(bj) or bj.active_since):
+    if due is not None and unfired(bj, due, tz):
         return due  # due now: the scheduler's next look fires it
     return schedules.next_after(spec, max(now, bj.active_since), tz)
+
+
+def unfired(bj: BackupJob, slot: datetime, tz: tzinfo) -> bool:
+    """Whether the scheduler has yet to fire ``slot``, the newest due one: not from before the
+    job was made, enabled or given a new schedule; newer than the last slot fired; and not the
+    same wall-clock time as it (the hour a night's clocks go back repeats: one slot)."""
+    if slot < bj.active_since:
+        return False
+    last = last_slot_of(bj)
+    if last is None:
+        return True
+    same = slot.astimezone(tz).replace(tzinfo=None) == last.astimezone(tz).replace(tzinfo=None)
+    return slot > last and not same
 
 
 def last_slot_of(bj: BackupJob) -> datetime | None:

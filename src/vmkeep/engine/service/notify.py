@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -165,7 +165,7 @@ def run_left_out(ctx: Context, backupjob: str, run_id: int, left_out: list[dict[
     reasons = "; ".join(f"{x['vm']}: {x['reason']}" for x in left_out)
     payload: dict[str, Any] = {
         "event": "run.left_out", "status": "failed", "job": None, "kind": "backupjob run",
-        "target": backupjob, "vm": ", ".join(x["vm"] for x in left_out), "backupjob": backupjob,
+        "target": backupjob, "vm": _names(x["vm"] for x in left_out), "backupjob": backupjob,
         "run": run_id, "error": {"code": "LeftOut", "message": f"not backed up: {reasons}"},
         "warnings": [], "duration_s": None, "started": now, "finished": now,
         "host": socket.gethostname(),
@@ -175,6 +175,13 @@ def run_left_out(ctx: Context, backupjob: str, run_id: int, left_out: list[dict[
     except Exception as err:  # noqa: BLE001 - never fail the scheduler for a report
         log.warning("notifications of run %s not queued: %s", run_id, scrub(str(err)))
         return 0
+
+
+def _names(names: Iterable[str], most: int = 10) -> str:
+    """``a, b, c`` (``... and N more`` past ``most``: a title stays a title)."""
+    shown = list(names)
+    more = f" and {len(shown) - most} more" if len(shown) > most else ""
+    return ", ".join(shown[:most]) + more
 
 
 def _queue(ctx: Context, job_id: int, payload: Callable[[], dict[str, Any]]) -> int:

@@ -98,14 +98,17 @@ def _fragments(url: str) -> set[str]:
             parts.add(p.netloc)
         if p.hostname and not _shown_host(p.hostname):
             parts |= {p.netloc, p.hostname}
-        parts |= {p.username or "", p.password or "", unquote(p.password or "")}
+        creds = {p.username or "", p.password or "", unquote(p.password or "")}
         if p.path.strip("/"):
             parts |= {p.path, p.path.strip("/")}
         parts |= {p.query} | {v for _, v in parse_qsl(p.query) if len(v) >= 8}
         parts |= {seg for seg in p.path.split("/") if len(seg) >= 12}
     except ValueError:  # no parsable port: the "host" is a token
         parts |= {url.split("://", 1)[-1]} | set(re.split(r"[/@?&=]", url.split("://", 1)[-1]))
-    return {s for s in parts if len(s) >= 3}
+        creds = set()
+    # a short path ("/hook") is no secret, and cutting it would garble every text holding it;
+    # a password is one however short
+    return {s for s in parts if len(s) >= 8} | {s for s in creds if len(s) >= 3}
 
 
 # every secret fragment of the targets seen in this process (``targets``)

@@ -16,7 +16,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, tzinfo
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from sqlalchemy import select
@@ -32,6 +32,7 @@ from vmkeep.errors import CatalogError, VmkeepError
 
 log = logging.getLogger(__name__)
 GRACE = 60.0  # seconds after its slot that a fire is on time, not a missed slot run late
+LATE = 900.0  # no look takes this long: a slot older than this was missed, whatever
 
 
 class Clock(Protocol):
@@ -134,43 +135,45 @@ def run_now(ctx: Context, name: str, who: str) -> dict[str, Any]:
     return run
 
 
-def _same_wall_time(a: datetime, b: datetime, tz: tzinfo) -> bool:
-    return a.astimezone(tz).replace(tzinfo=None) == b.astimezone(tz).replace(tzinfo=None)
-
-
 def tick(
-    ctx: Context, now: datetime, grace: float = GRACE, since: datetime | None = None
+    ctx: Context,
+    now: datetime,
+    grace: float = GRACE,
+    since: datetime | None = None,
+    late_after: float = LATE,
 ) -> list[dict[str, Any]]:
     """One look: fire every enabled backup job whose newest due slot has not been fired.
     ``since``: when the previous look was (its clock time): a slot that came due after it is on
     time however long the looks take (a large run's queueing); one from before it was missed.
-    The first look after a start has no previous one: a slot older than ``grace`` s was missed."""
-    fired = []
+    The first look after a start has no previous one: a slot older than ``grace`` s was missed.
+    A slot older than ``late_after`` s was missed whatever (the catalog was down for hours).
+    Raises the first error after firing every other job: the caller keeps its ``since``, so a
+    slot that failed to fire is still on time at the next look."""
+    fired, errors = [], []
     with ctx.catalog.session() as s:
         due = []
         for bj in s.execute(select(BackupJob).where(BackupJob.enabled.is_(True))).scalars():
             spec, tz = schedules.stored(bj.schedule), schedules.zone(bj.timezone)
             slot = schedules.latest_due(spec, now, tz)
-            if slot is None or slot < bj.active_since:
-                continue  # none yet, or only slots from before it was made, enabled or changed
-            last = backupjobs.last_slot_of(bj)
-            if last is not None and _same_wall_time(slot, last, tz):
-                continue  # the hour a night's clocks go back repeats: its slot fires once
-            if last is None or slot > last:
+            if slot is not None and backupjobs.unfired(bj, slot, tz):
                 due.append((bj.id, bj.name, bj.repeat_missed, slot))
     for bj_id, name, repeat, slot in due:
-        missed = slot < since if since is not None else (now - slot).total_seconds() > grace
+        age = (now - slot).total_seconds()
+        missed = age > late_after or (slot < since if since is not None else age > grace)
         try:
             run = fire(ctx, bj_id, slot, "missed" if missed else "schedule",
                        skip=missed and not repeat)  # fmt: skip
         except VmkeepError as err:
             log.error("backup job %s: firing slot %s failed: %s", name, slot.isoformat(), err)
+            errors.append(err)
             continue
         if run is not None:
             if missed:
                 log.warning("backup job %s: slot %s was missed (no daemon ran then): %s", name,
                             slot.isoformat(), "run now" if repeat else "skipped")  # fmt: skip
             fired.append(run)
+    if errors:
+        raise errors[0]
     return fired
 
 
@@ -180,11 +183,12 @@ def loop(config: Config, stop: threading.Event, clock: Clock | None = None) -> N
     clock = clock or SystemClock()
     # the first look: a slot is on time within a minute, or within three looks of a fast clock
     grace = max(GRACE, 3 * config.schedule.tick * clock.speed)
+    late_after = max(LATE * clock.speed, grace)
     since: datetime | None = None
     while not stop.is_set():
         now = clock.now()
         try:
-            tick(ctx, now, grace, since)
+            tick(ctx, now, grace, since, late_after)
             since = now
         except VmkeepError as err:
             log.error("scheduler: %s", err)
