@@ -209,47 +209,41 @@ def remove(ctx: Context, name: str) -> dict[str, Any]:
         return shown
 
 
-def next_run(bj: BackupJob, now: datetime) -> datetime | None:
-    """When the scheduler fires it next (None: disabled, or a one-shot that has fired)."""
+def next_run(bj: BackupJob, now: datetime, last: datetime | None) -> datetime | None:
+    """When the scheduler fires it next (None: disabled, or a one-shot that has fired);
+    ``last``: its newest fired slot (``last_slots``)."""
     if not bj.enabled:
         return None
     spec = schedules.stored(bj.schedule)
     tz = schedules.zone(bj.timezone)
     due = schedules.latest_due(spec, now, tz)
-    if due is not None and unfired(bj, due, tz):
+    if due is not None and unfired(bj, due, tz, last):
         return due  # due now: the scheduler's next look fires it
     return schedules.next_after(spec, max(now, bj.active_since), tz)
 
 
-def unfired(bj: BackupJob, slot: datetime, tz: tzinfo) -> bool:
+def unfired(bj: BackupJob, slot: datetime, tz: tzinfo, last: datetime | None) -> bool:
     """Whether the scheduler has yet to fire ``slot``, the newest due one: not from before the
-    job was made, enabled or given a new schedule; newer than the last slot fired; and not the
-    same wall-clock time as it (the hour a night's clocks go back repeats: one slot)."""
+    job was made, enabled or given a new schedule; newer than ``last``, the newest slot fired;
+    and not the same wall-clock time as it (the hour a night's clocks go back repeats: one
+    slot)."""
     if slot < bj.active_since:
         return False
-    last = last_slot_of(bj)
     if last is None:
         return True
     same = slot.astimezone(tz).replace(tzinfo=None) == last.astimezone(tz).replace(tzinfo=None)
     return slot > last and not same
 
 
-def last_slot_of(bj: BackupJob) -> datetime | None:
-    """The newest slot the scheduler fired (or skipped) for it; manual runs do not count."""
-    s = _session_of(bj)
-    q = select(func.max(BackupJobRun.slot_at)).where(
-        BackupJobRun.backup_job_id == bj.id, BackupJobRun.origin != "manual"
+def last_slots(s: Session, ids: list[int] | None = None) -> dict[int, datetime]:
+    """Per backup job (those of ``ids``, or all) the newest slot the scheduler fired or skipped,
+    in one query; manual runs do not count."""
+    q = select(BackupJobRun.backup_job_id, func.max(BackupJobRun.slot_at)).where(
+        BackupJobRun.origin != "manual"
     )
-    last: datetime | None = s.execute(q).scalar()
-    return last
-
-
-def _session_of(bj: BackupJob) -> Session:
-    from sqlalchemy.orm import object_session
-
-    s = object_session(bj)
-    assert s is not None
-    return s
+    if ids is not None:
+        q = q.where(BackupJobRun.backup_job_id.in_(ids))
+    return {bj_id: last for bj_id, last in s.execute(q.group_by(BackupJobRun.backup_job_id))}
 
 
 def run_dict(s: Session, r: BackupJobRun) -> dict[str, Any]:
@@ -285,7 +279,11 @@ def get_run(ctx: Context, run_id: int) -> dict[str, Any]:
         return run_dict(s, r)
 
 
-def _dict(s: Session, bj: BackupJob, now: datetime) -> dict[str, Any]:
+def _dict(
+    s: Session, bj: BackupJob, now: datetime, slots: dict[int, datetime] | None = None
+) -> dict[str, Any]:
+    """``slots``: ``last_slots`` of every job listed (read here for this one when None)."""
+    slots = last_slots(s, [bj.id]) if slots is None else slots
     last = s.execute(
         select(BackupJobRun)
         .where(BackupJobRun.backup_job_id == bj.id)
@@ -309,7 +307,7 @@ def _dict(s: Session, bj: BackupJob, now: datetime) -> dict[str, Any]:
         "role": bj.role,
         "created": bj.created_at,
         "timezone": bj.timezone,
-        "next_run": next_run(bj, now),
+        "next_run": next_run(bj, now, slots.get(bj.id)),
         "last_run": run_dict(s, last) if last is not None else None,
     }
 
@@ -318,7 +316,8 @@ def list_all(ctx: Context, now: datetime | None = None) -> list[dict[str, Any]]:
     now = now or datetime.now(UTC)
     with ctx.catalog.session() as s:
         rows = s.execute(select(BackupJob).order_by(BackupJob.name)).scalars()
-        return [_dict(s, bj, now) for bj in rows]
+        slots = last_slots(s)
+        return [_dict(s, bj, now, slots) for bj in rows]
 
 
 def show(ctx: Context, name: str, now: datetime | None = None) -> dict[str, Any]:

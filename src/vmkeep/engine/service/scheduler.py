@@ -152,10 +152,11 @@ def tick(
     fired, errors = [], []
     with ctx.catalog.session() as s:
         due = []
+        last = backupjobs.last_slots(s)  # one query a look, not one per job
         for bj in s.execute(select(BackupJob).where(BackupJob.enabled.is_(True))).scalars():
             spec, tz = schedules.stored(bj.schedule), schedules.zone(bj.timezone)
             slot = schedules.latest_due(spec, now, tz)
-            if slot is not None and backupjobs.unfired(bj, slot, tz):
+            if slot is not None and backupjobs.unfired(bj, slot, tz, last.get(bj.id)):
                 due.append((bj.id, bj.name, bj.repeat_missed, slot))
     for bj_id, name, repeat, slot in due:
         age = (now - slot).total_seconds()
