@@ -191,13 +191,23 @@ def test_a_pool_policy_backs_up_every_vm_every_night_and_posts_to_a_webhook(
     # the daemon was down for three nights: back up, it runs the job once, for the newest slot
     vmkeep("backupjob", "enable", "nightly")
     back = datetime.fromisoformat(second["slot"]) + timedelta(days=3, hours=8)
-    with running_daemon("--clock", f"{back.isoformat()},1", log=log):
+    with running_daemon("--clock", f"{back.isoformat()},1", log=log) as (daemon, _api):
         runs = _wait("the missed run", lambda: [
             r for r in vmkeep("backupjob", "show", "nightly", "--json").json()["runs"]
             if r["origin"] == "missed" and r["jobs"]
             and all(j["state"] in ("DONE", "FAILED") for j in r["jobs"])])  # fmt: skip
         time.sleep(3)  # three more looks of the scheduler: nothing else fires
         after = vmkeep("backupjob", "show", "nightly", "--json").json()["runs"]
+        # `backupjob run` with the daemon up: the daemon fires it, its workers run the jobs
+        now = vmkeep("backupjob", "run", "nightly-tiny", "--json", check=None)
+        assert now.code == 21 and "2 of 2 jobs" in now.err, (now.code, now.err)  # no space
+        manual = json.loads(now.out)
+        assert manual["origin"] == "manual" and manual["who"] == "@local"
+        assert {j["state"] for j in manual["jobs"]} == {"FAILED"}
+        ran = {j["id"]: j for j in vmkeep("jobs", "list", "--json").json()}
+        assert {(ran[j["id"]]["origin"], ran[j["id"]]["pid"]) for j in manual["jobs"]} == {
+            ("api", daemon.pid)
+        }  # the daemon's workers ran them
     (missed,) = runs
     assert [r["id"] for r in after if r["origin"] == "missed"] == [missed["id"]], after
     assert max(r["slot"] for r in after) == missed["slot"] and missed["state"] == "FIRED"

@@ -199,31 +199,38 @@ def delete_cmd(c: click.Context, name: str, as_json: bool) -> None:
 @json_option
 @click.pass_context
 def run_cmd(c: click.Context, name: str, no_wait: bool, as_json: bool) -> None:
-    """Run it now, outside its schedule. With a daemon serving the catalog its workers run the
-    queued jobs (within the limits); without one they run here, one after another."""
-    from vmkeep.engine.core import jobs
-    from vmkeep.engine.service import scheduler
-
-    ctx = ctx_of(c)
-    served = remote.get(c, "/v1/backupjobs") is not None
-    run = scheduler.run_now(ctx, name, jobs.local_user())
-    ids = [j["id"] for j in run["jobs"]]
-    if not (served and no_wait):
-        _wait_all(ctx, ids, here=not served)
-    if not served and any(not x.get("excluded") for x in run["skipped"]):
-        from vmkeep.engine.service import notify
-
-        notify.deliver_due(ctx)  # the run's report of the VMs it left out: no daemon sends it
-    from vmkeep.engine.service.backupjobs import get_run
-
-    run = get_run(ctx, run["id"])  # as it ended (or stands, --no-wait)
+    """Run it now, outside its schedule. With a daemon serving the catalog, the daemon fires
+    the run and its workers run the queued jobs (within the limits), followed here; without
+    one they run here, one after another."""
+    path = f"/v1/backupjobs/{segment(name)}"
+    run = remote.post(c, f"{path}/run") if "/" not in name else None
+    if run is not None:  # the daemon's run (this process never reaches libvirt)
+        if not no_wait:
+            remote.follow_all(c, run["jobs"])
+        shown = remote.get(c, path) or {}
+        run = next((r for r in shown.get("runs", []) if r["id"] == run["id"]), run)
+    else:
+        run = _run_here(ctx_of(c), name)
     render(run, as_json, _run)
     _exit_of(run)
 
 
-def _wait_all(ctx: Any, ids: list[int], here: bool) -> None:
-    """Each job to its end: run here (no daemon) or followed (the daemon's workers run them).
-    Ctrl-C cancels what has not ended. Jobs run here are reported as the daemon's are
+def _run_here(ctx: Any, name: str) -> dict[str, Any]:
+    """No daemon: fire the run and run its jobs in this process; the run as it ended."""
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.service import notify, scheduler
+    from vmkeep.engine.service.backupjobs import get_run
+
+    run = scheduler.run_now(ctx, name, jobs.local_user())
+    _wait_all(ctx, [j["id"] for j in run["jobs"]])
+    if any(not x.get("excluded") for x in run["skipped"]):
+        notify.deliver_due(ctx)  # the run's report of the VMs it left out: no daemon sends it
+    return get_run(ctx, run["id"])
+
+
+def _wait_all(ctx: Any, ids: list[int]) -> None:
+    """Each job to its end, run in this process (a job another process holds back with the
+    limits is waited for). Ctrl-C cancels what has not ended. Jobs run here are reported as the daemon's are
     (``[notify]``): their notifications are sent once the last has ended (a dead receiver
     never holds a backup up); one that fails stays in the outbox for a daemon to retry."""
     from vmkeep.engine.core import jobs
@@ -234,7 +241,7 @@ def _wait_all(ctx: Any, ids: list[int], here: bool) -> None:
     try:
         for job_id in ids:
             while jobs.get(ctx, job_id)["state"] not in jobs.FINAL:
-                if here and jobs.claim(ctx, only=job_id) == job_id:
+                if jobs.claim(ctx, only=job_id) == job_id:
                     job = jobs.execute(ctx, job_id, RUNNERS)
                     reports += notify.job_ended(ctx, job)
                     if job["state"] == "CANCELLED":

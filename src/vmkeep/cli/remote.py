@@ -18,7 +18,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -110,6 +110,52 @@ def get(c: click.Context, path: str, **query: str | None) -> Any | None:
     # that is no JSON: the command does the read itself (and reports a failure its own way)
     log.debug("the daemon answered HTTP %d; reading the catalog", status)
     return None
+
+
+def post(c: click.Context, path: str) -> Any | None:
+    """The daemon's answer to ``POST path`` (a quick catalog write it does, e.g. firing a
+    backup job's run), or None when no daemon serves this catalog (the command does it
+    itself). Its refusal is raised as the command's own error. Never falls back once the
+    daemon may have done it."""
+    where = _where(c)
+    if where is None:
+        return None
+    try:
+        status, data = _ask(where, "POST", path)
+    except _ABSENT:
+        return None
+    except (OSError, http.client.HTTPException) as err:
+        raise errors.VmkeepError(
+            f"the daemon did not answer on {where.socket} ({err}); see 'vmkeep jobs list' "
+            "before trying again"
+        ) from err
+    if 200 <= status < 300 and data is not None:
+        return data
+    if status in (401, 403, 421):
+        return None
+    if isinstance(data, dict) and isinstance(data.get("error"), dict):
+        raise _error(status, data)
+    raise errors.VmkeepError(f"the daemon answered HTTP {status} to {path}")
+
+
+def follow_all(c: click.Context, jobs: list[dict[str, Any]]) -> None:
+    """Wait for the end of each of these daemon jobs (their errors are on their rows: the
+    caller reads them). Ctrl-C cancels every one that has not ended."""
+    where = _where(c)
+    assert where is not None
+    followed = [Job(where, j) for j in jobs]
+    try:
+        for job in followed:
+            try:
+                job.follow(lambda _done, _total: None)
+            except errors.VmkeepError:
+                continue
+    except KeyboardInterrupt:
+        for job in followed:
+            if job.job["state"] not in ("DONE", "FAILED", "CANCELLED"):
+                with suppress(errors.VmkeepError):
+                    job.cancel()
+        raise
 
 
 @contextmanager
