@@ -14,31 +14,29 @@ from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.service import backupjobs, scheduler
 from vmkeep.engine.service.params import Params, Policy
 
-Text = str
-
 
 class BackupJobChange(Params):
     """Fields of a backup job; in a PATCH only those given change (a policy key set to null
     goes back to the VMs' own)."""
 
-    vms: list[Text] | None = None
-    group: Text | None = Field(default=None, max_length=255)
-    pool: Text | None = Field(default=None, max_length=255)
+    vms: list[str] | None = None
+    group: str | None = Field(default=None, max_length=255)
+    pool: str | None = Field(default=None, max_length=255)
     all: bool | None = None
-    datastore: Text | None = Field(default=None, max_length=255)
-    schedule: Text | None = Field(default=None, max_length=255)
+    datastore: str | None = Field(default=None, max_length=255)
+    schedule: str | None = Field(default=None, max_length=255)
     priority: int | None = Field(default=None, ge=0, le=99)
-    execution: Text | None = Field(default=None, max_length=16)
+    execution: str | None = Field(default=None, max_length=16)
     options: dict[str, str | int | bool | None] | None = None
-    copy_to: Text | None = Field(default=None, max_length=255)
+    copy_to: str | None = Field(default=None, max_length=255)
     repeat_missed: bool | None = None
     enabled: bool | None = None
 
 
 class BackupJobRequest(BackupJobChange):
-    name: Text = Field(min_length=1, max_length=255)
-    datastore: Text = Field(max_length=255)
-    schedule: Text = Field(max_length=255)
+    name: str = Field(min_length=1, max_length=255)
+    datastore: str = Field(max_length=255)
+    schedule: str = Field(max_length=255)
     options: Policy = {}
 
 
