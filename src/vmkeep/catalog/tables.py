@@ -166,6 +166,9 @@ class Increment(Base):
     note: Mapped[str | None] = mapped_column(Text, default=None)
     protected_by: Mapped[str | None] = mapped_column(String(255), default=None)
     protected_at: Mapped[datetime | None] = mapped_column(default=None)
+    # the last verify that read this increment's files: when, and OK or FAILED
+    verified_at: Mapped[datetime | None] = mapped_column(default=None)
+    verify_result: Mapped[str | None] = mapped_column(String(8), default=None)
     backup: Mapped[Backup] = relationship(back_populates="increments")
     drills: Mapped[list[Drill]] = relationship(
         back_populates="increment", order_by="Drill.id", cascade="all, delete-orphan"
@@ -312,6 +315,21 @@ class GroupBackupMember(Base):
     group_backup: Mapped[GroupBackup] = relationship(back_populates="members")
 
 
+class GroupDrill(Base):
+    """One drill of a group restore point: every member booted together, in start order, on an
+    isolated network; PASS/FAIL, the reason, each step's evidence (member probes and the
+    cross-member probe)."""
+
+    __tablename__ = "group_drills"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    group_backup_id: Mapped[int] = mapped_column(ForeignKey("group_backups.id"), index=True)
+    result: Mapped[str] = mapped_column(String(8))
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    checks: Mapped[list[Any]] = mapped_column(default=list)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class AuditEntry(Base):
     """Who did what through the API: every mutating request and every failed login
     (``engine/audit.py``). Never a request's body or headers."""
@@ -361,6 +379,8 @@ class BackupJob(Base):
     active_since: Mapped[datetime] = mapped_column(default=utcnow)
     # the zone its cron and calendar slots are read in (every daemon reads them alike)
     timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    # what a run does to the VMs it names: backup, prune, verify or drill
+    task: Mapped[str] = mapped_column(String(16), default="backup")
 
 
 class BackupJobRun(Base):
