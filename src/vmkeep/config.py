@@ -134,6 +134,11 @@ class BackupDefaults(_Section):
     defaults; a backup job's options go over all of them). A key left out is not set here."""
 
     keep_last: int | str | None = None
+    keep_hourly: int | str | None = None
+    keep_daily: int | str | None = None
+    keep_weekly: int | str | None = None
+    keep_monthly: int | str | None = None
+    keep_yearly: int | str | None = None
     mode: str | None = None
     fs_freeze: str | None = None
     backup_volatile: bool | None = None

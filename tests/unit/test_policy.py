@@ -29,6 +29,11 @@ from vmkeep.model import Warnings
 # per key, a distinct value for each layer: backupjob, vm, pool, config (the defaults differ)
 VALUES: dict[str, tuple[Any, Any, Any, Any]] = {
     "keep_last": (1, 2, 3, 4),
+    "keep_hourly": (24, 12, 6, 3),
+    "keep_daily": (7, 14, 30, 21),
+    "keep_weekly": (4, 8, 2, 1),
+    "keep_monthly": (6, 12, 3, 2),
+    "keep_yearly": (1, 2, 3, 5),
     "mode": ("full", "increment", "full", "increment"),
     "fs_freeze": ("suspend", "agent", "suspend", "agent"),
     "backup_volatile": ("yes", "no", "yes", "no"),
@@ -37,6 +42,11 @@ VALUES: dict[str, tuple[Any, Any, Any, Any]] = {
 }
 CONFIG_LAYER = {
     "keep_last": 4,
+    "keep_hourly": 3,
+    "keep_daily": 21,
+    "keep_weekly": 1,
+    "keep_monthly": 2,
+    "keep_yearly": 5,
     "mode": "increment",
     "fs_freeze": "agent",
     "backup_volatile": False,

@@ -23,8 +23,9 @@ from vmkeep.engine.core import stores
 from vmkeep.engine.core.backup_config import resolve
 from vmkeep.engine.core.chains import checkpoint_name, disk_file, needed_by_protected
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.points import copy, delete, listing, protect
-from vmkeep.engine.points.retention import apply_retention, stop_at_protected
+from vmkeep.engine.points import copy, delete, listing, protect, retention
+from vmkeep.engine.points.merge import apply_retention
+from vmkeep.engine.restore import point
 from vmkeep.engine.service import tokens
 from vmkeep.errors import Forbidden, IncrementNotFound, InvalidValue, Refused
 
@@ -76,7 +77,8 @@ def make_chain(ctx: Context, tmp: Path, mode: str, points: int, age: int = 0) ->
         f = {"disk": "vda", "name": img.name, "size": img.stat().st_size,
              "digest": digest_file(img)}  # fmt: skip
         rows.append(Increment(backup_id=bid, seq=seq, parent=seq - 1 if seq else None,
-                              status="VALID", size=f["size"], files=[f], started_at=T0,
+                              status="VALID", size=f["size"], files=[f],
+                              started_at=T0 + timedelta(hours=age, minutes=seq),
                               checkpoint=checkpoint_name(bid, seq) if seq == points - 1 else None,
                               finished_at=T0))  # fmt: skip
         staged.append(img)
@@ -119,12 +121,6 @@ def test_needed_by_protected_walks_the_parents(ctx: Context, tmp_path: Path) -> 
         assert needed_by_protected(b) == {0, 1, 2}
         b.increments[4].protected = True
         assert needed_by_protected(b) == {0, 1, 2, 3, 4}
-
-
-def test_stop_at_protected_cuts_the_merge_short() -> None:
-    assert stop_at_protected([3, 4, 5], [3, 4, 5, 6, 7], {5}) == ([3, 4], 5)
-    assert stop_at_protected([0, 1], [0, 1, 2, 3], {0, 1, 2}) == ([], 0)
-    assert stop_at_protected([0, 1], [0, 1, 2, 3], set()) == ([0, 1], 2)
 
 
 # --- protect, unprotect, notes -----------------------------------------------------------------
@@ -183,41 +179,92 @@ def test_full_mode_skips_protected_chains_and_does_not_count_them(
     protect.protect(ctx, chains[0], actor_name="a")  # the oldest: first to go without it
     vm_id, ds_id = ids(ctx)
     cfg = resolve({"keep_last": 2, "mode": "full"})
-    assert apply_retention(ctx, vm_id, ds_id, cfg) == []  # no more than KEEP_LAST: silent
+    assert apply_retention(ctx, vm_id, ds_id, cfg) == []  # nothing to remove: silent
     chains += [make_chain(ctx, tmp_path, "FULL", 1, age=h) for h in range(2, 4)]
     msgs = apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 2, "mode": "full"}))
-    assert msgs[0].startswith(f"retention: kept protected backups [{chains[0]}] besides")
-    assert msgs[1:] == [f"retention: deleted backup {chains[1]} (KEEP_LAST=2)"]
+    assert msgs == [f"retention: deleted backup {chains[1]} (keep_last=2)"]
     left = [b["id"] for b in listing.list_backups(ctx)]
-    assert left == [chains[0], chains[2], chains[3]]  # protected + KEEP_LAST unprotected
+    assert left == [chains[0], chains[2], chains[3]]  # protected + keep_last unprotected
     assert stored(tmp_path, chains[0], 0).exists()
     assert not stored(tmp_path, chains[1], 0).exists()
 
 
-def test_increment_mode_merge_stops_at_a_protected_point(ctx: Context, tmp_path: Path) -> None:
+def test_increment_mode_merges_around_a_protected_point(ctx: Context, tmp_path: Path) -> None:
     bid = make_chain(ctx, tmp_path, "INCREMENT", 5)
     protect.protect(ctx, bid, 1, actor_name="a")
     vm_id, ds_id = ids(ctx)
     cfg = resolve({"keep_last": 2, "mode": "increment"})
-    msgs = apply_retention(ctx, vm_id, ds_id, cfg)
-    assert msgs == [
-        f"retention: kept 5 points of backup {bid}, 3 more than KEEP_LAST=2: protected "
-        f"increments [1] need increments [0, 1] (lift it with 'vmkeep backups unprotect {bid} "
-        "--increment N')"
+    with ctx.catalog.session() as s:  # what prune --dry-run prints: each point and why
+        shown = retention.plan(ctx, s, vm_id, ds_id, cfg).as_dict()
+    assert [(p["increment"], p["keep"], p["rule"], p["how"]) for p in shown["points"]] == [
+        (4, True, "keep_last 1/2", None),
+        (3, True, "keep_last 2/2", "now built on 1"),
+        (2, False, "no rule keeps it", "merged into increment 3"),
+        (1, True, "protected", None),
+        (0, True, f"a protected point of backup {bid} is built on it", None),
     ]
-    assert [p[0] for p in points(ctx, bid)] == [0, 1, 2, 3, 4]
-    # the protected point is still restorable: its stored backing chain is whole
+    msgs = apply_retention(ctx, vm_id, ds_id, cfg)
+    assert msgs == [f"retention: removed increments [2] of backup {bid} (keep_last=2); "
+                    "3 now built on 1"]  # fmt: skip
+    assert points(ctx, bid) == [(0, None, False), (1, 0, True), (3, 1, False), (4, 3, False)]
+    # the protected point is untouched and restorable: its stored backing chain is whole
     img = stored(tmp_path, bid, 1)
     info = json.loads(qemu_img("info", "--backing-chain", "--output=json", str(img)))
     assert [Path(i["filename"]).name for i in info] == [disk_file(1, "vda"), disk_file(0, "vda")]
-    assert read_pattern(img, 0) and read_pattern(img, 1)
+    assert read_pattern(img, 0) and read_pattern(img, 1) and not read_pattern(img, 2)
+    # point 3 still reads as it did, with point 2's bytes merged into it
+    assert all(read_pattern(stored(tmp_path, bid, 3), q) for q in range(4))
+    assert not stored(tmp_path, bid, 2).exists()
+    assert listing.show_backup(ctx, bid)["increments"][2]["files"][0]["digest"] == digest_file(
+        stored(tmp_path, bid, 3)
+    )
 
-    protect.unprotect(ctx, bid, 1)  # then the merge happens as before
+    protect.unprotect(ctx, bid, 1)  # then points 0 and 1 go: 3 becomes the base
     msgs = apply_retention(ctx, vm_id, ds_id, cfg)
-    assert msgs == [f"retention: merged increments [0, 1, 2] into 3 of backup {bid} (KEEP_LAST=2)"]
+    assert msgs == [f"retention: removed increments [0, 1] of backup {bid} (keep_last=2); "
+                    "3 is the new base"]  # fmt: skip
     assert points(ctx, bid) == [(3, None, False), (4, 3, False)]
     assert not stored(tmp_path, bid, 1).exists()
     assert all(read_pattern(stored(tmp_path, bid, 4), q) for q in range(5))
+    info = json.loads(qemu_img("info", "--backing-chain", "--output=json",
+                               str(stored(tmp_path, bid, 4))))  # fmt: skip
+    assert [Path(i["filename"]).name for i in info] == [disk_file(4, "vda"), disk_file(3, "vda")]
+
+
+def test_calendar_retention_spans_every_chain(ctx: Context, tmp_path: Path) -> None:
+    """Two chains (the second left by a --reset, say) under keep_daily: each day keeps its
+    newest point, wherever it is; a chain none of whose points stays is deleted whole; points in
+    the middle of a chain are merged away and every kept point reads as before."""
+    old = make_chain(ctx, tmp_path, "INCREMENT", 3, age=0)  # day 1: 00:00, 00:01, 00:02
+    new = make_chain(ctx, tmp_path, "INCREMENT", 4, age=24)  # day 2: 00:00 .. 00:03
+    vm_id, ds_id = ids(ctx)
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, new)
+        assert b is not None
+        for inc in b.increments[:2]:  # points 0 and 1 of the new chain on day 3, 2 and 3 day 4
+            inc.started_at = T0 + timedelta(days=2, minutes=inc.seq)
+        for inc in b.increments[2:]:
+            inc.started_at = T0 + timedelta(days=3, minutes=inc.seq)
+    cfg = resolve({"keep_daily": 2})
+    with ctx.catalog.session() as s:
+        plan = retention.plan(ctx, s, vm_id, ds_id, cfg)
+    shown = [(p["backup"], p["increment"], p["keep"]) for p in plan.as_dict()["points"]]
+    assert shown == [(new, 3, True), (new, 2, False), (new, 1, True), (new, 0, False),
+                     (old, 2, False), (old, 1, False), (old, 0, False)]  # fmt: skip
+    msgs = apply_retention(ctx, vm_id, ds_id, cfg)
+    assert msgs == [
+        f"retention: deleted backup {old} (keep_daily=2)",
+        f"retention: removed increments [0, 2] of backup {new} (keep_daily=2); "
+        "1 is the new base; 3 now built on 1",
+    ]
+    assert [b["id"] for b in listing.list_backups(ctx)] == [new]
+    assert points(ctx, new) == [(1, None, False), (3, 1, False)]
+    assert all(read_pattern(stored(tmp_path, new, 3), q) for q in range(4))
+    assert all(read_pattern(stored(tmp_path, new, 1), q) for q in range(2))
+    assert not read_pattern(stored(tmp_path, new, 1), 2)
+    assert not (tmp_path / "store" / "web" / str(old)).exists()
+    # what is stored matches the catalog: a verify of the merged chain passes
+    assert point.verify(ctx, new)["ok"] is True
 
 
 # --- delete ------------------------------------------------------------------------------------

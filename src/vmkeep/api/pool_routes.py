@@ -20,9 +20,15 @@ Value = int | bool | Annotated[str, Field(max_length=64)] | None
 
 class PolicyKeys(Params):
     """Backup policy keys; a key left out is not changed, ``"unset"`` removes it (inherited
-    again), ``keep_last: null`` keeps all restore points."""
+    again), ``keep_last: null`` (or any ``keep_*``) sets no such rule; no rule set keeps every
+    restore point."""
 
     keep_last: Value = None
+    keep_hourly: Value = None
+    keep_daily: Value = None
+    keep_weekly: Value = None
+    keep_monthly: Value = None
+    keep_yearly: Value = None
     mode: Value = None
     fs_freeze: Value = None
     backup_volatile: Value = None

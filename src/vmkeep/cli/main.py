@@ -31,6 +31,7 @@ FAMILIES = {
     "mount": "vmkeep.cli.files_cmd:mount",
     "umount": "vmkeep.cli.files_cmd:umount",
     "drill": "vmkeep.cli.drill_cmd:drill",
+    "prune": "vmkeep.cli.prune_cmd:prune",
     "audit": "vmkeep.cli.audit_cmd:audit",
     "completion": "vmkeep.cli.complete:completion",
     "backupjob": "vmkeep.cli.backupjob_cmd:backupjob",

@@ -13,7 +13,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 UNSET_HELP = "'unset' removes the key (inherited again)"
 # (option, its parameter name, help): the keys of engine/core/backup_config.py KEYS
 OPTIONS = (
-    ("--keep-last", "keep_last", "Restore points to keep (a number, or 'all')."),
+    ("--keep-last", "keep_last", "Newest restore points to keep (a number, or 'all')."),
+    ("--keep-hourly", "keep_hourly", "Hours to keep the newest point of (a number, or 'all')."),
+    ("--keep-daily", "keep_daily", "Days to keep the newest point of (a number, or 'all')."),
+    ("--keep-weekly", "keep_weekly", "ISO weeks to keep the newest point of (a number, or 'all')."),
+    ("--keep-monthly", "keep_monthly", "Months to keep the newest point of (a number, or 'all')."),
+    ("--keep-yearly", "keep_yearly", "Years to keep the newest point of (a number, or 'all')."),
     ("--mode", "mode", "full | increment"),
     ("--fs-freeze", "fs_freeze", "none | agent | suspend"),
     ("--backup-volatile", "backup_volatile", "yes | no"),
@@ -46,7 +51,7 @@ def policy_lines(config: dict[str, Any], sources: dict[str, str] | None, indent:
     """``KEY  VALUE  (SOURCE)`` per key of an effective config."""
     width = max((len(k) for k in config), default=0)
     for key, value in config.items():
-        shown = "all" if key == "keep_last" and value is None else value
+        shown = "-" if key.startswith("keep_") and value is None else value
         if isinstance(shown, bool):
             shown = "yes" if shown else "no"
         source = f"  ({sources[key]})" if sources and key in sources else ""

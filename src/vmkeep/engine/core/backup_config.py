@@ -1,4 +1,5 @@
-"""BACKUP_CONFIG (OpenNebula): KEEP_LAST, BACKUP_VOLATILE, FS_FREEZE, MODE, MEMORY (stoney's
+"""BACKUP_CONFIG (OpenNebula): KEEP_LAST (and Proxmox Backup Server's KEEP_HOURLY, _DAILY,
+_WEEKLY, _MONTHLY, _YEARLY), BACKUP_VOLATILE, FS_FREEZE, MODE, MEMORY (stoney's
 state file: each backup of a running VM also saves its RAM) and EXCLUDE (the VM is left out of
 ``--all`` and ``--pool`` backup jobs).
 
@@ -17,7 +18,9 @@ from typing import Any
 from vmkeep.errors import InvalidValue
 from vmkeep.model import BackupMode, FsFreeze
 
-KEYS = ("keep_last", "backup_volatile", "fs_freeze", "mode", "memory", "exclude")
+# retention on the calendar (engine/points/calendar.py: Proxmox Backup Server's prune rules)
+KEEP_KEYS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
+KEYS = (*KEEP_KEYS, "backup_volatile", "fs_freeze", "mode", "memory", "exclude")
 # the value that removes a key from a layer (VM or pool): the key is inherited again
 UNSET = "unset"
 DEFAULT = "default"  # the source of a key no layer sets
@@ -26,12 +29,21 @@ MAX_KEEP = 1_000_000  # keep_last's bound (a number past 64 bits is no JSON ever
 
 @dataclass(frozen=True)
 class BackupConfig:
-    keep_last: int | None = None  # None = keep all
+    keep_last: int | None = None  # None: this rule keeps nothing; no rule set = keep all
+    keep_hourly: int | None = None
+    keep_daily: int | None = None
+    keep_weekly: int | None = None
+    keep_monthly: int | None = None
+    keep_yearly: int | None = None
     backup_volatile: bool = False
     fs_freeze: FsFreeze = FsFreeze.NONE
     mode: BackupMode = BackupMode.FULL
     memory: bool = False  # save RAM with the disks (a running VM; restore resumes it)
     exclude: bool = False  # left out of ``--all`` and ``--pool`` backup jobs
+
+    def keeps(self) -> dict[str, int]:
+        """The retention rules set (none: every point is kept)."""
+        return {k: n for k in KEEP_KEYS if (n := getattr(self, k)) is not None}
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -42,16 +54,16 @@ class BackupConfig:
 
 def validate(key: str, value: Any) -> Any:
     """Normalise one user-given value; errors name the key, the value and what is allowed."""
-    if key == "keep_last":
+    if key in KEEP_KEYS:
         if value in (None, "", "none", "all"):
             return None
         hint = f"use a whole number from 1 to {MAX_KEEP}, or 'all'"
         try:
             n = int(value)
         except (TypeError, ValueError, OverflowError):
-            raise InvalidValue("keep_last", value, hint) from None
+            raise InvalidValue(key, value, hint) from None
         if not 1 <= n <= MAX_KEEP:
-            raise InvalidValue("keep_last", value, hint)
+            raise InvalidValue(key, value, hint)
         return n
     if key in ("backup_volatile", "memory", "exclude"):
         return _yes_no(key, value)

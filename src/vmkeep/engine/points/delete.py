@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Backup, GroupBackup, GroupBackupMember
 from vmkeep.engine.core.chains import (
@@ -66,13 +67,7 @@ def delete_backup(
         if drop is None:
             driver.rm(chain)  # files first: a crash leaves a row pointing at nothing
             with ctx.catalog.session() as s:
-                for m in s.execute(
-                    select(GroupBackupMember).where(GroupBackupMember.backup_id == backup_id)
-                ).scalars():
-                    m.backup_id = None
-                row = s.get(Backup, backup_id)
-                if row is not None:
-                    s.delete(row)
+                forget_chain(s, backup_id)
         else:
             driver.rm(chain, names)
             with ctx.catalog.session() as s:
@@ -94,6 +89,18 @@ def delete_backup(
         "deleted_files": names,
         "freed_bytes": sum(int(f.get("size") or 0) for f in files),
     }
+
+
+def forget_chain(s: Session, backup_id: int) -> None:
+    """The chain's catalog rows gone (its files are already): a group restore point that held
+    it keeps its record of the member, without the chain."""
+    for m in s.execute(
+        select(GroupBackupMember).where(GroupBackupMember.backup_id == backup_id)
+    ).scalars():
+        m.backup_id = None
+    row = s.get(Backup, backup_id)
+    if row is not None:
+        s.delete(row)
 
 
 def check_delete(ctx: Context, backup_id: int, increment: int | None, force: bool) -> None:

@@ -1,191 +1,165 @@
-"""Retention (KEEP_LAST). FULL mode deletes the oldest backups; INCREMENT mode flattens the oldest
-increments into the base (ACTIVE_FLATTEN while merging) so that KEEP_LAST restore points remain.
+"""Retention: which restore points of a VM on a datastore stay, across every chain it has there
+(chains left by ``--reset``, a checkpoint fallback or a change of mode included), and the plan
+that removes the others without leaving any kept point unrestorable.
 
-Increment ids are stable: after a flatten the chain's base is its lowest remaining id.
+``calendar.select`` marks each VALID point keep or remove with the rule that decided. Then:
 
-Protected points (``points/protect.py``) are never pruned, and neither are the points they are
-built on (``chains.needed_by_protected``). FULL mode skips a chain holding a protected point and
-does not count it against KEEP_LAST (as Proxmox Backup Server's prune skips protected
-snapshots); INCREMENT mode stops the merge before the first point a protected one needs, keeping
-more than KEEP_LAST points, and says so.
+- a point a protected one is built on is kept (``chains.needed_by_protected``);
+- the newest point of the chain the next increment extends is kept (its checkpoint is that
+  increment's base);
+- a chain none of whose points stays is deleted whole;
+- inside a chain, a kept point whose parent goes is merged down (``merge.py``): onto the
+  nearest kept point below it, or, when none is left below, into a new base of its own.
+
+``plan`` only reads (``prune --dry-run`` prints it); ``merge.apply`` carries it out
+(``merge.apply_retention``: both). It runs
+after every backup (with the backup's policy: a backup job's keys over the VM's) and as
+``vmkeep prune``, also from a backup job of task ``prune``.
 """
 
 from __future__ import annotations
 
-import logging
-import tempfile
-from itertools import takewhile
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Backup
-from vmkeep.checksums import digest_file
+from vmkeep.engine.core import schedules
 from vmkeep.engine.core.backup_config import BackupConfig
-from vmkeep.engine.core.chains import (
-    disk_file,
-    increment_file_names,
-    latest_chain,
-    needed_by_protected,
-    protected_seqs,
-    valid_increments,
-    write_manifest,
-)
+from vmkeep.engine.core.chains import latest_chain, needed_by_protected, valid_increments
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.core.images import flatten
-from vmkeep.engine.core.stores import driver_of
-from vmkeep.errors import BackupFailed, VmkeepError
-from vmkeep.faults import failpoint
+from vmkeep.engine.points.calendar import Mark, Point, select_points
 from vmkeep.model import BackupMode, BackupStatus
 
-log = logging.getLogger(__name__)
+
+@dataclass
+class ChainPlan:
+    """What retention does to one chain: ``delete`` it whole, or ``remove`` these points and
+    give each kept point in ``relink`` its new parent (None: it becomes the chain's base)."""
+
+    backup: int
+    chain: str
+    delete: bool = False
+    remove: list[int] = field(default_factory=list)
+    relink: dict[int, int | None] = field(default_factory=dict)
+
+    @property
+    def changes(self) -> bool:
+        return self.delete or bool(self.remove)
 
 
-def chains_to_delete(
-    chain_ids: list[int], keep_last: int | None, age: dict[int, Any] | None = None
-) -> list[int]:
-    """Oldest first; keep the newest ``keep_last``. Age is ``age[id]`` (when the backup was
-    taken: a copied or imported chain gets a new, higher id but keeps its age), else the id."""
-    if keep_last is None or len(chain_ids) <= keep_last:
-        return []
-    ordered = sorted(chain_ids, key=lambda i: (age[i], i) if age else i)
-    return ordered[: len(chain_ids) - keep_last]
+@dataclass
+class Plan:
+    vm: str
+    vm_id: int
+    datastore: str
+    datastore_id: int
+    rules: dict[str, int]
+    zone: str
+    points: list[dict[str, Any]]  # newest first: backup, increment, taken, keep, rule, how
+    chains: list[ChainPlan]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "vm": self.vm,
+            "datastore": self.datastore,
+            "rules": self.rules,
+            "timezone": self.zone,
+            "keep": sum(p["keep"] for p in self.points),
+            "remove": sum(not p["keep"] for p in self.points),
+            "points": self.points,
+        }
 
 
-def increments_to_merge(seqs: list[int], keep_last: int | None) -> tuple[list[int], int | None]:
-    """(increments to drop, new base) so that ``keep_last`` restore points remain."""
-    seqs = sorted(seqs)
-    if keep_last is None or len(seqs) <= keep_last:
-        return [], None
-    cut = len(seqs) - keep_last
-    return seqs[:cut], seqs[cut]
-
-
-def stop_at_protected(drop: list[int], seqs: list[int], needed: set[int]) -> tuple[list[int], int]:
-    """``increments_to_merge``'s plan (``drop``, a prefix of the sorted ``seqs``) cut short
-    before the first increment a protected point needs: (increments to drop, new base). Nothing
-    to drop when the base itself is needed."""
-    kept = list(takewhile(lambda q: q not in needed, drop))
-    return kept, sorted(seqs)[len(kept)]
-
-
-def apply_retention(ctx: Context, vm_id: int, ds_id: int, cfg: BackupConfig) -> list[str]:
-    if cfg.keep_last is None:
-        return []
-    if cfg.mode == BackupMode.FULL:
-        return _retain_full(ctx, vm_id, ds_id, cfg.keep_last)
-    return _retain_increments(ctx, vm_id, ds_id, cfg.keep_last)
-
-
-def _retain_full(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
-    with ctx.catalog.session() as s:
-        rows = (
-            s.execute(
-                select(Backup).where(
-                    Backup.vm_id == vm_id,
-                    Backup.datastore_id == ds_id,
-                    Backup.status == BackupStatus.VALID,
-                    Backup.mode == BackupMode.FULL,
-                )
+def plan(ctx: Context, s: Session, vm_id: int, ds_id: int, cfg: BackupConfig) -> Plan:
+    """The retention plan of the VM's points on the datastore under ``cfg``'s rules."""
+    zone = schedules.zone_name(ctx.config.schedule.timezone)
+    chains = list(
+        s.execute(
+            select(Backup)
+            .where(
+                Backup.vm_id == vm_id,
+                Backup.datastore_id == ds_id,
+                Backup.status == BackupStatus.VALID,
             )
-            .scalars()
-            .all()
-        )
-        protected = sorted(b.id for b in rows if needed_by_protected(b))
-        rows = [b for b in rows if b.id not in protected]  # skipped, and not counted
-        by_id = {b.id: (b.chain, b.datastore) for b in rows}
-        age = {b.id: b.created_at for b in rows}
-    messages = []
-    if protected and len(protected) + len(by_id) > keep:  # said only when it keeps more
-        messages.append(
-            f"retention: kept protected backups {protected} besides KEEP_LAST={keep} "
-            "(protected points are never pruned and not counted)"
-        )
-    for bid in chains_to_delete(list(by_id), keep, age):
-        chain, ds = by_id[bid]
-        driver_of(ds).rm(
-            chain
-        )  # files first: a crash leaves a row pointing at nothing, not orphans
-        with ctx.catalog.session() as s:
-            b = s.get(Backup, bid)
-            if b is not None:
-                s.delete(b)
-        messages.append(f"retention: deleted backup {bid} (KEEP_LAST={keep})")
-    return messages
-
-
-def _retain_increments(ctx: Context, vm_id: int, ds_id: int, keep: int) -> list[str]:
-    with ctx.catalog.session() as s:
-        b = latest_chain(s, vm_id, ds_id)
-        if b is None:
-            return []
-        valid = valid_increments(b)
-        seqs = [i.seq for i in valid]
-        drop, base = increments_to_merge(seqs, keep)
-        if base is None:
-            return []
-        notes = []
-        held = needed_by_protected(b)
-        if held & set(drop):
-            planned = len(drop)
-            drop, base = stop_at_protected(drop, seqs, held)
-            notes.append(
-                f"retention: kept {len(seqs) - len(drop)} points of backup {b.id}, "
-                f"{planned - len(drop)} more than KEEP_LAST={keep}: protected increments "
-                f"{protected_seqs(b)} need increments {sorted(held)} (lift it with "
-                f"'vmkeep backups unprotect {b.id} --increment N')"
-            )
-            if not drop:
-                return notes
-        bid, chain, ds = b.id, b.chain, b.datastore
-        disks = [f["disk"] for f in next(i for i in valid if i.seq == base).files if f["disk"]]
-        b.active_flatten = True
-    driver = driver_of(ds)
-    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
-        work = Path(tmp)
-        new_files = []
-        needed = [disk_file(q, d) for q in [*drop, base] for d in disks]
-        local = driver.restore(chain, needed, work / "in")
-        for d in disks:
-            src = local[disk_file(base, d)]
-            out = work / disk_file(base, d)
-            try:
-                flatten(src, out)  # follows the backing chain down to the oldest increment
-            except VmkeepError as err:
-                with ctx.catalog.session() as s:
-                    row = s.get(Backup, bid)
-                    assert row is not None
-                    row.active_flatten = False
-                raise BackupFailed(chain, f"flatten of {src.name}: {err}") from err
-            new_files.append(out)
-        failpoint("retention")
-        sums = {p.name: (digest_file(p), p.stat().st_size) for p in new_files}
-        driver.backup(chain, new_files)
-    with ctx.catalog.session() as s:
-        row = s.get(Backup, bid)
-        assert row is not None
-        for inc in list(row.increments):
-            if inc.seq in drop:
-                row.increments.remove(inc)
-            elif inc.seq == base:
-                files = []
-                for f in inc.files:
-                    if f["name"] in sums:
-                        f = {k: v for k, v in f.items() if k != "sha256"}
-                        f.update(digest=sums[f["name"]][0], size=sums[f["name"]][1])
-                    files.append(f)
-                inc.files, inc.parent = files, None
-                inc.size = sum(f["size"] for f in files if f["disk"])
-        # Cancelled/failed increments older than the new base have nothing left to refer to.
-        for inc in list(row.increments):
-            if inc.seq < base and inc.status != BackupStatus.VALID:
-                row.increments.remove(inc)
-        row.active_flatten = False
-    driver.rm(chain, [name for q in drop for name in increment_file_names(disks, q)])
-    write_manifest(ctx, driver, bid)
-    return [
-        f"retention: merged increments {drop} into {base} of backup {bid} (KEEP_LAST={keep})",
-        *notes,
+            .order_by(Backup.id)
+        ).scalars()
+    )
+    rules = cfg.keeps()
+    points = [
+        Point((b.id, i.seq), i.started_at, i.protected) for b in chains for i in valid_increments(b)
     ]
+    marks = select_points(points, rules, schedules.zone(zone))
+    for b in chains:
+        for seq in needed_by_protected(b):
+            key = (b.id, seq)
+            if key in marks and not marks[key].keep:
+                marks[key] = Mark(True, f"a protected point of backup {b.id} is built on it")
+    extended = latest_chain(s, vm_id, ds_id)
+    if extended is not None and extended.mode == BackupMode.INCREMENT:
+        valid = valid_increments(extended)
+        if valid and valid[-1].checkpoint and not marks[(extended.id, valid[-1].seq)].keep:
+            marks[(extended.id, valid[-1].seq)] = Mark(True, "the next increment builds on it")
+    chain_plans = [_chain_plan(b, marks) for b in chains]
+    how = {(c.backup, q): h for c in chain_plans for q, h in _how(c)}
+    rows = [
+        {
+            "backup": p.key[0],
+            "increment": p.key[1],
+            "taken": p.taken,
+            "keep": marks[p.key].keep,
+            "rule": marks[p.key].rule,
+            "how": how.get(p.key),
+        }
+        for p in sorted(points, key=lambda p: (p.taken, p.key), reverse=True)
+    ]
+    first = chains[0] if chains else None
+    return Plan(
+        vm=first.vm.name if first else "",
+        vm_id=vm_id,
+        datastore=first.datastore.name if first else "",
+        datastore_id=ds_id,
+        rules=rules,
+        zone=zone,
+        points=rows,
+        chains=[c for c in chain_plans if c.changes],
+    )
+
+
+def _chain_plan(b: Backup, marks: dict[Any, Mark]) -> ChainPlan:
+    valid = valid_increments(b)
+    kept = {i.seq for i in valid if marks[(b.id, i.seq)].keep}
+    out = ChainPlan(b.id, b.chain)
+    if not kept:
+        out.delete = True
+        out.remove = [i.seq for i in valid]
+        return out
+    out.remove = [i.seq for i in valid if i.seq not in kept]
+    parent = {i.seq: i.parent for i in b.increments}
+    for i in valid:
+        if i.seq not in kept or i.parent is None or i.parent in kept:
+            continue
+        below: int | None = i.parent  # down the parent links to the nearest kept point, if any
+        while below is not None and below not in kept:
+            below = parent.get(below)
+        out.relink[i.seq] = below
+    return out
+
+
+def _how(c: ChainPlan) -> list[tuple[int, str]]:
+    """Per point of the chain that changes, how (``prune`` prints it beside the rule)."""
+    if c.delete:
+        return [(q, f"backup {c.backup} deleted whole") for q in c.remove]
+    out = []
+    for q in c.remove:
+        into = [n for n, below in c.relink.items() if below is None or below < q]
+        later = [n for n in into if n > q]
+        if later:
+            out.append((q, f"merged into increment {min(later)}"))
+        else:
+            out.append((q, "dropped (no kept point is built on it)"))
+    for n, below in c.relink.items():
+        out.append((n, "becomes the chain's base" if below is None else f"now built on {below}"))
+    return out

@@ -24,7 +24,7 @@ from vmkeep.engine.core.chains import backup_dict, disk_file, memory_file, write
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import qemu_img
 from vmkeep.engine.core.steps import Steps
-from vmkeep.engine.points.retention import apply_retention
+from vmkeep.engine.points.merge import apply_retention
 from vmkeep.engine.protect.plan import Plan, abandon_plan, plan_backup, select_disks
 from vmkeep.engine.protect.staging import canonical, prepare_staging
 from vmkeep.engine.vm.policy import effective

@@ -109,6 +109,8 @@ _TABLE = [
            "delete", "delete", "Delete a chain, or its newest increment.", method="DELETE"),
     Action("drill", "DrillParams", "drill", "backup", "point", "/v1/backups/{backup}/drill",
            "point", "drill", "Boot a point as an isolated VM and check it."),
+    Action("prune", "PruneParams", "prune", "vm", "vm", "/v1/vms/{vm}/prune", "prune", "prune",
+           "Apply retention now (or --dry-run: say what it would keep and remove, and why)."),
     Action("scan", "ScanParams", "datastore-scan", "datastore", "datastore",
            "/v1/datastores/{datastore}/scan", "datastore", "scan",
            "List the chains a datastore holds; import unknown ones."),

@@ -26,7 +26,7 @@ from vmkeep.names import check_name
 EXECUTIONS = ("sequential", "parallel")
 # the policy keys a backup job may set over its VMs' (backup_config.KEYS but exclude: a job
 # names its VMs itself)
-OPTION_KEYS = ("mode", "fs_freeze", "keep_last", "memory", "backup_volatile")
+OPTION_KEYS = ("mode", "fs_freeze", *backup_config.KEEP_KEYS, "memory", "backup_volatile")
 SELECTORS = ("vms", "group", "pool", "all")
 
 

@@ -98,6 +98,25 @@ class DrillParams(PointParams):
     timeout: float = Field(default=300.0, ge=1, le=86400)
 
 
+class PruneParams(VmParams):
+    """Retention now: on every datastore the VM has points on (or ``datastore``), with the VM's
+    policy; a ``keep_*`` given here replaces that rule for this run."""
+
+    datastore: Name | None = None
+    dry_run: bool = False
+    keep_last: int | None = Field(default=None, ge=1, le=1_000_000)
+    keep_hourly: int | None = Field(default=None, ge=1, le=1_000_000)
+    keep_daily: int | None = Field(default=None, ge=1, le=1_000_000)
+    keep_weekly: int | None = Field(default=None, ge=1, le=1_000_000)
+    keep_monthly: int | None = Field(default=None, ge=1, le=1_000_000)
+    keep_yearly: int | None = Field(default=None, ge=1, le=1_000_000)
+
+    def rules(self) -> dict[str, int]:
+        return {
+            k: v for k in self.model_fields if k.startswith("keep_") and (v := getattr(self, k))
+        }
+
+
 class ScanParams(Params):
     datastore: Name
     import_: bool = Field(default=False, alias="import")

@@ -14,7 +14,7 @@ from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.groups import backup as group_backup
 from vmkeep.engine.groups import manage
 from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.points import copy, delete, listing, scan
+from vmkeep.engine.points import copy, delete, listing, prune, scan
 from vmkeep.engine.protect import backup
 from vmkeep.engine.restore import drill, inplace, point
 from vmkeep.engine.service import params as P
@@ -83,6 +83,16 @@ def _check_force(actor: Actor, p: P.DeleteParams) -> None:
     a lower role delete."""
     if p.force and not actor.is_admin:
         raise Forbidden(actor.name, actor.role, "backups delete --force", "admin")
+
+
+def check_prune(ctx: Context, _a: Action, p: P.PruneParams, actor: Actor) -> P.Params:
+    if p.rules() and not p.dry_run:  # rules other than the policy's remove what it keeps
+        tokens.authorize(actor.name, actor.role, "backup-delete", ctx.config.api.policy)
+    with ctx.catalog.session() as s:
+        name = find_vm(s, p.vm).name
+    if p.datastore is not None:
+        stores.check_exists(ctx, p.datastore)
+    return p.model_copy(update={"vm": name})
 
 
 def check_copy(ctx: Context, _a: Action, p: P.CopyParams, _actor: Actor) -> P.Params:
@@ -215,6 +225,11 @@ def run_drill(ctx: Context, _a: Action, p: P.DrillParams, _pr: Progress, _c: Cal
         err.result = result  # the evidence stays on the job and is shown with the error
         raise
     return result, warnings
+
+
+def run_prune(ctx: Context, _a: Action, p: P.PruneParams, _pr: Progress, _c: Caller) -> Outcome:
+    out = prune.prune(ctx, p.vm, p.datastore, dry_run=p.dry_run, rules=p.rules() or None)
+    return out, []
 
 
 def run_scan(ctx: Context, _a: Action, p: P.ScanParams, _pr: Progress, _c: Caller) -> Outcome:

@@ -50,6 +50,9 @@ POLICY: dict[str, str] = {
     "backup-protect": "operator",
     "backup-unprotect": "admin",
     "backup-note": "operator",
+    # retention with the VM's own policy (as after every backup) or a dry run; rules given for
+    # one run delete what the policy keeps, so they need backup-delete (runners.check_prune)
+    "prune": "operator",
     "copy": "operator",
     "files": "operator",  # reads the guests' files: more than a viewer may see
     "group-create": "admin",
