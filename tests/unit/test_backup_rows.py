@@ -83,7 +83,8 @@ def test_rows_show_what_the_catalog_holds(clean_env: Path) -> None:
     full, mem, last = r["increments"]
     assert list(full) == ["id", "parent", "status", "checkpoint", "size", "consistency",
                           "freeze_ms", "started", "finished", "error", "files", "protected",
-                          "protected_by", "protected_at", "note", "group",
+                          "protected_by", "protected_at", "note", "verified_at",
+                          "verify_result", "group",
                           "last_drill"]  # fmt: skip
     assert (full["protected"], full["protected_by"], full["note"]) == (False, None, None)
     assert full["group"] == {"group_backup": 1, "group": "g", "group_freeze_window_ms": 7.0,

@@ -27,7 +27,7 @@ from vmkeep.engine.points import copy, delete, listing, protect, retention
 from vmkeep.engine.points.merge import apply_retention
 from vmkeep.engine.restore import point
 from vmkeep.engine.service import tokens
-from vmkeep.errors import Forbidden, IncrementNotFound, InvalidValue, Refused
+from vmkeep.errors import ChecksumMismatch, Forbidden, IncrementNotFound, InvalidValue, Refused
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -397,3 +397,87 @@ def test_force_needs_an_admin_even_when_delete_is_lowered(ctx: Context, tmp_path
             ctx, a, p, lambda _d, _t: None, Caller(Actor("o", "operator"), "o", "api")
         )
     assert listing.show_backup(ctx, bid)["id"] == bid  # not deleted
+
+
+# --- prune, and backup jobs of tasks prune / verify / drill -------------------------------------
+def test_prune_dry_run_says_what_prune_then_does(ctx: Context, tmp_path: Path, cli_on: Any) -> None:
+    old = make_chain(ctx, tmp_path, "INCREMENT", 2, age=0)
+    new = make_chain(ctx, tmp_path, "INCREMENT", 3, age=1)
+    run = cli_on(ctx)
+    code, out = run("prune", "web", "--dry-run", "--keep-last", "2", "--json")
+    assert code == 0, out
+    planned = json.loads(out)
+    assert planned["dry_run"] is True and planned["rules"] == {"keep_last": 2}
+    rows = [(p["backup"], p["increment"], p["keep"]) for p in planned["datastores"][0]["points"]]
+    assert rows == [(new, 2, True), (new, 1, True), (new, 0, False), (old, 1, False),
+                    (old, 0, False)]  # fmt: skip
+    assert [b["id"] for b in listing.list_backups(ctx)] == [old, new]  # nothing done yet
+    code, out = run("prune", "web", "--keep-last", "2")
+    assert code == 0, out
+    assert "remove backup" in out and "keep_last 1/2" in out and f"deleted backup {old}" in out
+    kept = {(b["id"], i["id"]) for b in listing.list_backups(ctx) for i in b["increments"]}
+    assert kept == {(b, q) for b, q, keep in rows if keep}
+    assert all(read_pattern(stored(tmp_path, new, 2), q) for q in range(3))
+    code, out = run("prune", "web", "--all")
+    assert code != 0 and "name one VM, or give --all" in out
+    code, out = run("prune", "--all", "--dry-run")  # the VM's policy: no rule, all kept
+    assert code == 0 and "none (every point kept)" in out, out
+
+
+def test_backup_jobs_of_each_task_queue_their_actions(ctx: Context, tmp_path: Path) -> None:
+    from vmkeep.catalog.tables import BackupJob
+    from vmkeep.engine.service import backupjobs
+
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 3)
+    backupjobs.create(ctx, "p", {"vms": ["web"]}, "ds", "daily", task="prune",
+                      options={"keep_daily": 7})  # fmt: skip
+    backupjobs.create(ctx, "v", {"vms": ["web"]}, "ds", "daily", task="verify",
+                      options={"reverify_after": 7})  # fmt: skip
+    backupjobs.create(ctx, "d", {"all": True}, "ds", "daily", task="drill",
+                      options={"probe": "true", "timeout": 60})  # fmt: skip
+
+    def selected(name: str) -> Any:
+        with ctx.catalog.session() as s:
+            bj = s.execute(select(BackupJob).where(BackupJob.name == name)).scalar_one()
+            return backupjobs.selection(ctx, s, bj)
+
+    assert selected("p") == ([("prune", {"vm": "web", "datastore": "ds", "keep_daily": 7})], [])
+    assert selected("v") == ([("verify", {"backup": bid})], [])
+    drill = {"backup": bid, "increment": 2, "probe": "true", "timeout": 60}
+    assert selected("d") == ([("drill", drill)], [])
+    # once verified, a verify job leaves the VM alone for --reverify-after days
+    point.verify(ctx, bid)
+    shown = listing.show_backup(ctx, bid)["increments"]
+    assert {(i["verify_result"], i["verified_at"] is not None) for i in shown} == {("OK", True)}
+    targets, skipped = selected("v")
+    assert (
+        targets == []
+        and skipped[0]["excluded"]
+        and "verified within 7 days" in skipped[0]["reason"]
+    )
+    # a flipped byte: the verify fails, the points are DAMAGED and FAILED, due again
+    img = stored(tmp_path, bid, 1)
+    data = bytearray(img.read_bytes())
+    data[-1] ^= 0xFF
+    img.write_bytes(bytes(data))
+    with pytest.raises(ChecksumMismatch, match="Checksum mismatch for web/"):
+        point.verify(ctx, bid)
+    shown = listing.show_backup(ctx, bid)["increments"]
+    assert [(i["status"], i["verify_result"]) for i in shown] == [
+        ("VALID", "OK"), ("DAMAGED", "FAILED"), ("DAMAGED", "FAILED")
+    ]  # fmt: skip
+    assert selected("v")[0] == []  # point 0 read OK just now; damaged points restore nothing
+    with ctx.catalog.session() as s:  # a week later the VALID point 0 is due again
+        for i in s.get(Backup, bid).increments:  # type: ignore[union-attr]
+            i.verified_at = datetime.now(UTC) - timedelta(days=8)
+    assert selected("v")[0] == [("verify", {"backup": bid})]
+    # options a task does not take, and a copy from anything but a backup job, are refused
+    with pytest.raises(InvalidValue, match="a verify job takes reverify_after"):
+        backupjobs.create(ctx, "x", {"vms": ["web"]}, "ds", "daily", task="verify",
+                          options={"probe": "true"})  # fmt: skip
+    with pytest.raises(InvalidValue, match="only a backup job copies"):
+        backupjobs.create(ctx, "x", {"vms": ["web"]}, "ds", "daily", task="prune",
+                          copy_to="ds2")  # fmt: skip
+    # a job given another task drops the options the new task does not take
+    edited = backupjobs.edit(ctx, "v", {"task": "drill", "options": {"timeout": 30}})
+    assert (edited["task"], edited["options"]) == ("drill", {"timeout": 30})

@@ -3,7 +3,7 @@ run queues are ordinary jobs (``/v1/jobs``)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from pydantic import Field
@@ -31,6 +31,7 @@ class BackupJobChange(Params):
     copy_to: str | None = Field(default=None, max_length=255)
     repeat_missed: bool | None = None
     enabled: bool | None = None
+    task: Literal["backup", "prune", "verify", "drill"] | None = None
 
 
 class BackupJobRequest(BackupJobChange):
@@ -67,6 +68,7 @@ def routes(api: Api, r: FastAPI) -> None:
                 copy_to=body.copy_to,
                 repeat_missed=body.repeat_missed is not False,
                 enabled=body.enabled is not False,
+                task=body.task or "backup",
                 owner=who.name,
                 role=who.role,
             )  # fmt: skip

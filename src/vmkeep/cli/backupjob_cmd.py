@@ -20,6 +20,14 @@ def _job_options(create: bool) -> Callable[[Callable[..., Any]], Callable[..., A
 
     def wrap(f: Callable[..., Any]) -> Callable[..., Any]:
         opts = [
+            click.option(
+                "--task",
+                type=click.Choice(["backup", "prune", "verify", "drill"]),
+                default=None,
+                help="What each run does (default backup): prune applies the retention rules "
+                "(--keep-*), verify reads the points not verified lately (--reverify-after), "
+                "drill boots each VM's newest point (--probe, --timeout).",
+            ),
             click.option("--vm", "vms", multiple=True, help="A VM to back up (repeat it)."),
             click.option("--group", default=None, help="A group: one group-consistent cut."),
             click.option("--pool", default=None, help="Every VM of a pool (not the excluded)."),
@@ -55,6 +63,24 @@ def _job_options(create: bool) -> Callable[[Callable[..., Any]], Callable[..., A
                 help="Copy and verify each new point to this second datastore.",
             ),
             click.option(
+                "--reverify-after",
+                default=None,
+                metavar="DAYS",
+                help="verify task: skip points verified within DAYS days.",
+            ),
+            click.option(
+                "--probe",
+                default=None,
+                metavar="CMD",
+                help="drill task: run CMD in each guest; must exit 0.",
+            ),  # fmt: skip
+            click.option(
+                "--timeout",
+                default=None,
+                metavar="S",
+                help="drill task: seconds the guest agent has to answer.",
+            ),  # fmt: skip
+            click.option(
                 "--repeat-missed/--no-repeat-missed",
                 default=None,
                 help="Run a slot missed while no daemon ran, once (default) or not.",
@@ -73,15 +99,16 @@ def _fields(o: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str
     selector = {"vms": list(o.pop("vms") or []), "group": o.pop("group"), "pool": o.pop("pool"),
                 "all": o.pop("all_")}  # fmt: skip
     policy = policy_changes(o)
-    if (bw := o.pop("bwlimit")) is not None:
-        policy["bwlimit"] = bw
+    for key in ("bwlimit", "reverify_after", "probe", "timeout"):
+        if (value := o.pop(key)) is not None:
+            policy[key] = value
     return selector, policy, o
 
 
 def _show(j: dict[str, Any]) -> None:
     last = j.get("last_run")
     kv({
-        "name": j["name"], "target": j["target"], "datastore": j["datastore"],
+        "name": j["name"], "task": j["task"], "target": j["target"], "datastore": j["datastore"],
         "copy_to": j["copy_to"], "schedule": j["schedule"], "enabled": j["enabled"],
         "priority": j["priority"], "execution": j["execution"], "options": j["options"],
         "repeat_missed": j["repeat_missed"], "next_run": j["next_run"],
@@ -96,7 +123,7 @@ def _show(j: dict[str, Any]) -> None:
 
 def _list(rows: list[dict[str, Any]]) -> None:
     flat = [r | {"last": r["last_run"]["slot"] if r["last_run"] else None} for r in rows]
-    table(flat, ("name", "target", "datastore", "schedule", "priority", "enabled", "next_run",
+    table(flat, ("name", "task", "target", "datastore", "schedule", "priority", "enabled", "next_run",
                  "last"))  # fmt: skip
 
 
@@ -121,6 +148,7 @@ def create_cmd(c: click.Context, name: str, as_json: bool, disabled: bool, **o: 
         priority=DEFAULT_PRIORITY if rest["priority"] is None else rest["priority"],
         execution=rest["execution"] or "sequential", options=policy, copy_to=rest["copy_to"],
         repeat_missed=rest["repeat_missed"] is not False, enabled=not disabled, owner=local_user(),
+        task=rest["task"] or "backup",
     )  # fmt: skip
     render(made, as_json, _show)
 

@@ -57,14 +57,19 @@ def list_cmd(c: click.Context, vm_ref: str | None, as_json: bool) -> None:
 
 
 def _point_row(i: dict[str, Any]) -> dict[str, Any]:
-    """A point's row in ``backups show``: P marks a protected one (by whom), the note's first
-    line."""
+    """A point's row in ``backups show``: P marks a protected one (by whom), its last verify
+    and last drill (result, when, how long to a running copy), the note's first line."""
     note = (i.get("note") or "").splitlines()
+    drill = i.get("last_drill")
+    took = f" {drill['duration_s']}s" if drill and drill.get("duration_s") is not None else ""
+    verified = i.get("verified_at")
     return dict(
         i,
         P=f"P ({i['protected_by']})" if i.get("protected") else "",
         files=len(i["files"]),
         note=note[0] + (" ..." if len(note) > 1 else "") if note else "",
+        verified=f"{i['verify_result']} {str(verified)[:19]}" if verified else "",
+        drill=f"{drill['result']} {str(drill['at'])[:19]}{took}" if drill else "",
     )
 
 
@@ -81,7 +86,7 @@ def show_cmd(c: click.Context, backup_id: int, as_json: bool) -> None:
         table(
             [_point_row(i) for i in d["increments"]],
             ("id", "P", "parent", "status", "consistency", "size", "restored_size", "finished",
-             "files", "note"),
+             "verified", "drill", "note"),
             title="increments (P: protected)",
         )  # fmt: skip
 

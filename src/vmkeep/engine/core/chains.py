@@ -265,8 +265,10 @@ def last_drills(s: Session, backup_ids: Sequence[int]) -> dict[int, dict[int, di
             .order_by(Drill.id)
         ).all()
         for bid, seq, d in rows:  # ordered by id: the newest drill of a point wins
+            took = (d.finished_at - d.started_at).total_seconds() if d.finished_at else None
             out.setdefault(bid, {})[seq] = {
-                "drill": d.id, "result": d.result, "reason": d.reason, "at": d.finished_at
+                "drill": d.id, "result": d.result, "reason": d.reason, "at": d.finished_at,
+                "duration_s": None if took is None else round(took, 1),
             }  # fmt: skip
     return out
 
@@ -279,11 +281,19 @@ _INCREMENT_SHOWN: dict[str, Any] = {
     "started": Increment.started_at, "finished": Increment.finished_at, "error": Increment.error,
     "files": Increment.files, "protected": Increment.protected,
     "protected_by": Increment.protected_by, "protected_at": Increment.protected_at,
-    "note": Increment.note,
+    "note": Increment.note, "verified_at": Increment.verified_at,
+    "verify_result": Increment.verify_result,
 }  # fmt: skip
 # Kept in the catalog only, never in a chain's manifest: a manifest is written when the chain's
 # files change, so it would go stale, and an import must not take protection from a datastore.
-_CATALOG_ONLY = ("protected", "protected_by", "protected_at", "note")
+_CATALOG_ONLY = (
+    "protected",
+    "protected_by",
+    "protected_at",
+    "note",
+    "verified_at",
+    "verify_result",
+)
 
 
 def _increment_rows(s: Session, backup_ids: Sequence[int]) -> dict[int, list[dict[str, Any]]]:

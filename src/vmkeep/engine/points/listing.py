@@ -3,16 +3,21 @@ adds each file's download URL and each point's restored size (``show_with_sizes`
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from vmkeep.catalog.tables import Backup
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from vmkeep.catalog.tables import Backup, Datastore, Increment, Vm
 from vmkeep.engine.core.chains import backup_dict, backup_dicts, find_backup
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.engine.points.scratch import scratch
 from vmkeep.engine.vm.record import find_vm
 from vmkeep.errors import DatastoreError
+from vmkeep.model import BackupStatus
 
 
 def list_backups(ctx: Context, vm_ref: str | None = None) -> list[dict[str, Any]]:
@@ -50,3 +55,50 @@ def show_with_sizes(ctx: Context, backup_id: int) -> dict[str, Any]:
                 inc["restored_size"] = None
                 inc["stat_error"] = str(err)
     return data
+
+
+def _valid_points(vm: str, datastore: str) -> Any:
+    return (
+        select(
+            Backup.id,
+            Increment.seq,
+            Increment.started_at,
+            Increment.verified_at,
+            Increment.verify_result,
+        )  # fmt: skip
+        .join(Increment, Increment.backup_id == Backup.id)
+        .join(Vm, Vm.id == Backup.vm_id)
+        .join(Datastore, Datastore.id == Backup.datastore_id)
+        .where(
+            Vm.name == vm,
+            Datastore.name == datastore,
+            Backup.status == BackupStatus.VALID,
+            Increment.status == BackupStatus.VALID,
+        )
+    )
+
+
+def newest_point(s: Session, vm: str, datastore: str) -> tuple[int, int] | None:
+    """(backup id, increment) of the VM's newest VALID point on the datastore."""
+    rows = s.execute(_valid_points(vm, datastore)).all()
+    if not rows:
+        return None
+    newest = max(rows, key=lambda r: (r.started_at, r.id, r.seq))
+    return newest.id, newest.seq
+
+
+def verify_due(s: Session, vm: str, datastore: str, days: int | None, now: datetime) -> list[int]:
+    """The VM's chains on the datastore with a VALID point that no verify read in the last
+    ``days`` days (Proxmox Backup Server's "re-verify after"; None: every chain, each time),
+    or whose last verify failed."""
+    since = None if days is None else now - timedelta(days=days)
+    due = set()
+    for r in s.execute(_valid_points(vm, datastore)).all():
+        if (
+            since is None
+            or r.verified_at is None
+            or r.verified_at < since
+            or r.verify_result != "OK"
+        ):
+            due.add(r.id)
+    return sorted(due)

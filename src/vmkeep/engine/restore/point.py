@@ -18,10 +18,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmkeep.catalog.tables import Increment
+from vmkeep.catalog.tables import Backup, Increment
 from vmkeep.checksums import Stopped, expected_digests, matches, row_digest
 from vmkeep.engine.core.chains import disk_file, find_backup, mark_damaged, point
 from vmkeep.engine.core.context import Context
@@ -409,6 +410,22 @@ def warn_unsearchable(
         warnings.add(f"{unreachable_why(blocked, ctx.hv)}: QEMU may not reach the disks")
 
 
+def _record_verify(ctx: Context, backup_id: int, read: set[str], bad: set[str]) -> None:
+    """Each point whose files this verify read: when, and OK or FAILED (a point built on a
+    damaged one failed too: it restores nothing)."""
+    now = datetime.now(UTC)
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            return
+        for inc in b.increments:
+            names = {f["name"] for f in inc.files}
+            if not names & read:
+                continue
+            failed = bool(names & bad) or inc.status == BackupStatus.DAMAGED
+            inc.verified_at, inc.verify_result = now, "FAILED" if failed else "OK"
+
+
 def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
     """Check every file of every VALID increment against its checksum (and qemu-img check)."""
     with ctx.catalog.session() as s:
@@ -435,6 +452,7 @@ def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
     bad = [r["file"] for r in results if not r["ok"]]
     for name in bad:
         mark_damaged(ctx, backup_id, name, f"verify: {name} does not match its checksum")
+    _record_verify(ctx, backup_id, set(expected), set(bad))
     if bad:
         raise ChecksumMismatch(
             f"{chain_key}/{bad[0]}",

@@ -17,6 +17,7 @@ from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Vm
 from vmkeep.engine.core import backup_config, jobs, schedules, stores
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.groups.manage import find_group
+from vmkeep.engine.points.listing import newest_point, verify_due
 from vmkeep.engine.vm import policy
 from vmkeep.engine.vm.record import find_vm
 from vmkeep.errors import AlreadyExists, BackupJobNotFound, InvalidValue, NotFound
@@ -24,6 +25,9 @@ from vmkeep.model import JobState
 from vmkeep.names import check_name
 
 EXECUTIONS = ("sequential", "parallel")
+# what a run does to each VM it names: a backup (retention after it, with the job's keys), a
+# prune (retention alone), a verify of the points not verified lately, a drill of the newest
+TASKS = ("backup", "prune", "verify", "drill")
 # the policy keys a backup job may set over its VMs' (backup_config.KEYS but exclude: a job
 # names its VMs itself)
 OPTION_KEYS = ("mode", "fs_freeze", *backup_config.KEEP_KEYS, "memory", "backup_volatile")
@@ -62,14 +66,35 @@ def _selector(s: Session, sel: dict[str, Any]) -> dict[str, Any]:
     return {"all": True}
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
+# the options each task takes (a backup's: its policy keys over the VMs' and bwlimit)
+TASK_OPTIONS: dict[str, tuple[str, ...]] = {
+    "backup": (*OPTION_KEYS, "bwlimit"),
+    "prune": backup_config.KEEP_KEYS,
+    "verify": ("reverify_after",),  # days: a point verified since is not read again
+    "drill": ("probe", "timeout"),
+}
+
+
+def _options(options: dict[str, Any], task: str = "backup") -> dict[str, Any]:
     out: dict[str, Any] = {}
+    allowed = TASK_OPTIONS[task]
     for key, value in options.items():
-        if key not in (*OPTION_KEYS, "bwlimit"):
+        if key not in allowed:
             raise InvalidValue(
-                "backup job option", key, f"use one of {', '.join(OPTION_KEYS)}, bwlimit"
+                f"{task} job option", key, f"a {task} job takes {', '.join(allowed)}"
             )
         if value is None:
+            continue
+        if key == "reverify_after":
+            out[key] = _whole(key, value, 0, 36500, "days, a whole number >= 0")
+            continue
+        if key == "timeout":
+            out[key] = _whole(key, value, 1, 86400, "seconds the guest has to answer, 1-86400")
+            continue
+        if key == "probe":
+            if not isinstance(value, str) or not 1 <= len(value) <= 4096:
+                raise InvalidValue("--probe", value, "give a command of 1-4096 characters")
+            out[key] = value
             continue
         if key == "bwlimit":  # KiB/s to a restic or rsync datastore (not a policy key)
             try:
@@ -84,11 +109,26 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _whole(key: str, value: Any, low: int, high: int, hint: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = low - 1
+    if not low <= n <= high:
+        raise InvalidValue("--" + key.replace("_", "-"), value, f"use {hint}")
+    return n
+
+
 def _check(s: Session, bj: BackupJob) -> None:
     """Every field of ``bj`` valid and canonical (the schedule checked and stored canonical)."""
     stores.find_datastore(s, bj.datastore)
     if bj.copy_to is not None and stores.find_datastore(s, bj.copy_to).name == bj.datastore:
         raise InvalidValue("--copy-to", bj.copy_to, "name a datastore other than --datastore")
+    if bj.task not in TASKS:
+        raise InvalidValue("--task", bj.task, f"use one of {', '.join(TASKS)}")
+    if bj.copy_to is not None and bj.task != "backup":
+        raise InvalidValue("--copy-to", bj.copy_to, "only a backup job copies its new points")
+    _options(bj.options, bj.task)  # each option one this task takes
     if not 0 <= bj.priority <= 99:
         raise InvalidValue("--priority", bj.priority, "use 0-99 (higher runs first)")
     if bj.execution not in EXECUTIONS:
@@ -108,6 +148,7 @@ def create(
     copy_to: str | None = None,
     repeat_missed: bool = True,
     enabled: bool = True,
+    task: str = "backup",
     owner: str = "",
     role: str = "admin",
     now: datetime | None = None,
@@ -128,7 +169,8 @@ def create(
             schedule=schedules.parse(schedule, now, tz).text,
             priority=priority,
             execution=execution,
-            options=_options(options or {}),
+            options=_options(options or {}, task if task in TASKS else "backup"),
+            task=task,
             repeat_missed=repeat_missed,
             enabled=enabled,
             owner=owner,
@@ -162,6 +204,10 @@ def edit(
         sel = {k: changes.pop(k) for k in SELECTORS if changes.get(k)}
         if sel:
             bj.selector = _selector(s, sel)
+        if changes.get("task") is not None:  # first: the options that follow are its own
+            bj.task = changes.pop("task")
+            if bj.task in TASKS:  # options the new task does not take are dropped
+                bj.options = {k: v for k, v in bj.options.items() if k in TASK_OPTIONS[bj.task]}
         for key, value in changes.items():
             if value is None:
                 continue
@@ -170,7 +216,7 @@ def edit(
                 if text != bj.schedule:  # the old schedule's slots are not the new one's
                     bj.schedule, bj.active_since = text, now
             elif key == "options":
-                bj.options = {**bj.options, **_options(value)}
+                bj.options = {**bj.options, **_options(value, bj.task)}
                 bj.options = {k: v for k, v in bj.options.items() if value.get(k, "") is not None}
             elif key == "datastore":
                 bj.datastore = stores.find_datastore(s, value).name
@@ -293,6 +339,7 @@ def _dict(
     return {
         "id": bj.id,
         "name": bj.name,
+        "task": bj.task,
         "selector": dict(bj.selector),
         "target": selector_text(bj.selector),
         "datastore": bj.datastore,
@@ -337,14 +384,37 @@ def show(ctx: Context, name: str, now: datetime | None = None) -> dict[str, Any]
         return out
 
 
-# --- what a run backs up -----------------------------------------------------------------------
+# --- what a run does ---------------------------------------------------------------------------
+Targets = list[tuple[str, dict[str, Any]]]
+
+
 def selection(
-    ctx: Context, s: Session, bj: BackupJob
-) -> tuple[list[tuple[str, dict[str, Any]]], list[dict[str, Any]]]:
+    ctx: Context, s: Session, bj: BackupJob, now: datetime | None = None
+) -> tuple[Targets, list[dict[str, Any]]]:
     """The actions a run of ``bj`` queues (kind, params), and the VMs it leaves out with why:
     not in the catalog any more, or excluded (``vm config VM --exclude yes``, which a ``--pool``
-    or ``--all`` job honours; a VM named by ``--vm`` is backed up whatever it says)."""
-    sel = bj.selector
+    or ``--all`` job honours; a VM named by ``--vm`` is taken whatever it says). A verify or
+    drill job also leaves out a VM with nothing to do (marked ``excluded``: not reported)."""
+    if bj.task == "backup" and "group" in bj.selector:
+        return [("group-backup", {"group": bj.selector["group"]} | _backup_params(bj))], []
+    names, skipped = _vms(ctx, s, bj)
+    if bj.task == "backup":
+        return [("backup", {"vm": v} | _backup_params(bj)) for v in names], skipped
+    if bj.task == "prune":
+        rules = {k: v for k, v in bj.options.items() if k in backup_config.KEEP_KEYS}
+        return [("prune", {"vm": v, "datastore": bj.datastore} | rules) for v in names], skipped
+    now = now or datetime.now(UTC)
+    out: Targets = []
+    for v in names:
+        found = _point_targets(s, bj, v, now)
+        if isinstance(found, str):
+            skipped.append({"vm": v, "reason": found, "excluded": True})
+        else:
+            out += found
+    return out, skipped
+
+
+def _backup_params(bj: BackupJob) -> dict[str, Any]:
     common: dict[str, Any] = {"datastore": bj.datastore}
     policy_keys = {k: v for k, v in bj.options.items() if k != "bwlimit"}
     if policy_keys:
@@ -353,9 +423,14 @@ def selection(
         common["bwlimit"] = bj.options["bwlimit"]
     if bj.copy_to:
         common["copy_to"] = bj.copy_to
+    return common
+
+
+def _vms(ctx: Context, s: Session, bj: BackupJob) -> tuple[list[str], list[dict[str, Any]]]:
+    """The VMs the job names now (a group's members in their order), and those left out."""
+    sel = bj.selector
     if "group" in sel:
-        return [("group-backup", {"group": sel["group"]} | common)], []
-    skipped: list[dict[str, Any]] = []
+        return [m.vm.name for m in find_group(s, sel["group"]).members], []
     if "vms" in sel:
         known = set(s.execute(select(Vm.name).where(Vm.name.in_(sel["vms"]))).scalars())
         skipped = [
@@ -363,21 +438,36 @@ def selection(
             for v in sel["vms"]
             if v not in known
         ]
-        return [("backup", {"vm": v} | common) for v in sel["vms"] if v in known], skipped
+        return [v for v in sel["vms"] if v in known], skipped
     q = select(Vm).order_by(Vm.name)
     if "pool" in sel:
         q = q.where(Vm.pool == sel["pool"])
-    vms = list(s.execute(q).scalars())
     policies = policy.Policies(ctx, s)
-    out = []
-    for vm in vms:
+    names, skipped = [], []
+    for vm in s.execute(q).scalars():
         cfg, sources = policies.of(vm.backup_config, vm.pool)
         if cfg["exclude"]:
             why = f"excluded by its policy ({sources['exclude']}; vm config {vm.name} --exclude no)"
             skipped.append({"vm": vm.name, "reason": why, "excluded": True})
         else:
-            out.append(("backup", {"vm": vm.name} | common))
-    return out, skipped
+            names.append(vm.name)
+    return names, skipped
+
+
+def _point_targets(s: Session, bj: BackupJob, vm: str, now: datetime) -> Targets | str:
+    """A verify job's chains of ``vm`` due for a verify, or a drill job's newest point of it,
+    on the job's datastore; or why there is nothing to do."""
+    if bj.task == "verify":
+        days = bj.options.get("reverify_after")
+        due = verify_due(s, vm, bj.datastore, days, now)
+        if not due:
+            return f"every point on {bj.datastore} verified within {days} days"
+        return [("verify", {"backup": b}) for b in due]
+    newest = newest_point(s, vm, bj.datastore)
+    if newest is None:
+        return f"no restore point on {bj.datastore}"
+    opts = {k: bj.options[k] for k in ("probe", "timeout") if k in bj.options}
+    return [("drill", {"backup": newest[0], "increment": newest[1]} | opts)]
 
 
 # --- what each VM got ------------------------------------------------------------------------
@@ -400,7 +490,7 @@ def vm_results(ctx: Context, s: Session, bj: BackupJob) -> list[dict[str, Any]]:
     left_out = {x["vm"]: x["reason"] for x in (runs[-1].skipped if runs else [])}
     rows = []
     for _kind, params in targets:
-        name = str(params.get("vm") or params.get("group"))
+        name = target_name(params)
         j = last.get(name)
         if name in left_out and (j is None or j.run_id != runs[-1].id):
             rows.append(_result(name, None, "SKIPPED", left_out[name]))
@@ -414,6 +504,11 @@ def vm_results(ctx: Context, s: Session, bj: BackupJob) -> list[dict[str, Any]]:
             )
             rows.append(_result(name, j, j.state, waits))
     return rows + [_result(x["vm"], None, "SKIPPED", x["reason"]) for x in skipped]
+
+
+def target_name(params: dict[str, Any]) -> str:
+    """What a queued action of a run acts on, as its job's target names it."""
+    return str(params.get("vm") or params.get("group") or params.get("backup"))
 
 
 def _result(vm: str, j: Job | None, state: str, reason: str | None) -> dict[str, Any]:

@@ -103,7 +103,7 @@ def fire(
     left_out = [x for x in skipped if not x.get("excluded")]  # vanished VMs, refusals: reported
     for kind, params in targets:
         a = actions.action(kind)
-        what = str(params.get("vm") or params.get("group"))
+        what = backupjobs.target_name(params)
         try:
             p = actions.parse(a, params)
             actions.enqueue(ctx, a, p, actor, origin="schedule" if origin != "manual" else "api",
