@@ -295,8 +295,8 @@ def _run(r: dict[str, Any]) -> None:
 
 
 def _exit_of(run: dict[str, Any]) -> None:
-    """Exit 0 when every job ended DONE, 1 with warnings or a skipped VM, else the first
-    failure's code."""
+    """Exit 0 when every job ended DONE, 1 with warnings or a VM left out (not one excluded by
+    its policy or with nothing to do), else the first failure's code."""
     codes = [j["exit_code"] for j in run["jobs"] if j["exit_code"] not in (None, 0, 1)]
     if codes:
         failed = [j for j in run["jobs"] if j["exit_code"] == codes[0]][0]
@@ -306,5 +306,6 @@ def _exit_of(run: dict[str, Any]) -> None:
         )
         err.exit_code = codes[0]
         raise err
-    if run["skipped"] or any(j["exit_code"] == 1 for j in run["jobs"]):
+    left_out = [x for x in run["skipped"] if not x.get("excluded")]  # not: nothing to do
+    if left_out or any(j["exit_code"] == 1 for j in run["jobs"]):
         click.get_current_context().find_root().meta["vmkeep.exit_code"] = 1
