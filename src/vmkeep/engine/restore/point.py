@@ -23,7 +23,7 @@ from typing import Any
 
 from vmkeep.catalog.tables import Increment
 from vmkeep.checksums import Stopped, expected_digests, matches, row_digest
-from vmkeep.engine.core.chains import disk_file, find_backup, mark_damaged, point
+from vmkeep.engine.core.chains import disk_file, find_backup, mark_damaged, point, point_files
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import check_backing_names, flatten
 from vmkeep.engine.core.stores import driver_of
@@ -97,6 +97,7 @@ def new_vm_xml(
 
 
 def pick_disks(target: Increment, disk: str | None) -> list[str]:
+    """The disks a point holds (those the VM had then, but the excluded), or the one asked."""
     disks = [f["disk"] for f in target.files if f["disk"]]
     if disk is None:
         return disks
@@ -279,7 +280,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         target, chain = point(b, opts.increment)
         disks = pick_disks(target, opts.disk)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
-        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"] in disks)
+        expected = expected_digests(point_files(chain, disks))
         xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
         expected[xml_entry["name"]] = row_digest(xml_entry)
         seq, vm_uuid = target.seq, b.vm.uuid
