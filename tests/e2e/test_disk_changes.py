@@ -1,6 +1,6 @@
 """Chains that follow the disks (docs/architecture.md) on a real guest: between the increments of
-one chain a disk is attached, excluded, included again, grown and detached, and every point
-restores bit-identical, with exactly the disks it holds.
+one chain a disk is attached, replaced under its target, excluded, included again, grown and
+detached, and every point restores bit-identical, with exactly the disks it holds.
 
 The lab guest's data disks hold no file system here (vda is unmounted): the test writes random
 data to the block devices with O_DIRECT, so nothing else writes them, and a whole device's
@@ -83,6 +83,14 @@ def image_state(disks: dict[str, str], work: Path) -> State:
     return out
 
 
+def unplugged(lab: Lab, vm: str, target: str) -> None:
+    """Wait until the guest gave the disk back (libvirt may return before it did)."""
+    deadline = time.monotonic() + 30
+    while target in {d.target for d in lab.hv.domain(vm).disks}:
+        assert time.monotonic() < deadline, f"{target} was not unplugged"
+        time.sleep(0.5)
+
+
 def allow_disk_resize() -> None:
     """The lab VM is imported: [vmm] imported_vms_actions must list disk-resize."""
     actions = ["poweroff", "reboot", "suspend", "resume", "stop", "hold", "release",
@@ -103,12 +111,13 @@ def test_disks_attached_excluded_grown_and_detached_between_increments(
     expected: list[State] = []
     points: list[dict[str, Any]] = []
 
-    def backup(disks: list[str]) -> dict[str, dict[str, Any]]:
+    def backup(disks: list[str], warned: str = "") -> dict[str, dict[str, Any]]:
         """Back up; the point must extend the chain (no new full), hold exactly ``disks``, and
-        its files are returned by disk."""
+        its files are returned by disk. ``warned``: the warning it must give (exit 1)."""
         expected.append(guest_state(lab, vm, disks))
-        res = vmkeep("backup", vm, "--datastore", "ds", "--json")
+        res = vmkeep("backup", vm, "--datastore", "ds", "--json", check=1 if warned else 0)
         assert "new full backup chain" not in res.err, res.err
+        assert warned in res.err
         data = res.json()
         seq = len(points)
         assert (data["increment"], data["status"]) == (seq, "VALID")
@@ -141,7 +150,18 @@ def test_disks_attached_excluded_grown_and_detached_between_increments(
     assert "full" not in files["vda"] and "full" not in files["vdb"]
     assert files["vdb"]["size"] < 2 * MIB
 
-    # 3: vdb excluded: left out of the point, and the record says so
+    # 3: vdb's image replaced under the same target: libvirt finds no bitmap of point 2's
+    # checkpoint on it, so vdb alone is copied whole (a warning), vda stays incremental
+    vmkeep("vm", "disk", "detach", vm, "--target", "vdb")
+    unplugged(lab, vm, "vdb")
+    other = lab.vm_dir(vm) / "other-vdb.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(other), "8M"], check=True)
+    vmkeep("vm", "disk", "attach", vm, "--source", str(other), "--target", "vdb")
+    write(lab, vm, "vdb", 2, 3)
+    files = backup(["vda", "vdb"], warned="disk vdb is copied whole in this increment")
+    assert files["vdb"]["full"] is True and "full" not in files["vda"]
+
+    # 4: vdb excluded: left out of the point, and the record says so
     shown = vmkeep("vm", "config", vm, "--exclude-disk", "vdb", "--json").json()
     assert shown["backup_config"]["exclude_disks"] == ["vdb"]
     assert re.search(r"exclude_disks\s+vdb\s+\(vm\)", vmkeep("vm", "show", vm).out)
@@ -149,13 +169,13 @@ def test_disks_attached_excluded_grown_and_detached_between_increments(
     write(lab, vm, "vda", 1, 10)
     backup(["vda"])
 
-    # 4: vdb included again: it joins again with a full, vda stays incremental
+    # 5: vdb included again: it joins again with a full, vda stays incremental
     vmkeep("vm", "config", vm, "--exclude-disk", "unset")
     write(lab, vm, "vdb", 1, 7)
     files = backup(["vda", "vdb"])
     assert files["vdb"]["full"] is True and "full" not in files["vda"]
 
-    # 5: vda grown live from 32 to 40 MiB, written past its old end: still an increment
+    # 6: vda grown live from 32 to 40 MiB, written past its old end: still an increment
     vmkeep("vm", "disk-resize", vm, "--disk", "vda", "--size", "40M")
     deadline = time.monotonic() + 30
     while guest_state(lab, vm, ["vda"])["vda"][0] != 40 * MIB:
@@ -166,35 +186,32 @@ def test_disks_attached_excluded_grown_and_detached_between_increments(
     assert "full" not in files["vda"] and files["vda"]["virtual_size"] == 40 * MIB
     assert files["vda"]["size"] < 4 * MIB
 
-    # 6: vdb hot-unplugged: its part of the chain ends; vda goes on
+    # 7: vdb hot-unplugged: its part of the chain ends; vda goes on
     vmkeep("vm", "disk", "detach", vm, "--target", "vdb")
-    deadline = time.monotonic() + 30
-    while "vdb" in {d.target for d in lab.hv.domain(vm).disks}:
-        assert time.monotonic() < deadline, "vdb was not unplugged"
-        time.sleep(0.5)
+    unplugged(lab, vm, "vdb")
     write(lab, vm, "vda", 1, 12)
     backup(["vda"])
 
     backup_id = points[0]["id"]
     shown = vmkeep("backups", "show", str(backup_id), "--json").json()
     assert [p.get("excluded_disks") for p in shown["increments"]] == [
-        [], [], [], ["vdb"], [], [], []
+        [], [], [], [], ["vdb"], [], [], []
     ]  # fmt: skip
 
     # every point restores bit-identical, with exactly the disks it holds
     for seq, want in enumerate(expected):
         name = f"{PREFIX}dc-r{seq}"
-        # the excluded disk is in point 3's domain XML, not in its files: a warning (exit 1)
+        # the excluded disk is in point 4's domain XML, not in its files: a warning (exit 1)
         res = vmkeep("restore", str(backup_id), "--increment", str(seq), "--name", name,
-                     "--json", check=1 if seq == 3 else 0)  # fmt: skip
+                     "--json", check=1 if seq == 4 else 0)  # fmt: skip
         r = res.json()
         try:
             assert sorted(r["disks"]) == sorted(want), seq
             assert image_state(r["disks"], tmp_path) == want, seq
-            if seq == 3:
+            if seq == 4:
                 assert "disk vdb was not in the backup" in res.err
         finally:
             lab.hv.undefine(name)
             shutil.rmtree(Path(r["path"]), ignore_errors=True)
     # the grown disk: its old size before, its new size after
-    assert [w["vda"][0] for w in expected] == [32 * MIB] * 5 + [40 * MIB] * 2
+    assert [w["vda"][0] for w in expected] == [32 * MIB] * 6 + [40 * MIB] * 2

@@ -21,7 +21,13 @@ from vmkeep.engine.core.backup_config import resolve
 from vmkeep.engine.core.chains import backup_dict, point, point_files
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.protect.member import MemberJob, finish_job
-from vmkeep.engine.protect.plan import Plan, joined_disks, plan_backup, select_disks
+from vmkeep.engine.protect.plan import (
+    Plan,
+    bitmapless_disk,
+    joined_disks,
+    plan_backup,
+    select_disks,
+)
 from vmkeep.engine.service import tokens
 from vmkeep.errors import BackupFailed, InvalidValue, WrongState
 from vmkeep.model import DiskInfo, DomainInfo, VmState, Warnings
@@ -54,6 +60,21 @@ def test_plan_is_full() -> None:
     assert base.is_full("vda") and base.is_full("vdz")  # a new chain copies every disk whole
     inc = Plan(1, 4, 3, "web/1", "vmkeep-1-3", "vmkeep-1-4", False, ("vdb",))
     assert inc.is_full("vdb") and not inc.is_full("vda")
+
+
+def test_the_disk_libvirt_finds_without_its_bitmap_is_copied_whole() -> None:
+    """libvirt 9's refusal when a disk's image lacks the parent checkpoint's bitmap."""
+    said = (
+        "Checkpoint '(incremental base)' of VM 'web' is missing or inconsistent: checkpoint "
+        "inconsistent: missing or broken bitmap 'vmkeep-1-3' for disk 'vdb'"
+    )
+    inc = Plan(1, 4, 3, "web/1", "vmkeep-1-3", "vmkeep-1-4", False)
+    assert bitmapless_disk(said, ["vda", "vdb"], inc) == "vdb"
+    assert bitmapless_disk(said, ["vda"], inc) is None  # not a disk of this backup
+    joined = Plan(1, 4, 3, "web/1", "vmkeep-1-3", "vmkeep-1-4", False, ("vdb",))
+    assert bitmapless_disk(said, ["vda", "vdb"], joined) is None  # copied whole already
+    gone = "Checkpoint '(incremental base)' of VM 'web' is missing or inconsistent: no checkpoint"
+    assert bitmapless_disk(gone, ["vda", "vdb"], inc) is None  # a new chain
 
 
 # --- EXCLUDE_DISKS -------------------------------------------------------------------------------

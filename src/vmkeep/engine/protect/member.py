@@ -25,7 +25,13 @@ from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import qemu_img
 from vmkeep.engine.core.steps import Steps
 from vmkeep.engine.points.retention import apply_retention
-from vmkeep.engine.protect.plan import Plan, abandon_plan, plan_backup, select_disks
+from vmkeep.engine.protect.plan import (
+    Plan,
+    abandon_plan,
+    bitmapless_disk,
+    plan_backup,
+    select_disks,
+)
 from vmkeep.engine.protect.staging import canonical, prepare_staging
 from vmkeep.engine.vm.policy import effective
 from vmkeep.engine.vm.quiesce import Quiesce, quiesced
@@ -145,20 +151,32 @@ def check_space(ctx: Context, job: MemberJob) -> None:
 
 
 def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> None:
-    """``backupBegin`` (quiesced per ``fs_freeze``); an invalid checkpoint starts a new chain."""
+    """``backupBegin`` (quiesced per ``fs_freeze``). When libvirt names one disk whose bitmap
+    of the parent's checkpoint is missing or broken (its image was replaced under the same
+    target, or QEMU died before it saved the bitmap), that disk is copied whole and the others
+    stay incremental; any other invalid checkpoint starts a new chain."""
     assert job.plan is not None and job.staging is not None
-    try:
-        job.q = _begin(ctx, job, fs_freeze, warnings)
-    except CheckpointInvalid as err:
-        if job.plan.incremental_from is None:
-            raise
-        warnings.add(f"{err}; starting a new full backup chain")
-        abandon_plan(ctx, job.plan)
-        shutil.rmtree(job.staging, ignore_errors=True)
-        job.plan, job.staging, job.reset = None, None, True
-        plan_job(ctx, job, warnings)
-        assert job.plan is not None and job.staging is not None
-        job.q = _begin(ctx, job, fs_freeze, warnings)
+    while True:
+        try:
+            job.q = _begin(ctx, job, fs_freeze, warnings)
+            return
+        except CheckpointInvalid as err:
+            if job.plan.incremental_from is None:
+                raise
+            reason = str(err)
+        disk = bitmapless_disk(reason, [d.target for d in job.disks], job.plan)
+        if disk is None:
+            break
+        warnings.add(f"{reason}; disk {disk} is copied whole in this increment")
+        job.plan.full_disks = (*job.plan.full_disks, disk)
+        _create_target(job, disk)
+    warnings.add(f"{reason}; starting a new full backup chain")
+    abandon_plan(ctx, job.plan)
+    shutil.rmtree(job.staging, ignore_errors=True)
+    job.plan, job.staging, job.reset = None, None, True
+    plan_job(ctx, job, warnings)
+    assert job.plan is not None and job.staging is not None
+    job.q = _begin(ctx, job, fs_freeze, warnings)
 
 
 def _begin(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> Quiesce:

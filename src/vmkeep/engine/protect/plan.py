@@ -11,6 +11,7 @@ its part of the chain ends there, and the earlier points keep it."""
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,6 +74,15 @@ def joined_disks(parent_files: list[dict[str, Any]], disks: list[str]) -> tuple[
     parent's checkpoint, which has a bitmap of exactly the disks its point holds."""
     held = {f["disk"] for f in parent_files if f.get("disk")}
     return tuple(d for d in disks if d not in held)
+
+
+def bitmapless_disk(reason: str, disks: list[str], plan: Plan) -> str | None:
+    """The disk of the plan's incremental ones that libvirt's refusal names as lacking its
+    bitmap of the parent's checkpoint ("missing or broken bitmap 'vmkeep-1-3' for disk
+    'vdb'"), or None: the refusal is about the checkpoint itself."""
+    m = re.search(r"bitmap .* for disk '([^']+)'", reason)
+    disk = m.group(1) if m else None
+    return disk if disk in disks and not plan.is_full(disk) else None
 
 
 def _new_chain(s: Session, vm: Vm, ds_id: int, mode: BackupMode) -> Plan:
