@@ -28,6 +28,7 @@ from vmkeep.engine.protect.plan import (
     plan_backup,
     select_disks,
 )
+from vmkeep.engine.restore.point import resumable_memory
 from vmkeep.engine.service import tokens
 from vmkeep.errors import BackupFailed, InvalidValue, WrongState
 from vmkeep.model import DiskInfo, DomainInfo, VmState, Warnings
@@ -237,3 +238,15 @@ def test_point_files_follow_each_disk_back_to_where_it_joined() -> None:
     points[2].files = rows("vda", "vdb", seq=2)
     with pytest.raises(WrongState, match="backup 1 is missing disk vdb in increment 1"):
         names(3, ["vdb"])
+
+
+def test_a_point_that_left_disks_out_is_not_resumed_from_its_memory() -> None:
+    mem = {"disk": None, "name": "2.memory", "size": 1, "digest": "x", "memory": True}
+    files = rows("vda", seq=2)
+    whole = Increment(backup_id=1, seq=2, parent=1, status="VALID", files=[*files, mem])
+    assert resumable_memory(whole, Warnings()) == mem
+    files[-1]["excluded_disks"] = ["vdb"]
+    warnings = Warnings()
+    left_out = Increment(backup_id=1, seq=2, parent=1, status="VALID", files=[*files, mem])
+    assert resumable_memory(left_out, warnings) is None
+    assert "left out disk(s) vdb" in warnings.items[0] and "powered off" in warnings.items[0]

@@ -96,6 +96,22 @@ def new_vm_xml(
     return xml
 
 
+def resumable_memory(target: Increment, warnings: Warnings) -> dict[str, Any] | None:
+    """The point's memory state, unless the point left disks out (EXCLUDE_DISKS): the saved RAM
+    knows them, and the restored VM would resume on what they hold now. It then boots cold
+    (as with ``--without-memory``), with a warning."""
+    mem = memory_entry(target)
+    left_out = next((f.get("excluded_disks") for f in target.files if f["disk"] is None
+                     and f.get("excluded_disks")), None)  # fmt: skip
+    if mem is not None and left_out:
+        warnings.add(
+            f"point {target.seq} left out disk(s) {', '.join(left_out)}: its memory state is "
+            "not resumed without them; the VM is restored powered off (as with --without-memory)"
+        )
+        return None
+    return mem
+
+
 def pick_disks(target: Increment, disk: str | None) -> list[str]:
     """The disks a point holds (those the VM had then, but the excluded), or the one asked."""
     disks = [f["disk"] for f in target.files if f["disk"]]
@@ -285,7 +301,7 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         expected[xml_entry["name"]] = row_digest(xml_entry)
         seq, vm_uuid = target.seq, b.vm.uuid
         one_disk = opts.disk is not None and opts.name is None
-        mem = None if one_disk or opts.without_memory else memory_entry(target)
+        mem = None if one_disk or opts.without_memory else resumable_memory(target, warnings)
         if mem is not None:
             expected[mem["name"]] = row_digest(mem)
     restores = ctx.config.data_dir / "restores"
