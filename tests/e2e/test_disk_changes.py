@@ -1,6 +1,7 @@
 """Chains that follow the disks (docs/architecture.md) on a real guest: between the increments of
-one chain a disk is attached, replaced under its target, excluded, included again, grown and
-detached, and every point restores bit-identical, with exactly the disks it holds.
+one chain a disk is attached, replaced under its target, excluded, included again, grown,
+detached, and attached to the powered-off VM, and every point restores bit-identical, with
+exactly the disks it holds.
 
 The lab guest's data disks hold no file system here (vda is unmounted): the test writes random
 data to the block devices with O_DIRECT, so nothing else writes them, and a whole device's
@@ -192,10 +193,25 @@ def test_disks_attached_excluded_grown_and_detached_between_increments(
     write(lab, vm, "vda", 1, 12)
     backup(["vda"])
 
+    # 8: powered off, vdc attached to the definition: the backup (of the guest started paused)
+    # takes vdc whole, blank, and vda unchanged since point 7
+    vmkeep("vm", "poweroff", vm)
+    vmkeep("vm", "disk", "attach", vm, "--size", "8M", "--target", "vdc")
+    expected_off = {
+        "vda": expected[-1]["vda"],
+        "vdc": (8 * MIB, hashlib.sha256(bytes(8 * MIB)).hexdigest()),
+    }
+    res = vmkeep("backup", vm, "--datastore", "ds", "--json").json()
+    assert (res["id"], res["increment"]) == (points[0]["id"], 8)
+    files = {f["disk"]: f for f in res["increments"][8]["files"] if f["disk"]}
+    assert files["vdc"]["full"] is True and "full" not in files["vda"]
+    assert res["increments"][8]["consistency"] == "OFFLINE"
+    expected.append(expected_off)
+
     backup_id = points[0]["id"]
     shown = vmkeep("backups", "show", str(backup_id), "--json").json()
     assert [p.get("excluded_disks") for p in shown["increments"]] == [
-        [], [], [], [], ["vdb"], [], [], []
+        [], [], [], [], ["vdb"], [], [], [], []
     ]  # fmt: skip
 
     # every point restores bit-identical, with exactly the disks it holds
@@ -214,4 +230,4 @@ def test_disks_attached_excluded_grown_and_detached_between_increments(
             lab.hv.undefine(name)
             shutil.rmtree(Path(r["path"]), ignore_errors=True)
     # the grown disk: its old size before, its new size after
-    assert [w["vda"][0] for w in expected] == [32 * MIB] * 6 + [40 * MIB] * 2
+    assert [w["vda"][0] for w in expected] == [32 * MIB] * 6 + [40 * MIB] * 3
