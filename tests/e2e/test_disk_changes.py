@@ -208,10 +208,19 @@ def test_disks_attached_excluded_grown_and_detached_between_increments(
     assert res["increments"][8]["consistency"] == "OFFLINE"
     expected.append(expected_off)
 
+    # 9: vdc grown while powered off (qemu-img resize keeps its bitmaps): still incremental
+    vmkeep("vm", "disk-resize", vm, "--disk", "vdc", "--size", "12M")
+    res = vmkeep("backup", vm, "--datastore", "ds", "--json").json()
+    assert (res["id"], res["increment"]) == (points[0]["id"], 9)
+    files = {f["disk"]: f for f in res["increments"][9]["files"] if f["disk"]}
+    assert "full" not in files["vdc"] and files["vdc"]["virtual_size"] == 12 * MIB
+    zeros = hashlib.sha256(bytes(12 * MIB)).hexdigest()
+    expected.append({"vda": expected_off["vda"], "vdc": (12 * MIB, zeros)})
+
     backup_id = points[0]["id"]
     shown = vmkeep("backups", "show", str(backup_id), "--json").json()
     assert [p.get("excluded_disks") for p in shown["increments"]] == [
-        [], [], [], [], ["vdb"], [], [], [], []
+        [], [], [], [], ["vdb"], [], [], [], [], []
     ]  # fmt: skip
 
     # every point restores bit-identical, with exactly the disks it holds
@@ -230,4 +239,4 @@ def test_disks_attached_excluded_grown_and_detached_between_increments(
             lab.hv.undefine(name)
             shutil.rmtree(Path(r["path"]), ignore_errors=True)
     # the grown disk: its old size before, its new size after
-    assert [w["vda"][0] for w in expected] == [32 * MIB] * 6 + [40 * MIB] * 3
+    assert [w["vda"][0] for w in expected] == [32 * MIB] * 6 + [40 * MIB] * 4
