@@ -144,6 +144,7 @@ class BackupDefaults(_Section):
     backup_volatile: bool | None = None
     memory: bool | None = None
     exclude: bool | None = None  # left out of ``--all`` and ``--pool`` backup jobs
+    exclude_disks: list[str] | str | None = None  # disk targets left out of backups
 
     def layer(self) -> dict[str, Any]:
         """The keys this section sets."""

@@ -27,6 +27,19 @@ def test_incremental_backup_xml() -> None:
     golden("backup-inc.xml", backup_xml({"vda": "/s/3.vda.qcow2"}, incremental="vmkeep-1-2"))
 
 
+def test_backup_xml_takes_a_full_disk_beside_incremental_ones() -> None:
+    golden(
+        "backup-inc-joined.xml",
+        backup_xml(
+            {"vda": "/s/4.vda.qcow2", "vdb": "/s/4.vdb.qcow2"},
+            incremental="vmkeep-1-3",
+            full=["vdb"],
+        ),
+    )
+    # without an incremental base every disk is a full already: no per-disk mode
+    assert "backupmode" not in backup_xml({"vdb": "/s/0.vdb.qcow2"}, full=["vdb"])
+
+
 def test_checkpoint_xml_skips_raw_disks() -> None:
     golden("checkpoint.xml", checkpoint_xml("vmkeep-1-3", ["vda"], ["vdb"]))
 

@@ -39,6 +39,7 @@ VALUES: dict[str, tuple[Any, Any, Any, Any]] = {
     "backup_volatile": ("yes", "no", "yes", "no"),
     "memory": ("no", "yes", "no", "yes"),
     "exclude": ("yes", "no", "yes", "no"),
+    "exclude_disks": ("vdc", ["vdb"], "vdd,vde", ["vdf"]),
 }
 CONFIG_LAYER = {
     "keep_last": 4,
@@ -52,6 +53,7 @@ CONFIG_LAYER = {
     "backup_volatile": False,
     "memory": True,
     "exclude": False,
+    "exclude_disks": ["vdf"],
 }
 
 

@@ -481,3 +481,45 @@ def test_backup_jobs_of_each_task_queue_their_actions(ctx: Context, tmp_path: Pa
     # a job given another task drops the options the new task does not take
     edited = backupjobs.edit(ctx, "v", {"task": "drill", "options": {"timeout": 30}})
     assert (edited["task"], edited["options"]) == ("drill", {"timeout": 30})
+
+
+def test_a_merge_keeps_a_disk_that_joined_the_chain(ctx: Context, tmp_path: Path) -> None:
+    """vdb joined at point 2 (a full of it alone), point 3 builds on it. Point 2 merged away
+    with point 3 rebuilt on point 1, which has no vdb: 3's vdb file becomes a full of its own
+    (so marked), its vda file is rebased; both read as before."""
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 4)
+    work = tmp_path / "vdb"
+    work.mkdir()
+    rows = {}
+    for seq in (2, 3):
+        img = work / disk_file(seq, "vdb")
+        backing = ["-b", disk_file(2, "vdb"), "-F", "qcow2"] if seq == 3 else []
+        qemu_img("create", "-q", "-f", "qcow2", *backing, str(img), *([] if backing else ["4M"]))
+        cmd = f"write -P {seq + 11} {seq * 65536} 65536"
+        subprocess.run(["qemu-io", "-c", cmd, str(img)], check=True, capture_output=True)
+        rows[seq] = {"disk": "vdb", "name": img.name, "size": img.stat().st_size,
+                     "digest": digest_file(img)} | ({"full": True} if seq == 2 else {})  # fmt: skip
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, bid)
+        assert b is not None
+        for inc in b.increments:
+            if inc.seq in rows:
+                inc.files = [*inc.files, rows[inc.seq]]
+        driver = stores.driver_of(b.datastore)
+    driver.backup(f"web/{bid}", [work / disk_file(2, "vdb"), work / disk_file(3, "vdb")])
+    protect.protect(ctx, bid, 1, actor_name="a")
+    vm_id, ds_id = ids(ctx)
+    msgs = apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 1}))
+    assert msgs == [f"retention: removed increments [2] of backup {bid} (keep_last=1); "
+                    "3 now built on 1"]  # fmt: skip
+    vdb = tmp_path / "store" / "web" / str(bid) / disk_file(3, "vdb")
+    info = json.loads(qemu_img("info", "--output=json", str(vdb)))
+    assert "backing-filename" not in info  # a full of vdb now
+    for seq in (2, 3):
+        cmd = f"read -P {seq + 11} {seq * 65536} 65536"
+        out = subprocess.run(["qemu-io", "-r", "-c", cmd, str(vdb)], capture_output=True, text=True)
+        assert out.returncode == 0 and "Pattern verification failed" not in out.stdout
+    assert all(read_pattern(stored(tmp_path, bid, 3), q) for q in range(4))
+    files = listing.show_backup(ctx, bid)["increments"][2]["files"]
+    assert [(f["disk"], f.get("full", False)) for f in files] == [("vda", False), ("vdb", True)]
+    assert point.verify(ctx, bid)["ok"] is True

@@ -16,6 +16,12 @@ from vmkeep.engine.vm import inventory, policy
 
 # a policy value as JSON carries it: a number, yes/no as a boolean, or text ("unset" removes)
 Value = int | bool | Annotated[str, Field(max_length=64)] | None
+# exclude_disks: a list of disk targets, or one text ("vdb,vdc", "none", "unset")
+DiskList = (
+    Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
+    | Annotated[str, Field(max_length=2048)]
+    | None
+)
 
 
 class PolicyKeys(Params):
@@ -34,6 +40,7 @@ class PolicyKeys(Params):
     backup_volatile: Value = None
     memory: Value = None
     exclude: Value = None
+    exclude_disks: DiskList = None
 
     def changes(self) -> dict[str, Any]:
         return self.model_dump(include=self.model_fields_set - {"pool"})

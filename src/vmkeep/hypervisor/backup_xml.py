@@ -1,20 +1,31 @@
-"""libvirt backup and checkpoint XML (push mode), as pure functions (golden-file tested).
+"""libvirt backup and checkpoint XML (push mode), as pure functions (golden-file tested in
+tests/unit/test_backup_xml.py).
 
-See https://libvirt.org/formatbackup.html and https://libvirt.org/formatcheckpoint.html.
+A disk not listed in either XML takes no part: it is not copied and gets no bitmap (a disk
+excluded from backups, docs/architecture.md "Chains that follow the disks").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from xml.sax.saxutils import quoteattr
 
 
-def backup_xml(targets: dict[str, str], incremental: str | None = None) -> str:
-    """Push-mode backup of the disks in ``targets`` (disk target -> qcow2 file to create)."""
+def backup_xml(
+    targets: dict[str, str], incremental: str | None = None, full: Collection[str] = ()
+) -> str:
+    """Push-mode backup of the disks in ``targets`` (disk target -> qcow2 file to create). With
+    ``incremental`` (the checkpoint of the parent point) every disk is copied since then, but
+    those in ``full``, which are copied whole (``backupmode='full'``, libvirt 7.6 or later): a
+    disk that joined the VM's chain after that checkpoint has no bitmap of it."""
     inc = f"\n  <incremental>{incremental}</incremental>" if incremental else ""
+
+    def mode(dev: str) -> str:
+        return " backupmode='full'" if incremental and dev in full else ""
+
     disks = "".join(
         f"""
-    <disk name={quoteattr(dev)} backup='yes' type='file'>
+    <disk name={quoteattr(dev)} backup='yes' type='file'{mode(dev)}>
       <target file={quoteattr(path)}/>
       <driver type='qcow2'/>
     </disk>"""

@@ -1,7 +1,8 @@
 """BACKUP_CONFIG (OpenNebula): KEEP_LAST (and Proxmox Backup Server's KEEP_HOURLY, _DAILY,
-_WEEKLY, _MONTHLY, _YEARLY), BACKUP_VOLATILE, FS_FREEZE, MODE, MEMORY (stoney's
-state file: each backup of a running VM also saves its RAM) and EXCLUDE (the VM is left out of
-``--all`` and ``--pool`` backup jobs).
+_WEEKLY, _MONTHLY, _YEARLY), BACKUP_VOLATILE, FS_FREEZE, MODE, MEMORY (stoney's state file: each
+backup of a running VM also saves its RAM), EXCLUDE (the VM is left out of ``--all`` and
+``--pool`` backup jobs) and EXCLUDE_DISKS (disk targets left out of its backups;
+docs/architecture.md, "Chains that follow the disks").
 
 Stored per VM, per pool and in ``[backup]`` of the config file as a dict of the keys set there;
 ``resolve_named`` layers them, most specific first (backup job, VM, pool, config), over the
@@ -17,14 +18,16 @@ from typing import Any
 
 from vmkeep.errors import InvalidValue
 from vmkeep.model import BackupMode, FsFreeze
+from vmkeep.names import check_disk_name
 
 # retention on the calendar (engine/points/calendar.py: Proxmox Backup Server's prune rules)
 KEEP_KEYS = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
-KEYS = (*KEEP_KEYS, "backup_volatile", "fs_freeze", "mode", "memory", "exclude")
+KEYS = (*KEEP_KEYS, "backup_volatile", "fs_freeze", "mode", "memory", "exclude", "exclude_disks")
 # the value that removes a key from a layer (VM or pool): the key is inherited again
 UNSET = "unset"
 DEFAULT = "default"  # the source of a key no layer sets
 MAX_KEEP = 1_000_000  # keep_last's bound (a number past 64 bits is no JSON every reader takes)
+MAX_DISKS = 64  # exclude_disks' bound
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class BackupConfig:
     mode: BackupMode = BackupMode.FULL
     memory: bool = False  # save RAM with the disks (a running VM; restore resumes it)
     exclude: bool = False  # left out of ``--all`` and ``--pool`` backup jobs
+    exclude_disks: tuple[str, ...] = ()  # disk targets left out of its backups, sorted
 
     def keeps(self) -> dict[str, int]:
         """The retention rules set (none: every point is kept)."""
@@ -49,6 +53,7 @@ class BackupConfig:
         d = asdict(self)
         d["fs_freeze"] = str(self.fs_freeze)
         d["mode"] = str(self.mode)
+        d["exclude_disks"] = list(self.exclude_disks)
         return d
 
 
@@ -72,6 +77,8 @@ def validate(key: str, value: Any) -> Any:
             return FsFreeze(str(value).upper())
         except ValueError:
             raise InvalidValue("fs_freeze", value, "use none, agent or suspend") from None
+    if key == "exclude_disks":
+        return _disk_list(value)
     if key == "mode":
         text = str(value).upper()
         text = "INCREMENT" if text in ("INCREMENTAL", "INCREMENT", "INC") else text
@@ -80,6 +87,30 @@ def validate(key: str, value: Any) -> Any:
         except ValueError:
             raise InvalidValue("mode", value, "use full or increment") from None
     raise InvalidValue("backup_config", key, f"known keys are {', '.join(KEYS)}")
+
+
+def _disk_list(value: Any) -> tuple[str, ...]:
+    """Disk targets: a list, or one text of them split by commas; ``none`` or nothing: none."""
+    hint = "give disk targets such as vdb (a list, or vdb,vdc), or none"
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = value.split(",")
+    if isinstance(value, (list, tuple)) and [str(d).strip().lower() for d in value] in (
+        [""],
+        ["none"],
+    ):
+        return ()
+    if not isinstance(value, (list, tuple)) or len(value) > MAX_DISKS:
+        raise InvalidValue("exclude_disks", value, f"{hint}; at most {MAX_DISKS}")
+    return tuple(
+        sorted(
+            {
+                check_disk_name("exclude_disks", d.strip() if isinstance(d, str) else d)
+                for d in value
+            }
+        )  # fmt: skip
+    )
 
 
 def _yes_no(key: str, value: Any) -> bool:
@@ -95,6 +126,8 @@ def _yes_no(key: str, value: Any) -> bool:
 
 def stored(value: Any) -> Any:
     """A validated value as a layer keeps it in JSON (an enum as its text)."""
+    if isinstance(value, tuple):
+        return list(value)
     return str(value) if hasattr(value, "value") else value
 
 

@@ -140,6 +140,29 @@ def point(b: Backup, increment: int | None) -> tuple[Increment, list[Increment]]
     return valid[seq], list(reversed(chain))
 
 
+def point_files(chain: list[Increment], disks: list[str]) -> list[dict[str, Any]]:
+    """The file rows a restore of the chain's last point reads for ``disks``: per disk, its
+    file at each point from that one back to the point where it is a full (the chain's base,
+    or where the disk joined the chain: docs/architecture.md, "Chains that follow the disks").
+    Files of an earlier part of the disk's chain (before it was detached or excluded) are not
+    needed."""
+    rows = []
+    for disk in disks:
+        for inc in reversed(chain):
+            row = next((f for f in inc.files if f["disk"] == disk), None)
+            if row is None:  # a point built on one without the disk copies it whole
+                raise WrongState(
+                    f"backup {inc.backup_id}",
+                    f"missing disk {disk} in increment {inc.seq}",
+                    "restore",
+                    f"disk {disk} in every point since the one where it is a full",
+                )
+            rows.append(row)
+            if inc.parent is None or row.get("full"):
+                break
+    return rows
+
+
 def needed_by_protected(b: Backup) -> set[int]:
     """The seqs of the chain's protected points and of every point they are built on (by parent
     links): restoring a protected point needs them all, so none of them may be deleted or merged
@@ -359,13 +382,15 @@ def backup_dict(b: Backup) -> dict[str, Any]:
 def _shown(
     d: dict[str, Any], group: dict[str, Any] | None, drill: dict[str, Any] | None
 ) -> dict[str, Any]:
-    """A point's row completed: its group point, whether it holds memory, its last drill."""
+    """A point's row completed: its group point, whether it holds memory, the disks it left out
+    (EXCLUDE_DISKS; recorded on its domain XML's row), its last drill."""
     if group:
         d["group"] = group
     for f in d["files"]:
+        if "excluded_disks" in f:
+            d["excluded_disks"] = f["excluded_disks"]
         if f.get("memory"):  # a point with the VM's memory state
             d["memory"], d["downtime_ms"] = True, d["freeze_ms"]
-            break
     d["last_drill"] = drill
     return d
 

@@ -87,7 +87,7 @@ def _merge(ctx: Context, c: ChainPlan) -> None:
         valid = [i.seq for i in b.increments if i.status == BackupStatus.VALID]
         if c.relink:
             b.active_flatten = True
-    sums: dict[str, tuple[str, int]] = {}
+    sums: dict[str, tuple[str, int, bool]] = {}
     if c.relink:
         try:
             sums = _rewrite(ctx, driver, c, files, valid)
@@ -115,6 +115,8 @@ def _merge(ctx: Context, c: ChainPlan) -> None:
                     if f["name"] in sums:
                         f = {k: v for k, v in f.items() if k != "sha256"}
                         f.update(digest=sums[f["name"]][0], size=sums[f["name"]][1])
+                        if sums[f["name"]][2]:  # restore reads no file below it
+                            f["full"] = True
                     changed.append(f)
                 inc.files, inc.parent = changed, c.relink[inc.seq]
                 inc.size = sum(f["size"] for f in changed if f["disk"])
@@ -129,15 +131,16 @@ def _rewrite(
     c: ChainPlan,
     files: dict[int, list[dict[str, Any]]],
     valid: list[int],
-) -> dict[str, tuple[str, int]]:
+) -> dict[str, tuple[str, int, bool]]:
     """Rewrite the disk files of the relinked points in a scratch folder and store them;
-    returns their new (digest, size) by name."""
+    returns their new (digest, size, now a full of its disk) by name."""
     top = max(c.relink)
     needed = [str(f["name"]) for q in valid if q <= top for f in files[q] if f.get("disk")]
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
         local = driver.restore(c.chain, needed, Path(tmp) / "in")
         changed: list[Path] = []
+        whole: set[str] = set()  # files now a full of their disk
         for n in sorted(c.relink):
             below = c.relink[n]
             below_names = {str(f["name"]) for f in files[below]} if below is not None else set()
@@ -156,10 +159,11 @@ def _rewrite(
                         out = path.with_name(path.name + ".flat")
                         flatten(path, out)
                         out.replace(path)
+                        whole.add(path.name)
                 except VmkeepError as err:
                     raise BackupFailed(c.chain, f"merge of {path.name}: {err}") from err
                 changed.append(path)
         failpoint("retention")
-        sums = {p.name: (digest_file(p), p.stat().st_size) for p in changed}
+        sums = {p.name: (digest_file(p), p.stat().st_size, p.name in whole) for p in changed}
         driver.backup(c.chain, changed)
     return sums

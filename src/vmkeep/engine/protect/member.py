@@ -25,7 +25,13 @@ from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import qemu_img
 from vmkeep.engine.core.steps import Steps
 from vmkeep.engine.points.merge import apply_retention
-from vmkeep.engine.protect.plan import Plan, abandon_plan, plan_backup, select_disks
+from vmkeep.engine.protect.plan import (
+    Plan,
+    abandon_plan,
+    bitmapless_disk,
+    plan_backup,
+    select_disks,
+)
 from vmkeep.engine.protect.staging import canonical, prepare_staging
 from vmkeep.engine.vm.policy import effective
 from vmkeep.engine.vm.quiesce import Quiesce, quiesced
@@ -61,6 +67,7 @@ class MemberJob:
     steps: Steps = field(default_factory=Steps)  # wall time per step (result "steps_ms")
     capacity: dict[str, int] = field(default_factory=dict)  # disk target -> virtual size
     allocated: dict[str, int] = field(default_factory=dict)  # disk target -> image allocation
+    excluded: list[str] = field(default_factory=list)  # disks left out by EXCLUDE_DISKS
 
 
 def prepare_job(
@@ -82,10 +89,12 @@ def prepare_job(
         with ctx.catalog.session() as s:
             find_vm(s, str(vm.id)).uuid = info.uuid
     cfg, _sources = effective(ctx, vm, overrides)
-    disks = select_disks(info, cfg)
+    disks, excluded = select_disks(info, cfg)
     offline = info.state == VmState.POWEROFF
     memory = cfg.memory and not offline
-    return MemberJob(vm.id, vm.name, ds_id, cfg, disks, offline, driver, reset, memory=memory)
+    return MemberJob(
+        vm.id, vm.name, ds_id, cfg, disks, offline, driver, reset, memory=memory, excluded=excluded
+    )
 
 
 def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
@@ -102,50 +111,79 @@ def plan_job(ctx: Context, job: MemberJob, warnings: Warnings) -> None:
 def _create_targets(ctx: Context, job: MemberJob) -> None:
     """The backup job's target images, made here so that backupBegin (inside the freeze window)
     only opens them: libvirt creating them itself took ~0.1 s per disk of frozen time. A full's
-    target is an empty image of the disk's size; an increment's names its parent's file (in the
-    chain's folder, next to it once stored) as its backing file. libvirt opens a reused target
-    without its backing chain, so QEMU never looks for that file in the staging folder."""
+    target (a new chain's, or a disk's that joins the chain) is an empty image of the disk's
+    size; an increment's names its parent's file (in the chain's folder, next to it once stored)
+    as its backing file. libvirt opens a reused target without its backing chain, so QEMU never
+    looks for that file in the staging folder. A disk grown since the parent point gets a target
+    of its new size over the smaller parent: what lies past the parent's end reads as zeros."""
     plan = job.plan
     assert plan is not None and job.staging is not None
     for d in job.disks:
-        target = job.staging / disk_file(plan.seq, d.target)
         size, job.allocated[d.target] = ctx.hv.disk_size(job.name, d.target)
         job.capacity[d.target] = size
-        create = ["create", "-q", "-f", "qcow2", "-o", "compat=1.1"]
-        if plan.parent is not None:  # -u: the parent is not where this file is being made
-            create += ["-u", "-b", disk_file(plan.parent, d.target), "-F", "qcow2"]
-        qemu_img(*create, str(target), str(size), error=partial(BackupFailed, job.name))
+        _create_target(job, d.target)
+
+
+def _create_target(job: MemberJob, disk: str) -> None:
+    plan = job.plan
+    assert plan is not None and job.staging is not None
+    target = job.staging / disk_file(plan.seq, disk)
+    target.unlink(missing_ok=True)
+    create = ["create", "-q", "-f", "qcow2", "-o", "compat=1.1"]
+    if plan.parent is not None and not plan.is_full(disk):
+        # -u: the parent is not where this file is being made
+        create += ["-u", "-b", disk_file(plan.parent, disk), "-F", "qcow2"]
+    size = str(job.capacity[disk])
+    qemu_img(*create, str(target), size, error=partial(BackupFailed, job.name))
 
 
 def check_space(ctx: Context, job: MemberJob) -> None:
     """Refuse early when staging or datastore cannot hold the backup (domain must be active)."""
-    assert job.plan is not None and job.staging is not None
-    need = space.estimate(ctx, job.name, job.disks, job.plan.incremental_from, job.allocated)
+    plan = job.plan
+    assert plan is not None and job.staging is not None
+    since = [d for d in job.disks if not plan.is_full(d.target)]
+    whole = [d for d in job.disks if plan.is_full(d.target)]
+    need: int | None = 0
+    for disks, base in ((since, plan.incremental_from), (whole, None)):
+        part = space.estimate(ctx, job.name, disks, base, job.allocated) if disks else 0
+        need = None if need is None or part is None else need + part
     space.check(ctx, job.driver, job.staging, need)
 
 
 def begin_job(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> None:
-    """``backupBegin`` (quiesced per ``fs_freeze``); an invalid checkpoint starts a new chain."""
+    """``backupBegin`` (quiesced per ``fs_freeze``). When libvirt names one disk whose bitmap
+    of the parent's checkpoint is missing or broken (its image was replaced under the same
+    target, or QEMU died before it saved the bitmap), that disk is copied whole and the others
+    stay incremental; any other invalid checkpoint starts a new chain."""
     assert job.plan is not None and job.staging is not None
-    try:
-        job.q = _begin(ctx, job, fs_freeze, warnings)
-    except CheckpointInvalid as err:
-        if job.plan.incremental_from is None:
-            raise
-        warnings.add(f"{err}; starting a new full backup chain")
-        abandon_plan(ctx, job.plan)
-        shutil.rmtree(job.staging, ignore_errors=True)
-        job.plan, job.staging, job.reset = None, None, True
-        plan_job(ctx, job, warnings)
-        assert job.plan is not None and job.staging is not None
-        job.q = _begin(ctx, job, fs_freeze, warnings)
+    while True:
+        try:
+            job.q = _begin(ctx, job, fs_freeze, warnings)
+            return
+        except CheckpointInvalid as err:
+            if job.plan.incremental_from is None:
+                raise
+            reason = str(err)
+        disk = bitmapless_disk(reason, [d.target for d in job.disks], job.plan)
+        if disk is None:
+            break
+        warnings.add(f"{reason}; disk {disk} is copied whole in this increment")
+        job.plan.full_disks = (*job.plan.full_disks, disk)
+        _create_target(job, disk)
+    warnings.add(f"{reason}; starting a new full backup chain")
+    abandon_plan(ctx, job.plan)
+    shutil.rmtree(job.staging, ignore_errors=True)
+    job.plan, job.staging, job.reset = None, None, True
+    plan_job(ctx, job, warnings)
+    assert job.plan is not None and job.staging is not None
+    job.q = _begin(ctx, job, fs_freeze, warnings)
 
 
 def _begin(ctx: Context, job: MemberJob, fs_freeze: FsFreeze, warnings: Warnings) -> Quiesce:
     plan, disks, name = job.plan, job.disks, job.name
     assert plan is not None and job.staging is not None
     targets = {d.target: str(job.staging / disk_file(plan.seq, d.target)) for d in disks}
-    bxml = backup_xml(targets, plan.incremental_from)
+    bxml = backup_xml(targets, plan.incremental_from, plan.full_disks)
     cxml = None
     if plan.checkpoint:
         cxml = checkpoint_xml(
@@ -242,7 +280,7 @@ def _finish(ctx: Context, job: MemberJob) -> None:
         targets.append(None)
     for f, target in zip(staged, targets, strict=True):
         with steps.step("checksum"):
-            row = {
+            row: dict[str, Any] = {
                 "disk": target,
                 "name": f.name,
                 "size": f.stat().st_size,
@@ -250,6 +288,10 @@ def _finish(ctx: Context, job: MemberJob) -> None:
             }
         if target is not None:  # the restored size (``backups show``), without asking the store
             row["virtual_size"] = job.capacity[target]
+            if plan.is_full(target):  # no backing file: the disk's chain starts here
+                row["full"] = True
+        elif f == xml_file:  # the disks the VM had but this point leaves out (EXCLUDE_DISKS)
+            row["excluded_disks"] = list(job.excluded)
         if f == memory:
             row["memory"] = True
         files.append(row)

@@ -1,11 +1,19 @@
 """Planning one VM's backup: which disks (``select_disks``), and whether it is a new full chain
 or the next increment of the last chain (``plan_backup``), as catalog rows in RUNNING; the rows
-of a plan that never started are removed again (``abandon_plan``)."""
+of a plan that never started are removed again (``abandon_plan``).
+
+A chain follows the VM's disks (docs/architecture.md, "Chains that follow the disks"): in an
+increment, a disk its parent point holds is copied since the parent's checkpoint, and a disk it
+does not hold (attached since, or included again) is copied whole, a full of that disk alone
+(``joined_disks``). A disk the VM no longer has, or that is excluded, is left out of the point:
+its part of the chain ends there, and the earlier points keep it."""
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -30,21 +38,51 @@ class Plan:
     incremental_from: str | None  # checkpoint the increment is taken against
     checkpoint: str | None  # checkpoint this backup creates
     new_chain: bool
+    # disks an increment copies whole: they joined the chain at this point (every disk of a
+    # new chain is a full too, without being named here)
+    full_disks: tuple[str, ...] = ()
+
+    def is_full(self, disk: str) -> bool:
+        return self.parent is None or disk in self.full_disks
 
 
-def select_disks(info: DomainInfo, cfg: BackupConfig) -> list[DiskInfo]:
-    disks = []
+def select_disks(info: DomainInfo, cfg: BackupConfig) -> tuple[list[DiskInfo], list[str]]:
+    """The disks to back up, and those left out by ``cfg.exclude_disks`` that the VM has."""
+    disks, excluded = [], []
     for d in info.disks:
         if d.device != "disk" or not d.path:
             continue
         if d.transient and not cfg.backup_volatile:
             log.info("skipping volatile disk %s (BACKUP_VOLATILE=NO)", d.target)
             continue
+        if d.target in cfg.exclude_disks:
+            log.info("skipping disk %s (EXCLUDE_DISKS)", d.target)
+            excluded.append(d.target)
+            continue
         check_disk_name(f"disk target of VM {info.name}", d.target)  # it names stored files
         disks.append(d)
     if not disks:
-        raise BackupFailed(info.name, "it has no disk to back up")
-    return disks
+        why = f" (every disk is excluded: {', '.join(excluded)})" if excluded else ""
+        hint = "; include one again with 'vmkeep vm config VM --exclude-disk ...'" if why else ""
+        raise BackupFailed(info.name, f"it has no disk to back up{why}{hint}")
+    return disks, excluded
+
+
+def joined_disks(parent_files: list[dict[str, Any]], disks: list[str]) -> tuple[str, ...]:
+    """The disks of an increment that its parent point does not hold (attached since, or
+    included again after an exclusion): each is copied whole. The others are copied since the
+    parent's checkpoint, which has a bitmap of exactly the disks its point holds."""
+    held = {f["disk"] for f in parent_files if f.get("disk")}
+    return tuple(d for d in disks if d not in held)
+
+
+def bitmapless_disk(reason: str, disks: list[str], plan: Plan) -> str | None:
+    """The disk of the plan's incremental ones that libvirt's refusal names as lacking its
+    bitmap of the parent's checkpoint ("missing or broken bitmap 'vmkeep-1-3' for disk
+    'vdb'"), or None: the refusal is about the checkpoint itself."""
+    m = re.search(r"bitmap .* for disk '([^']+)'", reason)
+    disk = m.group(1) if m else None
+    return disk if disk in disks and not plan.is_full(disk) else None
 
 
 def _new_chain(s: Session, vm: Vm, ds_id: int, mode: BackupMode) -> Plan:
@@ -92,6 +130,10 @@ def plan_backup(
             last = valid_increments(chain)[-1] if chain and valid_increments(chain) else None
             if chain and last and last.checkpoint:
                 if last.checkpoint in ctx.hv.checkpoints(vm.name):
+                    joined = joined_disks(last.files, [d.target for d in disks])
+                    if joined:
+                        log.info("%s: disk(s) %s join backup %s with a full",
+                                 vm.name, ", ".join(joined), chain.id)  # fmt: skip
                     seq = max(i.seq for i in chain.increments) + 1
                     s.add(
                         Increment(
@@ -110,6 +152,7 @@ def plan_backup(
                         last.checkpoint,
                         checkpoint_name(chain.id, seq),
                         False,
+                        joined,
                     )
                 warnings.add(
                     f"checkpoint {last.checkpoint} of VM {vm.name} is missing (deleted outside "

@@ -24,7 +24,7 @@ from typing import Any
 
 from vmkeep.catalog.tables import Backup, Increment
 from vmkeep.checksums import Stopped, expected_digests, matches, row_digest
-from vmkeep.engine.core.chains import disk_file, find_backup, mark_damaged, point
+from vmkeep.engine.core.chains import disk_file, find_backup, mark_damaged, point, point_files
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import check_backing_names, flatten
 from vmkeep.engine.core.stores import driver_of
@@ -97,7 +97,24 @@ def new_vm_xml(
     return xml
 
 
+def resumable_memory(target: Increment, warnings: Warnings) -> dict[str, Any] | None:
+    """The point's memory state, unless the point left disks out (EXCLUDE_DISKS): the saved RAM
+    knows them, and the restored VM would resume on what they hold now. It then boots cold
+    (as with ``--without-memory``), with a warning."""
+    mem = memory_entry(target)
+    left_out = next((f.get("excluded_disks") for f in target.files if f["disk"] is None
+                     and f.get("excluded_disks")), None)  # fmt: skip
+    if mem is not None and left_out:
+        warnings.add(
+            f"point {target.seq} left out disk(s) {', '.join(left_out)}: its memory state is "
+            "not resumed without them; the VM is restored powered off (as with --without-memory)"
+        )
+        return None
+    return mem
+
+
 def pick_disks(target: Increment, disk: str | None) -> list[str]:
+    """The disks a point holds (those the VM had then, but the excluded), or the one asked."""
     disks = [f["disk"] for f in target.files if f["disk"]]
     if disk is None:
         return disks
@@ -280,12 +297,12 @@ def restore(ctx: Context, backup_id: int, opts: RestoreOptions) -> tuple[dict[st
         target, chain = point(b, opts.increment)
         disks = pick_disks(target, opts.disk)
         chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
-        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"] in disks)
+        expected = expected_digests(point_files(chain, disks))
         xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
         expected[xml_entry["name"]] = row_digest(xml_entry)
         seq, vm_uuid = target.seq, b.vm.uuid
         one_disk = opts.disk is not None and opts.name is None
-        mem = None if one_disk or opts.without_memory else memory_entry(target)
+        mem = None if one_disk or opts.without_memory else resumable_memory(target, warnings)
         if mem is not None:
             expected[mem["name"]] = row_digest(mem)
     restores = ctx.config.data_dir / "restores"
