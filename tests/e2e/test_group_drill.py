@@ -82,9 +82,13 @@ def test_group_drill_passes_fails_on_a_closed_port_and_leaves_nothing(
     # production never ran its rc: no address on eth0 (the drill is what brings the cut up)
     assert "10.77.0.2" not in hv.guest_exec(DB, ["/bin/sh", "-c", "ip addr"], 30).stdout
 
-    # 1. PASS: each member's steps, both booted in start order, app reaches db's port
+    # 1. PASS: each member's steps, both booted in start order, app reaches db's port; in the
+    # drill VM, db's NIC has the production MAC (its own config works as in production)
+    macs = {name: mac_addresses(hv.domain_xml(name))[0] for name in pair}
+    assert all(macs.values()), macs
+    same_mac = f"grep -qx {macs[DB]} /sys/class/net/eth0/address"
     ok = vmkeep(
-        "group", "drill", gb_id, "--probe", f"{DB}=test -f /mnt/vda/vmkeep-rc",
+        "group", "drill", gb_id, "--probe", f"{DB}=test -f /mnt/vda/vmkeep-rc && {same_mac}",
         "--cross-probe", f"{APP}={REACH.format(port=5432)}", "--json",
     ).json()  # fmt: skip
     assert ok["result"] == "PASS" and ok["reason"] is None, ok
@@ -97,9 +101,8 @@ def test_group_drill_passes_fails_on_a_closed_port_and_leaves_nothing(
     assert all(c["ok"] for c in ok["checks"])
     by = {(c["member"], c["step"]): c["detail"] for c in ok["checks"]}
     assert "no <forward>, no <ip>, no host address" in by[(None, "network")]
-    for name in pair:  # the drill VM's NIC has the production MAC (its own config works)
-        mac = mac_addresses(hv.domain_xml(name))[0]
-        assert mac and mac in by[(name, "define")], by[(name, "define")]
+    for name in pair:
+        assert macs[name] in by[(name, "define")], by[(name, "define")]
     assert_no_leftovers(hv, data)
 
     # 2. killed midway: its marked domains and network stay, the next drill removes them
@@ -122,19 +125,19 @@ def test_group_drill_passes_fails_on_a_closed_port_and_leaves_nothing(
     with running_daemon():
         bad = vmkeep(
             "group", "drill", gb_id, "--cross-probe", f"{APP}={REACH.format(port=5439)}",
-            "--json", check=26,
+            check=26,
         )  # fmt: skip
-    res = bad.json()
-    assert res["result"] == "FAIL", res
-    assert res["reason"].startswith(f"{APP}: cross-probe: ") and "5439" in res["reason"], res
-    assert [c["ok"] for c in res["checks"]][-1] is False
-    assert all(c["ok"] for c in res["checks"][:-1])  # both booted: only the cut's probe failed
-    assert f"FAILED at {APP}: cross-probe" in bad.err
+    assert f"FAILED at {APP}: cross-probe" in bad.err and "5439" in bad.err, bad.err
+    assert f"FAIL {APP}: cross-probe: " in bad.out and f"ok   {DB}: boot: " in bad.out, bad.out
     assert_no_leftovers(hv, data)
 
     rows = vmkeep("group", "backups", "--json").json()
-    assert [r["last_drill"]["result"] for r in rows] == ["FAIL"], rows
-    assert "FAIL (drill" in vmkeep("group", "backups").out
+    res = rows[0]["last_drill"]
+    assert len(rows) == 1 and res["result"] == "FAIL" and res["group_drill"] > ok["group_drill"]
+    assert res["reason"].startswith(f"{APP}: cross-probe: ") and "5439" in res["reason"], res
+    assert [c["ok"] for c in res["checks"]][-1] is False
+    assert all(c["ok"] for c in res["checks"][:-1])  # both booted: only the cut's probe failed
+    assert f"FAIL (drill {res['group_drill']}" in vmkeep("group", "backups").out
     jobs = vmkeep("jobs", "list", "--json").json()
     states = sorted(j["state"] for j in jobs if j["kind"] == "group-drill")
     assert "DONE" in states and "FAILED" in states, jobs
