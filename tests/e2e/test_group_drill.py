@@ -4,7 +4,7 @@ has 10.77.0.3. Production never ran it (each guest's NIC is on its own user-mode
 only the drill VMs, booted from the group backup on their shared isolated network, do.
 
 One group backup, then: a drill whose cross-member probe (app reaches db's port) PASSes; a drill
-killed midway, whose marked leftovers the next drill removes; a drill through a daemon whose
+killed midway, whose marked leftovers ``group drill-clean`` removes; a drill through a daemon whose
 cross-probe targets a closed port and FAILs naming it. After each: no drill domain, no overlay,
 no drill network.
 """
@@ -105,7 +105,7 @@ def test_group_drill_passes_fails_on_a_closed_port_and_leaves_nothing(
         assert macs[name] in by[(name, "define")], by[(name, "define")]
     assert_no_leftovers(hv, data)
 
-    # 2. killed midway: its marked domains and network stay, the next drill removes them
+    # 2. killed midway: its marked domains, network and overlays stay; drill-clean removes them
     env = dict(os.environ)
     killed = subprocess.Popen(
         [sys.executable, "-m", "vmkeep.cli.main", "group", "drill", gb_id], env=env,
@@ -117,9 +117,12 @@ def test_group_drill_passes_fails_on_a_closed_port_and_leaves_nothing(
         time.sleep(0.5)
     killed.send_signal(signal.SIGKILL)
     killed.wait()
-    assert len(drill_domains(hv)) == 2 and len(drill_networks()) == 1, (
-        "the drill was killed before it made its VMs and network: the test proved nothing"
-    )
+    left = sorted([*drill_domains(hv), *drill_networks()])
+    assert len(left) == 3, f"killed before it made its VMs and network, proving nothing: {left}"
+    assert (data / "drills" / f"group-{gb_id}").is_dir()  # its overlays
+    removed = vmkeep("group", "drill-clean", "--json").json()["removed"]
+    assert sorted(removed) == sorted([*left, str(data / "drills" / f"group-{gb_id}")])
+    assert_no_leftovers(hv, data)
 
     # 3. FAIL, through a daemon: the cross-probe names a port nothing listens on
     with running_daemon():

@@ -19,6 +19,7 @@ from vmkeep.cli.output import (
     shown_on_failure,
     table,
 )
+from vmkeep.engine.groups import drill as group_drill
 from vmkeep.engine.groups import manage
 from vmkeep.errors import InvalidValue
 
@@ -341,3 +342,17 @@ def drill_cmd(
         res, warnings = act(c, "group-drill", params, bar=False)
     render(res, as_json, human)
     report_warnings(warnings)
+
+
+@group.command("drill-clean")
+@json_option
+@click.pass_context
+def drill_clean_cmd(c: click.Context, as_json: bool) -> None:
+    """Remove the drill VMs and networks that killed group drills left (recognised by their mark;
+    a running drill's are kept). Every group drill does this first, too."""
+    removed = group_drill.clear_leftovers(ctx_of(c))
+    render(
+        {"removed": removed},
+        as_json,
+        lambda r: click.echo("\n".join(f"removed {n}" for n in r["removed"]) or "nothing left"),
+    )

@@ -37,7 +37,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from vmkeep.catalog.locks import lock, pid_alive
+from vmkeep.catalog.locks import holder, lock, pid_alive
 from vmkeep.catalog.tables import GroupBackup, GroupDrill
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.trust import check_stored_xml
@@ -103,8 +103,9 @@ def is_orphan(mark: str, gb_id: int | None) -> bool:
 
 
 def clear_leftovers(ctx: Context, gb_id: int | None = None) -> list[str]:
-    """Remove the drill VMs and networks left by killed group drills (never another domain or
-    network: only those with the mark, and only when their drill is gone). Returns their names."""
+    """Remove the drill VMs, networks and work folders left by killed group drills (never another
+    domain or network: only those with the mark, and only when their drill is gone; a folder
+    only when no live process holds its drill's lock). Returns what it removed."""
     removed = []
     for d in ctx.hv.list_domains():
         with contextlib.suppress(VmkeepError):
@@ -115,7 +116,18 @@ def clear_leftovers(ctx: Context, gb_id: int | None = None) -> list[str]:
         if is_orphan(network_mark(xml) or "", gb_id):
             ctx.hv.network_destroy(name)
             removed.append(name)
+    for folder in sorted((ctx.config.data_dir / "drills").glob("group-*")):
+        owner = folder.name.removeprefix("group-")
+        if owner.isdigit() and (int(owner) == gb_id or not _running(ctx, int(owner))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(str(folder))
     return removed
+
+
+def _running(ctx: Context, gb_id: int) -> bool:
+    """A drill of ``gb_id`` runs: a live process (or one on another host) holds its lock."""
+    h = holder(ctx.catalog, f"group-drill:{gb_id}")
+    return h is not None and (h.host != socket.gethostname() or pid_alive(h.pid))
 
 
 def _members(ctx: Context, gb_id: int) -> tuple[str, list[tuple[str, int, int]]]:
