@@ -29,6 +29,7 @@ from typing import Any
 
 from vmkeep.catalog.tables import Drill
 from vmkeep.checksums import expected_digests, row_digest
+from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.core.chains import disk_file, find_backup, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
@@ -229,7 +230,7 @@ class PointFiles:
     seq: int
     increment_id: int
     chain_key: str
-    driver: Any  # the datastore's driver (engine/core/stores.py: driver_of)
+    driver: DatastoreDriver
     disks: list[str]
     expected: dict[str, str]  # stored file name -> checksum
     xml_name: str  # the stored domain XML's file name
