@@ -12,12 +12,25 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
+from vmkeep.catalog.tables import (
+    Backup,
+    Datastore,
+    Group,
+    GroupBackup,
+    GroupBackupMember,
+    GroupDrill,
+    Vm,
+)
 from vmkeep.cli.group_cmd import member_commands
+from vmkeep.config import load_config
+from vmkeep.engine.core.context import Context
 from vmkeep.engine.groups import drill as D
+from vmkeep.engine.groups import manage
 from vmkeep.engine.restore.drill import Check, StepFailed
 from vmkeep.engine.service.actions import ACTIONS, parse
-from vmkeep.errors import InvalidValue
+from vmkeep.errors import GroupBackupNotFound, InvalidValue
 from vmkeep.hypervisor.domain_xml import (
     isolated_network_xml,
     network_isolation,
@@ -248,3 +261,68 @@ def test_a_network_the_host_has_an_address_on_is_refused(run: Any) -> None:
     assert (steps[-1].step, steps[-1].ok) == ("network", False)
     assert "10.1.1.1" in steps[-1].detail
     assert events[-1] == ("network-destroy", "vmkeep-gdrill-5")
+
+
+# --- the catalog: members in start order, refusals, the last drill -------------------------------
+def _catalog(ctx: Context) -> tuple[int, int]:
+    """A VALID group backup of db (position 0) and app (position 1), app's row written first;
+    and a RUNNING one."""
+    with ctx.catalog.session() as s:
+        ds = Datastore(name="ds", driver="dir", options={"path": "/nonexistent"})
+        g = Group(name="shop")
+        s.add_all([ds, g])
+        s.flush()
+        vms = {}
+        for name in ("db", "app"):
+            vms[name] = Vm(name=name, uuid=f"uuid-{name}", host_uri="qemu:///system",
+                           state="ACTIVE", lcm_state="RUNNING")  # fmt: skip
+            s.add(vms[name])
+            s.flush()
+            s.add(Backup(vm_id=vms[name].id, datastore_id=ds.id, chain=f"{name}/1",
+                         mode="FULL", status="VALID"))  # fmt: skip
+        s.flush()
+        ids = []
+        for status in ("VALID", "RUNNING"):
+            gb = GroupBackup(group_id=g.id, datastore_id=ds.id, status=status)
+            s.add(gb)
+            s.flush()
+            for name, pos in (("app", 1), ("db", 0)):
+                s.add(GroupBackupMember(group_backup_id=gb.id, vm_id=vms[name].id, vm_name=name,
+                                        position=pos, backup_id=vms[name].id, seq=0,
+                                        status=status))  # fmt: skip
+            ids.append(gb.id)
+        return ids[0], ids[1]
+
+
+def test_members_in_start_order_and_what_is_refused_before_queueing(clean_env: Path) -> None:
+    ctx = Context(load_config())
+    valid, running = _catalog(ctx)
+    group, members = D._members(ctx, valid)
+    assert (group, [m[0] for m in members]) == ("shop", ["db", "app"])
+    D.check_request(ctx, valid, {"db": "true"}, ("app", "true"))
+    with pytest.raises(InvalidValue, match="members are db, app"):
+        D.check_request(ctx, valid, {}, ("web", "true"))
+    with pytest.raises(InvalidValue, match="it is RUNNING"):
+        D.check_request(ctx, running, {}, None)
+    with pytest.raises(GroupBackupNotFound):
+        D.check_request(ctx, 99, {}, None)
+
+
+def test_group_backups_show_their_last_drill_and_a_group_deletes_with_its_drills(
+    clean_env: Path,
+) -> None:
+    ctx = Context(load_config())
+    valid, running = _catalog(ctx)
+    with ctx.catalog.session() as s:
+        s.add_all([GroupDrill(group_backup_id=valid, result="PASS", checks=[]),
+                   GroupDrill(group_backup_id=valid, result="FAIL", reason="app: cross-probe: x",
+                              checks=[{"member": "app", "step": "cross-probe"}])])  # fmt: skip
+    rows = {r["id"]: r for r in manage.list_group_backups(ctx)}
+    assert rows[running]["last_drill"] is None
+    last = rows[valid]["last_drill"]
+    assert (last["result"], last["reason"]) == ("FAIL", "app: cross-probe: x")
+    assert manage.show_group_backup(ctx, valid)["last_drill"] == last
+    assert manage.show_group(ctx, "shop")["backups"][0]["last_drill"] == last
+    manage.delete_group(ctx, "shop")  # the drills' rows go with their group backups
+    with ctx.catalog.session() as s:
+        assert s.execute(select(GroupDrill)).scalars().all() == []
