@@ -223,7 +223,7 @@ def test_members_boot_in_start_order_then_probes_then_the_cross_probe(run: Any) 
         ("network", "vmkeep-gdrill-5"),
         ("define", "db-gdrill-5"), ("define", "app-gdrill-5"),
         ("boot", "db-gdrill-5"), ("boot", "app-gdrill-5"),
-        ("probe", "app-gdrill-5", "true"), ("probe", "db-gdrill-5", "true"),
+        ("probe", "db-gdrill-5", "true"), ("probe", "app-gdrill-5", "true"),  # start order
         ("probe", "app-gdrill-5", "nc db 5432"),
         *REMOVED, ("network-destroy", "vmkeep-gdrill-5"),
     ]  # fmt: skip

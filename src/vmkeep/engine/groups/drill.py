@@ -266,8 +266,8 @@ def _drill(
             steps.append(Step(vm, boot.step, boot.ok, boot.detail))
             if not boot.ok:
                 raise StepFailed
-        for vm, command in probes.items():  # 5. each member's own probe
-            c = probe_check(ctx, names[vm], command)
+        for vm in (m[0] for m in members if m[0] in probes):  # 5. members' probes, in order
+            c = probe_check(ctx, names[vm], probes[vm])
             steps.append(Step(vm, c.step, c.ok, c.detail))
             if not c.ok:
                 raise StepFailed
