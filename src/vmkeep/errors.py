@@ -42,6 +42,7 @@ keeps the two in sync.
     │   └── WorkersBusy           29  503
     ├── Refused                   25  409
     ├── DrillFailed               26  422
+    │   └── GroupDrillFailed
     ├── NotificationFailed        30  502
     └── LabError                  19  500
 
@@ -260,6 +261,10 @@ class DrillFailed(VmkeepError):
 
     exit_code = 26
     http_status = 422
+
+
+class GroupDrillFailed(DrillFailed):
+    """Group drill {} of group backup {} FAILED at {}"""
 
 
 class NotificationFailed(VmkeepError):

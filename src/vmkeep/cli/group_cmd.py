@@ -1,5 +1,5 @@
-"""``vmkeep group ...``: ordered groups of VMs, group-consistent backup, group restore, ordered
-start/stop."""
+"""``vmkeep group ...``: ordered groups of VMs, group-consistent backup, group restore, group
+drills, ordered start/stop."""
 
 from __future__ import annotations
 
@@ -8,8 +8,20 @@ from typing import Any
 import click
 
 from vmkeep.cli import complete
-from vmkeep.cli.output import act, ctx_of, emit_json, json_option, render, report_warnings, table
+from vmkeep.cli.output import (
+    act,
+    console,
+    ctx_of,
+    emit_json,
+    json_option,
+    render,
+    report_warnings,
+    shown_on_failure,
+    table,
+)
+from vmkeep.engine.groups import drill as group_drill
 from vmkeep.engine.groups import manage
+from vmkeep.errors import InvalidValue
 
 
 @click.group()
@@ -33,13 +45,27 @@ def _backups(rows: list[dict[str, Any]]) -> None:
             "freeze_window_ms": None
             if r["freeze_window_ms"] is None
             else round(r["freeze_window_ms"], 1),
+            "last_drill": _drill_cell(r.get("last_drill")),
         }
         for r in rows
     ]
     table(
         flat,
-        ("id", "status", "datastore", "freeze_window_ms", "members", "failed_vm", "created"),
+        (
+            "id",
+            "status",
+            "datastore",
+            "freeze_window_ms",
+            "members",
+            "failed_vm",
+            "last_drill",
+            "created",
+        ),
     )
+
+
+def _drill_cell(d: dict[str, Any] | None) -> str | None:
+    return None if d is None else f"{d['result']} (drill {d['group_drill']}, {d['finished']})"
 
 
 @group.command("create")
@@ -237,3 +263,96 @@ def stop_cmd(c: click.Context, ref: str, force: bool, timeout: float, as_json: b
     res, warnings = act(c, "group-stop", params, bar=False)
     render(res["members"], as_json, _actions)
     report_warnings(warnings)
+
+
+def member_commands(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """``MEMBER=CMD`` options -> {member: command}, split at the first ``=``; a member named
+    twice is refused."""
+    out: dict[str, str] = {}
+    for text in values:
+        member, sep, command = text.partition("=")
+        member = member.strip()
+        if not sep or not member or not command.strip():
+            raise InvalidValue(option, text, "write MEMBER=CMD, e.g. app='nc -w 5 10.0.0.2 5432'")
+        if member in out:
+            raise InvalidValue(option, text, f"{member} has a probe already; give one per member")
+        out[member] = command
+    return out
+
+
+@group.command("drill")
+@click.argument("gb_id", type=int, metavar="GROUP_BACKUP_ID")
+@click.option(
+    "--probe",
+    "probes",
+    multiple=True,
+    metavar="MEMBER=CMD",
+    help="Run CMD in member MEMBER's drill VM; must exit 0 (repeatable, one per member).",
+)
+@click.option(
+    "--cross-probe",
+    default=None,
+    metavar="MEMBER=CMD",
+    help="Run CMD in MEMBER after every member is up; must exit 0 (e.g. app reaches db's port).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=300.0,
+    show_default=True,
+    help="Seconds each member's guest agent has to answer after its start.",
+)
+@json_option
+@click.pass_context
+def drill_cmd(
+    c: click.Context,
+    gb_id: int,
+    probes: tuple[str, ...],
+    cross_probe: str | None,
+    timeout: float,
+    as_json: bool,
+) -> None:
+    """Boot every member of group backup GROUP_BACKUP_ID together, in start order, on an isolated
+    network of its own, and check them: each member's drill steps (checksums, fsck, agent,
+    probe), then the cross-member probe. Exit 0 on PASS, 26 on FAIL; the result is recorded
+    (group backups). A running daemon on this catalog runs it as a job."""
+    cross = member_commands((cross_probe,), "--cross-probe") if cross_probe else {}
+    params = {
+        "group_backup": gb_id,
+        "probes": member_commands(probes, "--probe"),
+        "cross_probe": next(({"member": m, "command": x} for m, x in cross.items()), None),
+        "timeout": timeout,
+    }
+
+    def human(r: dict[str, Any]) -> None:
+        for chk in r["checks"]:
+            mark = "ok  " if chk["ok"] else "FAIL"
+            who = f"{chk['member']}: " if chk["member"] else ""
+            console().print(
+                f"{mark} {who}{chk['step']}: {chk['detail']}", markup=False, highlight=False
+            )
+        console().print(
+            f"group drill {r['group_drill']} of group backup {r['group_backup']} "
+            f"({r['group']}: {' -> '.join(r['members'])}): {r['result']}",
+            markup=False,
+            highlight=False,
+        )
+
+    with shown_on_failure(as_json, human):  # FAIL: the evidence, then exit 26 (a FAILED job)
+        res, warnings = act(c, "group-drill", params, bar=False)
+    render(res, as_json, human)
+    report_warnings(warnings)
+
+
+@group.command("drill-clean")
+@json_option
+@click.pass_context
+def drill_clean_cmd(c: click.Context, as_json: bool) -> None:
+    """Remove the drill VMs and networks that killed group drills left (recognised by their mark;
+    a running drill's are kept). Every group drill does this first, too."""
+    removed = group_drill.clear_leftovers(ctx_of(c))
+    render(
+        {"removed": removed},
+        as_json,
+        lambda r: click.echo("\n".join(f"removed {n}" for n in r["removed"]) or "nothing left"),
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 
+from vmkeep.errors import HypervisorError
 from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.model import DomainInfo, GuestExecResult
 
@@ -165,3 +166,20 @@ class Hypervisor(ABC):
     def block_job_abort(self, name: str, target: str) -> None:
         """Abort the disk's block job; no error when there is none."""
         raise NotImplementedError
+
+    # --- networks (a group drill's isolated network) -------------------------------------------
+    def network_create(self, xml: str) -> str:
+        """Create and start a transient network from XML; returns its name."""
+        raise HypervisorError(f"{self.uri}: networks are not supported")
+
+    def network_destroy(self, name: str) -> None:
+        """Stop the network (and undefine it when persistent); an absent one is no error."""
+        raise HypervisorError(f"{self.uri}: networks are not supported")
+
+    def networks(self) -> dict[str, str]:
+        """Every network libvirt knows, active or defined: name -> its XML."""
+        return {}
+
+    def network_bridge(self, name: str) -> str:
+        """The host bridge of an active network."""
+        raise HypervisorError(f"{self.uri}: networks are not supported")

@@ -166,6 +166,53 @@ def new_domain_xml(
     return _text(root), left_out
 
 
+def on_network(xml: str, network: str) -> tuple[str, list[str | None]]:
+    """``xml`` with every NIC moved onto the libvirt network ``network``, each keeping its MAC
+    address, model and guest-side PCI address (the guest sees the same NIC and its own network
+    config works as before); the host side (bridge, target, fixed addresses, routes, filters,
+    VLANs) is dropped. Returns the new XML and the NICs' MAC addresses (None: libvirt picks)."""
+    root = ET.fromstring(xml)
+    keep = ("mac", "model", "address", "driver", "mtu")
+    macs: list[str | None] = []
+    for iface in root.findall("./devices/interface"):
+        iface.attrib.clear()
+        iface.set("type", "network")
+        for el in list(iface):
+            if el.tag not in keep:
+                iface.remove(el)
+        ET.SubElement(iface, "source", network=network)
+        mac = iface.find("mac")
+        macs.append(mac.get("address") if mac is not None else None)
+    return _text(root), macs
+
+
+NETWORK_NS = "urn:vmkeep:isolated-network"
+
+
+def isolated_network_xml(name: str, mark: str) -> str:
+    """A libvirt network with no route anywhere: no ``<forward>`` (nothing leaves the bridge),
+    no ``<ip>`` (the host has no address on it, so no DHCP, DNS nor IPv6 of the host either).
+    ``mark`` goes into its ``<metadata>`` (``network_mark``): how a leftover is recognised."""
+    root = ET.Element("network")
+    ET.SubElement(root, "name").text = name
+    meta = ET.SubElement(root, "metadata")
+    ET.SubElement(meta, f"{{{NETWORK_NS}}}mark").text = mark
+    ET.SubElement(root, "bridge", stp="off", delay="0")
+    ET.register_namespace("vmkeep", NETWORK_NS)
+    return _text(root)
+
+
+def network_mark(xml: str) -> str | None:
+    """The mark ``isolated_network_xml`` put into a network's XML (None: not vmkeep's)."""
+    return ET.fromstring(xml).findtext(f"./metadata/{{{NETWORK_NS}}}mark")
+
+
+def network_isolation(xml: str) -> list[str]:
+    """What in a network's XML reaches beyond its bridge (empty: isolated)."""
+    root = ET.fromstring(xml)
+    return [f"<{tag}>" for tag in ("forward", "ip", "route", "dns") if root.find(tag) is not None]
+
+
 def with_description(xml: str, text: str) -> str:
     """``xml`` with its ``<description>`` replaced by ``text`` (placed right after ``<name>``)."""
     root = ET.fromstring(xml)

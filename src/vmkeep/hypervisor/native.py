@@ -30,6 +30,7 @@ from vmkeep.errors import (
 from vmkeep.hypervisor.base import Hypervisor
 from vmkeep.hypervisor.domain_xml import has_agent_channel, memory_snapshot_xml, parse_disks
 from vmkeep.hypervisor.libvirt_errors import CONNECTION_CODES, agent_error, watch_connection
+from vmkeep.hypervisor.native_net import LibvirtNetworks
 from vmkeep.hypervisor.vmm import Vmm
 from vmkeep.model import DomainInfo, GuestExecResult, VmState
 
@@ -51,7 +52,7 @@ _STATES = {
 
 
 @watch_connection
-class LibvirtHypervisor(Hypervisor):
+class LibvirtHypervisor(LibvirtNetworks, Hypervisor):
     def __init__(self, uri: str = "qemu:///system") -> None:
         self.uri = uri
         self._conn: libvirt.virConnect | None = None

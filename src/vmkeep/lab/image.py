@@ -7,11 +7,13 @@ is cached under a key of its inputs, so a second run costs nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import subprocess
+import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -20,15 +22,21 @@ from vmkeep.errors import LabError
 from vmkeep.lab.cpio import Archive
 
 # What the guest needs; their dependencies come from modules.dep. crc32c_generic is ext4's
-# checksum through the crypto API, a soft dependency modules.dep does not list.
+# checksum through the crypto API, a soft dependency modules.dep does not list. virtio_net: the
+# lab VM's NIC, for a group drill's cross-member probe (a guest's own /mnt/vda/vmkeep-rc sets
+# its address, see init.sh).
 WANTED_MODULES = (
     "virtio_pci",
     "virtio_blk",
     "virtio_console",
+    "virtio_net",
     "crc32c_generic",
     "libcrc32c",
     "ext4",
 )
+# Another process's initrd (another checkout's recipe) is deleted only when unused this long:
+# a VM being defined from it now must still find it (each use touches it).
+STALE_AFTER = 7 * 24 * 3600
 QEMU_GA = Path("/usr/sbin/qemu-ga")
 BUSYBOX = Path("/bin/busybox")
 
@@ -101,7 +109,8 @@ def _read_module(path: Path) -> bytes:
 
 
 def _cache_key(version: str, init: bytes) -> str:
-    h = hashlib.sha256(version.encode() + init)
+    """Every input of the recipe: kernel, /init, the module list, the binaries."""
+    h = hashlib.sha256(version.encode() + init + ",".join(WANTED_MODULES).encode())
     for p in (QEMU_GA, BUSYBOX):
         st = p.stat()
         h.update(f"{p}:{st.st_size}:{st.st_mtime_ns}".encode())
@@ -124,6 +133,8 @@ def build_boot_image(cache_dir: Path) -> BootImage:
         shutil.copyfile(kernel_src, tmp)
         os.replace(tmp, kernel)
     if initrd.exists():
+        with contextlib.suppress(OSError):  # in use: never stale for another recipe's builder
+            os.utime(initrd)
         return BootImage(kernel, initrd)
 
     arc = Archive()
@@ -144,6 +155,7 @@ def build_boot_image(cache_dir: Path) -> BootImage:
     tmp.write_bytes(arc.to_gzip())
     os.replace(tmp, initrd)
     for old in cache_dir.glob("initrd-*.img"):
-        if old != initrd:
-            old.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            if old != initrd and time.time() - old.stat().st_mtime > STALE_AFTER:
+                old.unlink(missing_ok=True)
     return BootImage(kernel, initrd)

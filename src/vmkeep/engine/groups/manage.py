@@ -12,13 +12,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupMember
+from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupDrill, GroupMember
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import backup_jobs_using
+from vmkeep.engine.groups.drill import last_drills
 from vmkeep.engine.restore.point import RestoreOptions, restore
 from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.record import find_vm, sync_state
@@ -141,7 +142,8 @@ def show_group(ctx: Context, ref: str) -> dict[str, Any]:
                 select(GroupBackup).where(GroupBackup.group_id == g.id).order_by(GroupBackup.id)
             ).scalars()
         ]
-        return out
+    out["backups"] = _with_drills(ctx, out["backups"])
+    return out
 
 
 def add_members(
@@ -186,6 +188,7 @@ def delete_group(ctx: Context, ref: str) -> dict[str, Any]:
             )
         out = {"id": g.id, "name": g.name, "deleted": True}
         for b in s.execute(select(GroupBackup).where(GroupBackup.group_id == g.id)).scalars():
+            s.execute(delete(GroupDrill).where(GroupDrill.group_backup_id == b.id))
             s.delete(b)
         s.delete(g)
         return out
@@ -224,11 +227,18 @@ def member_dict(m: GroupBackupMember) -> dict[str, Any]:
 
 
 def list_group_backups(ctx: Context, group_ref: str | None = None) -> list[dict[str, Any]]:
+    """Group backups, each with its last group drill (``last_drill``, None: never drilled)."""
     with ctx.catalog.session() as s:
         q = select(GroupBackup).order_by(GroupBackup.id)
         if group_ref is not None:
             q = q.where(GroupBackup.group_id == find_group(s, group_ref).id)
-        return [group_backup_dict(b) for b in s.execute(q).scalars()]
+        rows = [group_backup_dict(b) for b in s.execute(q).scalars()]
+    return _with_drills(ctx, rows)
+
+
+def _with_drills(ctx: Context, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    drills = last_drills(ctx, [r["id"] for r in rows])
+    return [r | {"last_drill": drills.get(r["id"])} for r in rows]
 
 
 def show_group_backup(ctx: Context, gb_id: int) -> dict[str, Any]:
@@ -236,7 +246,8 @@ def show_group_backup(ctx: Context, gb_id: int) -> dict[str, Any]:
         b = s.get(GroupBackup, gb_id)
         if b is None:
             raise GroupBackupNotFound(gb_id)
-        return group_backup_dict(b)
+        row = group_backup_dict(b)
+    return _with_drills(ctx, [row])[0]
 
 
 # --- restore ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from typing import Any
 
 from vmkeep.catalog.tables import Drill
 from vmkeep.checksums import expected_digests, row_digest
+from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.core.chains import disk_file, find_backup, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
@@ -56,8 +57,8 @@ class Check:
     detail: str
 
 
-class _Failed(Exception):
-    pass
+class StepFailed(Exception):
+    """A drill step failed: its evidence is the last ``Check`` appended."""
 
 
 def _tail(text: str, n: int = 1500) -> str:
@@ -164,7 +165,7 @@ def drill_name(vm_name: str, backup_id: int, seq: int) -> str:
     return f"{vm_name}-drill-{backup_id}-{seq}"
 
 
-def _remove_vm(ctx: Context, name: str) -> None:
+def remove_vm(ctx: Context, name: str) -> None:
     with contextlib.suppress(VmkeepError):
         ctx.hv.destroy(name)
         ctx.hv.undefine(name)
@@ -183,10 +184,10 @@ def _clear_leftover(ctx: Context, name: str) -> None:
     except VmkeepError:
         return
     if MARK in description(xml):
-        _remove_vm(ctx, name)
+        remove_vm(ctx, name)
 
 
-def _boot(ctx: Context, name: str, timeout: float) -> Check:
+def boot_check(ctx: Context, name: str, timeout: float) -> Check:
     t0 = time.monotonic()
     ctx.hv.start(name)
     while time.monotonic() - t0 < timeout:
@@ -198,7 +199,7 @@ def _boot(ctx: Context, name: str, timeout: float) -> Check:
     return Check("boot", False, f"the guest agent did not answer within {timeout:.0f} s of start")
 
 
-def _probe(ctx: Context, name: str, command: str) -> Check:
+def probe_check(ctx: Context, name: str, command: str) -> Check:
     try:
         res = ctx.hv.guest_exec(name, ["/bin/sh", "-c", command], PROBE_TIMEOUT)
     except HypervisorError as err:
@@ -220,6 +221,68 @@ def _check_reachable(ctx: Context, images: list[Path], own: Path | None) -> None
             )
 
 
+@dataclass
+class PointFiles:
+    """What a drill needs of one restore point, read from the catalog."""
+
+    backup_id: int
+    vm_name: str
+    seq: int
+    increment_id: int
+    chain_key: str
+    driver: DatastoreDriver
+    disks: list[str]
+    expected: dict[str, str]  # stored file name -> checksum
+    xml_name: str  # the stored domain XML's file name
+
+
+def point_files(ctx: Context, backup_id: int, increment: int | None) -> PointFiles:
+    with ctx.catalog.session() as s:
+        b = find_backup(s, backup_id)
+        target, chain = point(b, increment)
+        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"])
+        xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
+        expected[xml_entry["name"]] = row_digest(xml_entry)
+        return PointFiles(
+            backup_id,
+            b.vm.name,
+            target.seq,
+            target.id,
+            b.chain,
+            driver_of(b.datastore),
+            pick_disks(target, None),
+            expected,
+            xml_entry["name"],
+        )
+
+
+def stage(
+    ctx: Context, pf: PointFiles, work: Path, checks: list[Check]
+) -> tuple[str, dict[str, Path]]:
+    """Steps 1 and 2 in ``work``: the point's files fetched and checked against their checksums,
+    a throw-away overlay per disk, each file system checked on it. Appends each step's evidence
+    to ``checks``; raises ``StepFailed`` at the first failed one. Returns the point's domain XML
+    (as stored) and the overlays (disk -> file)."""
+    local = pf.driver.restore(pf.chain_key, list(pf.expected), work / ".backing")
+    try:
+        verify_files(ctx, pf.backup_id, pf.chain_key, pf.expected, local)
+    except VmkeepError as err:
+        checks.append(Check("checksums", False, str(err)))
+        raise StepFailed from err
+    checks.append(Check("checksums", True, f"{len(pf.expected)} files match their checksums"))
+    overlays = {d: work / f"{d}.qcow2" for d in pf.disks}
+    _check_reachable(ctx, list(overlays.values()), ctx.config.data_dir)
+    _check_reachable(
+        ctx, [local[disk_file(pf.seq, d)] for d in pf.disks], local_folder(pf.driver, work)
+    )
+    for d, ov in overlays.items():
+        make_overlay(local[disk_file(pf.seq, d)].resolve(), ov)
+        checks += check_disk(d, ov, work)
+        if not all(c.ok for c in checks):
+            raise StepFailed
+    return local[pf.xml_name].read_text(), overlays
+
+
 def run_drill(
     ctx: Context,
     backup_id: int,
@@ -227,16 +290,9 @@ def run_drill(
     probe: str | None = None,
     boot_timeout: float = BOOT_TIMEOUT,
 ) -> tuple[dict[str, Any], Warnings]:
-    with ctx.catalog.session() as s:
-        b = find_backup(s, backup_id)
-        target, chain = point(b, increment)
-        disks = pick_disks(target, None)
-        chain_key, vm_name, driver = b.chain, b.vm.name, driver_of(b.datastore)
-        expected = expected_digests(f for inc in chain for f in inc.files if f["disk"])
-        xml_entry = next(f for f in target.files if f["disk"] is None and not f.get("memory"))
-        expected[xml_entry["name"]] = row_digest(xml_entry)
-        seq, inc_id = target.seq, target.id
-    name = drill_name(vm_name, backup_id, seq)
+    pf = point_files(ctx, backup_id, increment)
+    seq, inc_id = pf.seq, pf.increment_id
+    name = drill_name(pf.vm_name, backup_id, seq)
     work = ctx.config.data_dir / "drills" / name
     _clear_leftover(ctx, name)
     shutil.rmtree(work, ignore_errors=True)
@@ -245,36 +301,20 @@ def run_drill(
     checks: list[Check] = []
     try:
         try:
-            local = driver.restore(chain_key, list(expected), work / ".backing")
-            try:
-                verify_files(ctx, backup_id, chain_key, expected, local)
-            except VmkeepError as err:
-                checks.append(Check("checksums", False, str(err)))
-                raise _Failed from err
-            checks.append(Check("checksums", True, f"{len(expected)} files match their checksums"))
-            overlays = {d: work / f"{d}.qcow2" for d in disks}
-            _check_reachable(ctx, list(overlays.values()), ctx.config.data_dir)
-            _check_reachable(
-                ctx, [local[disk_file(seq, d)] for d in disks], local_folder(driver, work)
-            )
-            for d, ov in overlays.items():
-                make_overlay(local[disk_file(seq, d)].resolve(), ov)
-                checks += check_disk(d, ov, work)
-                if not all(c.ok for c in checks):
-                    raise _Failed
-            xml = _isolated_xml(local[xml_entry["name"]].read_text(), name, overlays, work, seq)
+            stored, overlays = stage(ctx, pf, work, checks)
+            xml = _isolated_xml(stored, name, overlays, work, seq)
             own = [*overlays.values(), work]
             check_stored_xml(ctx.config, xml, f"drill of backup {backup_id}", own)
             ctx.hv.define(xml)
-            checks.append(_boot(ctx, name, boot_timeout))
+            checks.append(boot_check(ctx, name, boot_timeout))
             if not checks[-1].ok:
-                raise _Failed
+                raise StepFailed
             if probe is not None:
-                checks.append(_probe(ctx, name, probe))
-        except _Failed:
+                checks.append(probe_check(ctx, name, probe))
+        except StepFailed:
             pass
     finally:
-        _remove_vm(ctx, name)
+        remove_vm(ctx, name)
         shutil.rmtree(work, ignore_errors=True)
     failed = next((c for c in checks if not c.ok), None)
     result = "FAIL" if failed else "PASS"

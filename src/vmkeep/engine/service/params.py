@@ -152,6 +152,21 @@ class GroupRestoreParams(Params):
     start: bool = False
 
 
+Command = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class MemberCommand(Params):
+    member: Name
+    command: Command
+
+
+class GroupDrillParams(Params):
+    group_backup: CatalogId
+    probes: dict[Name, Command] = Field(default={}, max_length=64)  # member -> its own probe
+    cross_probe: MemberCommand | None = None  # run in that member: the cut works as a whole
+    timeout: float = Field(default=300.0, ge=1, le=86400)  # per member's boot
+
+
 # --- lifecycle actions (each reads its own options) ----------------------------------------------
 class HardParams(VmParams):
     hard: bool = False

@@ -12,6 +12,7 @@ from vmkeep.engine.core import stores, trust
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.groups import backup as group_backup
+from vmkeep.engine.groups import drill as group_drill
 from vmkeep.engine.groups import manage
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.points import copy, delete, listing, prune, scan
@@ -123,6 +124,16 @@ def check_group(ctx: Context, _a: Action, p: P.GroupParams, _actor: Actor) -> P.
 
 def check_group_point(ctx: Context, _a: Action, p: P.GroupRestoreParams, _actor: Actor) -> P.Params:
     manage.show_group_backup(ctx, p.group_backup)
+    return p
+
+
+def _probes(p: P.GroupDrillParams) -> tuple[dict[str, str], tuple[str, str] | None]:
+    cross = p.cross_probe
+    return dict(p.probes), (cross.member, cross.command) if cross else None
+
+
+def check_group_drill(ctx: Context, _a: Action, p: P.GroupDrillParams, _actor: Actor) -> P.Params:
+    group_drill.check_request(ctx, p.group_backup, *_probes(p))  # a 4xx now, not a failed job
     return p
 
 
@@ -266,6 +277,18 @@ def run_group_restore(
     ctx: Context, _a: Action, p: P.GroupRestoreParams, _pr: Progress, _c: Caller
 ) -> Outcome:
     return manage.restore_group(ctx, p.group_backup, p.suffix, start=p.start)
+
+
+def run_group_drill(
+    ctx: Context, _a: Action, p: P.GroupDrillParams, _pr: Progress, _c: Caller
+) -> Outcome:
+    result, warnings = group_drill.group_drill(ctx, p.group_backup, *_probes(p), p.timeout)
+    try:
+        group_drill.check_passed(result)  # a FAIL verdict is a FAILED job, for every adapter
+    except DrillFailed as err:
+        err.result = result  # the evidence stays on the job and is shown with the error
+        raise
+    return result, warnings
 
 
 def run_lifecycle(ctx: Context, a: Action, p: P.VmParams, _pr: Progress, c: Caller) -> Outcome:

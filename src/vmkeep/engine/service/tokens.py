@@ -59,6 +59,7 @@ POLICY: dict[str, str] = {
     "group-start": "admin",  # every member, imported ones too (no imported_vms_actions check)
     "group-stop": "admin",  # --force destroys
     "group-restore": "operator",  # new VMs, as a restore makes
+    "group-drill": "operator",  # throw-away VMs on a throw-away isolated network, as drill
     "vm-action": "operator",  # lifecycle actions; recover and terminate need admin (below)
     "vm-recover": "admin",
     "vm-terminate": "admin",
