@@ -523,3 +523,36 @@ def test_a_merge_keeps_a_disk_that_joined_the_chain(ctx: Context, tmp_path: Path
     files = listing.show_backup(ctx, bid)["increments"][2]["files"]
     assert [(f["disk"], f.get("full", False)) for f in files] == [("vda", False), ("vdb", True)]
     assert point.verify(ctx, bid)["ok"] is True
+
+
+def test_a_drill_job_of_a_group_drills_its_newest_cut(ctx: Context) -> None:
+    from vmkeep.catalog.tables import BackupJob, Group, GroupBackup, GroupBackupMember, GroupMember
+    from vmkeep.engine.service import backupjobs
+
+    with ctx.catalog.session() as s:
+        vm = s.execute(select(Vm).where(Vm.name == "web")).scalar_one()
+        g = Group(name="app")
+        s.add(g)
+        s.flush()
+        s.add(GroupMember(group_id=g.id, vm_id=vm.id, position=0))
+        ds = stores.find_datastore(s, "ds")
+        for status in ("VALID", "FAILED"):  # the newest is FAILED: not drilled
+            gb = GroupBackup(group_id=g.id, datastore_id=ds.id, status=status)
+            s.add(gb)
+            s.flush()
+            s.add(GroupBackupMember(group_backup_id=gb.id, vm_id=vm.id, vm_name="web",
+                                    position=0, status=status))  # fmt: skip
+        valid = s.execute(select(GroupBackup.id).where(GroupBackup.status == "VALID")).scalar()
+    backupjobs.create(ctx, "gd", {"group": "app"}, "ds", "daily", task="drill",
+                      options={"probe": "true", "cross_probe": "web=nc -z 10.0.0.2 5432"})  # fmt: skip
+    with pytest.raises(InvalidValue, match="MEMBER=CMD"):
+        backupjobs.edit(ctx, "gd", {"options": {"cross_probe": "no-equals-sign"}})
+    with ctx.catalog.session() as s:
+        bj = s.execute(select(BackupJob).where(BackupJob.name == "gd")).scalar_one()
+        assert backupjobs.selection(ctx, s, bj) == ([("group-drill", {
+            "group_backup": valid, "probes": {"web": "true"},
+            "cross_probe": {"member": "web", "command": "nc -z 10.0.0.2 5432"},
+        })], [])  # fmt: skip
+        bj.datastore = "ds2"
+        targets, skipped = backupjobs.selection(ctx, s, bj)
+        assert targets == [] and skipped[0]["reason"] == "no VALID group backup on ds2"

@@ -75,6 +75,12 @@ def _job_options(create: bool) -> Callable[[Callable[..., Any]], Callable[..., A
                 help="drill task: run CMD in each guest; must exit 0.",
             ),  # fmt: skip
             click.option(
+                "--cross-probe",
+                default=None,
+                metavar="MEMBER=CMD",
+                help="drill task of a --group: run CMD in MEMBER once every member is up.",
+            ),
+            click.option(
                 "--timeout",
                 default=None,
                 metavar="S",
@@ -99,7 +105,7 @@ def _fields(o: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], dict[str
     selector = {"vms": list(o.pop("vms") or []), "group": o.pop("group"), "pool": o.pop("pool"),
                 "all": o.pop("all_")}  # fmt: skip
     policy = policy_changes(o)
-    for key in ("bwlimit", "reverify_after", "probe", "timeout"):
+    for key in ("bwlimit", "reverify_after", "probe", "timeout", "cross_probe"):
         if (value := o.pop(key)) is not None:
             policy[key] = value
     return selector, policy, o

@@ -13,7 +13,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
-from vmkeep.catalog.tables import BackupJob, BackupJobRun, Job, Vm
+from vmkeep.catalog.tables import BackupJob, BackupJobRun, Datastore, GroupBackup, Job, Vm
 from vmkeep.engine.core import backup_config, jobs, schedules, stores
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.groups.manage import find_group
@@ -21,7 +21,7 @@ from vmkeep.engine.points.listing import newest_point, verify_due
 from vmkeep.engine.vm import policy
 from vmkeep.engine.vm.record import find_vm
 from vmkeep.errors import AlreadyExists, BackupJobNotFound, InvalidValue, NotFound
-from vmkeep.model import JobState
+from vmkeep.model import BackupStatus, JobState
 from vmkeep.names import check_name
 
 EXECUTIONS = ("sequential", "parallel")
@@ -71,7 +71,7 @@ TASK_OPTIONS: dict[str, tuple[str, ...]] = {
     "backup": (*OPTION_KEYS, "bwlimit"),
     "prune": backup_config.KEEP_KEYS,
     "verify": ("reverify_after",),  # days: a point verified since is not read again
-    "drill": ("probe", "timeout"),
+    "drill": ("probe", "timeout", "cross_probe"),  # cross_probe: a group's, MEMBER=CMD
 }
 
 
@@ -90,6 +90,12 @@ def _options(options: dict[str, Any], task: str = "backup") -> dict[str, Any]:
             continue
         if key == "timeout":
             out[key] = _whole(key, value, 1, 86400, "seconds the guest has to answer, 1-86400")
+            continue
+        if key == "cross_probe":
+            member, _, command = str(value).partition("=")
+            if not member or not command or len(command) > 4096:
+                raise InvalidValue("--cross-probe", value, "use MEMBER=CMD (a group's member)")
+            out[key] = str(value)
             continue
         if key == "probe":
             if not isinstance(value, str) or not 1 <= len(value) <= 4096:
@@ -397,6 +403,8 @@ def selection(
     drill job also leaves out a VM with nothing to do (marked ``excluded``: not reported)."""
     if bj.task == "backup" and "group" in bj.selector:
         return [("group-backup", {"group": bj.selector["group"]} | _backup_params(bj))], []
+    if bj.task == "drill" and "group" in bj.selector:  # the group's newest cut, booted together
+        return _group_drill(s, bj)
     names, skipped = _vms(ctx, s, bj)
     if bj.task == "backup":
         return [("backup", {"vm": v} | _backup_params(bj)) for v in names], skipped
@@ -454,6 +462,33 @@ def _vms(ctx: Context, s: Session, bj: BackupJob) -> tuple[list[str], list[dict[
     return names, skipped
 
 
+def _group_drill(s: Session, bj: BackupJob) -> tuple[Targets, list[dict[str, Any]]]:
+    group = find_group(s, bj.selector["group"])
+    gb = s.execute(
+        select(GroupBackup)
+        .join(Datastore, Datastore.id == GroupBackup.datastore_id)
+        .where(
+            GroupBackup.group_id == group.id,
+            Datastore.name == bj.datastore,
+            GroupBackup.status == BackupStatus.VALID,
+        )  # fmt: skip
+        .order_by(GroupBackup.id.desc())
+        .limit(1)
+    ).scalar_one_or_none()
+    if gb is None:
+        why = f"no VALID group backup on {bj.datastore}"
+        return [], [{"vm": group.name, "reason": why, "excluded": True}]
+    params: dict[str, Any] = {"group_backup": gb.id}
+    if "timeout" in bj.options:
+        params["timeout"] = bj.options["timeout"]
+    if "probe" in bj.options:  # every member's own probe
+        params["probes"] = {m.vm_name: bj.options["probe"] for m in gb.members}
+    if "cross_probe" in bj.options:
+        member, _, command = bj.options["cross_probe"].partition("=")
+        params["cross_probe"] = {"member": member, "command": command}
+    return [("group-drill", params)], []
+
+
 def _point_targets(s: Session, bj: BackupJob, vm: str, now: datetime) -> Targets | str:
     """A verify job's chains of ``vm`` due for a verify, or a drill job's newest point of it,
     on the job's datastore; or why there is nothing to do."""
@@ -508,7 +543,10 @@ def vm_results(ctx: Context, s: Session, bj: BackupJob) -> list[dict[str, Any]]:
 
 def target_name(params: dict[str, Any]) -> str:
     """What a queued action of a run acts on, as its job's target names it."""
-    return str(params.get("vm") or params.get("group") or params.get("backup"))
+    for key in ("vm", "group", "backup", "group_backup"):
+        if params.get(key) is not None:
+            return str(params[key])
+    return "?"
 
 
 def _result(vm: str, j: Job | None, state: str, reason: str | None) -> dict[str, Any]:
