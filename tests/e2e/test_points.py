@@ -10,9 +10,14 @@ merges and restores are real."""
 from __future__ import annotations
 
 import hashlib
+import json
+import threading
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Increment
@@ -41,9 +46,31 @@ def _restored_digest(vmkeep, backup: int, seq: int, tmp: Path) -> str:
     return digest
 
 
-def test_calendar_prune_across_chains_then_a_verify_job(
-    vmkeep, lab: Lab, hv: Hypervisor, agent_vm: str, qemu_reachable_data_dir: Path, tmp_path: Path
-) -> None:
+class _Hook:
+    """A webhook receiver on loopback: what vmkeep reports."""
+
+    def __init__(self) -> None:
+        self.got: list[dict[str, Any]] = []
+        got = self.got
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_calendar_prune_across_chains_then_verify_and_drill_jobs(
+    vmkeep, lab: Lab, hv: Hypervisor, agent_vm: str, qemu_reachable_data_dir: Path, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
     vm = agent_vm
     for cp in hv.checkpoints(vm):
         hv.delete_checkpoint(vm, cp)
@@ -108,6 +135,15 @@ def test_calendar_prune_across_chains_then_a_verify_job(
     run = vmkeep("backupjob", "run", "v", "--json").json()
     assert run["jobs"] == [] and "verified within 7 days" in run["skipped"][0]["reason"]
 
+    # a drill job: the VM's newest point boots; its result and time to a running copy are kept
+    vmkeep("backupjob", "create", "d", "--task", "drill", "--vm", vm, "--datastore", "ds",
+           "--schedule", "sat 04:00", "--probe", "test -s /mnt/vda/point")  # fmt: skip
+    run = vmkeep("backupjob", "run", "d", "--json").json()
+    assert [(j["target"], j["state"]) for j in run["jobs"]] == [(str(b), "DONE")], run
+    drilled = vmkeep("backups", "show", str(b), "--json").json()["increments"][-1]["last_drill"]
+    assert drilled["result"] == "PASS" and drilled["duration_s"] > 0, drilled
+    assert "PASS" in vmkeep("backups", "show", str(b)).out
+
     # a flipped byte in chain B's newest point: the next verify (re-verify after 0 days) fails,
     # the point is DAMAGED, and the next backup starts a new chain instead of extending it
     stored = store / vm / str(b) / "2.vda.qcow2"
@@ -115,9 +151,17 @@ def test_calendar_prune_across_chains_then_a_verify_job(
     data[len(data) // 2] ^= 0x01
     stored.write_bytes(bytes(data))
     vmkeep("backupjob", "edit", "v", "--reverify-after", "0")
-    run = vmkeep("backupjob", "run", "v", "--json", check=None).json()  # exits with the failure
+    hook = _Hook()  # the failed verify is reported
+    monkeypatch.setenv("VMKEEP_NOTIFY_WEBHOOK_URL", hook.url)
+    monkeypatch.setenv("VMKEEP_NOTIFY_ON", "failure")
+    run = vmkeep("backupjob", "run", "v", "--json", check=17).json()
     states = {j["target"]: (j["state"], j["exit_code"]) for j in run["jobs"]}
     assert states == {str(a): ("DONE", 0), str(b): ("FAILED", 17)}, run
+    assert [(n["event"], n["status"], n["kind"], n["target"]) for n in hook.got] == [
+        ("job.finished", "failed", "verify", str(b))
+    ], hook.got
+    hook.server.shutdown()
+    monkeypatch.delenv("VMKEEP_NOTIFY_WEBHOOK_URL")
     shown = vmkeep("backups", "show", str(b), "--json").json()["increments"]
     assert [(i["id"], i["status"], i["verify_result"]) for i in shown] == [
         (1, "VALID", "OK"), (2, "DAMAGED", "FAILED")

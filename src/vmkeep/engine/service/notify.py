@@ -31,7 +31,7 @@ from vmkeep.model import JobState
 log = logging.getLogger(__name__)
 
 # the kinds users want a report of (and any job of a backup job's run)
-REPORTED = frozenset({"backup", "group-backup", "verify", "drill", "copy"})
+REPORTED = frozenset({"backup", "group-backup", "verify", "drill", "group-drill", "copy", "prune"})
 STATES = ("PENDING", "SENT", "FAILED")
 MAX_DELAY = 3600.0  # seconds: the longest wait between two attempts
 BATCH = 100  # rows looked at per deliver_due
