@@ -525,10 +525,14 @@ def test_a_merge_keeps_a_disk_that_joined_the_chain(ctx: Context, tmp_path: Path
     assert point.verify(ctx, bid)["ok"] is True
 
 
-def test_a_drill_job_of_a_group_drills_its_newest_cut(ctx: Context) -> None:
+def test_a_drill_job_of_a_group_drills_its_newest_complete_cut(
+    ctx: Context, tmp_path: Path
+) -> None:
     from vmkeep.catalog.tables import BackupJob, Group, GroupBackup, GroupBackupMember, GroupMember
+    from vmkeep.engine.groups import manage
     from vmkeep.engine.service import backupjobs
 
+    bid = make_chain(ctx, tmp_path, "FULL", 1)
     with ctx.catalog.session() as s:
         vm = s.execute(select(Vm).where(Vm.name == "web")).scalar_one()
         g = Group(name="app")
@@ -536,13 +540,17 @@ def test_a_drill_job_of_a_group_drills_its_newest_cut(ctx: Context) -> None:
         s.flush()
         s.add(GroupMember(group_id=g.id, vm_id=vm.id, position=0))
         ds = stores.find_datastore(s, "ds")
-        for status in ("VALID", "FAILED"):  # the newest is FAILED: not drilled
+        # the newest is FAILED, the one before lost its member's point: neither is drilled
+        for status, point in (("VALID", bid), ("VALID", None), ("FAILED", bid)):
             gb = GroupBackup(group_id=g.id, datastore_id=ds.id, status=status)
             s.add(gb)
             s.flush()
             s.add(GroupBackupMember(group_backup_id=gb.id, vm_id=vm.id, vm_name="web",
-                                    position=0, status=status))  # fmt: skip
+                                    position=0, status=status, backup_id=point, seq=0))  # fmt: skip
         valid = s.execute(select(GroupBackup.id).where(GroupBackup.status == "VALID")).scalar()
+        incomplete = gb.id - 1
+    with pytest.raises(InvalidValue, match="the point of member.s. web was removed"):
+        manage.restore_group(ctx, incomplete, "-copy")
     backupjobs.create(ctx, "gd", {"group": "app"}, "ds", "daily", task="drill",
                       options={"probe": "true", "cross_probe": "web=nc -z 10.0.0.2 5432"})  # fmt: skip
     with pytest.raises(InvalidValue, match="MEMBER=CMD"):
@@ -555,4 +563,31 @@ def test_a_drill_job_of_a_group_drills_its_newest_cut(ctx: Context) -> None:
         })], [])  # fmt: skip
         bj.datastore = "ds2"
         targets, skipped = backupjobs.selection(ctx, s, bj)
-        assert targets == [] and skipped[0]["reason"] == "no VALID group backup on ds2"
+        assert targets == [] and skipped[0]["reason"] == "no complete VALID group backup on ds2"
+
+
+def test_retention_that_removes_a_members_point_leaves_its_group_point_incomplete(
+    ctx: Context, tmp_path: Path
+) -> None:
+    from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember
+    from vmkeep.engine.groups import manage
+
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 3)
+    with ctx.catalog.session() as s:
+        vm = s.execute(select(Vm).where(Vm.name == "web")).scalar_one()
+        g = Group(name="app")
+        s.add(g)
+        s.flush()
+        gbs = []
+        for seq in (1, 2):
+            gb = GroupBackup(group_id=g.id, datastore_id=stores.find_datastore(s, "ds").id,
+                             status="VALID")  # fmt: skip
+            s.add(gb)
+            s.flush()
+            s.add(GroupBackupMember(group_backup_id=gb.id, vm_id=vm.id, vm_name="web",
+                                    position=0, status="VALID", backup_id=bid, seq=seq))  # fmt: skip
+            gbs.append(gb.id)
+    vm_id, ds_id = ids(ctx)
+    apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 1}))
+    shown = {b["id"]: b["complete"] for b in manage.list_group_backups(ctx)}
+    assert shown == {gbs[0]: False, gbs[1]: True}  # point 1 merged away, point 2 kept

@@ -143,11 +143,26 @@ def _members(ctx: Context, gb_id: int) -> tuple[str, list[tuple[str, int, int]]]
                 f"it is {gb.status} ({gb.error or 'not finished'}); pick a VALID one "
                 "from 'vmkeep group backups'",
             )
+        check_complete(gb)
         members = []
         for m in sorted(gb.members, key=lambda m: m.position):
-            assert m.backup_id is not None and m.seq is not None  # VALID: every member's taken
+            assert m.backup_id is not None and m.seq is not None  # check_complete
             members.append((m.vm_name, m.backup_id, m.seq))
         return gb.group.name, members
+
+
+def check_complete(gb: GroupBackup) -> None:
+    """A VALID group restore point whose members all still have their point: retention or a
+    delete may have removed one (the other members' points stay restorable one by one)."""
+    gone = [m.vm_name for m in gb.members if m.backup_id is None or m.seq is None]
+    if gone:
+        raise InvalidValue(
+            "group backup",
+            gb.id,
+            f"the point of member(s) {', '.join(gone)} was removed (retention or backups "
+            "delete); pick a complete one from 'vmkeep group backups', or restore the other "
+            "members' points one by one",
+        )
 
 
 def check_members(

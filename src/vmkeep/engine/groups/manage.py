@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupDrill, GroupMember
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import backup_jobs_using
-from vmkeep.engine.groups.drill import last_drills
+from vmkeep.engine.groups.drill import check_complete, last_drills
 from vmkeep.engine.restore.point import RestoreOptions, restore
 from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.record import find_vm, sync_state
@@ -208,6 +208,8 @@ def group_backup_dict(b: GroupBackup) -> dict[str, Any]:
         "created": b.created_at,
         "finished": b.finished_at,
         "members": [member_dict(m) for m in b.members],
+        # every member still has its point (retention or a delete may have removed one)
+        "complete": all(m.backup_id is not None for m in b.members),
     }
 
 
@@ -268,6 +270,7 @@ def restore_group(
                 f"it is {gb.status} ({gb.error or 'not finished'}); pick a VALID one "
                 "from 'vmkeep group backups'",
             )
+        check_complete(gb)
         members = [(m.vm_name, m.backup_id, m.seq) for m in gb.members]
     if not suffix:
         raise InvalidValue(

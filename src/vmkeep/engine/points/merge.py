@@ -20,7 +20,9 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmkeep.catalog.tables import Backup
+from sqlalchemy import select
+
+from vmkeep.catalog.tables import Backup, GroupBackupMember
 from vmkeep.checksums import digest_file
 from vmkeep.engine.core.backup_config import BackupConfig
 from vmkeep.engine.core.chains import disk_file, write_manifest
@@ -121,6 +123,12 @@ def _merge(ctx: Context, c: ChainPlan) -> None:
                 inc.files, inc.parent = changed, c.relink[inc.seq]
                 inc.size = sum(f["size"] for f in changed if f["disk"])
         row.active_flatten = False
+        for m in s.execute(
+            select(GroupBackupMember).where(
+                GroupBackupMember.backup_id == c.backup, GroupBackupMember.seq.in_(removed)
+            )
+        ).scalars():
+            m.backup_id = None  # that group restore point lost this member's point
     driver.rm(c.chain, gone)
     write_manifest(ctx, driver, c.backup)
 

@@ -464,19 +464,20 @@ def _vms(ctx: Context, s: Session, bj: BackupJob) -> tuple[list[str], list[dict[
 
 def _group_drill(s: Session, bj: BackupJob) -> tuple[Targets, list[dict[str, Any]]]:
     group = find_group(s, bj.selector["group"])
-    gb = s.execute(
+    rows = s.execute(
         select(GroupBackup)
         .join(Datastore, Datastore.id == GroupBackup.datastore_id)
         .where(
             GroupBackup.group_id == group.id,
             Datastore.name == bj.datastore,
             GroupBackup.status == BackupStatus.VALID,
-        )  # fmt: skip
+        )
         .order_by(GroupBackup.id.desc())
-        .limit(1)
-    ).scalar_one_or_none()
+    ).scalars()
+    # the newest whose members all still have their point (retention may have removed one)
+    gb = next((g for g in rows if all(m.backup_id is not None for m in g.members)), None)
     if gb is None:
-        why = f"no VALID group backup on {bj.datastore}"
+        why = f"no complete VALID group backup on {bj.datastore}"
         return [], [{"vm": group.name, "reason": why, "excluded": True}]
     params: dict[str, Any] = {"group_backup": gb.id}
     if "timeout" in bj.options:
