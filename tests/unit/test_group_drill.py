@@ -21,6 +21,7 @@ from vmkeep.catalog.tables import (
     GroupBackup,
     GroupBackupMember,
     GroupDrill,
+    Increment,
     Vm,
 )
 from vmkeep.cli.group_cmd import member_commands
@@ -278,8 +279,11 @@ def _catalog(ctx: Context) -> tuple[int, int]:
                            state="ACTIVE", lcm_state="RUNNING")  # fmt: skip
             s.add(vms[name])
             s.flush()
-            s.add(Backup(vm_id=vms[name].id, datastore_id=ds.id, chain=f"{name}/1",
-                         mode="FULL", status="VALID"))  # fmt: skip
+            b = Backup(vm_id=vms[name].id, datastore_id=ds.id, chain=f"{name}/1", mode="FULL",
+                       status="VALID")  # fmt: skip
+            s.add(b)
+            s.flush()
+            s.add(Increment(backup_id=b.id, seq=0, status="VALID", files=[]))
         s.flush()
         ids = []
         for status in ("VALID", "RUNNING"):

@@ -591,3 +591,64 @@ def test_retention_that_removes_a_members_point_leaves_its_group_point_incomplet
     apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 1}))
     shown = {b["id"]: b["complete"] for b in manage.list_group_backups(ctx)}
     assert shown == {gbs[0]: False, gbs[1]: True}  # point 1 merged away, point 2 kept
+
+
+def test_an_interrupted_merge_leaves_the_store_as_the_catalog_says_and_a_rerun_repairs(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a dir datastore (read in place) the merge rewrites copies: stopped before it stores,
+    the stored files are untouched; stopped after it stored but before the catalog changed, the
+    next run records the already rewritten files (digest, full) and verify passes."""
+    from vmkeep.engine.points import merge
+
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 4)
+    vm_id, ds_id = ids(ctx)
+    cfg = resolve({"keep_last": 2})
+    before = {q: digest_file(stored(tmp_path, bid, q)) for q in range(4)}
+
+    def stop(name: str) -> None:
+        if name == "retention":
+            raise KeyboardInterrupt  # as a kill before the store
+
+    monkeypatch.setattr(merge, "failpoint", stop)
+    with pytest.raises(KeyboardInterrupt):
+        apply_retention(ctx, vm_id, ds_id, cfg)
+    assert {q: digest_file(stored(tmp_path, bid, q)) for q in range(4)} == before
+    assert not list((tmp_path / "store").rglob("*.new")) and not list(
+        (tmp_path / "store").rglob("*.partial")
+    )
+    assert point.verify(ctx, bid)["ok"] is True
+    monkeypatch.undo()
+
+    with ctx.catalog.session() as s:  # stored, then killed before the catalog update
+        p = retention.plan(ctx, s, vm_id, ds_id, cfg)
+        b = s.get(Backup, bid)
+        assert b is not None
+        files = {i.seq: [dict(f) for f in i.files] for i in b.increments}
+    with ctx.catalog.session() as s:
+        driver = stores.driver_of(stores.find_datastore(s, "ds"))
+    merge._rewrite(ctx, driver, p.chains[0], files, [0, 1, 2, 3])
+    assert digest_file(stored(tmp_path, bid, 2)) != before[2]  # 2 is a full now, in the store
+    assert apply_retention(ctx, vm_id, ds_id, cfg) == [
+        f"retention: removed increments [0, 1] of backup {bid} (keep_last=2); 2 is the new base"
+    ]
+    assert point.verify(ctx, bid)["ok"] is True
+    assert all(read_pattern(stored(tmp_path, bid, 3), q) for q in range(4))
+    shown = listing.show_backup(ctx, bid)["increments"]
+    assert [(i["id"], i["files"][0].get("full", False)) for i in shown] == [(2, True), (3, False)]
+
+
+def test_retention_leaves_a_chain_with_no_valid_point_alone(ctx: Context, tmp_path: Path) -> None:
+    """Its points are not judged (a dry run lists none of them), so they are not removed: a
+    damaged chain, perhaps holding a protected point, is an admin's to delete."""
+    damaged = make_chain(ctx, tmp_path, "INCREMENT", 2, age=0)
+    good = make_chain(ctx, tmp_path, "INCREMENT", 1, age=1)
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, damaged)
+        assert b is not None
+        b.increments[0].protected = True
+        for i in b.increments:
+            i.status = "DAMAGED"
+    vm_id, ds_id = ids(ctx)
+    assert apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 1})) == []
+    assert [b["id"] for b in listing.list_backups(ctx)] == [damaged, good]

@@ -36,9 +36,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import object_session
 
 from vmkeep.catalog.locks import holder, lock, pid_alive
-from vmkeep.catalog.tables import GroupBackup, GroupDrill
+from vmkeep.catalog.tables import GroupBackup, GroupDrill, Increment
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.trust import check_stored_xml
 from vmkeep.engine.restore.drill import (
@@ -154,7 +155,18 @@ def _members(ctx: Context, gb_id: int) -> tuple[str, list[tuple[str, int, int]]]
 def check_complete(gb: GroupBackup) -> None:
     """A VALID group restore point whose members all still have their point: retention or a
     delete may have removed one (the other members' points stay restorable one by one)."""
-    gone = [m.vm_name for m in gb.members if m.backup_id is None or m.seq is None]
+    s = object_session(gb)
+    assert s is not None
+    there = {
+        (b, q)
+        for b, q in s.execute(
+            select(Increment.backup_id, Increment.seq).where(
+                Increment.backup_id.in_([m.backup_id for m in gb.members]),
+                Increment.status == BackupStatus.VALID,
+            )
+        )
+    }
+    gone = [m.vm_name for m in gb.members if (m.backup_id, m.seq) not in there]
     if gone:
         raise InvalidValue(
             "group backup",

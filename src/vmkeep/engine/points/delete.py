@@ -76,6 +76,12 @@ def delete_backup(
                 for i in list(row.increments):
                     if i.seq == increment:
                         row.increments.remove(i)
+                for m in s.execute(
+                    select(GroupBackupMember).where(
+                        GroupBackupMember.backup_id == backup_id, GroupBackupMember.seq == increment
+                    )
+                ).scalars():
+                    m.backup_id = None  # that group restore point lost this member's point
                 valid = valid_increments(row)
                 # the increment before it is the newest again; its checkpoint was pruned when the
                 # deleted one was taken, so the next backup of this chain starts a new full

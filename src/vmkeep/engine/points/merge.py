@@ -16,6 +16,7 @@ point go with it. The caller holds the VM's lock.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -119,9 +120,15 @@ def _merge(ctx: Context, c: ChainPlan) -> None:
                         f.update(digest=sums[f["name"]][0], size=sums[f["name"]][1])
                         if sums[f["name"]][2]:  # restore reads no file below it
                             f["full"] = True
+                        else:
+                            f.pop("full", None)
                     changed.append(f)
                 inc.files, inc.parent = changed, c.relink[inc.seq]
                 inc.size = sum(f["size"] for f in changed if f["disk"])
+                inc.verified_at = inc.verify_result = None  # new files: not read back yet
+        left = [i for i in row.increments if i.status == BackupStatus.VALID]
+        if left and removed and max(removed) > left[-1].seq:  # its newer points went: libvirt
+            left[-1].checkpoint = None  # dropped its checkpoint when the next one was taken
         row.active_flatten = False
         for m in s.execute(
             select(GroupBackupMember).where(
@@ -140,38 +147,51 @@ def _rewrite(
     files: dict[int, list[dict[str, Any]]],
     valid: list[int],
 ) -> dict[str, tuple[str, int, bool]]:
-    """Rewrite the disk files of the relinked points in a scratch folder and store them;
-    returns their new (digest, size, now a full of its disk) by name."""
+    """Rewrite the disk files of the relinked points in a scratch folder and store them; the
+    stored files are written by ``driver.backup`` alone (a driver that reads in place, ``dir``,
+    gets symlinks to its files in the scratch folder, and a file is copied before it is
+    rebased). Returns (digest, size, a full of its disk) of every disk file of the relinked
+    points, rewritten or not: a run after one killed between the store and the catalog update
+    finds the files already rewritten and still records them right."""
     top = max(c.relink)
     needed = [str(f["name"]) for q in valid if q <= top for f in files[q] if f.get("disk")]
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
-        local = driver.restore(c.chain, needed, Path(tmp) / "in")
+        work = Path(tmp) / "work"
+        fetched = driver.restore(c.chain, needed, Path(tmp) / "in")
+        work.mkdir()
+        for name, path in fetched.items():  # one folder: backing files found by their names
+            (work / name).symlink_to(path.resolve())
         changed: list[Path] = []
-        whole: set[str] = set()  # files now a full of their disk
         for n in sorted(c.relink):
             below = c.relink[n]
             below_names = {str(f["name"]) for f in files[below]} if below is not None else set()
             for f in files[n]:
                 if not f.get("disk"):
                     continue
-                path = local[str(f["name"])]
+                path = work / str(f["name"])
                 if backing_name(path) is None:
                     continue  # a full of its own: nothing below it to merge
                 target = disk_file(below, f["disk"]) if below is not None else None
+                out = path.with_name(path.name + ".new")
                 try:
-                    if target in below_names:
+                    if target in below_names:  # a copy rebased: the stored file is only read
+                        shutil.copyfile(path, out)
                         qemu_img("rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", target,
-                                 str(path), what=f"rebase {path.name}")  # fmt: skip
+                                 str(out), what=f"rebase {path.name}")  # fmt: skip
                     else:  # the new base, or a disk the point below does not have
-                        out = path.with_name(path.name + ".flat")
                         flatten(path, out)
-                        out.replace(path)
-                        whole.add(path.name)
-                except VmkeepError as err:
+                except (VmkeepError, OSError) as err:
                     raise BackupFailed(c.chain, f"merge of {path.name}: {err}") from err
+                out.replace(path)  # the symlink (or fetched copy) gives way to the new file
                 changed.append(path)
+        sums = {
+            str(f["name"]): (digest_file(p), p.stat().st_size, backing_name(p) is None)
+            for n in c.relink
+            for f in files[n]
+            if f.get("disk") and (p := work / str(f["name"])).exists()
+        }
         failpoint("retention")
-        sums = {p.name: (digest_file(p), p.stat().st_size, p.name in whole) for p in changed}
-        driver.backup(c.chain, changed)
+        if changed:
+            driver.backup(c.chain, changed)
     return sums

@@ -132,6 +132,8 @@ def _chain_plan(b: Backup, marks: dict[Any, Mark]) -> ChainPlan:
     valid = valid_increments(b)
     kept = {i.seq for i in valid if marks[(b.id, i.seq)].keep}
     out = ChainPlan(b.id, b.chain)
+    if not valid or (not kept and any(i.protected for i in b.increments)):
+        return out  # no point to judge (all DAMAGED, say), or a protected one it must keep
     if not kept:
         out.delete = True
         out.remove = [i.seq for i in valid]

@@ -337,8 +337,11 @@ def after_success(ctx: Context, job: MemberJob) -> dict[str, Any]:
     """Checkpoint clean-up and retention; returns the backup record."""
     assert job.plan is not None
     prune_checkpoints(ctx, job.vm_id, job.name)
-    for msg in apply_retention(ctx, job.vm_id, job.ds_id, job.cfg):
+    removed = apply_retention(ctx, job.vm_id, job.ds_id, job.cfg)
+    for msg in removed:
         log.info(msg)
+    if removed:  # a deleted chain's last checkpoint is no base of anything now
+        prune_checkpoints(ctx, job.vm_id, job.name)
     with ctx.catalog.session() as s:
         b = s.get(Backup, job.plan.backup_id)
         assert b is not None

@@ -415,8 +415,8 @@ def selection(
     out: Targets = []
     for v in names:
         found = _point_targets(s, bj, v, now)
-        if isinstance(found, str):
-            skipped.append({"vm": v, "reason": found, "excluded": True})
+        if isinstance(found, tuple):  # (why, quiet): nothing to do now, or nothing at all
+            skipped.append({"vm": v, "reason": found[0]} | ({"excluded": True} if found[1] else {}))
         else:
             out += found
     return out, skipped
@@ -476,9 +476,10 @@ def _group_drill(s: Session, bj: BackupJob) -> tuple[Targets, list[dict[str, Any
     ).scalars()
     # the newest whose members all still have their point (retention may have removed one)
     gb = next((g for g in rows if all(m.backup_id is not None for m in g.members)), None)
-    if gb is None:
-        why = f"no complete VALID group backup on {bj.datastore}"
-        return [], [{"vm": group.name, "reason": why, "excluded": True}]
+    if gb is None:  # reported: a drill job that drills nothing proves nothing
+        return [], [
+            {"vm": group.name, "reason": f"no complete VALID group backup on {bj.datastore}"}
+        ]
     params: dict[str, Any] = {"group_backup": gb.id}
     if "timeout" in bj.options:
         params["timeout"] = bj.options["timeout"]
@@ -490,18 +491,19 @@ def _group_drill(s: Session, bj: BackupJob) -> tuple[Targets, list[dict[str, Any
     return [("group-drill", params)], []
 
 
-def _point_targets(s: Session, bj: BackupJob, vm: str, now: datetime) -> Targets | str:
+def _point_targets(s: Session, bj: BackupJob, vm: str, now: datetime) -> Targets | tuple[str, bool]:
     """A verify job's chains of ``vm`` due for a verify, or a drill job's newest point of it,
-    on the job's datastore; or why there is nothing to do."""
+    on the job's datastore; or why there is nothing to do, and whether that goes unreported
+    (every point verified lately) or is reported (no point at all: the job proves nothing)."""
+    newest = newest_point(s, vm, bj.datastore)
+    if newest is None:
+        return f"no restore point on {bj.datastore}", False
     if bj.task == "verify":
         days = bj.options.get("reverify_after")
         due = verify_due(s, vm, bj.datastore, days, now)
         if not due:
-            return f"every point on {bj.datastore} verified within {days} days"
+            return f"every point on {bj.datastore} verified within {days} days", True
         return [("verify", {"backup": b}) for b in due]
-    newest = newest_point(s, vm, bj.datastore)
-    if newest is None:
-        return f"no restore point on {bj.datastore}"
     opts = {k: bj.options[k] for k in ("probe", "timeout") if k in bj.options}
     return [("drill", {"backup": newest[0], "increment": newest[1]} | opts)]
 
