@@ -113,7 +113,9 @@ class PruneParams(VmParams):
 
     def rules(self) -> dict[str, int]:
         return {
-            k: v for k in self.model_fields if k.startswith("keep_") and (v := getattr(self, k))
+            k: v
+            for k in type(self).model_fields
+            if k.startswith("keep_") and (v := getattr(self, k))
         }
 
 
