@@ -36,7 +36,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import object_session
+from sqlalchemy.orm import Session, object_session
 
 from vmkeep.catalog.locks import holder, lock, pid_alive
 from vmkeep.catalog.tables import GroupBackup, GroupDrill, Increment
@@ -134,22 +134,29 @@ def _running(ctx: Context, gb_id: int) -> bool:
 def _members(ctx: Context, gb_id: int) -> tuple[str, list[tuple[str, int, int]]]:
     """The group's name and its members as (vm, backup, increment), in start order."""
     with ctx.catalog.session() as s:
-        gb = s.get(GroupBackup, gb_id)
-        if gb is None:
-            raise GroupBackupNotFound(gb_id)
-        if gb.status != BackupStatus.VALID:
-            raise InvalidValue(
-                "group backup",
-                gb_id,
-                f"it is {gb.status} ({gb.error or 'not finished'}); pick a VALID one "
-                "from 'vmkeep group backups'",
-            )
-        check_complete(gb)
-        members = []
-        for m in sorted(gb.members, key=lambda m: m.position):
-            assert m.backup_id is not None and m.seq is not None  # check_complete
-            members.append((m.vm_name, m.backup_id, m.seq))
+        gb, members = restorable(s, gb_id)
         return gb.group.name, members
+
+
+def restorable(s: Session, gb_id: int) -> tuple[GroupBackup, list[tuple[str, int, int]]]:
+    """A VALID and complete group restore point and its members as (vm, backup, increment),
+    in start order: what a group restore and a group drill take."""
+    gb = s.get(GroupBackup, gb_id)
+    if gb is None:
+        raise GroupBackupNotFound(gb_id)
+    if gb.status != BackupStatus.VALID:
+        raise InvalidValue(
+            "group backup",
+            gb_id,
+            f"it is {gb.status} ({gb.error or 'not finished'}); pick a VALID one "
+            "from 'vmkeep group backups'",
+        )
+    check_complete(gb)
+    members = []
+    for m in sorted(gb.members, key=lambda m: m.position):
+        assert m.backup_id is not None and m.seq is not None  # check_complete
+        members.append((m.vm_name, m.backup_id, m.seq))
+    return gb, members
 
 
 def check_complete(gb: GroupBackup) -> None:

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupDrill, GroupMember
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import backup_jobs_using
-from vmkeep.engine.groups.drill import check_complete, last_drills
+from vmkeep.engine.groups.drill import last_drills, restorable
 from vmkeep.engine.restore.point import RestoreOptions, restore
 from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.record import find_vm, sync_state
@@ -32,7 +32,7 @@ from vmkeep.errors import (
     InvalidValue,
     Refused,
 )
-from vmkeep.model import BackupStatus, LcmState, VmState, Warnings
+from vmkeep.model import LcmState, VmState, Warnings
 from vmkeep.names import check_name, is_id
 
 log = logging.getLogger(__name__)
@@ -260,18 +260,7 @@ def restore_group(
     warnings = Warnings()
     suffix = f"-g{gb_id}" if suffix is None else suffix
     with ctx.catalog.session() as s:
-        gb = s.get(GroupBackup, gb_id)
-        if gb is None:
-            raise GroupBackupNotFound(gb_id)
-        if gb.status != BackupStatus.VALID:
-            raise InvalidValue(
-                "group backup",
-                gb_id,
-                f"it is {gb.status} ({gb.error or 'not finished'}); pick a VALID one "
-                "from 'vmkeep group backups'",
-            )
-        check_complete(gb)
-        members = [(m.vm_name, m.backup_id, m.seq) for m in gb.members]
+        _gb, members = restorable(s, gb_id)
     if not suffix:
         raise InvalidValue(
             "--suffix", suffix, "restored VMs need names that differ from the originals"
@@ -284,7 +273,6 @@ def restore_group(
         raise AlreadyExists(f"libvirt domain '{name + suffix}' (choose another --suffix)")
     restored = []
     for name, backup_id, seq in members:
-        assert backup_id is not None and seq is not None
         res, w = restore(
             ctx, backup_id, RestoreOptions(increment=seq, name=name + suffix, start=False)
         )
