@@ -23,11 +23,17 @@ from vmkeep.engine.core import stores
 from vmkeep.engine.core.backup_config import resolve
 from vmkeep.engine.core.chains import checkpoint_name, disk_file, needed_by_protected
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.points import copy, delete, listing, protect, retention
+from vmkeep.engine.points import copy, delete, listing, protect, retention, verify
 from vmkeep.engine.points.merge import apply_retention
-from vmkeep.engine.restore import point
 from vmkeep.engine.service import tokens
-from vmkeep.errors import ChecksumMismatch, Forbidden, IncrementNotFound, InvalidValue, Refused
+from vmkeep.errors import (
+    ChecksumMismatch,
+    Forbidden,
+    IncrementNotFound,
+    InvalidValue,
+    Refused,
+    VmkeepError,
+)
 
 T0 = datetime(2026, 12, 1, tzinfo=UTC)
 
@@ -264,7 +270,7 @@ def test_calendar_retention_spans_every_chain(ctx: Context, tmp_path: Path) -> N
     assert not read_pattern(stored(tmp_path, new, 1), 2)
     assert not (tmp_path / "store" / "web" / str(old)).exists()
     # what is stored matches the catalog: a verify of the merged chain passes
-    assert point.verify(ctx, new)["ok"] is True
+    assert verify.verify(ctx, new)["ok"] is True
 
 
 # --- delete ------------------------------------------------------------------------------------
@@ -446,7 +452,7 @@ def test_backup_jobs_of_each_task_queue_their_actions(ctx: Context, tmp_path: Pa
     drill = {"backup": bid, "increment": 2, "probe": "true", "timeout": 60}
     assert selected("d") == ([("drill", drill)], [])
     # once verified, a verify job leaves the VM alone for --reverify-after days
-    point.verify(ctx, bid)
+    verify.verify(ctx, bid)
     shown = listing.show_backup(ctx, bid)["increments"]
     assert {(i["verify_result"], i["verified_at"] is not None) for i in shown} == {("OK", True)}
     targets, skipped = selected("v")
@@ -461,7 +467,7 @@ def test_backup_jobs_of_each_task_queue_their_actions(ctx: Context, tmp_path: Pa
     data[-1] ^= 0xFF
     img.write_bytes(bytes(data))
     with pytest.raises(ChecksumMismatch, match="Checksum mismatch for web/"):
-        point.verify(ctx, bid)
+        verify.verify(ctx, bid)
     shown = listing.show_backup(ctx, bid)["increments"]
     assert [(i["status"], i["verify_result"]) for i in shown] == [
         ("VALID", "OK"), ("DAMAGED", "FAILED"), ("DAMAGED", "FAILED")
@@ -522,7 +528,7 @@ def test_a_merge_keeps_a_disk_that_joined_the_chain(ctx: Context, tmp_path: Path
     assert all(read_pattern(stored(tmp_path, bid, 3), q) for q in range(4))
     files = listing.show_backup(ctx, bid)["increments"][2]["files"]
     assert [(f["disk"], f.get("full", False)) for f in files] == [("vda", False), ("vdb", True)]
-    assert point.verify(ctx, bid)["ok"] is True
+    assert verify.verify(ctx, bid)["ok"] is True
 
 
 def test_a_drill_job_of_a_group_drills_its_newest_complete_cut(
@@ -549,7 +555,7 @@ def test_a_drill_job_of_a_group_drills_its_newest_complete_cut(
                                     position=0, status=status, backup_id=point, seq=0))  # fmt: skip
         valid = s.execute(select(GroupBackup.id).where(GroupBackup.status == "VALID")).scalar()
         incomplete = gb.id - 1
-    with pytest.raises(InvalidValue, match="the point of member.s. web was removed"):
+    with pytest.raises(InvalidValue, match=r"the points of member.s. web \(removed\) are gone"):
         manage.restore_group(ctx, incomplete, "-copy")
     backupjobs.create(ctx, "gd", {"group": "app"}, "ds", "daily", task="drill",
                       options={"probe": "true", "cross_probe": "web=nc -z 10.0.0.2 5432"})  # fmt: skip
@@ -617,7 +623,7 @@ def test_an_interrupted_merge_leaves_the_store_as_the_catalog_says_and_a_rerun_r
     assert not list((tmp_path / "store").rglob("*.new")) and not list(
         (tmp_path / "store").rglob("*.partial")
     )
-    assert point.verify(ctx, bid)["ok"] is True
+    assert verify.verify(ctx, bid)["ok"] is True
     monkeypatch.undo()
 
     with ctx.catalog.session() as s:  # stored, then killed before the catalog update
@@ -629,26 +635,94 @@ def test_an_interrupted_merge_leaves_the_store_as_the_catalog_says_and_a_rerun_r
         driver = stores.driver_of(stores.find_datastore(s, "ds"))
     merge._rewrite(ctx, driver, p.chains[0], files, [0, 1, 2, 3])
     assert digest_file(stored(tmp_path, bid, 2)) != before[2]  # 2 is a full now, in the store
+    # a verify before the next run takes the stored file by its pending checksum: not DAMAGED
+    assert verify.verify(ctx, bid)["ok"] is True
+    assert {i["status"] for i in listing.show_backup(ctx, bid)["increments"]} == {"VALID"}
     assert apply_retention(ctx, vm_id, ds_id, cfg) == [
         f"retention: removed increments [0, 1] of backup {bid} (keep_last=2); 2 is the new base"
     ]
-    assert point.verify(ctx, bid)["ok"] is True
+    assert verify.verify(ctx, bid)["ok"] is True
     assert all(read_pattern(stored(tmp_path, bid, 3), q) for q in range(4))
     shown = listing.show_backup(ctx, bid)["increments"]
     assert [(i["id"], i["files"][0].get("full", False)) for i in shown] == [(2, True), (3, False)]
 
 
-def test_retention_leaves_a_chain_with_no_valid_point_alone(ctx: Context, tmp_path: Path) -> None:
+@pytest.mark.parametrize("protected", [True, False])
+def test_retention_leaves_a_chain_with_no_valid_point_alone(
+    ctx: Context, tmp_path: Path, protected: bool
+) -> None:
     """Its points are not judged (a dry run lists none of them), so they are not removed: a
-    damaged chain, perhaps holding a protected point, is an admin's to delete."""
+    damaged chain, protected or not, is an admin's to delete."""
     damaged = make_chain(ctx, tmp_path, "INCREMENT", 2, age=0)
     good = make_chain(ctx, tmp_path, "INCREMENT", 1, age=1)
     with ctx.catalog.session() as s:
         b = s.get(Backup, damaged)
         assert b is not None
-        b.increments[0].protected = True
+        b.increments[0].protected = protected
         for i in b.increments:
             i.status = "DAMAGED"
     vm_id, ds_id = ids(ctx)
     assert apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 1})) == []
     assert [b["id"] for b in listing.list_backups(ctx)] == [damaged, good]
+
+
+def _store_state(tmp: Path, bid: int) -> dict[str, str]:
+    return {p.name: digest_file(p) for p in sorted((tmp / "store" / "web" / str(bid)).iterdir())}
+
+
+def test_a_rebase_works_on_a_copy_and_damage_stops_the_merge(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """3 rebased onto the protected 1 (2 removed): stopped before the store, the stored files
+    are as they were. A stored file that no longer matches its checksum stops the merge before
+    anything is rewritten: its point and those built on it are DAMAGED."""
+    from vmkeep.engine.points import merge
+
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 4)
+    protect.protect(ctx, bid, 1, actor_name="a")
+    vm_id, ds_id = ids(ctx)
+    cfg = resolve({"keep_last": 1})
+    before = _store_state(tmp_path, bid)
+
+    def stop(name: str) -> None:
+        if name == "retention":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "failpoint", stop)
+    with pytest.raises(KeyboardInterrupt):
+        apply_retention(ctx, vm_id, ds_id, cfg)
+    assert _store_state(tmp_path, bid) == before
+    monkeypatch.undo()
+
+    img = stored(tmp_path, bid, 2)
+    data = bytearray(img.read_bytes())
+    data[-1] ^= 0xFF
+    img.write_bytes(bytes(data))
+    before = _store_state(tmp_path, bid)
+    with pytest.raises(ChecksumMismatch, match=f"web/{bid}/2.vda.qcow2"):
+        apply_retention(ctx, vm_id, ds_id, cfg)
+    assert _store_state(tmp_path, bid) == before
+    shown = listing.show_backup(ctx, bid)["increments"]
+    assert [(i["id"], i["status"]) for i in shown] == [
+        (0, "VALID"), (1, "VALID"), (2, "DAMAGED"), (3, "DAMAGED")
+    ]  # fmt: skip
+
+
+def test_a_merge_refuses_a_file_that_names_a_backing_file_outside_its_chain(
+    ctx: Context, tmp_path: Path
+) -> None:
+    """A hostile store's image naming a host file as its backing file is never opened by the
+    merge (its bytes would be stored back)."""
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 3)
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"TOPSECRET" * 1000)
+    img = stored(tmp_path, bid, 1)
+    qemu_img("rebase", "-u", "-f", "qcow2", "-F", "raw", "-b", str(secret), str(img))
+    with ctx.catalog.session() as s:  # its checksum made to match: only the name is wrong
+        b = s.get(Backup, bid)
+        assert b is not None
+        b.increments[1].files = [dict(b.increments[1].files[0], digest=digest_file(img))]
+    vm_id, ds_id = ids(ctx)
+    with pytest.raises(VmkeepError, match="not a file of its chain"):
+        apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 1}))
+    assert not any(b"TOPSECRET" in p.read_bytes() for p in (tmp_path / "store").rglob("*.qcow2"))

@@ -28,8 +28,8 @@ from vmkeep.datastores.retry import Retrying
 from vmkeep.engine.core import stores
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.points import copy, scan
+from vmkeep.engine.points.verify import verify
 from vmkeep.engine.restore import export
-from vmkeep.engine.restore.point import verify
 from vmkeep.engine.service import tokens
 from vmkeep.errors import DatastoreError, InvalidValue
 from vmkeep.model import BackupStatus, LcmState, VmState

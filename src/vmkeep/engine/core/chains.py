@@ -35,6 +35,9 @@ if TYPE_CHECKING:  # reading the catalog needs no driver (nor their pydantic mod
     from vmkeep.datastores import DatastoreDriver
 
 CHECKPOINT_PREFIX = "vmkeep-"
+# a file row's key while a retention merge stores its rewritten file: {"digest", "size"} of it
+# (engine/points/merge.py; a merge killed after its store leaves it for the next run)
+PENDING = "pending"
 
 
 def checkpoint_name(backup_id: int, seq: int) -> str:
@@ -234,6 +237,26 @@ def mark_damaged(ctx: Context, backup_id: int, file_name: str, reason: str) -> l
             if inc.seq in damaged and inc.status == BackupStatus.VALID:
                 inc.status, inc.error = BackupStatus.DAMAGED, reason
         return sorted(damaged)
+
+
+def adopt_pending(ctx: Context, backup_id: int, adopted: dict[str, dict[str, Any]]) -> None:
+    """Rows whose stored file was found to be the one a killed retention merge stored (its
+    ``PENDING`` checksum): that checksum, size and whether it is a full are recorded."""
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            return
+        for inc in b.increments:
+            rows = []
+            for f in inc.files:
+                if f["name"] in adopted:
+                    new = adopted[f["name"]]
+                    f = {k: v for k, v in f.items() if k not in (PENDING, "sha256", "full")}
+                    f.update(digest=new["digest"], size=new["size"])
+                    if new["full"]:
+                        f["full"] = True
+                rows.append(f)
+            inc.files = rows
 
 
 def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> None:

@@ -159,27 +159,38 @@ def restorable(s: Session, gb_id: int) -> tuple[GroupBackup, list[tuple[str, int
     return gb, members
 
 
-def check_complete(gb: GroupBackup) -> None:
-    """A VALID group restore point whose members all still have their point: retention or a
-    delete may have removed one (the other members' points stay restorable one by one)."""
+def missing_members(gb: GroupBackup) -> dict[str, str]:
+    """Members of a group restore point whose point is gone (retention or a delete removed
+    it) or DAMAGED (a verify found it so), with which: the other members' points stay
+    restorable one by one."""
     s = object_session(gb)
     assert s is not None
-    there = {
-        (b, q)
-        for b, q in s.execute(
-            select(Increment.backup_id, Increment.seq).where(
-                Increment.backup_id.in_([m.backup_id for m in gb.members]),
-                Increment.status == BackupStatus.VALID,
+    status: dict[tuple[int | None, int | None], str] = {
+        (b, q): st
+        for b, q, st in s.execute(
+            select(Increment.backup_id, Increment.seq, Increment.status).where(
+                Increment.backup_id.in_([m.backup_id for m in gb.members])
             )
         )
     }
-    gone = [m.vm_name for m in gb.members if (m.backup_id, m.seq) not in there]
-    if gone:
+    out = {}
+    for m in gb.members:
+        st = status.get((m.backup_id, m.seq))
+        if st != BackupStatus.VALID:
+            out[m.vm_name] = "removed" if st is None else st
+    return out
+
+
+def check_complete(gb: GroupBackup) -> None:
+    """A group restore point whose members all still have a VALID point."""
+    missing = missing_members(gb)
+    if missing:
+        which = ", ".join(f"{vm} ({why})" for vm, why in missing.items())
         raise InvalidValue(
             "group backup",
             gb.id,
-            f"the point of member(s) {', '.join(gone)} was removed (retention or backups "
-            "delete); pick a complete one from 'vmkeep group backups', or restore the other "
+            f"the points of member(s) {which} are gone (retention or backups delete) or "
+            "damaged; pick a complete one from 'vmkeep group backups', or restore the other "
             "members' points one by one",
         )
 

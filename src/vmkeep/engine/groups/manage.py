@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupDrill, GroupMember
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import backup_jobs_using
-from vmkeep.engine.groups.drill import last_drills, restorable
+from vmkeep.engine.groups.drill import last_drills, missing_members, restorable
 from vmkeep.engine.restore.point import RestoreOptions, restore
 from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.record import find_vm, sync_state
@@ -209,7 +209,7 @@ def group_backup_dict(b: GroupBackup) -> dict[str, Any]:
         "finished": b.finished_at,
         "members": [member_dict(m) for m in b.members],
         # every member still has its point (retention or a delete may have removed one)
-        "complete": all(m.backup_id is not None for m in b.members),
+        "complete": not missing_members(b),
     }
 
 

@@ -18,21 +18,22 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup, GroupBackupMember
-from vmkeep.checksums import digest_file
+from vmkeep.checksums import algorithm_of, digest_file, matches, row_digest
 from vmkeep.engine.core.backup_config import BackupConfig
-from vmkeep.engine.core.chains import disk_file, write_manifest
+from vmkeep.engine.core.chains import PENDING, disk_file, mark_damaged, write_manifest
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.core.images import backing_name, flatten, qemu_img
+from vmkeep.engine.core.images import backing_name, check_backing_names, flatten, qemu_img
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.engine.points.delete import forget_chain
 from vmkeep.engine.points.retention import ChainPlan, Plan, plan
-from vmkeep.errors import BackupFailed, VmkeepError
+from vmkeep.errors import BackupFailed, ChecksumMismatch, VmkeepError
 from vmkeep.faults import failpoint
 from vmkeep.model import BackupStatus
 
@@ -81,6 +82,15 @@ def _delete(ctx: Context, c: ChainPlan) -> None:
         forget_chain(s, c.backup)
 
 
+@dataclass
+class _Rewritten:
+    """What ``_rewrite`` leaves for the catalog: per file name its new (digest, size), and
+    per disk file of a relinked point whether it is a full of its disk now."""
+
+    sums: dict[str, tuple[str, int]] = field(default_factory=dict)
+    fulls: dict[str, bool] = field(default_factory=dict)
+
+
 def _merge(ctx: Context, c: ChainPlan) -> None:
     with ctx.catalog.session() as s:
         b = s.get(Backup, c.backup)
@@ -90,10 +100,10 @@ def _merge(ctx: Context, c: ChainPlan) -> None:
         valid = [i.seq for i in b.increments if i.status == BackupStatus.VALID]
         if c.relink:
             b.active_flatten = True
-    sums: dict[str, tuple[str, int, bool]] = {}
+    new = _Rewritten()
     if c.relink:
         try:
-            sums = _rewrite(ctx, driver, c, files, valid)
+            new = _rewrite(ctx, driver, c, files, valid)
         except BaseException:
             with ctx.catalog.session() as s:
                 row = s.get(Backup, c.backup)
@@ -113,18 +123,9 @@ def _merge(ctx: Context, c: ChainPlan) -> None:
                 gone += [f["name"] for f in inc.files]
                 row.increments.remove(inc)
             elif inc.seq in c.relink:
-                changed = []
-                for f in inc.files:
-                    if f["name"] in sums:
-                        f = {k: v for k, v in f.items() if k != "sha256"}
-                        f.update(digest=sums[f["name"]][0], size=sums[f["name"]][1])
-                        if sums[f["name"]][2]:  # restore reads no file below it
-                            f["full"] = True
-                        else:
-                            f.pop("full", None)
-                    changed.append(f)
-                inc.files, inc.parent = changed, c.relink[inc.seq]
-                inc.size = sum(f["size"] for f in changed if f["disk"])
+                inc.files = [_recorded(f, new) for f in inc.files]
+                inc.parent = c.relink[inc.seq]
+                inc.size = sum(f["size"] for f in inc.files if f["disk"])
                 inc.verified_at = inc.verify_result = None  # new files: not read back yet
         left = [i for i in row.increments if i.status == BackupStatus.VALID]
         if left and removed and max(removed) > left[-1].seq:  # its newer points went: libvirt
@@ -140,28 +141,46 @@ def _merge(ctx: Context, c: ChainPlan) -> None:
     write_manifest(ctx, driver, c.backup)
 
 
+def _recorded(f: dict[str, Any], new: _Rewritten) -> dict[str, Any]:
+    """A file row as the catalog keeps it after the merge."""
+    out = {k: v for k, v in f.items() if k != PENDING}
+    if f["name"] in new.sums:
+        out.pop("sha256", None)
+        out["digest"], out["size"] = new.sums[f["name"]]
+    if f["name"] in new.fulls:
+        if new.fulls[f["name"]]:
+            out["full"] = True  # restore reads no file below it
+        else:
+            out.pop("full", None)
+    return out
+
+
 def _rewrite(
     ctx: Context,
     driver: DatastoreDriver,
     c: ChainPlan,
     files: dict[int, list[dict[str, Any]]],
     valid: list[int],
-) -> dict[str, tuple[str, int, bool]]:
-    """Rewrite the disk files of the relinked points in a scratch folder and store them; the
-    stored files are written by ``driver.backup`` alone (a driver that reads in place, ``dir``,
-    gets symlinks to its files in the scratch folder, and a file is copied before it is
-    rebased). Returns (digest, size, a full of its disk) of every disk file of the relinked
-    points, rewritten or not: a run after one killed between the store and the catalog update
-    finds the files already rewritten and still records them right."""
+) -> _Rewritten:
+    """Rewrite the disk files of the relinked points in a scratch folder (on the datastore's
+    own file system when it has one) and store them. The stored files are written by
+    ``driver.backup`` alone: a driver that reads in place (``dir``) gets symlinks to its files
+    in the scratch folder, and a file is copied before it is rebased. Every file read is
+    checked first: its backing name one of the chain's, its checksum the catalog's (or the
+    one a merge killed after its store recorded as pending: taken as it is)."""
     top = max(c.relink)
-    needed = [str(f["name"]) for q in valid if q <= top for f in files[q] if f.get("disk")]
-    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
+    rows = {str(f["name"]): f for q in valid if q <= top for f in files[q] if f.get("disk")}
+    root = driver.staging_root() or ctx.config.data_dir
+    root.mkdir(parents=True, exist_ok=True)
+    out = _Rewritten()
+    with tempfile.TemporaryDirectory(dir=root, prefix="merge-") as tmp:
         work = Path(tmp) / "work"
-        fetched = driver.restore(c.chain, needed, Path(tmp) / "in")
+        fetched = driver.restore(c.chain, list(rows), Path(tmp) / "in")
         work.mkdir()
         for name, path in fetched.items():  # one folder: backing files found by their names
             (work / name).symlink_to(path.resolve())
+        check_backing_names({name: work / name for name in fetched})
+        out.sums = _checked(ctx, c, work, rows)
         changed: list[Path] = []
         for n in sorted(c.relink):
             below = c.relink[n]
@@ -170,28 +189,69 @@ def _rewrite(
                 if not f.get("disk"):
                     continue
                 path = work / str(f["name"])
-                if backing_name(path) is None:
-                    continue  # a full of its own: nothing below it to merge
-                target = disk_file(below, f["disk"]) if below is not None else None
-                out = path.with_name(path.name + ".new")
-                try:
-                    if target in below_names:  # a copy rebased: the stored file is only read
-                        shutil.copyfile(path, out)
-                        qemu_img("rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", target,
-                                 str(out), what=f"rebase {path.name}")  # fmt: skip
-                    else:  # the new base, or a disk the point below does not have
-                        flatten(path, out)
-                except (VmkeepError, OSError) as err:
-                    raise BackupFailed(c.chain, f"merge of {path.name}: {err}") from err
-                out.replace(path)  # the symlink (or fetched copy) gives way to the new file
-                changed.append(path)
-        sums = {
-            str(f["name"]): (digest_file(p), p.stat().st_size, backing_name(p) is None)
-            for n in c.relink
-            for f in files[n]
-            if f.get("disk") and (p := work / str(f["name"])).exists()
-        }
+                if backing_name(path) is not None:
+                    _relink_file(c, path, disk_file(below, f["disk"]) if below is not None
+                                 else None, below_names)  # fmt: skip
+                    changed.append(path)
+                out.fulls[path.name] = backing_name(path) is None
+        out.sums |= {p.name: (digest_file(p), p.stat().st_size) for p in changed}
         failpoint("retention")
         if changed:
+            _mark_pending(ctx, c.backup, {p.name: out.sums[p.name] for p in changed})
             driver.backup(c.chain, changed)
-    return sums
+    return out
+
+
+def _relink_file(c: ChainPlan, path: Path, target: str | None, below_names: set[str]) -> None:
+    """``path`` (a symlink or a fetched copy) replaced by a file that reads the same on top of
+    ``target`` (rebased), or on nothing (flattened: the new base, or a disk the point below
+    does not have)."""
+    new = path.with_name(path.name + ".new")
+    try:
+        if target is not None and target in below_names:
+            shutil.copyfile(path, new)  # the stored file is only read
+            qemu_img("rebase", "-q", "-f", "qcow2", "-F", "qcow2", "-b", target, str(new),
+                     what=f"rebase {path.name}")  # fmt: skip
+        else:
+            flatten(path, new)
+        new.replace(path)  # the symlink (or fetched copy) gives way to the new file
+    except (VmkeepError, OSError) as err:
+        raise BackupFailed(c.chain, f"merge of {path.name}: {err}") from err
+
+
+def _checked(
+    ctx: Context, c: ChainPlan, work: Path, rows: dict[str, dict[str, Any]]
+) -> dict[str, tuple[str, int]]:
+    """Each file against its catalog checksum before it is merged into another: a mismatch
+    marks its point (and those built on it) DAMAGED and stops the merge. A file that has the
+    checksum a killed merge recorded as pending was stored by it: returned, to be recorded."""
+    adopted = {}
+    for name, row in rows.items():
+        path = work / name
+        ok, got = matches(path, row_digest(row))
+        if ok:
+            continue
+        pending = row.get(PENDING)
+        if pending and digest_file(path, algorithm_of(pending["digest"])) == pending["digest"]:
+            adopted[name] = (str(pending["digest"]), int(pending["size"]))
+            continue
+        mark_damaged(ctx, c.backup, name, f"retention: {name} does not match its checksum")
+        raise ChecksumMismatch(f"{c.chain}/{name}", row_digest(row), got)
+    return adopted
+
+
+def _mark_pending(ctx: Context, backup_id: int, sums: dict[str, tuple[str, int]]) -> None:
+    """Before the store: each rewritten file's new checksum on its row, so that a merge killed
+    between the store and the catalog update leaves rows that name both (``_checked`` and
+    recovery take a stored file that has the pending one)."""
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        assert b is not None
+        for inc in b.increments:
+            if any(f["name"] in sums for f in inc.files):
+                inc.files = [
+                    f | {PENDING: {"digest": sums[f["name"]][0], "size": sums[f["name"]][1]}}
+                    if f["name"] in sums
+                    else f
+                    for f in inc.files
+                ]

@@ -11,20 +11,24 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmkeep.catalog.tables import Backup, Increment
+from vmkeep.catalog.tables import Increment
 from vmkeep.checksums import Stopped, expected_digests, matches, row_digest
-from vmkeep.engine.core.chains import disk_file, find_backup, mark_damaged, point, point_files
+from vmkeep.engine.core.chains import (
+    disk_file,
+    find_backup,
+    mark_damaged,
+    point,
+    point_files,
+)
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import check_backing_names, flatten
 from vmkeep.engine.core.stores import driver_of
@@ -46,7 +50,7 @@ from vmkeep.errors import (
 )
 from vmkeep.hypervisor.domain_xml import new_domain_xml, with_disks
 from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
-from vmkeep.model import BackupStatus, Warnings
+from vmkeep.model import Warnings
 from vmkeep.names import check_name
 from vmkeep.paths import within
 
@@ -425,56 +429,3 @@ def warn_unsearchable(
     blocked = open_to_qemu(where, own, ctx.hv)
     if blocked is not None:
         warnings.add(f"{unreachable_why(blocked, ctx.hv)}: QEMU may not reach the disks")
-
-
-def _record_verify(ctx: Context, backup_id: int, read: set[str], bad: set[str]) -> None:
-    """Each point whose files this verify read: when, and OK or FAILED (a point built on a
-    damaged one failed too: it restores nothing)."""
-    now = datetime.now(UTC)
-    with ctx.catalog.session() as s:
-        b = s.get(Backup, backup_id)
-        if b is None:
-            return
-        for inc in b.increments:
-            names = {f["name"] for f in inc.files}
-            if not names & read:
-                continue
-            failed = bool(names & bad) or inc.status == BackupStatus.DAMAGED
-            inc.verified_at, inc.verify_result = now, "FAILED" if failed else "OK"
-
-
-def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
-    """Check every file of every VALID increment against its checksum (and qemu-img check)."""
-    with ctx.catalog.session() as s:
-        b = find_backup(s, backup_id)
-        checked = [
-            i for i in b.increments if i.status in (BackupStatus.VALID, BackupStatus.DAMAGED)
-        ]
-        expected = expected_digests(f for i in checked for f in i.files)
-        chain_key, driver = b.chain, driver_of(b.datastore)
-    results: list[dict[str, Any]] = []
-    ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=ctx.config.data_dir) as tmp:
-        local = driver.restore(chain_key, list(expected), Path(tmp))
-        for name, want in expected.items():
-            ok, got = matches(local[name], want)
-            if ok and name.endswith(".qcow2"):
-                ok = (
-                    subprocess.run(
-                        ["qemu-img", "check", "-q", str(local[name])], capture_output=True
-                    ).returncode
-                    == 0
-                )
-            results.append({"file": name, "ok": ok, "digest": got, "expected": want})
-    bad = [r["file"] for r in results if not r["ok"]]
-    for name in bad:
-        mark_damaged(ctx, backup_id, name, f"verify: {name} does not match its checksum")
-    _record_verify(ctx, backup_id, set(expected), set(bad))
-    if bad:
-        raise ChecksumMismatch(
-            f"{chain_key}/{bad[0]}",
-            expected[bad[0]],
-            next(r["digest"] for r in results if r["file"] == bad[0]),
-        )
-    store_check = driver.verify_store(chain_key)  # restic: check --read-data-subset
-    return {"backup": backup_id, "files": results, "ok": True, "store_check": store_check}

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 from vmkeep.catalog.tables import BackupJob, BackupJobRun, Datastore, GroupBackup, Job, Vm
 from vmkeep.engine.core import backup_config, jobs, schedules, stores
 from vmkeep.engine.core.context import Context
+from vmkeep.engine.groups.drill import missing_members
 from vmkeep.engine.groups.manage import find_group
 from vmkeep.engine.points.listing import newest_point, verify_due
 from vmkeep.engine.vm import policy
@@ -475,7 +476,7 @@ def _group_drill(s: Session, bj: BackupJob) -> tuple[Targets, list[dict[str, Any
         .order_by(GroupBackup.id.desc())
     ).scalars()
     # the newest whose members all still have their point (retention may have removed one)
-    gb = next((g for g in rows if all(m.backup_id is not None for m in g.members)), None)
+    gb = next((g for g in rows if not missing_members(g)), None)
     if gb is None:  # reported: a drill job that drills nothing proves nothing
         return [], [
             {"vm": group.name, "reason": f"no complete VALID group backup on {bj.datastore}"}
@@ -494,10 +495,11 @@ def _group_drill(s: Session, bj: BackupJob) -> tuple[Targets, list[dict[str, Any
 def _point_targets(s: Session, bj: BackupJob, vm: str, now: datetime) -> Targets | tuple[str, bool]:
     """A verify job's chains of ``vm`` due for a verify, or a drill job's newest point of it,
     on the job's datastore; or why there is nothing to do, and whether that goes unreported
-    (every point verified lately) or is reported (no point at all: the job proves nothing)."""
+    (every point verified lately; no point of a VM of a pool or of all: it may be backed up to
+    another datastore) or is reported (no point of a VM the job names: it proves nothing)."""
     newest = newest_point(s, vm, bj.datastore)
-    if newest is None:
-        return f"no restore point on {bj.datastore}", False
+    if newest is None:  # reported for a VM the job names (--vm); one of a pool or of all
+        return f"no restore point on {bj.datastore}", "vms" not in bj.selector  # may go elsewhere
     if bj.task == "verify":
         days = bj.options.get("reverify_after")
         due = verify_due(s, vm, bj.datastore, days, now)

@@ -15,7 +15,7 @@ from vmkeep.engine.groups import backup as group_backup
 from vmkeep.engine.groups import drill as group_drill
 from vmkeep.engine.groups import manage
 from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.points import copy, delete, listing, prune, scan
+from vmkeep.engine.points import copy, delete, listing, prune, scan, verify
 from vmkeep.engine.protect import backup
 from vmkeep.engine.restore import drill, inplace, point
 from vmkeep.engine.service import params as P
@@ -216,7 +216,7 @@ def run_restore(
 
 
 def run_verify(ctx: Context, _a: Action, p: P.PointParams, _pr: Progress, _c: Caller) -> Outcome:
-    return point.verify(ctx, p.backup), []
+    return verify.verify(ctx, p.backup), []
 
 
 def run_copy(ctx: Context, _a: Action, p: P.CopyParams, _pr: Progress, _c: Caller) -> Outcome:

@@ -172,8 +172,10 @@ def revert_disk_swap(ctx: Context, name: str) -> list[str]:
 
 
 def _clear_interrupted_flatten(ctx: Context, vm_id: int) -> list[str]:
-    """Retention stores merged files before it updates the catalog; a flag left set means it
-    died before storing (the old files and rows are intact): clear it, the next run merges."""
+    """A retention merge rewrites copies and stores them before it updates the catalog; a flag
+    left set means it died on the way. Killed before the store, the old files and rows are
+    intact; after it, the rows name the stored files' checksums as ``pending`` (verify and the
+    next merge take them: engine/points/merge.py). Either way: clear it, the next run merges."""
     with ctx.catalog.session() as s:
         rows = s.execute(
             select(Backup).where(Backup.vm_id == vm_id, Backup.active_flatten.is_(True))
@@ -181,7 +183,7 @@ def _clear_interrupted_flatten(ctx: Context, vm_id: int) -> list[str]:
         out = []
         for b in rows:
             b.active_flatten = False
-            out.append(f"backup {b.id}: an interrupted retention merge was rolled back")
+            out.append(f"backup {b.id}: an interrupted retention merge is left to the next run")
         return out
 
 
