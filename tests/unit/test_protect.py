@@ -726,3 +726,22 @@ def test_a_merge_refuses_a_file_that_names_a_backing_file_outside_its_chain(
     with pytest.raises(VmkeepError, match="not a file of its chain"):
         apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 1}))
     assert not any(b"TOPSECRET" in p.read_bytes() for p in (tmp_path / "store").rglob("*.qcow2"))
+
+
+def test_recovery_removes_the_scratch_a_killed_merge_left(ctx: Context, tmp_path: Path) -> None:
+    from vmkeep.engine.vm.recovery import _clear_interrupted_flatten
+
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 2)
+    other = make_chain(ctx, tmp_path, "INCREMENT", 1)
+    staging = tmp_path / "store" / ".vmkeep-staging"
+    for b in (bid, other):
+        (staging / f"merge-{b}-abc" / "work").mkdir(parents=True)
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, bid)
+        assert b is not None
+        b.active_flatten = True
+    vm_id, _ = ids(ctx)
+    assert _clear_interrupted_flatten(ctx, vm_id) == [
+        f"backup {bid}: an interrupted retention merge is left to the next run"
+    ]
+    assert sorted(p.name for p in staging.iterdir()) == [f"merge-{other}-abc"]  # not its

@@ -38,6 +38,9 @@ CHECKPOINT_PREFIX = "vmkeep-"
 # a file row's key while a retention merge stores its rewritten file: {"digest", "size"} of it
 # (engine/points/merge.py; a merge killed after its store leaves it for the next run)
 PENDING = "pending"
+# its scratch folders: merge-<backup id>-*, on the datastore's file system or in the data dir
+# (recovery removes those a killed merge left)
+MERGE_PREFIX = "merge-"
 
 
 def checkpoint_name(backup_id: int, seq: int) -> str:

@@ -27,7 +27,13 @@ from sqlalchemy import select
 from vmkeep.catalog.tables import Backup, GroupBackupMember
 from vmkeep.checksums import algorithm_of, digest_file, matches, row_digest
 from vmkeep.engine.core.backup_config import BackupConfig
-from vmkeep.engine.core.chains import PENDING, disk_file, mark_damaged, write_manifest
+from vmkeep.engine.core.chains import (
+    MERGE_PREFIX,
+    PENDING,
+    disk_file,
+    mark_damaged,
+    write_manifest,
+)
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.images import backing_name, check_backing_names, flatten, qemu_img
 from vmkeep.engine.core.stores import driver_of
@@ -173,7 +179,7 @@ def _rewrite(
     root = driver.staging_root() or ctx.config.data_dir
     root.mkdir(parents=True, exist_ok=True)
     out = _Rewritten()
-    with tempfile.TemporaryDirectory(dir=root, prefix="merge-") as tmp:
+    with tempfile.TemporaryDirectory(dir=root, prefix=f"{MERGE_PREFIX}{c.backup}-") as tmp:
         work = Path(tmp) / "work"
         fetched = driver.restore(c.chain, list(rows), Path(tmp) / "in")
         work.mkdir()

@@ -29,6 +29,7 @@ from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.chains import (
     CHECKPOINT_PREFIX,
+    MERGE_PREFIX,
     chain_disks,
     checkpoint_name,
     checkpoints_to_keep,
@@ -183,6 +184,10 @@ def _clear_interrupted_flatten(ctx: Context, vm_id: int) -> list[str]:
         out = []
         for b in rows:
             b.active_flatten = False
+            roots = [driver_of(b.datastore).staging_root(), ctx.config.data_dir]
+            for root in (r for r in roots if r is not None and r.is_dir()):
+                for left in root.glob(f"{MERGE_PREFIX}{b.id}-*"):
+                    shutil.rmtree(left, ignore_errors=True)
             out.append(f"backup {b.id}: an interrupted retention merge is left to the next run")
         return out
 
