@@ -531,14 +531,11 @@ def test_a_merge_keeps_a_disk_that_joined_the_chain(ctx: Context, tmp_path: Path
     assert verify.verify(ctx, bid)["ok"] is True
 
 
-def test_a_drill_job_of_a_group_drills_its_newest_complete_cut(
-    ctx: Context, tmp_path: Path
-) -> None:
-    from vmkeep.catalog.tables import BackupJob, Group, GroupBackup, GroupBackupMember, GroupMember
-    from vmkeep.engine.groups import manage
-    from vmkeep.engine.service import backupjobs
+def _group_points(ctx: Context, points: list[tuple[str, int | None, int]]) -> list[int]:
+    """Group restore points of group app (its one member: web), one per (status, backup,
+    increment) given, oldest first; their ids."""
+    from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupMember
 
-    bid = make_chain(ctx, tmp_path, "FULL", 1)
     with ctx.catalog.session() as s:
         vm = s.execute(select(Vm).where(Vm.name == "web")).scalar_one()
         g = Group(name="app")
@@ -546,15 +543,29 @@ def test_a_drill_job_of_a_group_drills_its_newest_complete_cut(
         s.flush()
         s.add(GroupMember(group_id=g.id, vm_id=vm.id, position=0))
         ds = stores.find_datastore(s, "ds")
-        # the newest is FAILED, the one before lost its member's point: neither is drilled
-        for status, point in (("VALID", bid), ("VALID", None), ("FAILED", bid)):
+        out = []
+        for status, backup, seq in points:
             gb = GroupBackup(group_id=g.id, datastore_id=ds.id, status=status)
             s.add(gb)
             s.flush()
             s.add(GroupBackupMember(group_backup_id=gb.id, vm_id=vm.id, vm_name="web",
-                                    position=0, status=status, backup_id=point, seq=0))  # fmt: skip
-        valid = s.execute(select(GroupBackup.id).where(GroupBackup.status == "VALID")).scalar()
-        incomplete = gb.id - 1
+                                    position=0, status=status, backup_id=backup,
+                                    seq=seq))  # fmt: skip
+            out.append(gb.id)
+        return out
+
+
+def test_a_drill_job_of_a_group_drills_its_newest_complete_cut(
+    ctx: Context, tmp_path: Path
+) -> None:
+    from vmkeep.catalog.tables import BackupJob
+    from vmkeep.engine.groups import manage
+    from vmkeep.engine.service import backupjobs
+
+    bid = make_chain(ctx, tmp_path, "FULL", 1)
+    # the newest is FAILED, the one before lost its member's point: neither is drilled
+    valid, incomplete, _ = _group_points(ctx, [("VALID", bid, 0), ("VALID", None, 0),
+                                              ("FAILED", bid, 0)])  # fmt: skip
     with pytest.raises(InvalidValue, match=r"the points of member.s. web \(removed\) are gone"):
         manage.restore_group(ctx, incomplete, "-copy")
     backupjobs.create(ctx, "gd", {"group": "app"}, "ds", "daily", task="drill",
@@ -575,24 +586,10 @@ def test_a_drill_job_of_a_group_drills_its_newest_complete_cut(
 def test_retention_that_removes_a_members_point_leaves_its_group_point_incomplete(
     ctx: Context, tmp_path: Path
 ) -> None:
-    from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember
     from vmkeep.engine.groups import manage
 
     bid = make_chain(ctx, tmp_path, "INCREMENT", 3)
-    with ctx.catalog.session() as s:
-        vm = s.execute(select(Vm).where(Vm.name == "web")).scalar_one()
-        g = Group(name="app")
-        s.add(g)
-        s.flush()
-        gbs = []
-        for seq in (1, 2):
-            gb = GroupBackup(group_id=g.id, datastore_id=stores.find_datastore(s, "ds").id,
-                             status="VALID")  # fmt: skip
-            s.add(gb)
-            s.flush()
-            s.add(GroupBackupMember(group_backup_id=gb.id, vm_id=vm.id, vm_name="web",
-                                    position=0, status="VALID", backup_id=bid, seq=seq))  # fmt: skip
-            gbs.append(gb.id)
+    gbs = _group_points(ctx, [("VALID", bid, 1), ("VALID", bid, 2)])
     vm_id, ds_id = ids(ctx)
     apply_retention(ctx, vm_id, ds_id, resolve({"keep_last": 1}))
     shown = {b["id"]: b["complete"] for b in manage.list_group_backups(ctx)}

@@ -10,14 +10,13 @@ import click
 
 from vmkeep.cli import complete
 from vmkeep.cli.output import act, console, json_option, read, render, report_warnings
+from vmkeep.engine.core.backup_config import KEEP_KEYS
 from vmkeep.errors import InvalidValue
 from vmkeep.model import Warnings
 
-RULES = ("keep_last", "keep_hourly", "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly")
-
 
 def _rule_options(fn: Any) -> Any:
-    for rule in reversed(RULES):
+    for rule in reversed(KEEP_KEYS):
         option = "--" + rule.replace("_", "-")
         fn = click.option(option, rule, type=click.IntRange(1, 1_000_000), default=None,
                           help=f"For this run: {rule} (instead of the VM's policy).")(fn)  # fmt: skip

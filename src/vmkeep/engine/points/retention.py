@@ -53,9 +53,7 @@ class ChainPlan:
 @dataclass
 class Plan:
     vm: str
-    vm_id: int
     datastore: str
-    datastore_id: int
     rules: dict[str, int]
     zone: str
     points: list[dict[str, Any]]  # newest first: backup, increment, taken, keep, rule, how
@@ -118,9 +116,7 @@ def plan(ctx: Context, s: Session, vm_id: int, ds_id: int, cfg: BackupConfig) ->
     first = chains[0] if chains else None
     return Plan(
         vm=first.vm.name if first else "",
-        vm_id=vm_id,
         datastore=first.datastore.name if first else "",
-        datastore_id=ds_id,
         rules=rules,
         zone=zone,
         points=rows,
