@@ -57,7 +57,7 @@ def login_routes(web: Web, r: Any) -> None:
         who = await run_in_threadpool(S.actor_of, web.ctx(), token) if token else None
         if who is None:
             why = "Enter a token." if not token else "Unknown or revoked token."
-            return web.render(request, "login.html", status_code=401, next=goto, error=why
+            return web.render(request, "login.html", status=401, next=goto, error=why
                               + " An admin makes one with: vmkeep token create NAME --role viewer")  # fmt: skip
         request.scope.setdefault("state", {})[limits.ACTOR] = who  # the audit log's actor
         response = web.redirect(goto)

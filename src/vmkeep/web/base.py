@@ -89,9 +89,10 @@ class Web:
 
     # --- answers -----------------------------------------------------------------------------
     def render(
-        self, request: Request, template: str, status_code: int = 200, **data: Any
+        self, request: Request, template: str, status: int = 200, **data: Any
     ) -> Response:
-        """``template`` with the page's common context: actor, csrf, nav, flash, can."""
+        """``template`` with the page's common context (actor, csrf, nav, flash, can, plot, bar),
+        answered with HTTP ``status``."""
         state = request.scope.get("state", {})
         who = state.get(limits.ACTOR)
         actor = who if isinstance(who, Actor) and who.role in ROLES else None
@@ -110,7 +111,7 @@ class Web:
             "bar": R.bar,
         } | data
         html = self.env.get_template(template).render(context)
-        response = HTMLResponse(html, status_code=status_code)
+        response = HTMLResponse(html, status_code=status)
         response.headers["Cache-Control"] = "no-store"
         if flash is not None:
             response.delete_cookie(FLASH, path="/")
@@ -200,5 +201,5 @@ def failed(web: Web, request: Request, status: int, code: str, message: str) -> 
         split = urlsplit(referer)
         back = S.safe_next(split.path + (f"?{split.query}" if split.query else ""))
     return web.render(
-        request, "error.html", status_code=status, code=code, error=message, back=back
+        request, "error.html", status=status, code=code, error=message, back=back
     )

@@ -54,7 +54,7 @@ def routes(web: Web, app: FastAPI) -> None:
         stores_ = [d["name"] for d in stores.list_all(ctx)]
         return web.render(
             request, "backups.html", title="Backups", rows=rows[:SHOWN], more=len(rows) > SHOWN,
-            shown=SHOWN, vm=vm, datastore=datastore, status=status, statuses=STATUSES,
+            shown=SHOWN, vm=vm, datastore=datastore, status_filter=status, statuses=STATUSES,
             datastores=stores_, vms=sorted({b["vm"] for b in chains}) if not vm else [vm],
         )  # fmt: skip
 
