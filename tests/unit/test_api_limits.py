@@ -323,7 +323,7 @@ def test_a_catalog_error_carries_no_sql_and_no_parameters(
     for leak in ("INSERT", "[SQL", "[parameters", "sekrit", "sqlalche.me"):
         assert leak not in message, message
 
-    def failing(c: Context, _state: Any = None) -> Any:
+    def failing(c: Context, *_args: Any) -> Any:  # list_jobs(ctx, state, limit, after)
         with c.catalog.session() as s:
             s.execute(text("SELECT * FROM no_such_table WHERE x = :p"), {"p": "hunter2"})
 

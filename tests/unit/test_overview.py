@@ -217,3 +217,15 @@ def test_queries_do_not_grow_with_the_vms(ctx: Context) -> None:
         return count
 
     assert statements(5) == statements(300)
+
+
+def test_max_age_answers_the_same_overview_again(ctx: Context) -> None:
+    with ctx.catalog.session() as s:
+        add_vm(s, "a")
+    first = overview.summary(ctx, max_age=60)
+    with ctx.catalog.session() as s:
+        add_vm(s, "b")
+    assert overview.summary(ctx, max_age=60) is first  # a dashboard's poll: not made again
+    fresh = overview.summary(ctx)
+    assert fresh["vms"]["total"] == 2 and fresh["generated"] > first["generated"]
+    assert overview.summary(ctx, max_age=60) is fresh  # the newest one made is answered

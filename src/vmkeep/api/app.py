@@ -26,6 +26,7 @@ from vmkeep.api import (
     catalog_routes,
     limits,
     notify_routes,
+    paging,
     point_routes,
     pool_routes,
     schedule_routes,
@@ -149,6 +150,7 @@ def create_app(
     # outermost last: the audit log sees the body limit's 401 and 413 too
     app.add_middleware(limits.BodyLimit, limit=config.api.max_body_bytes, authenticate=body_actor)
     app.add_middleware(AuditLog, record=record, local=is_local)
+    app.add_middleware(paging.ETags)  # ETag / 304 on every JSON GET (api/paging.py)
 
     # --- health --------------------------------------------------------------------------------
     @app.get("/healthz")

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import FastAPI, Query
+from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import Field
 
 from vmkeep.api.base import Api, FastJSON, jsonable
+from vmkeep.api.paging import DEFAULT_PAGE, Cursor, Limit, page
 from vmkeep.engine.core import jobs, stores
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.groups import manage
@@ -24,6 +25,7 @@ from vmkeep.engine.service.params import Params
 from vmkeep.engine.vm import inventory
 from vmkeep.names import MAX_ID
 
+OVERVIEW_MAX_AGE = 1.0  # seconds an overview is answered again (many dashboards poll it)
 # catalog ids are 64-bit integers: a larger one is bad input (422), not a database error
 Id = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 
@@ -51,8 +53,13 @@ def routes(api: Api, r: FastAPI) -> None:
 
     # --- VMs -------------------------------------------------------------------------------
     @r.get("/v1/vms")
-    def list_vms(who: Actor = read) -> Any:
-        return FastJSON(inventory.list_vms(ctx()))
+    def list_vms(
+        request: Request, limit: Limit = DEFAULT_PAGE, cursor: Cursor = None, who: Actor = read
+    ) -> Any:
+        """A page of the VMs in id order; the next page's URL is in the Link header."""
+        return page(
+            request, lambda n, after: inventory.list_vms(ctx(), n, after, reuse=True), limit, cursor
+        )
 
     @r.get("/v1/vms/{vm}")
     def show_vm(vm: str, who: Actor = read) -> Any:
@@ -74,16 +81,28 @@ def routes(api: Api, r: FastAPI) -> None:
 
     # --- backups, datastores, groups -------------------------------------------------------
     @r.get("/v1/backups")
-    def list_backups(vm: str | None = None, who: Actor = read) -> Any:
-        return FastJSON(listing.list_backups(ctx(), vm))
+    def list_backups(
+        request: Request,
+        vm: str | None = None,
+        limit: Limit = DEFAULT_PAGE,
+        cursor: Cursor = None,
+        who: Actor = read,
+    ) -> Any:
+        """A page of the backups (of ``vm``) in id order, each with its points."""
+        return page(
+            request, lambda n, after: listing.list_backups(ctx(), vm, n, after), limit, cursor
+        )
 
     @r.get("/v1/backups/{backup_id}")
     def show_backup(backup_id: Id, who: Actor = read) -> Any:
         return FastJSON(listing.show_with_sizes(ctx(), backup_id))
 
     @r.get("/v1/datastores")
-    def list_datastores(who: Actor = read) -> Any:
-        return FastJSON(stores.list_all(ctx()))
+    def list_datastores(
+        request: Request, limit: Limit = DEFAULT_PAGE, cursor: Cursor = None, who: Actor = read
+    ) -> Any:
+        """A page of the datastores in id order, with total and free bytes."""
+        return page(request, lambda n, after: stores.list_all(ctx(), n, after), limit, cursor)
 
     @r.post("/v1/datastores", status_code=201)
     def add_datastore(body: DatastoreRequest, who: Actor = require("datastore-add")) -> Any:
@@ -96,8 +115,11 @@ def routes(api: Api, r: FastAPI) -> None:
         return jsonable(delete.remove_datastore(ctx(), ds, force))
 
     @r.get("/v1/groups")
-    def list_groups(who: Actor = read) -> Any:
-        return FastJSON(manage.list_groups(ctx()))
+    def list_groups(
+        request: Request, limit: Limit = DEFAULT_PAGE, cursor: Cursor = None, who: Actor = read
+    ) -> Any:
+        """A page of the groups in id order."""
+        return page(request, lambda n, after: manage.list_groups(ctx(), n, after), limit, cursor)
 
     @r.post("/v1/groups", status_code=201)
     def create_group(body: GroupRequest, who: Actor = require("group-create")) -> Any:
@@ -107,12 +129,19 @@ def routes(api: Api, r: FastAPI) -> None:
     @r.get("/v1/overview")
     def show_overview(who: Actor = read) -> Any:
         """VMs by protection state, datastore usage, running jobs, the last 24 h's failures."""
-        return FastJSON(overview.summary(ctx()))
+        return FastJSON(overview.summary(ctx(), max_age=OVERVIEW_MAX_AGE))
 
     # --- jobs, audit, metrics --------------------------------------------------------------
     @r.get("/v1/jobs")
-    def list_jobs(state: str | None = None, who: Actor = read) -> Any:
-        return FastJSON(jobs.list_jobs(ctx(), state))
+    def list_jobs(
+        request: Request,
+        state: str | None = None,
+        limit: Limit = DEFAULT_PAGE,
+        cursor: Cursor = None,
+        who: Actor = read,
+    ) -> Any:
+        """A page of the jobs (in ``state``), newest first."""
+        return page(request, lambda n, after: jobs.list_jobs(ctx(), state, n, after), limit, cursor)
 
     @r.delete("/v1/jobs/{job_id}")
     def cancel_job(job_id: Id, who: Actor = require("cancel-job")) -> Any:
@@ -120,10 +149,13 @@ def routes(api: Api, r: FastAPI) -> None:
 
     @r.get("/v1/audit")
     def list_audit(
-        limit: int = Query(default=100, ge=1, le=100000), who: Actor = require("audit")
+        request: Request,
+        limit: Limit = DEFAULT_PAGE,
+        cursor: Cursor = None,
+        who: Actor = require("audit"),
     ) -> Any:
         """Who did what, newest first: every mutating request and every failed login."""
-        return FastJSON(audit.list_entries(ctx(), limit))
+        return page(request, lambda n, after: audit.list_entries(ctx(), n, after), limit, cursor)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CatalogCollector(ctx))

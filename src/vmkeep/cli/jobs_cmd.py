@@ -39,7 +39,8 @@ def jobs() -> None:
 @click.pass_context
 def list_cmd(c: click.Context, state: str | None, as_json: bool) -> None:
     """Newest first."""
-    render(read(c, "/v1/jobs", "core.jobs:list_jobs", state, state=state), as_json, _table)
+    rows = read(c, "/v1/jobs", "core.jobs:list_jobs", state, state=state, limit="200")
+    render(rows, as_json, _table)  # the newest 200 (list_jobs' default)
 
 
 @jobs.command("show")

@@ -14,13 +14,14 @@ from __future__ import annotations
 import http.client
 import logging
 import os
+import re
 import signal
 import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import parse_qsl, quote, urlencode
 
 import click
 
@@ -32,6 +33,8 @@ POLL = 1.0  # seconds a follower waits per request for its job's end (it answers
 # no daemon, the socket of one that is gone, or another user's (the direct read says what is wrong)
 _STOPS = (signal.SIGINT, signal.SIGTERM)  # what the CLI turns into KeyboardInterrupt
 _ABSENT = (FileNotFoundError, ConnectionRefusedError, NotADirectoryError, PermissionError)
+MAX_PAGE = 1000  # the most rows a page of the API holds (api/paging.py)
+_NEXT = re.compile(r'<([^>]*)>\s*;\s*rel="?next"?')  # RFC 8288: the next page's link
 
 
 class UnixConnection(http.client.HTTPConnection):
@@ -70,6 +73,14 @@ def _ask(
 ) -> tuple[int, Any]:
     """One request: (HTTP status, parsed JSON or None). Raises ``_ABSENT`` errors when no
     daemon listens, other OSError / HTTPException when it did not answer."""
+    status, data, _next = _ask_page(where, method, target, body, timeout)
+    return status, data
+
+
+def _ask_page(
+    where: paths.Where, method: str, target: str, body: Any = None, timeout: float = TIMEOUT
+) -> tuple[int, Any, str | None]:
+    """``_ask``, and the target of the next page its ``Link`` header names (None: the last)."""
     headers = {"X-Vmkeep-Catalog": where.key}
     data = None
     if body is not None:
@@ -78,32 +89,62 @@ def _ask(
     try:
         conn.request(method, target, body=data, headers=headers)
         resp = conn.getresponse()
-        status, raw = resp.status, resp.read()
+        status, raw, link = resp.status, resp.read(), resp.getheader("Link")
     finally:
         conn.close()
+    found = _NEXT.search(link or "")
     try:
-        return status, jsontext.loads(raw)
+        return status, jsontext.loads(raw), found.group(1) if found else None
     except ValueError:
-        return status, None
+        return status, None, None
 
 
 def get(c: click.Context, path: str, **query: str | None) -> Any | None:
     """The daemon's answer to ``GET path?query`` (parsed JSON), or None when the caller must read
     the catalog itself: no daemon, a daemon on another catalog, ``VMKEEP_NO_DAEMON``, or a daemon
-    that did not answer as one. An error the daemon reports is raised as the same vmkeep error."""
+    that did not answer as one. An error the daemon reports is raised as the same vmkeep error.
+
+    A list comes in pages (``api/paging.py``): every page is read, following the ``Link``
+    header, and the rows are returned as one list; ``limit`` is the most rows wanted (the
+    pages then hold up to ``MAX_PAGE`` each)."""
     where = _where(c)
     if where is None:
         return None
     args = {k: v for k, v in query.items() if v is not None}
+    most = int(args["limit"]) if "limit" in args else None
+    if most is not None:
+        args["limit"] = str(min(most, MAX_PAGE))
+    target: str | None = path + (f"?{urlencode(args)}" if args else "")
+    rows: list[Any] = []
+    while target is not None:
+        data = _get_one(where, target)
+        if data is None or not isinstance(data[0], list):
+            return data[0] if data is not None and not rows else None
+        rows += data[0]
+        target = data[1] if most is None or len(rows) < most else None
+        if target is not None and "limit" not in args:  # the first page was the default's
+            target = _with_limit(target, MAX_PAGE)
+    return rows[:most] if most is not None else rows
+
+
+def _with_limit(target: str, limit: int) -> str:
+    path, _, query = target.partition("?")
+    args = [(k, v) for k, v in parse_qsl(query) if k != "limit"]
+    return f"{path}?{urlencode([*args, ('limit', str(limit))])}"
+
+
+def _get_one(where: paths.Where, target: str) -> tuple[Any, str | None] | None:
+    """One GET: (parsed JSON, the next page's target) or None when the command must read the
+    catalog itself. An error the daemon reports is raised as the same vmkeep error."""
     try:
-        status, data = _ask(where, "GET", path + (f"?{urlencode(args)}" if args else ""))
+        status, data, next_page = _ask_page(where, "GET", target)
     except _ABSENT:
         return None
     except (OSError, http.client.HTTPException) as err:
         log.warning("the daemon did not answer on %s (%s); reading the catalog", where.socket, err)
         return None
     if status == 200 and data is not None:
-        return data
+        return data, next_page
     if status in (400, 404, 409, 422) and isinstance(data, dict) and "error" in data:
         raise _error(status, data)  # what the command itself would have raised
     # 421: it serves another catalog or host; 401/403: not vmkeep's daemon; 5xx or an answer

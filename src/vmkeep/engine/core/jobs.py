@@ -176,11 +176,17 @@ def wait(ctx: Context, job_id: int, seconds: float) -> dict[str, Any]:
     return job
 
 
-def list_jobs(ctx: Context, state: str | None = None, limit: int = 200) -> list[dict[str, Any]]:
+def list_jobs(
+    ctx: Context, state: str | None = None, limit: int = 200, after: int | None = None
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` jobs (in ``state``), newest first; ``after``: those older than the
+    job with this id (the next page)."""
     with ctx.catalog.session() as s:
         q = select(Job).order_by(Job.id.desc()).limit(limit)
         if state:
             q = q.where(Job.state == state.upper())
+        if after is not None:
+            q = q.where(Job.id < after)
         return [job_dict(j) for j in s.execute(q).scalars()]
 
 

@@ -55,9 +55,16 @@ def add(ctx: Context, name: str, driver: str, options: dict[str, Any]) -> dict[s
         return ds_dict(ds, drv) | ({"host_keys_learned": host_keys} if host_keys else {})
 
 
-def list_all(ctx: Context) -> list[dict[str, Any]]:
+def list_all(
+    ctx: Context, limit: int | None = None, after: int | None = None
+) -> list[dict[str, Any]]:
+    """The datastores in id order (``limit`` of them, those after id ``after``: a page), each
+    with its monitor's total and free bytes."""
     with ctx.catalog.session() as s:
-        return [ds_dict(ds) for ds in s.execute(select(Datastore).order_by(Datastore.id)).scalars()]
+        q = select(Datastore).order_by(Datastore.id).limit(limit)
+        if after is not None:
+            q = q.where(Datastore.id > after)
+        return [ds_dict(ds) for ds in s.execute(q).scalars()]
 
 
 def check_exists(ctx: Context, ref: str) -> None:

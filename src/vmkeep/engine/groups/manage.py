@@ -126,9 +126,15 @@ def create_group(
         raise AlreadyExists(f"group '{name}'") from err
 
 
-def list_groups(ctx: Context) -> list[dict[str, Any]]:
+def list_groups(
+    ctx: Context, limit: int | None = None, after: int | None = None
+) -> list[dict[str, Any]]:
+    """The groups in id order (``limit`` of them, those after id ``after``: a page)."""
     with ctx.catalog.session() as s:
-        groups = s.execute(select(Group).order_by(Group.id)).scalars().all()
+        q = select(Group).order_by(Group.id).limit(limit)
+        if after is not None:
+            q = q.where(Group.id > after)
+        groups = s.execute(q).scalars().all()
         return [group_dict(g, s) for g in groups]
 
 

@@ -20,11 +20,22 @@ from vmkeep.errors import DatastoreError
 from vmkeep.model import BackupStatus
 
 
-def list_backups(ctx: Context, vm_ref: str | None = None) -> list[dict[str, Any]]:
+def list_backups(
+    ctx: Context, vm_ref: str | None = None, limit: int | None = None, after: int | None = None
+) -> list[dict[str, Any]]:
+    """The backups (of the VM ``vm_ref``) in id order, each with its points; ``limit`` of them,
+    those after id ``after`` (a page)."""
     with ctx.catalog.session() as s:
-        if vm_ref is None:
-            return backup_dicts(s)
-        return backup_dicts(s, Backup.vm_id == find_vm(s, vm_ref).id)
+        where = [] if vm_ref is None else [Backup.vm_id == find_vm(s, vm_ref).id]
+        if after is not None:
+            where.append(Backup.id > after)
+        if limit is not None:
+            q = select(Backup.id).where(*where).order_by(Backup.id).limit(limit)
+            ids = list(s.execute(q).scalars())
+            if not ids:
+                return []
+            where = [Backup.id >= ids[0], Backup.id <= ids[-1], *where]
+        return backup_dicts(s, *where)
 
 
 def show_backup(ctx: Context, backup_id: int) -> dict[str, Any]:

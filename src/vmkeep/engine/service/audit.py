@@ -66,8 +66,11 @@ def entry_dict(e: AuditEntry) -> dict[str, Any]:
     }
 
 
-def list_entries(ctx: Context, limit: int = 100) -> list[dict[str, Any]]:
-    """The newest ``limit`` entries, newest first."""
+def list_entries(ctx: Context, limit: int = 100, after: int | None = None) -> list[dict[str, Any]]:
+    """The newest ``limit`` entries, newest first; ``after``: those older than the entry with
+    this id (the next page)."""
     with ctx.catalog.session() as s:
         q = select(AuditEntry).order_by(AuditEntry.id.desc()).limit(max(1, limit))
+        if after is not None:
+            q = q.where(AuditEntry.id < after)
         return [entry_dict(e) for e in s.execute(q).scalars()]

@@ -6,12 +6,15 @@ Every action checks the VM's state first and refuses a wrong state with ``WrongS
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from vmkeep.catalog import lock
 from vmkeep.catalog.tables import Vm
@@ -99,15 +102,21 @@ def import_all(ctx: Context) -> list[dict[str, Any]]:
     return [import_vm(ctx, d.name) for d in ctx.hv.list_domains()]
 
 
-def list_vms(ctx: Context) -> list[dict[str, Any]]:
-    """Every VM, its state refreshed from one libvirt call, with its effective backup config
-    (one read of the pools table: ``policy.Policies``). The rows are read as plain tuples and
-    only those whose state changed are loaded as objects and written (1,000 VMs: 25 ms as ORM
-    objects, 9 ms so, in-process)."""
+def list_vms(
+    ctx: Context, limit: int | None = None, after: int | None = None, reuse: bool = False
+) -> list[dict[str, Any]]:
+    """Every VM in id order (``limit`` of them, those after id ``after``: a page), its state
+    refreshed from libvirt's (one call for all domains; ``reuse``: the API's, ``live_states``), with its effective backup config (one read of
+    the pools table: ``policy.Policies``). The rows are read as plain tuples and only those
+    whose state changed are loaded as objects and written (1,000 VMs: 25 ms as ORM objects,
+    9 ms so, in-process)."""
     with ctx.catalog.session() as s:
-        rows = s.execute(select(Vm.state_file, *_SHOWN).order_by(Vm.id)).all()
+        q = select(Vm.state_file, *_SHOWN).order_by(Vm.id).limit(limit)
+        if after is not None:
+            q = q.where(Vm.id > after)
+        rows = s.execute(q).all()
         policies = Policies(ctx, s)
-        live = ctx.hv.states()  # one libvirt call, however many VMs
+        live = live_states(ctx, s) if reuse else ctx.hv.states()
         out, moved = [], []
         for state_file, *shown in rows:
             d = _summary(policies, *shown)
@@ -120,6 +129,32 @@ def list_vms(ctx: Context) -> list[dict[str, Any]]:
             for vm in s.execute(select(Vm).where(Vm.id.in_(moved))).scalars():
                 _refresh(ctx, vm, live)
         return out
+
+
+# libvirt's domain states as the API's list last saw them, per hypervisor URI and catalog:
+# (monotonic time, the catalog's newest VM change then, the states)
+_live: dict[str, tuple[float, Any, dict[str, DomainInfo]]] = {}
+_live_lock = threading.Lock()
+LIVE_TTL = 2.0  # seconds libvirt's states are reused by lists while no VM row changes
+
+
+def live_states(ctx: Context, s: Session) -> dict[str, DomainInfo]:
+    """Every domain's state (``hv.states``: one call, but one libvirt round trip per domain
+    inside it), reused for ``LIVE_TTL`` s by the API's lists (each page of each of 50 polling
+    clients would ask for all domains again) as long as no VM row of the catalog changed meanwhile: an action of vmkeep (which
+    writes the VM's row, in any process) is seen by the next list at once, a change made
+    outside vmkeep (``virsh``) within ``LIVE_TTL`` s."""
+    changed = s.execute(select(func.max(Vm.updated_at))).scalar()
+    now = time.monotonic()
+    key = f"{ctx.hv.uri} {ctx.config.catalog_url}"
+    with _live_lock:
+        hit = _live.get(key)
+    if hit is not None and now - hit[0] < LIVE_TTL and hit[1] == changed:
+        return hit[2]
+    states = ctx.hv.states()
+    with _live_lock:
+        _live[key] = (now, changed, states)
+    return states
 
 
 def show_vm(ctx: Context, ref: str) -> dict[str, Any]:
