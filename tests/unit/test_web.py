@@ -359,3 +359,32 @@ def test_the_session_key_is_private_and_kept(site: Site) -> None:
     key = site.ctx.config.data_dir / session.KEY_FILE
     assert key.stat().st_mode & 0o777 == 0o600
     assert session.key(site.ctx.config.data_dir) == key.read_bytes()
+
+
+def test_long_lists_come_in_pages(
+    site: Site, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from vmkeep.web import pages_points, pages_vms
+
+    monkeypatch.setattr(pages_vms, "PAGE", 2)
+    monkeypatch.setattr(pages_points, "JOBS_PAGE", 2)
+    with site.ctx.catalog.session() as s:
+        for n in range(5):
+            s.add(Vm(name=f"vm{n}", uuid=f"u{n}", host_uri="qemu:///system", state="POWEROFF",
+                     lcm_state="POWEROFF"))  # fmt: skip
+            s.add(Job(kind="backup", target=f"vm{n}", state="DONE", host="h", pid=1, origin="api"))
+    site.login("viewer")
+    seen, url = [], "/vms"
+    while url:
+        page = site.client.get(url).text
+        seen += re.findall(r'<tr data-vm="([^"]+)">', page)
+        found = re.search(r'rel="next" href="([^"]+)"', page)
+        url = unescape(found.group(1)) if found else ""
+    assert seen == [f"vm{n}" for n in range(5)]
+    jobs, url = [], "/jobs"
+    while url:
+        page = site.client.get(url).text
+        jobs += re.findall(r'<td><a href="/jobs/(\d+)">', page)
+        found = re.search(r'rel="next" href="([^"]+)"', page)
+        url = unescape(found.group(1)) if found else ""
+    assert jobs == ["5", "4", "3", "2", "1"]

@@ -88,9 +88,7 @@ class Web:
         tokens.authorize(who.name, who.role, policy_key, self.config.api.policy)
 
     # --- answers -----------------------------------------------------------------------------
-    def render(
-        self, request: Request, template: str, status: int = 200, **data: Any
-    ) -> Response:
+    def render(self, request: Request, template: str, status: int = 200, **data: Any) -> Response:
         """``template`` with the page's common context (actor, csrf, nav, flash, can, plot, bar),
         answered with HTTP ``status``."""
         state = request.scope.get("state", {})
@@ -200,6 +198,4 @@ def failed(web: Web, request: Request, status: int, code: str, message: str) -> 
     if request.method != "GET" and referer and S.same_origin(request):
         split = urlsplit(referer)
         back = S.safe_next(split.path + (f"?{split.query}" if split.query else ""))
-    return web.render(
-        request, "error.html", status=status, code=code, error=message, back=back
-    )
+    return web.render(request, "error.html", status=status, code=code, error=message, back=back)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 
 from vmkeep.api.catalog_routes import Id
@@ -15,6 +15,7 @@ from vmkeep.engine.core import jobs, stores
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.points import listing, protect
 from vmkeep.errors import InvalidValue
+from vmkeep.names import MAX_ID
 from vmkeep.web import buttons
 from vmkeep.web.base import Web
 from vmkeep.web.session import Posted
@@ -22,6 +23,7 @@ from vmkeep.web.session import Posted
 SHOWN = 300  # points a page lists, newest first (a filter narrows them)
 STATUSES = ("VALID", "RUNNING", "FAILED", "DAMAGED", "CANCELLED")
 JOB_STATES = ("QUEUED", "RUNNING", "DONE", "FAILED", "CANCELLED")
+JOBS_PAGE = 100  # jobs a page shows, newest first (then a link to older ones)
 
 
 def _seq(value: Any) -> int | None:
@@ -75,11 +77,15 @@ def routes(web: Web, app: FastAPI) -> None:
         return web.redirect(_back(posted), f"Point {backup_id}.{seq} is no longer protected.")
 
     @r.get("/jobs")
-    def job_list(request: Request, state: str = "", who: Actor = web.page_actor) -> Response:
+    def job_list(
+        request: Request, state: str = "", before: int | None = Query(default=None, ge=1, le=MAX_ID),
+        who: Actor = web.page_actor,
+    ) -> Response:  # fmt: skip
         shown = state.upper() if state.upper() in JOB_STATES else None
-        rows = jobs.list_jobs(web.ctx(), shown)
-        return web.render(request, "jobs.html", title="Jobs", jobs=rows, state=shown or "",
-                          states=JOB_STATES)  # fmt: skip
+        rows = jobs.list_jobs(web.ctx(), shown, limit=JOBS_PAGE + 1, after=before)
+        older = rows[JOBS_PAGE - 1]["id"] if len(rows) > JOBS_PAGE else None
+        return web.render(request, "jobs.html", title="Jobs", jobs=rows[:JOBS_PAGE],
+                          state=shown or "", states=JOB_STATES, before=before, older=older)  # fmt: skip
 
     @r.get("/jobs/{job_id}")
     def job_page(request: Request, job_id: Id, who: Actor = web.page_actor) -> Response:

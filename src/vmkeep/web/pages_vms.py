@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 
 from vmkeep.engine.core import stores
@@ -16,12 +16,14 @@ from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.points import listing
 from vmkeep.engine.service import overview
 from vmkeep.engine.vm import inventory
+from vmkeep.names import MAX_ID
 from vmkeep.web import buttons
 from vmkeep.web import render as R
 from vmkeep.web.base import Web
 from vmkeep.web.session import Posted
 
 FILTERS = ("protected", "stale", "unprotected", "failed")
+PAGE = 100  # VMs a page shows (then a link to the next page, keyset on the VM's id)
 NOT_PARAMS = ("csrf", "next")  # form fields that are the page's, not the action's
 
 
@@ -29,12 +31,19 @@ def routes(web: Web, app: FastAPI) -> None:
     r = web.router()
 
     @r.get("/vms")
-    def vm_list(request: Request, state: str = "", who: Actor = web.page_actor) -> Response:
+    def vm_list(
+        request: Request, state: str = "", after: int = Query(default=0, ge=0, le=MAX_ID),
+        who: Actor = web.page_actor,
+    ) -> Response:  # fmt: skip
         ctx = web.ctx()
         vms = inventory.list_vms(ctx)
         facts = overview.vm_states(ctx)
-        rows = []
+        rows: list[dict[str, Any]] = []
         for vm in vms:
+            if vm["id"] <= after:
+                continue
+            if len(rows) == PAGE:
+                break
             f = facts.get(vm["name"]) or {"state": "unprotected", "last_point": None,
                                           "last_size": None, "last_drill": None, "failed": False}  # fmt: skip
             if state in FILTERS and not (f["failed"] if state == "failed" else f["state"] == state):
@@ -48,9 +57,11 @@ def routes(web: Web, app: FastAPI) -> None:
                 }  # fmt: skip
             )
         names = [d["name"] for d in stores.list_all(ctx)] if rows else []
+        shown = state if state in FILTERS else ""
+        more = len(rows) == PAGE and rows[-1]["vm"]["id"] != vms[-1]["id"]
         return web.render(request, "vms.html", title="VMs", rows=rows, total=len(vms),
-                          state=state if state in FILTERS else "", filters=FILTERS,
-                          datastores=names)  # fmt: skip
+                          state=shown, filters=FILTERS, datastores=names, after=after,
+                          next_after=rows[-1]["vm"]["id"] if more else None)  # fmt: skip
 
     @r.get("/vms/{name}")
     def vm_page(request: Request, name: str, who: Actor = web.page_actor) -> Response:
