@@ -1,5 +1,6 @@
 """The layout stays honest: arrows point down only, no circles inside engine/, the engine's rooms
-import only rooms of a lower rank, only hypervisor/ imports libvirt (docs/architecture.md)."""
+import only rooms of a lower rank, only hypervisor/ imports libvirt, the adapters (cli/, api/,
+web/) reach the engine and not each other (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -104,7 +105,9 @@ def test_rooms_import_only_lower_ranks() -> None:
 
 
 def test_adapters_reach_the_engine_not_each_other() -> None:
-    """cli/ never imports api/ (but the command that starts the daemon) nor api/ cli/."""
+    """cli/ never imports api/ (but the command that starts the daemon) nor web/, api/ never
+    imports cli/, and web/ (the dashboard, served by the API's app) never imports cli/; of api/
+    only app.py imports web/ (to mount it)."""
     bad = [
         (m, d)
         for m, deps in imports().items()
@@ -114,6 +117,20 @@ def test_adapters_reach_the_engine_not_each_other() -> None:
             and d.startswith("vmkeep.api")
             and m != "vmkeep.cli.daemon_cmd"
         )
-        or (m.startswith("vmkeep.api") and d.startswith("vmkeep.cli"))
+        or (m.startswith("vmkeep.cli") and d.startswith("vmkeep.web"))
+        or (m.startswith(("vmkeep.api", "vmkeep.web")) and d.startswith("vmkeep.cli"))
+        or (m.startswith("vmkeep.api") and d.startswith("vmkeep.web") and m != "vmkeep.api.app")
+    ]
+    assert bad == []
+
+
+def test_the_engine_never_imports_an_adapter() -> None:
+    """engine/ serves the CLI, the API and the web pages; it imports none of them."""
+    bad = [
+        (m, d)
+        for m, deps in imports().items()
+        if m.startswith("vmkeep.engine")
+        for d in deps
+        if d.startswith(("vmkeep.cli", "vmkeep.api", "vmkeep.web"))
     ]
     assert bad == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from vmkeep.api.catalog_routes import OVERVIEW_MAX_AGE
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.service import overview
 from vmkeep.web.base import Web
@@ -17,7 +18,7 @@ def routes(web: Web, app: FastAPI) -> None:
 
     @r.get("/")
     def home(request: Request, who: Actor = web.page_actor) -> Response:
-        facts = overview.summary(web.ctx())
+        facts = overview.summary(web.ctx(), max_age=OVERVIEW_MAX_AGE)
         return web.render(request, "overview.html", title="Overview", o=facts)
 
     app.include_router(r)
