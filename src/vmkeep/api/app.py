@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vmkeep import __version__
+from vmkeep import __version__, web
 from vmkeep.api import (
     actions,
     catalog_routes,
@@ -40,6 +40,7 @@ from vmkeep.engine.service import audit, tokens
 from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import Unauthorized, VmkeepError
 from vmkeep.paths import daemon_key
+from vmkeep.web import session as web_session
 
 
 def _error(status: int, code: str, message: str) -> JSONResponse:
@@ -91,11 +92,21 @@ def create_app(
     def is_local(scope: Any) -> bool:
         return local_socket is not None and scope.get("server") == local_server
 
+    def credential(scope: Any, authorization: str | None) -> str | None:
+        """The ``Authorization`` header, or for a GET the dashboard's session cookie as one (a
+        page's ``EventSource('/v1/events')`` cannot send a header). Mutating requests need the
+        header: a cookie alone never changes anything through the API (no CSRF there)."""
+        if authorization or scope.get("method") not in ("GET", "HEAD"):
+            return authorization
+        cookie = Request(scope).cookies.get(web_session.COOKIE)
+        return f"Bearer {cookie}" if cookie else None
+
     def require(action: str) -> Any:
         """The dependency of a route: the caller's Actor once its token's role may ``action``
         (a policy key of ``tokens.POLICY``)."""
 
         def check(request: Request, authorization: str | None = Header(default=None)) -> Actor:
+            authorization = credential(request.scope, authorization)
             state = request.scope.setdefault("state", {})
             if is_local(request.scope):
                 if request.headers.get("x-vmkeep-catalog", own_key) != own_key:
@@ -116,6 +127,8 @@ def create_app(
         """The token check of a request with a body, before it is read (``limits.BodyLimit``)."""
         if is_local(scope):
             return LOCAL_ADMIN
+        if not str(scope.get("path", "")).startswith("/v1/"):
+            return web_session.NOT_YET  # a page's form: its session is checked by the page
         header = Request(scope).headers.get("authorization")
         return Actor(*await run_in_threadpool(lambda: tokens.authenticate(ctx(), header)))
 
@@ -123,7 +136,7 @@ def create_app(
         """Whether a long request's token is still there (not revoked)."""
         if is_local(request.scope):
             return True
-        header = request.headers.get("authorization")
+        header = credential(request.scope, request.headers.get("authorization"))
         try:
             await run_in_threadpool(lambda: tokens.authenticate(ctx(), header))
         except Unauthorized:
@@ -146,4 +159,5 @@ def create_app(
     for module in (catalog_routes, point_routes, pool_routes, actions, stream_routes,
                    schedule_routes, notify_routes):  # fmt: skip
         module.routes(api, app)
+    web.routes(api, app)  # the dashboard at /, after the API (docs/web.md)
     return app

@@ -18,7 +18,7 @@ from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.groups import manage
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.points import delete, listing
-from vmkeep.engine.service import audit
+from vmkeep.engine.service import audit, overview
 from vmkeep.engine.service.metrics import CatalogCollector
 from vmkeep.engine.service.params import Params
 from vmkeep.engine.vm import inventory
@@ -102,6 +102,12 @@ def routes(api: Api, r: FastAPI) -> None:
     @r.post("/v1/groups", status_code=201)
     def create_group(body: GroupRequest, who: Actor = require("group-create")) -> Any:
         return jsonable(manage.create_group(ctx(), body.name, body.vms, body.stop_order))
+
+    # --- the dashboard's overview ----------------------------------------------------------
+    @r.get("/v1/overview")
+    def show_overview(who: Actor = read) -> Any:
+        """VMs by protection state, datastore usage, running jobs, the last 24 h's failures."""
+        return FastJSON(overview.summary(ctx()))
 
     # --- jobs, audit, metrics --------------------------------------------------------------
     @r.get("/v1/jobs")
