@@ -14,7 +14,7 @@ from urllib.parse import urlencode
 
 from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import Response
+from fastapi.responses import RedirectResponse, Response
 
 from vmkeep.api.stream_routes import file_download, files_slot
 from vmkeep.engine.core.trust import Actor
@@ -41,7 +41,7 @@ def routes(web: Web, app: FastAPI) -> None:
     @r.get("/files")
     async def files_page(
         request: Request,
-        backup: int = Query(ge=1, le=MAX_ID),
+        backup: int | None = Query(default=None, ge=1, le=MAX_ID),
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
         partition: int | None = Query(default=None, ge=1, le=128),
@@ -49,6 +49,8 @@ def routes(web: Web, app: FastAPI) -> None:
         who: Actor = web.page_actor,
     ) -> Response:
         web.authorize(who, "files")
+        if backup is None:  # the wizard's first step picks it
+            return RedirectResponse("/restore", status_code=303)
         shown = await run_in_threadpool(listing.show_backup, web.ctx(), backup)
         point = chosen_point(shown, increment)
         path = posixpath.normpath("/" + path.lstrip("/")) if path else "/"
