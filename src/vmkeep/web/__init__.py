@@ -22,13 +22,13 @@ from vmkeep.web.base import Web
 
 def routes(api: Api, app: FastAPI) -> Web:
     """Mount the dashboard on ``app`` (every route out of the OpenAPI document)."""
-    from vmkeep.web import pages_overview
+    from vmkeep.web import pages_admin, pages_overview, pages_points, pages_vms
 
     web = Web(api, S.key(api.config.data_dir), secure=api.config.api.tls_cert is not None)
     r = web.router()
     login_routes(web, r)
     app.include_router(r)
-    for module in (pages_overview,):
+    for module in (pages_overview, pages_vms, pages_points, pages_admin):
         module.routes(web, app)
     for name in ("restore_pages", "files_pages"):  # helper D's pages
         try:
@@ -57,7 +57,7 @@ def login_routes(web: Web, r: Any) -> None:
         who = await run_in_threadpool(S.actor_of, web.ctx(), token) if token else None
         if who is None:
             why = "Enter a token." if not token else "Unknown or revoked token."
-            return web.render(request, "login.html", status=401, next=goto, error=why
+            return web.render(request, "login.html", status_code=401, next=goto, error=why
                               + " An admin makes one with: vmkeep token create NAME --role viewer")  # fmt: skip
         request.scope.setdefault("state", {})[limits.ACTOR] = who  # the audit log's actor
         response = web.redirect(goto)

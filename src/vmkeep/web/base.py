@@ -88,7 +88,9 @@ class Web:
         tokens.authorize(who.name, who.role, policy_key, self.config.api.policy)
 
     # --- answers -----------------------------------------------------------------------------
-    def render(self, request: Request, template: str, status: int = 200, **data: Any) -> Response:
+    def render(
+        self, request: Request, template: str, status_code: int = 200, **data: Any
+    ) -> Response:
         """``template`` with the page's common context: actor, csrf, nav, flash, can."""
         state = request.scope.get("state", {})
         who = state.get(limits.ACTOR)
@@ -108,7 +110,7 @@ class Web:
             "bar": R.bar,
         } | data
         html = self.env.get_template(template).render(context)
-        response = HTMLResponse(html, status_code=status)
+        response = HTMLResponse(html, status_code=status_code)
         response.headers["Cache-Control"] = "no-store"
         if flash is not None:
             response.delete_cookie(FLASH, path="/")
@@ -197,4 +199,6 @@ def failed(web: Web, request: Request, status: int, code: str, message: str) -> 
     if request.method != "GET" and referer and S.same_origin(request):
         split = urlsplit(referer)
         back = S.safe_next(split.path + (f"?{split.query}" if split.query else ""))
-    return web.render(request, "error.html", status=status, code=code, error=message, back=back)
+    return web.render(
+        request, "error.html", status_code=status, code=code, error=message, back=back
+    )

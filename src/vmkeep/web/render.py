@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
+from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup, escape
 
 HERE = Path(__file__).parent
@@ -86,6 +86,11 @@ def between(start: Any, end: Any) -> float | None:
     return (b - a).total_seconds() if a and b else None
 
 
+def ms(value: Any) -> str:
+    """Milliseconds, whole: '40 ms' (freeze times)."""
+    return "–" if value is None else f"{round(float(value))} ms"
+
+
 def percent(done: Any, total: Any) -> int:
     try:
         return max(0, min(100, round(100 * float(done) / float(total))))
@@ -97,12 +102,12 @@ def environment() -> Environment:
     env = Environment(
         loader=FileSystemLoader(str(TEMPLATES)),
         autoescape=select_autoescape(default=True, default_for_string=True),
-        undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
     )
-    env.filters.update(size=size, time=time_tag, age=age, duration=duration, percent=percent)
+    env.filters.update(size=size, time=time_tag, age=age, duration=duration, percent=percent, ms=ms)
     env.globals.update(between=between)
+    env.policies["json.dumps_kwargs"] = {"sort_keys": False, "default": str}
     return env
 
 

@@ -61,7 +61,23 @@
     });
   }
 
+  // on a phone each table row becomes a card: every cell labelled with its column's heading
+  function labelCells(root) {
+    root.querySelectorAll(".table-wrap > table").forEach(function (table) {
+      var heads = Array.prototype.map.call(table.querySelectorAll("thead th"), function (th) {
+        return th.textContent.trim();
+      });
+      table.querySelectorAll("tbody tr").forEach(function (tr) {
+        Array.prototype.forEach.call(tr.children, function (td, i) {
+          if (heads[i]) td.setAttribute("data-label", heads[i]);
+        });
+      });
+      table.parentNode.classList.add("stacked");
+    });
+  }
+
   document.addEventListener("DOMContentLoaded", function () {
+    labelCells(document);
     localTimes(document);
     confirms();
     live();
