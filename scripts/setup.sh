@@ -7,7 +7,8 @@ cd "$(dirname "$0")/.."
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           qemu-guest-agent linux-image-amd64 busybox-static e2fsprogs restic rsync openssh-server
           cpio python3-venv openssl postgresql-15 fdisk dosfstools xfsprogs fuse3
-          jq curl)  # the README's API examples
+          jq curl  # the README's API examples
+          chromium chromium-driver)  # the web dashboard's browser tests (tests/e2e/test_web.py)
 
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -23,7 +24,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import vmkeep, libvirt, pytest, hypothesis, fastapi, uvicorn, httpx, prometheus_client, schemathesis, psycopg" 2>/dev/null; then
+if ! .venv/bin/python -c "import vmkeep, libvirt, pytest, hypothesis, fastapi, uvicorn, httpx, prometheus_client, schemathesis, psycopg, selenium" 2>/dev/null; then
   echo "setup: installing vmkeep into .venv"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'

@@ -30,28 +30,60 @@ TOKEN_RECHECK = 3.0  # seconds between looks at a waiting or streaming request's
 FILES_WAIT = 5.0  # seconds a files request waits for a work slot before WorkersBusy (503)
 
 
+async def files_slot(api: Api) -> Callable[[], None]:
+    """A work slot for a files request (the API's and the dashboard's), waited for without a
+    thread; its release (once). WorkersBusy (503) when none is free within FILES_WAIT s. Taken
+    in the route, after its token check and its parameters' validation (a dependency's slot
+    would stay taken when the validation refuses the request)."""
+    deadline = time.monotonic() + FILES_WAIT
+    while not api.work.acquire_files():
+        if time.monotonic() >= deadline:
+            raise api.work.busy()
+        await asyncio.sleep(0.05)
+    released = threading.Event()
+
+    def release() -> None:
+        if not released.is_set():
+            released.set()
+            api.work.release_files()
+
+    return release
+
+
+async def file_download(
+    api: Api,
+    backup_id: int,
+    path: str,
+    increment: int | None,
+    disk: str | None,
+    partition: int | None,
+) -> StreamingResponse:
+    """One file of a point, streamed (``files.stream``) while it holds a files slot (the API's
+    and the dashboard's download)."""
+
+    def opened() -> Iterator[bytes]:
+        chunks = files.stream(api.ctx(), backup_id, path, increment, disk, partition)
+        next(chunks)  # opens the point: a bad path is a 4xx before any byte is sent
+        return chunks
+
+    release = await files_slot(api)
+    try:  # the slot is held until the last byte is sent (or the client is gone)
+        chunks = await run_in_threadpool(opened)
+    except BaseException:
+        release()
+        raise
+    name = re.sub(r"[^A-Za-z0-9._-]", "_", path.rstrip("/").rsplit("/", 1)[-1]) or "file"
+    return limits.HeldStream(
+        chunks,
+        release,
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )
+
+
 def routes(api: Api, r: FastAPI) -> None:
     """Add these routes to ``r``."""
     ctx, read, require = api.ctx, api.read, api.require
-
-    async def work_slot() -> Callable[[], None]:
-        """A work slot for a files request, waited for without a thread; its release (once).
-        WorkersBusy (503) when none is free within FILES_WAIT s. Taken in the route, after its
-        token check and its parameters' validation (a dependency's slot would stay taken when
-        the validation refuses the request)."""
-        deadline = time.monotonic() + FILES_WAIT
-        while not api.work.acquire_files():
-            if time.monotonic() >= deadline:
-                raise api.work.busy()
-            await asyncio.sleep(0.05)
-        released = threading.Event()
-
-        def release() -> None:
-            if not released.is_set():
-                released.set()
-                api.work.release_files()
-
-        return release
 
     @r.get("/v1/backups/{backup_id}/files")
     async def list_files(
@@ -65,7 +97,7 @@ def routes(api: Api, r: FastAPI) -> None:
         def ls() -> Any:
             return files.ls(ctx(), backup_id, path, increment, disk, partition)
 
-        release = await work_slot()
+        release = await files_slot(api)
         try:
             return FastJSON(await run_in_threadpool(ls))
         finally:
@@ -80,24 +112,7 @@ def routes(api: Api, r: FastAPI) -> None:
         partition: int | None = Query(default=None, ge=1, le=128),
         who: Actor = require("files"),
     ) -> StreamingResponse:
-        def opened() -> Iterator[bytes]:
-            chunks = files.stream(ctx(), backup_id, path, increment, disk, partition)
-            next(chunks)  # opens the point: a bad path is a 4xx before any byte is sent
-            return chunks
-
-        release = await work_slot()
-        try:  # the slot is held until the last byte is sent (or the client is gone)
-            chunks = await run_in_threadpool(opened)
-        except BaseException:
-            release()
-            raise
-        name = re.sub(r"[^A-Za-z0-9._-]", "_", path.rstrip("/").rsplit("/", 1)[-1]) or "file"
-        return limits.HeldStream(
-            chunks,
-            release,
-            media_type="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{name}"'},
-        )
+        return await file_download(api, backup_id, path, increment, disk, partition)
 
     @r.get("/v1/events")
     async def events(

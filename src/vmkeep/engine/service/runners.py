@@ -65,6 +65,8 @@ def check_restore(ctx: Context, _a: Action, p: P.RestoreParams, actor: Actor) ->
     shown = listing.show_backup(ctx, p.backup)
     if p.in_place:  # a VM that is not powered off is a 409 now, not a failed job later
         inventory.check_action(ctx, str(shown["vm_id"]), "restore in place")
+    elif p.name is not None:  # so is a new VM's name that is taken
+        point.check_new_vm_name(ctx, p.name)
     return p
 
 

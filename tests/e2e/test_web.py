@@ -1,0 +1,342 @@
+"""The web dashboard in a real browser (Debian's headless Chromium through Selenium) against a
+real ``vmkeep daemon`` and a real lab VM: an operator logs in, backs the VM up from its page and
+watches the job's bar reach 100 % live, restores the point as a new VM through the wizard,
+finds it in the VM list and downloads a file the guest wrote from the point's file browser; a
+viewer sees no action buttons and gets 403 when it posts a form anyway; a form without its CSRF
+token is refused; the session cookie is HttpOnly and SameSite=Strict. Every step leaves a
+screenshot in ``.pytest-screens/<run>/`` (docs/screenshots/ holds a few of them).
+
+The tests of this module run in order and share one daemon, one guest and one browser."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmkeep.lab import Lab
+
+from .conftest import PREFIX
+from .web_browser import (
+    DESKTOP,
+    PHONE,
+    Host,
+    Screens,
+    host_with_daemon,
+    screens_folder,
+    start_chromium,
+    wait_for,
+)
+
+VM = f"{PREFIX}web"
+RESTORED = f"{PREFIX}web-new"
+NOTE = "/mnt/vda/web/note.bin"  # written in the guest before the backup; downloaded after
+JOB_TIMEOUT = 600  # s: a backup or restore of the lab guest under TCG
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Host]:
+    tmp = tmp_path_factory.mktemp("web")
+    with host_with_daemon(tmp, tmp / "daemon.log") as h:
+        h.cli("datastore", "add", "ds", "--driver", "dir", "--path", str(h.data / "ds"))
+        yield h
+
+
+@pytest.fixture(scope="module")
+def guest(lab: Lab, host: Host) -> Iterator[str]:
+    """The lab VM, with NOTE written, imported into the module's catalog: its sha256."""
+    lab.create(VM, [128 << 20])
+    try:
+        lab.sh(VM, "mkdir -p /mnt/vda/web")
+        want = lab.write_random(VM, NOTE, 1)
+        host.cli("vm", "import", VM)
+        yield want
+    finally:
+        for name in (RESTORED, VM):
+            with contextlib.suppress(Exception):  # not there: a test failed before making it
+                lab.remove(name)
+
+
+@pytest.fixture(scope="module")
+def screens() -> Screens:
+    return screens_folder()
+
+
+@pytest.fixture(scope="module")
+def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("downloads")
+
+
+@pytest.fixture(scope="module")
+def browser(downloads: Path) -> Iterator[Any]:
+    driver = start_chromium(downloads)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def tokens(host: Host) -> dict[str, str]:
+    return {role: host.token(f"web-{role}", role) for role in ("operator", "viewer")}
+
+
+# shared between the tests of the module, in their order
+state: dict[str, Any] = {}
+
+
+def css(driver: Any, selector: str) -> list[Any]:
+    from selenium.webdriver.common.by import By
+
+    return list(driver.find_elements(By.CSS_SELECTOR, selector))
+
+
+def one(driver: Any, selector: str, timeout: float = 30) -> Any:
+    return wait_for(
+        lambda: css(driver, selector)[:1] and css(driver, selector)[0],
+        timeout,
+        lambda: f"no {selector} on {driver.current_url}:\n{driver.page_source[:3000]}",
+    )
+
+
+def alerts(driver: Any) -> str:
+    return " | ".join(a.text for a in css(driver, '[role="alert"]'))
+
+
+def login(driver: Any, host: Host, token: str) -> None:
+    driver.get(f"{host.url}/login")
+    one(driver, "#token").send_keys(token)
+    one(driver, 'button[data-action="login"]').click()
+    wait_for(lambda: "/login" not in driver.current_url, 30, lambda: alerts(driver))
+
+
+def logout(driver: Any) -> None:
+    one(driver, 'button[data-action="logout"]').click()
+    wait_for(lambda: "/login" in driver.current_url, 30, lambda: driver.current_url)
+
+
+def post_status(driver: Any, url: str, fields: dict[str, str]) -> int:
+    """POST ``fields`` as a form from the page (its cookie and origin): the answer's status."""
+    status: int = driver.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "fetch(arguments[0], {method: 'POST', body: new URLSearchParams(arguments[1]),"
+        " redirect: 'manual'}).then(function (r) { done(r.status); },"
+        " function (e) { done(String(e)); });",
+        url,
+        fields,
+    )
+    return status
+
+
+def get_status(driver: Any, url: str) -> int:
+    status: int = driver.execute_async_script(
+        "var done = arguments[arguments.length - 1];"
+        "fetch(arguments[0]).then(function (r) { done(r.status); },"
+        " function (e) { done(String(e)); });",
+        url,
+    )
+    return status
+
+
+def follow_job(driver: Any, screens: Screens, name: str) -> str:
+    """On a job's page: its bar and state follow the job live (from /v1/events, no reload of
+    the page before the end) until DONE at 100; the job's id."""
+    bar = one(driver, "progress[data-job]")
+    job = bar.get_attribute("data-job")
+    # what the page itself saw, kept where a reload (once the job ended) cannot wipe it
+    driver.execute_script(
+        """
+        window.__sameDocument = true;
+        sessionStorage.removeItem('seen');
+        var bar = document.querySelector('progress[data-job="' + arguments[0] + '"]');
+        var text = document.querySelector('[data-job-state="' + arguments[0] + '"]');
+        var seen = {values: [bar.value], states: [text.textContent.trim()]};
+        function note() {
+          if (!window.__sameDocument) return;
+          seen.values.push(bar.value);
+          seen.states.push(text.textContent.trim());
+          sessionStorage.setItem('seen', JSON.stringify(seen));
+        }
+        new MutationObserver(note).observe(text, {childList: true, characterData: true,
+                                                  subtree: true});
+        new MutationObserver(note).observe(bar, {attributes: true});
+        var poll = setInterval(function () { note(); }, 200);
+        """,
+        job,
+    )
+    screens.shot(driver, f"{name}-running")
+
+    def ended() -> Any:
+        raw = driver.execute_script("return sessionStorage.getItem('seen')")
+        if not raw:
+            return None
+        import json
+
+        seen = json.loads(raw)
+        final = {"DONE", "FAILED", "CANCELLED"} & set(seen["states"])
+        return seen if final else None
+
+    seen = wait_for(ended, JOB_TIMEOUT, lambda: f"job {job} did not end: {driver.page_source}")
+    assert "DONE" in seen["states"], (seen, driver.page_source)
+    assert seen["states"][0] in ("QUEUED", "RUNNING", "DONE"), seen
+    done_at = seen["states"].index("DONE")
+    assert seen["values"][done_at] == 100, seen  # the bar was full when the state said DONE
+    if seen["states"][0] != "DONE":  # it changed in front of the user, without a reload
+        assert seen["states"][:done_at], seen
+    one(driver, f'[data-job-state="{job}"]')
+    wait_for(
+        lambda: css(driver, f'[data-job-state="{job}"]')[0].text.strip() == "DONE",
+        30,
+        lambda: driver.page_source[:3000],
+    )
+    screens.shot(driver, f"{name}-done")
+    return str(job)
+
+
+# --- the tests, in order ---------------------------------------------------------------------
+def test_operator_logs_in_and_sees_the_vm(browser, host, guest, tokens, screens) -> None:
+    browser.get(f"{host.url}/")
+    wait_for(lambda: "/login" in browser.current_url, 30, lambda: browser.current_url)
+    screens.shot(browser, "login")
+    login(browser, host, tokens["operator"])
+    screens.shot(browser, "overview")
+    cookie = browser.get_cookie("vmkeep_session")
+    assert cookie is not None and cookie["httpOnly"] is True, cookie
+    assert cookie["sameSite"] == "Strict", cookie
+    assert browser.execute_script("return document.cookie").find("vmkeep_session") == -1
+
+    browser.get(f"{host.url}/vms")
+    row = one(browser, f'tr[data-vm="{VM}"]')
+    assert VM in row.text
+    assert css(browser, f'tr[data-vm="{VM}"] [data-action]'), "an operator has action buttons"
+    screens.shot(browser, "vms")
+
+
+def test_backup_from_the_vm_page_shows_live_progress(browser, host, guest, screens) -> None:
+    browser.get(f"{host.url}/vms/{VM}")
+    form = one(browser, 'form[data-action="backup"]')
+    # what a viewer will try to post later: this form's address and fields
+    state["backup_form"] = (
+        form.get_attribute("action"),
+        {
+            i.get_attribute("name"): i.get_attribute("value") or ""
+            for i in form.find_elements("css selector", "input[name], select[name]")
+        },
+    )
+    screens.shot(browser, "vm-page")
+    form.find_element("css selector", 'button[data-action="backup"]').click()
+    wait_for(lambda: "/jobs/" in browser.current_url, 60, lambda: alerts(browser))
+    follow_job(browser, screens, "backup-job")
+
+    backups = host.cli("backups", "list", "--json").json()
+    assert isinstance(backups, list) and len(backups) == 1, backups
+    assert backups[0]["vm"] == VM and backups[0]["status"] == "VALID", backups
+    state["backup"] = backups[0]["id"]
+    browser.get(f"{host.url}/jobs")
+    one(browser, "progress[data-job]")
+    screens.shot(browser, "jobs")
+
+
+def test_restore_as_a_new_vm_through_the_wizard(browser, host, guest, screens) -> None:
+    bid = state["backup"]
+    browser.get(f"{host.url}/restore")
+    one(browser, f'tr[data-backup="{bid}"] a[data-step="backup"]').click()
+    one(browser, 'input[name="increment"]:checked')
+    screens.shot(browser, "restore-1-point")
+    one(browser, 'button[data-step="point"]').click()
+    one(browser, "#kind-new").click()
+    screens.shot(browser, "restore-2-how")
+    one(browser, 'button[data-step="kind"]').click()
+
+    # a name that is taken: refused in words, the form keeps what was typed
+    one(browser, "#f-name").send_keys(VM)
+    one(browser, "#f-no_nic").click()
+    one(browser, 'button[data-action="restore"]').click()
+    said = wait_for(lambda: alerts(browser), 60, lambda: browser.page_source[:3000])
+    assert VM in said and "exist" in said, said
+    assert one(browser, "#f-name").get_attribute("value") == VM
+    assert one(browser, "#f-no_nic").is_selected()
+    screens.shot(browser, "restore-refused")
+
+    name = one(browser, "#f-name")
+    name.clear()
+    name.send_keys(RESTORED)
+    screens.shot(browser, "restore-3-options")
+    one(browser, 'button[data-action="restore"]').click()
+    wait_for(lambda: "/jobs/" in browser.current_url, 60, lambda: alerts(browser))
+    follow_job(browser, screens, "restore-job")
+
+    browser.get(f"{host.url}/vms")
+    one(browser, f'tr[data-vm="{RESTORED}"]')
+    screens.shot(browser, "vms-with-restored")
+
+
+def test_download_a_file_of_the_point(browser, host, guest, screens, downloads) -> None:
+    bid = state["backup"]
+    browser.get(f"{host.url}/files?backup={bid}")
+    one(browser, 'tr[data-file="/web"] a').click()
+    link = one(browser, 'a[data-download="/web/note.bin"]')
+    screens.shot(browser, "files")
+    link.click()
+    got = downloads / "note.bin"
+    wait_for(
+        lambda: got.exists() and not list(downloads.glob("*.crdownload")),
+        120,
+        lambda: f"no download in {downloads}: {list(downloads.iterdir())}",
+    )
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == guest
+
+    # a path the point does not hold: said in words, with the folder's page
+    browser.get(f"{host.url}/files?backup={bid}&path=/nowhere")
+    assert "no such file" in alerts(browser)
+
+
+def test_a_form_without_its_csrf_token_is_refused(browser, host, guest) -> None:
+    url, fields = state["backup_form"]
+    jobs_before = len(host.cli("jobs", "list", "--json").json())  # type: ignore[arg-type]
+    without = {k: v for k, v in fields.items() if k != "csrf"}
+    assert post_status(browser, url, without) == 403
+    assert post_status(browser, url, without | {"csrf": "0" * 64}) == 403
+    assert len(host.cli("jobs", "list", "--json").json()) == jobs_before  # type: ignore[arg-type]
+
+
+def test_a_viewer_sees_no_buttons_and_gets_403(browser, host, guest, tokens, screens) -> None:
+    logout(browser)
+    login(browser, host, tokens["viewer"])
+    browser.get(f"{host.url}/vms")
+    one(browser, f'tr[data-vm="{VM}"]')
+    assert css(browser, "tr[data-vm] [data-action]") == []
+    screens.shot(browser, "vms-viewer")
+    browser.get(f"{host.url}/vms/{VM}")
+    one(browser, "h1")
+    assert css(browser, 'form[data-action="backup"], button[data-action="backup"]') == []
+    # the viewer's own valid CSRF token (its logout form has it), on the operator's form
+    csrf = one(browser, 'form[action="/logout"] input[name="csrf"]').get_attribute("value")
+    url, fields = state["backup_form"]
+    jobs_before = len(host.cli("jobs", "list", "--json").json())  # type: ignore[arg-type]
+    assert post_status(browser, url, fields | {"csrf": csrf}) == 403
+    assert len(host.cli("jobs", "list", "--json").json()) == jobs_before  # type: ignore[arg-type]
+    # a viewer sees no file contents: the browser and the download answer 403
+    files = f"/files?backup={state['backup']}"
+    assert get_status(browser, files) == 403
+    assert get_status(browser, f"/files/download?backup={state['backup']}&path={NOTE}") == 403
+    logout(browser)
+
+
+def test_pages_at_phone_width(browser, host, guest, tokens, screens) -> None:
+    login(browser, host, tokens["operator"])
+    browser.set_window_size(*PHONE)
+    try:
+        for page, name in (("/", "phone-overview"), ("/vms", "phone-vms"),
+                           (f"/restore?backup={state['backup']}", "phone-restore")):  # fmt: skip
+            browser.get(f"{host.url}{page}")
+            one(browser, "main h1")
+            width = browser.execute_script("return document.documentElement.scrollWidth")
+            assert width <= PHONE[0] + 1, f"{page} is {width} px wide at phone width"
+            screens.shot(browser, name)
+    finally:
+        browser.set_window_size(*DESKTOP)
