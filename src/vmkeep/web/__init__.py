@@ -22,19 +22,21 @@ from vmkeep.web.base import Web
 
 def routes(api: Api, app: FastAPI) -> Web:
     """Mount the dashboard on ``app`` (every route out of the OpenAPI document)."""
-    from vmkeep.web import pages_admin, pages_overview, pages_points, pages_vms
+    from vmkeep.web import (
+        files_pages,
+        pages_admin,
+        pages_overview,
+        pages_points,
+        pages_vms,
+        restore_pages,
+    )
 
     web = Web(api, S.key(api.config.data_dir), secure=api.config.api.tls_cert is not None)
     r = web.router()
     login_routes(web, r)
     app.include_router(r)
-    for module in (pages_overview, pages_vms, pages_points, pages_admin):
-        module.routes(web, app)
-    for name in ("restore_pages", "files_pages"):  # helper D's pages
-        try:
-            module = __import__(f"vmkeep.web.{name}", fromlist=["routes"])
-        except ImportError:
-            continue
+    pages = (pages_overview, pages_vms, pages_points, pages_admin, restore_pages, files_pages)
+    for module in pages:
         module.routes(web, app)
     app.mount("/static", StaticFiles(directory=R.STATIC), name="static")
     return web
