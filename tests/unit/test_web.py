@@ -388,3 +388,12 @@ def test_long_lists_come_in_pages(
         found = re.search(r'rel="next" href="([^"]+)"', page)
         url = unescape(found.group(1)) if found else ""
     assert jobs == ["5", "4", "3", "2", "1"]
+
+
+def test_pages_are_not_cached_framed_or_open_to_inline_scripts(site: Site) -> None:
+    site.login("viewer")
+    for page in ("/", "/login"):
+        h = site.client.get(page).headers
+        assert h["cache-control"] == "no-store" and h["x-frame-options"] == "DENY"
+        assert "frame-ancestors 'none'" in h["content-security-policy"]
+        assert "default-src 'self'" in h["content-security-policy"]

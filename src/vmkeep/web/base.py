@@ -33,6 +33,16 @@ from vmkeep.web import render as R
 from vmkeep.web import session as S
 
 FLASH = "vmkeep_flash"  # a one-shot message for the next page (signed, never a secret)
+# every page: not kept by caches, never framed by another site (clickjacking), only its own
+# script and stylesheet (an injected inline script would not run), forms sent only here
+PAGE_HEADERS = {
+    "Cache-Control": "no-store",
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "X-Frame-Options": "DENY",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "same-origin",
+}
 
 
 @dataclass(frozen=True)
@@ -110,7 +120,7 @@ class Web:
         } | data
         html = self.env.get_template(template).render(context)
         response = HTMLResponse(html, status_code=status)
-        response.headers["Cache-Control"] = "no-store"
+        response.headers.update(PAGE_HEADERS)
         if flash is not None:
             response.delete_cookie(FLASH, path="/")
         return response

@@ -44,8 +44,11 @@
   }
 
   function live() {
-    var watched = document.querySelector("[data-job], [data-vm-state], [data-reload-when-ended]");
-    if (!watched || !window.EventSource) return;
+    // only while a job shown here may still change: the stream starts with every job's state
+    var live = Array.prototype.some.call(document.querySelectorAll("[data-job-state]"), function (el) {
+      return !FINAL[el.textContent.trim()];
+    });
+    if (!(live || document.querySelector("[data-reload-when-ended]")) || !window.EventSource) return;
     var source = new EventSource("/v1/events");
     source.addEventListener("job", function (e) { onJob(JSON.parse(e.data)); });
     source.addEventListener("vm", function (e) { onVm(JSON.parse(e.data)); });
