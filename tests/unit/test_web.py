@@ -397,3 +397,19 @@ def test_pages_are_not_cached_framed_or_open_to_inline_scripts(site: Site) -> No
         assert h["cache-control"] == "no-store" and h["x-frame-options"] == "DENY"
         assert "frame-ancestors 'none'" in h["content-security-policy"]
         assert "default-src 'self'" in h["content-security-policy"]
+
+
+def test_page_posts_and_failed_logins_are_audited(site: Site, tmp_path: Path) -> None:
+    from vmkeep.engine.service import audit
+
+    some_rows(site, tmp_path)
+    site.client.post("/login", data={"token": "vmk_wrong"})
+    site.login("operator")
+    site.client.post("/act/backup", data={"vm": "web", "datastore": "local", "csrf": site.csrf()})
+    rows = [
+        (e["actor"], e["method"], e["path"], e["status"]) for e in audit.list_entries(site.ctx, 10)
+    ]
+    assert ("t-operator", "POST", "/act/backup", 303) in rows
+    assert ("t-operator", "POST", "/login", 303) in rows
+    assert ("-", "POST", "/login", 401) in rows
+    assert all(site.secrets["operator"] not in str(r) for r in rows)
