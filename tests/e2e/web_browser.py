@@ -125,9 +125,9 @@ class Host:
 
 
 @contextmanager
-def host_with_daemon(tmp: Path, log: Path) -> Iterator[Host]:
-    """A fresh catalog in a data dir QEMU can reach, and ``vmkeep daemon`` serving it on a free
-    loopback port (its stderr in ``log``). The test functions' own isolated environment
+def host_with_daemon(tmp: Path, log: Path, *daemon_args: str) -> Iterator[Host]:
+    """A fresh catalog in a data dir QEMU can reach, and ``vmkeep daemon [daemon_args]`` serving
+    it on a free loopback port (its stderr in ``log``). The test functions' own isolated environment
     (``clean_env``) does not touch it: the daemon and ``Host.cli`` carry theirs."""
     home = tmp / "home"
     home.mkdir(parents=True, exist_ok=True)
@@ -144,7 +144,7 @@ def host_with_daemon(tmp: Path, log: Path) -> Iterator[Host]:
     os.environ.clear()
     os.environ.update(env)
     try:
-        with running_daemon(log=log) as (_proc, api):
+        with running_daemon(*daemon_args, log=log) as (_proc, api):
             os.environ.clear()
             os.environ.update(saved)
             yield Host(env, data, str(api.base_url).rstrip("/"))
