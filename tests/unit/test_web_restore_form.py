@@ -50,7 +50,7 @@ def test_a_kind_sets_its_own_flags_and_empty_inputs_are_left_out() -> None:
         ("disk", {"disk": "vda"}, "--path"),
         ("instant", {"copy_bwlimit": "fast"}, "--copy-bwlimit"),
         ("instant", {"copy_bwlimit": "-1"}, "--copy-bwlimit"),
-        ("new", {"name": "x" * 300}, "--name"),
+        ("disk", {"path": "/var/lib/vmkeep/restores/vda.qcow2"}, "--disk"),
     ],
 )
 def test_bad_input_names_the_option(kind: str, form: dict[str, str], said: str) -> None:
