@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,15 @@ def get_status(driver: Any, url: str) -> int:
         url,
     )
     return status
+
+
+def domain_xml(name: str) -> str:
+    return subprocess.run(
+        ["virsh", "-c", "qemu:///system", "dumpxml", name],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
 
 
 def job_state(driver: Any, job: str) -> str:
@@ -301,6 +311,9 @@ def test_restore_as_a_new_vm_through_the_wizard(browser, host, guest, screens) -
     browser.get(f"{host.url}/vms")
     one(browser, f'tr[data-vm="{RESTORED}"]')
     screens.shot(browser, "vms-with-restored")
+    # the options ticked in the wizard reached the restore: --no-nic dropped the guest's NIC
+    assert "<interface" in domain_xml(VM)
+    assert "<interface" not in domain_xml(RESTORED)
 
 
 def test_download_a_file_of_the_point(browser, host, guest, screens, downloads) -> None:
