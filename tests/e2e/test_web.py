@@ -279,7 +279,7 @@ def test_restore_as_a_new_vm_through_the_wizard(browser, host, guest, screens) -
     bid = state["backup"]
     browser.get(f"{host.url}/restore")
     one(browser, f'tr[data-backup="{bid}"] a[data-step="backup"]').click()
-    one(browser, 'input[name="increment"]:checked')
+    point = one(browser, 'input[name="increment"]:checked').get_attribute("value")
     screens.shot(browser, "restore-1-point")
     one(browser, 'button[data-step="point"]').click()
     one(browser, "#kind-new").click()
@@ -295,6 +295,18 @@ def test_restore_as_a_new_vm_through_the_wizard(browser, host, guest, screens) -
     assert one(browser, "#f-name").get_attribute("value") == VM
     assert one(browser, "#f-no_nic").is_selected()
     screens.shot(browser, "restore-refused")
+
+    # in place, while the VM runs: the state is refused in words, nothing is queued
+    jobs_before = len(host.cli("jobs", "list", "--json").json())  # type: ignore[arg-type]
+    browser.get(f"{host.url}/restore?backup={bid}&increment={point}&kind=in-place")
+    one(browser, 'button[data-action="restore"]').click()
+    browser.switch_to.alert.accept()  # "Roll ... back to this point?"
+    said = wait_for(lambda: alerts(browser), 60, lambda: browser.page_source[:3000])
+    assert "RUNNING" in said and "restore in place" in said, said
+    assert len(host.cli("jobs", "list", "--json").json()) == jobs_before  # type: ignore[arg-type]
+    screens.shot(browser, "restore-in-place-refused")
+    browser.get(f"{host.url}/restore?backup={bid}&increment={point}&kind=new")
+    one(browser, "#f-no_nic").click()
 
     name = one(browser, "#f-name")
     name.clear()
