@@ -277,6 +277,8 @@ def test_backup_from_the_vm_page_shows_live_progress(browser, host, guest, token
 
 def test_restore_as_a_new_vm_through_the_wizard(browser, host, guest, screens) -> None:
     bid = state["backup"]
+    browser.get(f"{host.url}/restore?backup={bid}&increment=99")  # no such point: pick again
+    assert f"Backup {bid} has no point 99" in alerts(browser)
     browser.get(f"{host.url}/restore")
     one(browser, f'tr[data-backup="{bid}"] a[data-step="backup"]').click()
     point = one(browser, 'input[name="increment"]:checked').get_attribute("value")

@@ -65,6 +65,17 @@ def routes(web: Web, app: FastAPI) -> None:
                               more=max(0, len(rows) - PICK_LIMIT), vm=vm or "")  # fmt: skip
         backup = listing.show_backup(ctx, backup_id)
         point = chosen_point(backup, increment)
+        if point is None and increment is not None:  # not a point of this backup: pick again
+            error = error or f"Backup {backup_id} has no point {increment}: pick one below."
+            increment, status = None, 404
+            point = chosen_point(backup, None)
+        elif point is not None and point["status"] != "VALID":
+            error = (
+                error
+                or f"Point {increment} of backup {backup_id} is {point['status']}: pick a valid one."
+            )
+            increment, status = None, 409
+            point = chosen_point(backup, None)
         kind = F.KINDS.get(kind_key or "") if increment is not None and point else None
         fields = F.form_fields(kind, disks_of(point)) if kind and point else []
         return web.render(
