@@ -80,7 +80,8 @@ def downloads(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def browser(downloads: Path) -> Iterator[Any]:
+def browser(host: Host, downloads: Path) -> Iterator[Any]:
+    """Closed before the daemon stops (a page's open /v1/events stream would hold it up)."""
     driver = start_chromium(downloads)
     try:
         yield driver
