@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
@@ -48,6 +49,7 @@ from vmkeep.paths import SOCKET_PATH_MAX, private_umask
 
 log = logging.getLogger(__name__)
 IDLE = 0.2  # seconds a worker waits when the queue is empty
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -203,6 +205,8 @@ def _http_process(
     jobs.WAKE = wake  # a job queued here wakes the daemon's workers
     for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises them once it has stopped
         signal.signal(sig, lambda _s, _f: None)
+    with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the daemon dies
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     app = create_app(config, local_socket=config.socket if sock is not None else None)
     server = uvicorn.Server(_uvicorn_config(config, app))
     local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
