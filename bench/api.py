@@ -21,6 +21,7 @@ none``).
 
     .venv/bin/python bench/api.py [--vms 1000] [--increments 10] [--clients 50] [--seconds 10]
         [--rounds 3] [--period 2] [--backup lab|none] [--lab-prefix vmkeep-bench-api-]
+        [--phase idle|busy|both]
 
 Target (issue 27): p99 <= 100 ms for a page of the VM list and for the overview with 50
 clients. The load generator is a small asyncio HTTP/1.1 client (keep-alive, one connection per
@@ -191,16 +192,29 @@ class BackupLoop:
         self.done: list[tuple[str, float]] = []  # (state, seconds)
         self.thread = threading.Thread(target=self.loop, daemon=True)
 
+    def ask(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        """One request, again on a new connection when a kept-alive one was closed under it."""
+        for attempt in range(5):
+            try:
+                return self.client.request(method, path, **kw)
+            except httpx.TransportError:
+                if attempt == 4:
+                    raise
+                time.sleep(0.5)
+        raise AssertionError("unreachable")
+
     def loop(self) -> None:
         while not self.stop.is_set():
-            r = self.client.post(
-                f"/v1/vms/{self.vm}/backup", json={"datastore": "lab", "reset": True}
-            )
+            body = {"datastore": "lab", "reset": True}
+            r = self.ask("POST", f"/v1/vms/{self.vm}/backup", json=body)
+            if r.status_code == 409:  # the last one is still ending
+                time.sleep(0.5)
+                continue
             if r.status_code != 202:
                 sys.exit(f"backup refused: {r.status_code} {r.text}")
             job = r.json()["job"]
             while job["state"] not in ("DONE", "FAILED", "CANCELLED"):
-                job = self.client.get(f"/v1/jobs/{job['id']}?wait=5").json()
+                job = self.ask("GET", f"/v1/jobs/{job['id']}?wait=5").json()
                 if job["state"] == "RUNNING":
                     self.running.set()
             took = datetime.fromisoformat(job["finished"]) - datetime.fromisoformat(job["started"])
@@ -262,6 +276,7 @@ def main() -> None:
     ap.add_argument("--period", type=float, default=2.0)
     ap.add_argument("--backup", choices=("lab", "none"), default="lab")
     ap.add_argument("--lab-prefix", default="vmkeep-bench-api-")
+    ap.add_argument("--phase", choices=("idle", "busy", "both"), default="both")
     args = ap.parse_args()
     work, env = workspace()
     ctx = Context(load_config(environ=env))
@@ -281,13 +296,14 @@ def main() -> None:
         "paged: --http-workers 2, one page": (2, ["/v1/vms", OVERVIEW]),
     }
     try:
-        if args.backup == "lab":
+        if args.backup == "lab" and args.phase != "idle":
             lab, vm = lab_vm(env, work, args.lab_prefix)
         print(f"API on loopback: {args.vms} VMs and {args.vms * args.increments} points in the "
               f"catalog, {args.clients} clients, {args.seconds:.0f} s per round, {args.rounds} "
               f"rounds, {os.cpu_count()} cores shared by server and load generator; figures "
               "min / median / max over the rounds", flush=True)  # fmt: skip
-        phases = [False, True] if lab is not None else [False]
+        phases = {"idle": [False], "busy": [True], "both": [False, True]}[args.phase]
+        phases = [p for p in phases if lab is not None or not p]
         for busy in phases:
             for title, (http_workers, paths) in setups.items():
                 with socket.socket() as sk:
