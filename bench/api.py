@@ -21,7 +21,7 @@ none``).
 
     .venv/bin/python bench/api.py [--vms 1000] [--increments 10] [--clients 50] [--seconds 10]
         [--rounds 3] [--period 2] [--backup lab|none] [--lab-prefix vmkeep-bench-api-]
-        [--phase idle|busy|both]
+        [--phase idle|busy|both] [--setup baseline|paged|both]
 
 Target (issue 27): p99 <= 100 ms for a page of the VM list and for the overview with 50
 clients. The load generator is a small asyncio HTTP/1.1 client (keep-alive, one connection per
@@ -158,7 +158,8 @@ async def open_loop(
 def daemon(env: dict[str, str], port: int, http_workers: int) -> Iterator[None]:
     argv = [*VK, "daemon", "--listen", f"127.0.0.1:{port}", "--workers", "1",
             "--http-workers", str(http_workers)]  # fmt: skip
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL)
+    log = Path(env["VMKEEP_DATA_DIR"]).parent / f"daemon-{port}.log"
+    proc = subprocess.Popen(argv, env=env, stderr=log.open("w"))
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -173,6 +174,8 @@ def daemon(env: dict[str, str], port: int, http_workers: int) -> Iterator[None]:
         time.sleep(2 if http_workers > 1 else 0.5)  # every HTTP process up
         yield
     finally:
+        if proc.poll() is not None:
+            print(f"the daemon had exited by itself: exit code {proc.returncode}", file=sys.stderr)
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=300)
@@ -223,7 +226,10 @@ class BackupLoop:
     def __enter__(self) -> BackupLoop:
         self.thread.start()
         if not self.running.wait(120):
-            sys.exit("the lab backup did not start")
+            port = self.client.base_url.port
+            listening = subprocess.run(["ss", "-ltnp", f"sport = :{port}"], capture_output=True,
+                                       text=True).stdout  # fmt: skip
+            sys.exit(f"the lab backup did not start; listening on {port}:\n{listening}")
         return self
 
     def __exit__(self, *_exc: object) -> None:
@@ -277,6 +283,7 @@ def main() -> None:
     ap.add_argument("--backup", choices=("lab", "none"), default="lab")
     ap.add_argument("--lab-prefix", default="vmkeep-bench-api-")
     ap.add_argument("--phase", choices=("idle", "busy", "both"), default="both")
+    ap.add_argument("--setup", choices=("baseline", "paged", "both"), default="both")
     args = ap.parse_args()
     work, env = workspace()
     ctx = Context(load_config(environ=env))
@@ -306,6 +313,8 @@ def main() -> None:
         phases = [p for p in phases if lab is not None or not p]
         for busy in phases:
             for title, (http_workers, paths) in setups.items():
+                if args.setup != "both" and not title.startswith(args.setup):
+                    continue
                 with socket.socket() as sk:
                     sk.bind(("127.0.0.1", 0))
                     port = sk.getsockname()[1]
@@ -335,6 +344,10 @@ def main() -> None:
                     print(f"    backups during it: {len(loop.done)} ({', '.join(states)}), "
                           f"{spread(took, '{:.1f}') if took else '-'} s each")  # fmt: skip
                 sys.stdout.flush()
+    except BaseException:
+        for log in sorted(work.glob("daemon-*.log")):  # what the daemons said, on a failure
+            print(f"--- {log.name}\n{log.read_text()[-3000:]}", file=sys.stderr)
+        raise
     finally:
         if lab is not None:
             lab.down()
