@@ -200,7 +200,8 @@ class BackupLoop:
         for attempt in range(5):
             try:
                 return self.client.request(method, path, **kw)
-            except httpx.TransportError:
+            except httpx.TransportError as err:
+                print(f"  {method} {path}: {err!r} (try {attempt + 1})", file=sys.stderr)
                 if attempt == 4:
                     raise
                 time.sleep(0.5)
