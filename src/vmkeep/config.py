@@ -71,6 +71,7 @@ class ApiConfig(_Section):
     max_body_bytes: int = Field(default=2 << 20, ge=1024, le=1 << 30)
     max_streams_per_token: int = Field(default=4, ge=1, le=1000)  # ?wait= and /v1/events at once
     max_queued_per_token: int = Field(default=50, ge=1, le=100000)  # QUEUED jobs a token may have
+    http_workers: int = Field(default=1, ge=1, le=32)  # processes serving the API (daemon)
 
     @field_validator("policy")
     @classmethod

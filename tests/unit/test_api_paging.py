@@ -232,3 +232,33 @@ def test_the_cli_reader_follows_every_page(api: Any, monkeypatch: pytest.MonkeyP
     audit = remote.get(c, "/v1/audit", limit="1500")
     assert len(audit) == 130 and asked == ["/v1/audit?limit=1000"]
     assert remote.get(c, "/v1/jobs/1")["id"] == 1  # a show: one answer as it is
+
+
+def test_the_api_list_reuses_libvirts_states_until_a_vm_row_changes(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``GET /v1/vms`` (``reuse``) asks libvirt for the domains' states once per ``LIVE_TTL``
+    while no VM row changes; an action's write to a VM row is seen by the next page at once."""
+    from vmkeep.engine.vm import inventory
+    from vmkeep.hypervisor.fake import FakeHypervisor
+
+    hv = FakeHypervisor()
+    asked = []
+    real = hv.states
+    monkeypatch.setattr(hv, "states", lambda: asked.append(1) or real())
+    ctx = Context(load_config(), _hv=hv)
+    with ctx.catalog.session() as s:
+        for n in range(5):
+            s.add(Vm(name=f"v{n}", uuid=f"u{n}", host_uri="fake:///system", state="UNKNOWN",
+                     lcm_state="UNKNOWN", backup_config={}))  # fmt: skip
+    first = inventory.list_vms(ctx, 2, None, reuse=True)  # writes nothing: all stay UNKNOWN
+    assert inventory.list_vms(ctx, 2, first[-1]["id"], reuse=True) and len(asked) == 1
+    inventory.list_vms(ctx)  # the CLI's read asks every time
+    assert len(asked) == 2
+    with ctx.catalog.session() as s:
+        s.query(Vm).filter_by(name="v0").one().lcm_state = "HOLD"
+    inventory.list_vms(ctx, 2, None, reuse=True)
+    assert len(asked) == 3
+    monkeypatch.setattr(inventory, "LIVE_TTL", 0.0)
+    inventory.list_vms(ctx, 2, None, reuse=True)
+    assert len(asked) == 4

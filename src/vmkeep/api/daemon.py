@@ -2,6 +2,15 @@
 scheduler of backup jobs (``engine/service/scheduler.py``) and the sender of notifications
 (``engine/service/notify.py``: a worker writes a finished job's outbox rows, never waits).
 
+With ``--http-workers N`` (``[api] http_workers``) above 1 the API is served by N processes
+instead (one Python process serves ~100 requests/s on one core: the GIL): the daemon binds the
+TCP and local sockets once and starts N HTTP processes (multiprocessing's spawn: none inherits
+the daemon's threads or catalog connections) that serve on them, the kernel spreading the
+connections; the daemon itself keeps the job workers, monitor, scheduler and notifier. The
+processes share the catalog (the job queue is its ``jobs`` table) and one cross-process event
+on which a queued job wakes the daemon's idle workers at once. A process that dies is started
+again; each exits when the daemon is gone.
+
 At start it marks this host's RUNNING jobs left by a dead process FAILED (their VMs were recovered
 by their guard process). SIGTERM / Ctrl-C: uvicorn stops taking requests, workers stop claiming,
 running jobs are cancelled through the engine's cancel path (guests thawed, partial data and
@@ -12,12 +21,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import multiprocessing
 import os
+import signal
 import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import uvicorn
 
@@ -36,6 +49,7 @@ from vmkeep.paths import SOCKET_PATH_MAX, private_umask
 
 log = logging.getLogger(__name__)
 IDLE = 0.2  # seconds a worker waits when the queue is empty
+_PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -126,16 +140,20 @@ class _SignalsToTcp(uvicorn.Server):
 
 
 async def _serve_both(
-    tcp: uvicorn.Server, local: uvicorn.Server, sock: socket.socket | None
+    tcp: uvicorn.Server,
+    local: uvicorn.Server,
+    sock: socket.socket | None,
+    tcp_sock: socket.socket | None = None,
 ) -> None:
-    """The TCP server until SIGTERM/SIGINT stops it (uvicorn handles them), and the local
-    socket's server as long as it runs."""
+    """The TCP server (on ``tcp_sock`` when the daemon bound it) until SIGTERM/SIGINT stops it
+    (uvicorn handles them), and the local socket's server as long as it runs."""
+    tcp_sockets = None if tcp_sock is None else [tcp_sock]
     if sock is None:
-        await tcp.serve()
+        await tcp.serve(sockets=tcp_sockets)
         return
     local_task = asyncio.create_task(local.serve(sockets=[sock]))
     try:
-        await tcp.serve()
+        await tcp.serve(sockets=tcp_sockets)
     finally:
         local.should_exit = True
         await local_task
@@ -153,14 +171,109 @@ def _remove_socket(path: Path, bound: tuple[int, int]) -> None:
             path.unlink()
 
 
+def _tcp_socket(host: str, port: int) -> socket.socket:
+    """The API's listening TCP socket, bound once by the daemon for its HTTP processes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise InvalidValue("--listen", f"{host}:{port}", f"cannot listen there: {err}") from err
+    return sock
+
+
+def _uvicorn_config(config: Config, app: Any, **where: Any) -> uvicorn.Config:
+    tls = config.api.tls_cert, config.api.tls_key
+    return uvicorn.Config(
+        app,
+        log_level="warning",
+        ssl_certfile=str(tls[0]) if tls[0] else None,
+        ssl_keyfile=str(tls[1]) if tls[1] else None,
+        **where,
+    )
+
+
+def _http_process(
+    config: Config, tcp: socket.socket, sock: socket.socket | None, wake: Any, parent: int
+) -> None:
+    """One HTTP process of the daemon (``--http-workers``): the API on the daemon's sockets
+    until SIGTERM/SIGINT, or until the daemon is gone."""
+    private_umask()
+    jobs.WAKE = wake  # a job queued here wakes the daemon's workers
+    for sig in (signal.SIGTERM, signal.SIGINT):  # uvicorn re-raises them once it has stopped
+        signal.signal(sig, lambda _s, _f: None)
+    with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the daemon dies
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    app = create_app(config, local_socket=config.socket if sock is not None else None)
+    server = uvicorn.Server(_uvicorn_config(config, app))
+    local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
+
+    def orphaned() -> None:
+        while not server.should_exit:
+            if os.getppid() != parent:
+                log.warning("the daemon (pid %d) is gone: this HTTP process stops", parent)
+                server.should_exit = True
+            server_stop.wait(1.0)
+
+    server_stop = threading.Event()
+    threading.Thread(target=orphaned, name="orphaned", daemon=True).start()
+    gctune.for_daemon()
+    try:
+        asyncio.run(_serve_both(server, local, sock, tcp))
+    finally:
+        server_stop.set()
+
+
+def _watch_http(
+    config: Config,
+    tcp: socket.socket,
+    sock: socket.socket | None,
+    wake: Any,
+    count: int,
+    stopping: threading.Event,
+) -> None:
+    """Start ``count`` HTTP processes, start again one that dies, until ``stopping``; then stop
+    them all (SIGTERM: each finishes its requests), waiting for each."""
+    spawn = multiprocessing.get_context("spawn")
+    args = (config, tcp, sock, wake, os.getpid())
+    procs: list[Any] = []
+    try:
+        while not stopping.is_set():
+            for k, p in enumerate(procs):
+                if not p.is_alive():
+                    log.error("HTTP process %d died (exit %s): started again", p.pid, p.exitcode)
+                    procs[k] = None
+            procs = [p for p in procs if p is not None]
+            while len(procs) < count and not stopping.is_set():
+                p = spawn.Process(target=_http_process, args=args, name="vmkeep-http", daemon=True)
+                p.start()
+                procs.append(p)
+            stopping.wait(0.5)
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                log.error("HTTP process %d did not stop in 30 s: killed", p.pid)
+                p.kill()
+                p.join()
+
+
 def serve(
     config: Config,
     listen: str | None = None,
     workers: int | None = None,
     clock: scheduler.Clock | None = None,
+    http_workers: int | None = None,
 ) -> None:
     private_umask()  # also when serve() is called without the CLI's main()
     host, port = parse_listen(listen or config.api.listen)
+    http_count = http_workers or config.api.http_workers
     ctx = Context(config)
     for job_id in jobs.recover(ctx):
         log.warning("job %s was running when the daemon stopped: marked FAILED", job_id)
@@ -178,20 +291,16 @@ def serve(
     for f in tls:
         if f is not None and not f.is_file():
             raise InvalidValue("[api] tls_cert/tls_key", str(f), "the file does not exist")
-    app = create_app(config, local_socket=config.socket, slots=slots)
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            ssl_certfile=str(tls[0]) if tls[0] else None,
-            ssl_keyfile=str(tls[1]) if tls[1] else None,
-        )
-    )
+    tcp = _tcp_socket(host, port) if http_count > 1 else None
     bound = local_socket(config.socket)
     sock = bound[0] if bound is not None else None
-    local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    woken = jobs.WAKE
+    if tcp is not None:  # N HTTP processes: the API's jobs wake the workers across processes
+        jobs.WAKE = multiprocessing.get_context("spawn").Event()  # type: ignore[assignment]
+    else:
+        app = create_app(config, local_socket=config.socket, slots=slots)
+        server = uvicorn.Server(_uvicorn_config(config, app, host=host, port=port))
+        local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
     gctune.for_daemon()
     pool.append(threading.Thread(target=_monitor, args=(config, stop), name="monitor", daemon=True))
     pool.append(
@@ -209,16 +318,23 @@ def serve(
     scheme = "https" if tls[0] else "http"
     also = f" and {config.socket}" if sock is not None else ""
     log.warning(
-        "vmkeep daemon listening on %s://%s:%s%s, %d workers",
+        "vmkeep daemon listening on %s://%s:%s%s, %d workers, %d HTTP process%s",
         scheme,
         host,
         port,
         also,
         slots.size,
+        http_count,
+        "es" if http_count > 1 else "",
     )
     try:
-        asyncio.run(_serve_both(server, local, sock))  # returns after SIGTERM / SIGINT
+        if tcp is not None:
+            _serve_processes(config, tcp, sock, http_count)  # returns after SIGTERM / SIGINT
+        else:
+            asyncio.run(_serve_both(server, local, sock))  # returns after SIGTERM / SIGINT
     finally:
+        if tcp is not None:
+            tcp.close()
         if bound is not None:
             bound[0].close()
             _remove_socket(config.socket, bound[1])
@@ -230,4 +346,22 @@ def serve(
                 jobs.cancel(ctx, job["id"])
         for t in pool:
             t.join(timeout=300)
+        jobs.WAKE = woken
     log.warning("vmkeep daemon stopped")
+
+
+def _serve_processes(
+    config: Config, tcp: socket.socket, sock: socket.socket | None, count: int
+) -> None:
+    """The HTTP processes until SIGTERM / SIGINT reaches the daemon; stopped before it
+    returns."""
+    stopping = threading.Event()
+    before = {
+        sig: signal.signal(sig, lambda _s, _f: stopping.set())
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        _watch_http(config, tcp, sock, jobs.WAKE, count, stopping)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)

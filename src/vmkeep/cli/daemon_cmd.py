@@ -1,4 +1,5 @@
-"""``vmkeep daemon [--listen HOST:PORT] [--workers N]``: the REST API and the job workers."""
+"""``vmkeep daemon [--listen HOST:PORT] [--workers N] [--http-workers N]``: the REST API and the
+job workers."""
 
 from __future__ import annotations
 
@@ -13,6 +14,13 @@ from vmkeep.cli.output import ctx_of
 @click.option("--listen", default=None, help="HOST:PORT (default [api] listen, 127.0.0.1:8700).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Jobs run at once.")
 @click.option(
+    "--http-workers",
+    type=click.IntRange(1, 32),
+    default=None,
+    help="Processes serving the API (default [api] http_workers, 1); the daemon's own process "
+    "keeps the job workers, monitor and scheduler.",
+)
+@click.option(
     "--clock",
     default=None,
     hidden=True,  # for tests (CONTRIBUTING.md)
@@ -20,7 +28,13 @@ from vmkeep.cli.output import ctx_of
     "clock seconds per real second).",
 )
 @click.pass_context
-def daemon(c: click.Context, listen: str | None, workers: int | None, clock: str | None) -> None:
+def daemon(
+    c: click.Context,
+    listen: str | None,
+    workers: int | None,
+    http_workers: int | None,
+    clock: str | None,
+) -> None:
     """Run the vmkeep service in the foreground (API under /v1, job workers, the scheduler of
     backup jobs)."""
     from vmkeep.api.daemon import serve
@@ -32,4 +46,4 @@ def daemon(c: click.Context, listen: str | None, workers: int | None, clock: str
     # then the daemon has stopped cleanly, so the re-raised signal must not turn into exit 130.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _s, _f: None)
-    serve(ctx_of(c).config, listen, workers, clock=fast)
+    serve(ctx_of(c).config, listen, workers, clock=fast, http_workers=http_workers)

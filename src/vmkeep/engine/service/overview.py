@@ -75,20 +75,24 @@ def summary(ctx: Context, max_age: float = 0.0) -> dict[str, Any]:
     1,000 VMs and 10,000 points, not one per request; and the same body, so its ETag
     matches)."""
     key = ctx.config.catalog_url
-    if max_age > 0:
-        with _made_lock:
-            hit = _made.get(key)
+    if max_age <= 0:
+        return _made_now(ctx, key)
+    with _making:  # one thread makes it; the requests that came meanwhile take that one
+        hit = _made.get(key)
         if hit is not None and time.monotonic() - hit[0] < max_age:
             return hit[1]
-    started = time.monotonic()
-    out = _summary(ctx)
-    with _made_lock:
-        _made[key] = (started, out)
-    return out
+        return _made_now(ctx, key)
 
 
 _made: dict[str, tuple[float, dict[str, Any]]] = {}  # catalog URL -> (when, the overview)
-_made_lock = threading.Lock()
+_making = threading.Lock()
+
+
+def _made_now(ctx: Context, key: str) -> dict[str, Any]:
+    started = time.monotonic()
+    out = _summary(ctx)
+    _made[key] = (started, out)
+    return out
 
 
 def _summary(ctx: Context) -> dict[str, Any]:
