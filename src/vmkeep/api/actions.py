@@ -18,7 +18,7 @@ from vmkeep.engine.core.trust import LOCAL_ADMIN, Actor
 from vmkeep.engine.service import actions
 from vmkeep.engine.service import params as P
 from vmkeep.engine.service.actions import Action
-from vmkeep.names import MAX_ID
+from vmkeep.names import MAX_JSON_ID
 
 _BODIES: dict[tuple[type[P.Params], tuple[str, ...]], type[P.Params] | None] = {}
 
@@ -36,8 +36,8 @@ def _body_model(a: Action) -> type[P.Params] | None:
 
 def _path_param(a: Action, name: str) -> inspect.Parameter:
     annotation: Any = a.model.model_fields[name].annotation
-    if annotation is int:  # a catalog id is a 64-bit integer: a larger one is bad input (422)
-        annotation = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+    if annotation is int:  # a catalog id: a larger one is bad input (422)
+        annotation = Annotated[int, PathParam(ge=1, le=MAX_JSON_ID)]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
 
 
@@ -45,10 +45,10 @@ def _endpoint(api: Api, a: Action) -> Any:
     body = _body_model(a)
     sig = [_path_param(a, f) for f in a.path_fields]
     if a.method == "DELETE" and body is not None:  # each param from the query
-        for n, f in body.model_fields.items():
-            default = Query(default=f.default, alias=f.alias) if f.alias else f.default
-            sig.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                         annotation=f.annotation))  # fmt: skip
+        for n, f in body.model_fields.items():  # with the field's bounds (the schema's too)
+            query = Query(alias=f.alias)
+            sig.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                         annotation=Annotated[f.annotation, query, *f.metadata]))  # fmt: skip
     elif body is not None:
         optional = all(not f.is_required() for f in body.model_fields.values())
         sig.append(

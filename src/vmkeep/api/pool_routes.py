@@ -4,22 +4,31 @@ keys and pool (``PATCH /v1/vms/{vm}/config``). Each answers at once from one eng
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
-from pydantic import Field
+from pydantic import Field, StrictBool
 
 from vmkeep.api.base import Api, FastJSON, jsonable
+from vmkeep.engine.core.backup_config import MAX_DISKS, MAX_KEEP
 from vmkeep.engine.core.trust import Actor
-from vmkeep.engine.service.params import Name, Params
+from vmkeep.engine.service.params import Name, NewName, Params
 from vmkeep.engine.vm import inventory, policy
+from vmkeep.names import DISK_PATTERN
 
-# a policy value as JSON carries it: a number, yes/no as a boolean, or text ("unset" removes)
-Value = int | bool | Annotated[str, Field(max_length=64)] | None
-# exclude_disks: a list of disk targets, or one text ("vdb,vdc", "none", "unset")
+# each policy key's values as backup_config.validate takes them ("unset" removes the key, so
+# that it is inherited again; a key left out is not changed)
+Keep = Annotated[int, Field(ge=1, le=MAX_KEEP)] | Literal["all", "none", "unset"] | None
+YesNo = StrictBool | Literal["yes", "no", "true", "false", "on", "off", "unset"]
+Mode = Literal["full", "increment", "incremental", "inc", "unset"]
+Freeze = Literal["none", "agent", "suspend", "unset"] | None
+UNCHANGED: Any = None  # the default of a key whose type has no null: not given, not changed
+Disk = Annotated[str, Field(pattern=f"^{DISK_PATTERN}$")]
+# exclude_disks: a list of disk targets, or one text of them ("vdb,vdc"), "none" or "unset"
+DISKS_TEXT = f"^(?:none|unset|{DISK_PATTERN}(?:,{DISK_PATTERN})*)$"
 DiskList = (
-    Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
-    | Annotated[str, Field(max_length=2048)]
+    Annotated[list[Disk], Field(max_length=MAX_DISKS)]
+    | Annotated[str, Field(pattern=DISKS_TEXT)]
     | None
 )
 
@@ -29,17 +38,17 @@ class PolicyKeys(Params):
     again), ``keep_last: null`` (or any ``keep_*``) sets no such rule; no rule set keeps every
     restore point."""
 
-    keep_last: Value = None
-    keep_hourly: Value = None
-    keep_daily: Value = None
-    keep_weekly: Value = None
-    keep_monthly: Value = None
-    keep_yearly: Value = None
-    mode: Value = None
-    fs_freeze: Value = None
-    backup_volatile: Value = None
-    memory: Value = None
-    exclude: Value = None
+    keep_last: Keep = None
+    keep_hourly: Keep = None
+    keep_daily: Keep = None
+    keep_weekly: Keep = None
+    keep_monthly: Keep = None
+    keep_yearly: Keep = None
+    mode: Mode = UNCHANGED
+    fs_freeze: Freeze = None
+    backup_volatile: YesNo = UNCHANGED
+    memory: YesNo = UNCHANGED
+    exclude: YesNo = UNCHANGED
     exclude_disks: DiskList = None
 
     def changes(self) -> dict[str, Any]:
@@ -47,7 +56,7 @@ class PolicyKeys(Params):
 
 
 class PoolRequest(Params):
-    name: Name
+    name: NewName
     config: PolicyKeys = PolicyKeys()
 
 

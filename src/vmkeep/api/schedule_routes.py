@@ -12,7 +12,7 @@ from vmkeep.api.base import Api, FastJSON, jsonable
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.service import backupjobs, scheduler
-from vmkeep.engine.service.params import Params, Policy
+from vmkeep.engine.service.params import NewName, Params, Policy
 
 
 class BackupJobChange(Params):
@@ -35,7 +35,7 @@ class BackupJobChange(Params):
 
 
 class BackupJobRequest(BackupJobChange):
-    name: str = Field(min_length=1, max_length=255)
+    name: NewName
     datastore: str = Field(max_length=255)
     schedule: str = Field(max_length=255)
     options: Policy = {}
