@@ -7,21 +7,25 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
-from pydantic import Field, StrictBool
+from pydantic import Field, StrictBool, WithJsonSchema
 
 from vmkeep.api.base import Api, FastJSON, jsonable
 from vmkeep.engine.core.backup_config import MAX_DISKS, MAX_KEEP
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.service.params import Name, NewName, Params
 from vmkeep.engine.vm import inventory, policy
+from vmkeep.model import BackupMode, FsFreeze
 from vmkeep.names import DISK_PATTERN
 
 # each policy key's values as backup_config.validate takes them ("unset" removes the key, so
 # that it is inherited again; a key left out is not changed)
 Keep = Annotated[int, Field(ge=1, le=MAX_KEEP)] | Literal["all", "none", "unset"] | None
 YesNo = StrictBool | Literal["yes", "no", "true", "false", "on", "off", "unset"]
-Mode = Literal["full", "increment", "incremental", "inc", "unset"]
-Freeze = Literal["none", "agent", "suspend", "unset"] | None
+MODES = [*(m.lower() for m in BackupMode), "incremental", "inc", "unset"]
+FREEZES = [*(f.lower() for f in FsFreeze), "unset"]
+# mode and fs_freeze: any case, checked by the engine, which says what is allowed in words
+Mode = Annotated[str, Field(max_length=16, json_schema_extra={"enum": MODES})]
+Freeze = Annotated[str | None, WithJsonSchema({"enum": [*FREEZES, None]})]
 UNCHANGED: Any = None  # the default of a key whose type has no null: not given, not changed
 Disk = Annotated[str, Field(pattern=f"^{DISK_PATTERN}$")]
 # exclude_disks: a list of disk targets, or one text of them ("vdb,vdc"), "none" or "unset"

@@ -18,8 +18,8 @@ from vmkeep.errors import InvalidValue
 from vmkeep.names import DISK_PATTERN, MAX_JSON_ID, MAX_LEN, NAME_PATTERN, RULE, check_name
 
 
-def _snapshot_name(value: str) -> str:
-    """names.py's rule: an all-digit name is refused, it would be read as an id."""
+def _new_name(value: str) -> str:
+    """names.py's rule (an all-digit name is refused, it would be read as an id)."""
     try:
         return check_name("name", value)
     except InvalidValue:
@@ -32,16 +32,16 @@ def _id_as_text(value: object) -> object:
 
 
 Name = Annotated[str, Field(min_length=1, max_length=255)]  # a reference: a name or an id
-# the names rule (names.py) as the schema shows it; the engine checks it where a name is given
-# (a datastore, group, pool, backup job, restored VM), and says the rule in words
+# a name given to something new (a datastore, group, pool, backup job, snapshot, restored VM):
+# names.py's rule, as the schema shows it and in words when refused (the engine checks it too)
 NAME_SCHEMA = {"pattern": f"^{NAME_PATTERN}$", "minLength": 1, "maxLength": MAX_LEN}
-NewName = Annotated[str, Field(json_schema_extra=NAME_SCHEMA)]
+NewName = Annotated[str, AfterValidator(_new_name), Field(json_schema_extra=NAME_SCHEMA)]
 # a catalog id; 0 is simply not found (the API's routes refuse ids below 1 as bad input)
 CatalogId = Annotated[int, Field(ge=0, le=MAX_JSON_ID)]
 DiskName = Annotated[str, Field(max_length=64)]
 # a new disk's target (names.py's disk rule, checked by the engine)
 NewDisk = Annotated[str, Field(json_schema_extra={"pattern": f"^{DISK_PATTERN}$"})]
-SnapshotName = Annotated[str, AfterValidator(_snapshot_name), Field(json_schema_extra=NAME_SCHEMA)]
+SnapshotName = NewName
 # a snapshot's name, or its id (all digits), as ``onevm snapshot-revert`` takes it
 SnapshotRef = Annotated[str, BeforeValidator(_id_as_text), Field(min_length=1, max_length=MAX_LEN)]
 
