@@ -41,7 +41,7 @@ def test_each_kind_of_route_declares_what_it_can_answer(app: Any) -> None:
     read = responses(doc, "get", "/v1/vms/{vm}")
     assert set(read) == {"200", "304", "401", "403", "404", "421", "422", "5XX"}
     assert "ETag" in read["200"]["headers"] and "ETag" in read["304"]["headers"]
-    plain = responses(doc, "get", "/v1/vms")  # no parameter: no 422, no 404
+    plain = responses(doc, "get", "/v1/pools")  # no parameter: no 422, no 404
     assert set(plain) == {"200", "304", "401", "403", "421", "5XX"}
     assert set(responses(doc, "get", "/healthz")) == {"200"}  # no token, no parameter
     # the long requests' own 429 (a token's stream slots), kept by the pass

@@ -10,7 +10,8 @@ what a route can raise:
   421 on the daemon's local socket (a request meaning another catalog);
 - any parameter: 422 (bad input: the error tree's 400s and the request's validation);
 - a body: 413 (``[api] max_body_bytes``, ``limits.BodyLimit``);
-- a path parameter, a body or a text query parameter: 404 (what it names does not exist);
+- a path parameter, a body or a text query parameter (not a page's cursor): 404 (what it
+  names does not exist);
 - a write (POST, PUT, PATCH, DELETE): 409 (a refused state, a name taken, in use);
 - an action of the table (202): 429 (``[api] max_queued_per_token``) and ``Location``;
 - any engine call: 5XX (the catalog 500, the hypervisor or a datastore 502/503/504, no space
@@ -102,7 +103,11 @@ def error_codes(route: APIRoute, local_socket: bool) -> list[int | str]:
         codes.append(422)
     if has_body:
         codes.append(413)
-    texts = [q for q in _params(d, "query") if q.field_info.annotation in (str, str | None)]
+    texts = [
+        q
+        for q in _params(d, "query")
+        if q.field_info.annotation in (str, str | None) and q.alias != "cursor"  # a bad one: 422
+    ]
     if _params(d, "path") or has_body or texts:
         codes.append(404)
     if (route.methods or set()) & WRITES:
