@@ -12,8 +12,10 @@ from fastapi import FastAPI, Query
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import create_model
+from pydantic.fields import FieldInfo
 
 from vmkeep.api.base import Api, accepted
+from vmkeep.engine.core import backup_config
 from vmkeep.engine.core.trust import LOCAL_ADMIN, Actor
 from vmkeep.engine.service import actions
 from vmkeep.engine.service import params as P
@@ -23,12 +25,22 @@ from vmkeep.names import MAX_JSON_ID
 _BODIES: dict[tuple[type[P.Params], tuple[str, ...]], type[P.Params] | None] = {}
 
 
+def _with_policy_keys(f: FieldInfo) -> FieldInfo:
+    """A policy field showing its keys in the schema (backup_config.validate checks them)."""
+    keys = {"propertyNames": {"enum": list(backup_config.KEYS)}}
+    return FieldInfo.merge_field_infos(f, json_schema_extra=keys)
+
+
 def _body_model(a: Action) -> type[P.Params] | None:
     """The params of ``a`` outside its path, as one model (None when there are none); one model
     per params class, so the schema names each once."""
     key = (a.model, tuple(a.path_fields))
     if key not in _BODIES:
-        fields = {n: (f.annotation, f) for n, f in a.model.model_fields.items() if n not in key[1]}
+        fields = {
+            n: (f.annotation, _with_policy_keys(f) if f.annotation == P.Policy else f)
+            for n, f in a.model.model_fields.items()
+            if n not in key[1]
+        }
         name = a.model.__name__.removesuffix("Params") + "Request"
         _BODIES[key] = create_model(name, __base__=P.Params, **fields) if fields else None  # type: ignore[call-overload]
     return _BODIES[key]
