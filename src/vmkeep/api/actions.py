@@ -14,8 +14,8 @@ from fastapi.responses import JSONResponse
 from pydantic import create_model
 from pydantic.fields import FieldInfo
 
+from vmkeep.api import pool_routes
 from vmkeep.api.base import Api, accepted
-from vmkeep.engine.core import backup_config
 from vmkeep.engine.core.trust import LOCAL_ADMIN, Actor
 from vmkeep.engine.service import actions
 from vmkeep.engine.service import params as P
@@ -26,9 +26,9 @@ _BODIES: dict[tuple[type[P.Params], tuple[str, ...]], type[P.Params] | None] = {
 
 
 def _with_policy_keys(f: FieldInfo) -> FieldInfo:
-    """A policy field showing its keys in the schema (backup_config.validate checks them)."""
-    keys = {"propertyNames": {"enum": list(backup_config.KEYS)}}
-    return FieldInfo.merge_field_infos(f, json_schema_extra=keys)
+    """A policy field showing its keys and values in the schema (pool_routes' policy keys;
+    backup_config.validate checks them)."""
+    return FieldInfo.merge_field_infos(f, json_schema_extra=pool_routes.policy_schema())
 
 
 def _body_model(a: Action) -> type[P.Params] | None:

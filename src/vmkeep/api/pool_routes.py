@@ -59,6 +59,29 @@ class PolicyKeys(Params):
         return self.model_dump(include=self.model_fields_set - {"pool"})
 
 
+def _no_unset(schema: dict[str, Any]) -> dict[str, Any]:
+    """A key's schema without "unset" (a backup's own policy has no layer to inherit)."""
+    if "enum" in schema:
+        return {**schema, "enum": [v for v in schema["enum"] if v != "unset"]}
+    if "const" in schema and schema["const"] == "unset":
+        return {"not": {}}
+    if "pattern" in schema:
+        return {**schema, "pattern": schema["pattern"].replace("|unset", "")}
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return {**schema, key: [_no_unset(s) for s in schema[key]]}
+    return schema
+
+
+def policy_schema() -> dict[str, Any]:
+    """The JSON Schema of a backup's (or an action's) ``policy``: the keys above, no "unset"."""
+    props = PolicyKeys.model_json_schema()["properties"]
+    keys = {k: _no_unset({n: v for n, v in p.items() if n != "default"}) for k, p in props.items()}
+    disks = keys["exclude_disks"]  # a policy's values are no lists (params.Policy): text only
+    disks["anyOf"] = [s for s in disks["anyOf"] if s.get("type") != "array"]
+    return {"type": "object", "properties": keys, "additionalProperties": False}
+
+
 class PoolRequest(Params):
     name: NewName
     config: PolicyKeys = PolicyKeys()
