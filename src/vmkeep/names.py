@@ -15,7 +15,11 @@ import re
 from vmkeep.errors import InvalidValue
 
 MAX_LEN = 64
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
+# the rule as a regular expression, the length apart (JSON Schema's ``pattern`` of the API's
+# names says the same: ``^{NAME_PATTERN}$`` with maxLength MAX_LEN): a letter first, or digits
+# followed by another allowed character, so never only digits
+NAME_PATTERN = r"(?:[A-Za-z]|[0-9]+[_.+A-Za-z-])[A-Za-z0-9_.+-]*"
+_NAME = re.compile(NAME_PATTERN)
 RULE = (
     f"use 1-{MAX_LEN} letters, digits, '.', '_', '+' or '-', starting with a letter or digit "
     "and not only digits"
@@ -24,7 +28,7 @@ RULE = (
 
 def check_name(what: str, name: object) -> str:
     """``name`` if it follows the rule, else InvalidValue naming ``what`` and the rule."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name.isdigit():
+    if not isinstance(name, str) or len(name) > MAX_LEN or not _NAME.fullmatch(name):
         raise InvalidValue(what, _shown(name), RULE)
     return name
 
@@ -40,7 +44,8 @@ FILE_RULE = (
 )
 # A disk is a libvirt target (vda, sdb, hdc, xvda, nvme0n1): part of a file name and of QEMU's
 # comma-separated options, so no '.', ',' or '/'.
-_DISK = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,31}")
+DISK_PATTERN = r"[A-Za-z][A-Za-z0-9_-]{0,31}"
+_DISK = re.compile(DISK_PATTERN)
 DISK_RULE = "a disk target is 1-32 letters, digits, '_' or '-', starting with a letter (e.g. vda)"
 # A chain key is ``<vm name>/<backup id>`` (``-<hex>`` added when the key was taken).
 _CHAIN_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -83,6 +88,9 @@ def check_chain_key(what: str, key: object) -> str:
 
 
 MAX_ID = 2**63 - 1  # catalog ids are 64-bit
+# the API's bound on an id: the largest integer every JSON reader holds exactly (a catalog's
+# ids never come near it)
+MAX_JSON_ID = 2**53 - 1
 
 
 def is_id(ref: str) -> bool:

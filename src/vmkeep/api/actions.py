@@ -12,15 +12,23 @@ from fastapi import FastAPI, Query
 from fastapi import Path as PathParam
 from fastapi.responses import JSONResponse
 from pydantic import create_model
+from pydantic.fields import FieldInfo
 
+from vmkeep.api import pool_routes
 from vmkeep.api.base import Api, accepted
 from vmkeep.engine.core.trust import LOCAL_ADMIN, Actor
 from vmkeep.engine.service import actions
 from vmkeep.engine.service import params as P
 from vmkeep.engine.service.actions import Action
-from vmkeep.names import MAX_ID
+from vmkeep.names import MAX_JSON_ID
 
 _BODIES: dict[tuple[type[P.Params], tuple[str, ...]], type[P.Params] | None] = {}
+
+
+def _with_policy_keys(f: FieldInfo) -> FieldInfo:
+    """A policy field showing its keys and values in the schema (pool_routes' policy keys;
+    backup_config.validate checks them)."""
+    return FieldInfo.merge_field_infos(f, json_schema_extra=pool_routes.policy_schema())
 
 
 def _body_model(a: Action) -> type[P.Params] | None:
@@ -28,7 +36,11 @@ def _body_model(a: Action) -> type[P.Params] | None:
     per params class, so the schema names each once."""
     key = (a.model, tuple(a.path_fields))
     if key not in _BODIES:
-        fields = {n: (f.annotation, f) for n, f in a.model.model_fields.items() if n not in key[1]}
+        fields = {
+            n: (f.annotation, _with_policy_keys(f) if f.annotation == P.Policy else f)
+            for n, f in a.model.model_fields.items()
+            if n not in key[1]
+        }
         name = a.model.__name__.removesuffix("Params") + "Request"
         _BODIES[key] = create_model(name, __base__=P.Params, **fields) if fields else None  # type: ignore[call-overload]
     return _BODIES[key]
@@ -36,8 +48,8 @@ def _body_model(a: Action) -> type[P.Params] | None:
 
 def _path_param(a: Action, name: str) -> inspect.Parameter:
     annotation: Any = a.model.model_fields[name].annotation
-    if annotation is int:  # a catalog id is a 64-bit integer: a larger one is bad input (422)
-        annotation = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+    if annotation is int:  # a catalog id: a larger one is bad input (422)
+        annotation = Annotated[int, PathParam(ge=1, le=MAX_JSON_ID)]
     return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation)
 
 
@@ -45,10 +57,10 @@ def _endpoint(api: Api, a: Action) -> Any:
     body = _body_model(a)
     sig = [_path_param(a, f) for f in a.path_fields]
     if a.method == "DELETE" and body is not None:  # each param from the query
-        for n, f in body.model_fields.items():
-            default = Query(default=f.default, alias=f.alias) if f.alias else f.default
-            sig.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                         annotation=f.annotation))  # fmt: skip
+        for n, f in body.model_fields.items():  # with the field's bounds (the schema's too)
+            query = Query(alias=f.alias)
+            sig.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                         annotation=Annotated[f.annotation, query, *f.metadata]))  # fmt: skip
     elif body is not None:
         optional = all(not f.is_required() for f in body.model_fields.values())
         sig.append(

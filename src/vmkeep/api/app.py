@@ -14,16 +14,18 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Request, Security
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.security import HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vmkeep import __version__, web
 from vmkeep.api import (
     actions,
     catalog_routes,
+    contract,
     limits,
     notify_routes,
     paging,
@@ -43,9 +45,15 @@ from vmkeep.errors import Unauthorized, VmkeepError
 from vmkeep.paths import daemon_key
 from vmkeep.web import session as web_session
 
+# the bearer token in the document (``securitySchemes``); the check reads the header itself
+BEARER = HTTPBearer(auto_error=False, description="A token of 'vmkeep token create NAME'")
 
-def _error(status: int, code: str, message: str) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+def _error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def create_app(
@@ -77,9 +85,15 @@ def create_app(
         return limits.error_response(err)  # the body limit's refusals have the same shape
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 400:  # a body FastAPI could not read (not UTF-8): bad input
+            return _error(422, "InvalidValue", f"body: {err.detail}; send JSON in UTF-8")
         codes = {404: "NotFound", 405: "MethodNotAllowed", 413: "RequestTooLarge"}
-        return _error(err.status_code, codes.get(err.status_code, "HTTPError"), str(err.detail))
+        headers = dict(err.headers or {})
+        if err.status_code == 405:  # every method of the path, not only one route's
+            headers["Allow"] = ", ".join(contract.allowed_methods(app.routes, request.scope))
+        code = codes.get(err.status_code, "HTTPError")
+        return _error(err.status_code, code, str(err.detail), headers)
 
     @app.exception_handler(RequestValidationError)
     async def bad_input(_request: Request, err: RequestValidationError) -> JSONResponse:
@@ -106,8 +120,8 @@ def create_app(
         """The dependency of a route: the caller's Actor once its token's role may ``action``
         (a policy key of ``tokens.POLICY``)."""
 
-        def check(request: Request, authorization: str | None = Header(default=None)) -> Actor:
-            authorization = credential(request.scope, authorization)
+        def check(request: Request, _bearer: Any = Security(BEARER)) -> Actor:
+            authorization = credential(request.scope, request.headers.get("authorization"))
             state = request.scope.setdefault("state", {})
             if is_local(request.scope):
                 if request.headers.get("x-vmkeep-catalog", own_key) != own_key:
@@ -162,4 +176,5 @@ def create_app(
                    schedule_routes, notify_routes):  # fmt: skip
         module.routes(api, app)
     web.routes(api, app)  # the dashboard at /, after the API (docs/web.md)
+    contract.declare(app, local_socket is not None)
     return app

@@ -21,17 +21,21 @@ from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.points import delete, listing
 from vmkeep.engine.service import audit, overview
 from vmkeep.engine.service.metrics import CatalogCollector
-from vmkeep.engine.service.params import Params
+from vmkeep.engine.service.params import NewName, Params
 from vmkeep.engine.vm import inventory
-from vmkeep.names import MAX_ID
+from vmkeep.names import MAX_JSON_ID
 
 OVERVIEW_MAX_AGE = 1.0  # seconds an overview is answered again (many dashboards poll it)
-# catalog ids are 64-bit integers: a larger one is bad input (422), not a database error
-Id = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+# catalog ids: a larger one is bad input (422), not a database error
+Id = Annotated[int, PathParam(ge=1, le=MAX_JSON_ID)]
+
+
+class PrometheusText(PlainTextResponse):
+    media_type = CONTENT_TYPE_LATEST  # Prometheus' text exposition format
 
 
 class DatastoreRequest(Params):
-    name: str = Field(max_length=255)
+    name: NewName
     driver: str = Field(default="dir", max_length=32)
     options: dict[str, Any] = {}
 
@@ -42,7 +46,7 @@ class CreateVmRequest(Params):
 
 
 class GroupRequest(Params):
-    name: str = Field(max_length=255)
+    name: NewName
     vms: list[str] = Field(min_length=1)
     stop_order: list[str] | None = None
 
@@ -93,9 +97,9 @@ def routes(api: Api, r: FastAPI) -> None:
             request, lambda n, after: listing.list_backups(ctx(), vm, n, after), limit, cursor
         )
 
-    @r.get("/v1/backups/{backup_id}")
-    def show_backup(backup_id: Id, who: Actor = read) -> Any:
-        return FastJSON(listing.show_with_sizes(ctx(), backup_id))
+    @r.get("/v1/backups/{backup}")  # the path's name as the action routes' (one path)
+    def show_backup(backup: Id, who: Actor = read) -> Any:
+        return FastJSON(listing.show_with_sizes(ctx(), backup))
 
     @r.get("/v1/datastores")
     def list_datastores(
@@ -160,6 +164,7 @@ def routes(api: Api, r: FastAPI) -> None:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(CatalogCollector(ctx))
 
-    @r.get("/metrics", response_class=PlainTextResponse)
+    @r.get("/metrics", response_class=PrometheusText)
     def metrics(who: Actor = read) -> PlainTextResponse:
-        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        """The catalog's facts in Prometheus' text format."""
+        return PrometheusText(generate_latest(registry))

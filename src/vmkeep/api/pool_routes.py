@@ -4,22 +4,35 @@ keys and pool (``PATCH /v1/vms/{vm}/config``). Each answers at once from one eng
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
-from pydantic import Field
+from pydantic import Field, StrictBool, WithJsonSchema
 
 from vmkeep.api.base import Api, FastJSON, jsonable
+from vmkeep.engine.core.backup_config import MAX_DISKS, MAX_KEEP
 from vmkeep.engine.core.trust import Actor
-from vmkeep.engine.service.params import Name, Params
+from vmkeep.engine.service.params import Name, NewName, Params
 from vmkeep.engine.vm import inventory, policy
+from vmkeep.model import BackupMode, FsFreeze
+from vmkeep.names import DISK_PATTERN
 
-# a policy value as JSON carries it: a number, yes/no as a boolean, or text ("unset" removes)
-Value = int | bool | Annotated[str, Field(max_length=64)] | None
-# exclude_disks: a list of disk targets, or one text ("vdb,vdc", "none", "unset")
+# each policy key's values as backup_config.validate takes them ("unset" removes the key, so
+# that it is inherited again; a key left out is not changed)
+Keep = Annotated[int, Field(ge=1, le=MAX_KEEP)] | Literal["all", "none", "unset"] | None
+YesNo = StrictBool | Literal["yes", "no", "true", "false", "on", "off", "unset"]
+MODES = [*(m.lower() for m in BackupMode), "incremental", "inc", "unset"]
+FREEZES = [*(f.lower() for f in FsFreeze), "unset"]
+# mode and fs_freeze: any case, checked by the engine, which says what is allowed in words
+Mode = Annotated[str, Field(max_length=16, json_schema_extra={"enum": MODES})]
+Freeze = Annotated[str | None, WithJsonSchema({"enum": [*FREEZES, None]})]
+UNCHANGED: Any = None  # the default of a key whose type has no null: not given, not changed
+Disk = Annotated[str, Field(pattern=f"^{DISK_PATTERN}$")]
+# exclude_disks: a list of disk targets, or one text of them ("vdb,vdc"), "none" or "unset"
+DISKS_TEXT = f"^(?:none|unset|{DISK_PATTERN}(?:,{DISK_PATTERN})*)$"
 DiskList = (
-    Annotated[list[Annotated[str, Field(max_length=64)]], Field(max_length=64)]
-    | Annotated[str, Field(max_length=2048)]
+    Annotated[list[Disk], Field(max_length=MAX_DISKS)]
+    | Annotated[str, Field(pattern=DISKS_TEXT)]
     | None
 )
 
@@ -29,25 +42,48 @@ class PolicyKeys(Params):
     again), ``keep_last: null`` (or any ``keep_*``) sets no such rule; no rule set keeps every
     restore point."""
 
-    keep_last: Value = None
-    keep_hourly: Value = None
-    keep_daily: Value = None
-    keep_weekly: Value = None
-    keep_monthly: Value = None
-    keep_yearly: Value = None
-    mode: Value = None
-    fs_freeze: Value = None
-    backup_volatile: Value = None
-    memory: Value = None
-    exclude: Value = None
+    keep_last: Keep = None
+    keep_hourly: Keep = None
+    keep_daily: Keep = None
+    keep_weekly: Keep = None
+    keep_monthly: Keep = None
+    keep_yearly: Keep = None
+    mode: Mode = UNCHANGED
+    fs_freeze: Freeze = None
+    backup_volatile: YesNo = UNCHANGED
+    memory: YesNo = UNCHANGED
+    exclude: YesNo = UNCHANGED
     exclude_disks: DiskList = None
 
     def changes(self) -> dict[str, Any]:
         return self.model_dump(include=self.model_fields_set - {"pool"})
 
 
+def _no_unset(schema: dict[str, Any]) -> dict[str, Any]:
+    """A key's schema without "unset" (a backup's own policy has no layer to inherit)."""
+    if "enum" in schema:
+        return {**schema, "enum": [v for v in schema["enum"] if v != "unset"]}
+    if "const" in schema and schema["const"] == "unset":
+        return {"not": {}}
+    if "pattern" in schema:
+        return {**schema, "pattern": schema["pattern"].replace("|unset", "")}
+    for key in ("anyOf", "oneOf"):
+        if key in schema:
+            return {**schema, key: [_no_unset(s) for s in schema[key]]}
+    return schema
+
+
+def policy_schema() -> dict[str, Any]:
+    """The JSON Schema of a backup's (or an action's) ``policy``: the keys above, no "unset"."""
+    props = PolicyKeys.model_json_schema()["properties"]
+    keys = {k: _no_unset({n: v for n, v in p.items() if n != "default"}) for k, p in props.items()}
+    disks = keys["exclude_disks"]  # a policy's values are no lists (params.Policy): text only
+    disks["anyOf"] = [s for s in disks["anyOf"] if s.get("type") != "array"]
+    return {"type": "object", "properties": keys, "additionalProperties": False}
+
+
 class PoolRequest(Params):
-    name: Name
+    name: NewName
     config: PolicyKeys = PolicyKeys()
 
 

@@ -12,7 +12,8 @@ from vmkeep.api.base import Api, FastJSON, jsonable
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.service import backupjobs, scheduler
-from vmkeep.engine.service.params import Params, Policy
+from vmkeep.engine.service.backupjobs import EXECUTIONS
+from vmkeep.engine.service.params import NewName, Params, Policy
 
 
 class BackupJobChange(Params):
@@ -26,7 +27,8 @@ class BackupJobChange(Params):
     datastore: str | None = Field(default=None, max_length=255)
     schedule: str | None = Field(default=None, max_length=255)
     priority: int | None = Field(default=None, ge=0, le=99)
-    execution: str | None = Field(default=None, max_length=16)
+    # checked by the engine, which names the choices
+    execution: str | None = Field(default=None, json_schema_extra={"enum": [*EXECUTIONS, None]})
     options: dict[str, str | int | bool | None] | None = None
     copy_to: str | None = Field(default=None, max_length=255)
     repeat_missed: bool | None = None
@@ -35,7 +37,7 @@ class BackupJobChange(Params):
 
 
 class BackupJobRequest(BackupJobChange):
-    name: str = Field(min_length=1, max_length=255)
+    name: NewName
     datastore: str = Field(max_length=255)
     schedule: str = Field(max_length=255)
     options: Policy = {}

@@ -16,7 +16,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from vmkeep.api import limits
+from vmkeep.api import contract, limits
 from vmkeep.api.base import Api, FastJSON, jsonable
 from vmkeep.api.catalog_routes import Id
 from vmkeep.engine.core import jobs
@@ -81,13 +81,21 @@ async def file_download(
     )
 
 
+class FileBytes(StreamingResponse):
+    media_type = "application/octet-stream"  # the document's content type of a download
+
+
+class EventStream(StreamingResponse):
+    media_type = "text/event-stream"  # the document's content type of /v1/events
+
+
 def routes(api: Api, r: FastAPI) -> None:
     """Add these routes to ``r``."""
     ctx, read, require = api.ctx, api.read, api.require
 
-    @r.get("/v1/backups/{backup_id}/files")
+    @r.get("/v1/backups/{backup}/files")
     async def list_files(
-        backup_id: Id,
+        backup: Id,
         path: str = Query(default="/", max_length=4096),
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
@@ -95,7 +103,7 @@ def routes(api: Api, r: FastAPI) -> None:
         who: Actor = require("files"),
     ) -> Any:
         def ls() -> Any:
-            return files.ls(ctx(), backup_id, path, increment, disk, partition)
+            return files.ls(ctx(), backup, path, increment, disk, partition)
 
         release = await files_slot(api)
         try:
@@ -103,20 +111,22 @@ def routes(api: Api, r: FastAPI) -> None:
         finally:
             release()
 
-    @r.get("/v1/backups/{backup_id}/files/content")
+    @r.get("/v1/backups/{backup}/files/content", response_class=FileBytes)
     async def download_file(
-        backup_id: Id,
+        backup: Id,
         path: str = Query(min_length=1, max_length=4096),
         increment: int | None = Query(default=None, ge=0),
         disk: str | None = Query(default=None, max_length=64),
         partition: int | None = Query(default=None, ge=1, le=128),
         who: Actor = require("files"),
     ) -> StreamingResponse:
-        return await file_download(api, backup_id, path, increment, disk, partition)
+        return await file_download(api, backup, path, increment, disk, partition)
 
-    @r.get("/v1/events")
+    @r.get("/v1/events", response_class=EventStream, responses=contract.errors(429))
     async def events(
-        request: Request, max_seconds: float | None = None, who: Actor = read
+        request: Request,
+        max_seconds: float | None = Query(default=None, gt=0, le=86400),
+        who: Actor = read,
     ) -> StreamingResponse:
         """Job state/progress and VM state changes as SSE (``event: job`` / ``event: vm``), first
         the current state, then every change; ``max_seconds`` ends the stream (tests, curl).
@@ -148,7 +158,7 @@ def routes(api: Api, r: FastAPI) -> None:
 
         return limits.HeldStream(stream(), release, media_type="text/event-stream")
 
-    @r.get("/v1/jobs/{job_id}")
+    @r.get("/v1/jobs/{job_id}", responses=contract.errors(429))
     async def show_job(
         request: Request,
         job_id: Id,

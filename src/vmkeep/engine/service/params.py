@@ -15,11 +15,11 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from vmkeep.errors import InvalidValue
-from vmkeep.names import MAX_ID, MAX_LEN, RULE, check_name
+from vmkeep.names import DISK_PATTERN, MAX_JSON_ID, MAX_LEN, NAME_PATTERN, RULE, check_name
 
 
-def _snapshot_name(value: str) -> str:
-    """names.py's rule: an all-digit name is refused, it would be read as an id."""
+def _new_name(value: str) -> str:
+    """names.py's rule (an all-digit name is refused, it would be read as an id)."""
     try:
         return check_name("name", value)
     except InvalidValue:
@@ -31,11 +31,17 @@ def _id_as_text(value: object) -> object:
     return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-Name = Annotated[str, Field(min_length=1, max_length=255)]
+Name = Annotated[str, Field(min_length=1, max_length=255)]  # a reference: a name or an id
+# a name given to something new (a datastore, group, pool, backup job, snapshot, restored VM):
+# names.py's rule, as the schema shows it and in words when refused (the engine checks it too)
+NAME_SCHEMA = {"pattern": f"^{NAME_PATTERN}$", "minLength": 1, "maxLength": MAX_LEN}
+NewName = Annotated[str, AfterValidator(_new_name), Field(json_schema_extra=NAME_SCHEMA)]
 # a catalog id; 0 is simply not found (the API's routes refuse ids below 1 as bad input)
-CatalogId = Annotated[int, Field(ge=0, le=MAX_ID)]
+CatalogId = Annotated[int, Field(ge=0, le=MAX_JSON_ID)]
 DiskName = Annotated[str, Field(max_length=64)]
-SnapshotName = Annotated[str, AfterValidator(_snapshot_name)]  # its length too: RULE says it
+# a new disk's target (names.py's disk rule, checked by the engine)
+NewDisk = Annotated[str, Field(json_schema_extra={"pattern": f"^{DISK_PATTERN}$"})]
+SnapshotName = NewName
 # a snapshot's name, or its id (all digits), as ``onevm snapshot-revert`` takes it
 SnapshotRef = Annotated[str, BeforeValidator(_id_as_text), Field(min_length=1, max_length=MAX_LEN)]
 
@@ -71,7 +77,7 @@ class PointParams(Params):
 class RestoreParams(PointParams):
     increment: int | None = Field(default=None, ge=0)
     disk: DiskName | None = None
-    name: Name | None = None
+    name: NewName | None = None
     path: str | None = Field(default=None, max_length=4096)
     no_nic: bool = False
     no_ip: bool = False
@@ -207,7 +213,7 @@ class DiskSnapshotCreateParams(DiskParams):
 class DiskAttachParams(VmParams):
     source: str | None = Field(default=None, max_length=4096)
     size: str | None = Field(default=None, max_length=32)
-    target: DiskName | None = None
+    target: NewDisk | None = None
     format: str | None = Field(default=None, max_length=16)
 
 
