@@ -48,12 +48,24 @@ def wait_for(cond: object, seconds: float = 30) -> None:
 
 
 @pytest.fixture
-def daemon(clean_env: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+def daemon(
+    clean_env: Path, request: pytest.FixtureRequest
+) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
+    count = getattr(request, "param", 2)  # HTTP processes
     fill(f"sqlite:///{clean_env / 'catalog.db'}", 20, 2)
     token = tokens.create(Context(load_config()), "op", "operator")["token"]
     port = _free_port()
     proc = subprocess.Popen(
-        [*VK, "daemon", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--http-workers", "2"],
+        [
+            *VK,
+            "daemon",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--workers",
+            "1",
+            "--http-workers",
+            str(count),
+        ],  # fmt: skip
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -61,7 +73,8 @@ def daemon(clean_env: Path) -> Iterator[tuple[subprocess.Popen[str], str, str]]:
 
     def up() -> bool:
         try:
-            return httpx.get(f"{base}/healthz").status_code == 200 and len(children(proc.pid)) == 2
+            ok = httpx.get(f"{base}/healthz").status_code == 200
+            return ok and len(children(proc.pid)) == (count if count > 1 else 0)
         except httpx.TransportError:
             return False
 
@@ -119,3 +132,28 @@ def test_http_processes_stop_when_the_daemon_is_killed(
     proc.kill()
     proc.wait()
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in http), 15)
+
+
+@pytest.mark.parametrize("daemon", [1, 2], indirect=True, ids=["one-process", "two-processes"])
+def test_sigterm_ends_open_event_streams_and_the_daemon_stops(
+    daemon: tuple[subprocess.Popen[str], str, str],
+) -> None:
+    """A dashboard tab holds /v1/events open: SIGTERM ends the stream with an ``end`` event and
+    the daemon exits 0 at once (uvicorn waits for open requests before it stops)."""
+    proc, base, token = daemon
+    seen: list[str] = []
+    h = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=base, headers=h, timeout=20) as c:
+        assert c.post("/v1/backups/1/verify", json={}).status_code == 202  # a job to be shown
+        with c.stream("GET", "/v1/events") as r:
+            lines = r.iter_lines()
+            while "event: job" not in seen:  # the stream is open and answering
+                seen.append(next(lines))
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            seen.extend(lines)  # to the stream's end
+            ended = time.monotonic() - t0
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "event: end" in seen and any("the daemon is stopping" in s for s in seen), seen[-3:]
+    assert ended < 5, ended

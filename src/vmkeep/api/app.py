@@ -57,7 +57,10 @@ def _error(
 
 
 def create_app(
-    config: Config, local_socket: Path | None = None, slots: WorkSlots | None = None
+    config: Config,
+    local_socket: Path | None = None,
+    slots: WorkSlots | None = None,
+    stopping: threading.Event | None = None,
 ) -> FastAPI:
     """The app; one engine Context per server thread (a libvirt connection is per thread).
     Every route but /healthz needs a bearer token whose role the action's policy allows, except
@@ -67,7 +70,8 @@ def create_app(
     meaning others gets 421, and the CLI reads them itself.
 
     ``slots``: the daemon's work slots (``[jobs] workers``), which its workers share with the
-    files requests; the app makes its own when none is given. Limits: ``api/limits.py``; every
+    files requests; the app makes its own when none is given. ``stopping``: set by the server
+    when it begins to stop, so that open streams end (``/v1/events``, a job's wait). Limits: ``api/limits.py``; every
     mutating request and failed login is audited (``engine/service/audit.py``)."""
     app = FastAPI(title="vmkeep", version=__version__, openapi_url="/openapi.json")
     local = threading.local()
@@ -171,7 +175,8 @@ def create_app(
     def healthz() -> dict[str, Any]:
         return {"ok": True, "version": __version__}
 
-    api = Api(config, ctx, require, is_local, token_valid, work, streams)
+    api = Api(config, ctx, require, is_local, token_valid, work, streams,
+              stopping if stopping is not None else threading.Event())  # fmt: skip
     for module in (catalog_routes, point_routes, pool_routes, actions, stream_routes,
                    schedule_routes, notify_routes):  # fmt: skip
         module.routes(api, app)

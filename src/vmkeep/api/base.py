@@ -3,6 +3,7 @@ check of a route (``require``), the work and stream slots, and the JSON response
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +26,8 @@ class Api:
     token_valid: Callable[[Any], Any]  # async: the request's token is still there
     work: WorkSlots
     streams: limits.StreamSlots
+    # set when the server begins to stop (SIGTERM): open streams and waits end at their next look
+    stopping: threading.Event
 
     @property
     def read(self) -> Any:

@@ -49,6 +49,7 @@ from vmkeep.paths import SOCKET_PATH_MAX, private_umask
 
 log = logging.getLogger(__name__)
 IDLE = 0.2  # seconds a worker waits when the queue is empty
+GRACE = 30  # seconds the API waits for open requests at a stop (a long download), then cuts them
 _PR_SET_PDEATHSIG = 1  # prctl(2): the signal a process gets when its parent dies
 
 
@@ -131,6 +132,19 @@ def local_socket(path: Path) -> tuple[socket.socket, tuple[int, int]] | None:
         return None
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server that tells the app it is stopping (``create_app``'s ``stopping``):
+    uvicorn waits for open requests before it stops, and a stream ends only when told."""
+
+    def __init__(self, config: uvicorn.Config, stopping: threading.Event) -> None:
+        super().__init__(config)
+        self.stopping = stopping
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.stopping.set()
+        super().handle_exit(sig, frame)
+
+
 class _SignalsToTcp(uvicorn.Server):
     """The local socket's server: stopped by the TCP server's end, not by signals of its own."""
 
@@ -192,6 +206,7 @@ def _uvicorn_config(config: Config, app: Any, **where: Any) -> uvicorn.Config:
         log_level="warning",
         ssl_certfile=str(tls[0]) if tls[0] else None,
         ssl_keyfile=str(tls[1]) if tls[1] else None,
+        timeout_graceful_shutdown=GRACE,
         **where,
     )
 
@@ -207,8 +222,11 @@ def _http_process(
         signal.signal(sig, lambda _s, _f: None)
     with contextlib.suppress(OSError, AttributeError):  # Linux: SIGTERM when the daemon dies
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    app = create_app(config, local_socket=config.socket if sock is not None else None)
-    server = uvicorn.Server(_uvicorn_config(config, app))
+    stopping = threading.Event()
+    app = create_app(
+        config, local_socket=config.socket if sock is not None else None, stopping=stopping
+    )
+    server = _Server(_uvicorn_config(config, app), stopping)
     local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
 
     def orphaned() -> None:
@@ -298,8 +316,9 @@ def serve(
     if tcp is not None:  # N HTTP processes: the API's jobs wake the workers across processes
         jobs.WAKE = multiprocessing.get_context("spawn").Event()  # type: ignore[assignment]
     else:
-        app = create_app(config, local_socket=config.socket, slots=slots)
-        server = uvicorn.Server(_uvicorn_config(config, app, host=host, port=port))
+        stopping = threading.Event()
+        app = create_app(config, local_socket=config.socket, slots=slots, stopping=stopping)
+        server = _Server(_uvicorn_config(config, app, host=host, port=port), stopping)
         local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
     gctune.for_daemon()
     pool.append(threading.Thread(target=_monitor, args=(config, stop), name="monitor", daemon=True))

@@ -129,7 +129,8 @@ def routes(api: Api, r: FastAPI) -> None:
         who: Actor = read,
     ) -> StreamingResponse:
         """Job state/progress and VM state changes as SSE (``event: job`` / ``event: vm``), first
-        the current state, then every change; ``max_seconds`` ends the stream (tests, curl).
+        the current state, then every change; ``max_seconds`` ends the stream (tests, curl), and
+        so does the daemon's stop (``event: end``).
         A token holds at most ``[api] max_streams_per_token`` streams and waits at once (429
         beyond); its streams end (``event: end``) within TOKEN_RECHECK s of its revocation.
         No thread is held between the catalog looks."""
@@ -148,6 +149,9 @@ def routes(api: Api, r: FastAPI) -> None:
                     for row in rows:
                         yield f"event: {kind}\ndata: {json.dumps(jsonable(row))}\n\n"
                 if await request.is_disconnected():
+                    return
+                if api.stopping.is_set():  # the daemon stops: it waits for open requests
+                    yield 'event: end\ndata: {"reason": "the daemon is stopping"}\n\n'
                     return
                 if time.monotonic() - checked >= TOKEN_RECHECK:
                     if not await api.token_valid(request):
@@ -182,8 +186,8 @@ def routes(api: Api, r: FastAPI) -> None:
                 now = time.monotonic()
                 if job["state"] in jobs.FINAL or now >= deadline:
                     return FastJSON(job)
-                if await request.is_disconnected():  # its slot is free at once
-                    return FastJSON(job)
+                if await request.is_disconnected() or api.stopping.is_set():
+                    return FastJSON(job)  # as it is now (its slot is free at once)
                 if now - checked >= TOKEN_RECHECK:
                     if not await api.token_valid(request):
                         raise Unauthorized("the token was revoked")
