@@ -5,13 +5,15 @@ Boots a lab VM, writes data in it, takes a full backup (guest frozen through qem
 writes more, takes an incremental, restores the incremental as a new VM, boots it and compares the
 checksums the restored guest reports with the originals; copies the chain off the host (restic
 over SFTP to a real sshd on loopback) and backs up once more through the daemon's REST API, once
-through the daemon's socket, and once by a backup job its scheduler fires.
+through the daemon's socket, and once by a backup job its scheduler fires; then logs in to the
+daemon's web dashboard with the token and finds the VM there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -164,11 +166,27 @@ def _through_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> 
             _read_through_the_daemon(ctx, name, env, say)
             _cli_backup_through_the_daemon(api, name, env, say)
             _scheduled_by_the_daemon(ctx, name, say)
+            _the_dashboard(base, secret, name, say)
     finally:
         daemon.send_signal(signal.SIGTERM)
         daemon.wait(timeout=120)
         tokens.revoke(ctx, token_name)
     say("vmkeep daemon stopped (SIGTERM)")
+
+
+def _the_dashboard(base: str, secret: str, name: str, say: Callable[[str], None]) -> None:
+    """The web dashboard the daemon serves at ``/`` (docs/web.md): logged in with the token,
+    the overview and the VM list, as a browser gets them."""
+    with httpx.Client(base_url=base, timeout=30, follow_redirects=True) as web:
+        r = web.post("/login", data={"token": secret, "next": "/"})
+        if r.status_code != 200 or "vmkeep_session" not in web.cookies:
+            raise LabError(f"dashboard login answered HTTP {r.status_code}")
+        counts = re.search(r'<span class="n">(\d+)</span> protected', r.text)
+        rows = web.get("/vms")
+        if counts is None or f'data-vm="{name}"' not in rows.text:
+            raise LabError("the dashboard does not show the demo VM")
+        say(f"dashboard {base}/ (logged in with the token): {counts.group(1)} VM(s) protected, "
+            f"{name} on /vms")  # fmt: skip
 
 
 def _scheduled_by_the_daemon(ctx: Context, name: str, say: Callable[[str], None]) -> None:
