@@ -175,6 +175,27 @@ def test_a_bad_token_stays_on_the_login_page_and_next_stays_on_this_site(site: S
     r = site.client.post("/login", data={"token": site.secrets["viewer"], "next": "//evil.example/"},
                          follow_redirects=False)  # fmt: skip
     assert r.headers["location"] == "/"
+    # a browser drops a tab or newline from a URL: "/<TAB>/evil.example" would be "//evil..."
+    for odd in (
+        "/\t/evil.example/",
+        "/\n/evil.example/",
+        "/\x7f/evil.example/",
+        "https://e.example",
+    ):
+        r = site.client.post("/login", data={"token": site.secrets["viewer"], "next": odd},
+                             follow_redirects=False)  # fmt: skip
+        assert r.headers["location"] == "/", odd
+    assert session.safe_next("/vms?state=stale") == "/vms?state=stale"
+
+
+def test_logout_of_a_revoked_session_clears_its_cookie(site: Site) -> None:
+    site.login("viewer")
+    r = site.client.post("/logout", data={}, follow_redirects=False)  # no csrf: refused
+    assert r.status_code == 403 and site.client.get("/vms").status_code == 200
+    tokens.revoke(site.ctx, "t-viewer")
+    r = site.client.post("/logout", data={}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert f'{session.COOKIE}=""' in r.headers["set-cookie"]
 
 
 @pytest.mark.parametrize("page", [*PAGES, "/tokens", "/vms/web", "/jobs/1"])

@@ -116,8 +116,12 @@ def can(config: Config, actor: Actor | None, policy_key: str) -> bool:
 
 
 def safe_next(url: str | None) -> str:
-    """Where to go after login: a path of this site only (no ``//host`` or ``http:``)."""
+    """Where to go after login: a path of this site only (no ``//host`` or ``http:``, and no
+    control character: a browser drops a tab or newline from a URL, so ``/<TAB>/host`` would be
+    ``//host``)."""
     if not url or not url.startswith("/") or url.startswith("//") or "\\" in url:
+        return "/"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         return "/"
     return url
 
