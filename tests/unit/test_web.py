@@ -360,6 +360,29 @@ def test_a_vm_row_offers_only_what_its_state_allows(site: Site, tmp_path: Path) 
     assert not kinds & {"vm-deploy", "vm-resume", "unquiesce", "vm-terminate"}  # terminate: admin
 
 
+def test_buttons_and_posts_follow_the_configured_policy(
+    clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[api.policy] quiesce = "admin": an operator sees no Quiesce and its POST is refused, the
+    same rule the API applies (tokens.authorize); an admin sees it."""
+    (clean_env.parent / "home" / "config.toml").write_text(
+        'version = 1\n[api.policy]\nquiesce = "admin"\n'
+    )
+    config = load_config()
+    hv = FakeHypervisor()
+    monkeypatch.setattr(app_module, "Context", lambda c: Context(c, _hv=hv))
+    ctx = Context(config, _hv=hv)
+    secrets = {role: tokens.create(ctx, f"t-{role}", role)["token"] for role in ROLES}
+    site = Site(ctx, hv, TestClient(create_app(config)), secrets)
+    running_vm(site, "web", tmp_path)
+    site.login("operator")
+    assert 'data-action="quiesce"' not in site.client.get("/vms/web").text
+    r = site.client.post("/act/quiesce", data={"vm": "web", "csrf": site.csrf()})
+    assert r.status_code == 403 and "admin" in r.text
+    site.login("admin")
+    assert 'data-action="quiesce"' in site.client.get("/vms/web").text
+
+
 def test_names_are_escaped(site: Site, tmp_path: Path) -> None:
     some_rows(site, tmp_path)
     site.login("admin")
