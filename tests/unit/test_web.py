@@ -383,6 +383,30 @@ def test_buttons_and_posts_follow_the_configured_policy(
     assert 'data-action="quiesce"' in site.client.get("/vms/web").text
 
 
+def test_a_downloaded_guest_file_never_runs_as_a_page(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/files/download streams a guest's file from this origin: attachment, octet-stream, and
+    nosniff with a sandboxing CSP, so an .html file of the guest cannot script the dashboard."""
+    from fastapi.responses import StreamingResponse
+
+    from vmkeep.web import files_pages
+
+    async def fake_download(*_args: object) -> StreamingResponse:  # the point's bytes: a page
+        return StreamingResponse(iter([EVIL.encode()]), media_type="application/octet-stream",
+                                 headers={"Content-Disposition": 'attachment; filename="x.html"'})  # fmt: skip
+
+    monkeypatch.setattr(files_pages, "file_download", fake_download)
+    site.login("viewer")
+    assert site.client.get("/files/download?backup=1&path=/x.html").status_code == 403
+    site.login("operator")
+    r = site.client.get("/files/download?backup=1&path=/x.html")
+    assert r.status_code == 200 and r.content == EVIL.encode()
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-security-policy"].startswith("sandbox")
+    assert r.headers["content-disposition"].startswith("attachment")
+
+
 def test_names_are_escaped(site: Site, tmp_path: Path) -> None:
     some_rows(site, tmp_path)
     site.login("admin")
