@@ -427,6 +427,9 @@ def test_the_session_key_is_private_and_kept(site: Site) -> None:
     key = site.ctx.config.data_dir / session.KEY_FILE
     assert key.stat().st_mode & 0o777 == 0o600
     assert session.key(site.ctx.config.data_dir) == key.read_bytes()
+    key.chmod(0o644)  # e.g. a data dir copied without its modes: the next start makes it private
+    assert session.key(site.ctx.config.data_dir) == key.read_bytes()
+    assert key.stat().st_mode & 0o777 == 0o600
 
 
 def test_long_lists_come_in_pages(

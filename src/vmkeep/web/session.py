@@ -78,6 +78,8 @@ def key(data_dir: Path) -> bytes:
             pass  # another worker made it first: use theirs
         finally:
             tmp.unlink()
+    if path.stat().st_mode & 0o077:  # copied or restored with wider rights: the key is a secret
+        path.chmod(0o600)
     secret = path.read_bytes()
     if len(secret) < 32:
         raise InvalidValue(
