@@ -444,6 +444,14 @@ def test_long_lists_come_in_pages(
             s.add(Vm(name=f"vm{n}", uuid=f"u{n}", host_uri="qemu:///system", state="POWEROFF",
                      lcm_state="POWEROFF"))  # fmt: skip
             s.add(Job(kind="backup", target=f"vm{n}", state="DONE", host="h", pid=1, origin="api"))
+    asked: list[object] = []
+    real = pages_vms.overview.vm_states
+
+    def spy(ctx: Context, names: list[str] | None = None) -> dict[str, dict[str, object]]:
+        asked.append(names)
+        return real(ctx, names)
+
+    monkeypatch.setattr(pages_vms.overview, "vm_states", spy)
     site.login("viewer")
     seen, url = [], "/vms"
     while url:
@@ -452,6 +460,9 @@ def test_long_lists_come_in_pages(
         found = re.search(r'rel="next" href="([^"]+)"', page)
         url = unescape(found.group(1)) if found else ""
     assert seen == [f"vm{n}" for n in range(5)]
+    # an unfiltered page reads the facts of its own VMs only, not of every VM
+    assert asked == [["vm0", "vm1"], ["vm2", "vm3"], ["vm4"]]
+    assert "unprotected" in site.client.get("/vms?state=unprotected").text and asked[-1] is None
     jobs, url = [], "/jobs"
     while url:
         page = site.client.get(url).text
