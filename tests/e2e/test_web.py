@@ -210,10 +210,14 @@ def follow_job(driver: Any, screens: Screens, job: str, name: str) -> None:
 
 
 def settled_state(driver: Any, job: str) -> str | None:
-    """The job's state on the page, None while it reloads."""
+    """The job's state on the page, None while it reloads (or is still to reload: a page made
+    while the job ran reloads once it ended, and a navigation started before that reload would
+    lose to it)."""
     from selenium.common.exceptions import WebDriverException
 
     try:
+        if css(driver, "[data-reload-when-ended]"):
+            return None
         return job_state(driver, job) if css(driver, f'[data-job-state="{job}"]') else None
     except WebDriverException:
         return None

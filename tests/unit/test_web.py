@@ -175,6 +175,27 @@ def test_a_bad_token_stays_on_the_login_page_and_next_stays_on_this_site(site: S
     r = site.client.post("/login", data={"token": site.secrets["viewer"], "next": "//evil.example/"},
                          follow_redirects=False)  # fmt: skip
     assert r.headers["location"] == "/"
+    # a browser drops a tab or newline from a URL: "/<TAB>/evil.example" would be "//evil..."
+    for odd in (
+        "/\t/evil.example/",
+        "/\n/evil.example/",
+        "/\x7f/evil.example/",
+        "https://e.example",
+    ):
+        r = site.client.post("/login", data={"token": site.secrets["viewer"], "next": odd},
+                             follow_redirects=False)  # fmt: skip
+        assert r.headers["location"] == "/", odd
+    assert session.safe_next("/vms?state=stale") == "/vms?state=stale"
+
+
+def test_logout_of_a_revoked_session_clears_its_cookie(site: Site) -> None:
+    site.login("viewer")
+    r = site.client.post("/logout", data={}, follow_redirects=False)  # no csrf: refused
+    assert r.status_code == 403 and site.client.get("/vms").status_code == 200
+    tokens.revoke(site.ctx, "t-viewer")
+    r = site.client.post("/logout", data={}, follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login"
+    assert f'{session.COOKIE}=""' in r.headers["set-cookie"]
 
 
 @pytest.mark.parametrize("page", [*PAGES, "/tokens", "/vms/web", "/jobs/1"])
@@ -339,6 +360,53 @@ def test_a_vm_row_offers_only_what_its_state_allows(site: Site, tmp_path: Path) 
     assert not kinds & {"vm-deploy", "vm-resume", "unquiesce", "vm-terminate"}  # terminate: admin
 
 
+def test_buttons_and_posts_follow_the_configured_policy(
+    clean_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[api.policy] quiesce = "admin": an operator sees no Quiesce and its POST is refused, the
+    same rule the API applies (tokens.authorize); an admin sees it."""
+    (clean_env.parent / "home" / "config.toml").write_text(
+        'version = 1\n[api.policy]\nquiesce = "admin"\n'
+    )
+    config = load_config()
+    hv = FakeHypervisor()
+    monkeypatch.setattr(app_module, "Context", lambda c: Context(c, _hv=hv))
+    ctx = Context(config, _hv=hv)
+    secrets = {role: tokens.create(ctx, f"t-{role}", role)["token"] for role in ROLES}
+    site = Site(ctx, hv, TestClient(create_app(config)), secrets)
+    running_vm(site, "web", tmp_path)
+    site.login("operator")
+    assert 'data-action="quiesce"' not in site.client.get("/vms/web").text
+    r = site.client.post("/act/quiesce", data={"vm": "web", "csrf": site.csrf()})
+    assert r.status_code == 403 and "admin" in r.text
+    site.login("admin")
+    assert 'data-action="quiesce"' in site.client.get("/vms/web").text
+
+
+def test_a_downloaded_guest_file_never_runs_as_a_page(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/files/download streams a guest's file from this origin: attachment, octet-stream, and
+    nosniff with a sandboxing CSP, so an .html file of the guest cannot script the dashboard."""
+    from fastapi.responses import StreamingResponse
+
+    from vmkeep.web import files_pages
+
+    async def fake_download(*_args: object) -> StreamingResponse:  # the point's bytes: a page
+        return StreamingResponse(iter([EVIL.encode()]), media_type="application/octet-stream",
+                                 headers={"Content-Disposition": 'attachment; filename="x.html"'})  # fmt: skip
+
+    monkeypatch.setattr(files_pages, "file_download", fake_download)
+    site.login("viewer")
+    assert site.client.get("/files/download?backup=1&path=/x.html").status_code == 403
+    site.login("operator")
+    r = site.client.get("/files/download?backup=1&path=/x.html")
+    assert r.status_code == 200 and r.content == EVIL.encode()
+    assert r.headers["x-content-type-options"] == "nosniff"
+    assert r.headers["content-security-policy"].startswith("sandbox")
+    assert r.headers["content-disposition"].startswith("attachment")
+
+
 def test_names_are_escaped(site: Site, tmp_path: Path) -> None:
     some_rows(site, tmp_path)
     site.login("admin")
@@ -359,6 +427,9 @@ def test_the_session_key_is_private_and_kept(site: Site) -> None:
     key = site.ctx.config.data_dir / session.KEY_FILE
     assert key.stat().st_mode & 0o777 == 0o600
     assert session.key(site.ctx.config.data_dir) == key.read_bytes()
+    key.chmod(0o644)  # e.g. a data dir copied without its modes: the next start makes it private
+    assert session.key(site.ctx.config.data_dir) == key.read_bytes()
+    assert key.stat().st_mode & 0o777 == 0o600
 
 
 def test_long_lists_come_in_pages(
@@ -373,6 +444,14 @@ def test_long_lists_come_in_pages(
             s.add(Vm(name=f"vm{n}", uuid=f"u{n}", host_uri="qemu:///system", state="POWEROFF",
                      lcm_state="POWEROFF"))  # fmt: skip
             s.add(Job(kind="backup", target=f"vm{n}", state="DONE", host="h", pid=1, origin="api"))
+    asked: list[object] = []
+    real = pages_vms.overview.vm_states
+
+    def spy(ctx: Context, names: list[str] | None = None) -> dict[str, dict[str, object]]:
+        asked.append(names)
+        return real(ctx, names)
+
+    monkeypatch.setattr(pages_vms.overview, "vm_states", spy)
     site.login("viewer")
     seen, url = [], "/vms"
     while url:
@@ -381,6 +460,9 @@ def test_long_lists_come_in_pages(
         found = re.search(r'rel="next" href="([^"]+)"', page)
         url = unescape(found.group(1)) if found else ""
     assert seen == [f"vm{n}" for n in range(5)]
+    # an unfiltered page reads the facts of its own VMs only, not of every VM
+    assert asked == [["vm0", "vm1"], ["vm2", "vm3"], ["vm4"]]
+    assert "unprotected" in site.client.get("/vms?state=unprotected").text and asked[-1] is None
     jobs, url = [], "/jobs"
     while url:
         page = site.client.get(url).text

@@ -25,6 +25,14 @@ from vmkeep.names import MAX_ID
 from vmkeep.web.base import Web
 from vmkeep.web.restore_pages import chosen_point, disks_of
 
+# a guest's file comes from this site's origin: never sniffed as a page, never run as one (an
+# .html or .svg file opened instead of saved would otherwise script the dashboard), not cached
+DOWNLOAD_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "sandbox; default-src 'none'",
+    "Cache-Control": "no-store",
+}
+
 
 def crumbs(path: str) -> list[tuple[str, str]]:
     """``/a/b`` -> [("/", "/"), ("a", "/a"), ("b", "/a/b")]: the folders on the way."""
@@ -101,6 +109,8 @@ def routes(web: Web, app: FastAPI) -> None:
         who: Actor = web.page_actor,
     ) -> Response:
         web.authorize(who, "files")
-        return await file_download(web.api, backup, path, increment, disk, partition)
+        response = await file_download(web.api, backup, path, increment, disk, partition)
+        response.headers.update(DOWNLOAD_HEADERS)
+        return response
 
     app.include_router(r)

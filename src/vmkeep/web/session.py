@@ -28,7 +28,7 @@ from starlette.datastructures import FormData
 
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.service import tokens
-from vmkeep.errors import InvalidValue, Unauthorized
+from vmkeep.errors import Forbidden, InvalidValue, Unauthorized
 
 if TYPE_CHECKING:
     from vmkeep.config import Config
@@ -78,6 +78,8 @@ def key(data_dir: Path) -> bytes:
             pass  # another worker made it first: use theirs
         finally:
             tmp.unlink()
+    if path.stat().st_mode & 0o077:  # copied or restored with wider rights: the key is a secret
+        path.chmod(0o600)
     secret = path.read_bytes()
     if len(secret) < 32:
         raise InvalidValue(
@@ -109,15 +111,20 @@ def can(config: Config, actor: Actor | None, policy_key: str) -> bool:
     """Whether ``actor``'s role may do ``policy_key`` (for templates: show the button)."""
     if actor is None:
         return False
-    needed = config.api.policy.get(policy_key) or tokens.POLICY.get(policy_key, "admin")
-    from vmkeep.model import ROLES
-
-    return ROLES.index(actor.role) >= ROLES.index(needed)
+    try:  # the API's own check, so a page shows what the server allows and nothing else
+        tokens.authorize(actor.name, actor.role, policy_key, config.api.policy)
+    except Forbidden:
+        return False
+    return True
 
 
 def safe_next(url: str | None) -> str:
-    """Where to go after login: a path of this site only (no ``//host`` or ``http:``)."""
+    """Where to go after login: a path of this site only (no ``//host`` or ``http:``, and no
+    control character: a browser drops a tab or newline from a URL, so ``/<TAB>/host`` would be
+    ``//host``)."""
     if not url or not url.startswith("/") or url.startswith("//") or "\\" in url:
+        return "/"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in url):
         return "/"
     return url
 

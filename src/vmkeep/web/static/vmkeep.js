@@ -32,10 +32,20 @@
       }
     });
     var page = document.querySelector("[data-reload-when-ended]");
-    if (page && String(job.id) === page.getAttribute("data-reload-when-ended") && FINAL[job.state]) {
-      window.setTimeout(function () { window.location.reload(); }, 300);
+    if (page && String(job.id) === page.getAttribute("data-reload-when-ended") && FINAL[job.state]
+        && !reloading && !leaving) {
+      reloading = window.setTimeout(function () { if (!leaving) window.location.reload(); }, 300);
     }
   }
+
+  // a reload still pending when the user goes elsewhere would take the user back here
+  var reloading = 0, leaving = false;
+  function leave() {
+    leaving = true;
+    if (reloading) window.clearTimeout(reloading);
+  }
+  window.addEventListener("beforeunload", leave);
+  window.addEventListener("pagehide", leave);
 
   function onVm(vm) {
     document.querySelectorAll('[data-vm-state="' + CSS.escape(vm.name) + '"]').forEach(function (el) {
