@@ -172,6 +172,8 @@ def daemon(env: dict[str, str], port: int, http_workers: int) -> Iterator[None]:
                 sys.exit("vmkeep daemon did not start")
             time.sleep(0.2)
         time.sleep(2 if http_workers > 1 else 0.5)  # every HTTP process up
+        if f"pid={proc.pid}," not in sockets(port):  # /healthz answered by another server
+            sys.exit(f"port {port} is not this daemon's (pid {proc.pid}):\n{sockets(port)}")
         yield
     finally:
         if proc.poll() is not None:
@@ -182,6 +184,12 @@ def daemon(env: dict[str, str], port: int, http_workers: int) -> Iterator[None]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def sockets(port: int | None) -> str:
+    """What holds ``port`` on loopback right now (listeners and connections, with processes)."""
+    argv = ["ss", "-tanp", f"( sport = :{port} or dport = :{port} )"]
+    return subprocess.run(argv, capture_output=True, text=True).stdout
 
 
 class BackupLoop:
@@ -201,7 +209,8 @@ class BackupLoop:
             try:
                 return self.client.request(method, path, **kw)
             except httpx.TransportError as err:
-                print(f"  {method} {path}: {err!r} (try {attempt + 1})", file=sys.stderr)
+                print(f"  {method} {path}: {err!r} (try {attempt + 1}); the port now:\n"
+                      f"{sockets(self.client.base_url.port)}", file=sys.stderr)  # fmt: skip
                 if attempt == 4:
                     raise
                 time.sleep(0.5)
@@ -228,9 +237,7 @@ class BackupLoop:
         self.thread.start()
         if not self.running.wait(120):
             port = self.client.base_url.port
-            listening = subprocess.run(["ss", "-ltnp", f"sport = :{port}"], capture_output=True,
-                                       text=True).stdout  # fmt: skip
-            sys.exit(f"the lab backup did not start; listening on {port}:\n{listening}")
+            sys.exit(f"the lab backup did not start; on port {port}:\n{sockets(port)}")
         return self
 
     def __exit__(self, *_exc: object) -> None:
