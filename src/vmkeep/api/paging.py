@@ -126,9 +126,9 @@ class ETags:
         if scope["type"] != "http" or scope["method"] != "GET":
             await self.app(scope, receive, send)
             return
-        wanted = next(
-            (v.decode("latin-1") for k, v in scope["headers"] if k == b"if-none-match"), None
-        )
+        # several If-None-Match fields are one list (RFC 9110 5.3): a client or proxy may split it
+        given = [v.decode("latin-1") for k, v in scope["headers"] if k == b"if-none-match"]
+        wanted = ", ".join(given) if given else None
         start: dict[str, Any] | None = None
         chunks: list[bytes] = []
 
