@@ -266,3 +266,25 @@ def test_the_api_list_reuses_libvirts_states_until_a_vm_row_changes(
     monkeypatch.setattr(inventory, "LIVE_TTL", 0.0)
     inventory.list_vms(ctx, 2, None, reuse=True)
     assert len(asked) == 4
+
+
+def test_job_completion_reads_one_page_of_the_newest(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tab on a job id asks the daemon for the newest ``MAX_PAGE`` jobs in one request (what
+    ``refs`` offers without a daemon), not every page of the job history."""
+    from vmkeep.cli import complete
+
+    client, _ctx, secrets = api
+    asked: list[str] = []
+
+    def ask_page(_where: Any, method: str, target: str, *_a: Any) -> tuple[int, Any, str | None]:
+        asked.append(target)
+        r = client.request(method, target, headers=auth(secrets["viewer"]))
+        return r.status_code, r.json(), r.links.get("next", {}).get("url")
+
+    monkeypatch.setattr(remote, "_where", lambda _c: object())
+    monkeypatch.setattr(remote, "_ask_page", ask_page)
+    offered = complete.jobs(click.Context(click.Command("x")), None, "14")
+    assert offered == ["149", "148", "147", "146", "145", "144", "143", "142", "141", "140", "14"]
+    assert asked == [f"/v1/jobs?limit={paging.MAX_PAGE}"] and remote.MAX_PAGE == paging.MAX_PAGE
