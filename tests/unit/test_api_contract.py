@@ -109,3 +109,18 @@ def test_request_models_show_their_constraints(app: Any) -> None:
     delete = app.openapi()["paths"]["/v1/backups/{backup}"]["delete"]["parameters"]
     increment = next(p for p in delete if p["name"] == "increment")["schema"]["anyOf"][0]
     assert increment["minimum"] == 0  # the action's query keeps its field's bounds
+
+
+def test_the_yes_no_words_of_the_schema_are_the_engines() -> None:
+    """A yes/no policy key's words in the schema are those ``backup_config.validate`` takes
+    (one list: a word the engine takes is not refused by the request's validation)."""
+    from vmkeep.api.pool_routes import PolicyKeys, policy_schema
+    from vmkeep.engine.core import backup_config
+
+    for word in (*backup_config.YES_WORDS, *backup_config.NO_WORDS):
+        assert PolicyKeys.model_validate({"memory": word}).memory == word
+        backup_config.validate("memory", word)  # the engine takes it too
+        shown = policy_schema()["properties"]["memory"]["anyOf"]
+        assert any(word in s.get("enum", []) for s in shown), word
+    with pytest.raises(ValueError, match="use true, false or one of yes"):
+        PolicyKeys.model_validate({"memory": "maybe"})
