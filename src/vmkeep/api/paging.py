@@ -7,7 +7,7 @@ is opaque to clients: it holds the key of the last row shown, and the engine's l
 after it (keyset, never OFFSET: a row added or removed meanwhile neither repeats nor skips
 another). Every text of the cursor's form is a valid cursor; one of another form is a 422.
 
-ETags: every JSON answer of a GET carries ``ETag`` (a strong hash of its body) and a request
+ETags: every JSON 200 answer of a GET carries ``ETag`` (a strong hash of its body) and a request
 whose ``If-None-Match`` names it gets 304 with no body (``ETags``, around the whole app).
 """
 
