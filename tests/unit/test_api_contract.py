@@ -25,6 +25,7 @@ def app(tmp_path: Path) -> Any:
     config = load_config(tmp_path / "config.toml", environ={"VMKEEP_DATA_DIR": str(tmp_path)})
     built = create_app(config, local_socket=tmp_path / "api.sock")
     built.state.secret = tokens.create(Context(config), "t", "operator")["token"]
+    built.state.config = config
     return built
 
 
@@ -124,3 +125,33 @@ def test_the_yes_no_words_of_the_schema_are_the_engines() -> None:
         assert any(word in s.get("enum", []) for s in shown), word
     with pytest.raises(ValueError, match="use true, false or one of yes"):
         PolicyKeys.model_validate({"memory": "maybe"})
+
+
+def test_a_files_read_of_a_point_not_valid_is_a_declared_409(app: Any) -> None:
+    """``GET /v1/backups/{backup}/files[/content]`` of a FAILED backup: the engine's WrongState
+    (409), which the document declares for these reads (not only for writes)."""
+    import uuid
+
+    from vmkeep.catalog.tables import Backup, Datastore, Increment, Vm
+
+    ctx = Context(app.state.config)
+    with ctx.catalog.session() as s:
+        ds = Datastore(name="ds", driver="dir", options={"path": "/nonexistent"})
+        vm = Vm(name="web", uuid=str(uuid.uuid4()), host_uri="qemu:///system", state="UNKNOWN",
+                lcm_state="UNKNOWN", backup_config={})  # fmt: skip
+        s.add_all([ds, vm])
+        s.flush()
+        b = Backup(vm_id=vm.id, datastore_id=ds.id, chain="web/1", mode="FULL", status="FAILED")
+        s.add(b)
+        s.flush()
+        s.add(Increment(backup_id=b.id, seq=0, status="FAILED", size=1, files=[]))
+        backup = b.id
+    client = TestClient(app)
+    h = {"Authorization": f"Bearer {app.state.secret}"}
+    doc = app.openapi()
+    for url, path in ((f"/v1/backups/{backup}/files", "/v1/backups/{backup}/files"),
+                      (f"/v1/backups/{backup}/files/content?path=/etc/hostname",
+                       "/v1/backups/{backup}/files/content")):  # fmt: skip
+        r = client.get(url, headers=h)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "WrongState", r.text
+        assert "409" in responses(doc, "get", path), path
