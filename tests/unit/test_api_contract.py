@@ -25,6 +25,7 @@ def app(tmp_path: Path) -> Any:
     config = load_config(tmp_path / "config.toml", environ={"VMKEEP_DATA_DIR": str(tmp_path)})
     built = create_app(config, local_socket=tmp_path / "api.sock")
     built.state.secret = tokens.create(Context(config), "t", "operator")["token"]
+    built.state.config = config
     return built
 
 
@@ -109,3 +110,48 @@ def test_request_models_show_their_constraints(app: Any) -> None:
     delete = app.openapi()["paths"]["/v1/backups/{backup}"]["delete"]["parameters"]
     increment = next(p for p in delete if p["name"] == "increment")["schema"]["anyOf"][0]
     assert increment["minimum"] == 0  # the action's query keeps its field's bounds
+
+
+def test_the_yes_no_words_of_the_schema_are_the_engines() -> None:
+    """A yes/no policy key's words in the schema are those ``backup_config.validate`` takes
+    (one list: a word the engine takes is not refused by the request's validation)."""
+    from vmkeep.api.pool_routes import PolicyKeys, policy_schema
+    from vmkeep.engine.core import backup_config
+
+    for word in (*backup_config.YES_WORDS, *backup_config.NO_WORDS):
+        assert PolicyKeys.model_validate({"memory": word}).memory == word
+        backup_config.validate("memory", word)  # the engine takes it too
+        shown = policy_schema()["properties"]["memory"]["anyOf"]
+        assert any(word in s.get("enum", []) for s in shown), word
+    with pytest.raises(ValueError, match="use true, false or one of yes"):
+        PolicyKeys.model_validate({"memory": "maybe"})
+
+
+def test_a_files_read_of_a_point_not_valid_is_a_declared_409(app: Any) -> None:
+    """``GET /v1/backups/{backup}/files[/content]`` of a FAILED backup: the engine's WrongState
+    (409), which the document declares for these reads (not only for writes)."""
+    import uuid
+
+    from vmkeep.catalog.tables import Backup, Datastore, Increment, Vm
+
+    ctx = Context(app.state.config)
+    with ctx.catalog.session() as s:
+        ds = Datastore(name="ds", driver="dir", options={"path": "/nonexistent"})
+        vm = Vm(name="web", uuid=str(uuid.uuid4()), host_uri="qemu:///system", state="UNKNOWN",
+                lcm_state="UNKNOWN", backup_config={})  # fmt: skip
+        s.add_all([ds, vm])
+        s.flush()
+        b = Backup(vm_id=vm.id, datastore_id=ds.id, chain="web/1", mode="FULL", status="FAILED")
+        s.add(b)
+        s.flush()
+        s.add(Increment(backup_id=b.id, seq=0, status="FAILED", size=1, files=[]))
+        backup = b.id
+    client = TestClient(app)
+    h = {"Authorization": f"Bearer {app.state.secret}"}
+    doc = app.openapi()
+    for url, path in ((f"/v1/backups/{backup}/files", "/v1/backups/{backup}/files"),
+                      (f"/v1/backups/{backup}/files/content?path=/etc/hostname",
+                       "/v1/backups/{backup}/files/content")):  # fmt: skip
+        r = client.get(url, headers=h)
+        assert r.status_code == 409 and r.json()["error"]["code"] == "WrongState", r.text
+        assert "409" in responses(doc, "get", path), path

@@ -183,6 +183,10 @@ def test_etag_and_if_none_match(api: Any) -> None:
         for other in ('"nope"', f'"x", W/{tag}', "*"):
             status = client.get(url, headers=h | {"If-None-Match": other}).status_code
             assert status == (200 if other == '"nope"' else 304), (url, other)
+        # the list split over two If-None-Match fields is still one list
+        split = client.get(url, headers=[*h.items(), ("If-None-Match", '"x"'),
+                                         ("If-None-Match", tag)])  # fmt: skip
+        assert split.status_code == 304, url
     first = client.get("/v1/vms?limit=5", headers=h)
     assert (
         first.headers["link"]
@@ -262,3 +266,25 @@ def test_the_api_list_reuses_libvirts_states_until_a_vm_row_changes(
     monkeypatch.setattr(inventory, "LIVE_TTL", 0.0)
     inventory.list_vms(ctx, 2, None, reuse=True)
     assert len(asked) == 4
+
+
+def test_job_completion_reads_one_page_of_the_newest(
+    api: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Tab on a job id asks the daemon for the newest ``MAX_PAGE`` jobs in one request (what
+    ``refs`` offers without a daemon), not every page of the job history."""
+    from vmkeep.cli import complete
+
+    client, _ctx, secrets = api
+    asked: list[str] = []
+
+    def ask_page(_where: Any, method: str, target: str, *_a: Any) -> tuple[int, Any, str | None]:
+        asked.append(target)
+        r = client.request(method, target, headers=auth(secrets["viewer"]))
+        return r.status_code, r.json(), r.links.get("next", {}).get("url")
+
+    monkeypatch.setattr(remote, "_where", lambda _c: object())
+    monkeypatch.setattr(remote, "_ask_page", ask_page)
+    offered = complete.jobs(click.Context(click.Command("x")), None, "14")
+    assert offered == ["149", "148", "147", "146", "145", "144", "143", "142", "141", "140", "14"]
+    assert asked == [f"/v1/jobs?limit={paging.MAX_PAGE}"] and remote.MAX_PAGE == paging.MAX_PAGE

@@ -7,7 +7,7 @@ is opaque to clients: it holds the key of the last row shown, and the engine's l
 after it (keyset, never OFFSET: a row added or removed meanwhile neither repeats nor skips
 another). Every text of the cursor's form is a valid cursor; one of another form is a 422.
 
-ETags: every JSON answer of a GET carries ``ETag`` (a strong hash of its body) and a request
+ETags: every JSON 200 answer of a GET carries ``ETag`` (a strong hash of its body) and a request
 whose ``If-None-Match`` names it gets 304 with no body (``ETags``, around the whole app).
 """
 
@@ -126,9 +126,9 @@ class ETags:
         if scope["type"] != "http" or scope["method"] != "GET":
             await self.app(scope, receive, send)
             return
-        wanted = next(
-            (v.decode("latin-1") for k, v in scope["headers"] if k == b"if-none-match"), None
-        )
+        # several If-None-Match fields are one list (RFC 9110 5.3): a client or proxy may split it
+        given = [v.decode("latin-1") for k, v in scope["headers"] if k == b"if-none-match"]
+        wanted = ", ".join(given) if given else None
         start: dict[str, Any] | None = None
         chunks: list[bytes] = []
 

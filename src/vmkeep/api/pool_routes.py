@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI
-from pydantic import Field, StrictBool, WithJsonSchema
+from pydantic import AfterValidator, Field, StrictBool, WithJsonSchema
 
 from vmkeep.api.base import Api, FastJSON, jsonable
-from vmkeep.engine.core.backup_config import MAX_DISKS, MAX_KEEP
+from vmkeep.engine.core.backup_config import MAX_DISKS, MAX_KEEP, NO_WORDS, YES_WORDS
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.service.params import Name, NewName, Params
 from vmkeep.engine.vm import inventory, policy
@@ -20,7 +20,21 @@ from vmkeep.names import DISK_PATTERN
 # each policy key's values as backup_config.validate takes them ("unset" removes the key, so
 # that it is inherited again; a key left out is not changed)
 Keep = Annotated[int, Field(ge=1, le=MAX_KEEP)] | Literal["all", "none", "unset"] | None
-YesNo = StrictBool | Literal["yes", "no", "true", "false", "on", "off", "unset"]
+YES_NO = (*YES_WORDS, *NO_WORDS, "unset")  # the engine's words, as the schema shows them
+
+
+def _yes_no_word(value: str) -> str:
+    if value not in YES_NO:
+        raise ValueError(f"use true, false or one of {', '.join(YES_NO)}")
+    return value
+
+
+YesNo = (
+    StrictBool
+    | Annotated[
+        str, AfterValidator(_yes_no_word), WithJsonSchema({"type": "string", "enum": list(YES_NO)})
+    ]
+)
 MODES = [*(m.lower() for m in BackupMode), "incremental", "inc", "unset"]
 FREEZES = [*(f.lower() for f in FsFreeze), "unset"]
 # mode and fs_freeze: any case, checked by the engine, which says what is allowed in words

@@ -93,7 +93,9 @@ def routes(api: Api, r: FastAPI) -> None:
     """Add these routes to ``r``."""
     ctx, read, require = api.ctx, api.read, api.require
 
-    @r.get("/v1/backups/{backup}/files")
+    # a point that cannot be read (not VALID, a chain with a gap, locked): the engine's 409,
+    # which the contract's pass declares for writes only
+    @r.get("/v1/backups/{backup}/files", responses=contract.errors(409))
     async def list_files(
         backup: Id,
         path: str = Query(default="/", max_length=4096),
@@ -111,7 +113,11 @@ def routes(api: Api, r: FastAPI) -> None:
         finally:
             release()
 
-    @r.get("/v1/backups/{backup}/files/content", response_class=FileBytes)
+    @r.get(
+        "/v1/backups/{backup}/files/content",
+        response_class=FileBytes,
+        responses=contract.errors(409),
+    )
     async def download_file(
         backup: Id,
         path: str = Query(min_length=1, max_length=4096),

@@ -24,13 +24,19 @@ SHELLS = ("bash", "zsh", "fish")
 Completer = Callable[[click.Context, click.Parameter | None, str], list[str]]
 
 
-def _completer(path: str, kind: str, key: str, ids: bool = False) -> Completer:
+def _completer(
+    path: str, kind: str, key: str, ids: bool = False, newest_first: bool = False
+) -> Completer:
     """The values of ``key`` in the rows of ``GET path`` (or of ``refs(kind)`` in this process)
-    that start with what was typed so far: names A-Z, ``ids`` newest first, whichever answered."""
+    that start with what was typed so far: names A-Z, ``ids`` newest first, whichever answered.
+    ``newest_first``: the route lists newest first, so its first page (``remote.MAX_PAGE``
+    rows, as many as ``refs`` offers) is all a Tab press reads, not every page of a long
+    history."""
 
     def offered(c: click.Context, _param: click.Parameter | None, incomplete: str) -> list[str]:
         try:
-            rows = remote.get(c, path)
+            most = str(remote.MAX_PAGE) if newest_first else None
+            rows = remote.get(c, path, limit=most)
             if rows is not None:
                 values = [str(row[key]) for row in rows]
             else:
@@ -51,7 +57,7 @@ vms = _completer("/v1/vms", "vm", "name")
 backups = _completer("/v1/backups", "backup", "id", ids=True)
 datastores = _completer("/v1/datastores", "datastore", "name")
 groups = _completer("/v1/groups", "group", "name")
-jobs = _completer("/v1/jobs", "job", "id", ids=True)
+jobs = _completer("/v1/jobs", "job", "id", ids=True, newest_first=True)
 pools = _completer("/v1/pools", "pool", "name")
 
 

@@ -113,13 +113,19 @@ def _disk_list(value: Any) -> tuple[str, ...]:
     )
 
 
+# what a yes/no key (backup_volatile, memory, exclude) takes besides a boolean, in any case (the
+# API's schema shows them: ``pool_routes.YesNo``)
+YES_WORDS = ("yes", "true", "1", "on")
+NO_WORDS = ("no", "false", "0", "off")
+
+
 def _yes_no(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     text = str(value).lower()
-    if text in ("yes", "true", "1", "on"):
+    if text in YES_WORDS:
         return True
-    if text in ("no", "false", "0", "off"):
+    if text in NO_WORDS:
         return False
     raise InvalidValue(key, value, "use yes or no")
 
