@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import os
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -50,7 +49,7 @@ from typing import Any
 import httpx
 
 from catalog import fill  # bench/ is on sys.path when run as a script
-from common import LAB_DIR, VK, workspace
+from common import LAB_DIR, VK, spread, stop, workspace
 from vmkeep.catalog.tables import Job
 from vmkeep.config import load_config
 from vmkeep.engine.core.context import Context
@@ -178,12 +177,7 @@ def daemon(env: dict[str, str], port: int, http_workers: int) -> Iterator[None]:
     finally:
         if proc.poll() is not None:
             print(f"the daemon had exited by itself: exit code {proc.returncode}", file=sys.stderr)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=300)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 300)
 
 
 def sockets(port: int | None) -> str:
@@ -265,10 +259,6 @@ def lab_vm(env: dict[str, str], work: Path, prefix: str) -> tuple[Any, str]:
 
 
 # --- the run -----------------------------------------------------------------------------------
-def spread(values: list[float], fmt: str = "{:.0f}") -> str:
-    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
-
-
 def report(title: str, rounds: list[tuple[Latencies, int]], seconds: float) -> None:
     print(f"  {title}")
     for path in rounds[0][0]:

@@ -91,9 +91,9 @@ def push_job(dom: Any, target: Path, flags: int = 0) -> None:
         sys.exit(f"push job did not complete: {info}")
 
 
-def spread(values: list[float]) -> str:
-    """min / median / max, as every benchmark prints its ratios."""
-    return f"{min(values):.2f} / {statistics.median(values):.2f} / {max(values):.2f}"
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    """min / median / max, as every benchmark prints its ratios (``fmt``: each number's)."""
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
 @contextmanager
@@ -125,9 +125,14 @@ def daemon(env: dict[str, str]) -> Iterator[None]:
                 conn.close()
         yield
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, 120)
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float) -> None:
+    """SIGTERM to a daemon, then SIGKILL when it has not stopped within ``timeout`` s."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
