@@ -26,6 +26,7 @@ from vmkeep.api import (
     actions,
     catalog_routes,
     contract,
+    host_routes,
     limits,
     notify_routes,
     paging,
@@ -178,7 +179,7 @@ def create_app(
     api = Api(config, ctx, require, is_local, token_valid, work, streams,
               stopping if stopping is not None else threading.Event())  # fmt: skip
     for module in (catalog_routes, point_routes, pool_routes, actions, stream_routes,
-                   schedule_routes, notify_routes):  # fmt: skip
+                   schedule_routes, notify_routes, host_routes):  # fmt: skip
         module.routes(api, app)
     web.routes(api, app)  # the dashboard at /, after the API (docs/web.md)
     contract.declare(app, local_socket is not None)

@@ -59,6 +59,7 @@ datastores = _completer("/v1/datastores", "datastore", "name")
 groups = _completer("/v1/groups", "group", "name")
 jobs = _completer("/v1/jobs", "job", "id", ids=True, newest_first=True)
 pools = _completer("/v1/pools", "pool", "name")
+hosts = _completer("/v1/hosts", "host", "name")
 
 
 def answer(cli: click.Command, var: str, instruction: str) -> int:

@@ -36,6 +36,7 @@ FAMILIES = {
     "completion": "vmkeep.cli.complete:completion",
     "backupjob": "vmkeep.cli.backupjob_cmd:backupjob",
     "pool": "vmkeep.cli.pool_cmd:pool",
+    "host": "vmkeep.cli.host_cmd:host",
     "notify": "vmkeep.cli.notify_cmd:notify",
 }
 # set by the shell completion script (``vmkeep completion SHELL``): answer the shell, run nothing

@@ -8,7 +8,7 @@ from typing import Any
 
 from sqlalchemy import select
 
-from vmkeep.catalog.tables import Backup, Datastore, Group, Job, Pool, Vm
+from vmkeep.catalog.tables import Backup, Datastore, Group, Host, Job, Pool, Vm
 from vmkeep.engine.core.context import Context
 
 # kind: (column, ids: past LIMIT rows keep the newest, the ones a user means most)
@@ -19,6 +19,7 @@ KINDS: dict[str, tuple[Any, bool]] = {
     "group": (Group.name, False),
     "job": (Job.id, True),
     "pool": (Pool.name, False),
+    "host": (Host.name, False),
 }
 LIMIT = 1000  # a shell shows no more than that usefully
 

@@ -113,11 +113,8 @@ def _vm_count(s: Session, name: str) -> int:
 
 def list_hosts(ctx: Context) -> list[dict[str, Any]]:
     with ctx.catalog.session() as s:
-        counts = dict(
-            s.execute(select(Vm.host, func.count()).where(Vm.host.is_not(None)).group_by(Vm.host))
-            .tuples()
-            .all()
-        )
+        q = select(Vm.host, func.count()).where(Vm.host.is_not(None)).group_by(Vm.host)
+        counts = {host: n for host, n in s.execute(q)}
         rows = s.execute(select(Host).order_by(Host.name)).scalars().all()
         silent = ctx.config.cluster.silent_after
         return [host_dict(h, silent, int(counts.get(h.name, 0))) for h in rows]

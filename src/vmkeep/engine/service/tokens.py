@@ -69,6 +69,7 @@ POLICY: dict[str, str] = {
     # backup, as backup-delete does, so both are admin's; [api.policy] can lower them
     "pool-edit": "admin",  # create, change and delete pools
     "vm-config": "admin",  # a VM's own keys and its pool
+    "host-edit": "admin",  # add, enable, disable and remove hosts (engine/hosts)
     "backupjob-edit": "admin",  # a job's keep_last prunes as vm-config's does; its runs act
     # with the role of who made it
 }

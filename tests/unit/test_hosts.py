@@ -1,0 +1,264 @@
+"""Hosts on one catalog (engine/hosts): the rows and their states, placement's choice and its
+refusals, which daemon claims a job (``runs_on``), in-process actions on another host's VM, the
+per-host limit, and the CLI and API over them. SQLite catalog, no libvirt."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from vmkeep.api.app import create_app
+from vmkeep.catalog.tables import Group, GroupMember, Host, Job, Vm
+from vmkeep.cli import host_cmd
+from vmkeep.config import load_config
+from vmkeep.engine.core import jobs
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.hosts import placement, records
+from vmkeep.engine.service import actions, tokens
+from vmkeep.engine.vm import inventory
+from vmkeep.errors import AlreadyExists, HostNotFound, HostUnavailable, InvalidValue, Refused
+from vmkeep.hypervisor.fake import FakeHypervisor
+from vmkeep.model import JobState
+
+
+@pytest.fixture
+def ctx(clean_env: Path) -> Context:
+    return Context(load_config(), _hv=FakeHypervisor())
+
+
+def on_host(ctx: Context, host: str | None) -> Context:
+    """The same catalog as seen by a process acting for ``host``."""
+    config = ctx.config.model_copy(
+        update={"cluster": ctx.config.cluster.model_copy(update={"host": host})}
+    )
+    return Context(config, _hv=FakeHypervisor())
+
+
+def add_vm(ctx: Context, name: str, host: str | None, uri: str = "qemu:///system") -> None:
+    with ctx.catalog.session() as s:
+        s.add(Vm(name=name, uuid=f"uuid-{name}", host_uri=uri, host=host, state="ACTIVE",
+                 lcm_state="RUNNING"))  # fmt: skip
+
+
+def monitored(ctx: Context, name: str, running: int, free_mib: int, cpus: int = 2) -> None:
+    with ctx.catalog.session() as s:
+        h = records.find_host(s, name)
+        h.state = records.MONITORED
+        h.heartbeat_at = datetime.now(UTC)
+        h.monitor = {"cpus": cpus, "running": running, "free_memory_kib": free_mib * 1024}
+
+
+# --- rows ------------------------------------------------------------------------------------
+def test_add_list_show_and_the_admin_states(ctx: Context) -> None:
+    h = records.add(ctx, "h1", "qemu+tcp://10.0.0.1/system", max_backups=2)
+    assert (h["state"], h["daemon"], h["max_backups"]) == ("INIT", "none", 2)
+    records.add(ctx, "h2", "qemu+tcp://10.0.0.2/system")
+    assert [r["name"] for r in records.list_hosts(ctx)] == ["h1", "h2"]
+    assert records.disable(ctx, "h1")["state"] == "DISABLED"
+    assert records.disable(ctx, "h1", offline=True)["state"] == "OFFLINE"
+    assert records.enable(ctx, "h1")["state"] == "INIT"
+    shown = records.show(ctx, "h2")
+    assert (shown["vm_list"], shown["queued_jobs"]) == ([], 0)
+
+
+def test_bad_hosts_are_refused_with_the_fix(ctx: Context, tmp_path: Path) -> None:
+    records.add(ctx, "h1", "qemu:///system")
+    with pytest.raises(AlreadyExists, match="host 'h1'"):
+        records.add(ctx, "h1", "qemu:///other")
+    with pytest.raises(InvalidValue, match="qemu\\+tcp://HOST/system"):
+        records.add(ctx, "h2", "not a uri")
+    with pytest.raises(InvalidValue, match="host name"):
+        records.add(ctx, "../x", "qemu:///system")
+    with pytest.raises(InvalidValue, match="folder of scripts"):
+        records.add(ctx, "h3", "qemu:///system", vmm="exec")
+    with pytest.raises(InvalidValue, match="no such folder"):
+        records.add(ctx, "h3", "qemu:///system", vmm="exec", vmm_dir=str(tmp_path / "none"))
+    assert records.add(ctx, "h3", "qemu:///system", vmm="exec", vmm_dir=str(tmp_path))["vmm"] == (
+        "exec"
+    )
+    with pytest.raises(HostNotFound, match="vmkeep host add"):
+        records.show(ctx, "nope")
+
+
+def test_the_first_host_adopts_the_vms_of_its_uri(ctx: Context) -> None:
+    add_vm(ctx, "web", None, "qemu:///system")
+    add_vm(ctx, "far", None, "qemu+tcp://10.0.0.9/system")
+    assert records.add(ctx, "h1", "qemu:///system")["vms"] == 1
+    with ctx.catalog.session() as s:
+        hosts = {v.name: v.host for v in s.query(Vm)}
+    assert hosts == {"web": "h1", "far": None}
+
+
+def test_remove_is_refused_while_vms_live_there_or_jobs_wait(ctx: Context) -> None:
+    records.add(ctx, "h1", "qemu:///system")
+    add_vm(ctx, "web", "h1")
+    with pytest.raises(Refused, match=r"1 VM\(s\) live on it \(web\).*vmkeep vm migrate"):
+        records.remove(ctx, "h1")
+    with ctx.catalog.session() as s:
+        s.query(Vm).delete()
+    jobs.enqueue(ctx, "backup", "web", {}, "api", "t", runs_on="h1")
+    with pytest.raises(Refused, match="1 job"):
+        records.remove(ctx, "h1")
+    with ctx.catalog.session() as s:
+        s.query(Job).delete()
+    assert records.remove(ctx, "h1")["name"] == "h1"
+    assert records.list_hosts(ctx) == []
+
+
+# --- placement -------------------------------------------------------------------------------
+def test_placement_ranks_fewest_running_then_most_free_memory(ctx: Context) -> None:
+    for name in ("a", "b", "c"):
+        records.add(ctx, name, f"qemu+tcp://{name}/system")
+    monitored(ctx, "a", running=3, free_mib=8000)
+    monitored(ctx, "b", running=1, free_mib=1000)
+    monitored(ctx, "c", running=1, free_mib=4000)
+    assert placement.place(ctx, 1, 512 * 1024) == "c"
+    assert placement.place(ctx, 1, 2000 * 1024) == "c"
+    assert placement.place(ctx, 1, 6000 * 1024) == "a"  # only a has that much free
+    assert placement.place(ctx, 1, 512 * 1024, pin="a") == "a"
+
+
+def test_placement_names_each_host_and_why_it_was_passed_over(ctx: Context) -> None:
+    for name in ("a", "b", "c", "d", "e"):
+        records.add(ctx, name, f"qemu+tcp://{name}/system")
+    monitored(ctx, "a", running=0, free_mib=100)
+    monitored(ctx, "b", running=0, free_mib=9000, cpus=1)
+    monitored(ctx, "c", running=0, free_mib=9000)
+    records.disable(ctx, "c")
+    monitored(ctx, "d", running=0, free_mib=9000)
+    with ctx.catalog.session() as s:  # d's daemon last spoke an hour ago
+        records.find_host(s, "d").heartbeat_at = datetime.now(UTC) - timedelta(hours=1)
+    with pytest.raises(HostUnavailable) as err:
+        placement.place(ctx, 2, 512 * 1024)
+    text = str(err.value)
+    for part in ("a: 100 MiB free, the VM needs 512 MiB", "b: 1 CPUs, the VM needs 2",
+                 "c: it is DISABLED", "d: its daemon is silent", "e: it is INIT"):  # fmt: skip
+        assert part in text
+    with pytest.raises(HostUnavailable, match="'c' cannot take this now: it is DISABLED"):
+        placement.place(ctx, 1, 1024, pin="c")
+
+
+def test_a_group_on_two_hosts_is_refused_by_name(ctx: Context) -> None:
+    add_vm(ctx, "db", "h1")
+    add_vm(ctx, "web", "h2")
+    with ctx.catalog.session() as s:
+        g = Group(name="app")
+        s.add(g)
+        s.flush()
+        for pos, name in enumerate(("db", "web")):
+            vm = s.query(Vm).filter_by(name=name).one()
+            s.add(GroupMember(group_id=g.id, vm_id=vm.id, position=pos))
+    with pytest.raises(Refused, match="h1: db; h2: web"):
+        placement.host_of_group(ctx, "app")
+
+
+# --- which daemon runs a job -------------------------------------------------------------------
+def test_a_job_is_claimed_only_by_its_hosts_daemon(ctx: Context) -> None:
+    records.add(ctx, "h1", "qemu+tcp://h1/system")
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    a = actions.ACTIONS["reset-state"]
+    p = actions.parse(a, {"vm": "web"})
+    assert actions.runs_on(ctx, a, p) == "h2"
+    for_h2 = jobs.enqueue(ctx, "reset-state", "web", {}, "api", "t", runs_on="h2")["id"]
+    anyone = jobs.enqueue(ctx, "verify", "1", {}, "api", "t")["id"]
+    h1, h2, nohost = on_host(ctx, "h1"), on_host(ctx, "h2"), on_host(ctx, None)
+    assert nohost.host is None
+    assert jobs.claim(h1, only=for_h2) is None
+    assert jobs.claim(nohost, only=for_h2) is None
+    assert jobs.claim(h2, only=for_h2) == for_h2
+    assert jobs.claim(h1) == anyone
+
+
+def test_a_hosts_max_backups_holds_its_queue(ctx: Context) -> None:
+    records.add(ctx, "h1", "qemu+tcp://h1/system", max_backups=1)
+    h1 = on_host(ctx, "h1")
+    first = jobs.enqueue(ctx, "backup", "a", {"datastore": "d"}, "api", "t", runs_on="h1")["id"]
+    second = jobs.enqueue(ctx, "backup", "b", {"datastore": "d"}, "api", "t", runs_on="h1")["id"]
+    assert jobs.claim(h1) == first
+    assert jobs.claim(h1) is None
+    with ctx.catalog.session() as s:
+        waiting = s.get(Job, second)
+        assert waiting is not None
+        assert waiting.state == JobState.QUEUED
+        assert waiting.wait_reason == "max_backups_host: 1 of 1 backups running on h1"
+
+
+def test_an_in_process_action_on_another_hosts_vm_is_refused_with_the_fix(ctx: Context) -> None:
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    with (
+        pytest.raises(HostUnavailable, match="lives there.*no host.*any daemon's API"),
+        inventory.vm_action(ctx, "web", "quiesce"),
+    ):
+        pass  # pragma: no cover - refused before
+    with (
+        pytest.raises(HostUnavailable, match="acts for host 'h1'"),
+        inventory.vm_action(on_host(ctx, "h1"), "web", "quiesce"),
+    ):
+        pass  # pragma: no cover
+
+
+def test_vm_list_shows_the_host_and_leaves_other_hosts_states_alone(ctx: Context) -> None:
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")  # RUNNING in the catalog; this process's libvirt has no such domain
+    add_vm(ctx, "old", None)
+    rows = {r["name"]: r for r in inventory.list_vms(ctx)}
+    assert (rows["web"]["host"], rows["web"]["lcm_state"]) == ("h2", "RUNNING")
+    assert rows["old"]["host"] == "qemu:///system"  # no host: its libvirt URI, as before
+    assert rows["old"]["lcm_state"] == "UNKNOWN"  # this process's to refresh: no domain
+
+
+def test_ctx_uri_is_its_hosts(ctx: Context) -> None:
+    records.add(ctx, "h2", "qemu+tcp://10.0.0.2/system")
+    assert on_host(ctx, "h2").uri == "qemu+tcp://10.0.0.2/system"
+    assert on_host(ctx, None).uri == ctx.config.libvirt.uri
+    with pytest.raises(HostNotFound):
+        _ = on_host(ctx, "h9").uri
+
+
+# --- adapters --------------------------------------------------------------------------------
+def test_the_cli_adds_lists_and_removes(ctx: Context, cli_on) -> None:  # type: ignore[no-untyped-def]
+    run = cli_on(ctx, host_cmd)
+    assert run("host", "add", "h1", "--uri", "qemu+tcp://10.0.0.1/system")[0] == 0
+    code, out = run("host", "list")
+    assert code == 0 and "h1" in out and "INIT" in out and "none" in out
+    code, out = run("host", "add", "h1", "--uri", "qemu:///system")
+    assert code == 7 and "already exists" in out
+    assert run("host", "disable", "h1")[0] == 0
+    code, out = run("host", "show", "h1")
+    assert code == 0 and "DISABLED" in out
+    code, out = run("host", "remove", "h1")
+    assert code == 0 and "host h1 removed" in out
+    code, out = run("host", "show", "h1")
+    assert code == 6 and "vmkeep host add" in out
+
+
+def test_the_api_reads_for_every_role_and_edits_for_admins(ctx: Context) -> None:
+    secrets = {r: tokens.create(ctx, f"t-{r}", r)["token"] for r in ("viewer", "operator", "admin")}
+
+    def auth(role: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {secrets[role]}"}
+
+    client = TestClient(create_app(ctx.config))
+    body = {"name": "h1", "uri": "qemu+tcp://10.0.0.1/system"}
+    assert client.post("/v1/hosts", json=body, headers=auth("operator")).status_code == 403
+    r = client.post("/v1/hosts", json=body, headers=auth("admin"))
+    assert r.status_code == 201 and r.json()["state"] == "INIT"
+    assert client.post("/v1/hosts", json=body, headers=auth("admin")).status_code == 409
+    bad = client.post("/v1/hosts", json={"name": "h2", "uri": "x"}, headers=auth("admin"))
+    assert bad.status_code == 422
+    listed = client.get("/v1/hosts", headers=auth("viewer"))
+    assert [h["name"] for h in listed.json()] == ["h1"]
+    r = client.post("/v1/hosts/h1/disable", json={"offline": True}, headers=auth("admin"))
+    assert r.json()["state"] == "OFFLINE"
+    assert client.post("/v1/hosts/h1/enable", headers=auth("admin")).json()["state"] == "INIT"
+    add_vm(ctx, "web", "h1")
+    r = client.delete("/v1/hosts/h1", headers=auth("admin"))
+    assert r.status_code == 409 and "(web)" in r.json()["error"]["message"]
+    assert client.get("/v1/hosts/nope", headers=auth("viewer")).status_code == 404
+    with ctx.catalog.session() as s:
+        assert s.query(Host).count() == 1
