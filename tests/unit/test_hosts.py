@@ -262,3 +262,44 @@ def test_the_api_reads_for_every_role_and_edits_for_admins(ctx: Context) -> None
     assert client.get("/v1/hosts/nope", headers=auth("viewer")).status_code == 404
     with ctx.catalog.session() as s:
         assert s.query(Host).count() == 1
+
+
+def test_the_cli_queues_another_hosts_vm_for_its_daemon_and_follows_it(
+    ctx: Context,
+    cli_on,  # type: ignore[no-untyped-def]
+) -> None:
+    """No daemon here, the VM on h2: the command queues the job for h2's daemon (a worker of
+    a context acting for h2 stands in for it) and prints its result as if it ran here."""
+    import threading
+
+    from vmkeep.cli import vm_cmd
+    from vmkeep.engine.service.actions import RUNNERS
+    from vmkeep.hypervisor.fake import SAMPLE_XML
+
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    h2 = on_host(ctx, "h2")
+    assert isinstance(h2.hv, FakeHypervisor)
+    h2.hv.define(SAMPLE_XML.format(disk="/d/vda.qcow2"))
+    h2.hv.start("web")
+    add_vm(ctx, "web", "h2")
+    ran: list[int] = []
+
+    def h2_daemon() -> None:
+        for _ in range(200):
+            job_id = jobs.claim(h2)
+            if job_id is not None:
+                ran.append(job_id)
+                jobs.execute(h2, job_id, RUNNERS)
+                return
+            threading.Event().wait(0.05)
+
+    worker = threading.Thread(target=h2_daemon)
+    worker.start()
+    code, out = cli_on(ctx, vm_cmd)("vm", "reset-state", "web")
+    worker.join()
+    assert code == 0, out
+    assert "queued for host h2's daemon" in out
+    with ctx.catalog.session() as s:
+        job = s.get(Job, ran[0])
+        assert job is not None
+        assert (job.kind, job.runs_on, job.state) == ("reset-state", "h2", JobState.DONE)

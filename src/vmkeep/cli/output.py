@@ -150,7 +150,16 @@ def act(
             result, warnings = queued.follow(progress)
             return result, Warnings(warnings)
         p = actions.parse(a, params, options=True)
-        result, warns = actions.run_here(ctx_of(click_ctx), a, p, progress)
+        ctx = ctx_of(click_ctx)
+        host = actions.runs_on(ctx, a, p)
+        if host is not None and host != ctx.host:  # another host's VM: its daemon runs it
+            from vmkeep.engine.core.trust import LOCAL_ADMIN
+
+            job = actions.enqueue(ctx, a, p, LOCAL_ADMIN, origin="cli", runs_on=host)
+            click.echo(f"vmkeep: job {job['id']} queued for host {host}'s daemon", err=True)
+            result, warnings = remote.QueuedJob(ctx, job).follow(progress)
+            return result, Warnings(warnings)
+        result, warns = actions.run_here(ctx, a, p, progress)
     return jsontext.plain(result), warns
 
 

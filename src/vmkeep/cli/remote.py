@@ -20,6 +20,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, quote, urlencode
 
@@ -271,6 +272,29 @@ class Job:
             f"lost the daemon while following job {self.id} ({why}); the daemon's job goes on "
             f"or was recovered: see 'vmkeep jobs show {self.id}'"
         )
+
+
+class QueuedJob(Job):
+    """A job this command queued in the catalog for another host's daemon (its VM lives
+    there), followed through the catalog as ``Job`` follows a daemon's: the same progress,
+    result, error and Ctrl-C."""
+
+    def __init__(self, ctx: Any, job: dict[str, Any]) -> None:
+        super().__init__(paths.Where(Path("/"), "", ""), jsontext.plain(job))
+        self.ctx = ctx
+
+    def _poll(self) -> None:
+        from vmkeep.engine.core import jobs
+
+        self.job = jsontext.plain(jobs.wait(self.ctx, self.id, POLL))
+
+    def cancel(self) -> None:
+        from vmkeep.engine.core import jobs
+
+        self.cancelling = True
+        click.echo(f"vmkeep: cancelling job {self.id} (its host's daemon stops it)", err=True)
+        with suppress(errors.VmkeepError):  # it ended meanwhile
+            jobs.cancel(self.ctx, self.id)
 
 
 def submit(c: click.Context, path: str, body: dict[str, Any], method: str = "POST") -> Job | None:
