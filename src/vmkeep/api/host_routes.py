@@ -16,7 +16,7 @@ from vmkeep.engine.service.params import NewName, Params
 
 class HostRequest(Params):
     name: NewName
-    uri: Annotated[str, Field(min_length=3, max_length=255, pattern=r"^[a-z0-9+]+://")]
+    uri: Annotated[str, Field(max_length=255, pattern=f"^{records.URI_PATTERN}$")]
     vmm: Literal["native", "exec"] = "native"
     vmm_dir: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     vmm_args: Annotated[str, Field(max_length=255)] = ""

@@ -9,10 +9,10 @@ than ``[cluster] silent_after`` is *silent*: the jobs queued for it wait (``docs
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
@@ -65,9 +65,13 @@ def host_dict(h: Host, silent_after: float, vms: int = 0) -> dict[str, Any]:
     }
 
 
+# a libvirt URI: driver[+transport]://[user@][host[:port]]/path[?query] (the API's schema says
+# the same)
+URI_PATTERN = r"[a-z][a-z0-9+]*://[^/\s]*/[^\s]+"
+
+
 def _check_uri(uri: str) -> str:
-    parts = urlsplit(uri)
-    if not parts.scheme or not parts.path or "://" not in uri:
+    if not re.fullmatch(URI_PATTERN, uri):
         raise InvalidValue("--uri", uri, "use a libvirt URI like qemu+tcp://HOST/system")
     return uri
 
