@@ -26,6 +26,7 @@ from vmkeep.catalog.tables import (
     GroupBackup,
     GroupBackupMember,
     GroupMember,
+    Host,
     Increment,
     Job,
     Pool,
@@ -40,7 +41,8 @@ from vmkeep.model import ROLES
 from vmkeep.web import session
 
 NOW = datetime.now(UTC)
-PAGES = ["/", "/vms", "/backups", "/jobs", "/groups", "/datastores", "/schedules", "/pools"]
+PAGES = ["/", "/vms", "/backups", "/jobs", "/groups", "/datastores", "/schedules", "/pools",
+         "/hosts"]  # fmt: skip
 EVIL = "<script>alert(1)</script>"
 
 
@@ -129,6 +131,9 @@ def some_rows(site: Site, tmp_path: Path) -> None:
         s.add(GroupBackupMember(group_backup_id=gb.id, vm_id=web.id, vm_name="web", position=0,
                                 status="VALID", freeze_ms=55))  # fmt: skip
         s.add(Pool(name="gold", backup_config={"keep_daily": 7}))
+        s.add(Host(name="h1", uri="qemu+tcp://h1/system", vmm="native", state="MONITORED",
+                   monitor={"cpus": 2, "free_memory_kib": 4 << 20}, daemon={},
+                   heartbeat_at=datetime.now(UTC)))  # fmt: skip
         s.add(BackupJob(name="nightly", task="backup", selector={"all": True}, datastore="local",
                         schedule="0 2 * * *", options={}, enabled=True, owner="t-admin",
                         role="admin"))  # fmt: skip
@@ -338,6 +343,7 @@ def test_every_page_renders_rows(site: Site, tmp_path: Path) -> None:
         "/datastores": ["local", 'data-action="scan"', "<svg"],
         "/schedules": ["nightly", "0 2 * * *"],
         "/pools": ["gold", "keep_daily=7"],
+        "/hosts": ['<tr data-host="h1">', "MONITORED", "alive", "4.0 GiB", "qemu+tcp://h1/system"],
         "/tokens": ["t-operator", 'data-action="token-revoke"'],
     }
     for page, wanted in expect.items():

@@ -1,6 +1,7 @@
 """The pages around the VMs: ``/groups`` (members in start order, group backups with their
 freeze windows), ``/datastores`` (usage, free space, scan and import, a plot of the bytes kept),
-``/schedules`` (backup jobs: ``engine/service/backupjobs.py``), ``/pools`` and ``/tokens``
+``/schedules`` (backup jobs: ``engine/service/backupjobs.py``), ``/pools``, ``/hosts`` (state,
+daemon, capacity, VMs: ``engine/hosts/records.py``) and ``/tokens``
 (admin: list, create with the secret shown once, revoke)."""
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from fastapi.responses import Response
 from vmkeep.engine.core import stores
 from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.groups import manage
+from vmkeep.engine.hosts import records
 from vmkeep.engine.points import listing
 from vmkeep.engine.service import backupjobs, overview, tokens
 from vmkeep.engine.vm import policy
@@ -59,6 +61,10 @@ def routes(web: Web, app: FastAPI) -> None:
     @r.get("/pools")
     def pool_list(request: Request, who: Actor = web.page_actor) -> Response:
         return web.render(request, "pools.html", title="Pools", pools=policy.list_pools(web.ctx()))
+
+    @r.get("/hosts")
+    def host_list(request: Request, who: Actor = web.page_actor) -> Response:
+        return web.render(request, "hosts.html", title="Hosts", hosts=records.list_hosts(web.ctx()))
 
     @r.get("/tokens")
     def token_list(request: Request, who: Actor = web.page_actor) -> Response:

@@ -26,6 +26,7 @@ NAV = [
     ("/datastores", "Datastores", "viewer"),
     ("/schedules", "Schedules", "viewer"),
     ("/pools", "Pools", "viewer"),
+    ("/hosts", "Hosts", "viewer"),
     ("/tokens", "Tokens", "admin"),
 ]
 
