@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
           qemu-guest-agent linux-image-amd64 busybox-static e2fsprogs restic rsync openssh-server
           cpio python3-venv openssl postgresql-15 fdisk dosfstools xfsprogs fuse3
+          iproute2 util-linux  # the two-host lab: ip netns, veth, unshare, nsenter
           jq curl  # the README's API examples
           chromium chromium-driver)  # the web dashboard's browser tests (tests/e2e/test_web.py)
 

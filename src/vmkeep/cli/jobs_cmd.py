@@ -19,9 +19,10 @@ def _table(rows: list[dict[str, Any]]) -> None:
         err = f"  {j['error']['message']}" if j["error"] else ""
         if j["state"] == JobState.QUEUED:  # why it has not started (engine/core/limits.py)
             err = f"  waiting: {j.get('waiting') or 'for a free worker'}"
+        on = f"  @{j['runs_on']}" if j.get("runs_on") else ""  # only that host's daemon runs it
         click.echo(
             f"{j['id']:>5}  {j['state']:<9} {pct}  {j['kind']:<12} {j['target']:<24} "
-            f"{j['origin']}/{j['who']}{err}"
+            f"{j['origin']}/{j['who']}{on}{err}"
         )
 
 
