@@ -401,9 +401,43 @@ def up(count: int) -> builtins.list[LabHost]:
     _host1_up()
     hosts = [LabHost(n) for n in range(1, count + 1)]
     for host in hosts[1:]:
-        if not _host_alive(host):
+        if _host_alive(host):
+            continue
+        if libvirtd_pid(host.number) is None and _holder(host) is not None:
+            start_libvirtd(host.number)  # its namespaces and guests live on: like a restart
+        else:
             _host_up(host)
     return hosts
+
+
+def _holder(host: LabHost) -> int | None:
+    """A lab process holding the host's mount namespace (libvirtd, else its virtlogd)."""
+    if host.netns is None or not _netns_exists(host.netns):
+        return None
+    for pid, marker in ((libvirtd_pid(host.number), "libvirtd"),
+                        (_read_pid(host.virtlogd_pidfile), "virtlogd")):  # fmt: skip
+        if pid is not None and _alive(pid, marker) and _in_netns(pid, host.netns):
+            return pid
+    return None
+
+
+def start_libvirtd(n: int) -> int:
+    """Start host n's libvirtd again in its living namespaces (after it was killed): its
+    guests keep running, as on a real host. Returns the new pid."""
+    _need_root()
+    host = LabHost(n)
+    holder = _holder(host)
+    if host.netns is None or holder is None:
+        raise LabError(f"{host.name} has no namespaces to restart libvirtd in: 'lab hosts up {n}'")
+    if libvirtd_pid(n) is None:
+        argv = ["libvirtd", "-d", "--listen", "-p", str(host.libvirtd_pidfile)]
+        _run([*nsenter_prefix(host, holder), *argv])
+    _wait_port(host.address, f"{host.name}'s libvirtd", f"{host.dir / 'log' / 'libvirtd.log'}")
+    _start_relay(host, host.peer)
+    pid = libvirtd_pid(n)
+    if pid is None:
+        raise LabError(f"{host.name}'s libvirtd left no pid file at {host.libvirtd_pidfile}")
+    return pid
 
 
 def down() -> builtins.list[int]:
@@ -443,8 +477,8 @@ def nsenter_argv(n: int) -> builtins.list[str]:
     host = LabHost(n)
     if host.netns is None:
         return []
-    pid = libvirtd_pid(n) or _read_pid(host.virtlogd_pidfile)
-    if pid is None or not _in_netns(pid, host.netns):
+    pid = _holder(host)
+    if pid is None:
         raise LabError(f"{host.name} is not up: 'vmkeep lab hosts up {n}'")
     return nsenter_prefix(host, pid)
 
