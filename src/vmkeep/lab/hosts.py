@@ -206,12 +206,21 @@ def _in_netns(pid: int, netns: str) -> bool:
         return False
 
 
+def is_running(pid: int) -> bool:
+    """The process exists and is not a zombie (whose parent, maybe init, has not reaped it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
 def _stop_pids(pids: builtins.list[int], timeout: float = STOP_TIMEOUT) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+    while time.monotonic() < deadline and any(is_running(p) for p in pids):
         time.sleep(0.1)
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
