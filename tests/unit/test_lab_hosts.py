@@ -54,7 +54,7 @@ def test_libvirtd_conf_keeps_the_machines_settings_and_listens_on_plain_tcp() ->
 def test_setup_script_binds_every_own_folder_then_starts_the_daemons() -> None:
     host = LabHost(2)
     script = hosts.setup_script(host).splitlines()
-    assert script[0] == "set -e"
+    assert script[:2] == ["set -e", "umask 022"]  # QEMU opens what libvirtd makes
     mounts = [line.split()[2:] for line in script if line.startswith("mount --bind")]
     assert mounts == [
         ["/var/lib/vmkeep/labhosts/2/run", "/run/libvirt"],

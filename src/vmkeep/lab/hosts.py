@@ -20,6 +20,7 @@ import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -50,6 +51,8 @@ BIND_MOUNTS = (
     ("/var/cache/libvirt", "cache"),
     (str(HOSTLOCAL), "hostlocal"),
 )
+# the daemons' umask, as when started from a login shell: QEMU (another user) opens what they make
+DAEMON_UMASK = "umask 022"
 LISTEN_CONF = (
     "\n# vmkeep lab host: libvirt over plain TCP inside the lab's own network namespace\n"
     'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\nlisten_addr = "0.0.0.0"\n'
@@ -130,7 +133,7 @@ def libvirtd_conf(base: str) -> str:
 def setup_script(host: LabHost) -> str:
     """Run inside the host's namespaces: its own folders over the shared paths, then virtlogd
     and libvirtd (both leave as daemons and hold the mount namespace)."""
-    lines = ["set -e"]
+    lines = ["set -e", DAEMON_UMASK]
     for target, sub in BIND_MOUNTS:
         lines.append(f"mount --bind {shlex.quote(str(host.dir / sub))} {shlex.quote(target)}")
     lines.append(f"virtlogd -d -p {shlex.quote(str(host.virtlogd_pidfile))}")
@@ -301,6 +304,9 @@ def _host1_up() -> None:
     if not ROOT_SOCKET.exists():
         raise LabError(f"host 1's libvirtd is not running ({ROOT_SOCKET} missing): 'libvirtd -d'")
     HOSTLOCAL.mkdir(parents=True, exist_ok=True)
+    mode = stat.S_IMODE(HOSTLOCAL.stat().st_mode)
+    if mode & 0o011 != 0o011:
+        HOSTLOCAL.chmod(mode | 0o011)  # QEMU opens the disks in it by their paths
     if not _link_exists(HOST1_LINK):
         _run(["ip", "link", "add", HOST1_LINK, "type", "veth", "peer", "name", HOST1_LINK + "p"])
         _run(["ip", "addr", "add", f"{HOST1_ADDRESS}/24", "dev", HOST1_LINK])
@@ -319,11 +325,25 @@ def _host1_down() -> None:
 
 
 # --- host K >= 2 ------------------------------------------------------------------------------
+def _like(path: Path, original: Path, default: int = 0o755) -> None:
+    """``path`` gets the mode and owner of the machine's ``original`` (QEMU, an unprivileged
+    user, walks these folders; the lab may run under a private umask)."""
+    try:
+        st = original.stat()
+    except OSError:
+        path.chmod(default)
+        return
+    path.chmod(stat.S_IMODE(st.st_mode))
+    os.chown(path, st.st_uid, st.st_gid)
+
+
 def _prepare_dirs(host: LabHost) -> None:
     if host.dir.exists():
         shutil.rmtree(host.dir)
-    for _, sub in BIND_MOUNTS:
-        (host.dir / sub).mkdir(parents=True)
+    host.dir.mkdir(parents=True)
+    for target, sub in BIND_MOUNTS:
+        (host.dir / sub).mkdir()
+        _like(host.dir / sub, Path(target))
     etc = host.dir / "etc"
     for conf in ETC_LIBVIRT.glob("*.conf"):
         shutil.copy2(conf, etc / conf.name)
@@ -331,10 +351,10 @@ def _prepare_dirs(host: LabHost) -> None:
     conf.write_text(libvirtd_conf(conf.read_text() if conf.exists() else ""))
     if (ETC_LIBVIRT / "nwfilter").is_dir():
         shutil.copytree(ETC_LIBVIRT / "nwfilter", etc / "nwfilter")
-    for sub in ("qemu/networks", "secrets", "storage"):
-        (etc / sub).mkdir(parents=True, exist_ok=True)
-    (etc / "secrets").chmod(0o700)
-    (host.dir / "run").chmod(0o755)
+    for sub, default in (("qemu", 0o755), ("qemu/networks", 0o755), ("secrets", 0o700),
+                         ("storage", 0o755)):  # fmt: skip
+        (etc / sub).mkdir(exist_ok=True)
+        _like(etc / sub, ETC_LIBVIRT / sub, default)
 
 
 def _host_alive(host: LabHost) -> bool:
@@ -439,8 +459,8 @@ def start_libvirtd(n: int) -> int:
     if host.netns is None or holder is None:
         raise LabError(f"{host.name} has no namespaces to restart libvirtd in: 'lab hosts up {n}'")
     if libvirtd_pid(n) is None:
-        argv = ["libvirtd", "-d", "--listen", "-p", str(host.libvirtd_pidfile)]
-        _run([*nsenter_prefix(host, holder), *argv])
+        start = f"{DAEMON_UMASK}; exec libvirtd -d --listen -p {shlex.quote(str(host.libvirtd_pidfile))}"
+        _run([*nsenter_prefix(host, holder), "sh", "-c", start])
     _wait_port(host.address, f"{host.name}'s libvirtd", f"{host.dir / 'log' / 'libvirtd.log'}")
     _start_relay(host, host.peer)
     pid = libvirtd_pid(n)
