@@ -36,6 +36,27 @@ def test_addresses_and_uris_of_host_1_and_host_k() -> None:
     assert all(len(name) <= 15 for name in LabHost(200).veth)  # IFNAMSIZ
 
 
+def test_another_lab_net_has_its_own_names_folders_and_addresses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(hosts.NET_ENV, "79")
+    one, two = LabHost(1), LabHost(2)
+    assert (one.uri, two.uri, two.peer) == (
+        "qemu+tcp://10.79.0.1/system",
+        "qemu+tcp://10.79.1.2/system",
+        "10.79.1.1",
+    )
+    assert (two.netns, two.veth, one.veth[0]) == ("vmkeep79-h2", ("vmkeep79-h2", "vmkeep79-h2p"),
+                                                  "vmkeep79-h1")  # fmt: skip
+    assert two.dir == Path("/var/lib/vmkeep/labhosts-79/2")
+    assert hosts.network_argvs(two)[-1][-3:] == ["10.79.0.1/32", "via", "10.79.1.1"]
+    assert all(len(name) <= 15 for name in LabHost(200).veth)  # IFNAMSIZ
+    for bad in ("0", "255", "x7", "-1"):
+        monkeypatch.setenv(hosts.NET_ENV, bad)
+        with pytest.raises(LabError, match="VMKEEP_LAB_HOSTS_NET"):
+            LabHost(2)
+
+
 @pytest.mark.parametrize("n", [0, -1, 201])
 def test_host_numbers_out_of_range_are_refused(n: int) -> None:
     with pytest.raises(LabError, match="out of range"):
@@ -113,9 +134,12 @@ def test_a_pid_is_ours_only_with_its_program_and_a_zombie_is_not_running() -> No
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         assert hosts.is_running(proc.pid)
-        assert hosts._alive(proc.pid, "python")
+        deadline = time.monotonic() + 10
+        while not hosts._alive(proc.pid, "time.sleep(30)"):  # its program, once it is exec'd
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert not hosts._alive(proc.pid, "libvirtd")  # a reused pid is never taken for one
-        assert not hosts._alive(None, "python")
+        assert not hosts._alive(None, "time.sleep(30)")
         proc.kill()
         deadline = time.monotonic() + 10
         while hosts.is_running(proc.pid):  # a zombie until waited for: not running

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import os
 import shlex
 import shutil
@@ -24,23 +25,23 @@ import stat
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vmkeep.errors import LabError
 
-LAB_ROOT = Path("/var/lib/vmkeep/labhosts")
+STATE = Path("/var/lib/vmkeep")
 HOSTLOCAL = Path("/var/lib/vmkeep/hostlocal")
 ETC_LIBVIRT = Path("/etc/libvirt")
 ROOT_SOCKET = Path("/run/libvirt/libvirt-sock")
 ROOT_PIDFILE = Path("/run/libvirtd.pid")
-NETNS_PREFIX = "vmkeep-h"
+NET_ENV = "VMKEEP_LAB_HOSTS_NET"  # the second octet of the lab's 10.X.0.0/16, 77 unless set
+DEFAULT_NET = 77
 LIBVIRT_PORT = 16509
 MAX_HOSTS = 200
 UP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
-HOST1_LINK = "vmkeep-h1"  # a veth pair kept in the root namespace: it holds 10.77.0.1
-HOST1_ADDRESS = "10.77.0.1"
 
 # each host's own folders: (the path every host sees, the folder under the host's state dir)
 BIND_MOUNTS = (
@@ -60,13 +61,34 @@ LISTEN_CONF = (
 )
 
 
+def lab_net() -> int:
+    """The lab's network, 10.X.0.0/16: X from $VMKEEP_LAB_HOSTS_NET (77 unless set). Another X
+    is another lab, with its own namespaces, folders and addresses (a test that must take its
+    lab down without touching the one other tests share)."""
+    raw = os.environ.get(NET_ENV, "").strip() or str(DEFAULT_NET)
+    if not raw.isdigit() or not 1 <= int(raw) <= 254:
+        raise LabError(f"{NET_ENV}={raw!r} is not a number 1..254 (the X of 10.X.0.0/16)")
+    return int(raw)
+
+
 @dataclass(frozen=True)
 class LabHost:
     number: int
+    net: int = field(default_factory=lab_net)
 
     def __post_init__(self) -> None:
         if not 1 <= self.number <= MAX_HOSTS:
             raise LabError(f"host number {self.number} is out of range: use 1..{MAX_HOSTS}")
+
+    @property
+    def prefix(self) -> str:
+        """Names of the lab's namespaces and links: vmkeep-hK (vmkeepX-hK in lab 10.X)."""
+        return "vmkeep-h" if self.net == DEFAULT_NET else f"vmkeep{self.net}-h"
+
+    @property
+    def root(self) -> Path:
+        """The lab's state folder, holding one folder per host."""
+        return STATE / ("labhosts" if self.net == DEFAULT_NET else f"labhosts-{self.net}")
 
     @property
     def name(self) -> str:
@@ -74,17 +96,17 @@ class LabHost:
 
     @property
     def netns(self) -> str | None:
-        return None if self.number == 1 else f"{NETNS_PREFIX}{self.number}"
+        return None if self.number == 1 else f"{self.prefix}{self.number}"
 
     @property
     def address(self) -> str:
         """Where the host's libvirt is reached over TCP from every host."""
-        return HOST1_ADDRESS if self.number == 1 else f"10.77.{self.number - 1}.2"
+        return f"10.{self.net}.0.1" if self.number == 1 else f"10.{self.net}.{self.number - 1}.2"
 
     @property
     def peer(self) -> str:
         """The root namespace's end of the host's veth pair (host 1 as this host sees it)."""
-        return HOST1_ADDRESS if self.number == 1 else f"10.77.{self.number - 1}.1"
+        return f"10.{self.net}.0.1" if self.number == 1 else f"10.{self.net}.{self.number - 1}.1"
 
     @property
     def uri(self) -> str:
@@ -92,7 +114,7 @@ class LabHost:
 
     @property
     def dir(self) -> Path:
-        return LAB_ROOT / str(self.number)
+        return self.root / str(self.number)
 
     @property
     def socket(self) -> Path:
@@ -120,8 +142,9 @@ class LabHost:
 
     @property
     def veth(self) -> tuple[str, str]:
-        """The veth pair: the root side and the side moved into the namespace."""
-        return f"{NETNS_PREFIX}{self.number}", f"{NETNS_PREFIX}{self.number}p"
+        """The veth pair: the root side and the side moved into the namespace (host 1's pair
+        stays in the root namespace: its first end holds 10.X.0.1)."""
+        return f"{self.prefix}{self.number}", f"{self.prefix}{self.number}p"
 
 
 # --- text and argv (pure) -------------------------------------------------------------------
@@ -160,7 +183,7 @@ def network_argvs(host: LabHost) -> builtins.list[builtins.list[str]]:
         ["ip", "-n", ns, "link", "set", "lo", "up"],
         ["ip", "-n", ns, "addr", "add", f"{host.address}/24", "dev", inside],
         ["ip", "-n", ns, "link", "set", inside, "up"],
-        ["ip", "-n", ns, "route", "add", f"{HOST1_ADDRESS}/32", "via", host.peer],
+        ["ip", "-n", ns, "route", "add", f"{LabHost(1, host.net).address}/32", "via", host.peer],
     ]
 
 
@@ -307,21 +330,23 @@ def _host1_up() -> None:
     mode = stat.S_IMODE(HOSTLOCAL.stat().st_mode)
     if mode & 0o011 != 0o011:
         HOSTLOCAL.chmod(mode | 0o011)  # QEMU opens the disks in it by their paths
-    if not _link_exists(HOST1_LINK):
-        _run(["ip", "link", "add", HOST1_LINK, "type", "veth", "peer", "name", HOST1_LINK + "p"])
-        _run(["ip", "addr", "add", f"{HOST1_ADDRESS}/24", "dev", HOST1_LINK])
-        _run(["ip", "link", "set", HOST1_LINK + "p", "up"])
-        _run(["ip", "link", "set", HOST1_LINK, "up"])
-    _start_relay(LabHost(1), HOST1_ADDRESS)
+    one = LabHost(1)
+    link, peer = one.veth
+    if not _link_exists(link):
+        _run(["ip", "link", "add", link, "type", "veth", "peer", "name", peer])
+        _run(["ip", "addr", "add", f"{one.address}/24", "dev", link])
+        _run(["ip", "link", "set", peer, "up"])
+        _run(["ip", "link", "set", link, "up"])
+    _start_relay(one, one.address)
 
 
 def _host1_down() -> None:
     _stop_relay(LabHost(1))
-    if _link_exists(HOST1_LINK):
-        _run(["ip", "link", "del", HOST1_LINK], check=False)
+    if _link_exists(LabHost(1).veth[0]):
+        _run(["ip", "link", "del", LabHost(1).veth[0]], check=False)
     shutil.rmtree(LabHost(1).dir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        HOSTLOCAL.rmdir()  # host 1's local storage, when nothing was left in it
+    # HOSTLOCAL stays: it is the mount point of every lab's hosts (removing a mount point
+    # unmounts it in the namespaces that use it)
 
 
 # --- host K >= 2 ------------------------------------------------------------------------------
@@ -406,12 +431,13 @@ def _host_down(host: LabHost) -> None:
 
 def _lab_numbers() -> builtins.list[int]:
     """Hosts K >= 2 the lab may have left: state folders and namespaces."""
-    found = {int(d.name) for d in LAB_ROOT.glob("*") if d.name.isdigit()}
+    prefix, root = LabHost(1).prefix, LabHost(1).root
+    found = {int(d.name) for d in root.glob("*") if d.name.isdigit()}
     netns = Path("/run/netns")
     if netns.is_dir():
         for f in netns.iterdir():
-            tail = f.name.removeprefix(NETNS_PREFIX)
-            if f.name.startswith(NETNS_PREFIX) and tail.isdigit():
+            tail = f.name.removeprefix(prefix)
+            if f.name.startswith(prefix) and tail.isdigit():
                 found.add(int(tail))
     return sorted(n for n in found if 2 <= n <= MAX_HOSTS)
 
@@ -422,9 +448,69 @@ def _need_root() -> None:
         raise LabError("the two-host lab needs root (network namespaces, mounts, libvirtd)")
 
 
+@contextlib.contextmanager
+def _locked(timeout: float = 120.0) -> Iterator[None]:
+    """One process at a time brings the lab up or down (tests of several sessions share it)."""
+    one = LabHost(1)
+    one.root.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(one.root.parent / f".{one.root.name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"another process holds the lab's lock over {timeout:.0f} s"
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _leases() -> Path:
+    one = LabHost(1)
+    return one.root.parent / f".{one.root.name}.leases"
+
+
 def up(count: int) -> builtins.list[LabHost]:
     """Hosts 1..count up (running ones are kept); more hosts than count are left alone."""
     _need_root()
+    with _locked():
+        return _up(count)
+
+
+@contextlib.contextmanager
+def lease(count: int) -> Iterator[builtins.list[LabHost]]:
+    """Hosts 1..count up for the block; brought down after it unless another living process
+    still holds a lease (test modules of several sessions share one lab)."""
+    _need_root()
+    leases = _leases()
+    with _locked():
+        hosts = _up(count)
+        leases.mkdir(exist_ok=True)
+        mine = leases / f"{os.getpid()}-{time.monotonic_ns()}"
+        mine.write_text(f"{count}\n")
+    try:
+        yield hosts
+    finally:
+        with _locked():
+            mine.unlink(missing_ok=True)
+            others = []
+            for f in leases.iterdir():
+                pid = f.name.split("-")[0]
+                if pid.isdigit() and is_running(int(pid)):
+                    others.append(f)
+                else:
+                    f.unlink(missing_ok=True)  # its process died without giving it back
+            if not others:
+                _down()
+
+
+def _up(count: int) -> builtins.list[LabHost]:
     if not 2 <= count <= MAX_HOSTS:
         raise LabError(f"host count {count} is out of range: use 2..{MAX_HOSTS}")
     _host1_up()
@@ -433,7 +519,7 @@ def up(count: int) -> builtins.list[LabHost]:
         if _host_alive(host):
             continue
         if libvirtd_pid(host.number) is None and _holder(host) is not None:
-            start_libvirtd(host.number)  # its namespaces and guests live on: like a restart
+            _start_libvirtd(host.number)  # its namespaces and guests live on: like a restart
         else:
             _host_up(host)
     return hosts
@@ -454,6 +540,11 @@ def start_libvirtd(n: int) -> int:
     """Start host n's libvirtd again in its living namespaces (after it was killed): its
     guests keep running, as on a real host. Returns the new pid."""
     _need_root()
+    with _locked():
+        return _start_libvirtd(n)
+
+
+def _start_libvirtd(n: int) -> int:
     host = LabHost(n)
     holder = _holder(host)
     if host.netns is None or holder is None:
@@ -470,14 +561,20 @@ def start_libvirtd(n: int) -> int:
 
 
 def down() -> builtins.list[int]:
-    """Every lab host stopped and removed (host 1's libvirtd itself is left running)."""
+    """Every lab host stopped and removed (host 1's libvirtd itself is left running), whoever
+    brought it up."""
     _need_root()
+    with _locked():
+        return _down()
+
+
+def _down() -> builtins.list[int]:
     numbers = _lab_numbers()
     for n in numbers:
         _host_down(LabHost(n))
     _host1_down()
     with contextlib.suppress(OSError):
-        LAB_ROOT.rmdir()
+        LabHost(1).root.rmdir()
     return numbers
 
 
