@@ -5,8 +5,8 @@ temporary folder stands for drivers/exec/virsh/migrate)."""
 from __future__ import annotations
 
 import os
-import textwrap
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
