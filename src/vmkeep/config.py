@@ -126,6 +126,19 @@ class MountConfig(_Section):
     fs_types: list[str] = ["ext4", "ext3", "ext2", "xfs", "btrfs", "vfat"]
 
 
+class ClusterConfig(_Section):
+    """Many hosts on one catalog (docs/hosts.md): this process's host, and the daemons'
+    heartbeats."""
+
+    host: str | None = Field(default=None, min_length=1, max_length=255)  # a ``hosts`` row's name
+    heartbeat_interval: float = Field(default=5.0, ge=0.5, le=3600)  # a daemon writes its own
+    silent_after: float = Field(default=30.0, ge=1, le=86400)  # older: the daemon is "silent"
+    queued_timeout: float = Field(default=3600.0, ge=1, le=30 * 86400)  # then a job waiting
+    # for a silent host's daemon fails
+    unknown_after: float = Field(default=60.0, ge=1, le=86400)  # a host unreachable that long:
+    # its VMs UNKNOWN
+
+
 class MonitorConfig(_Section):
     interval: float = Field(default=60.0, ge=1, le=86400)  # the daemon's poll loop, seconds
 
@@ -211,6 +224,7 @@ class Config(_Section):
     restore: RestoreConfig = RestoreConfig()
     mount: MountConfig = MountConfig()
     monitor: MonitorConfig = MonitorConfig()
+    cluster: ClusterConfig = ClusterConfig()
     backup: BackupDefaults = BackupDefaults()
     limits: LimitsConfig = LimitsConfig()
     schedule: ScheduleConfig = ScheduleConfig()

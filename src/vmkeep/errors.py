@@ -14,6 +14,7 @@ keeps the two in sync.
     │   ├── DatastoreNotFound
     │   ├── BackupNotFound
     │   ├── IncrementNotFound
+    │   ├── HostNotFound
     │   └── JobNotFound
     ├── AlreadyExists              7  409
     ├── WrongState                 4  409
@@ -44,6 +45,7 @@ keeps the two in sync.
     ├── DrillFailed               26  422
     │   └── GroupDrillFailed
     ├── NotificationFailed        30  502
+    ├── HostUnavailable           31  503
     └── LabError                  19  500
 
 Exit codes 0 (success), 1 (finished with warnings) and 130 (interrupted) are not errors.
@@ -143,6 +145,10 @@ class JobNotFound(NotFound):
 
 class BackupJobNotFound(NotFound):
     """Backup job '{}' does not exist; see 'vmkeep backupjob list'."""
+
+
+class HostNotFound(NotFound):
+    """Host '{}' does not exist; see 'vmkeep host list' or add it with 'vmkeep host add'."""
 
 
 class AlreadyExists(VmkeepError):
@@ -322,6 +328,13 @@ class TooManyRequests(VmkeepError):
 class WorkersBusy(TooManyRequests):
     """All {} work slots are busy (running jobs and file requests share [jobs] workers); try again when one ends."""
 
+    http_status = 503
+
+
+class HostUnavailable(VmkeepError):
+    """Host '{}' cannot take this now: {}. {}"""
+
+    exit_code = 31
     http_status = 503
 
 

@@ -240,7 +240,7 @@ def test_the_api_passes_the_queue_bound(
     ctx, secrets = env
     seen: list[int | None] = []
 
-    def enqueue(*args: Any) -> dict[str, Any]:
+    def enqueue(*args: Any, **_job: Any) -> dict[str, Any]:
         seen.append(args[6] if len(args) > 6 else None)
         raise TooManyRequests("queued jobs", args[5], 50, "[api] max_queued_per_token")
 

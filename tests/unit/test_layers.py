@@ -68,6 +68,7 @@ def test_engine_has_no_import_cycles() -> None:
 RANKS = {
     "core": 0,
     "vm": 1,
+    "hosts": 1,
     "points": 2,
     "lifecycle": 2,
     "protect": 3,

@@ -61,6 +61,8 @@ class Vm(Base):
     name: Mapped[str] = mapped_column(String(255), unique=True)
     uuid: Mapped[str] = mapped_column(String(36), unique=True)
     host_uri: Mapped[str] = mapped_column(String(255))
+    # the vmkeep host it lives on (``hosts.name``); None in a catalog without hosts rows
+    host: Mapped[str | None] = mapped_column(String(255), default=None, index=True)
     state: Mapped[str] = mapped_column(String(32))
     lcm_state: Mapped[str] = mapped_column(String(32))
     pool: Mapped[str | None] = mapped_column(String(255), default=None)
@@ -221,6 +223,31 @@ class Job(Base):
     wait_reason: Mapped[str | None] = mapped_column(Text, default=None)
     datastore: Mapped[str | None] = mapped_column(String(255), default=None)  # it writes to
     run_id: Mapped[int | None] = mapped_column(Integer, default=None, index=True)  # a job run
+    # the host whose daemon must run it (its VM's host); None: any daemon
+    runs_on: Mapped[str | None] = mapped_column(String(255), default=None, index=True)
+
+
+class Host(Base):
+    """A libvirt host vmkeep drives (OpenNebula's host): how to reach it, its VMM driver, its
+    state (INIT, MONITORED, ERROR; DISABLED and OFFLINE set by an admin), the last monitoring's
+    figures, and its daemon's heartbeat (``engine/hosts``)."""
+
+    __tablename__ = "hosts"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    uri: Mapped[str] = mapped_column(String(255))
+    vmm: Mapped[str] = mapped_column(String(16), default="native")
+    vmm_dir: Mapped[str | None] = mapped_column(Text, default=None)
+    vmm_args: Mapped[str] = mapped_column(String(255), default="")
+    state: Mapped[str] = mapped_column(String(16), default="INIT")
+    max_backups: Mapped[int | None] = mapped_column(Integer, default=None)
+    monitor: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    monitored_at: Mapped[datetime | None] = mapped_column(default=None)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    daemon: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
 class Token(Base):

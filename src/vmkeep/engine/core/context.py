@@ -37,11 +37,38 @@ class Context:
         return Catalog(self.config.catalog_url)
 
     @property
+    def host(self) -> str | None:
+        """The vmkeep host this process acts for (``[cluster] host``, a daemon's ``--host``);
+        None: a catalog without hosts, driving ``[libvirt] uri``."""
+        return self.config.cluster.host
+
+    def here(self, vm_host: str | None) -> bool:
+        """Whether a VM on host ``vm_host`` is this process's to drive (a VM without a host
+        is every process's: a catalog without hosts)."""
+        return vm_host is None or vm_host == self.host
+
+    @property
+    def uri(self) -> str:
+        """The libvirt URI this process drives: its host's, else ``[libvirt] uri``."""
+        if self.host is None:
+            return self.config.libvirt.uri
+        from sqlalchemy import select
+
+        from vmkeep.catalog.tables import Host
+        from vmkeep.errors import HostNotFound
+
+        with self.catalog.session() as s:
+            uri = s.execute(select(Host.uri).where(Host.name == self.host)).scalar()
+        if uri is None:
+            raise HostNotFound(self.host)
+        return str(uri)
+
+    @property
     def hv(self) -> Hypervisor:
         if self._hv is None:
             from vmkeep.hypervisor import connect
 
-            self._hv = connect(self.config.libvirt.uri)
+            self._hv = connect(self.uri)
         return self._hv
 
     @property

@@ -30,7 +30,8 @@ from sqlalchemy.orm import Session
 
 from vmkeep import errors, jsontext
 from vmkeep.catalog.locks import pid_alive
-from vmkeep.catalog.tables import BackupJob, BackupJobRun, Counter, Datastore, Job
+from vmkeep.catalog.tables import BackupJob, BackupJobRun, Counter, Datastore, Host, Job
+from vmkeep.config import LimitsConfig
 from vmkeep.engine.core import limits
 from vmkeep.engine.core.cancel import Cancellation
 from vmkeep.engine.core.context import Context
@@ -78,6 +79,7 @@ def job_dict(j: Job) -> dict[str, Any]:
         "exit_code": exit_code(j.state, j.error_code, j.result),
         "cancel_requested": j.cancel_requested,
         "host": j.host,
+        "runs_on": j.runs_on,
         "pid": j.pid,
         "priority": j.priority,
         "waiting": j.wait_reason if j.state == JobState.QUEUED else None,
@@ -119,8 +121,9 @@ def enqueue(
     max_queued: int | None = None,
     priority: int = DEFAULT_PRIORITY,
     run_id: int | None = None,
+    runs_on: str | None = None,
 ) -> dict[str, Any]:
-    """A new QUEUED job. ``max_queued``: the QUEUED jobs ``who`` (of this ``origin``) may have
+    """A new QUEUED job (``runs_on``: only that host's daemon runs it; None: any daemon). ``max_queued``: the QUEUED jobs ``who`` (of this ``origin``) may have
     at once (the API passes ``[api] max_queued_per_token`` for a token); TooManyRequests
     beyond. Running and ended jobs do not count. ``priority`` 0-99 (higher starts first) and
     ``run_id`` (the backup-job run it belongs to): ``limits.py``."""
@@ -129,7 +132,7 @@ def enqueue(
             waiting = queued_by(s, origin, who)
             if waiting >= max_queued:
                 raise TooManyRequests("queued jobs", who, max_queued, "[api] max_queued_per_token")
-        extra = {"priority": priority, "run_id": run_id}
+        extra = {"priority": priority, "run_id": run_id, "runs_on": runs_on}
         job = job_dict(_add(s, kind, target, params, origin, who, **extra))
     WAKE.set()
     return job
@@ -225,7 +228,7 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
     the oldest of the highest priority first, and its reason is written on all of them: a
     thousand jobs of one run waiting for a restic repository never hide a job behind them that
     may start."""
-    queued_now = Job.state == JobState.QUEUED
+    queued_now = (Job.state == JobState.QUEUED) & _runs_here(ctx)
     if only is not None:
         queued_now = queued_now & (Job.id == only)
     with ctx.catalog.session() as s:  # the common case, nothing queued: one read, no write
@@ -235,12 +238,14 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
     with ctx.catalog.session() as s:
         s.execute(update(Counter).where(Counter.name == "claim").values(value=Counter.value + 1))
         running = limits.Running()
-        q = select(Job.id, Job.kind, Job.host, Job.datastore, Job.run_id, Job.pid, Job.origin)
+        q = select(Job.id, Job.kind, Job.host, Job.runs_on, Job.datastore, Job.run_id, Job.pid,
+                   Job.origin)  # fmt: skip
         for row in s.execute(q.where(Job.state == JobState.RUNNING)).all():
             if row.host == host and row.pid != os.getpid() and not pid_alive(row.pid):
                 _died(s, row.id, row.pid, row.origin)  # a killed command's row holds no slot
                 continue
-            running.add(row.kind, row.host, row.datastore, row.run_id)
+            running.add(row.kind, row.runs_on or row.host, row.datastore, row.run_id)
+        limit_cfg, limit_host = _host_limits(ctx, s, host)
         cols = (Job.id, Job.kind, Job.datastore, Job.run_id, Job.wait_reason)
         queued = s.execute(
             select(*cols).where(queued_now).order_by(Job.priority.desc(), Job.id)
@@ -253,7 +258,7 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
             run = r.run_id if r.run_id in sequential else None
             alike = (r.kind in limits.BACKUP_KINDS, r.datastore, run)
             if alike not in reasons:
-                why = limits.blocker(ctx.config.limits, running, r.kind, r.datastore, host,
+                why = limits.blocker(limit_cfg, running, r.kind, r.datastore, limit_host,
                                      r.datastore in one_writer, run)  # fmt: skip
                 if why is None:
                     won = s.execute(  # type: ignore[attr-defined]
@@ -276,6 +281,24 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
                 stale.setdefault(reasons[alike], []).append(r.id)
         _mark_waiting(s, stale)
         return None
+
+
+def _runs_here(ctx: Context) -> Any:
+    """The queued jobs this process may run: those for any daemon, and its host's."""
+    if ctx.host is None:
+        return Job.runs_on.is_(None)
+    return Job.runs_on.is_(None) | (Job.runs_on == ctx.host)
+
+
+def _host_limits(ctx: Context, s: Session, machine: str) -> tuple[LimitsConfig, str]:
+    """The limits a claim counts against, and the host it counts for: this process's host
+    (its ``max_backups`` over ``[limits] max_backups_host``), else the machine."""
+    if ctx.host is None:
+        return ctx.config.limits, machine
+    cap = s.execute(select(Host.max_backups).where(Host.name == ctx.host)).scalar()
+    if cap is None:
+        return ctx.config.limits, ctx.host
+    return ctx.config.limits.model_copy(update={"max_backups_host": int(cap)}), ctx.host
 
 
 def _mark_waiting(s: Session, stale: dict[str, list[int]]) -> None:

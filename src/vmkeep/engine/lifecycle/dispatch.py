@@ -11,6 +11,7 @@ import logging
 import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -27,6 +28,7 @@ from vmkeep.engine.core.trust import (
     check_image_source,
     check_nic,
 )
+from vmkeep.engine.hosts.records import find_host
 from vmkeep.engine.lifecycle import operations
 from vmkeep.engine.lifecycle.snapshots import snapshot_list
 from vmkeep.engine.vm.inventory import check_state, vm_action
@@ -48,7 +50,17 @@ log = logging.getLogger(__name__)
 
 
 def vmm_of(ctx: Context) -> Vmm:
-    """The VMM driver of this host (``[[hosts]]`` entry whose uri is the libvirt uri)."""
+    """The VMM driver of this host: its ``hosts`` row's when the process acts for a host, else
+    the ``[[hosts]]`` entry of the config whose uri is the libvirt uri (native when none)."""
+    if ctx.host is not None:
+        with ctx.catalog.session() as s:
+            row = find_host(s, ctx.host)
+            vmm, vmm_dir, vmm_args, uri = row.vmm, row.vmm_dir, row.vmm_args, row.uri
+        if vmm == "native":
+            return ctx.hv.native_vmm()
+        if vmm_dir is None:
+            raise InvalidValue(f"host {ctx.host} vmm_dir", None, "the exec driver needs vmm_dir")
+        return ExecVmm(Path(vmm_dir), parse_args(vmm_args), uri, ctx.config.data_dir / "vmm")
     host = next((h for h in ctx.config.hosts if h.uri == ctx.hv.uri), None)
     if host is None or host.vmm == "native":
         return ctx.hv.native_vmm()
@@ -337,7 +349,7 @@ def poll(ctx: Context, ref: str | None = None) -> list[dict[str, Any]]:
     vmm = vmm_of(ctx)
     with ctx.catalog.session() as s:
         rows = [find_vm(s, ref)] if ref else list(s.execute(select(Vm).order_by(Vm.id)).scalars())
-        targets = [(v.id, v.name) for v in rows if v.state not in OFF_HOST]
+        targets = [(v.id, v.name) for v in rows if v.state not in OFF_HOST and ctx.here(v.host)]
     out: list[dict[str, Any]] = []
     for vm_id, name in targets:
         try:

@@ -225,7 +225,23 @@ def enqueue(
     p = check(ctx, a, p, actor)
     stored = p.model_dump(mode="json", by_alias=True, exclude_none=True)
     stored |= {trust.ROLE_KEY: actor.role, "actor": actor.name}
+    job.setdefault("runs_on", runs_on(ctx, a, p))
     return jobs.enqueue(ctx, a.kind, a.target_of(p), stored, origin, actor.name, max_queued, **job)
+
+
+def runs_on(ctx: Context, a: Action, p: P.Params) -> str | None:
+    """The host whose daemon must run the action: its VM's (a VM's action, an in-place
+    restore), its group's members' (a group action); None: any daemon (a point's or a
+    datastore's action, a restore as a new VM: on the host of the daemon that runs it)."""
+    from vmkeep.engine.hosts import placement
+
+    if a.locks == "vm":
+        return placement.host_of_vm(ctx, a.target_of(p))
+    if a.locks == "group" and a.kind in ("group-backup", "group-start", "group-stop"):
+        return placement.host_of_group(ctx, a.target_of(p))
+    if a.kind == "restore" and getattr(p, "in_place", False):
+        return placement.host_of_point(ctx, int(a.target_of(p)))
+    return None
 
 
 def run_here(

@@ -31,6 +31,7 @@ from vmkeep.errors import (
     AgentTimeout,
     AgentUnavailable,
     DomainNotFound,
+    HostUnavailable,
     HypervisorError,
     InvalidValue,
     WrongState,
@@ -66,6 +67,8 @@ def _observed(
 
 
 def _refresh(ctx: Context, vm: Vm, live: dict[str, DomainInfo] | None = None) -> None:
+    if not ctx.here(vm.host):
+        return  # another host's: its daemon's monitor keeps the state
     state, lcm = _observed(ctx, vm.name, vm.state, vm.lcm_state, vm.state_file, live)
     # assign only what changed: an unchanged row then costs the session's flush nothing
     if vm.state != state:
@@ -92,6 +95,7 @@ def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
             vm = Vm(name=info.name, uuid=info.uuid, host_uri=ctx.hv.uri, backup_config={})
             s.add(vm)
         vm.name, vm.uuid, vm.host_uri, vm.state = info.name, info.uuid, ctx.hv.uri, state
+        vm.host = ctx.host
         if vm.lcm_state is None or vm.lcm_state not in BUSY_STATES:
             vm.lcm_state = lcm
         s.flush()
@@ -120,6 +124,9 @@ def list_vms(
         out, moved = [], []
         for state_file, *shown in rows:
             d = _summary(policies, *shown)
+            if not ctx.here(shown[-1]):  # another host's daemon keeps its state
+                out.append(d)
+                continue
             state, lcm = _observed(ctx, d["name"], d["state"], d["lcm_state"], state_file, live)
             if (state, lcm) != (d["state"], d["lcm_state"]):
                 moved.append(d["id"])
@@ -170,7 +177,7 @@ def show_vm(ctx: Context, ref: str) -> dict[str, Any]:
 
 # the columns of a VM that ``vm list`` and ``vm show`` show, in ``_summary``'s order
 _SHOWN = (Vm.id, Vm.name, Vm.uuid, Vm.host_uri, Vm.state, Vm.lcm_state, Vm.pool,
-          Vm.backup_config, Vm.error, Vm.created, Vm.usage)  # fmt: skip
+          Vm.backup_config, Vm.error, Vm.created, Vm.usage, Vm.host)  # fmt: skip
 
 
 def _summary(
@@ -178,7 +185,7 @@ def _summary(
     id: int,
     name: str,
     uuid: str,
-    host: str,
+    host_uri: str,
     state: str,
     lcm_state: str,
     pool: str | None,
@@ -186,12 +193,15 @@ def _summary(
     error: str | None,
     created: bool,
     usage: dict[str, Any] | None,
+    host: str | None,
 ) -> dict[str, Any]:
     return {
         "id": id,
         "name": name,
         "uuid": uuid,
-        "host": host,
+        # the vmkeep host it lives on; its libvirt URI in a catalog without hosts
+        "host": host or host_uri,
+        "host_uri": host_uri,
         "state": state,
         "lcm_state": lcm_state,
         "pool": pool,
@@ -244,6 +254,7 @@ def vm_action(
     manual step before the next action."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
+        check_here(ctx, vm)
         _refresh(ctx, vm)
         vm_id, name = vm.id, vm.name
     needs = states.needs(action) if needs is None else needs
@@ -254,6 +265,19 @@ def vm_action(
             if vm.lcm_state not in needs:
                 raise WrongState(vm.name, vm.lcm_state, action, " or ".join(sorted(needs)))
         yield vm
+
+
+def check_here(ctx: Context, vm: Vm) -> None:
+    """HostUnavailable unless this process drives the VM's host: an action on a VM runs on
+    its host (a daemon queues it for that host's daemon)."""
+    if not ctx.here(vm.host):
+        raise HostUnavailable(
+            vm.host,
+            f"VM {vm.name} lives there and this process acts for "
+            + (f"host '{ctx.host}'" if ctx.host else "no host ([cluster] host is not set)"),
+            "Run it through a daemon (any daemon's API queues it for that host's daemon), "
+            "or on that host with [cluster] host set to its name.",
+        )
 
 
 def quiesce(ctx: Context, ref: str) -> dict[str, Any]:
