@@ -1,6 +1,7 @@
 """Migration in the hypervisor layer: checkpoints carried (carry.py), the fake's migrate (what the
-engine's unit tests stand on), the migration URI, and the exec driver's protocol (a script in a
-temporary folder stands for drivers/exec/virsh/migrate)."""
+engine's unit tests stand on), the migration URI, the exec driver's protocol (a script in a
+temporary folder stands for drivers/exec/virsh/migrate), and the engine's ``vm migrate`` on two
+fake hosts (destination checks, states, history, cancel, the chain-break record)."""
 
 from __future__ import annotations
 
@@ -8,11 +9,20 @@ import os
 import subprocess
 import textwrap
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from vmkeep.errors import VmmError
+from vmkeep.config import load_config
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.hosts import records
+from vmkeep.engine.lifecycle import dispatch, migration
+from vmkeep.engine.service import actions
+from vmkeep.engine.vm.inventory import import_vm
+from vmkeep.engine.vm.record import find_vm
+from vmkeep.errors import HostNotFound, InvalidValue, Refused, VmmError
 from vmkeep.hypervisor import carry
 from vmkeep.hypervisor.fake import SAMPLE_XML, FakeHypervisor, checkpoint_xml
 from vmkeep.hypervisor.vmm import migration_uri
@@ -267,3 +277,122 @@ def test_the_shipped_migrate_script_is_valid_shell() -> None:
     proc = subprocess.run(["sh", "-n", str(shipped)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "not supported" not in shipped.read_text()
+
+
+# --- the engine's vm migrate on two fake hosts ----------------------------------------------------
+@pytest.fixture
+def two_hosts(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Context, FakeHypervisor]:
+    """A catalog with hosts h1 (this process's) and h2, VM web RUNNING on h1 with checkpoints."""
+    monkeypatch.setenv("VMKEEP_CLUSTER_HOST", "h1")
+    src, dest = hosts()
+    ctx = Context(load_config(), _hv=src)
+    records.add(ctx, "h1", SRC)
+    records.add(ctx, "h2", DEST)
+    import_vm(ctx, "web")
+    with ctx.catalog.session() as s:
+        find_vm(s, "web").created = True  # an imported VM migrates only when the config says so
+    return ctx, dest
+
+
+def vm_row(ctx: Context) -> dict[str, Any]:
+    with ctx.catalog.session() as s:
+        vm = find_vm(s, "web")
+        return {"host": vm.host, "uri": vm.host_uri, "lcm": vm.lcm_state, "error": vm.error}
+
+
+def test_vm_migrate_moves_the_vm_and_records_it(two_hosts: tuple[Context, FakeHypervisor]) -> None:
+    ctx, dest = two_hosts
+    out, warnings = dispatch.run_action(ctx, "web", "migrate", {"host": "h2", "live": True})
+    assert out["host"] == "h2" and out["lcm_state"] == "RUNNING" and not warnings.items
+    assert vm_row(ctx) == {"host": "h2", "uri": DEST, "lcm": "RUNNING", "error": None}
+    assert dest.record("web").running and dest.checkpoints("web") == ["vmkeep-1-0", "vmkeep-1-1"]
+    last = dispatch.history(ctx, "web")[-1]
+    assert last["action"] == "migrate" and last["result"] == "DONE"
+    m = last["migration"]
+    assert m["source"] == "h1" and m["destination"] == "h2" and m["downtime_ms"] == 1
+    assert m["checkpoints"] == ["vmkeep-1-0", "vmkeep-1-1"] and m["chain_break"] == ""
+
+
+def test_vm_migrate_of_a_powered_off_vm_keeps_it_off(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    ctx, dest = two_hosts
+    ctx.hv.destroy("web")
+    out, _ = dispatch.run_action(ctx, "web", "migrate", {"host": "h2"})
+    assert out["lcm_state"] == "POWEROFF" and not dest.record("web").running
+
+
+def test_vm_migrate_refuses_bad_destinations_naming_them(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    ctx, _dest = two_hosts
+    with pytest.raises(HostNotFound):
+        dispatch.run_action(ctx, "web", "migrate", {"host": "h9"})
+    with pytest.raises(Refused, match="'h1'.*on that host already"):
+        dispatch.run_action(ctx, "web", "migrate", {"host": "h1"})
+    for state, why in (("disable", "DISABLED"), ("offline", "OFFLINE")):
+        records.disable(ctx, "h2", offline=state == "offline")
+        with pytest.raises(Refused, match=f"host 'h2'.*{why}.*vmkeep host enable h2"):
+            dispatch.run_action(ctx, "web", "migrate", {"host": "h2"})
+    records.enable(ctx, "h2")
+    with ctx.catalog.session() as s:
+        records.find_host(s, "h2").state = records.ERROR
+    with pytest.raises(Refused, match="h2.*ERROR"):
+        dispatch.run_action(ctx, "web", "migrate", {"host": "h2"})
+    assert vm_row(ctx) == {"host": "h1", "uri": SRC, "lcm": "RUNNING", "error": None}
+
+
+def test_a_failed_migration_leaves_the_vm_running_on_its_host_with_the_error(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    ctx, dest = two_hosts
+    ctx.hv.migrate_error = "unable to connect to server at 'h2:49152'"  # type: ignore[attr-defined]
+    with pytest.raises(VmmError):
+        dispatch.run_action(ctx, "web", "migrate", {"host": "h2", "live": True})
+    row = vm_row(ctx)
+    assert row["host"] == "h1" and row["lcm"] == "RUNNING" and "h2:49152" in row["error"]
+    assert dispatch.history(ctx, "web")[-1]["result"] == "FAILED" and "web" not in dest.domains
+
+
+def test_a_cancelled_migration_job_leaves_the_vm_where_it_was(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    ctx, dest = two_hosts
+
+    class Cancelled(Exception):
+        pass
+
+    def progress(done: int, total: int) -> None:
+        raise Cancelled
+
+    a = actions.action("vm-migrate")
+    p = actions.parse(a, {"vm": "web", "host": "h2", "live": True})
+    with pytest.raises(Cancelled):
+        actions.run_here(ctx, a, p, progress)
+    assert vm_row(ctx)["host"] == "h1" and ctx.hv.record("web").running  # type: ignore[attr-defined]
+    assert "web" not in dest.domains
+
+
+def test_lost_checkpoints_warn_now_and_make_the_next_backup_a_warned_full(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    ctx, dest = two_hosts
+    dest.keeps_bitmaps = False
+    _, warnings = dispatch.run_action(ctx, "web", "migrate", {"host": "h2", "live": True})
+    assert any("next backup starts a new full chain" in w and "bitmap" in w for w in warnings.items)
+    with ctx.catalog.session() as s:
+        vm_id = find_vm(s, "web").id
+        why = migration.chain_break_since(s, vm_id, None)
+        assert why is not None and "migrated to host h2" in why and "vmkeep-1-0" in why
+        later = datetime.now(UTC) + timedelta(minutes=1)
+        assert migration.chain_break_since(s, vm_id, later) is None  # a backup since: not this
+
+
+def test_migrate_params_and_cli_options() -> None:
+    a = actions.action("vm-migrate")
+    p = actions.parse(a, {"vm": "web", "host": "h2", "live": True, "copy_storage": True})
+    assert p.model_dump() == {  # type: ignore[union-attr]
+        "vm": "web", "host": "h2", "live": True, "copy_storage": True, "bandwidth": 0,
+    }  # fmt: skip
+    with pytest.raises(InvalidValue):
+        actions.parse(a, {"vm": "web"})  # the destination is required
