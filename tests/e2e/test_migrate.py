@@ -9,6 +9,7 @@ Each command acts for the VM's host (``VMKEEP_CLUSTER_HOST``), as that host's da
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -219,13 +220,27 @@ def test_copy_storage_moves_a_host_local_disk_and_its_bitmaps(
         res = vmkeep("vm", "migrate", name, "host2", "--live", "--copy-storage", "--json").json()
         assert res["migration"]["checkpoints"] and res["migration"]["chain_break"] == ""
         assert where(cluster, name) == {2}
-        there = lab_hosts.run(2, "qemu-img", "info", "-U", str(disk))
-        assert there.returncode == 0 and "bitmaps" in there.stdout, there.stdout + there.stderr
+        # the running QEMU on host 2 has the checkpoint's bitmap, persistent (stored in the
+        # image when it closes it); libvirt's REDEFINE checked it too
+        blocks = json.loads(
+            subprocess.run(
+                ["virsh", "-c", lab_hosts.uris[2], "qemu-monitor-command", name,
+                 '{"execute":"query-block"}'],
+                capture_output=True, text=True, check=True,
+            ).stdout
+        )["return"]  # fmt: skip
+        bitmaps = [b for blk in blocks for b in blk.get("inserted", {}).get("dirty-bitmaps", [])]
+        cp = full["increments"][0]["checkpoint"]
+        assert [(b["name"], b["persistent"]) for b in bitmaps] == [(cp, True)], bitmaps
+        assert bitmaps[0]["count"] >= 2 << 20  # the 2 MiB written on host 1 before the move
         assert disk.exists()  # host 1's copy stays where it was
         act_for(monkeypatch, 2)
         point = vmkeep("backup", name, "-d", "ds", "--json").json()
         assert point["id"] == full["id"] and point["increment"] == 1, point
         assert point["increments"][1]["size"] < (8 << 20)
+        cluster[2].destroy(name)  # QEMU stores its persistent bitmaps in host 2's image
+        info = lab_hosts.run(2, "qemu-img", "info", str(disk)).stdout
+        assert f"name: {point['increments'][1]['checkpoint']}" in info, info  # the chain's newest
     finally:
         remove_everywhere(cluster, lab, name)
         disk.unlink(missing_ok=True)
