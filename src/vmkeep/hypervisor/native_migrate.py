@@ -38,7 +38,8 @@ from vmkeep.hypervisor import carry
 from vmkeep.hypervisor.domain_xml import parse_disks
 from vmkeep.hypervisor.vmm import Migration, Progress, migration_uri
 
-POLL_EVERY = 0.5
+POLL_EVERY = 0.25
+STATS_EVERY = 2.0
 
 
 class DomainCheckpoints:
@@ -156,11 +157,17 @@ def _run(
 
     worker = threading.Thread(target=work, name="migrate", daemon=True)
     worker.start()
+    asked = time.monotonic()
+    done = total = 0
     try:
         while worker.is_alive():
-            worker.join(POLL_EVERY)
-            if progress is not None and worker.is_alive():
-                progress(*_job_bytes(dom))
+            worker.join(POLL_EVERY)  # a cancel raised in this thread arrives within it
+            if progress is None or not worker.is_alive():
+                continue
+            if time.monotonic() - asked >= STATS_EVERY:  # each asks QEMU: not too often
+                done, total = _job_bytes(dom)
+                asked = time.monotonic()
+            progress(done, total)
     except BaseException:
         with contextlib.suppress(libvirt.libvirtError):
             dom.abortJob()
