@@ -246,3 +246,39 @@ def test_copy_storage_moves_a_host_local_disk_and_its_bitmaps(
         disk.unlink(missing_ok=True)
         lab_hosts.run(2, "rm", "-f", str(disk))
         shutil.rmtree(store, ignore_errors=True)
+
+
+def test_exec_driver_migrates_with_virsh_and_the_checkpoint_follows(
+    vmkeep,
+    lab: Lab,
+    cluster: dict[int, Hypervisor],
+    guest: str,
+    qemu_reachable_data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Host 1 drives its VMs through the exec driver's shipped scripts (``drivers/exec/virsh``;
+    ``-l migrate``: run here, where virsh's default connection is host 1's libvirtd)."""
+    drivers = Path(__file__).resolve().parents[2] / "drivers" / "exec" / "virsh"
+    ctx = Context(load_config())
+    with ctx.catalog.session() as s:
+        row = records.find_host(s, "host1")
+        row.vmm, row.vmm_dir, row.vmm_args = "exec", str(drivers), "-l migrate"
+    store = qemu_reachable_data_dir.with_name(qemu_reachable_data_dir.name + "-ds")
+    vmkeep("datastore", "add", "ds", "--driver", "dir", "--path", str(store))
+    try:
+        vmkeep("vm", "import", guest)
+        vmkeep("vm", "config", guest, "--mode", "increment")
+        full = vmkeep("backup", guest, "-d", "ds", "--json").json()
+        lab.sh(guest, COUNTER)
+        res = vmkeep("vm", "migrate", guest, "host2", "--live", "--json").json()
+        cp = full["increments"][0]["checkpoint"]
+        assert res["migration"]["checkpoints"] == [cp] and res["migration"]["chain_break"] == ""
+        assert where(cluster, guest) == {2} and cluster[2].checkpoints(guest) == [cp]
+        counting(cluster[2], guest)
+        history = vmkeep("vm", "history", guest, "--json").json()
+        assert history[-1]["action"] == "migrate" and history[-1]["result"] == "DONE"
+        act_for(monkeypatch, 2)
+        point = vmkeep("backup", guest, "-d", "ds", "--json").json()
+        assert point["id"] == full["id"] and point["increment"] == 1, point
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
