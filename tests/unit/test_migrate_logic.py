@@ -396,3 +396,25 @@ def test_migrate_params_and_cli_options() -> None:
     }  # fmt: skip
     with pytest.raises(InvalidValue):
         actions.parse(a, {"vm": "web"})  # the destination is required
+
+
+def test_the_api_refuses_a_bad_destination_before_queueing(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from vmkeep.api.app import create_app
+    from vmkeep.engine.service import tokens
+
+    ctx, _dest = two_hosts
+    admin = {"Authorization": "Bearer " + tokens.create(ctx, "a", "admin")["token"]}
+    client = TestClient(create_app(ctx.config))
+    url = "/v1/vms/web/actions/migrate"
+    missing = client.post(url, json={}, headers=admin)
+    assert missing.status_code == 422 and "host" in missing.text, missing.text
+    unknown = client.post(url, json={"host": "h9"}, headers=admin)
+    assert unknown.status_code == 404 and "'h9'" in unknown.text, unknown.text
+    records.disable(ctx, "h2")
+    disabled = client.post(url, json={"host": "h2", "live": True}, headers=admin)
+    assert disabled.status_code == 409 and "DISABLED" in disabled.text, disabled.text
+    assert vm_row(ctx)["lcm"] == "RUNNING" and not dispatch.history(ctx, "web")
