@@ -418,3 +418,23 @@ def test_the_api_refuses_a_bad_destination_before_queueing(
     disabled = client.post(url, json={"host": "h2", "live": True}, headers=admin)
     assert disabled.status_code == 409 and "DISABLED" in disabled.text, disabled.text
     assert vm_row(ctx)["lcm"] == "RUNNING" and not dispatch.history(ctx, "web")
+
+
+def test_recover_success_of_a_died_migration_puts_the_vm_on_the_destination(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    ctx, _dest = two_hosts
+    ctx.hv.native_vmm().migrate("web", DEST, live=True)  # the move happened ...
+    with ctx.catalog.session() as s:  # ... and the process died before the catalog knew
+        find_vm(s, "web").lcm_state = "MIGRATE"
+    hid = dispatch._begin_history(ctx, vm_row_id(ctx), "migrate", "cli", "", {
+        "opts": {"host": "h2", "live": True}, "from": "RUNNING"})  # fmt: skip
+    assert hid
+    out, _ = dispatch.recover(ctx, "web", "success")
+    assert out["lcm_state"] == "RUNNING"
+    assert vm_row(ctx) == {"host": "h2", "uri": DEST, "lcm": "RUNNING", "error": None}
+
+
+def vm_row_id(ctx: Context) -> int:
+    with ctx.catalog.session() as s:
+        return find_vm(s, "web").id

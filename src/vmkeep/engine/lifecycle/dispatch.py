@@ -310,7 +310,9 @@ def recover(
     warnings = Warnings()
     hid = _begin_history(ctx, vm_id, "recover", origin, who, {"opts": {how: True}, "of": action})
     try:
-        if how == "success":
+        if how == "success" and action == "migrate":  # it is on the destination now
+            migration.moved(ctx, vm_id, str(opts.get("host")), LcmState(before))
+        elif how == "success":
             land(ctx, vm_id, name, states.RULES[action].success)
         elif how == "failure":
             set_lcm(ctx, vm_id, LcmState(before), error=None, state=_state_of(LcmState(before)))

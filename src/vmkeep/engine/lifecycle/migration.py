@@ -123,6 +123,18 @@ def migrate(
     return {"host": dest, "host_uri": dest_uri, "migration": record, LANDS: lands}
 
 
+def moved(ctx: Context, vm_id: int, host: str, before: LcmState) -> None:
+    """``vm recover --success`` of a migration whose process died: the VM is on ``host``, in
+    the state it had (an admin checked it there)."""
+    with ctx.catalog.session() as s:
+        uri = find_host(s, host).uri
+        vm = s.get(Vm, vm_id)
+        assert vm is not None
+        vm.host, vm.host_uri, vm.error = host, uri, None
+        vm.lcm_state = before
+        vm.state = VmState.POWEROFF if before == LcmState.POWEROFF else VmState.ACTIVE
+
+
 def chain_break_since(s: Session, vm_id: int, since: datetime | None) -> str | None:
     """Why the VM's checkpoints were left behind by a migration after ``since`` (the newest
     such migration), None when none was."""
