@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import time
@@ -111,6 +112,7 @@ def main() -> None:
         lab.down()
         if not {1, 2} <= before:
             hosts.down()
+        shutil.rmtree(work, ignore_errors=True)
     moves = len(rows["vmkeep wall"])
     print(f"{moves} moves each way-pair per tool ({args.rounds} rounds), ms min / median / max:")
     for key, values in rows.items():
