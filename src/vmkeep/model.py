@@ -49,6 +49,7 @@ class LcmState(enum.StrEnum):
     DISK_SNAPSHOT = "DISK_SNAPSHOT"
     DISK_RESIZE = "DISK_RESIZE"
     CLEANUP_DELETE = "CLEANUP_DELETE"
+    MIGRATE = "MIGRATE"  # moving to another host (running or powered off)
     BOOT_FAILURE = "BOOT_FAILURE"  # deploy/resume failed: the domain may be half there
     EPILOG_FAILURE = "EPILOG_FAILURE"  # terminate/undeploy/stop failed after the VM went down
     BACKUP = "BACKUP"

@@ -29,7 +29,7 @@ def test_rules_name_real_states_and_cover_the_dispatch_manager_actions() -> None
               "disk-snapshot-delete", "disk-attach", "disk-detach", "nic-attach", "nic-detach",
               "resize", "disk-resize", "recover", "migrate"}  # fmt: skip
     assert wanted <= set(states.RULES)
-    assert not states.RULES["migrate"].supported
+    assert states.RULES["migrate"].supported
     for name, rule in states.RULES.items():
         assert all(isinstance(s, LcmState) for s in rule.needs), name
         assert rule.through is None or rule.through in states.TRANSIENT | {

@@ -22,7 +22,7 @@ def _run(c: click.Context, ref: str, action: str, opts: dict[str, Any], as_json:
     given = {k: v for k, v in opts.items() if v is not None}
     if isinstance(given.get("source"), str):  # the daemon's working directory is not this one
         given["source"] = os.path.abspath(given["source"])
-    res, warnings = act(c, f"vm-{action}", {"vm": ref, **given}, bar=False)
+    res, warnings = act(c, f"vm-{action}", {"vm": ref, **given}, bar=action == "migrate")
     render(res, as_json, kv)
     report_warnings(warnings)
 
@@ -65,8 +65,16 @@ ACTIONS: list[tuple[str, str, tuple[Param, ...]]] = [
         click.option("--memory", type=click.IntRange(16, 1 << 24), default=None, metavar="MIB"))),
     ("disk-resize", "Grow a disk (live on a running VM).", (DISK,
         click.option("--size", required=True, help="New size (grow only): 8G, 1024M."))),
-    ("migrate", "Live migration (not supported yet: comes with the many-hosts work).",
-        (click.argument("host"),)),
+    ("migrate", "Move the VM to host HOST, running or powered off, in the state it has. Its "
+                "checkpoints follow it (else its next backup is a new full chain, with a warning "
+                "saying why).", (
+        click.argument("host", metavar="HOST"),
+        click.option("--live", is_flag=True,
+                     help="A running VM runs on while its memory is copied (else paused)."),
+        click.option("--copy-storage", is_flag=True,
+                     help="Copy its disks too, to the same paths on HOST (host-local storage)."),
+        click.option("--bandwidth", type=click.IntRange(0, 1 << 20), default=None,
+                     metavar="MIB", help="Limit the copy to MIB MiB/s (default: no limit)."))),
 ]  # fmt: skip
 
 # vmkeep vm GROUP SUB VM ...: runs action GROUP-SUB

@@ -9,16 +9,25 @@ run in the guest) raises ``HypervisorError`` saying the fake cannot do it.
 ``native_vmm()`` gives ``FakeVmm``, the ``native`` VMM driver's actions on these records, so the
 lifecycle (``engine/lifecycle``) runs end to end without libvirt. Knobs for tests: a domain's
 ``agent`` (its guest agent answers) and ``obeys_shutdown`` (its guest powers off when asked).
+
+Migration moves a record to the ``FakeHypervisor`` made last with the destination's URI (every
+fake is in ``FAKE_HOSTS`` by its URI), through the same checkpoint carrying as libvirt's
+(``carry.py``). Knobs: ``refuses_checkpoints`` (the source's libvirt will not migrate a domain
+with checkpoints), ``keeps_bitmaps`` (False: the destination has lost the bitmaps, so the
+checkpoints cannot be defined there), ``migrate_error`` (the next migration fails with it) and
+``migrations`` (what each did, in order).
 """
 
 from __future__ import annotations
 
 import uuid as uuidlib
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from vmkeep.errors import AgentUnavailable, DomainNotFound, HypervisorError, VmmError
+from vmkeep.hypervisor import carry
 from vmkeep.hypervisor.base import Hypervisor
 from vmkeep.hypervisor.domain_xml import (
     disk_device_xml,
@@ -32,7 +41,7 @@ from vmkeep.hypervisor.domain_xml import (
     without_disk,
     without_nic,
 )
-from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
+from vmkeep.hypervisor.vmm import DiskSpec, Migration, NicSpec, Progress, Vmm
 from vmkeep.model import DomainInfo, GuestExecResult, VmState
 
 T = TypeVar("T")
@@ -66,11 +75,19 @@ def _cannot(what: str) -> HypervisorError:
     return HypervisorError(f"{what}: the fake hypervisor cannot do this (no QEMU behind it)")
 
 
+FAKE_HOSTS: dict[str, FakeHypervisor] = {}  # URI -> the fake made last with it
+
+
 class FakeHypervisor(Hypervisor):
     """Every abstract method of ``Hypervisor`` on in-memory records (see the module's doc)."""
 
     def __init__(self, uri: str = "fake:///system", filesystems: int = 1) -> None:
         self.uri = uri
+        FAKE_HOSTS[uri] = self
+        self.refuses_checkpoints = False
+        self.keeps_bitmaps = True
+        self.migrate_error: str | None = None
+        self.migrations: list[tuple[str, str, Migration]] = []  # (domain, dest uri, what)
         self.filesystems = filesystems  # how many a guest agent freezes
         self.domains: dict[str, FakeDomain] = {}
         self.saved: dict[str, str] = {}  # save image path -> the domain XML it holds
@@ -293,6 +310,33 @@ class FakeHypervisor(Hypervisor):
         self.record(name)
 
 
+class FakeCheckpoints:
+    """``carry.CheckpointSide`` over a fake domain: a checkpoint's XML names its parent (the one
+    before it in the list)."""
+
+    def __init__(self, hv: FakeHypervisor, name: str) -> None:
+        self.hv, self.name, self.where = hv, name, hv.uri
+
+    def read(self) -> list[tuple[str, str]]:
+        names = self.hv.record(self.name).checkpoints
+        return [(n, checkpoint_xml(n, names[i - 1] if i else None)) for i, n in enumerate(names)]
+
+    def drop_metadata(self, name: str) -> None:
+        self.hv.record(self.name).checkpoints.remove(name)
+
+    def redefine(self, xml: str) -> None:
+        d = self.hv.record(self.name)
+        name = ET.fromstring(xml).findtext("name", "")
+        if d.running and not self.hv.keeps_bitmaps:
+            raise HypervisorError(f"missing or broken bitmap '{name}' for disk 'vda'")
+        d.checkpoints.append(name)
+
+
+def checkpoint_xml(name: str, parent: str | None) -> str:
+    inner = f"<parent><name>{parent}</name></parent>" if parent else ""
+    return f"<domaincheckpoint><name>{name}</name>{inner}</domaincheckpoint>"
+
+
 class FakeVmm(Vmm):
     """The ``native`` VMM driver's actions on a ``FakeHypervisor``'s records. Errors are the
     native driver's: DomainNotFound for an unknown domain, else VmmError naming the action."""
@@ -418,3 +462,49 @@ class FakeVmm(Vmm):
         _capacity, allocation = self.hv.disk_sizes.get((domain, target), (0, 0))
         self.hv.disk_sizes[(domain, target)] = (size, allocation)
         self.hv.calls.append(("resize_disk", domain))
+
+    # --- migration ----------------------------------------------------------------------------
+    def migrate(
+        self,
+        domain: str,
+        dest_uri: str,
+        *,
+        live: bool,
+        copy_storage: bool = False,
+        bandwidth_mib: int = 0,
+        progress: Progress | None = None,
+    ) -> Migration:
+        src = self.hv
+        d = self._on("migrate", domain)
+        dest = FAKE_HOSTS.get(dest_uri)
+        if dest is None or dest is src:
+            raise VmmError("native", "migrate", f"cannot reach {dest_uri}")
+        if domain in dest.domains:
+            raise VmmError("native", "migrate", f"domain '{domain}' already exists on {dest_uri}")
+
+        def move() -> None:
+            if progress is not None:
+                progress(0, 1 << 20)  # a cancel raises here: nothing has moved yet
+            if src.migrate_error:
+                err, src.migrate_error = src.migrate_error, None
+                raise VmmError("native", "migrate", err)
+            if src.refuses_checkpoints and d.checkpoints:
+                raise VmmError("native", "migrate", "cannot migrate domain with checkpoints")
+            if progress is not None:
+                progress(1 << 20, 1 << 20)
+
+        def refused(err: BaseException) -> bool:
+            return "checkpoints" in str(err)
+
+        _, saved = carry.migrate_with_checkpoints(FakeCheckpoints(src, domain), move, refused)
+        del src.domains[domain]
+        moved = FakeDomain(d.name, d.uuid, d.xml, True, d.running, d.paused, d.agent)
+        moved.obeys_shutdown, moved.snapshots = d.obeys_shutdown, d.snapshots
+        dest.domains[domain] = moved
+        for key in [k for k in src.disk_sizes if k[0] == domain]:
+            dest.disk_sizes[key] = src.disk_sizes.pop(key)
+        names, why = carry.redefine_all(FakeCheckpoints(dest, domain), saved)
+        src.calls.append(("migrate", domain))
+        out = Migration(names, why, live and d.running, 10, 1 if d.running else None, 1 << 20)
+        src.migrations.append((domain, dest_uri, out))
+        return out

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import shlex
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from vmkeep.errors import VmmError
 
@@ -68,6 +70,33 @@ class NicSpec:
     bridge: str = ""  # empty: user-mode networking (no bridge on the host)
     model: str = "virtio"
     target: str = ""
+
+
+Progress = Callable[[int, int], None]  # (bytes done, bytes total); raising in it cancels
+
+
+@dataclass(frozen=True)
+class Migration:
+    """What a migration did. ``checkpoints``: the names defined again on the destination, in
+    order; ``chain_break``: why the checkpoints (and so the backup chain's next increment) did
+    not follow the VM, "" when they did or the VM had none. Timings are libvirt's (None when
+    the driver cannot tell)."""
+
+    checkpoints: tuple[str, ...] = ()
+    chain_break: str = ""
+    live: bool = False
+    total_ms: int | None = None
+    downtime_ms: int | None = None
+    data_bytes: int | None = None
+
+
+def migration_uri(dest_uri: str) -> str | None:
+    """Where QEMU sends the migration stream: ``tcp://`` to the destination's libvirt host name
+    (None when its URI names no host: libvirt picks, which only works on one machine)."""
+    host = urlsplit(dest_uri).hostname
+    if not host:
+        return None
+    return f"tcp://[{host}]" if ":" in host else f"tcp://{host}"
 
 
 def parse_poll(text: str) -> dict[str, str]:
@@ -155,3 +184,22 @@ class Vmm(ABC):
     @abstractmethod
     def resize_disk(self, domain: str, target: str, size: int) -> None:
         """Grow a disk of a running domain to ``size`` bytes."""
+
+    @abstractmethod
+    def migrate(
+        self,
+        domain: str,
+        dest_uri: str,
+        *,
+        live: bool,
+        copy_storage: bool = False,
+        bandwidth_mib: int = 0,
+        progress: Progress | None = None,
+    ) -> Migration:
+        """Move the domain to the host at libvirt URI ``dest_uri``: running (``live``: it keeps
+        running during the copy; else paused for it) or powered off (its definition moves).
+        ``copy_storage``: its disks are copied to the same paths there (host-local storage); else
+        they are on storage both hosts see. Its checkpoints follow it when they can (see
+        ``Migration``). ``progress`` is called about twice a second; when it raises, the
+        migration is aborted, the domain stays on this host as it was, and the error propagates.
+        On any failure the domain is left on this host with its checkpoints."""

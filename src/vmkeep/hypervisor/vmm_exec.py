@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import os
 import shlex
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,7 +30,15 @@ from urllib.parse import urlsplit
 from xml.sax.saxutils import escape
 
 from vmkeep.errors import InvalidValue, VmmError
-from vmkeep.hypervisor.vmm import ACTIONS, DiskSpec, NicSpec, Vmm, parse_poll
+from vmkeep.hypervisor.vmm import (
+    ACTIONS,
+    DiskSpec,
+    Migration,
+    NicSpec,
+    Progress,
+    Vmm,
+    parse_poll,
+)
 
 ACTION_TIMEOUT = 600.0
 
@@ -218,3 +227,58 @@ class ExecVmm(Vmm):
 
     def resize_disk(self, domain: str, target: str, size: int) -> None:
         self.run("resize_disk", [domain, target, str(size)])
+
+    def migrate(
+        self,
+        domain: str,
+        dest_uri: str,
+        *,
+        live: bool,
+        copy_storage: bool = False,
+        bandwidth_mib: int = 0,
+        progress: Progress | None = None,
+    ) -> Migration:
+        """``migrate DOMAIN DESTINATION_HOST HOST DEST_URI LIVE COPY_STORAGE BANDWIDTH_MIB``, run
+        once (a migration is not retried); a cancel (``progress`` raising) interrupts the script,
+        whose virsh then aborts the migration."""
+        dest = urlsplit(dest_uri).hostname or "localhost"
+        yes = {True: "yes", False: "no"}
+        args = [domain, dest, self.host_arg, dest_uri, yes[live], yes[copy_storage]]
+        argv = self._argv("migrate", [*args, str(int(bandwidth_mib))])
+        t0 = time.monotonic()
+        with self._slot():
+            proc = subprocess.Popen(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                start_new_session=True,  # a cancel interrupts the script and its virsh
+            )
+            try:
+                while True:
+                    try:
+                        out, err = proc.communicate(timeout=0.5)
+                        break
+                    except subprocess.TimeoutExpired:
+                        if time.monotonic() - t0 > self.timeout:
+                            raise VmmError(
+                                "exec", "migrate", f"no answer within {self.timeout:.0f} s"
+                            ) from None
+                        if progress is not None:
+                            progress(0, 0)
+            except BaseException:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGINT)
+                proc.communicate()
+                raise
+        if proc.returncode != 0:
+            raise VmmError(
+                "exec", "migrate", err.strip() or out.strip() or f"exit {proc.returncode}"
+            )
+        record = parse_poll(out)
+        return Migration(
+            checkpoints=tuple(record.get("CHECKPOINTS", "").split()),
+            chain_break=record.get("CHAIN_BREAK", ""),
+            live=live,
+            total_ms=int((time.monotonic() - t0) * 1000),
+        )

@@ -9,6 +9,7 @@ from typing import TypeVar
 import libvirt
 
 from vmkeep.errors import DomainNotFound, VmmError
+from vmkeep.hypervisor import native_migrate
 from vmkeep.hypervisor.domain_xml import (
     disk_device_xml,
     nic_detach_xml,
@@ -16,7 +17,7 @@ from vmkeep.hypervisor.domain_xml import (
     system_snapshot_xml,
 )
 from vmkeep.hypervisor.native import LibvirtHypervisor
-from vmkeep.hypervisor.vmm import DiskSpec, NicSpec, Vmm
+from vmkeep.hypervisor.vmm import DiskSpec, Migration, NicSpec, Progress, Vmm
 
 T = TypeVar("T")
 SHUTDOWN_TIMEOUT = 120.0
@@ -184,3 +185,24 @@ class NativeVmm(Vmm):
         dom = self._dom("resize_disk", domain)
         flags = libvirt.VIR_DOMAIN_BLOCK_RESIZE_BYTES
         self._call("resize_disk", lambda: dom.blockResize(target, size, flags))
+
+    # --- migration (native_migrate.py) ------------------------------------------------------------
+    def migrate(
+        self,
+        domain: str,
+        dest_uri: str,
+        *,
+        live: bool,
+        copy_storage: bool = False,
+        bandwidth_mib: int = 0,
+        progress: Progress | None = None,
+    ) -> Migration:
+        return native_migrate.migrate(
+            self.hv.conn,
+            domain,
+            dest_uri,
+            live=live,
+            copy_storage=copy_storage,
+            bandwidth_mib=bandwidth_mib,
+            progress=progress,
+        )

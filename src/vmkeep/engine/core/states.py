@@ -63,6 +63,7 @@ TRANSIENT = frozenset(
         L.DISK_SNAPSHOT,
         L.DISK_RESIZE,
         L.CLEANUP_DELETE,
+        L.MIGRATE,
     }
 )
 # failure states a lifecycle action may leave: only ``vm recover`` (or ``terminate``) ends them
@@ -139,9 +140,10 @@ RULES: dict[str, Rule] = {
     "recover": _r({*FAILURES, *TRANSIENT}, None, None, None,
                   "admin: end a *_FAILURE or stuck state (--success, --failure, --retry, "
                   "--delete)"),
-    "migrate": _r(ON_HOST, None, None, None,
-                  "live migration to another host: comes with the many-hosts work",
-                  "migrate", supported=False),
+    "migrate": _r(ON_HOST, L.MIGRATE, None, None,
+                  "move the VM to another host, running (--live: it runs on during the copy) "
+                  "or powered off, in the state it had (--copy-storage: its disks too)",
+                  "migrate"),
     # --- data protection (other commands; the same table) ------------------------------------
     "backup": _r({L.RUNNING, L.POWEROFF}, L.BACKUP, None, None,
                  "backup (BACKUP_POWEROFF for a powered-off VM)"),

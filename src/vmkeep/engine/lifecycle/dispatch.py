@@ -29,7 +29,7 @@ from vmkeep.engine.core.trust import (
     check_nic,
 )
 from vmkeep.engine.hosts.records import find_host
-from vmkeep.engine.lifecycle import operations
+from vmkeep.engine.lifecycle import migration, operations
 from vmkeep.engine.lifecycle.snapshots import snapshot_list
 from vmkeep.engine.vm.inventory import check_state, vm_action
 from vmkeep.engine.vm.record import find_vm, set_lcm, states_of
@@ -41,7 +41,7 @@ from vmkeep.errors import (
     VmkeepError,
     WrongState,
 )
-from vmkeep.hypervisor.vmm import Vmm
+from vmkeep.hypervisor.vmm import Progress, Vmm
 from vmkeep.hypervisor.vmm_exec import ExecVmm, parse_args
 from vmkeep.model import JobState, LcmState, VmState, Warnings
 from vmkeep.names import check_disk_name, check_name
@@ -118,6 +118,7 @@ def history(ctx: Context, ref: str) -> list[dict[str, Any]]:
                 "result": r.result,
                 "error": r.error,
                 "options": r.detail.get("opts", {}),
+                **({"migration": r.detail["migration"]} if "migration" in r.detail else {}),
             }
             for r in rows
         ]
@@ -164,11 +165,13 @@ def run_action(
     origin: str = "cli",
     who: str = "",
     actor: Actor = LOCAL_ADMIN,
+    progress: Progress | None = None,
 ) -> tuple[dict[str, Any], Warnings]:
     """One lifecycle action on a VM (CLI, API job): checks, lock, driver, states, history.
-    ``actor``'s places (engine/trust.py) bound what the action may reach on the host."""
+    ``actor``'s places (engine/trust.py) bound what the action may reach on the host;
+    ``progress``: the job's, for an action that reports bytes (migrate)."""
     opts = dict(opts or {})
-    check_places(ctx, action, opts, actor)
+    check_places(ctx, action, opts, actor, ref)
     check_allowed(ctx, ref, action)
     rule = states.RULES[action]
     warnings = Warnings()
@@ -182,13 +185,14 @@ def run_action(
         if rule.through is not None:
             set_lcm(ctx, vm.id, rule.through)
         try:
-            result = operations.HANDLERS[action](ctx, vmm, vm, {**opts, ACTOR: actor}, warnings)
+            extra = {ACTOR: actor, migration.PROGRESS: progress}
+            result = operations.HANDLERS[action](ctx, vmm, vm, {**opts, **extra}, warnings)
         except BaseException as err:
             failed_lcm = rule.failure or before
             set_lcm(ctx, vm.id, failed_lcm, error=f"{action} failed: {err}")
             _end_history(ctx, hid, err)
             raise
-        land(ctx, vm.id, vm.name, rule.success)
+        land(ctx, vm.id, vm.name, result.pop(migration.LANDS, None) or rule.success)
         _end_history(ctx, hid, None)
     with ctx.catalog.session() as s:
         row = find_vm(s, str(vm.id))
@@ -210,8 +214,11 @@ def land(ctx: Context, vm_id: int, name: str, success: tuple[VmState, LcmState] 
     set_lcm(ctx, vm_id, lcm, state=state)
 
 
-def check_places(ctx: Context, action: str, opts: dict[str, Any], actor: Actor) -> None:
-    """The host resources an action names (an image, a bridge) are within ``actor``'s places."""
+def check_places(
+    ctx: Context, action: str, opts: dict[str, Any], actor: Actor, ref: str | None = None
+) -> None:
+    """The host resources an action names (an image, a bridge) are within ``actor``'s places;
+    a migration's destination host takes VMs (and is not VM ``ref``'s own)."""
     if action == "disk-attach":
         if opts.get("target") is not None:
             check_disk_name("--target", opts["target"])
@@ -219,6 +226,8 @@ def check_places(ctx: Context, action: str, opts: dict[str, Any], actor: Actor) 
             check_image_source(ctx.config, actor, str(opts["source"]), opts.get("format"))
     elif action == "nic-attach":
         check_nic(ctx.config, actor, opts.get("bridge"))
+    elif action == "migrate":
+        migration.check_destination(ctx, str(opts.get("host", "")), ref)
 
 
 # --- create ---------------------------------------------------------------------------------------
@@ -301,7 +310,9 @@ def recover(
     warnings = Warnings()
     hid = _begin_history(ctx, vm_id, "recover", origin, who, {"opts": {how: True}, "of": action})
     try:
-        if how == "success":
+        if how == "success" and action == "migrate":  # it is on the destination now
+            migration.moved(ctx, vm_id, str(opts.get("host")), LcmState(before))
+        elif how == "success":
             land(ctx, vm_id, name, states.RULES[action].success)
         elif how == "failure":
             set_lcm(ctx, vm_id, LcmState(before), error=None, state=_state_of(LcmState(before)))

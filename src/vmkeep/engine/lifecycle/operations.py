@@ -21,6 +21,7 @@ from vmkeep.engine.core.trust import (
     mark_created,
     may_delete_disk,
 )
+from vmkeep.engine.lifecycle import migration
 from vmkeep.engine.lifecycle.snapshots import (
     disk_snapshot_create,
     disk_snapshot_delete,
@@ -294,4 +295,5 @@ HANDLERS: dict[str, Handler] = {
     "nic-detach": nic_detach,
     "resize": resize,
     "disk-resize": disk_resize,
+    "migrate": migration.migrate,
 }

@@ -22,6 +22,7 @@ from vmkeep.engine.core.backup_config import BackupConfig
 from vmkeep.engine.core.chains import checkpoint_name, latest_chain, new_chain_key, valid_increments
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
+from vmkeep.engine.lifecycle.migration import chain_break_since
 from vmkeep.errors import BackupFailed
 from vmkeep.model import BackupMode, BackupStatus, DiskInfo, DomainInfo, Warnings
 from vmkeep.names import check_disk_name
@@ -154,9 +155,12 @@ def plan_backup(
                         False,
                         joined,
                     )
+                why = chain_break_since(s, vm_id, last.started_at) or (
+                    "deleted outside vmkeep, or the VM was recreated"
+                )
                 warnings.add(
-                    f"checkpoint {last.checkpoint} of VM {vm.name} is missing (deleted outside "
-                    f"vmkeep, or the VM was recreated); starting a new full backup chain"
+                    f"checkpoint {last.checkpoint} of VM {vm.name} is missing ({why}); "
+                    "starting a new full backup chain"
                 )
         return _new_chain(s, vm, ds_id, mode)
 

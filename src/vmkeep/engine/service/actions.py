@@ -143,7 +143,7 @@ _TABLE = [
     _vm("terminate", "TerminateParams", "Destroy the VM and delete its disks.", "vm-terminate"),
     _vm("resize", "ResizeParams", "Change vCPUs and memory of a stopped VM."),
     _vm("disk-resize", "DiskResizeParams", "Grow a disk."),
-    _vm("migrate", "MigrateParams", "Live migration (not supported yet)."),
+    _vm("migrate", "MigrateParams", "Move a VM to another host (--live, --copy-storage)."),
     _vm("snapshot-create", "SnapshotCreateParams", "Take a system snapshot."),
     _vm("snapshot-revert", "SnapshotParams", "Go back to a system snapshot."),
     _vm("snapshot-delete", "SnapshotParams", "Delete a system snapshot."),

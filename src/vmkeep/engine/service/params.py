@@ -232,7 +232,10 @@ class NicDetachParams(VmParams):
 
 
 class MigrateParams(VmParams):
-    host: str | None = Field(default=None, max_length=255)
+    host: Name  # the destination host (``vmkeep host list``)
+    live: bool = False  # a running VM runs on during the copy (else paused for it)
+    copy_storage: bool = False  # copy the disks too (host-local storage at the same paths)
+    bandwidth: int = Field(default=0, ge=0, le=1 << 20)  # MiB/s of the copy; 0: no limit
 
 
 class RecoverParams(VmParams):

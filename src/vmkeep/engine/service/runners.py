@@ -148,7 +148,7 @@ def check_lifecycle(ctx: Context, a: Action, p: P.VmParams, actor: Actor) -> P.P
     """Unknown VM, refused or wrong state, a place outside the actor's: before queueing (one
     catalog read and one look at libvirt; ``run_action`` checks again under the VM's lock)."""
     name, opts = _lifecycle(a, p)
-    dispatch.check_places(ctx, name, opts, actor)
+    dispatch.check_places(ctx, name, opts, actor, p.vm)
     if name == "recover":  # any stuck state: it only has to be known
         dispatch.check_allowed(ctx, p.vm, name)
         return p
@@ -293,8 +293,10 @@ def run_group_drill(
     return result, warnings
 
 
-def run_lifecycle(ctx: Context, a: Action, p: P.VmParams, _pr: Progress, c: Caller) -> Outcome:
+def run_lifecycle(ctx: Context, a: Action, p: P.VmParams, pr: Progress, c: Caller) -> Outcome:
     name, opts = _lifecycle(a, p)
     if name == "recover":
         return dispatch.recover(ctx, p.vm, opts["how"], origin=c.origin, who=c.who)
-    return dispatch.run_action(ctx, p.vm, name, opts, origin=c.origin, who=c.who, actor=c.actor)
+    return dispatch.run_action(
+        ctx, p.vm, name, opts, origin=c.origin, who=c.who, actor=c.actor, progress=pr
+    )
