@@ -126,6 +126,13 @@ def check(ctx: Context, ref: str, pin: str | None = None, from_backup: bool = Fa
     size = placement.size_of(plan.template)  # none: 1 vCPU, 0 KiB until its point is read
     plan.dest = placement.place(ctx, *size, pin=pin, exclude=() if pin else (plan.old,))
     plan.old_libvirt = probe(plan.old_uri, plan.name)
+    if plan.dest == plan.old and plan.old_libvirt.startswith("unreachable"):
+        raise Refused(
+            f"redeploy of VM {plan.name}",
+            f"host {plan.old} is its failed host and its libvirt cannot be reached "
+            f"({plan.old_libvirt.partition(': ')[2]})",
+            "Leave out --host to let placement choose, or name a working host.",
+        )
     if plan.old_libvirt == "running":
         raise Refused(
             f"redeploy of VM {plan.name}",
