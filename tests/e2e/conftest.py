@@ -144,3 +144,44 @@ def running_daemon(
         if log is not None:
             err.close()  # type: ignore[union-attr]
         assert code == 0
+
+
+@dataclass
+class LabHosts:
+    """The two-host lab as tests use it: ``uris[n]`` is host n's libvirt URI over TCP (as every
+    host and daemon reaches it), ``nsenter(n)`` the argv prefix running a command on host n."""
+
+    uris: dict[int, str]
+
+    def nsenter(self, n: int) -> list[str]:
+        from vmkeep.lab import hosts
+
+        return hosts.nsenter_argv(n)
+
+    def run(self, n: int, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        from vmkeep.lab import hosts
+
+        return hosts.exec(n, list(argv), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def lab_hosts() -> Iterator[LabHosts]:
+    """Hosts 1 and 2 of the two-host lab (``vmkeep.lab.hosts``), brought down after the module
+    unless they were up before it."""
+    from vmkeep.lab import hosts
+
+    before = {r["number"] for r in hosts.list() if r["alive"]}
+    up = hosts.up(2)
+    yield LabHosts({h.number: h.uri for h in up})
+    if not {1, 2} <= before:
+        hosts.down()
+
+
+@pytest.fixture(scope="module")
+def postgres_url() -> Iterator[str]:
+    """A throwaway PostgreSQL 15 server (``vmkeep.lab.postgres``): its catalog URL, over a unix
+    socket that daemons inside lab hosts reach too."""
+    from vmkeep.lab.postgres import server
+
+    with server() as url:
+        yield url
