@@ -1,0 +1,222 @@
+"""A host failure survived, on real libvirtds of the two-host lab: a guest created and deployed
+on the second host (``vm create --host``, ``vm deploy``), that host's libvirtd and the guest's
+QEMU killed by their pids, and ``vm recover --redeploy`` bringing the guest up on host 1 from
+its disk on the shared file system with the data written before intact (sha256 through the
+guest agent); refused while the guest still runs on its old host; ``--from-backup`` from a real
+backup (data of the point back, data written after it not); a ``vm deploy`` without ``--host``
+placed by the scheduler on the host with fewer running VMs.
+
+The failing host is the lab's host 3, this module's own: host 2 is shared with the other
+multi-host modules, which may run at the same time; host 3 is the same in every way (its own
+namespaces, libvirtd, virtlogd, reached over TCP). The hosts' monitoring figures (state, CPUs,
+free memory, running VMs) are what the daemon's monitor writes: read here from each libvirtd
+with virsh and written to the hosts rows the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmkeep.config import load_config
+from vmkeep.engine.core.context import Context
+from vmkeep.engine.hosts import records
+from vmkeep.hypervisor import Hypervisor, connect
+from vmkeep.lab import Lab, hosts
+from vmkeep.lab.image import build_boot_image
+from vmkeep.lab.lab import domain_xml
+
+from .conftest import LAB_DIR, PREFIX
+
+FAIL = 3  # the lab host this module kills (see the module's doc)
+H1, HF = "host1", f"host{FAIL}"
+
+
+def virsh(uri: str, *argv: str) -> str:
+    proc = subprocess.run(["virsh", "-c", uri, *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"virsh -c {uri} {' '.join(argv)}: {proc.stderr}"
+    return proc.stdout
+
+
+def running_on(uri: str) -> set[str]:
+    return set(virsh(uri, "list", "--name").split())
+
+
+@pytest.fixture(scope="module")
+def lab3() -> Iterator[dict[int, str]]:
+    """Lab hosts 1..3 up; host 3 removed afterwards (hosts 1 and 2 are left as they were)."""
+    up = hosts.up(FAIL)
+    yield {h.number: h.uri for h in up}
+    hosts._host_down(hosts.LabHost(FAIL))
+
+
+def monitor(ctx: Context, name: str, uri: str, state: str = records.MONITORED) -> dict[str, int]:
+    """What the monitor writes for a host it reached: its CPUs, free memory, running VMs."""
+    cpus = int(re.search(r"CPU\(s\):\s+(\d+)", virsh(uri, "nodeinfo")).group(1))  # type: ignore[union-attr]
+    free = int(re.search(r"free\s*:\s*(\d+)", virsh(uri, "nodememstats")).group(1))  # type: ignore[union-attr]
+    figures = {"cpus": cpus, "free_memory_kib": free, "running": len(running_on(uri))}
+    with ctx.catalog.session() as s:
+        h = records.find_host(s, name)
+        h.state, h.monitor, h.monitored_at, h.error = state, figures, datetime.now(UTC), None
+    return figures
+
+
+def host_failed(ctx: Context, name: str, uri: str) -> None:
+    """What the monitor writes for a host whose libvirt it cannot reach (ERROR)."""
+    proc = subprocess.run(["virsh", "-c", uri, "uri"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode != 0, "the host's libvirt still answers"
+    with ctx.catalog.session() as s:
+        h = records.find_host(s, name)
+        h.state, h.error = records.ERROR, proc.stderr.strip()[:500]
+
+
+def kill_host(n: int, guest: str) -> None:
+    """Host n's libvirtd and the guest's QEMU killed (SIGKILL), each by its pid."""
+    libvirtd = hosts.libvirtd_pid(n)
+    assert libvirtd is not None
+    pidfile = hosts.LabHost(n).dir / "run" / "qemu" / f"{guest}.pid"
+    qemu = int(pidfile.read_text().strip())
+    assert f"guest={guest}" in Path(f"/proc/{qemu}/cmdline").read_text().replace("\0", " ")
+    for pid in (libvirtd, qemu):
+        os.kill(pid, 9)
+    deadline = time.monotonic() + 30
+    while hosts.is_running(libvirtd) or Path(f"/proc/{qemu}").exists():
+        assert time.monotonic() < deadline, "killed processes still there"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def on(vmkeep: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """``on(HOST, *args)``: the CLI acting for that host (``[cluster] host``); None: no host."""
+
+    def run(host: str | None, *args: str, check: int | None = 0) -> Any:
+        if host is None:
+            monkeypatch.delenv("VMKEEP_CLUSTER_HOST", raising=False)
+        else:
+            monkeypatch.setenv("VMKEEP_CLUSTER_HOST", host)
+        return vmkeep(*args, check=check)
+
+    return run
+
+
+def new_guest(lab: Lab, name: str, folder: Path) -> Path:
+    """A lab guest's disk and domain XML (not defined anywhere): the file for ``vm create``."""
+    lab.create(name, [64 << 20], start=False)
+    lab.hv.undefine(name)  # vmkeep defines it, on the host it places it on
+    boot = build_boot_image(lab.cache_dir)
+    disk = lab.vm_dir(name) / "disk0.qcow2"
+    xml = folder / f"{name}.xml"
+    xml.write_text(domain_xml(name, boot, [disk], lab.serial_log(name)))
+    return xml
+
+
+def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
+    lab3: dict[int, str], lab: Lab, hv: Hypervisor, on: Any, tmp_path: Path, clean_env: Path
+) -> None:
+    ctx = Context(load_config())
+    uri1, urif = lab3[1], lab3[FAIL]
+    records.add(ctx, H1, uri1)
+    records.add(ctx, HF, urif)
+    monitor(ctx, H1, uri1)
+    monitor(ctx, HF, urif)
+    hvf = connect(urif)
+    lab_f = Lab(hvf, LAB_DIR, prefix=PREFIX)
+    name = f"{PREFIX}redeploy"
+
+    # created pinned to the failing host, deployed there by that host's process
+    on(None, "vm", "create", "--xml", str(new_guest(lab, name, tmp_path)), "--host", HF)
+    out = on(HF, "vm", "deploy", name, "--json").json()
+    assert out["lcm_state"] == "RUNNING"
+    assert name in running_on(urif) and name not in running_on(uri1)
+    lab_f.wait_ready(name)
+    before = lab_f.write_random(name, "/mnt/vda/before", 4)
+
+    # the host is marked failed while it still runs the guest: refused, never two copies
+    with ctx.catalog.session() as s:
+        records.find_host(s, HF).state = records.ERROR
+    res = on(H1, "vm", "recover", name, "--redeploy", "--host", H1, check=25)
+    assert f"it still runs on host {HF}" in res.err, res.err
+    assert name in running_on(urif) and name not in running_on(uri1)
+
+    # the host dies: its libvirtd and the guest's QEMU
+    kill_host(FAIL, name)
+    host_failed(ctx, HF, urif)
+    t0 = time.monotonic()
+    res = on(H1, "vm", "recover", name, "--redeploy", "--host", H1, "--json", check=1)
+    took = time.monotonic() - t0
+    out = res.json()
+    assert (out["host"], out["from_host"], out["from"]) == (H1, HF, "disks"), out
+    assert f"host {HF} could not be asked" in res.err and "never start it there" in res.err
+    assert name in running_on(uri1)
+    lab.wait_ready(name)
+    assert lab.sha256(name, "/mnt/vda/before") == before  # the data written before, intact
+    shown = on(None, "vm", "show", name, "--json").json()
+    assert (shown["host"], shown["host_uri"], shown["lcm_state"]) == (H1, uri1, "RUNNING")
+    last = on(None, "vm", "history", name, "--json").json()[-1]
+    assert (last["action"], last["result"]) == ("recover", "DONE")
+    assert last["options"] == {"redeploy": True, "host": H1, "from_backup": False}
+    print(f"redeployed from its disk in {took:.1f} s")
+
+    # --- the failing host up again (its libvirtd in its namespaces, the guest's old definition
+    # with it) ------------------------------------------------------------------------------------
+    hosts.up(FAIL)
+    assert name in virsh(urif, "list", "--all", "--name").split()  # what the warning said
+    assert name not in running_on(urif)
+    res = on(H1, "vm", "recover", name, "--redeploy", check=25)  # it runs on a working host
+    assert "Redeploy is for the VM of a failed host" in res.err, res.err
+
+    # a deploy without --host: placed by the scheduler on the host with fewer running VMs
+    # (host 1 runs the redeployed guest, host 3 nothing since its QEMU was killed)
+    f1, ff = monitor(ctx, H1, uri1), monitor(ctx, HF, urif)
+    assert ff["running"] < f1["running"], (f1, ff)
+    other = f"{PREFIX}placed"
+    on(None, "vm", "create", "--xml", str(new_guest(lab, other, tmp_path)))
+    on(HF, "vm", "deploy", other)  # run by the process of the host it is placed on
+    placed = {r["name"]: r for r in on(None, "vm", "list", "--json").json()}[other]
+    assert placed["host"] == HF, (placed, f1, ff)
+    assert other in running_on(urif) and other not in running_on(uri1)
+    Lab(connect(urif), LAB_DIR, prefix=PREFIX).wait_ready(other)
+    # a process of the other host refuses it (it is not that host's), saying where it lives
+    res = on(H1, "vm", "poweroff", other, "--hard", check=31)
+    assert f"Host '{HF}'" in res.err, res.err
+    on(HF, "vm", "terminate", other, "--hard")
+    assert other not in running_on(urif)
+    print(f"placed on {HF}: running {H1} {f1['running']}, {HF} {ff['running']}")
+
+    # --- from a backup: the guest back on that host, backed up there, the host killed again ---
+    on(H1, "vm", "undeploy", name, "--hard")
+    on(HF, "vm", "deploy", name, "--host", HF)
+    hvf = connect(urif)
+    lab_f = Lab(hvf, LAB_DIR, prefix=PREFIX)
+    lab_f.wait_ready(name)
+    assert name in running_on(urif) and name not in running_on(uri1)
+    assert lab_f.sha256(name, "/mnt/vda/before") == before
+    ds = clean_env / "ds"
+    on(None, "datastore", "add", "ds", "--driver", "dir", "--path", str(ds))
+    on(None, "vm", "config", name, "--mode", "increment")  # a checkpoint: it stays with host 3
+    point = on(HF, "backup", name, "--datastore", "ds", "--json").json()
+    after = lab_f.write_random(name, "/mnt/vda/after", 2)  # not in the point
+    assert after
+
+    kill_host(FAIL, name)
+    host_failed(ctx, HF, urif)
+    monitor(ctx, H1, uri1)
+    res = on(H1, "vm", "recover", name, "--redeploy", "--from-backup", "--json", check=1)
+    out = res.json()
+    assert (out["host"], out["from"], out["backup"]) == (H1, "backup", point["id"]), out
+    assert "next backup starts a new full chain" in res.err
+    lab.wait_ready(name)
+    assert lab.sha256(name, "/mnt/vda/before") == before
+    assert lab.sh(name, "test -e /mnt/vda/after && echo there || echo absent").strip() == "absent"
+    assert on(None, "vm", "show", name, "--json").json()["host"] == H1
+    # its next backup, on its new host: a new full chain (the old one's checkpoint is gone)
+    again = on(H1, "backup", name, "--datastore", "ds", "--json").json()
+    assert again["id"] != point["id"], again
