@@ -166,15 +166,12 @@ class LabHosts:
 
 @pytest.fixture(scope="module")
 def lab_hosts() -> Iterator[LabHosts]:
-    """Hosts 1 and 2 of the two-host lab (``vmkeep.lab.hosts``), brought down after the module
-    unless they were up before it."""
+    """Hosts 1 and 2 of the two-host lab (``vmkeep.lab.hosts``), on a lease: brought down after
+    the module unless another process (another session's tests) still uses them."""
     from vmkeep.lab import hosts
 
-    before = {r["number"] for r in hosts.list() if r["alive"]}
-    up = hosts.up(2)
-    yield LabHosts({h.number: h.uri for h in up})
-    if not {1, 2} <= before:
-        hosts.down()
+    with hosts.lease(2) as up:
+        yield LabHosts({h.number: h.uri for h in up})
 
 
 @pytest.fixture(scope="module")

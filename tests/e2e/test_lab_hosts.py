@@ -10,16 +10,34 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
-from vmkeep.hypervisor import Hypervisor, connect
+import pytest
+
+from vmkeep.hypervisor import connect
 from vmkeep.lab import Lab, hosts
 from vmkeep.lab.postgres import server
 
 from .conftest import LAB_DIR, PREFIX
 
-HOST1 = "qemu+tcp://10.77.0.1/system"
-HOST2 = "qemu+tcp://10.77.1.2/system"
+# a lab of this module's own (10.79.0.0/16): `lab hosts down` here never takes down the lab
+# that other sessions' tests share (10.77)
+NET = "79"
+HOST1 = "qemu+tcp://10.79.0.1/system"
+HOST2 = "qemu+tcp://10.79.1.2/system"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def own_lab_module() -> Iterator[None]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(hosts.NET_ENV, NET)
+        yield
+
+
+@pytest.fixture(autouse=True)
+def own_lab(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(hosts.NET_ENV, NET)  # clean_env removed it; the CLI inherits it
 
 
 def virsh(*argv: str, uri: str = HOST2, timeout: float = 120) -> str:
@@ -39,7 +57,15 @@ def ping(name: str, uri: str) -> dict[str, object]:
     return json.loads(out)  # type: ignore[no-any-return]
 
 
-def test_two_hosts_live_migration_there_and_back_and_down(vmkeep, lab: Lab, hv: Hypervisor) -> None:
+@pytest.fixture
+def down_after(own_lab: None) -> Iterator[None]:
+    yield
+    hosts.down()  # whatever the test left, even when it failed midway
+
+
+def test_two_hosts_live_migration_there_and_back_and_down(
+    vmkeep, lab: Lab, down_after: None
+) -> None:
     root_libvirtd = hosts.libvirtd_pid(1)
     assert root_libvirtd is not None
     started = time.monotonic()
@@ -69,7 +95,7 @@ def test_two_hosts_live_migration_there_and_back_and_down(vmkeep, lab: Lab, hv: 
     )
     assert name not in res.out.split()  # host 2 is another libvirtd
     res = vmkeep("lab", "hosts", "exec", "2", "--", "ip", "-br", "addr")
-    assert "10.77.1.2/24" in res.out and "192.0.2." not in res.out, res.out  # its own network
+    assert "10.79.1.2/24" in res.out and "192.0.2." not in res.out, res.out  # its own network
 
     # a mark in the guest's RAM (its root is an initramfs): it must travel with the guest
     mark = f"mark-{time.time_ns()}"
@@ -81,7 +107,7 @@ def test_two_hosts_live_migration_there_and_back_and_down(vmkeep, lab: Lab, hv: 
         "--unsafe",
         name,
         HOST2,
-        "tcp://10.77.1.2",
+        "tcp://10.79.1.2",
         uri="qemu:///system",
         timeout=300,
     )
@@ -93,7 +119,7 @@ def test_two_hosts_live_migration_there_and_back_and_down(vmkeep, lab: Lab, hv: 
 
     # back, peer to peer: host 2's libvirtd itself reaches host 1's over TCP
     t0 = time.monotonic()
-    virsh("migrate", "--live", "--p2p", "--unsafe", name, HOST1, "tcp://10.77.0.1", timeout=300)
+    virsh("migrate", "--live", "--p2p", "--unsafe", name, HOST1, "tcp://10.79.0.1", timeout=300)
     back = time.monotonic() - t0
     assert name in running_on(HOST1) and name not in running_on(HOST2)
     assert lab.sh(name, "cat /run/lab-hosts-mark").strip() == mark
@@ -116,11 +142,11 @@ def test_two_hosts_live_migration_there_and_back_and_down(vmkeep, lab: Lab, hv: 
     took_down = time.monotonic() - started
     print(f"down {took_down:.2f} s")
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "vmkeep-h2" not in netns.split()
+    assert "vmkeep79-h2" not in netns.split()
     assert not hosts.is_running(again["libvirtd_pid"])
     assert vmkeep("lab", "hosts", "list", "--json").json() == []
-    assert not Path("/var/lib/vmkeep/labhosts/2").exists()
-    assert not Path("/sys/class/net/vmkeep-h2").exists()
+    assert not Path("/var/lib/vmkeep/labhosts-79/2").exists()
+    assert not Path("/sys/class/net/vmkeep79-h2").exists()
     # this machine's own libvirtd was never touched, nor its guest
     assert hosts.libvirtd_pid(1) == root_libvirtd
     assert name in running_on("qemu:///system")
@@ -143,6 +169,6 @@ def test_postgres_socket_reached_from_inside_host_2(lab_hosts) -> None:
     with server() as url:
         res = lab_hosts.run(2, sys.executable, "-c", probe, url)
         assert res.returncode == 0 and res.stdout.strip() == "42", res.stderr
-        assert lab_hosts.run(2, "ip", "-br", "addr").stdout.count("10.77.1.2/24") == 1
+        assert lab_hosts.run(2, "ip", "-br", "addr").stdout.count("10.79.1.2/24") == 1
     assert lab_hosts.uris == {1: HOST1, 2: HOST2}
     assert lab_hosts.nsenter(2)[0] == "nsenter"

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from vmkeep.errors import LabError
-from vmkeep.lab import hosts
-from vmkeep.lab.hosts import LabHost
+from vmkeep.lab import hostplan, hosts
+from vmkeep.lab.hostplan import LabHost
 from vmkeep.lab.postgres import Postgres, server_options
 
 
@@ -36,6 +36,27 @@ def test_addresses_and_uris_of_host_1_and_host_k() -> None:
     assert all(len(name) <= 15 for name in LabHost(200).veth)  # IFNAMSIZ
 
 
+def test_another_lab_net_has_its_own_names_folders_and_addresses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(hostplan.NET_ENV, "79")
+    one, two = LabHost(1), LabHost(2)
+    assert (one.uri, two.uri, two.peer) == (
+        "qemu+tcp://10.79.0.1/system",
+        "qemu+tcp://10.79.1.2/system",
+        "10.79.1.1",
+    )
+    assert (two.netns, two.veth, one.veth[0]) == ("vmkeep79-h2", ("vmkeep79-h2", "vmkeep79-h2p"),
+                                                  "vmkeep79-h1")  # fmt: skip
+    assert two.dir == Path("/var/lib/vmkeep/labhosts-79/2")
+    assert hostplan.network_argvs(two)[-1][-3:] == ["10.79.0.1/32", "via", "10.79.1.1"]
+    assert all(len(name) <= 15 for name in LabHost(200).veth)  # IFNAMSIZ
+    for bad in ("0", "255", "x7", "-1"):
+        monkeypatch.setenv(hostplan.NET_ENV, bad)
+        with pytest.raises(LabError, match="VMKEEP_LAB_HOSTS_NET"):
+            LabHost(2)
+
+
 @pytest.mark.parametrize("n", [0, -1, 201])
 def test_host_numbers_out_of_range_are_refused(n: int) -> None:
     with pytest.raises(LabError, match="out of range"):
@@ -43,17 +64,17 @@ def test_host_numbers_out_of_range_are_refused(n: int) -> None:
 
 
 def test_libvirtd_conf_keeps_the_machines_settings_and_listens_on_plain_tcp() -> None:
-    text = hosts.libvirtd_conf("# comment\nmax_clients = 7\n")
+    text = hostplan.libvirtd_conf("# comment\nmax_clients = 7\n")
     assert text.startswith("# comment\nmax_clients = 7\n")
     lines = text.splitlines()
     for setting in ("listen_tls = 0", "listen_tcp = 1", 'auth_tcp = "none"'):
         assert setting in lines
-    assert hosts.libvirtd_conf("").count("listen_tcp = 1") == 1
+    assert hostplan.libvirtd_conf("").count("listen_tcp = 1") == 1
 
 
 def test_setup_script_binds_every_own_folder_then_starts_the_daemons() -> None:
     host = LabHost(2)
-    script = hosts.setup_script(host).splitlines()
+    script = hostplan.setup_script(host).splitlines()
     assert script[:2] == ["set -e", "umask 022"]  # QEMU opens what libvirtd makes
     mounts = [line.split()[2:] for line in script if line.startswith("mount --bind")]
     assert mounts == [
@@ -69,14 +90,14 @@ def test_setup_script_binds_every_own_folder_then_starts_the_daemons() -> None:
         "virtlogd -d -p /var/lib/vmkeep/labhosts/2/virtlogd.pid",
         "libvirtd -d --listen -p /var/lib/vmkeep/labhosts/2/libvirtd.pid",
     ]
-    argv = hosts.start_argv(host)
+    argv = hostplan.start_argv(host)
     assert argv[:8] == ["ip", "netns", "exec", "vmkeep-h2", "unshare", "-m", "--propagation",
                         "private"]  # fmt: skip
-    assert argv[-1] == hosts.setup_script(host)
+    assert argv[-1] == hostplan.setup_script(host)
 
 
 def test_network_of_host_k() -> None:
-    argvs = hosts.network_argvs(LabHost(3))
+    argvs = hostplan.network_argvs(LabHost(3))
     assert argvs[0] == ["ip", "netns", "add", "vmkeep-h3"]
     assert ["ip", "addr", "add", "10.77.2.1/24", "dev", "vmkeep-h3"] in argvs
     assert ["ip", "-n", "vmkeep-h3", "addr", "add", "10.77.2.2/24", "dev", "vmkeep-h3p"] in argvs
@@ -95,8 +116,8 @@ def test_network_of_host_k() -> None:
 
 
 def test_nsenter_prefix() -> None:
-    assert hosts.nsenter_prefix(LabHost(1), 123) == []
-    assert hosts.nsenter_prefix(LabHost(2), 4242) == [
+    assert hostplan.nsenter_prefix(LabHost(1), 123) == []
+    assert hostplan.nsenter_prefix(LabHost(2), 4242) == [
         "nsenter",
         "--mount=/proc/4242/ns/mnt",
         "--net=/run/netns/vmkeep-h2",
@@ -113,9 +134,12 @@ def test_a_pid_is_ours_only_with_its_program_and_a_zombie_is_not_running() -> No
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         assert hosts.is_running(proc.pid)
-        assert hosts._alive(proc.pid, "python")
+        deadline = time.monotonic() + 10
+        while not hosts._alive(proc.pid, "time.sleep(30)"):  # its program, once it is exec'd
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
         assert not hosts._alive(proc.pid, "libvirtd")  # a reused pid is never taken for one
-        assert not hosts._alive(None, "python")
+        assert not hosts._alive(None, "time.sleep(30)")
         proc.kill()
         deadline = time.monotonic() + 10
         while hosts.is_running(proc.pid):  # a zombie until waited for: not running
@@ -128,7 +152,7 @@ def test_a_pid_is_ours_only_with_its_program_and_a_zombie_is_not_running() -> No
 
 
 def test_relay_argv_runs_this_python() -> None:
-    argv = hosts.relay_argv("10.77.0.1", Path("/run/libvirt/libvirt-sock"))
+    argv = hostplan.relay_argv("10.77.0.1", Path("/run/libvirt/libvirt-sock"))
     assert argv == [sys.executable, "-m", "vmkeep.lab.relay", "10.77.0.1", "16509",
                     "/run/libvirt/libvirt-sock"]  # fmt: skip
 

@@ -9,12 +9,14 @@ its own /run/libvirt, /var/lib/libvirt, /etc/libvirt, /var/log/libvirt, /var/cac
 and its own "local storage" at /var/lib/vmkeep/hostlocal, all bind-mounted from
 /var/lib/vmkeep/labhosts/K/; every other path is shared. Every process the lab starts is
 stopped by its pid (a pid file, or ``ip netns pids`` of the lab's own namespace), never by name.
+Names, addresses and the argv run here come from ``vmkeep.lab.hostplan``.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import os
 import shlex
 import shutil
@@ -22,157 +24,33 @@ import signal
 import socket
 import stat
 import subprocess
-import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 
 from vmkeep.errors import LabError
+from vmkeep.lab.hostplan import (
+    BIND_MOUNTS,
+    DAEMON_UMASK,
+    ETC_LIBVIRT,
+    HOSTLOCAL,
+    LIBVIRT_PORT,
+    MAX_HOSTS,
+    NET_ENV,
+    ROOT_SOCKET,
+    LabHost,
+    libvirtd_conf,
+    network_argvs,
+    nsenter_prefix,
+    relay_argv,
+    start_argv,
+)
 
-LAB_ROOT = Path("/var/lib/vmkeep/labhosts")
-HOSTLOCAL = Path("/var/lib/vmkeep/hostlocal")
-ETC_LIBVIRT = Path("/etc/libvirt")
-ROOT_SOCKET = Path("/run/libvirt/libvirt-sock")
-ROOT_PIDFILE = Path("/run/libvirtd.pid")
-NETNS_PREFIX = "vmkeep-h"
-LIBVIRT_PORT = 16509
-MAX_HOSTS = 200
+__all__ = ["NET_ENV", "LabHost", "down", "exec", "is_running", "lease", "libvirtd_pid", "list",
+           "nsenter_argv", "start_libvirtd", "up"]  # fmt: skip
+
 UP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
-HOST1_LINK = "vmkeep-h1"  # a veth pair kept in the root namespace: it holds 10.77.0.1
-HOST1_ADDRESS = "10.77.0.1"
-
-# each host's own folders: (the path every host sees, the folder under the host's state dir)
-BIND_MOUNTS = (
-    ("/run/libvirt", "run"),
-    ("/var/lib/libvirt", "lib"),
-    ("/etc/libvirt", "etc"),
-    ("/var/log/libvirt", "log"),
-    ("/var/cache/libvirt", "cache"),
-    (str(HOSTLOCAL), "hostlocal"),
-)
-# the daemons' umask, as when started from a login shell: QEMU (another user) opens what they make
-DAEMON_UMASK = "umask 022"
-LISTEN_CONF = (
-    "\n# vmkeep lab host: libvirt over plain TCP inside the lab's own network namespace\n"
-    'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\nlisten_addr = "0.0.0.0"\n'
-    'log_outputs = "3:file:/var/log/libvirt/libvirtd.log"\n'
-)
-
-
-@dataclass(frozen=True)
-class LabHost:
-    number: int
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.number <= MAX_HOSTS:
-            raise LabError(f"host number {self.number} is out of range: use 1..{MAX_HOSTS}")
-
-    @property
-    def name(self) -> str:
-        return f"host{self.number}"
-
-    @property
-    def netns(self) -> str | None:
-        return None if self.number == 1 else f"{NETNS_PREFIX}{self.number}"
-
-    @property
-    def address(self) -> str:
-        """Where the host's libvirt is reached over TCP from every host."""
-        return HOST1_ADDRESS if self.number == 1 else f"10.77.{self.number - 1}.2"
-
-    @property
-    def peer(self) -> str:
-        """The root namespace's end of the host's veth pair (host 1 as this host sees it)."""
-        return HOST1_ADDRESS if self.number == 1 else f"10.77.{self.number - 1}.1"
-
-    @property
-    def uri(self) -> str:
-        return f"qemu+tcp://{self.address}/system"
-
-    @property
-    def dir(self) -> Path:
-        return LAB_ROOT / str(self.number)
-
-    @property
-    def socket(self) -> Path:
-        """libvirtd's unix socket, as the root namespace sees it (sockets cross net namespaces)."""
-        return ROOT_SOCKET if self.number == 1 else self.dir / "run" / "libvirt-sock"
-
-    @property
-    def local_uri(self) -> str:
-        """The host's libvirt from the root namespace without TCP: its unix socket."""
-        if self.number == 1:
-            return "qemu:///system"
-        return f"qemu+unix:///system?socket={self.socket}"
-
-    @property
-    def libvirtd_pidfile(self) -> Path:
-        return ROOT_PIDFILE if self.number == 1 else self.dir / "libvirtd.pid"
-
-    @property
-    def virtlogd_pidfile(self) -> Path:
-        return self.dir / "virtlogd.pid"
-
-    @property
-    def relay_pidfile(self) -> Path:
-        return self.dir / "relay.pid"
-
-    @property
-    def veth(self) -> tuple[str, str]:
-        """The veth pair: the root side and the side moved into the namespace."""
-        return f"{NETNS_PREFIX}{self.number}", f"{NETNS_PREFIX}{self.number}p"
-
-
-# --- text and argv (pure) -------------------------------------------------------------------
-def libvirtd_conf(base: str) -> str:
-    """The host's libvirtd.conf: the machine's own, with plain TCP listening appended."""
-    return base.rstrip("\n") + "\n" + LISTEN_CONF
-
-
-def setup_script(host: LabHost) -> str:
-    """Run inside the host's namespaces: its own folders over the shared paths, then virtlogd
-    and libvirtd (both leave as daemons and hold the mount namespace)."""
-    lines = ["set -e", DAEMON_UMASK]
-    for target, sub in BIND_MOUNTS:
-        lines.append(f"mount --bind {shlex.quote(str(host.dir / sub))} {shlex.quote(target)}")
-    lines.append(f"virtlogd -d -p {shlex.quote(str(host.virtlogd_pidfile))}")
-    lines.append(f"libvirtd -d --listen -p {shlex.quote(str(host.libvirtd_pidfile))}")
-    return "\n".join(lines) + "\n"
-
-
-def start_argv(host: LabHost) -> builtins.list[str]:
-    assert host.netns is not None
-    return ["ip", "netns", "exec", host.netns, "unshare", "-m", "--propagation", "private",
-            "sh", "-c", setup_script(host)]  # fmt: skip
-
-
-def network_argvs(host: LabHost) -> builtins.list[builtins.list[str]]:
-    """The veth pair, its addresses, and the route to host 1's 10.77.0.1 through the root side."""
-    assert host.netns is not None
-    ns, (outside, inside) = host.netns, host.veth
-    return [
-        ["ip", "netns", "add", ns],
-        ["ip", "link", "add", outside, "type", "veth", "peer", "name", inside],
-        ["ip", "link", "set", inside, "netns", ns],
-        ["ip", "addr", "add", f"{host.peer}/24", "dev", outside],
-        ["ip", "link", "set", outside, "up"],
-        ["ip", "-n", ns, "link", "set", "lo", "up"],
-        ["ip", "-n", ns, "addr", "add", f"{host.address}/24", "dev", inside],
-        ["ip", "-n", ns, "link", "set", inside, "up"],
-        ["ip", "-n", ns, "route", "add", f"{HOST1_ADDRESS}/32", "via", host.peer],
-    ]
-
-
-def nsenter_prefix(host: LabHost, mount_pid: int) -> builtins.list[str]:
-    """argv prefix running a command in the host's mount and network namespaces."""
-    if host.netns is None:
-        return []
-    return ["nsenter", f"--mount=/proc/{mount_pid}/ns/mnt", f"--net=/run/netns/{host.netns}", "--"]
-
-
-def relay_argv(address: str, socket_path: Path) -> builtins.list[str]:
-    return [sys.executable, "-m", "vmkeep.lab.relay", address, str(LIBVIRT_PORT), str(socket_path)]
 
 
 # --- processes --------------------------------------------------------------------------------
@@ -307,21 +185,23 @@ def _host1_up() -> None:
     mode = stat.S_IMODE(HOSTLOCAL.stat().st_mode)
     if mode & 0o011 != 0o011:
         HOSTLOCAL.chmod(mode | 0o011)  # QEMU opens the disks in it by their paths
-    if not _link_exists(HOST1_LINK):
-        _run(["ip", "link", "add", HOST1_LINK, "type", "veth", "peer", "name", HOST1_LINK + "p"])
-        _run(["ip", "addr", "add", f"{HOST1_ADDRESS}/24", "dev", HOST1_LINK])
-        _run(["ip", "link", "set", HOST1_LINK + "p", "up"])
-        _run(["ip", "link", "set", HOST1_LINK, "up"])
-    _start_relay(LabHost(1), HOST1_ADDRESS)
+    one = LabHost(1)
+    link, peer = one.veth
+    if not _link_exists(link):
+        _run(["ip", "link", "add", link, "type", "veth", "peer", "name", peer])
+        _run(["ip", "addr", "add", f"{one.address}/24", "dev", link])
+        _run(["ip", "link", "set", peer, "up"])
+        _run(["ip", "link", "set", link, "up"])
+    _start_relay(one, one.address)
 
 
 def _host1_down() -> None:
     _stop_relay(LabHost(1))
-    if _link_exists(HOST1_LINK):
-        _run(["ip", "link", "del", HOST1_LINK], check=False)
+    if _link_exists(LabHost(1).veth[0]):
+        _run(["ip", "link", "del", LabHost(1).veth[0]], check=False)
     shutil.rmtree(LabHost(1).dir, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        HOSTLOCAL.rmdir()  # host 1's local storage, when nothing was left in it
+    # HOSTLOCAL stays: it is the mount point of every lab's hosts (removing a mount point
+    # unmounts it in the namespaces that use it)
 
 
 # --- host K >= 2 ------------------------------------------------------------------------------
@@ -406,12 +286,13 @@ def _host_down(host: LabHost) -> None:
 
 def _lab_numbers() -> builtins.list[int]:
     """Hosts K >= 2 the lab may have left: state folders and namespaces."""
-    found = {int(d.name) for d in LAB_ROOT.glob("*") if d.name.isdigit()}
+    prefix, root = LabHost(1).prefix, LabHost(1).root
+    found = {int(d.name) for d in root.glob("*") if d.name.isdigit()}
     netns = Path("/run/netns")
     if netns.is_dir():
         for f in netns.iterdir():
-            tail = f.name.removeprefix(NETNS_PREFIX)
-            if f.name.startswith(NETNS_PREFIX) and tail.isdigit():
+            tail = f.name.removeprefix(prefix)
+            if f.name.startswith(prefix) and tail.isdigit():
                 found.add(int(tail))
     return sorted(n for n in found if 2 <= n <= MAX_HOSTS)
 
@@ -422,9 +303,69 @@ def _need_root() -> None:
         raise LabError("the two-host lab needs root (network namespaces, mounts, libvirtd)")
 
 
+@contextlib.contextmanager
+def _locked(timeout: float = 120.0) -> Iterator[None]:
+    """One process at a time brings the lab up or down (tests of several sessions share it)."""
+    one = LabHost(1)
+    one.root.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(one.root.parent / f".{one.root.name}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"another process holds the lab's lock over {timeout:.0f} s"
+                    ) from None
+                time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _leases() -> Path:
+    one = LabHost(1)
+    return one.root.parent / f".{one.root.name}.leases"
+
+
 def up(count: int) -> builtins.list[LabHost]:
     """Hosts 1..count up (running ones are kept); more hosts than count are left alone."""
     _need_root()
+    with _locked():
+        return _up(count)
+
+
+@contextlib.contextmanager
+def lease(count: int) -> Iterator[builtins.list[LabHost]]:
+    """Hosts 1..count up for the block; brought down after it unless another living process
+    still holds a lease (test modules of several sessions share one lab)."""
+    _need_root()
+    leases = _leases()
+    with _locked():
+        hosts = _up(count)
+        leases.mkdir(exist_ok=True)
+        mine = leases / f"{os.getpid()}-{time.monotonic_ns()}"
+        mine.write_text(f"{count}\n")
+    try:
+        yield hosts
+    finally:
+        with _locked():
+            mine.unlink(missing_ok=True)
+            others = []
+            for f in leases.iterdir():
+                pid = f.name.split("-")[0]
+                if pid.isdigit() and is_running(int(pid)):
+                    others.append(f)
+                else:
+                    f.unlink(missing_ok=True)  # its process died without giving it back
+            if not others:
+                _down()
+
+
+def _up(count: int) -> builtins.list[LabHost]:
     if not 2 <= count <= MAX_HOSTS:
         raise LabError(f"host count {count} is out of range: use 2..{MAX_HOSTS}")
     _host1_up()
@@ -433,7 +374,7 @@ def up(count: int) -> builtins.list[LabHost]:
         if _host_alive(host):
             continue
         if libvirtd_pid(host.number) is None and _holder(host) is not None:
-            start_libvirtd(host.number)  # its namespaces and guests live on: like a restart
+            _start_libvirtd(host.number)  # its namespaces and guests live on: like a restart
         else:
             _host_up(host)
     return hosts
@@ -454,6 +395,11 @@ def start_libvirtd(n: int) -> int:
     """Start host n's libvirtd again in its living namespaces (after it was killed): its
     guests keep running, as on a real host. Returns the new pid."""
     _need_root()
+    with _locked():
+        return _start_libvirtd(n)
+
+
+def _start_libvirtd(n: int) -> int:
     host = LabHost(n)
     holder = _holder(host)
     if host.netns is None or holder is None:
@@ -470,14 +416,20 @@ def start_libvirtd(n: int) -> int:
 
 
 def down() -> builtins.list[int]:
-    """Every lab host stopped and removed (host 1's libvirtd itself is left running)."""
+    """Every lab host stopped and removed (host 1's libvirtd itself is left running), whoever
+    brought it up."""
     _need_root()
+    with _locked():
+        return _down()
+
+
+def _down() -> builtins.list[int]:
     numbers = _lab_numbers()
     for n in numbers:
         _host_down(LabHost(n))
     _host1_down()
     with contextlib.suppress(OSError):
-        LAB_ROOT.rmdir()
+        LabHost(1).root.rmdir()
     return numbers
 
 
