@@ -6,11 +6,11 @@ guest agent); refused while the guest still runs on its old host; ``--from-backu
 backup (data of the point back, data written after it not); a ``vm deploy`` without ``--host``
 placed by the scheduler on the host with fewer running VMs.
 
-The failing host is the lab's host 3, this module's own: host 2 is shared with the other
-multi-host modules, which may run at the same time; host 3 is the same in every way (its own
-namespaces, libvirtd, virtlogd, reached over TCP). The hosts' monitoring figures (state, CPUs,
-free memory, running VMs) are what the daemon's monitor writes: read here from each libvirtd
-with virsh and written to the hosts rows the same way.
+The module runs on a lab of its own (10.81.0.0/16, ``VMKEEP_LAB_HOSTS_NET``): killing its host 2
+never disturbs the lab other sessions' tests share (10.77). Host 1 is this machine's libvirtd
+either way (reached through the lab's relay), never touched. The hosts' monitoring figures
+(state, CPUs, free memory, running VMs) are what the daemon's monitor writes: read here from
+each libvirtd with virsh and written to the hosts rows the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from vmkeep.lab.lab import domain_xml
 
 from .conftest import LAB_DIR, PREFIX
 
-FAIL = 3  # the lab host this module kills (see the module's doc)
+NET = "81"  # this module's own lab (see the module's doc)
+FAIL = 2  # the lab host killed
 H1, HF = "host1", f"host{FAIL}"
 
 
@@ -51,11 +52,17 @@ def running_on(uri: str) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def lab3() -> Iterator[dict[int, str]]:
-    """Lab hosts 1..3 up; host 3 removed afterwards (hosts 1 and 2 are left as they were)."""
-    up = hosts.up(FAIL)
-    yield {h.number: h.uri for h in up}
-    hosts._host_down(hosts.LabHost(FAIL))
+def lab_own() -> Iterator[dict[int, str]]:
+    """Hosts 1 and 2 of this module's own lab, removed afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(hosts.NET_ENV, NET)
+        with hosts.lease(FAIL) as up:
+            yield {h.number: h.uri for h in up}
+
+
+@pytest.fixture(autouse=True)
+def own_lab(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(hosts.NET_ENV, NET)  # clean_env removed it; the CLI inherits it
 
 
 def monitor(ctx: Context, name: str, uri: str, state: str = records.MONITORED) -> dict[str, int]:
@@ -119,10 +126,10 @@ def new_guest(lab: Lab, name: str, folder: Path) -> Path:
 
 
 def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
-    lab3: dict[int, str], lab: Lab, hv: Hypervisor, on: Any, tmp_path: Path, clean_env: Path
+    lab_own: dict[int, str], lab: Lab, hv: Hypervisor, on: Any, tmp_path: Path, clean_env: Path
 ) -> None:
     ctx = Context(load_config())
-    uri1, urif = lab3[1], lab3[FAIL]
+    uri1, urif = lab_own[1], lab_own[FAIL]
     records.add(ctx, H1, uri1)
     records.add(ctx, HF, urif)
     monitor(ctx, H1, uri1)
@@ -174,7 +181,7 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     assert "Redeploy is for the VM of a failed host" in res.err, res.err
 
     # a deploy without --host: placed by the scheduler on the host with fewer running VMs
-    # (host 1 runs the redeployed guest, host 3 nothing since its QEMU was killed)
+    # (host 1 runs the redeployed guest, host 2 nothing since its QEMU was killed)
     f1, ff = monitor(ctx, H1, uri1), monitor(ctx, HF, urif)
     assert ff["running"] < f1["running"], (f1, ff)
     other = f"{PREFIX}placed"
@@ -201,7 +208,7 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     assert lab_f.sha256(name, "/mnt/vda/before") == before
     ds = clean_env / "ds"
     on(None, "datastore", "add", "ds", "--driver", "dir", "--path", str(ds))
-    on(None, "vm", "config", name, "--mode", "increment")  # a checkpoint: it stays with host 3
+    on(None, "vm", "config", name, "--mode", "increment")  # a checkpoint: it stays on host 2
     point = on(HF, "backup", name, "--datastore", "ds", "--json").json()
     after = lab_f.write_random(name, "/mnt/vda/after", 2)  # not in the point
     assert after
