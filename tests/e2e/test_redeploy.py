@@ -89,13 +89,29 @@ def kill_host(n: int, guest: str) -> None:
     """Host n's libvirtd and the guest's QEMU killed (SIGKILL), each by its pid."""
     libvirtd = hosts.libvirtd_pid(n)
     assert libvirtd is not None
+    qemu = qemu_pid(n, guest)
+    for pid in (libvirtd, qemu):
+        os.kill(pid, 9)
+    gone(libvirtd, qemu)
+
+
+def qemu_pid(n: int, guest: str) -> int:
+    """The pid of the guest's QEMU on host n (its libvirtd's pid file), checked to be it."""
     pidfile = hosts.LabHost(n).dir / "run" / "qemu" / f"{guest}.pid"
     qemu = int(pidfile.read_text().strip())
     assert f"guest={guest}" in Path(f"/proc/{qemu}/cmdline").read_text().replace("\0", " ")
-    for pid in (libvirtd, qemu):
-        os.kill(pid, 9)
+    return qemu
+
+
+def kill_qemu(n: int, guest: str) -> None:
+    qemu = qemu_pid(n, guest)
+    os.kill(qemu, 9)
+    gone(qemu)
+
+
+def gone(*pids: int) -> None:
     deadline = time.monotonic() + 30
-    while hosts.is_running(libvirtd) or Path(f"/proc/{qemu}").exists():
+    while any(Path(f"/proc/{p}").exists() and hosts.is_running(p) for p in pids):
         assert time.monotonic() < deadline, "killed processes still there"
         time.sleep(0.1)
 
@@ -227,3 +243,54 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     # its next backup, on its new host: a new full chain (the old one's checkpoint is gone)
     again = on(H1, "backup", name, "--datastore", "ds", "--json").json()
     assert again["id"] != point["id"], again
+    on(H1, "vm", "terminate", name, "--hard")  # few guests at a time on this machine
+    hosts.up(FAIL)  # host 2 again for the next test
+
+
+def test_group_recovers_in_its_start_order(
+    lab_own: dict[int, str], lab: Lab, on: Any, tmp_path: Path
+) -> None:
+    """Two members on host 2, host 2 killed: ``group recover --redeploy`` (placed: host 1)
+    brings them up in the group's start order, each with its data."""
+    ctx = Context(load_config())
+    uri1, urif = lab_own[1], lab_own[FAIL]
+    records.add(ctx, H1, uri1)
+    records.add(ctx, HF, urif)
+    monitor(ctx, H1, uri1)
+    monitor(ctx, HF, urif)
+    lab_f = Lab(connect(urif), LAB_DIR, prefix=PREFIX)
+    db, app = f"{PREFIX}g-db", f"{PREFIX}g-app"
+    sums = {}
+    for name in (db, app):
+        on(None, "vm", "create", "--xml", str(new_guest(lab, name, tmp_path)), "--host", HF)
+        on(HF, "vm", "deploy", name)
+    for name in (db, app):
+        lab_f.wait_ready(name)
+        sums[name] = lab_f.write_random(name, "/mnt/vda/data", 2)
+    on(None, "group", "create", "shop", db, app)  # start order: db, then app
+
+    kill_host(FAIL, db)
+    kill_qemu(FAIL, app)
+    host_failed(ctx, HF, urif)
+    monitor(ctx, H1, uri1)
+    res = on(H1, "group", "recover", "shop", "--redeploy", "--json", check=1)
+    out = res.json()
+    assert out["host"] == H1
+    assert [(m["vm"], m["action"], m["from_host"]) for m in out["members"]] == [
+        (db, "redeployed", HF),
+        (app, "redeployed", HF),
+    ]
+    started = {
+        n: datetime.fromisoformat(on(None, "vm", "history", n, "--json").json()[-1]["end"])
+        for n in (db, app)
+    }
+    assert started[db] <= started[app]
+    assert {db, app} <= running_on(uri1)
+    for name in (db, app):
+        lab.wait_ready(name)
+        assert lab.sha256(name, "/mnt/vda/data") == sums[name]
+    # both on a working host now: nothing left to recover
+    res = on(H1, "group", "recover", "shop", "--redeploy", check=25)
+    assert "none of its members is on a failed host" in res.err
+    for name in (db, app):
+        on(H1, "vm", "terminate", name, "--hard")
