@@ -235,8 +235,9 @@ def enqueue(
 
 def runs_on(ctx: Context, a: Action, p: P.Params) -> str | None:
     """The host whose daemon must run the action: its VM's (a VM's action, an in-place
-    restore), its group's members' (a group action), the destination of a redeploy; None: any daemon (a point's or a
-    datastore's action, a restore as a new VM: on the host of the daemon that runs it)."""
+    restore), its group's members' (a group action), the destination of a redeploy (chosen by
+    its check); None: any daemon (a point's or a datastore's action, a restore as a new VM: on
+    the host of the daemon that runs it)."""
     from vmkeep.engine.hosts import placement
 
     if a.kind == "group-recover" or (a.kind == "vm-recover" and getattr(p, "redeploy", False)):
