@@ -14,6 +14,7 @@ from sqlalchemy import select
 
 from vmkeep.catalog.tables import Lock
 from vmkeep.hypervisor import connect
+from vmkeep.lab.hosts import is_running, libvirtd_pid
 
 from .conftest import Harness
 
@@ -43,12 +44,11 @@ def test_libvirtd_killed_and_restarted_mid_copy(harness: Harness) -> None:
         "backup", h.vm, "-d", "ds", "--json", extra={"VMKEEP_FAILPOINTS": "copy=sleep:6"}
     )
     _wait(lambda: "fail point copy" in h.stderr_file.read_text(), 60, "the copy phase")
-    subprocess.run(["pkill", "-9", "-x", "libvirtd"], check=True)
-    _wait(
-        lambda: subprocess.run(["pgrep", "-x", "libvirtd"], capture_output=True).returncode != 0,
-        10,
-        "libvirtd gone",
-    )
+    # this machine's libvirtd, by its pid: other libvirtds (lab hosts) may run on this machine
+    pid = libvirtd_pid(1)
+    assert pid is not None, "no libvirtd pid in /run/libvirtd.pid"
+    os.kill(pid, signal.SIGKILL)
+    _wait(lambda: not is_running(pid), 10, "libvirtd gone")
     time.sleep(1)
     subprocess.run(["libvirtd", "-d"], check=True)
     h.wait_libvirtd()

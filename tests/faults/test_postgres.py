@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -21,39 +19,14 @@ import pytest
 from vmkeep.config import load_config
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.context import Context
-
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from vmkeep.lab.postgres import server
 
 
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[str]:
     """A throwaway PostgreSQL server on a unix socket; yields the catalog URL."""
-    if not (PG_BIN / "initdb").exists():
-        pytest.fail("PostgreSQL 15 is not installed (scripts/setup.sh installs postgresql-15)")
-    root = Path(tempfile.mkdtemp(prefix="vmkeep-pg-"))
-    shutil.chown(root, "postgres", "postgres")
-    data, port = root / "data", _port()
-
-    def as_pg(*argv: str) -> None:
-        subprocess.run(["runuser", "-u", "postgres", "--", *argv], check=True, capture_output=True)
-
-    as_pg(str(PG_BIN / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres")
-    opts = f"-k {root} -p {port} -c listen_addresses='' -c max_connections=100"
-    as_pg(
-        str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-l", str(root / "log"), "start"
-    )
-    try:
-        as_pg(str(PG_BIN / "createdb"), "-h", str(root), "-p", str(port), "vmkeep")
-        yield f"postgresql+psycopg://postgres@/vmkeep?host={root}&port={port}"
-    finally:
-        as_pg(str(PG_BIN / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop")
-        shutil.rmtree(root, ignore_errors=True)
+    with server() as url:
+        yield url
 
 
 def test_two_daemons_run_each_of_20_jobs_exactly_once(

@@ -76,3 +76,55 @@ def demo_cmd(c: click.Context) -> None:
     from vmkeep.lab.demo import run_demo
 
     run_demo(ctx_of(c), lambda msg: click.echo(f"demo: {msg}"))
+
+
+@lab.group("hosts")
+def hosts_group() -> None:
+    """The two-host lab: more libvirt hosts on this machine, in their own namespaces."""
+
+
+@hosts_group.command("up")
+@click.argument("count", type=click.IntRange(2, 200))
+def hosts_up_cmd(count: int) -> None:
+    """Bring hosts 1..COUNT up (running ones are kept): host 1 is this machine's libvirtd."""
+    from vmkeep.lab import hosts
+
+    for h in hosts.up(count):
+        click.echo(f"{h.name}: {h.uri}")
+
+
+@hosts_group.command("down")
+def hosts_down_cmd() -> None:
+    """Stop and remove every lab host (this machine's own libvirtd keeps running)."""
+    from vmkeep.lab import hosts
+
+    for n in hosts.down():
+        click.echo(f"host{n}: removed")
+
+
+@hosts_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def hosts_list_cmd(as_json: bool) -> None:
+    """The lab's hosts: number, name, libvirt URI, libvirtd pid, alive."""
+    from vmkeep.lab import hosts
+
+    rows = hosts.list()
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        state = "alive" if r["alive"] else "down"
+        click.echo(f"{r['number']}  {r['name']}  {r['uri']}  pid {r['libvirtd_pid']}  {state}")
+
+
+@hosts_group.command("exec", context_settings={"ignore_unknown_options": True})
+@click.argument("number", type=click.IntRange(1, 200))
+@click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
+@click.pass_context
+def hosts_exec_cmd(c: click.Context, number: int, command: tuple[str, ...]) -> None:
+    """Run CMD in host N's mount and network namespaces: vmkeep lab hosts exec N -- CMD ARGS."""
+    from vmkeep.lab import hosts
+
+    code = hosts.exec(number, list(command)).returncode
+    if code:
+        c.find_root().meta["vmkeep.exit_code"] = code
