@@ -94,12 +94,11 @@ def _worker(config: Config, stop: threading.Event, slots: WorkSlots) -> None:
 
 
 def _monitor(config: Config, stop: threading.Event) -> None:
-    """The monitor loop, at start and then each ``[monitor] interval`` s: this daemon's host
+    """The monitor loop, at start and then every ``[monitor] interval`` s: this daemon's host
     (``engine/hosts/monitor.py``), every VM of it through the VMM driver, and the sweep of
     silent and unreachable hosts (their VMs UNKNOWN, the jobs waiting for them)."""
     ctx = Context(config)
-    _hosts(ctx)
-    while not stop.wait(config.monitor.interval):
+    while True:  # at once: a daemon back after a crash sets its VMs' real state first thing
         _hosts(ctx)
         try:
             for row in dispatch.poll(ctx):
@@ -108,6 +107,8 @@ def _monitor(config: Config, stop: threading.Event) -> None:
         except VmkeepError as err:
             log.error("monitor: %s", err)
         _sweep(ctx)
+        if stop.wait(config.monitor.interval):
+            return
 
 
 def _hosts(ctx: Context) -> None:
@@ -349,6 +350,7 @@ def serve(
     if ctx.host is not None:
         with ctx.catalog.session() as s:
             find_host(s, ctx.host)  # HostNotFound names the fix: vmkeep host add
+        host_monitor.heartbeat(ctx, f"{host}:{port}")  # alive before its first poll
     for job_id in jobs.recover(ctx):
         log.warning("job %s was running when the daemon stopped: marked FAILED", job_id)
     stop = threading.Event()

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import case, select, update
+from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Datastore, Host, Job, Vm
 from vmkeep.engine.core.context import Context
@@ -134,48 +135,55 @@ def waiting_reason(h: Host, queued_timeout: float) -> str:
             f"{queued_timeout:g} s)")  # fmt: skip
 
 
-def mark_unknown(ctx: Context, host: str, reason: str) -> list[str]:
+def mark_unknown(s: Session, host: str, reason: str) -> list[str]:
     """The idle VMs on ``host`` whose domain is there -> UNKNOWN, ``reason`` in their error;
     returns their names."""
-    with ctx.catalog.session() as s:
-        q = select(Vm).where(
-            Vm.host == host,
-            Vm.lcm_state.in_([str(x) for x in ON_HOST]),
-            Vm.lcm_state.not_in([str(x) for x in BUSY_STATES]),
-        )
-        marked = []
-        for vm in s.execute(q.with_for_update()).scalars():
-            vm.state, vm.lcm_state, vm.error = VmState.UNKNOWN, LcmState.UNKNOWN, reason
-            marked.append(vm.name)
-        return marked
+    q = select(Vm).where(
+        Vm.host == host,
+        Vm.lcm_state.in_([str(x) for x in ON_HOST]),
+        Vm.lcm_state.not_in([str(x) for x in BUSY_STATES]),
+    )
+    marked = []
+    for vm in s.execute(q.with_for_update()).scalars():
+        vm.state, vm.lcm_state, vm.error = VmState.UNKNOWN, LcmState.UNKNOWN, reason
+        marked.append(vm.name)
+    return marked
 
 
 def sweep(ctx: Context, now: datetime | None = None) -> dict[str, Any]:
     """The rules for silent and unreachable hosts over the whole catalog (any daemon runs it):
-    returns the VMs marked UNKNOWN, the jobs told to wait and the jobs failed."""
+    returns the VMs marked UNKNOWN, the jobs told to wait and the jobs failed.
+
+    Each host is judged on its row read with a share lock, in the transaction that marks its
+    VMs and jobs: a heartbeat written meanwhile waits for the sweep or is seen by it, so a sweep
+    never marks the VMs of a daemon that is back (and has polled them) from an older read."""
     now = now or datetime.now(UTC)
     cluster = ctx.config.cluster
     out: dict[str, Any] = {"unknown": [], "waiting": [], "failed": []}
     with ctx.catalog.session() as s:
-        hosts = list(s.execute(select(Host).order_by(Host.name)).scalars())
-        for h in hosts:
-            s.expunge(h)
-    for h in hosts:
-        reason = _unknown_reason(h, now, cluster.silent_after, cluster.unknown_after)
-        if reason is not None:
-            out["unknown"] += mark_unknown(ctx, h.name, reason)
-        if h.heartbeat_at is None or _age(now, h.heartbeat_at) > cluster.silent_after:
-            waiting, failed = _jobs_of_silent(ctx, h, now)
-            out["waiting"] += waiting
-            out["failed"] += failed
+        names = list(s.execute(select(Host.name).order_by(Host.name)).scalars())
+    for name in names:
+        with ctx.catalog.session() as s:
+            q = select(Host).where(Host.name == name).with_for_update(read=True)
+            h = s.execute(q).scalar_one_or_none()
+            if h is None:
+                continue  # removed meanwhile
+            reason = _unknown_reason(h, now, cluster.silent_after, cluster.unknown_after)
+            if reason is not None:
+                out["unknown"] += mark_unknown(s, h.name, reason)
+            if h.heartbeat_at is None or _age(now, h.heartbeat_at) > cluster.silent_after:
+                waiting, failed = _jobs_of_silent(s, h, now, cluster.queued_timeout)
+                out["waiting"] += waiting
+                out["failed"] += failed
     return out
 
 
-def _jobs_of_silent(ctx: Context, h: Host, now: datetime) -> tuple[list[int], list[int]]:
+def _jobs_of_silent(
+    s: Session, h: Host, now: datetime, timeout: float
+) -> tuple[list[int], list[int]]:
     """The QUEUED jobs for silent host ``h``: the reason on each; those that waited
-    ``queued_timeout`` s for its daemon (since they were queued, or since its last heartbeat
-    when that came later) FAILED."""
-    timeout = ctx.config.cluster.queued_timeout
+    ``timeout`` s for its daemon (since they were queued, or since its last heartbeat when that
+    came later) FAILED."""
     why = waiting_reason(h, timeout)
     err = HostUnavailable(
         h.name,
@@ -184,32 +192,31 @@ def _jobs_of_silent(ctx: Context, h: Host, now: datetime) -> tuple[list[int], li
     )
     told: list[int] = []
     failed: list[int] = []
-    with ctx.catalog.session() as s:
-        rows = s.execute(
-            select(Job.id, Job.created_at, Job.wait_reason).where(
-                Job.state == JobState.QUEUED, Job.runs_on == h.name
-            )
-        ).all()
-        for job_id, created, reason in rows:
-            start = max(created, h.heartbeat_at) if h.heartbeat_at is not None else created
-            if _age(now, start) <= timeout:
-                if reason != why:
-                    told.append(job_id)
-                continue
-            won = s.execute(  # type: ignore[attr-defined]
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)  # not claimed meanwhile
-                .values(
-                    state=JobState.FAILED,
-                    finished_at=now,
-                    error_code="HostUnavailable",
-                    error=str(err),
-                    wait_reason=None,
-                )  # fmt: skip
-            ).rowcount
-            if won == 1:
-                failed.append(job_id)
-        if told:
-            s.execute(update(Job).where(Job.id.in_(told), Job.state == JobState.QUEUED)
-                      .values(wait_reason=why))  # fmt: skip
+    rows = s.execute(
+        select(Job.id, Job.created_at, Job.wait_reason).where(
+            Job.state == JobState.QUEUED, Job.runs_on == h.name
+        )
+    ).all()
+    for job_id, created, reason in rows:
+        start = max(created, h.heartbeat_at) if h.heartbeat_at is not None else created
+        if _age(now, start) <= timeout:
+            if reason != why:
+                told.append(job_id)
+            continue
+        won = s.execute(  # type: ignore[attr-defined]
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.QUEUED)  # not claimed meanwhile
+            .values(
+                state=JobState.FAILED,
+                finished_at=now,
+                error_code="HostUnavailable",
+                error=str(err),
+                wait_reason=None,
+            )  # fmt: skip
+        ).rowcount
+        if won == 1:
+            failed.append(job_id)
+    if told:
+        s.execute(update(Job).where(Job.id.in_(told), Job.state == JobState.QUEUED)
+                  .values(wait_reason=why))  # fmt: skip
     return told, failed
