@@ -84,9 +84,12 @@ class Cluster:
         return json.loads(proc.stdout)
 
     @contextmanager
-    def daemon(self, host: str, extra: dict[str, str] | None = None) -> Iterator[Daemon]:
+    def daemon(
+        self, host: str, extra: dict[str, str] | None = None, python: list[str] | None = None
+    ) -> Iterator[Daemon]:
         """``vmkeep daemon --host HOST`` (one worker: a VM's jobs one after another), its own
-        data dir; stopped with SIGTERM (exit 0) unless the test killed it."""
+        data dir; stopped with SIGTERM (exit 0) unless the test killed it. ``python``: the
+        interpreter's argv (a lab host's ``nsenter`` prefix runs it inside that host)."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -96,7 +99,7 @@ class Cluster:
         log = self.root / f"{host}-{uuid.uuid4().hex[:6]}.log"
         with open(log, "w") as err:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "vmkeep.cli.main", "-v", "daemon", "--host", host,
+                [*(python or [sys.executable]), "-m", "vmkeep.cli.main", "-v", "daemon", "--host", host,
                  "--listen", f"127.0.0.1:{port}", "--workers", "1"],
                 env=self.env | {"VMKEEP_DATA_DIR": str(data)} | (extra or {}),
                 stderr=err, text=True,
@@ -297,3 +300,55 @@ def test_a_job_for_a_silent_daemon_fails_after_queued_timeout(cluster: Cluster) 
         assert "Host 'h2'" in msg and "vmkeep daemon --host h2" in msg, msg
         assert j["pid"] == 0, j  # no daemon ever ran it
         assert f"job {job_id} failed: its host's daemon stayed silent" in d1.text()
+
+
+@pytest.fixture
+def lab_host2(cluster: Cluster) -> Iterator[Lab]:
+    """Lab host 2 (``vmkeep.lab.hosts``: its own libvirtd in its own namespaces) with a guest of
+    its own, and its row ``lab2`` in the catalog; the hosts are taken down again only when this
+    test brought them up (other tests may be using them)."""
+    from vmkeep.hypervisor import connect
+    from vmkeep.lab import hosts
+
+    already = any(row["number"] == 2 and row["alive"] for row in hosts.list())
+    host = hosts.up(2)[1]
+    lab = Lab(connect(host.uri), LAB_DIR, prefix=f"{PREFIX}lab2-")
+    try:
+        lab.down()
+        guest = lab.create(f"{PREFIX}lab2-vm", [64 << 20])
+        records.add(cluster.ctx, "lab2", host.uri)
+        cluster.run("vm", "import", guest, extra={"VMKEEP_CLUSTER_HOST": "lab2"})
+        cluster.guests["lab2"] = guest
+        yield lab
+    finally:
+        lab.down()
+        if not already:
+            hosts.down()
+
+
+def test_a_backup_on_lab_host_2_by_the_daemon_inside_it(
+    cluster: Cluster, lab_host2: Lab, hv: Hypervisor
+) -> None:
+    """h2's daemon runs inside lab host 2's namespaces (``vmkeep lab hosts exec 2``) on the
+    same catalog; a backup of its guest queued through h1's daemon runs there."""
+    from vmkeep.lab import hosts
+
+    c = cluster
+    guest = c.guests["lab2"]
+    assert c.vm(guest).host == "lab2"
+    with pytest.raises(Exception):  # noqa: B017,PT011 (any lookup error): not on host 1
+        hv.domain(guest)
+    inside = [*hosts.nsenter_argv(2), sys.executable]
+    with c.daemon("h1") as d1, c.daemon("lab2", python=inside) as d2:
+        backup = queue(d1, guest, "backup", {"datastore": "ds"})
+        j = ended(d1, backup)
+        assert (j["state"], j["runs_on"], j["pid"]) == ("DONE", "lab2", d2.pid), j
+        point = j["result"]
+        assert point["status"] == "VALID", point
+        verify = d1.client.post(f"/v1/backups/{point['id']}/verify", json={})
+        assert verify.status_code == 202, verify.text
+        v = ended(d1, verify.json()["job"]["id"])
+        assert v["state"] == "DONE" and v["runs_on"] is None, v  # a point's job: any daemon
+        h = wait_for(lambda: (h := records.show(c.ctx, "lab2"))["monitored_at"] and h, "lab2")
+        assert h["state"] == "MONITORED" and h["daemon_info"]["pid"] == d2.pid, h
+        assert (h["monitor"]["vms"], h["monitor"]["running"]) == (1, 1), h
