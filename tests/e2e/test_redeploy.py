@@ -8,19 +8,19 @@ placed by the scheduler on the host with fewer running VMs.
 
 The module runs on a lab of its own (10.81.0.0/16, ``VMKEEP_LAB_HOSTS_NET``): killing its host 2
 never disturbs the lab other sessions' tests share (10.77). Host 1 is this machine's libvirtd
-either way (reached through the lab's relay), never touched. The hosts' monitoring figures
-(state, CPUs, free memory, running VMs) are what the daemon's monitor writes: read here from
-each libvirtd with virsh and written to the hosts rows the same way.
+either way (reached through the lab's relay), never touched. The hosts are monitored by the
+engine's monitor (``engine/hosts/monitor.py``, what each daemon's monitor loop runs): MONITORED
+with their figures, ERROR once host 2's libvirt is dead, and its sweep marks the VM UNKNOWN after
+``[cluster] unknown_after`` (2 s here).
 """
 
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import pytest
 
 from vmkeep.config import load_config
 from vmkeep.engine.core.context import Context
+from vmkeep.engine.hosts import monitor as host_monitor
 from vmkeep.engine.hosts import records
 from vmkeep.hypervisor import Hypervisor, connect
 from vmkeep.lab import Lab, hosts
@@ -39,6 +40,7 @@ from .conftest import LAB_DIR, PREFIX
 NET = "81"  # this module's own lab (see the module's doc)
 FAIL = 2  # the lab host killed
 H1, HF = "host1", f"host{FAIL}"
+UNKNOWN_AFTER = 2  # [cluster] unknown_after, s: the monitor's grace before its VMs are UNKNOWN
 
 
 def virsh(uri: str, *argv: str) -> str:
@@ -65,24 +67,24 @@ def own_lab(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(hosts.NET_ENV, NET)  # clean_env removed it; the CLI inherits it
 
 
-def monitor(ctx: Context, name: str, uri: str, state: str = records.MONITORED) -> dict[str, int]:
-    """What the monitor writes for a host it reached: its CPUs, free memory, running VMs."""
-    cpus = int(re.search(r"CPU\(s\):\s+(\d+)", virsh(uri, "nodeinfo")).group(1))  # type: ignore[union-attr]
-    free = int(re.search(r"free\s*:\s*(\d+)", virsh(uri, "nodememstats")).group(1))  # type: ignore[union-attr]
-    figures = {"cpus": cpus, "free_memory_kib": free, "running": len(running_on(uri))}
-    with ctx.catalog.session() as s:
-        h = records.find_host(s, name)
-        h.state, h.monitor, h.monitored_at, h.error = state, figures, datetime.now(UTC), None
-    return figures
+def monitor(name: str) -> dict[str, Any]:
+    """Host ``name`` monitored once by the engine, as its daemon's monitor loop does
+    (``engine/hosts/monitor.py``): MONITORED with its figures, or ERROR when its libvirt does
+    not answer."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VMKEEP_CLUSTER_HOST", name)
+        out = host_monitor.monitor(Context(load_config()))
+    assert out["host"] == name
+    return out
 
 
-def host_failed(ctx: Context, name: str, uri: str) -> None:
-    """What the monitor writes for a host whose libvirt it cannot reach (ERROR)."""
-    proc = subprocess.run(["virsh", "-c", uri, "uri"], capture_output=True, text=True, timeout=60)
-    assert proc.returncode != 0, "the host's libvirt still answers"
-    with ctx.catalog.session() as s:
-        h = records.find_host(s, name)
-        h.state, h.error = records.ERROR, proc.stderr.strip()[:500]
+def host_failed(ctx: Context, name: str, vms: list[str]) -> None:
+    """The host's libvirt does not answer its monitor (ERROR); after ``[cluster]
+    unknown_after`` the sweep any daemon runs marks its VMs UNKNOWN."""
+    out = monitor(name)
+    assert out["state"] == records.ERROR, out
+    time.sleep(UNKNOWN_AFTER + 0.5)
+    assert sorted(host_monitor.sweep(ctx)["unknown"]) == sorted(vms)
 
 
 def kill_host(n: int, guest: str) -> None:
@@ -141,6 +143,11 @@ def new_guest(lab: Lab, name: str, folder: Path) -> Path:
     return xml
 
 
+@pytest.fixture(autouse=True)
+def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VMKEEP_CLUSTER_UNKNOWN_AFTER", str(UNKNOWN_AFTER))
+
+
 def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     lab_own: dict[int, str], lab: Lab, hv: Hypervisor, on: Any, tmp_path: Path, clean_env: Path
 ) -> None:
@@ -148,8 +155,8 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     uri1, urif = lab_own[1], lab_own[FAIL]
     records.add(ctx, H1, uri1)
     records.add(ctx, HF, urif)
-    monitor(ctx, H1, uri1)
-    monitor(ctx, HF, urif)
+    monitor(H1)
+    monitor(HF)
     hvf = connect(urif)
     lab_f = Lab(hvf, LAB_DIR, prefix=PREFIX)
     name = f"{PREFIX}redeploy"
@@ -171,7 +178,8 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
 
     # the host dies: its libvirtd and the guest's QEMU
     kill_host(FAIL, name)
-    host_failed(ctx, HF, urif)
+    host_failed(ctx, HF, [name])
+    assert on(None, "vm", "show", name, "--json").json()["lcm_state"] == "UNKNOWN"
     t0 = time.monotonic()
     res = on(H1, "vm", "recover", name, "--redeploy", "--host", H1, "--json", check=1)
     took = time.monotonic() - t0
@@ -198,7 +206,7 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
 
     # a deploy without --host: placed by the scheduler on the host with fewer running VMs
     # (host 1 runs the redeployed guest, host 2 nothing since its QEMU was killed)
-    f1, ff = monitor(ctx, H1, uri1), monitor(ctx, HF, urif)
+    f1, ff = monitor(H1)["monitor"], monitor(HF)["monitor"]
     assert ff["running"] < f1["running"], (f1, ff)
     other = f"{PREFIX}placed"
     on(None, "vm", "create", "--xml", str(new_guest(lab, other, tmp_path)))
@@ -230,8 +238,8 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     assert after
 
     kill_host(FAIL, name)
-    host_failed(ctx, HF, urif)
-    monitor(ctx, H1, uri1)
+    host_failed(ctx, HF, [name])
+    monitor(H1)
     res = on(H1, "vm", "recover", name, "--redeploy", "--from-backup", "--json", check=1)
     out = res.json()
     assert (out["host"], out["from"], out["backup"]) == (H1, "backup", point["id"]), out
@@ -256,8 +264,8 @@ def test_group_recovers_in_its_start_order(
     uri1, urif = lab_own[1], lab_own[FAIL]
     records.add(ctx, H1, uri1)
     records.add(ctx, HF, urif)
-    monitor(ctx, H1, uri1)
-    monitor(ctx, HF, urif)
+    monitor(H1)
+    monitor(HF)
     lab_f = Lab(connect(urif), LAB_DIR, prefix=PREFIX)
     db, app = f"{PREFIX}g-db", f"{PREFIX}g-app"
     sums = {}
@@ -271,8 +279,8 @@ def test_group_recovers_in_its_start_order(
 
     kill_host(FAIL, db)
     kill_qemu(FAIL, app)
-    host_failed(ctx, HF, urif)
-    monitor(ctx, H1, uri1)
+    host_failed(ctx, HF, [db, app])
+    monitor(H1)
     res = on(H1, "group", "recover", "shop", "--redeploy", "--json", check=1)
     out = res.json()
     assert out["host"] == H1
