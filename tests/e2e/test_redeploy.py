@@ -35,7 +35,7 @@ from vmkeep.lab import Lab, hosts
 from vmkeep.lab.image import build_boot_image
 from vmkeep.lab.lab import domain_xml
 
-from .conftest import LAB_DIR, PREFIX
+from .conftest import LAB_DIR, PREFIX, running_daemon
 
 NET = "81"  # this module's own lab (see the module's doc)
 FAIL = 2  # the lab host killed
@@ -281,7 +281,13 @@ def test_group_recovers_in_its_start_order(
     kill_qemu(FAIL, app)
     host_failed(ctx, HF, [db, app])
     monitor(H1)
-    res = on(H1, "group", "recover", "shop", "--redeploy", "--json", check=1)
+    # through host 1's daemon: the API's check places the group (host 1) and queues the job for
+    # that host's daemon (runs_on), which runs it
+    with running_daemon("--host", H1, log=tmp_path / "daemon.log"):
+        res = on(None, "group", "recover", "shop", "--redeploy", "--json", check=1)
+        jobs = on(None, "jobs", "list", "--json").json()
+    job = next(j for j in jobs if j["kind"] == "group-recover")
+    assert (job["state"], job["runs_on"]) == ("DONE", H1), job
     out = res.json()
     assert out["host"] == H1
     assert [(m["vm"], m["action"], m["from_host"]) for m in out["members"]] == [
