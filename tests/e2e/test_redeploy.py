@@ -210,7 +210,12 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     assert ff["running"] < f1["running"], (f1, ff)
     other = f"{PREFIX}placed"
     on(None, "vm", "create", "--xml", str(new_guest(lab, other, tmp_path)))
-    on(HF, "vm", "deploy", other)  # run by the process of the host it is placed on
+    # through host 2's daemon: the API's check places the VM and queues the job for the
+    # daemon of the host it chose, which runs it (a job placed elsewhere would wait here)
+    with running_daemon("--host", HF, log=tmp_path / "daemon-h2.log"):
+        on(None, "vm", "deploy", other)
+        job = next(j for j in on(None, "jobs", "list", "--json").json() if j["target"] == other)
+        assert (job["kind"], job["state"], job["runs_on"]) == ("vm-deploy", "DONE", HF), job
     placed = {r["name"]: r for r in on(None, "vm", "list", "--json").json()}[other]
     assert placed["host"] == HF, (placed, f1, ff)
     assert other in running_on(urif) and other not in running_on(uri1)
