@@ -168,6 +168,11 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     assert name in running_on(urif) and name not in running_on(uri1)
     lab_f.wait_ready(name)
     before = lab_f.write_random(name, "/mnt/vda/before", 4)
+    # backed up there as increments: a checkpoint on host 2, its bitmap in the qcow2
+    ds = clean_env / "ds"
+    on(None, "datastore", "add", "ds", "--driver", "dir", "--path", str(ds))
+    on(None, "vm", "config", name, "--mode", "increment")
+    first = on(HF, "backup", name, "--datastore", "ds", "--json").json()
 
     # the host is marked failed while it still runs the guest: refused, never two copies
     with ctx.catalog.session() as s:
@@ -186,6 +191,7 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     out = res.json()
     assert (out["host"], out["from_host"], out["from"]) == (H1, HF, "disks"), out
     assert f"host {HF} could not be asked" in res.err and "never start it there" in res.err
+    assert "next backup starts a new full chain" in res.err
     assert name in running_on(uri1)
     lab.wait_ready(name)
     assert lab.sha256(name, "/mnt/vda/before") == before  # the data written before, intact
@@ -195,6 +201,9 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     assert (last["action"], last["result"]) == ("recover", "DONE")
     assert last["options"] == {"redeploy": True, "host": H1, "from_backup": False}
     print(f"redeployed from its disk in {took:.1f} s")
+    # its next backup, on host 1, with the old checkpoint's bitmap still in its qcow2: a new chain
+    moved = on(H1, "backup", name, "--datastore", "ds", "--json").json()
+    assert moved["id"] != first["id"], moved
 
     # --- the failing host up again (its libvirtd in its namespaces, the guest's old definition
     # with it) ------------------------------------------------------------------------------------
@@ -228,16 +237,14 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     print(f"placed on {HF}: running {H1} {f1['running']}, {HF} {ff['running']}")
 
     # --- from a backup: the guest back on that host, backed up there, the host killed again ---
-    on(H1, "vm", "undeploy", name, "--hard")
+    res = on(H1, "vm", "undeploy", name, "--hard", check=1)  # its checkpoint stays behind
+    assert "checkpoints were dropped" in res.err, res.err
     on(HF, "vm", "deploy", name, "--host", HF)
     hvf = connect(urif)
     lab_f = Lab(hvf, LAB_DIR, prefix=PREFIX)
     lab_f.wait_ready(name)
     assert name in running_on(urif) and name not in running_on(uri1)
     assert lab_f.sha256(name, "/mnt/vda/before") == before
-    ds = clean_env / "ds"
-    on(None, "datastore", "add", "ds", "--driver", "dir", "--path", str(ds))
-    on(None, "vm", "config", name, "--mode", "increment")  # a checkpoint: it stays on host 2
     point = on(HF, "backup", name, "--datastore", "ds", "--json").json()
     after = lab_f.write_random(name, "/mnt/vda/after", 2)  # not in the point
     assert after
