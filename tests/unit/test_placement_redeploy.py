@@ -304,3 +304,24 @@ def test_group_recover_in_start_order(failed: dict[str, Any], tmp_path: Path) ->
     assert "failed host" in out["members"][1]["why"]
     with pytest.raises(Refused, match="none of its members is on a failed host"):
         manage.recover_host(ctx, "shop")
+
+
+def test_a_domain_already_on_the_destination(failed: dict[str, Any], tmp_path: Path) -> None:
+    ctx = failed["ctx"]
+    other = xml_of("web", failed["disk"]).replace(
+        "<name>web</name>", "<name>web</name><uuid>00000000-0000-0000-0000-000000000001</uuid>"
+    )
+    ctx.hv.define(other)  # another domain of that name on h1
+    with pytest.raises(Refused, match="host h1 has another domain of that name"):
+        redeploy.redeploy(ctx, "web")
+    assert ctx.hv.domains["web"].uuid.endswith("0001")  # left as it was
+    ctx.hv.undefine("web")
+    # the VM itself already running there (a redeploy that died before the catalog): kept
+    with ctx.catalog.session() as s:
+        template = s.execute(select(Vm).where(Vm.name == "web")).scalar_one().template
+    ctx.hv.define(template)
+    ctx.hv.start("web")
+    out, warnings = redeploy.redeploy(ctx, "web")
+    assert out["from"] == "already running there" and out["host"] == "h1"
+    assert any("kept running there" in w for w in warnings.items)
+    assert ("define", "web") not in ctx.hv.calls[-1:]

@@ -66,6 +66,7 @@ class Plan:
     dest: str
     template: str | None
     old_libvirt: str  # "running", "defined", "absent" or "unreachable: why"
+    uuid: str = ""
     point: tuple[int, int] | None = None  # (backup id, seq) with --from-backup
     warnings: Warnings = field(default_factory=Warnings)
 
@@ -171,7 +172,7 @@ def failed_member(ctx: Context, ref: str, from_backup: bool = False) -> Plan:
                 "with 'vmkeep vm migrate VM HOST'.",
             )
         plan = Plan(vm.id, vm.name, vm.lcm_state, vm.host, old.uri if old else vm.host_uri,
-                    failed, "", vm.template, "")  # fmt: skip
+                    failed, "", vm.template, "", vm.uuid)  # fmt: skip
     if from_backup:
         plan.point = newest_point(ctx, plan.vm_id)
         if plan.point is None:
@@ -252,6 +253,8 @@ def _bring_up(ctx: Context, plan: Plan) -> dict[str, Any]:
             f"libvirt may still hold a definition of {plan.name}; remove it there once the host "
             f"is back (virsh -c {plan.old_uri} undefine {plan.name}), never start it there"
         )
+    if _already_there(ctx, plan):
+        return {"from": "already running there"}
     with _keeping_destination_clean(ctx, plan.name):
         if plan.point is not None:
             xml, result = _from_point(ctx, plan)
@@ -276,6 +279,28 @@ def _bring_up(ctx: Context, plan: Plan) -> dict[str, Any]:
             "its next backup starts a new full chain"
         )
     return result
+
+
+def _already_there(ctx: Context, plan: Plan) -> bool:
+    """Whether the VM already runs on the destination (an earlier redeploy whose process died
+    before the catalog was written): kept as it is. Another domain of that name there, or this
+    one defined there, is refused or replaced before anything is written."""
+    try:
+        there = ctx.hv.domain(plan.name)
+    except DomainNotFound:
+        return False
+    if there.uuid != plan.uuid:
+        raise Refused(
+            f"redeploy of VM {plan.name}",
+            f"host {plan.dest} has another domain of that name (UUID {there.uuid}, the VM's is "
+            f"{plan.uuid})",
+            "Rename or remove that domain there, or redeploy on another host (--host).",
+        )
+    if there.state != VmState.ACTIVE:
+        return False  # this VM's own definition, off: defined again below
+    plan.warnings.add(f"VM {plan.name} already ran on host {plan.dest} (an earlier redeploy "
+                      "that did not finish): kept running there")  # fmt: skip
+    return True
 
 
 def _close(hv: object) -> None:
