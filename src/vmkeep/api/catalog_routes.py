@@ -43,6 +43,7 @@ class DatastoreRequest(Params):
 class CreateVmRequest(Params):
     xml: str = Field(min_length=1, max_length=1 << 20)
     hold: bool = False
+    host: str | None = Field(default=None, min_length=1, max_length=255)  # pinned to that host
 
 
 class GroupRequest(Params):
@@ -72,7 +73,9 @@ def routes(api: Api, r: FastAPI) -> None:
     @r.post("/v1/vms", status_code=201)
     def create_vm(body: CreateVmRequest, who: Actor = require("vm-create")) -> Any:
         return jsonable(
-            dispatch.create(ctx(), body.xml, hold=body.hold, origin="api", who=who.name)
+            dispatch.create(
+                ctx(), body.xml, hold=body.hold, host=body.host, origin="api", who=who.name
+            )
         )
 
     @r.get("/v1/vms/{vm}/history")

@@ -11,8 +11,15 @@ processes share the catalog (the job queue is its ``jobs`` table) and one cross-
 on which a queued job wakes the daemon's idle workers at once. A process that dies is started
 again; each exits when the daemon is gone.
 
-At start it marks this host's RUNNING jobs left by a dead process FAILED (their VMs were recovered
-by their guard process). SIGTERM / Ctrl-C: uvicorn stops taking requests, workers stop claiming,
+With ``--host NAME`` (``[cluster] host``; docs/hosts.md) the daemon acts for that row of the
+``hosts`` table: its workers claim only the jobs for that host or for any host, it drives that
+host's libvirt URI, writes the host's heartbeat every ``[cluster] heartbeat_interval`` s and
+monitors the host in its monitor loop; every daemon's monitor loop also sweeps the hosts whose
+daemon is silent (``engine/hosts/monitor.py``). Its HTTP processes get the same host.
+
+At start it marks this machine's RUNNING jobs left by a dead process FAILED (their VMs were
+recovered by their guard process): the pid is what decides, so the daemons of two hosts on one
+machine never fail each other's live jobs, and a daemon back after a crash fails its own. SIGTERM / Ctrl-C: uvicorn stops taking requests, workers stop claiming,
 running jobs are cancelled through the engine's cancel path (guests thawed, partial data and
 checkpoints removed), then the process exits 0.
 """
@@ -39,6 +46,8 @@ from vmkeep.api.app import create_app
 from vmkeep.config import Config
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.context import Context
+from vmkeep.engine.hosts import monitor as host_monitor
+from vmkeep.engine.hosts.records import find_host
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.service import notify, scheduler
 from vmkeep.engine.service.actions import RUNNERS
@@ -85,15 +94,54 @@ def _worker(config: Config, stop: threading.Event, slots: WorkSlots) -> None:
 
 
 def _monitor(config: Config, stop: threading.Event) -> None:
-    """The monitor loop: poll every VM through the VMM driver each ``[monitor] interval`` s."""
+    """The monitor loop, at start and then every ``[monitor] interval`` s: this daemon's host
+    (``engine/hosts/monitor.py``), every VM of it through the VMM driver, and the sweep of
+    silent and unreachable hosts (their VMs UNKNOWN, the jobs waiting for them)."""
     ctx = Context(config)
-    while not stop.wait(config.monitor.interval):
+    while True:  # at once: a daemon back after a crash sets its VMs' real state first thing
+        _hosts(ctx)
         try:
             for row in dispatch.poll(ctx):
                 if "error" in row:
                     log.warning("poll of %s: %s", row["vm"], row["error"])
         except VmkeepError as err:
             log.error("monitor: %s", err)
+        _sweep(ctx)
+        if stop.wait(config.monitor.interval):
+            return
+
+
+def _hosts(ctx: Context) -> None:
+    try:
+        seen = host_monitor.monitor(ctx)
+    except VmkeepError as err:
+        log.error("monitoring host %s: %s", ctx.host, err)
+        return
+    if seen.get("error"):
+        log.warning("host %s: %s", ctx.host, seen["error"])
+
+
+def _sweep(ctx: Context) -> None:
+    try:
+        swept = host_monitor.sweep(ctx)
+    except VmkeepError as err:
+        log.error("sweep of silent hosts: %s", err)
+        return
+    if swept["unknown"]:
+        log.warning("VMs now UNKNOWN (host unreachable or silent): %s", ", ".join(swept["unknown"]))
+    for job_id in swept["failed"]:
+        log.warning("job %s failed: its host's daemon stayed silent", job_id)
+
+
+def _heartbeat(ctx: Context, listen: str, stop: threading.Event) -> None:
+    """This daemon's heartbeat every ``[cluster] heartbeat_interval`` s (none without a host)."""
+    while True:
+        try:
+            host_monitor.heartbeat(ctx, listen)
+        except VmkeepError as err:
+            log.error("heartbeat of host %s: %s", ctx.host, err)
+        if stop.wait(ctx.config.cluster.heartbeat_interval):
+            return
 
 
 def local_socket(path: Path) -> tuple[socket.socket, tuple[int, int]] | None:
@@ -288,11 +336,21 @@ def serve(
     workers: int | None = None,
     clock: scheduler.Clock | None = None,
     http_workers: int | None = None,
+    host_name: str | None = None,
 ) -> None:
+    """Serve until SIGTERM / SIGINT; ``host_name`` (``--host``): the host this daemon runs the
+    jobs of (``[cluster] host``), which must exist in the catalog."""
     private_umask()  # also when serve() is called without the CLI's main()
+    if host_name is not None:
+        cluster = config.cluster.model_copy(update={"host": host_name})
+        config = config.model_copy(update={"cluster": cluster})
     host, port = parse_listen(listen or config.api.listen)
     http_count = http_workers or config.api.http_workers
     ctx = Context(config)
+    if ctx.host is not None:
+        with ctx.catalog.session() as s:
+            find_host(s, ctx.host)  # HostNotFound names the fix: vmkeep host add
+        host_monitor.heartbeat(ctx, f"{host}:{port}")  # alive before its first poll
     for job_id in jobs.recover(ctx):
         log.warning("job %s was running when the daemon stopped: marked FAILED", job_id)
     stop = threading.Event()
@@ -322,6 +380,9 @@ def serve(
         local = _SignalsToTcp(uvicorn.Config(app, log_level="warning", lifespan="off"))
     gctune.for_daemon()
     pool.append(threading.Thread(target=_monitor, args=(config, stop), name="monitor", daemon=True))
+    if ctx.host is not None:
+        beat = (Context(config), f"{host}:{port}", stop)
+        pool.append(threading.Thread(target=_heartbeat, args=beat, name="heartbeat", daemon=True))
     pool.append(
         threading.Thread(
             target=scheduler.loop, args=(config, stop, clock), name="scheduler", daemon=True
@@ -337,7 +398,7 @@ def serve(
     scheme = "https" if tls[0] else "http"
     also = f" and {config.socket}" if sock is not None else ""
     log.warning(
-        "vmkeep daemon listening on %s://%s:%s%s, %d workers, %d HTTP process%s",
+        "vmkeep daemon listening on %s://%s:%s%s, %d workers, %d HTTP process%s%s",
         scheme,
         host,
         port,
@@ -345,6 +406,7 @@ def serve(
         slots.size,
         http_count,
         "es" if http_count > 1 else "",
+        f", running the jobs of host {ctx.host}" if ctx.host else "",
     )
     try:
         if tcp is not None:

@@ -1,5 +1,5 @@
-"""``vmkeep daemon [--listen HOST:PORT] [--workers N] [--http-workers N]``: the REST API and the
-job workers."""
+"""``vmkeep daemon [--host NAME] [--listen HOST:PORT] [--workers N] [--http-workers N]``: the
+REST API and the job workers (``--host``: of one host of a shared catalog)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,13 @@ from vmkeep.cli.output import ctx_of
 
 
 @click.command()
+@click.option(
+    "--host",
+    "host_name",
+    default=None,
+    help="The host (vmkeep host list) whose jobs this daemon runs, on its libvirt "
+    "(default [cluster] host; none: a catalog without hosts).",
+)
 @click.option("--listen", default=None, help="HOST:PORT (default [api] listen, 127.0.0.1:8700).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None, help="Jobs run at once.")
 @click.option(
@@ -30,6 +37,7 @@ from vmkeep.cli.output import ctx_of
 @click.pass_context
 def daemon(
     c: click.Context,
+    host_name: str | None,
     listen: str | None,
     workers: int | None,
     http_workers: int | None,
@@ -46,4 +54,5 @@ def daemon(
     # then the daemon has stopped cleanly, so the re-raised signal must not turn into exit 130.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda _s, _f: None)
-    serve(ctx_of(c).config, listen, workers, clock=fast, http_workers=http_workers)
+    config = ctx_of(c).config
+    serve(config, listen, workers, clock=fast, http_workers=http_workers, host_name=host_name)

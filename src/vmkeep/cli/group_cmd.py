@@ -265,6 +265,45 @@ def stop_cmd(c: click.Context, ref: str, force: bool, timeout: float, as_json: b
     report_warnings(warnings)
 
 
+@group.command("recover")
+@click.argument("ref", metavar="GROUP", shell_complete=complete.groups)
+@click.option(
+    "--redeploy",
+    is_flag=True,
+    required=True,
+    help="Bring the members of failed hosts up on another host (start order).",
+)
+@click.option(
+    "--host",
+    default=None,
+    metavar="HOST",
+    help="On this host (default: placement chooses one for all of them).",
+)
+@click.option(
+    "--from-backup",
+    is_flag=True,
+    help="From each member's newest restore point instead of its disks.",
+)
+@json_option
+@click.pass_context
+def recover_cmd(
+    c: click.Context, ref: str, redeploy: bool, host: str | None, from_backup: bool,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Redeploy the members on failed hosts on another host, in the group's start order;
+    members on working hosts are skipped (with the reason)."""
+    params = {"group": ref, "host": host, "from_backup": from_backup}
+    res, warnings = act(c, "group-recover", params, bar=False)
+
+    def human(r: dict[str, Any]) -> None:
+        for m in r["members"]:
+            where = f" on {m['host']} (from {m['from']}, was on {m['from_host']})"
+            click.echo(f"{m['vm']}: {m['action']}" + (where if "host" in m else f": {m['why']}"))
+
+    render(res, as_json, human)
+    report_warnings(warnings)
+
+
 def member_commands(values: tuple[str, ...], option: str) -> dict[str, str]:
     """``MEMBER=CMD`` options -> {member: command}, split at the first ``=``; a member named
     twice is refused."""

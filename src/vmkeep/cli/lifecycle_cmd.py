@@ -16,6 +16,9 @@ from vmkeep.cli.output import act, ctx_of, json_option, kv, render, report_warni
 
 VM = click.argument("ref", metavar="VM", shell_complete=complete.vms)
 HARD = click.option("--hard", is_flag=True, help="Do not ask the guest: pull the plug / reset.")
+HOST = click.option("--host", default=None, metavar="HOST",
+                    help="Pin it to this host (refused, with the reason, when it cannot take "
+                         "the VM); default: placement chooses (docs/hosts.md).")  # fmt: skip
 
 
 def _run(c: click.Context, ref: str, action: str, opts: dict[str, Any], as_json: bool) -> None:
@@ -49,7 +52,8 @@ DISK = click.option("--disk", default=None, help="Disk target (default: the firs
 
 # vmkeep vm NAME VM ...: runs action NAME
 ACTIONS: list[tuple[str, str, tuple[Param, ...]]] = [
-    ("deploy", "Define and boot a PENDING or UNDEPLOYED VM on the host.", ()),
+    ("deploy", "Define and boot a PENDING or UNDEPLOYED VM (with hosts: on the host placement "
+               "chooses, or --host).", (HOST,)),
     ("hold", "Keep a PENDING VM from being deployed.", ()),
     ("release", "Let a HOLD VM be deployed (PENDING).", ()),
     ("poweroff", "Shut the guest down (--hard: pull the plug).", (HARD,)),
@@ -130,14 +134,17 @@ def _group(name: str) -> click.Group:
 @click.option("--xml", "xml_file", required=True, type=click.Path(exists=True, dir_okay=False,
               path_type=Path), help="libvirt domain XML of the new VM.")  # fmt: skip
 @click.option("--hold", is_flag=True, help="Create it in HOLD (deploy refused until release).")
+@HOST
 @json_option
 @click.pass_context
-def create_cmd(c: click.Context, xml_file: Path, hold: bool, as_json: bool) -> None:
+def create_cmd(
+    c: click.Context, xml_file: Path, hold: bool, host: str | None, as_json: bool
+) -> None:
     """Create a VM in the catalog (PENDING) from a domain XML; 'vm deploy' boots it."""
     from vmkeep.engine.core.jobs import local_user
     from vmkeep.engine.lifecycle import dispatch
 
-    res = dispatch.create(ctx_of(c), xml_file.read_text(), hold=hold, who=local_user())
+    res = dispatch.create(ctx_of(c), xml_file.read_text(), hold=hold, host=host, who=local_user())
     render(res, as_json, kv)
 
 
@@ -160,13 +167,42 @@ def snapshot_list(c: click.Context, ref: str, as_json: bool) -> None:
 @click.option("--failure", "how", flag_value="failure", help="Back where the action started.")
 @click.option("--retry", "how", flag_value="retry", help="Run the last action again.")
 @click.option("--delete", "how", flag_value="delete", help="Terminate it (--hard).")
+@click.option(
+    "--redeploy",
+    is_flag=True,
+    help="Its host failed: bring it up on another host from its disks (shared "
+    "storage), or with --from-backup from its newest restore point.",
+)
+@click.option(
+    "--host",
+    default=None,
+    metavar="HOST",
+    help="With --redeploy: on this host (default: placement chooses).",
+)
+@click.option(
+    "--from-backup",
+    is_flag=True,
+    help="With --redeploy: write its newest restore point over its disks first.",
+)
 @json_option
 @click.pass_context
-def recover_cmd(c: click.Context, ref: str, how: str | None, as_json: bool) -> None:
-    """Admin: leave a *_FAILURE or stuck state."""
-    if how is None:
-        raise click.UsageError("give one of --success, --failure, --retry, --delete")
-    _run(c, ref, "recover", {"how": how}, as_json)
+def recover_cmd(
+    c: click.Context,
+    ref: str,
+    how: str | None,
+    redeploy: bool,
+    host: str | None,
+    from_backup: bool,
+    as_json: bool,
+) -> None:
+    """Admin: leave a *_FAILURE or stuck state; --redeploy: bring the VM of a failed host up
+    on another host (never while it still runs on its old host)."""
+    if (how is None) == (not redeploy):
+        raise click.UsageError("give one of --success, --failure, --retry, --delete, --redeploy")
+    if not redeploy and (host is not None or from_backup):
+        raise click.UsageError("--host and --from-backup go with --redeploy")
+    opts = {"how": how} if how else {"redeploy": True, "host": host, "from_backup": from_backup}
+    _run(c, ref, "recover", opts, as_json)
 
 
 @click.command("poll")

@@ -167,6 +167,12 @@ class Hypervisor(ABC):
         """Abort the disk's block job; no error when there is none."""
         raise NotImplementedError
 
+    # --- the host (``engine/hosts/monitor.py``) -------------------------------------------------
+    def node_info(self) -> dict[str, int]:
+        """The host's ``cpus``, ``memory_kib`` and ``free_memory_kib``; HypervisorUnreachable
+        when libvirt cannot be reached."""
+        raise HypervisorError(f"{self.uri}: the host's figures are not available")
+
     # --- networks (a group drill's isolated network) -------------------------------------------
     def network_create(self, xml: str) -> str:
         """Create and start a transient network from XML; returns its name."""

@@ -80,6 +80,23 @@ def description(xml: str) -> str:
     return ET.fromstring(xml).findtext("description") or ""
 
 
+_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "k": 1, "kib": 1, "kb": 1000 / 1024, "m": 1024,
+        "mib": 1024, "mb": 1e6 / 1024, "g": 1 << 20, "gib": 1 << 20, "gb": 1e9 / 1024,
+        "t": 1 << 30, "tib": 1 << 30, "tb": 1e12 / 1024}  # fmt: skip
+
+
+def cpu_memory(xml: str) -> tuple[int, int]:
+    """The vCPUs (``<vcpu>``, 1 when absent) and the memory in KiB (``<memory>`` in its unit,
+    libvirt's default KiB; 0 when absent) a domain XML asks for."""
+    root = ET.fromstring(xml)
+    vcpus = int((root.findtext("vcpu") or "1").strip() or 1)
+    mem = root.find("memory")
+    if mem is None or not (mem.text or "").strip():
+        return vcpus, 0
+    factor = _KIB.get(mem.get("unit", "KiB").lower(), 1)
+    return vcpus, int(int((mem.text or "").strip()) * factor)
+
+
 def mac_addresses(xml: str) -> list[str | None]:
     """The address of every ``<mac>`` element (a NIC's MAC), in document order."""
     return [m.get("address") for m in ET.fromstring(xml).iter("mac")]

@@ -26,7 +26,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from vmkeep.errors import AgentUnavailable, DomainNotFound, HypervisorError, VmmError
+from vmkeep.errors import (
+    AgentUnavailable,
+    DomainNotFound,
+    HypervisorError,
+    HypervisorUnreachable,
+    VmmError,
+)
 from vmkeep.hypervisor import carry
 from vmkeep.hypervisor.base import Hypervisor
 from vmkeep.hypervisor.domain_xml import (
@@ -308,6 +314,15 @@ class FakeHypervisor(Hypervisor):
 
     def block_job_abort(self, name: str, target: str) -> None:
         self.record(name)
+
+    # --- the host: knobs for tests of its monitoring --------------------------------------------
+    node: dict[str, int] | None = None  # the host's figures (None: 4 CPUs, 8 GiB, 6 GiB free)
+    reachable: bool = True  # False: libvirt cannot be reached
+
+    def node_info(self) -> dict[str, int]:
+        if not self.reachable:
+            raise HypervisorUnreachable(self.uri, "the fake host is down")
+        return dict(self.node or {"cpus": 4, "memory_kib": 8 << 20, "free_memory_kib": 6 << 20})
 
 
 class FakeCheckpoints:

@@ -201,6 +201,13 @@ class LibvirtHypervisor(LibvirtNetworks, Hypervisor):
         dom = self._dom(name)
         return self._call(lambda: self._info(dom), name)
 
+    def node_info(self) -> dict[str, int]:
+        """libvirt's node info (memory in MiB, CPUs) and free memory (bytes), in KiB."""
+        info = self._call(lambda: self.conn.getInfo(), "node info")
+        free = self._call(lambda: self.conn.getFreeMemory(), "free memory")
+        return {"cpus": int(info[2]), "memory_kib": int(info[1]) * 1024,
+                "free_memory_kib": int(free) // 1024}  # fmt: skip
+
     def qemu_ids(self) -> tuple[int, int] | None:
         """QEMU's uid and gid as libvirt runs it: the DAC security model's base label in the
         host capabilities (``+64055:+64055``; qemu.conf's ``user``/``group``)."""

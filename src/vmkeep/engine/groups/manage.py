@@ -20,6 +20,8 @@ from vmkeep.catalog.tables import Group, GroupBackup, GroupBackupMember, GroupDr
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import backup_jobs_using
 from vmkeep.engine.groups.drill import last_drills, missing_members, restorable
+from vmkeep.engine.hosts import placement
+from vmkeep.engine.restore import redeploy
 from vmkeep.engine.restore.point import RestoreOptions, restore
 from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.record import find_vm, sync_state
@@ -31,6 +33,7 @@ from vmkeep.errors import (
     HypervisorError,
     InvalidValue,
     Refused,
+    VmkeepError,
 )
 from vmkeep.model import LcmState, VmState, Warnings
 from vmkeep.names import check_name, is_id
@@ -367,3 +370,69 @@ def stop_group(
             sync_state(ctx, vm.id, name)
             out.append({"vm": name, "action": action})
     return out
+
+
+def recover_group(
+    ctx: Context,
+    ref: str,
+    host: str | None = None,
+    from_backup: bool = False,
+    *,
+    origin: str = "cli",
+    who: str = "",
+) -> tuple[dict[str, Any], Warnings]:
+    """``group recover GROUP --redeploy``: every member on a failed host redeployed on ``host``
+    (``recover_host``'s choice when None), in the group's start order. A member that needs no
+    redeploy (its host works, it is not on a host) is skipped with the reason; a member whose
+    redeploy fails stops the recovery (later members may need it), naming those done."""
+    with ctx.catalog.session() as s:
+        g = find_group(s, ref)
+        name, order = g.name, [m.vm.name for m in g.members]
+    dest = host if host is not None else recover_host(ctx, name, from_backup)
+    warnings = Warnings()
+    out: list[dict[str, Any]] = []
+    for vm in order:
+        try:
+            redeploy.check(ctx, vm, dest, from_backup)
+        except Refused as err:
+            out.append({"vm": vm, "action": "skipped", "why": str(err)})
+            continue
+        try:
+            result, w = redeploy.redeploy(ctx, vm, dest, from_backup, origin=origin, who=who)
+        except VmkeepError as err:
+            done = [r["vm"] for r in out if r["action"] == "redeployed"]
+            raise Refused(
+                f"recover of group {name}",
+                f"the redeploy of member {vm} failed ({err}); redeployed before it: "
+                + (", ".join(done) or "none"),
+                "Fix the cause and run it again: members already on a working host are skipped.",
+            ) from err
+        warnings.extend(w)
+        out.append({"vm": vm, "action": "redeployed", "host": result["host"],
+                    "from": result.get("from"), "from_host": result["from_host"]})  # fmt: skip
+    return {"group": name, "host": dest, "members": out}, warnings
+
+
+def recover_host(ctx: Context, ref: str, from_backup: bool = False) -> str:
+    """The one host a group's members on failed hosts are redeployed on (the job runs on its
+    daemon): placed for all of them together (their vCPUs' maximum, their memory's sum), their
+    old hosts passed over. Refused when no member needs a redeploy."""
+    with ctx.catalog.session() as s:
+        g = find_group(s, ref)
+        name, members = g.name, [(m.vm.name, m.vm.template, m.vm.host) for m in g.members]
+    need = []
+    for vm, template, old in members:
+        try:
+            redeploy.failed_member(ctx, vm, from_backup)
+        except Refused:
+            continue
+        need.append((placement.size_of(template), old))
+    if not need:
+        raise Refused(
+            f"recover of group {name}",
+            "none of its members is on a failed host",
+            "Nothing to redeploy (vmkeep vm list shows each member's host and state).",
+        )
+    vcpus = max(size[0] for size, _ in need)
+    memory = sum(size[1] for size, _ in need)
+    return placement.place(ctx, vcpus, memory, exclude={old for _, old in need if old})

@@ -5,20 +5,25 @@ Placement (``place``): the candidates are the hosts in state MONITORED (DISABLED
 and INIT hosts take nothing new) whose daemon is not silent, with at least the VM's vCPUs and
 its memory free (the last monitoring's ``free_memory_kib``). The rank: the fewest running VMs
 first (striping), then the most free memory, then the name. ``--host`` pins a host, which must
-still be able to take it. A refusal names every host and why it was passed over.
+still be able to take it. A refusal names every host and why it was passed over. A VM is placed
+when it is deployed (``deploy_host``: the check before its job is queued writes the host, so the
+job runs on that host's daemon); docs/hosts.md, "Placement".
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select, update
 
 from vmkeep.catalog.tables import Backup, Group, GroupMember, Host, Vm
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.hosts.records import MONITORED, daemon_state, find_host
 from vmkeep.engine.hosts.records import host_of_vm as _host_of
-from vmkeep.errors import HostUnavailable, Refused
+from vmkeep.errors import HostUnavailable, InvalidValue, Refused
+from vmkeep.hypervisor.domain_xml import cpu_memory
+from vmkeep.names import is_id
 
 
 def host_of_vm(ctx: Context, ref: str) -> str | None:
@@ -81,8 +86,15 @@ def rank_key(h: Host) -> tuple[int, int, str]:
     return (int(m.get("running") or 0), -int(m.get("free_memory_kib") or 0), h.name)
 
 
-def place(ctx: Context, vcpus: int, memory_kib: int, pin: str | None = None) -> str:
-    """The host a new VM of ``vcpus`` and ``memory_kib`` goes to (``pin``: that one)."""
+def place(
+    ctx: Context,
+    vcpus: int,
+    memory_kib: int,
+    pin: str | None = None,
+    exclude: Collection[str] = (),
+) -> str:
+    """The host a new VM of ``vcpus`` and ``memory_kib`` goes to (``pin``: that one; ``exclude``:
+    hosts passed over whatever they have free, e.g. the failed host of a VM redeployed)."""
     silent = ctx.config.cluster.silent_after
     with ctx.catalog.session() as s:
         if pin is not None:
@@ -95,7 +107,7 @@ def place(ctx: Context, vcpus: int, memory_kib: int, pin: str | None = None) -> 
         passed: list[str] = []
         fit: list[Host] = []
         for h in hosts:
-            why = _why_not(h, vcpus, memory_kib, silent)
+            why = exclude_why(h.name, exclude) or _why_not(h, vcpus, memory_kib, silent)
             if why is None:
                 fit.append(h)
             else:
@@ -107,6 +119,54 @@ def place(ctx: Context, vcpus: int, memory_kib: int, pin: str | None = None) -> 
                 "Add or enable a host (vmkeep host add / enable) or free memory.",
             )
         return min(fit, key=rank_key).name
+
+
+def exclude_why(name: str, exclude: Collection[str]) -> str | None:
+    return "it is the host the VM leaves" if name in exclude else None
+
+
+def has_hosts(ctx: Context) -> bool:
+    """Whether the catalog has hosts (else it drives one libvirt URI, as before hosts)."""
+    with ctx.catalog.session() as s:
+        return s.execute(select(Host.id).limit(1)).first() is not None
+
+
+def size_of(template: str | None) -> tuple[int, int]:
+    """(vCPUs, memory KiB) a VM's definition asks for (1 vCPU, 0 KiB without one)."""
+    return cpu_memory(template) if template else (1, 0)
+
+
+def deploy_host(ctx: Context, ref: str, pin: str | None = None) -> str | None:
+    """The host VM ``ref`` is deployed on, written to its row (``vms.host``, ``host_uri``) so
+    that its deploy job goes to that host's daemon (``actions.runs_on``). ``pin`` (``--host``),
+    else the host the VM already has (created with ``--host``, or undeployed from it), else
+    ``place``'s choice. A catalog without hosts: None, the VM stays as it is (``--host`` is
+    refused: there is no host to pin)."""
+    with ctx.catalog.session() as s:
+        vm = s.execute(select(Vm).where(_vm_key(ref))).scalar_one_or_none()
+        if vm is None:
+            return None  # the caller's own check names the missing VM
+        if s.execute(select(Host.id).limit(1)).first() is None:
+            if pin is not None:
+                raise InvalidValue(
+                    "--host", pin, "this catalog has no hosts; add them with 'vmkeep host add'"
+                )
+            return None
+        vcpus, memory_kib, current = *size_of(vm.template), vm.host
+    host = place(ctx, vcpus, memory_kib, pin or current)
+    move_to(ctx, ref, host)
+    return host
+
+
+def move_to(ctx: Context, ref: str, host: str) -> None:
+    """The VM's row now says it lives on ``host`` (its name and libvirt URI)."""
+    with ctx.catalog.session() as s:
+        uri = find_host(s, host).uri
+        s.execute(update(Vm).where(_vm_key(ref)).values(host=host, host_uri=uri))
+
+
+def _vm_key(ref: str) -> ColumnElement[bool]:
+    return Vm.id == int(ref) if is_id(ref) else Vm.name == ref
 
 
 def candidates(ctx: Context, vcpus: int, memory_kib: int) -> list[dict[str, Any]]:

@@ -28,6 +28,7 @@ from vmkeep.engine.core.trust import (
     check_image_source,
     check_nic,
 )
+from vmkeep.engine.hosts import placement
 from vmkeep.engine.hosts.records import find_host
 from vmkeep.engine.lifecycle import migration, operations
 from vmkeep.engine.lifecycle.snapshots import snapshot_list
@@ -232,9 +233,16 @@ def check_places(
 
 # --- create ---------------------------------------------------------------------------------------
 def create(
-    ctx: Context, xml: str, *, hold: bool = False, origin: str = "cli", who: str = ""
+    ctx: Context,
+    xml: str,
+    *,
+    hold: bool = False,
+    host: str | None = None,
+    origin: str = "cli",
+    who: str = "",
 ) -> dict[str, Any]:
-    """A new VM from a libvirt domain XML, PENDING (or HOLD) until ``deploy``."""
+    """A new VM from a libvirt domain XML, PENDING (or HOLD) until ``deploy``; ``host``: pinned
+    to that host (refused now when it cannot take the VM; else placed when deployed)."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as err:
@@ -258,6 +266,8 @@ def create(
         pass
     else:
         raise AlreadyExists(f"libvirt domain {name!r} (import it with 'vmkeep vm import')")
+    if host is not None:
+        placement.place(ctx, *placement.size_of(xml), pin=host)
     state = VmState.HOLD if hold else VmState.PENDING
     with ctx.catalog.session() as s:
         if s.execute(select(Vm).where(Vm.name == name)).scalar_one_or_none() is not None:
@@ -275,9 +285,13 @@ def create(
         s.add(vm)
         s.flush()
         vm_id = vm.id
-    hid = _begin_history(ctx, vm_id, "create", origin, who, {"opts": {"hold": hold}})
+    if host is not None:
+        placement.move_to(ctx, str(vm_id), host)
+    opts = {"hold": hold} | ({"host": host} if host else {})
+    hid = _begin_history(ctx, vm_id, "create", origin, who, {"opts": opts})
     _end_history(ctx, hid, None)
-    return {"vm": name, "id": vm_id, "action": "create", "state": state, "lcm_state": state}
+    return {"vm": name, "id": vm_id, "action": "create", "state": state, "lcm_state": state,
+            "host": host}  # fmt: skip
 
 
 # --- recover --------------------------------------------------------------------------------------

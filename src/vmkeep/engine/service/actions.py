@@ -125,13 +125,16 @@ _TABLE = [
            "Start the members in start order."),
     Action("group-stop", "GroupStopParams", "group-stop", "group", "group",
            "/v1/groups/{group}/stop", "group", "group_stop", "Stop the members in stop order."),
+    Action("group-recover", "GroupRecoverParams", "group-recover", "group", "group",
+           "/v1/groups/{group}/recover", "group_recover", "group_recover",
+           "Redeploy the members on failed hosts on another host, in start order."),
     Action("group-restore", "GroupRestoreParams", "group-restore", "group_backup", "group",
            "/v1/group-backups/{group_backup}/restore", "group_point", "group_restore",
            "Restore every member of a group backup as new VMs."),
     Action("group-drill", "GroupDrillParams", "group-drill", "group_backup", "group",
            "/v1/group-backups/{group_backup}/drill", "group_drill", "group_drill",
            "Boot a group backup's members together on an isolated network and probe them."),
-    _vm("deploy", "VmParams", "Define and boot a PENDING or UNDEPLOYED VM."),
+    _vm("deploy", "DeployParams", "Define and boot a PENDING or UNDEPLOYED VM (--host: there)."),
     _vm("hold", "VmParams", "Keep a PENDING VM from being deployed."),
     _vm("release", "VmParams", "Let a HOLD VM be deployed."),
     _vm("poweroff", "HardParams", "Shut the guest down (hard: pull the plug)."),
@@ -155,7 +158,8 @@ _TABLE = [
     _vm("disk-detach", "DiskDetachParams", "Detach a disk (its image stays)."),
     _vm("nic-attach", "NicAttachParams", "Attach a NIC."),
     _vm("nic-detach", "NicDetachParams", "Detach a NIC."),
-    _vm("recover", "RecoverParams", "Admin: leave a *_FAILURE or stuck state.", "vm-recover"),
+    _vm("recover", "RecoverParams", "Admin: leave a *_FAILURE or stuck state; --redeploy: "
+        "bring the VM of a failed host up on another.", "vm-recover"),
 ]  # fmt: skip
 
 ACTIONS: dict[str, Action] = {a.kind: a for a in _TABLE}
@@ -231,10 +235,13 @@ def enqueue(
 
 def runs_on(ctx: Context, a: Action, p: P.Params) -> str | None:
     """The host whose daemon must run the action: its VM's (a VM's action, an in-place
-    restore), its group's members' (a group action); None: any daemon (a point's or a
-    datastore's action, a restore as a new VM: on the host of the daemon that runs it)."""
+    restore), its group's members' (a group action), the destination of a redeploy (chosen by
+    its check); None: any daemon (a point's or a datastore's action, a restore as a new VM: on
+    the host of the daemon that runs it)."""
     from vmkeep.engine.hosts import placement
 
+    if a.kind == "group-recover" or (a.kind == "vm-recover" and getattr(p, "redeploy", False)):
+        return getattr(p, "host", None)  # the destination: its check chose it
     if a.locks == "vm":
         return placement.host_of_vm(ctx, a.target_of(p))
     if a.locks == "group" and a.kind in ("group-backup", "group-start", "group-stop"):

@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from vmkeep.errors import InvalidValue
@@ -154,6 +161,13 @@ class GroupStopParams(GroupParams):
     timeout: float = Field(default=60.0, ge=0)  # per member; 0 with force: destroy at once
 
 
+class GroupRecoverParams(GroupParams):
+    """``group recover GROUP --redeploy``: members on failed hosts brought up on ``host``."""
+
+    host: Name | None = None
+    from_backup: bool = False
+
+
 class GroupRestoreParams(Params):
     group_backup: CatalogId
     suffix: str | None = Field(default=None, max_length=64)
@@ -238,5 +252,25 @@ class MigrateParams(VmParams):
     bandwidth: int = Field(default=0, ge=0, le=1 << 20)  # MiB/s of the copy; 0: no limit
 
 
+class DeployParams(VmParams):
+    host: Name | None = None  # pinned there (else placed when the catalog has hosts)
+
+
 class RecoverParams(VmParams):
-    how: Literal["success", "failure", "retry", "delete"]
+    """``how`` ends a stuck state; ``redeploy`` brings the VM of a failed host up on another
+    (``host``, else placed), from its disks or ``from_backup``: exactly one of the two."""
+
+    how: Literal["success", "failure", "retry", "delete"] | None = None
+    redeploy: bool = False
+    host: Name | None = None
+    from_backup: bool = False
+
+    @model_validator(mode="after")
+    def _one_way(self) -> RecoverParams:
+        if (self.how is None) == (not self.redeploy):
+            raise PydanticCustomError(
+                "recover", "give one of --success, --failure, --retry, --delete or --redeploy"
+            )
+        if not self.redeploy and (self.host is not None or self.from_backup):
+            raise PydanticCustomError("recover", "--host and --from-backup go with --redeploy")
+        return self

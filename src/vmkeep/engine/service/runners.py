@@ -14,10 +14,11 @@ from vmkeep.engine.core.trust import Actor
 from vmkeep.engine.groups import backup as group_backup
 from vmkeep.engine.groups import drill as group_drill
 from vmkeep.engine.groups import manage
+from vmkeep.engine.hosts import placement
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.points import copy, delete, listing, prune, scan, verify
 from vmkeep.engine.protect import backup
-from vmkeep.engine.restore import drill, inplace, point
+from vmkeep.engine.restore import drill, inplace, point, redeploy
 from vmkeep.engine.service import params as P
 from vmkeep.engine.service import tokens
 from vmkeep.engine.vm import inventory, policy
@@ -124,6 +125,15 @@ def check_group(ctx: Context, _a: Action, p: P.GroupParams, _actor: Actor) -> P.
     return p.model_copy(update={"group": manage.show_group(ctx, p.group)["name"]})
 
 
+def check_group_recover(
+    ctx: Context, _a: Action, p: P.GroupRecoverParams, _actor: Actor
+) -> P.Params:
+    """The group exists and has members to redeploy; the destination chosen (runs_on)."""
+    name = manage.show_group(ctx, p.group)["name"]
+    host = p.host or manage.recover_host(ctx, name, p.from_backup)
+    return p.model_copy(update={"group": name, "host": host})
+
+
 def check_group_point(ctx: Context, _a: Action, p: P.GroupRestoreParams, _actor: Actor) -> P.Params:
     manage.show_group_backup(ctx, p.group_backup)
     return p
@@ -149,10 +159,17 @@ def check_lifecycle(ctx: Context, a: Action, p: P.VmParams, actor: Actor) -> P.P
     catalog read and one look at libvirt; ``run_action`` checks again under the VM's lock)."""
     name, opts = _lifecycle(a, p)
     dispatch.check_places(ctx, name, opts, actor, p.vm)
+    if isinstance(p, P.RecoverParams) and p.redeploy:  # its destination, for actions.runs_on
+        dispatch.check_allowed(ctx, p.vm, name)
+        plan = redeploy.check(ctx, p.vm, p.host, p.from_backup)
+        return p.model_copy(update={"vm": plan.name, "host": plan.dest})
     if name == "recover":  # any stuck state: it only has to be known
         dispatch.check_allowed(ctx, p.vm, name)
         return p
-    return p.model_copy(update={"vm": dispatch.check_allowed(ctx, p.vm, name, state=True).name})
+    vm = dispatch.check_allowed(ctx, p.vm, name, state=True).name
+    if isinstance(p, P.DeployParams):  # placed now: the job goes to that host's daemon
+        placement.deploy_host(ctx, vm, p.host)
+    return p.model_copy(update={"vm": vm})
 
 
 # --- the actions -----------------------------------------------------------------------------
@@ -275,6 +292,12 @@ def run_group_stop(
     return {"group": p.group, "members": rows}, []
 
 
+def run_group_recover(
+    ctx: Context, _a: Action, p: P.GroupRecoverParams, _pr: Progress, c: Caller
+) -> Outcome:
+    return manage.recover_group(ctx, p.group, p.host, p.from_backup, origin=c.origin, who=c.who)
+
+
 def run_group_restore(
     ctx: Context, _a: Action, p: P.GroupRestoreParams, _pr: Progress, _c: Caller
 ) -> Outcome:
@@ -295,8 +318,12 @@ def run_group_drill(
 
 def run_lifecycle(ctx: Context, a: Action, p: P.VmParams, pr: Progress, c: Caller) -> Outcome:
     name, opts = _lifecycle(a, p)
+    if isinstance(p, P.RecoverParams) and p.redeploy:
+        return redeploy.redeploy(ctx, p.vm, p.host, p.from_backup, origin=c.origin, who=c.who)
     if name == "recover":
         return dispatch.recover(ctx, p.vm, opts["how"], origin=c.origin, who=c.who)
+    if isinstance(p, P.DeployParams):  # placed by the check, or here when run in-process
+        placement.deploy_host(ctx, p.vm, p.host)
     return dispatch.run_action(
         ctx, p.vm, name, opts, origin=c.origin, who=c.who, actor=c.actor, progress=pr
     )

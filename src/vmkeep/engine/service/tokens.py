@@ -58,6 +58,7 @@ POLICY: dict[str, str] = {
     "group-create": "admin",
     "group-start": "admin",  # every member, imported ones too (no imported_vms_actions check)
     "group-stop": "admin",  # --force destroys
+    "group-recover": "admin",  # redeploys members of failed hosts, as vm recover is admin's
     "group-restore": "operator",  # new VMs, as a restore makes
     "group-drill": "operator",  # throw-away VMs on a throw-away isolated network, as drill
     "vm-action": "operator",  # lifecycle actions; recover and terminate need admin (below)
