@@ -10,7 +10,10 @@ and sends heartbeats; h2's daemon SIGKILLed mid-backup: h1 goes on running its o
 queued jobs wait with the reason, h2's guest becomes UNKNOWN, and h2's daemon started again
 ends the dead backup's job (FAILED, the documented reason; the guest was cleaned up by its guard
 process), runs the queued jobs and polls its guest back to RUNNING; a job queued for a silent
-daemon fails after ``[cluster] queued_timeout``.
+daemon fails after ``[cluster] queued_timeout``; a host whose libvirt its daemon cannot reach is
+ERROR and its VMs UNKNOWN. The last two tests run h2's daemon inside lab host 2
+(``vmkeep.lab.hosts``: its own libvirtd in its own namespaces) on a guest of that host: a backup
+there, and the same SIGKILL mid-backup and recovery.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from vmkeep.catalog.tables import Vm
+from vmkeep.catalog.tables import Host, Vm
 from vmkeep.config import load_config
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.hosts import records
@@ -317,6 +320,28 @@ def test_a_job_for_a_silent_daemon_fails_after_queued_timeout(cluster: Cluster) 
         assert "Host 'h2'" in msg and "vmkeep daemon --host h2" in msg, msg
         assert j["pid"] == 0, j  # no daemon ever ran it
         assert f"job {job_id} failed: its host's daemon stayed silent" in d1.text()
+
+
+def test_a_host_its_daemon_cannot_reach_is_error_and_its_vms_unknown(cluster: Cluster) -> None:
+    """h3's libvirt refuses its daemon (nothing listens at its URI): the host goes ERROR with
+    libvirt's error, its running VM UNKNOWN after unknown_after (5 s) with the reason; its URI
+    fixed and its daemon started again, the host is MONITORED."""
+    c = cluster
+    records.add(c.ctx, "h3", "qemu+tcp://127.0.0.1:1/system")
+    with c.ctx.catalog.session() as s:
+        s.add(Vm(name="h3-vm", uuid=str(uuid.uuid4()), host_uri="qemu+tcp://127.0.0.1:1/system",
+                 host="h3", state="ACTIVE", lcm_state="RUNNING", backup_config={}))  # fmt: skip
+    with c.daemon("h3") as d3:
+        h = wait_for(lambda: (h := records.show(c.ctx, "h3"))["state"] == "ERROR" and h, "ERROR")
+        assert "127.0.0.1:1" in h["error"] and h["daemon"] == "alive", h
+        wait_for(lambda: c.vm("h3-vm").lcm_state == "UNKNOWN", "h3's VM UNKNOWN", 30, d3)
+        assert "host h3 cannot be reached since" in (c.vm("h3-vm").error or "")
+        assert "h3-vm" in d3.text()  # the daemon logs the VMs it marked
+    with c.ctx.catalog.session() as s:
+        s.execute(update(Host).where(Host.name == "h3").values(uri="qemu:///system"))
+    with c.daemon("h3"):
+        h = wait_for(lambda: (h := records.show(c.ctx, "h3"))["state"] == "MONITORED" and h, "ok")
+        assert h["error"] is None and h["monitor"]["cpus"] >= 1, h
 
 
 @pytest.fixture(scope="module")
