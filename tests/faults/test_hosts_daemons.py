@@ -45,7 +45,7 @@ from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab, postgres
 
 LAB_DIR = Path(os.environ.get("VMKEEP_E2E_LAB_DIR", "/var/lib/vmkeep/lab"))
-PREFIX = os.environ.get("VMKEEP_FAULT_PREFIX", "vmkeep-fault-") + "hosts-"
+PREFIX = os.environ.get("VMKEEP_FAULT_PREFIX", "vmkeep-fault-") + "hostsd-"
 CLUSTER = {  # fast heartbeats and sweeps: silent after 3 s, its VMs UNKNOWN 5 s later
     "VMKEEP_MONITOR_INTERVAL": "1",
     "VMKEEP_CLUSTER_HEARTBEAT_INTERVAL": "0.5",
