@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -114,6 +115,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     work, env = workspace()
+    try:
+        measure(args, work, env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, work: Path, env: dict[str, str]) -> None:
     with postgres.server() as url:
         env |= {"VMKEEP_CATALOG_URL": url}
         env = {k: v for k, v in env.items() if k != "VMKEEP_FAILPOINTS"}

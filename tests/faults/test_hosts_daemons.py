@@ -10,7 +10,10 @@ and sends heartbeats; h2's daemon SIGKILLed mid-backup: h1 goes on running its o
 queued jobs wait with the reason, h2's guest becomes UNKNOWN, and h2's daemon started again
 ends the dead backup's job (FAILED, the documented reason; the guest was cleaned up by its guard
 process), runs the queued jobs and polls its guest back to RUNNING; a job queued for a silent
-daemon fails after ``[cluster] queued_timeout``.
+daemon fails after ``[cluster] queued_timeout``; a host whose libvirt its daemon cannot reach is
+ERROR and its VMs UNKNOWN. The last two tests run h2's daemon inside lab host 2
+(``vmkeep.lab.hosts``: its own libvirtd in its own namespaces) on a guest of that host: a backup
+there, and the same SIGKILL mid-backup and recovery.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 
-from vmkeep.catalog.tables import Vm
+from vmkeep.catalog.tables import Host, Vm
 from vmkeep.config import load_config
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.hosts import records
@@ -42,7 +45,7 @@ from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab, postgres
 
 LAB_DIR = Path(os.environ.get("VMKEEP_E2E_LAB_DIR", "/var/lib/vmkeep/lab"))
-PREFIX = os.environ.get("VMKEEP_FAULT_PREFIX", "vmkeep-fault-") + "hosts-"
+PREFIX = os.environ.get("VMKEEP_FAULT_PREFIX", "vmkeep-fault-") + "hostsd-"
 CLUSTER = {  # fast heartbeats and sweeps: silent after 3 s, its VMs UNKNOWN 5 s later
     "VMKEEP_MONITOR_INTERVAL": "1",
     "VMKEEP_CLUSTER_HEARTBEAT_INTERVAL": "0.5",
@@ -111,7 +114,9 @@ class Cluster:
         )
         d = Daemon(host, proc, client, log)
         try:
-            wait_for(lambda: "listening" in d.text(), f"daemon {host} up", proc=d)
+            # inside a lab host it listens on that host's loopback: the tests queue through h1's
+            up = (lambda: healthy(d)) if python is None else (lambda: "listening" in d.text())
+            wait_for(up, f"daemon {host} up", proc=d)
             yield d
         finally:
             client.close()
@@ -125,6 +130,13 @@ class Cluster:
             row = s.execute(select(Vm).where(Vm.name == name)).scalar_one()
             s.expunge(row)
             return row
+
+
+def healthy(d: Daemon) -> bool:
+    try:
+        return d.client.get("/healthz").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def wait_for(
@@ -242,49 +254,57 @@ def test_each_daemon_runs_only_its_own_host_s_jobs(cluster: Cluster) -> None:
 
 
 def test_h2_killed_mid_backup_h1_goes_on_h2_recovers(cluster: Cluster, hv: Hypervisor) -> None:
-    c = cluster
-    g1, g2 = c.guests["h1"], c.guests["h2"]
+    killed_mid_backup(cluster, "h2", hv)
+
+
+def killed_mid_backup(
+    c: Cluster, host: str, host_hv: Hypervisor, python: list[str] | None = None
+) -> None:
+    """``host``'s daemon SIGKILLed mid-backup: h1's daemon goes on, ``host``'s queued jobs wait
+    with the reason, its guest becomes UNKNOWN; started again, it ends up with the dead job
+    FAILED (the documented reason), the guest cleaned up, its queued jobs run."""
+    g1, g2 = c.guests["h1"], c.guests[host]
     with c.daemon("h1") as d1:
-        with c.daemon("h2", {"VMKEEP_FAILPOINTS": "copy=sleep:120"}) as d2:
-            # silent since the last test: UNKNOWN until h2's daemon has polled it at its start
-            wait_for(lambda: c.vm(g2).lcm_state == "RUNNING", "h2's guest polled", proc=d2)
+        with c.daemon(host, {"VMKEEP_FAILPOINTS": "copy=sleep:120"}, python) as d2:
+            # silent since the last test: UNKNOWN until its daemon has polled it at its start
+            wait_for(lambda: c.vm(g2).lcm_state == "RUNNING", "the guest polled", proc=d2)
             dead = queue(d1, g2, "backup", {"datastore": "ds"})
-            wait_for(lambda: "fail point copy" in d2.text(), "h2's backup copying", proc=d2)
+            wait_for(lambda: "fail point copy" in d2.text(), "the backup copying", proc=d2)
             assert job(d1, dead)["state"] == "RUNNING" and c.vm(g2).lcm_state == "BACKUP"
-            waits = queue(d1, g2, "reset-state")  # h2's only worker is busy: it waits
+            waits = queue(d1, g2, "reset-state")  # the daemon's only worker is busy: it waits
             d2.proc.kill()
             d2.proc.wait()
         killed = d2.pid
-        # the guard process recovers h2's guest at once (thawed, backup job aborted)
-        wait_for(lambda: c.vm(g2).lcm_state == "RUNNING", "h2's guest recovered by its guard")
+        # the guard process recovers the guest at once (thawed, backup job aborted)
+        wait_for(lambda: c.vm(g2).lcm_state == "RUNNING", "the guest recovered by its guard")
         later = queue(d1, g2, "backup", {"datastore": "ds"})
         # h1 goes on running its own jobs meanwhile
         mine = [queue(d1, g1, "reset-state"), queue(d1, g1, "backup", {"datastore": "ds"})]
         for job_id in mine:
             j = ended(d1, job_id)
             assert (j["state"], j["pid"]) == ("DONE", d1.pid), j
-        # h2's queued jobs wait, saying why; its guest becomes UNKNOWN (silent 3 + 5 s)
+        # the killed host's queued jobs wait, saying why; its guest becomes UNKNOWN (3 + 5 s)
         for job_id in (waits, later):
             why = wait_for(lambda job_id=job_id: job(d1, job_id)["waiting"], "a wait reason")
-            assert why.startswith("host h2's daemon is silent since "), why
+            assert why.startswith(f"host {host}'s daemon is silent since "), why
             assert "queued_timeout" in why and job(d1, job_id)["state"] == "QUEUED"
-        wait_for(lambda: c.vm(g2).lcm_state == "UNKNOWN", "h2's guest UNKNOWN", 60)
+        wait_for(lambda: c.vm(g2).lcm_state == "UNKNOWN", "the guest UNKNOWN", 60)
         vm2 = c.vm(g2)
-        assert vm2.state == "UNKNOWN" and "host h2's daemon is silent since" in (vm2.error or "")
+        assert vm2.state == "UNKNOWN" and f"host {host}'s daemon is silent" in (vm2.error or "")
         assert c.vm(g1).lcm_state == "RUNNING"  # h1's guest is polled by its live daemon
-        with c.daemon("h2") as d2b:
+        with c.daemon(host, python=python) as d2b:
             first = ended(d1, dead)  # ended by the first daemon of this machine to look
             assert (first["state"], first["error"]["code"]) == ("FAILED", "ProcessDied"), first
             assert f"(pid {killed}) died" in first["error"]["message"], first
             for job_id in (waits, later):
                 j = ended(d1, job_id)
-                assert (j["state"], j["pid"], j["runs_on"]) == ("DONE", d2b.pid, "h2"), j
+                assert (j["state"], j["pid"], j["runs_on"]) == ("DONE", d2b.pid, host), j
             assert ended(d1, later)["result"]["status"] == "VALID"
-            wait_for(lambda: c.vm(g2).lcm_state == "RUNNING", "h2's guest polled back")
-            info = hv.domain(g2)
+            wait_for(lambda: c.vm(g2).lcm_state == "RUNNING", "the guest polled back")
+            info = host_hv.domain(g2)
             assert info.state == "ACTIVE" and not info.paused
-            assert hv.fs_freeze_status(g2, 10) == "thawed"
-            assert records.show(c.ctx, "h2")["daemon"] == "alive"
+            assert host_hv.fs_freeze_status(g2, 10) == "thawed"
+            assert records.show(c.ctx, host)["daemon"] == "alive"
 
 
 def test_a_job_for_a_silent_daemon_fails_after_queued_timeout(cluster: Cluster) -> None:
@@ -302,7 +322,29 @@ def test_a_job_for_a_silent_daemon_fails_after_queued_timeout(cluster: Cluster) 
         assert f"job {job_id} failed: its host's daemon stayed silent" in d1.text()
 
 
-@pytest.fixture
+def test_a_host_its_daemon_cannot_reach_is_error_and_its_vms_unknown(cluster: Cluster) -> None:
+    """h3's libvirt refuses its daemon (nothing listens at its URI): the host goes ERROR with
+    libvirt's error, its running VM UNKNOWN after unknown_after (5 s) with the reason; its URI
+    fixed and its daemon started again, the host is MONITORED."""
+    c = cluster
+    records.add(c.ctx, "h3", "qemu+tcp://127.0.0.1:1/system")
+    with c.ctx.catalog.session() as s:
+        s.add(Vm(name="h3-vm", uuid=str(uuid.uuid4()), host_uri="qemu+tcp://127.0.0.1:1/system",
+                 host="h3", state="ACTIVE", lcm_state="RUNNING", backup_config={}))  # fmt: skip
+    with c.daemon("h3") as d3:
+        h = wait_for(lambda: (h := records.show(c.ctx, "h3"))["state"] == "ERROR" and h, "ERROR")
+        assert "127.0.0.1:1" in h["error"] and h["daemon"] == "alive", h
+        wait_for(lambda: c.vm("h3-vm").lcm_state == "UNKNOWN", "h3's VM UNKNOWN", 30, d3)
+        assert "host h3 cannot be reached since" in (c.vm("h3-vm").error or "")
+        assert "h3-vm" in d3.text()  # the daemon logs the VMs it marked
+    with c.ctx.catalog.session() as s:
+        s.execute(update(Host).where(Host.name == "h3").values(uri="qemu:///system"))
+    with c.daemon("h3"):
+        h = wait_for(lambda: (h := records.show(c.ctx, "h3"))["state"] == "MONITORED" and h, "ok")
+        assert h["error"] is None and h["monitor"]["cpus"] >= 1, h
+
+
+@pytest.fixture(scope="module")
 def lab_host2(cluster: Cluster) -> Iterator[Lab]:
     """Lab host 2 (``vmkeep.lab.hosts``: its own libvirtd in its own namespaces) with a guest of
     its own, and its row ``lab2`` in the catalog; the hosts are taken down again only when this
@@ -352,3 +394,10 @@ def test_a_backup_on_lab_host_2_by_the_daemon_inside_it(
         h = wait_for(lambda: (h := records.show(c.ctx, "lab2"))["monitored_at"] and h, "lab2")
         assert h["state"] == "MONITORED" and h["daemon_info"]["pid"] == d2.pid, h
         assert (h["monitor"]["vms"], h["monitor"]["running"]) == (1, 1), h
+
+
+def test_lab_host_2_s_daemon_killed_mid_backup_recovers(cluster: Cluster, lab_host2: Lab) -> None:
+    """The same, with h2's daemon (and the guard process it starts) inside lab host 2."""
+    from vmkeep.lab import hosts
+
+    killed_mid_backup(cluster, "lab2", lab_host2.hv, [*hosts.nsenter_argv(2), sys.executable])

@@ -232,3 +232,35 @@ def test_an_offline_host_s_vms_are_not_marked(two) -> None:
     assert monitor.sweep(h2)["unknown"] == []
     with h1.catalog.session() as s:
         assert s.execute(select(Job.id)).first() is None
+
+
+def test_two_daemons_of_one_machine_recover_only_dead_processes_jobs(two) -> None:
+    """Both hosts' daemons on one machine (the lab): h1's daemon starting again leaves the job
+    h2's live daemon runs, and fails the one whose process is gone."""
+    import socket
+    import subprocess
+    import sys
+
+    h1, _h2, _hv = two
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        ids = {}
+        for name, proc in (("alive", alive), ("dead", dead)):
+            j = jobs.enqueue(h1, "quiesce", name, {}, "api", "t", runs_on="h2")["id"]
+            with h1.catalog.session() as s:
+                s.execute(update(Job).where(Job.id == j).values(
+                    state="RUNNING", host=socket.gethostname(), pid=proc.pid))  # fmt: skip
+            ids[name] = j
+        assert jobs.recover(h1) == [ids["dead"]]
+        assert jobs.get(h1, ids["alive"])["state"] == "RUNNING"
+        failed = jobs.get(h1, ids["dead"])
+        assert failed["state"] == "FAILED" and failed["error"]["code"] == "ProcessDied"
+        assert (
+            f"daemon restarted: the vmkeep process running it (pid {dead.pid}) died"
+            in (failed["error"]["message"])
+        )
+    finally:
+        alive.kill()
+        alive.wait()

@@ -19,9 +19,11 @@ daemon is silent (``engine/hosts/monitor.py``). Its HTTP processes get the same 
 
 At start it marks this machine's RUNNING jobs left by a dead process FAILED (their VMs were
 recovered by their guard process): the pid is what decides, so the daemons of two hosts on one
-machine never fail each other's live jobs, and a daemon back after a crash fails its own. SIGTERM / Ctrl-C: uvicorn stops taking requests, workers stop claiming,
-running jobs are cancelled through the engine's cancel path (guests thawed, partial data and
-checkpoints removed), then the process exits 0.
+machine never fail each other's live jobs, and a daemon back after a crash fails its own.
+
+SIGTERM / Ctrl-C: uvicorn stops taking requests, workers stop claiming, running jobs are
+cancelled through the engine's cancel path (guests thawed, partial data and checkpoints
+removed), then the process exits 0.
 """
 
 from __future__ import annotations

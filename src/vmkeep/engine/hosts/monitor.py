@@ -59,9 +59,7 @@ def figures(ctx: Context) -> dict[str, Any]:
             select(Datastore.name, Datastore.options).where(Datastore.driver == "dir")
         )
         paths = {name: str((options or {}).get("path") or "") for name, options in stores}
-    running = sum(
-        1 for n in names if n in domains and domains[n].state == VmState.ACTIVE
-    )  # fmt: skip
+    running = sum(1 for n in names if n in domains and domains[n].state == VmState.ACTIVE)
     free: dict[str, int] = {}
     for name, path in sorted(paths.items()):
         try:
