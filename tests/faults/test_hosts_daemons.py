@@ -347,25 +347,23 @@ def test_a_host_its_daemon_cannot_reach_is_error_and_its_vms_unknown(cluster: Cl
 @pytest.fixture(scope="module")
 def lab_host2(cluster: Cluster) -> Iterator[Lab]:
     """Lab host 2 (``vmkeep.lab.hosts``: its own libvirtd in its own namespaces) with a guest of
-    its own, and its row ``lab2`` in the catalog; the hosts are taken down again only when this
-    test brought them up (other tests may be using them)."""
+    its own, and its row ``lab2`` in the catalog; the hosts are taken down afterwards unless
+    another test module still holds a lease on them (``hosts.lease``)."""
     from vmkeep.hypervisor import connect
     from vmkeep.lab import hosts
 
-    already = any(row["number"] == 2 and row["alive"] for row in hosts.list())
-    host = hosts.up(2)[1]
-    lab = Lab(connect(host.uri), LAB_DIR, prefix=f"{PREFIX}lab2-")
-    try:
-        lab.down()
-        guest = lab.create(f"{PREFIX}lab2-vm", [64 << 20])
-        records.add(cluster.ctx, "lab2", host.uri)
-        cluster.run("vm", "import", guest, extra={"VMKEEP_CLUSTER_HOST": "lab2"})
-        cluster.guests["lab2"] = guest
-        yield lab
-    finally:
-        lab.down()
-        if not already:
-            hosts.down()
+    with hosts.lease(2) as up:
+        host = up[1]
+        lab = Lab(connect(host.uri), LAB_DIR, prefix=f"{PREFIX}lab2-")
+        try:
+            lab.down()
+            guest = lab.create(f"{PREFIX}lab2-vm", [64 << 20])
+            records.add(cluster.ctx, "lab2", host.uri)
+            cluster.run("vm", "import", guest, extra={"VMKEEP_CLUSTER_HOST": "lab2"})
+            cluster.guests["lab2"] = guest
+            yield lab
+        finally:
+            lab.down()
 
 
 def test_a_backup_on_lab_host_2_by_the_daemon_inside_it(
