@@ -78,6 +78,27 @@ def demo_cmd(c: click.Context) -> None:
     run_demo(ctx_of(c), lambda msg: click.echo(f"demo: {msg}"))
 
 
+@lab.group("postgres")
+def postgres_group() -> None:
+    """A throwaway PostgreSQL 15 server: a catalog several hosts' daemons share."""
+
+
+@postgres_group.command("up")
+def postgres_up_cmd() -> None:
+    """Start it (unless it runs) and print its catalog URL (for VMKEEP_CATALOG_URL)."""
+    from vmkeep.lab import postgres
+
+    click.echo(postgres.lab_up())
+
+
+@postgres_group.command("down")
+def postgres_down_cmd() -> None:
+    """Stop it and remove its data."""
+    from vmkeep.lab import postgres
+
+    click.echo("stopped" if postgres.lab_down() else "no lab PostgreSQL was running")
+
+
 @lab.group("hosts")
 def hosts_group() -> None:
     """The two-host lab: more libvirt hosts on this machine, in their own namespaces."""

@@ -8,6 +8,8 @@ namespace (``vmkeep.lab.hosts``) reaches the same URL; ``listen`` adds TCP on on
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import shutil
 import socket
 import subprocess
@@ -123,3 +125,50 @@ def server(listen: str | None = None, parent: Path | None = None) -> Iterator[st
         yield pg.url
     finally:
         stop(pg)
+
+
+# ``vmkeep lab postgres up|down``: one throwaway server for a user's lab (the README's many-host
+# walk-through), remembered in a file so that ``down`` finds it
+LAB_STATE = Path("/var/lib/vmkeep/labpg.json")
+
+
+def lab_up() -> str:
+    """The lab's server (started unless it runs): its catalog URL."""
+    running = _lab_server()
+    if running is not None:
+        return running.url
+    LAB_STATE.parent.mkdir(parents=True, exist_ok=True)
+    pg = start(parent=LAB_STATE.parent)
+    LAB_STATE.write_text(json.dumps({"root": str(pg.root), "port": pg.port}))
+    return pg.url
+
+
+def lab_down() -> bool:
+    """Stop the lab's server and remove its folder; False when none ran."""
+    pg = _lab_server(alive_only=False)
+    LAB_STATE.unlink(missing_ok=True)
+    if pg is None:
+        return False
+    stop(pg)
+    return True
+
+
+def _lab_server(alive_only: bool = True) -> Postgres | None:
+    try:
+        state = json.loads(LAB_STATE.read_text())
+        pg = Postgres(Path(state["root"]), int(state["port"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if alive_only and not _running(pg):
+        return None
+    return pg
+
+
+def _running(pg: Postgres) -> bool:
+    """Whether the server's postmaster (the first line of its pid file) is alive."""
+    try:
+        pid = int((pg.data / "postmaster.pid").read_text().split("\n", 1)[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
