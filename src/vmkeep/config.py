@@ -98,10 +98,12 @@ class HostConfig(_Section):
 
 
 # OpenNebula's imported_vms_actions, in vmkeep's action names: what VMs vmkeep did not create
-# may go through (never terminate: it deletes disks vmkeep did not make)
+# may go through (never terminate: it deletes disks vmkeep did not make); migrate (OpenNebula's
+# resched) moves a VM and leaves its disks where they are
 IMPORTED_VMS_ACTIONS = [
     "poweroff", "reboot", "suspend", "resume", "stop", "hold", "release", "disk-attach",
     "disk-detach", "nic-attach", "nic-detach", "snapshot-create", "snapshot-delete", "recover",
+    "migrate",
 ]  # fmt: skip
 
 

@@ -277,11 +277,14 @@ def test_the_cli_queues_another_hosts_vm_for_its_daemon_and_follows_it(
     from vmkeep.hypervisor.fake import SAMPLE_XML
 
     records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    code, out = cli_on(ctx, vm_cmd)("vm", "reset-state", "web")  # no daemon on h2: refused
+    assert code == 31 and "has never sent a heartbeat" in out and "--host h2" in out, out
+    records.heartbeat(ctx, "h2", {"pid": 1})
     h2 = on_host(ctx, "h2")
     assert isinstance(h2.hv, FakeHypervisor)
     h2.hv.define(SAMPLE_XML.format(disk="/d/vda.qcow2"))
     h2.hv.start("web")
-    add_vm(ctx, "web", "h2")
     ran: list[int] = []
 
     def h2_daemon() -> None:

@@ -154,6 +154,9 @@ def act(
         host = actions.runs_on(ctx, a, p)
         if host is not None and host != ctx.host:  # another host's VM: its daemon runs it
             from vmkeep.engine.core.trust import LOCAL_ADMIN
+            from vmkeep.engine.hosts.records import check_daemon
+
+            check_daemon(ctx, host, a.target_of(p))
 
             job = actions.enqueue(ctx, a, p, LOCAL_ADMIN, origin="cli", runs_on=host)
             click.echo(f"vmkeep: job {job['id']} queued for host {host}'s daemon", err=True)

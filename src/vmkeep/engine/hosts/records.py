@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from vmkeep.catalog.tables import Host, Job, Vm
 from vmkeep.engine.core.context import Context
-from vmkeep.errors import AlreadyExists, HostNotFound, InvalidValue, Refused
+from vmkeep.errors import AlreadyExists, HostNotFound, HostUnavailable, InvalidValue, Refused
 from vmkeep.model import JobState
 from vmkeep.names import check_name, is_id
 
@@ -188,6 +188,21 @@ def host_of_vm(s: Session, vm_ref: str) -> str | None:
     key = Vm.id == int(vm_ref) if is_id(vm_ref) else Vm.name == vm_ref
     host: str | None = s.execute(select(Vm.host).where(key)).scalar()
     return host
+
+
+def check_daemon(ctx: Context, name: str, vm: str) -> None:
+    """HostUnavailable unless host ``name``'s daemon is alive: a job queued for a daemon that
+    does not run would only wait (the CLI queues another host's VM's action for its daemon)."""
+    with ctx.catalog.session() as s:
+        state = daemon_state(find_host(s, name), ctx.config.cluster.silent_after)
+    if state != "alive":
+        why = "has never sent a heartbeat" if state == "none" else "is silent"
+        raise HostUnavailable(
+            name,
+            f"VM {vm} lives there and that host's daemon {why}",
+            f"Start 'vmkeep daemon --host {name}' on it, or run the command there with "
+            f"[cluster] host = {name}.",
+        )
 
 
 def heartbeat(ctx: Context, name: str, info: dict[str, Any]) -> None:
