@@ -306,3 +306,40 @@ def test_the_cli_queues_another_hosts_vm_for_its_daemon_and_follows_it(
         job = s.get(Job, ran[0])
         assert job is not None
         assert (job.kind, job.runs_on, job.state) == ("reset-state", "h2", JobState.DONE)
+
+
+def test_a_daemon_that_signs_off_takes_nothing_and_a_waiting_cli_gives_up(
+    ctx: Context,
+    cli_on,  # type: ignore[no-untyped-def]
+) -> None:
+    """A daemon stopping says so: placement passes its host over, a CLI does not queue for it,
+    and a CLI following a job queued for it cancels the job and says why (never waits on)."""
+    import threading
+
+    from vmkeep.cli import vm_cmd
+
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    monitored(ctx, "h2", running=0, free_mib=4000)
+    records.heartbeat(ctx, "h2", {"pid": 4242})
+    records.sign_off(ctx, "h2", 4141)  # another daemon's sign-off: not this one's
+    assert records.show(ctx, "h2")["daemon"] == "alive"
+
+    def stop_soon() -> None:  # h2's daemon stops while the command waits for it
+        threading.Event().wait(1.0)
+        records.sign_off(ctx, "h2", 4242)
+
+    stopper = threading.Thread(target=stop_soon)
+    stopper.start()
+    code, out = cli_on(ctx, vm_cmd)("vm", "reset-state", "web")
+    stopper.join()
+    assert code == 31 and "that host's daemon stopped" in out, out
+    with ctx.catalog.session() as s:
+        assert [j.state for j in s.query(Job)] == [JobState.CANCELLED]
+    assert records.show(ctx, "h2")["daemon"] == "stopped"
+    with pytest.raises(HostUnavailable, match="h2: its daemon is stopped"):
+        placement.place(ctx, 1, 1024)
+    code, out = cli_on(ctx, vm_cmd)("vm", "reset-state", "web")
+    assert code == 31 and "stopped" in out
+    records.heartbeat(ctx, "h2", {"pid": 4343})  # started again
+    assert records.show(ctx, "h2")["daemon"] == "alive"

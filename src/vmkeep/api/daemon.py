@@ -49,6 +49,7 @@ from vmkeep.config import Config
 from vmkeep.engine.core import jobs
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.hosts import monitor as host_monitor
+from vmkeep.engine.hosts import records
 from vmkeep.engine.hosts.records import find_host
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.service import notify, scheduler
@@ -430,6 +431,11 @@ def serve(
         for t in pool:
             t.join(timeout=300)
         jobs.WAKE = woken
+        if ctx.host is not None:
+            try:  # nothing is queued for it by a CLI nor placed on its host meanwhile
+                records.sign_off(ctx, ctx.host, os.getpid())
+            except VmkeepError as err:
+                log.error("signing off host %s: %s", ctx.host, err)
     log.warning("vmkeep daemon stopped")
 
 

@@ -285,8 +285,17 @@ class QueuedJob(Job):
 
     def _poll(self) -> None:
         from vmkeep.engine.core import jobs
+        from vmkeep.engine.hosts.records import check_daemon
 
         self.job = jsontext.plain(jobs.wait(self.ctx, self.id, POLL))
+        if self.job["state"] == "QUEUED":
+            try:  # a daemon that stopped or fell silent will not take it: never wait forever
+                check_daemon(self.ctx, str(self.job["runs_on"]), str(self.job["target"]))
+            except errors.HostUnavailable:
+                with suppress(errors.VmkeepError):
+                    jobs.cancel(self.ctx, self.id)
+                if jobs.get(self.ctx, self.id)["state"] == "CANCELLED":
+                    raise
 
     def cancel(self) -> None:
         from vmkeep.engine.core import jobs

@@ -124,6 +124,8 @@ def _unknown_reason(
 def _silence(h: Host) -> str:
     if h.heartbeat_at is None:
         return f"host {h.name}'s daemon has never sent a heartbeat"
+    if (h.daemon or {}).get("stopped"):
+        return f"host {h.name}'s daemon stopped at {_clock(h.heartbeat_at)} UTC"
     return f"host {h.name}'s daemon is silent since {_clock(h.heartbeat_at)} UTC"
 
 
@@ -169,7 +171,12 @@ def sweep(ctx: Context, now: datetime | None = None) -> dict[str, Any]:
             reason = _unknown_reason(h, now, cluster.silent_after, cluster.unknown_after)
             if reason is not None:
                 out["unknown"] += mark_unknown(s, h.name, reason)
-            if h.heartbeat_at is None or _age(now, h.heartbeat_at) > cluster.silent_after:
+            stopped = bool((h.daemon or {}).get("stopped"))
+            if (
+                h.heartbeat_at is None
+                or stopped
+                or _age(now, h.heartbeat_at) > cluster.silent_after
+            ):
                 waiting, failed = _jobs_of_silent(s, h, now, cluster.queued_timeout)
                 out["waiting"] += waiting
                 out["failed"] += failed

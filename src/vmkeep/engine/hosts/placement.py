@@ -69,8 +69,9 @@ def _why_not(h: Host, vcpus: int, memory_kib: int, silent_after: float) -> str |
     """Why host ``h`` cannot take a VM of that size now (None: it can)."""
     if h.state != MONITORED:
         return f"it is {h.state}"
-    if daemon_state(h, silent_after) == "silent":
-        return "its daemon is silent"
+    daemon = daemon_state(h, silent_after)
+    if daemon in ("silent", "stopped"):
+        return f"its daemon is {daemon}"
     m = h.monitor or {}
     free = int(m.get("free_memory_kib") or 0)
     if free < memory_kib:

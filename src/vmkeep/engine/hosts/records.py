@@ -37,9 +37,12 @@ def find_host(s: Session, name: str) -> Host:
 
 
 def daemon_state(h: Host, silent_after: float, now: datetime | None = None) -> str:
-    """``alive`` (a heartbeat within ``silent_after`` s), ``silent`` (an older one) or ``none``."""
+    """``alive`` (a heartbeat within ``silent_after`` s), ``silent`` (an older one),
+    ``stopped`` (it signed off when it stopped) or ``none`` (never a heartbeat)."""
     if h.heartbeat_at is None:
         return "none"
+    if (h.daemon or {}).get("stopped"):
+        return "stopped"
     age = ((now or datetime.now(UTC)) - h.heartbeat_at).total_seconds()
     return "alive" if age <= silent_after else "silent"
 
@@ -196,13 +199,22 @@ def check_daemon(ctx: Context, name: str, vm: str) -> None:
     with ctx.catalog.session() as s:
         state = daemon_state(find_host(s, name), ctx.config.cluster.silent_after)
     if state != "alive":
-        why = "has never sent a heartbeat" if state == "none" else "is silent"
+        why = {"none": "has never sent a heartbeat", "stopped": "stopped"}.get(state, "is silent")
         raise HostUnavailable(
             name,
             f"VM {vm} lives there and that host's daemon {why}",
             f"Start 'vmkeep daemon --host {name}' on it, or run the command there with "
             f"[cluster] host = {name}.",
         )
+
+
+def sign_off(ctx: Context, name: str, pid: int) -> None:
+    """A daemon that stops says so (its heartbeat is kept: since when it is gone): nothing is
+    queued for it by a CLI nor placed on its host meanwhile (``daemon_state``: stopped)."""
+    with ctx.catalog.session() as s:
+        h = s.execute(select(Host).where(Host.name == name).with_for_update()).scalar_one_or_none()
+        if h is not None and (h.daemon or {}).get("pid") == pid:  # not a successor's beat
+            h.daemon = dict(h.daemon) | {"stopped": True}
 
 
 def heartbeat(ctx: Context, name: str, info: dict[str, Any]) -> None:
