@@ -30,9 +30,10 @@ from vmkeep.lab.postgres import server
 from .conftest import LAB_DIR, PREFIX, running_daemon
 
 NET = "83"
-CLUSTER = {  # quick heartbeats and monitoring, a daemon silent after 5 s
+CLUSTER = {  # quick heartbeats and monitoring: a daemon silent after 5 s, its VMs UNKNOWN 3 s on
     "VMKEEP_CLUSTER_HEARTBEAT_INTERVAL": "1",
     "VMKEEP_CLUSTER_SILENT_AFTER": "5",
+    "VMKEEP_CLUSTER_UNKNOWN_AFTER": "3",
     "VMKEEP_MONITOR_INTERVAL": "2",
 }
 
@@ -131,9 +132,9 @@ def test_two_hosts_a_live_migration_with_backups_and_a_host_lost(
 
             hosts.down()  # host 2 dies: its libvirtd, the guest's QEMU, its daemon
             assert d2.wait(timeout=60) is not None
-            wait_for(
-                "host2's daemon silent",
-                lambda: vmkeep("host", "show", "host2", "--json").json()["daemon"] == "silent",
+            wait_for(  # host1's daemon sweeps: host2's VMs UNKNOWN once it is gone long enough
+                f"{guest} UNKNOWN",
+                lambda: vmkeep("vm", "show", guest, "--json").json()["lcm_state"] == "UNKNOWN",
             )
             res = vmkeep("vm", "recover", guest, "--redeploy", "--host", "host1",
                          "--from-backup", check=None)  # fmt: skip
