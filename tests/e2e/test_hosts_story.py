@@ -116,6 +116,7 @@ def test_two_hosts_a_live_migration_with_backups_and_a_host_lost(
             assert (on[names[0]], on[guest]) == ("host1", "host2")
             host2 = Lab(connect(uris[2]), LAB_DIR, prefix=PREFIX)
             vmkeep("datastore", "add", "local", "--driver", "dir", "--path", str(tmp_path / "b"))
+            vmkeep("vm", "config", guest, "--mode", "increment")
             host2.write_random(guest, "/mnt/vda/one", 2)
 
             first = vmkeep("backup", guest, "--datastore", "local", "--json").json()
