@@ -236,12 +236,14 @@ def enqueue(
 def runs_on(ctx: Context, a: Action, p: P.Params) -> str | None:
     """The host whose daemon must run the action: its VM's (a VM's action, an in-place
     restore), its group's members' (a group action), the destination of a redeploy (chosen by
-    its check); None: any daemon (a point's or a datastore's action, a restore as a new VM: on
+    its check) or of a deploy pinned with ``--host``; None: any daemon (a point's or a datastore's action, a restore as a new VM: on
     the host of the daemon that runs it)."""
     from vmkeep.engine.hosts import placement
 
     if a.kind == "group-recover" or (a.kind == "vm-recover" and getattr(p, "redeploy", False)):
         return getattr(p, "host", None)  # the destination: its check chose it
+    if a.kind == "vm-deploy" and getattr(p, "host", None):
+        return str(getattr(p, "host"))  # noqa: B009 - pinned: the VM is placed there (its check)
     if a.locks == "vm":
         return placement.host_of_vm(ctx, a.target_of(p))
     if a.locks == "group" and a.kind in ("group-backup", "group-start", "group-stop"):
