@@ -242,8 +242,9 @@ def runs_on(ctx: Context, a: Action, p: P.Params) -> str | None:
 
     if a.kind == "group-recover" or (a.kind == "vm-recover" and getattr(p, "redeploy", False)):
         return getattr(p, "host", None)  # the destination: its check chose it
-    if a.kind == "vm-deploy" and getattr(p, "host", None):
-        return str(getattr(p, "host"))  # noqa: B009 - pinned: the VM is placed there (its check)
+    pinned = getattr(p, "host", None)
+    if a.kind == "vm-deploy" and pinned:
+        return str(pinned)  # the VM is placed there (its check writes it)
     if a.locks == "vm":
         return placement.host_of_vm(ctx, a.target_of(p))
     if a.locks == "group" and a.kind in ("group-backup", "group-start", "group-stop"):
