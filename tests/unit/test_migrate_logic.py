@@ -438,3 +438,53 @@ def test_recover_success_of_a_died_migration_puts_the_vm_on_the_destination(
 def vm_row_id(ctx: Context) -> int:
     with ctx.catalog.session() as s:
         return find_vm(s, "web").id
+
+
+DEST_TCP = "qemu+tcp://h2/system"
+FAKE_VIRSH = """\
+#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+    *checkpoint-list*) echo vmkeep-1-0 ;;
+    *checkpoint-dumpxml*) echo "<domaincheckpoint><name>vmkeep-1-0</name></domaincheckpoint>" ;;
+    *dumpxml*) printf "<disk type='file' device='disk'>\\n<source file='/local/web.qcow2'/>\\n" ;;
+    *vol-info*) exit 1 ;;
+    *"-c "*domstate*) echo paused ;;
+    *domstate*) echo "shut off" ;;
+    *" migrate "*) trap '' INT TERM; sleep 1.5 ;;  # too late to abort: it switches over
+esac
+exit 0
+"""
+
+
+def test_shipped_script_cancelled_too_late_finishes_and_leaves_nothing_paused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A powered-off VM copied with its storage runs paused during the copy: a cancel that
+    arrives once virsh cannot abort any more leaves the migration standing, its checkpoints
+    defined and the domain stopped on the destination (never paused there, never reported as
+    a failure while it has moved)."""
+    log, bin_dir = tmp_path / "virsh.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "virsh").write_text(FAKE_VIRSH.format(log=log))
+    (bin_dir / "virsh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    shipped = Path(__file__).resolve().parents[2] / "drivers" / "exec" / "virsh"
+    vmm = ExecVmm(shipped, parse_args(""), "qemu:///system", tmp_path / "slots")
+
+    class Cancelled(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 1:
+            raise Cancelled
+
+    m = vmm.migrate("web", DEST_TCP, live=False, copy_storage=True, progress=progress)
+    lines = log.read_text().splitlines()
+    assert m.checkpoints == ("vmkeep-1-0",)
+    assert any(f"-c {DEST_TCP} checkpoint-create web" in ln for ln in lines)
+    assert lines[-2] == f"-q -c {DEST_TCP} destroy web"  # stopped there, as it was
+    assert lines[-1].startswith(f"-q -c {DEST_TCP} pool-destroy vmkeep-migrate-")
