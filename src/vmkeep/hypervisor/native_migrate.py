@@ -52,6 +52,13 @@ class DomainCheckpoints:
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL
         return [(c.getName(), c.getXMLDesc(0)) for c in self.dom.listAllCheckpoints(flags)]
 
+    def read_or_none(self) -> list[tuple[str, str]]:
+        """``read``, or none when libvirt cannot say."""
+        try:
+            return self.read()
+        except libvirt.libvirtError:
+            return []
+
     def drop_metadata(self, name: str) -> None:
         cp = self.dom.checkpointLookupByName(name)
         cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
@@ -245,13 +252,13 @@ def _migrate(
     pools = destination_pools(dest, dest_uri, files) if copy_storage else contextlib.nullcontext()
     t0 = time.monotonic()
     with pools:
-        if not running and copy_storage:
-            try:
-                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
-            except libvirt.libvirtError as err:
-                raise _fail(err) from err
-            started_paused = True
         try:
+            if not running and copy_storage:
+                started_paused = True  # first: an interrupt just after the start still stops it
+                try:
+                    dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+                except libvirt.libvirtError as err:
+                    raise _fail(err) from err
             new, saved = carry.migrate_with_checkpoints(
                 source,
                 lambda: _run(dom, lambda: dom.migrate3(dest, params, flags), progress),
@@ -262,17 +269,28 @@ def _migrate(
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
             raise
+    # switched over: the rest runs to its end, a cancel now is too late (as in ``_run``)
     total_ms = int((time.monotonic() - t0) * 1000)
     stats: dict[str, Any] = {}
-    if running:
-        with contextlib.suppress(libvirt.libvirtError):
-            stats = new.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    names, why = carry.redefine_all(DomainCheckpoints(new, dest_uri), saved)
-    if started_paused:
-        try:
-            new.destroy()
-        except libvirt.libvirtError as err:
-            raise _fail(err) from err
+    try:
+        if running:
+            with contextlib.suppress(libvirt.libvirtError):
+                stats = new.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        names, why = carry.redefine_all(DomainCheckpoints(new, dest_uri), saved)
+    except BaseException as err:  # noqa: BLE001 (a cancel after the switch-over: it stands)
+        names = tuple(n for n, _ in DomainCheckpoints(new, dest_uri).read_or_none())
+        why = ""
+        if len(names) < len(saved):
+            why = (
+                f"the migration was interrupted after it had switched over ({err!r}), before "
+                f"every checkpoint was defined on {dest_uri}"
+            )
+    finally:
+        if started_paused:  # it was off: off there too, never left paused
+            try:
+                new.destroy()
+            except libvirt.libvirtError as err:
+                raise _fail(err) from err
     return Migration(
         checkpoints=names,
         chain_break=why,
