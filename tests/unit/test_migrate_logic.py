@@ -105,6 +105,25 @@ def test_a_failed_retry_puts_the_checkpoints_back_on_the_source_in_order() -> No
     assert [n for n, _ in src.cps] == ["a", "b"]
 
 
+def test_an_interrupt_between_drops_puts_the_dropped_checkpoints_back() -> None:
+    src = Side(chain("a", "b", "c"))
+    drop = src.drop_metadata
+
+    def drop_then_cancel(name: str) -> None:
+        drop(name)
+        if name == "b":
+            raise KeyboardInterrupt  # a job's cancel arrives between two drops
+
+    src.drop_metadata = drop_then_cancel  # type: ignore[method-assign]
+
+    def migrate() -> str:
+        raise VmmError("native", "migrate", "cannot migrate domain with checkpoints")
+
+    with pytest.raises(KeyboardInterrupt):
+        carry.migrate_with_checkpoints(src, migrate, lambda e: "checkpoints" in str(e))
+    assert sorted(n for n, _ in src.cps) == ["a", "b", "c"]
+
+
 def test_another_failure_is_raised_as_it_is_and_nothing_is_dropped() -> None:
     src = Side(chain("a"))
 

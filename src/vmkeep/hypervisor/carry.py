@@ -84,9 +84,9 @@ def migrate_with_checkpoints(
     except BaseException as err:
         if not saved or not refused_for_checkpoints(err):
             raise
-    for name, _xml in reversed(saved):
-        source.drop_metadata(name)
-    try:
+    try:  # an interrupt between two drops puts the dropped ones back too
+        for name, _xml in reversed(saved):
+            source.drop_metadata(name)
         return migrate(), saved
     except BaseException:
         restore(source, saved)
