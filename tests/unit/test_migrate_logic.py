@@ -454,6 +454,41 @@ def test_recover_success_of_a_died_migration_puts_the_vm_on_the_destination(
     assert vm_row(ctx) == {"host": "h2", "uri": DEST, "lcm": "RUNNING", "error": None}
 
 
+def died_while_copying_a_powered_off_vm(ctx: Context) -> None:
+    """A POWEROFF VM's --copy-storage migration whose process was killed: MIGRATE in the
+    catalog, the history's migrate row open."""
+    with ctx.catalog.session() as s:
+        find_vm(s, "web").lcm_state = "MIGRATE"
+    dispatch._begin_history(ctx, vm_row_id(ctx), "migrate", "cli", "", {
+        "opts": {"host": "h2", "copy_storage": True}, "from": "POWEROFF"})  # fmt: skip
+
+
+def test_recover_failure_of_a_died_copy_stops_the_vm_left_paused_on_its_host(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    ctx, _dest = two_hosts
+    ctx.hv.destroy("web")
+    ctx.hv.start("web", paused=True)  # started paused for the copy, then the process died
+    died_while_copying_a_powered_off_vm(ctx)
+    out, _ = dispatch.recover(ctx, "web", "failure")
+    assert out["lcm_state"] == "POWEROFF" and not ctx.hv.domain("web").paused
+    assert ctx.hv.domain("web").state == "POWEROFF"
+
+
+def test_recover_success_of_a_died_copy_stops_the_vm_left_paused_on_the_destination(
+    two_hosts: tuple[Context, FakeHypervisor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx, dest = two_hosts
+    ctx.hv.destroy("web")
+    ctx.hv.native_vmm().migrate("web", DEST, live=False)  # switched over ...
+    dest.start("web", paused=True)  # ... still paused there when the process died
+    died_while_copying_a_powered_off_vm(ctx)
+    monkeypatch.setattr(migration, "connect", lambda uri: {DEST: dest}[uri])
+    out, _ = dispatch.recover(ctx, "web", "success")
+    assert out["lcm_state"] == "POWEROFF" and dest.domain("web").state == "POWEROFF"
+    assert vm_row(ctx)["host"] == "h2"
+
+
 def vm_row_id(ctx: Context) -> int:
     with ctx.catalog.session() as s:
         return find_vm(s, "web").id
