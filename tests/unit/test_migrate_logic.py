@@ -511,6 +511,36 @@ exit 0
 """
 
 
+def shipped_with_fake_virsh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> Path:
+    """The log the fake virsh on PATH writes each call to."""
+    log, bin_dir = tmp_path / "virsh.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "virsh").write_text(body.format(log=log))
+    (bin_dir / "virsh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "drivers" / "exec" / "virsh"
+
+
+def test_shipped_script_refuses_an_offline_move_to_a_host_that_does_not_see_the_disks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = shipped_with_fake_virsh(tmp_path, monkeypatch, FAKE_VIRSH)
+    vmm = ExecVmm(SHIPPED, parse_args(""), "qemu:///system", tmp_path / "slots")
+    with pytest.raises(VmmError, match="does not see disk /local/web.qcow2.*--copy-storage"):
+        vmm.migrate("web", DEST_TCP, live=False)
+    lines = log.read_text().splitlines()
+    assert not any(" migrate " in ln for ln in lines)
+    assert lines[-1].startswith(f"-q -c {DEST_TCP} pool-destroy vmkeep-migrate-")
+    log.unlink()
+    sees = FAKE_VIRSH.replace("*vol-info*) exit 1 ;;", "*vol-info*) exit 0 ;;")
+    (tmp_path / "bin" / "virsh").write_text(sees.format(log=log))
+    vmm.migrate("web", DEST_TCP, live=False)
+    assert any("--offline" in ln for ln in log.read_text().splitlines())
+
+
 def test_shipped_script_cancelled_too_late_finishes_and_leaves_nothing_paused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from vmkeep.errors import VmmError
 from vmkeep.hypervisor import native_migrate
 from vmkeep.hypervisor.fake import checkpoint_xml
 
@@ -63,22 +64,40 @@ class Dom:
 
 
 class Pool:
+    def __init__(self, name: str, files: tuple[str, ...] = (), path: str = "/local") -> None:
+        self.pool_name, self.files, self.path, self.active = name, files, path, True
+
+    def name(self) -> str:
+        return self.pool_name
+
     def isActive(self) -> bool:  # noqa: N802
-        return True
+        return self.active
+
+    def XMLDesc(self, _flags: int) -> str:  # noqa: N802
+        return f"<pool><target><path>{self.path}</path></target></pool>"
+
+    def refresh(self, _flags: int) -> None:
+        pass
 
     def storageVolLookupByName(self, name: str) -> None:  # noqa: N802
-        raise libvirt.libvirtError(f"no volume {name}")
+        if name not in self.files:
+            raise libvirt.libvirtError(f"no volume {name}")
 
     def destroy(self) -> None:
-        pass
+        self.active = False
 
 
 class Dest:
-    def listAllStoragePools(self, _flags: int) -> list[Pool]:  # noqa: N802
-        return []
+    def __init__(self, pools: tuple[Pool, ...] = (), sees: tuple[str, ...] = ()) -> None:
+        self.pools, self.sees, self.made = list(pools), sees, list[Pool]()
 
-    def storagePoolCreateXML(self, _xml: str, _flags: int) -> Pool:  # noqa: N802
-        return Pool()
+    def listAllStoragePools(self, _flags: int) -> list[Pool]:  # noqa: N802
+        return self.pools
+
+    def storagePoolCreateXML(self, xml: str, _flags: int) -> Pool:  # noqa: N802
+        pool = Pool(xml.split("<name>")[1].split("<")[0], self.sees)
+        self.made.append(pool)
+        return pool
 
 
 class Src:
@@ -117,3 +136,28 @@ def test_a_cancel_before_the_switch_over_stops_the_paused_source() -> None:
     with pytest.raises(KeyboardInterrupt):
         native_migrate._migrate(Src(), src, Dest(), DEST, False, True, 0, None)  # type: ignore[arg-type]
     assert log == ["h1 start paused", "h1 destroy"] and not src.active
+
+
+def test_an_offline_move_to_a_host_that_does_not_see_the_disks_is_refused_with_the_fix() -> None:
+    """libvirt's offline migration checks no disk: the definition would move to a host where
+    the VM cannot start. Refused before anything moves, naming --copy-storage; the pool made
+    for the check is gone."""
+    log: list[str] = []
+    src = Dom(log, "h1", False, [])
+    src.migrate3 = lambda *_a: log.append("migrate")  # type: ignore[attr-defined]
+    dest = Dest()
+    with pytest.raises(VmmError, match="does not see disk /local/web.qcow2.*--copy-storage"):
+        native_migrate._migrate(Src(), src, dest, DEST, False, False, 0, None)  # type: ignore[arg-type]
+    assert log == [] and [p.active for p in dest.made] == [False]
+    seen = Dest(sees=("web.qcow2",))
+    native_migrate._migrate(Src(), src, seen, DEST, False, False, 0, None)  # type: ignore[arg-type]
+    assert log == ["migrate"] and [p.active for p in seen.made] == [False]
+
+
+def test_a_pool_left_by_a_killed_migration_is_removed_by_the_next_one() -> None:
+    log: list[str] = []
+    src = Dom(log, "h1", True, [])
+    src.migrate3 = lambda *_a: Dom(log, "h2", True, [])  # type: ignore[attr-defined]
+    left, admins = Pool("vmkeep-migrate-a602624a1c"), Pool("images", path="/images")
+    native_migrate._migrate(Src(), src, Dest((left, admins)), DEST, True, True, 0, None)  # type: ignore[arg-type]
+    assert not left.active and admins.active

@@ -4,7 +4,8 @@ destination's, only QEMU must reach QEMU, at ``vmm.migration_uri``).
 
 * running, ``live``: the guest runs on during the copy of its memory (paused only for the last
   round: the downtime); not live: paused for the whole copy.
-* powered off: the definition moves (libvirt's offline migration). With ``copy_storage`` libvirt
+* powered off: the definition moves (libvirt's offline migration, which checks no disk: a
+  destination that does not see them is refused here, before anything moves). With ``copy_storage`` libvirt
   cannot copy the disks of a stopped domain, so it is started paused (no guest code runs), its
   disks are copied as for a running one, and it is stopped again on the destination.
 * ``copy_storage``: libvirt copies the disks to the same paths on the destination and moves their
@@ -95,15 +96,24 @@ def _pool_paths(conn: libvirt.virConnect) -> dict[str, libvirt.virStoragePool]:
 
 
 @contextlib.contextmanager
-def destination_pools(dest: libvirt.virConnect, dest_uri: str, files: list[str]) -> Iterator[None]:
+def destination_pools(
+    dest: libvirt.virConnect, dest_uri: str, files: list[str], copying: bool = True
+) -> Iterator[None]:
     """A ``dir`` pool on the destination over each disk's folder for the time of the block;
-    refuses a disk file the destination has already."""
+    refuses a disk file the destination has already (``copying``), or one it does not see (the
+    offline move of a definition: its disks must be on storage both hosts share)."""
     made: list[libvirt.virStoragePool] = []
+    unseen = (
+        f"{dest_uri} does not see %s: the disks are not on storage both hosts share, so "
+        "the VM could not start there; migrate it with --copy-storage"
+    )
     try:
         pools = _pool_paths(dest)
         for file in files:
             folder = os.path.dirname(os.path.normpath(file))
             pool = pools.get(folder)
+            if pool is not None and pool.name().startswith("vmkeep-migrate-"):
+                made.append(pool)  # left by a migration whose process died: ours to remove
             if pool is None:
                 key = hashlib.sha256(folder.encode()).hexdigest()[:10]
                 xml = (
@@ -113,6 +123,9 @@ def destination_pools(dest: libvirt.virConnect, dest_uri: str, files: list[str])
                 try:
                     pool = dest.storagePoolCreateXML(xml, 0)
                 except libvirt.libvirtError as err:
+                    if not copying:
+                        why = f"folder {folder} ({err.get_error_message()})"
+                        raise VmmError("native", "migrate", unseen % why) from err
                     raise VmmError(
                         "native",
                         "migrate",
@@ -123,6 +136,12 @@ def destination_pools(dest: libvirt.virConnect, dest_uri: str, files: list[str])
                 pools[folder] = pool
             else:
                 pool.refresh(0)
+            if not copying:
+                try:
+                    pool.storageVolLookupByName(os.path.basename(file))
+                except libvirt.libvirtError as err:
+                    raise VmmError("native", "migrate", unseen % f"disk {file}") from err
+                continue
             with contextlib.suppress(libvirt.libvirtError):
                 pool.storageVolLookupByName(os.path.basename(file))
                 raise VmmError(
@@ -249,7 +268,9 @@ def _migrate(
         if d.path and d.device == "disk" and not d.readonly
     ]
     source = DomainCheckpoints(dom, src.getURI())
-    pools = destination_pools(dest, dest_uri, files) if copy_storage else contextlib.nullcontext()
+    pools: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if copy_storage or not running:  # a stopped domain's definition moves: its disks must be there
+        pools = destination_pools(dest, dest_uri, files, copying=copy_storage)
     t0 = time.monotonic()
     with pools:
         try:
