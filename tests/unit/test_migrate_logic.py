@@ -392,6 +392,26 @@ def test_a_cancelled_migration_job_leaves_the_vm_where_it_was(
     assert "web" not in dest.domains
 
 
+def test_a_cancel_after_the_move_still_records_the_vm_on_the_destination(
+    two_hosts: tuple[Context, FakeHypervisor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's cancel arrives (raised in the action's thread) while the catalog is written,
+    after the VM has moved: too late to undo, so the catalog still says where it runs."""
+    ctx, dest = two_hosts
+    real, calls = migration.update, []
+
+    def cancelled_once(table: Any) -> Any:
+        calls.append(table)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(table)
+
+    monkeypatch.setattr(migration, "update", cancelled_once)
+    out, _ = dispatch.run_action(ctx, "web", "migrate", {"host": "h2", "live": True})
+    assert dest.record("web").running and out["lcm_state"] == "RUNNING"
+    assert vm_row(ctx) == {"host": "h2", "uri": DEST, "lcm": "RUNNING", "error": None}
+
+
 def test_lost_checkpoints_warn_now_and_make_the_next_backup_a_warned_full(
     two_hosts: tuple[Context, FakeHypervisor],
 ) -> None:

@@ -94,6 +94,23 @@ def migrate(
         "checkpoints": list(moved.checkpoints),
         "chain_break": moved.chain_break,
     }
+    try:
+        _record_move(ctx, vm, source, dest, dest_uri, record)
+    except KeyboardInterrupt:  # a cancel now is too late (the VM has moved): the catalog says so
+        _record_move(ctx, vm, source, dest, dest_uri, record)
+    if moved.chain_break:
+        warnings.add(
+            f"the checkpoints of VM {vm.name} did not follow it to host {dest}, so its next "
+            f"backup starts a new full chain: {moved.chain_break}"
+        )
+    return {"host": dest, "host_uri": dest_uri, "migration": record, LANDS: lands}
+
+
+def _record_move(
+    ctx: Context, vm: Vm, source: str | None, dest: str, dest_uri: str, record: dict[str, Any]
+) -> None:
+    """The VM's row on ``dest``, its queued jobs with it, the migration in its history (each
+    write idempotent: done again when a cancel interrupted it)."""
     with ctx.catalog.session() as s:
         s.execute(update(Vm).where(Vm.id == vm.id).values(host=dest, host_uri=dest_uri))
         if source is not None:  # its queued jobs go with it
@@ -117,12 +134,6 @@ def migrate(
         )
         if row is not None:
             row.detail = {**row.detail, "migration": record}
-    if moved.chain_break:
-        warnings.add(
-            f"the checkpoints of VM {vm.name} did not follow it to host {dest}, so its next "
-            f"backup starts a new full chain: {moved.chain_break}"
-        )
-    return {"host": dest, "host_uri": dest_uri, "migration": record, LANDS: lands}
 
 
 def moved(ctx: Context, vm_id: int, host: str, before: LcmState) -> None:
