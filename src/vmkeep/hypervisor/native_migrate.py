@@ -112,7 +112,7 @@ def destination_pools(
         for file in files:
             folder = os.path.dirname(os.path.normpath(file))
             pool = pools.get(folder)
-            if pool is not None and pool.name().startswith("vmkeep-migrate-"):
+            if copying and pool is not None and pool.name().startswith("vmkeep-migrate-"):
                 made.append(pool)  # left by a migration whose process died: ours to remove
             if pool is None:
                 key = hashlib.sha256(folder.encode()).hexdigest()[:10]
