@@ -124,6 +124,27 @@ def test_an_interrupt_between_drops_puts_the_dropped_checkpoints_back() -> None:
     assert sorted(n for n, _ in src.cps) == ["a", "b", "c"]
 
 
+def test_a_source_that_cannot_list_its_checkpoints_still_gets_them_back_and_the_error() -> None:
+    src = Side(chain("a", "b"))
+    read = src.read
+    reads: list[int] = []
+
+    def read_once() -> list[tuple[str, str]]:
+        reads.append(1)
+        if len(reads) > 1:
+            raise VmmError("native", "migrate", "cannot list the checkpoints")
+        return read()
+
+    src.read = read_once  # type: ignore[method-assign]
+
+    def migrate() -> str:
+        raise VmmError("native", "migrate", "cannot migrate domain with checkpoints")
+
+    with pytest.raises(VmmError, match="with checkpoints"):  # the migration's, not the listing's
+        carry.migrate_with_checkpoints(src, migrate, lambda e: "checkpoints" in str(e))
+    assert [n for n, _ in src.cps] == ["a", "b"]
+
+
 def test_another_failure_is_raised_as_it_is_and_nothing_is_dropped() -> None:
     src = Side(chain("a"))
 

@@ -135,7 +135,10 @@ def destination_pools(
                 made.append(pool)
                 pools[folder] = pool
             else:
-                pool.refresh(0)
+                try:
+                    pool.refresh(0)
+                except libvirt.libvirtError as err:
+                    raise _fail(err) from err
             if not copying:
                 try:
                     pool.storageVolLookupByName(os.path.basename(file))
