@@ -105,6 +105,46 @@ def test_a_failed_retry_puts_the_checkpoints_back_on_the_source_in_order() -> No
     assert [n for n, _ in src.cps] == ["a", "b"]
 
 
+def test_an_interrupt_between_drops_puts_the_dropped_checkpoints_back() -> None:
+    src = Side(chain("a", "b", "c"))
+    drop = src.drop_metadata
+
+    def drop_then_cancel(name: str) -> None:
+        drop(name)
+        if name == "b":
+            raise KeyboardInterrupt  # a job's cancel arrives between two drops
+
+    src.drop_metadata = drop_then_cancel  # type: ignore[method-assign]
+
+    def migrate() -> str:
+        raise VmmError("native", "migrate", "cannot migrate domain with checkpoints")
+
+    with pytest.raises(KeyboardInterrupt):
+        carry.migrate_with_checkpoints(src, migrate, lambda e: "checkpoints" in str(e))
+    assert sorted(n for n, _ in src.cps) == ["a", "b", "c"]
+
+
+def test_a_source_that_cannot_list_its_checkpoints_still_gets_them_back_and_the_error() -> None:
+    src = Side(chain("a", "b"))
+    read = src.read
+    reads: list[int] = []
+
+    def read_once() -> list[tuple[str, str]]:
+        reads.append(1)
+        if len(reads) > 1:
+            raise VmmError("native", "migrate", "cannot list the checkpoints")
+        return read()
+
+    src.read = read_once  # type: ignore[method-assign]
+
+    def migrate() -> str:
+        raise VmmError("native", "migrate", "cannot migrate domain with checkpoints")
+
+    with pytest.raises(VmmError, match="with checkpoints"):  # the migration's, not the listing's
+        carry.migrate_with_checkpoints(src, migrate, lambda e: "checkpoints" in str(e))
+    assert [n for n, _ in src.cps] == ["a", "b"]
+
+
 def test_another_failure_is_raised_as_it_is_and_nothing_is_dropped() -> None:
     src = Side(chain("a"))
 
@@ -373,6 +413,26 @@ def test_a_cancelled_migration_job_leaves_the_vm_where_it_was(
     assert "web" not in dest.domains
 
 
+def test_a_cancel_after_the_move_still_records_the_vm_on_the_destination(
+    two_hosts: tuple[Context, FakeHypervisor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job's cancel arrives (raised in the action's thread) while the catalog is written,
+    after the VM has moved: too late to undo, so the catalog still says where it runs."""
+    ctx, dest = two_hosts
+    real, calls = migration.update, []
+
+    def cancelled_once(table: Any) -> Any:
+        calls.append(table)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(table)
+
+    monkeypatch.setattr(migration, "update", cancelled_once)
+    out, _ = dispatch.run_action(ctx, "web", "migrate", {"host": "h2", "live": True})
+    assert dest.record("web").running and out["lcm_state"] == "RUNNING"
+    assert vm_row(ctx) == {"host": "h2", "uri": DEST, "lcm": "RUNNING", "error": None}
+
+
 def test_lost_checkpoints_warn_now_and_make_the_next_backup_a_warned_full(
     two_hosts: tuple[Context, FakeHypervisor],
 ) -> None:
@@ -435,6 +495,121 @@ def test_recover_success_of_a_died_migration_puts_the_vm_on_the_destination(
     assert vm_row(ctx) == {"host": "h2", "uri": DEST, "lcm": "RUNNING", "error": None}
 
 
+def died_while_copying_a_powered_off_vm(ctx: Context) -> None:
+    """A POWEROFF VM's --copy-storage migration whose process was killed: MIGRATE in the
+    catalog, the history's migrate row open."""
+    with ctx.catalog.session() as s:
+        find_vm(s, "web").lcm_state = "MIGRATE"
+    dispatch._begin_history(ctx, vm_row_id(ctx), "migrate", "cli", "", {
+        "opts": {"host": "h2", "copy_storage": True}, "from": "POWEROFF"})  # fmt: skip
+
+
+def test_recover_failure_of_a_died_copy_stops_the_vm_left_paused_on_its_host(
+    two_hosts: tuple[Context, FakeHypervisor],
+) -> None:
+    ctx, _dest = two_hosts
+    ctx.hv.destroy("web")
+    ctx.hv.start("web", paused=True)  # started paused for the copy, then the process died
+    died_while_copying_a_powered_off_vm(ctx)
+    out, _ = dispatch.recover(ctx, "web", "failure")
+    assert out["lcm_state"] == "POWEROFF" and not ctx.hv.domain("web").paused
+    assert ctx.hv.domain("web").state == "POWEROFF"
+
+
+def test_recover_success_of_a_died_copy_stops_the_vm_left_paused_on_the_destination(
+    two_hosts: tuple[Context, FakeHypervisor], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx, dest = two_hosts
+    ctx.hv.destroy("web")
+    ctx.hv.native_vmm().migrate("web", DEST, live=False)  # switched over ...
+    dest.start("web", paused=True)  # ... still paused there when the process died
+    died_while_copying_a_powered_off_vm(ctx)
+    monkeypatch.setattr(migration, "connect", lambda uri: {DEST: dest}[uri])
+    out, _ = dispatch.recover(ctx, "web", "success")
+    assert out["lcm_state"] == "POWEROFF" and dest.domain("web").state == "POWEROFF"
+    assert vm_row(ctx)["host"] == "h2"
+
+
 def vm_row_id(ctx: Context) -> int:
     with ctx.catalog.session() as s:
         return find_vm(s, "web").id
+
+
+DEST_TCP = "qemu+tcp://h2/system"
+FAKE_VIRSH = """\
+#!/bin/sh
+echo "$*" >> {log}
+case "$*" in
+    *checkpoint-list*) echo vmkeep-1-0 ;;
+    *checkpoint-dumpxml*) echo "<domaincheckpoint><name>vmkeep-1-0</name></domaincheckpoint>" ;;
+    *dumpxml*) printf "<disk type='file' device='disk'>\\n<source file='/local/web.qcow2'/>\\n" ;;
+    *vol-info*) exit 1 ;;
+    *"-c "*domstate*) echo paused ;;
+    *domstate*) echo "shut off" ;;
+    *" migrate "*) trap '' INT TERM; sleep 1.5 ;;  # too late to abort: it switches over
+esac
+exit 0
+"""
+
+
+def shipped_with_fake_virsh(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> Path:
+    """The log the fake virsh on PATH writes each call to."""
+    log, bin_dir = tmp_path / "virsh.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "virsh").write_text(body.format(log=log))
+    (bin_dir / "virsh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    return log
+
+
+SHIPPED = Path(__file__).resolve().parents[2] / "drivers" / "exec" / "virsh"
+
+
+def test_shipped_script_refuses_an_offline_move_to_a_host_that_does_not_see_the_disks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = shipped_with_fake_virsh(tmp_path, monkeypatch, FAKE_VIRSH)
+    vmm = ExecVmm(SHIPPED, parse_args(""), "qemu:///system", tmp_path / "slots")
+    with pytest.raises(VmmError, match="does not see disk /local/web.qcow2.*--copy-storage"):
+        vmm.migrate("web", DEST_TCP, live=False)
+    lines = log.read_text().splitlines()
+    assert not any(" migrate " in ln for ln in lines)
+    assert lines[-1].startswith(f"-q -c {DEST_TCP} pool-destroy vmkeep-migrate-")
+    log.unlink()
+    sees = FAKE_VIRSH.replace("*vol-info*) exit 1 ;;", "*vol-info*) exit 0 ;;")
+    (tmp_path / "bin" / "virsh").write_text(sees.format(log=log))
+    vmm.migrate("web", DEST_TCP, live=False)
+    assert any("--offline" in ln for ln in log.read_text().splitlines())
+
+
+def test_shipped_script_cancelled_too_late_finishes_and_leaves_nothing_paused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A powered-off VM copied with its storage runs paused during the copy: a cancel that
+    arrives once virsh cannot abort any more leaves the migration standing, its checkpoints
+    defined and the domain stopped on the destination (never paused there, never reported as
+    a failure while it has moved)."""
+    log, bin_dir = tmp_path / "virsh.log", tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "virsh").write_text(FAKE_VIRSH.format(log=log))
+    (bin_dir / "virsh").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    shipped = Path(__file__).resolve().parents[2] / "drivers" / "exec" / "virsh"
+    vmm = ExecVmm(shipped, parse_args(""), "qemu:///system", tmp_path / "slots")
+
+    class Cancelled(Exception):
+        pass
+
+    calls: list[int] = []
+
+    def progress(done: int, total: int) -> None:
+        calls.append(done)
+        if len(calls) == 1:
+            raise Cancelled
+
+    m = vmm.migrate("web", DEST_TCP, live=False, copy_storage=True, progress=progress)
+    lines = log.read_text().splitlines()
+    assert m.checkpoints == ("vmkeep-1-0",)
+    assert any(f"-c {DEST_TCP} checkpoint-create web" in ln for ln in lines)
+    assert lines[-2] == f"-q -c {DEST_TCP} destroy web"  # stopped there, as it was
+    assert lines[-1].startswith(f"-q -c {DEST_TCP} pool-destroy vmkeep-migrate-")

@@ -306,6 +306,29 @@ def test_group_recover_in_start_order(failed: dict[str, Any], tmp_path: Path) ->
         manage.recover_host(ctx, "shop")
 
 
+def test_group_recover_stops_at_a_member_it_cannot_redeploy(
+    failed: dict[str, Any], tmp_path: Path
+) -> None:
+    """A member on a failed host with nothing to bring it up from is not skipped as if it
+    needed no redeploy: the members after it in the start order may depend on it."""
+    ctx = failed["ctx"]
+    for name in ("db", "app"):
+        disk = tmp_path / f"{name}.qcow2"
+        disk.write_bytes(b"")
+        dispatch.create(ctx, xml_of(name, disk), host="h2")
+        with ctx.catalog.session() as s:
+            vm = s.execute(select(Vm).where(Vm.name == name)).scalar_one()
+            vm.state, vm.lcm_state = VmState.UNKNOWN, LcmState.UNKNOWN
+            vm.template = None if name == "db" else vm.template  # imported: no definition
+        failed["said"][name] = "absent"
+    manage.create_group(ctx, "shop", ["db", "app"])
+    with pytest.raises(Refused, match="vmkeep holds no definition of it"):
+        manage.recover_host(ctx, "shop")
+    with pytest.raises(Refused, match="member db failed.*before it: none"):
+        manage.recover_group(ctx, "shop", "h1")
+    assert "app" not in ctx.hv.domains and placement.host_of_vm(ctx, "app") == "h2"
+
+
 def test_a_domain_already_on_the_destination(failed: dict[str, Any], tmp_path: Path) -> None:
     ctx = failed["ctx"]
     other = xml_of("web", failed["disk"]).replace(

@@ -84,9 +84,9 @@ def migrate_with_checkpoints(
     except BaseException as err:
         if not saved or not refused_for_checkpoints(err):
             raise
-    for name, _xml in reversed(saved):
-        source.drop_metadata(name)
-    try:
+    try:  # an interrupt between two drops puts the dropped ones back too
+        for name, _xml in reversed(saved):
+            source.drop_metadata(name)
         return migrate(), saved
     except BaseException:
         restore(source, saved)
@@ -95,7 +95,10 @@ def migrate_with_checkpoints(
 
 def restore(side: CheckpointSide, saved: list[tuple[str, str]]) -> None:
     """Put checkpoints back after a failed migration (best effort: every one is tried)."""
-    present = {n for n, _ in side.read()}
+    try:
+        present = {n for n, _ in side.read()}
+    except Exception:  # noqa: BLE001 (cannot tell: each is tried; the migration's error stands)
+        present = set()
     for name, xml in saved:
         if name not in present:
             try:

@@ -4,7 +4,8 @@ destination's, only QEMU must reach QEMU, at ``vmm.migration_uri``).
 
 * running, ``live``: the guest runs on during the copy of its memory (paused only for the last
   round: the downtime); not live: paused for the whole copy.
-* powered off: the definition moves (libvirt's offline migration). With ``copy_storage`` libvirt
+* powered off: the definition moves (libvirt's offline migration, which checks no disk: a
+  destination that does not see them is refused here, before anything moves). With ``copy_storage`` libvirt
   cannot copy the disks of a stopped domain, so it is started paused (no guest code runs), its
   disks are copied as for a running one, and it is stopped again on the destination.
 * ``copy_storage``: libvirt copies the disks to the same paths on the destination and moves their
@@ -52,6 +53,13 @@ class DomainCheckpoints:
         flags = libvirt.VIR_DOMAIN_CHECKPOINT_LIST_TOPOLOGICAL
         return [(c.getName(), c.getXMLDesc(0)) for c in self.dom.listAllCheckpoints(flags)]
 
+    def read_or_none(self) -> list[tuple[str, str]]:
+        """``read``, or none when libvirt cannot say."""
+        try:
+            return self.read()
+        except libvirt.libvirtError:
+            return []
+
     def drop_metadata(self, name: str) -> None:
         cp = self.dom.checkpointLookupByName(name)
         cp.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
@@ -88,15 +96,24 @@ def _pool_paths(conn: libvirt.virConnect) -> dict[str, libvirt.virStoragePool]:
 
 
 @contextlib.contextmanager
-def destination_pools(dest: libvirt.virConnect, dest_uri: str, files: list[str]) -> Iterator[None]:
+def destination_pools(
+    dest: libvirt.virConnect, dest_uri: str, files: list[str], copying: bool = True
+) -> Iterator[None]:
     """A ``dir`` pool on the destination over each disk's folder for the time of the block;
-    refuses a disk file the destination has already."""
+    refuses a disk file the destination has already (``copying``), or one it does not see (the
+    offline move of a definition: its disks must be on storage both hosts share)."""
     made: list[libvirt.virStoragePool] = []
+    unseen = (
+        f"{dest_uri} does not see %s: the disks are not on storage both hosts share, so "
+        "the VM could not start there; migrate it with --copy-storage"
+    )
     try:
         pools = _pool_paths(dest)
         for file in files:
             folder = os.path.dirname(os.path.normpath(file))
             pool = pools.get(folder)
+            if copying and pool is not None and pool.name().startswith("vmkeep-migrate-"):
+                made.append(pool)  # left by a migration whose process died: ours to remove
             if pool is None:
                 key = hashlib.sha256(folder.encode()).hexdigest()[:10]
                 xml = (
@@ -106,6 +123,9 @@ def destination_pools(dest: libvirt.virConnect, dest_uri: str, files: list[str])
                 try:
                     pool = dest.storagePoolCreateXML(xml, 0)
                 except libvirt.libvirtError as err:
+                    if not copying:
+                        why = f"folder {folder} ({err.get_error_message()})"
+                        raise VmmError("native", "migrate", unseen % why) from err
                     raise VmmError(
                         "native",
                         "migrate",
@@ -115,7 +135,16 @@ def destination_pools(dest: libvirt.virConnect, dest_uri: str, files: list[str])
                 made.append(pool)
                 pools[folder] = pool
             else:
-                pool.refresh(0)
+                try:
+                    pool.refresh(0)
+                except libvirt.libvirtError as err:
+                    raise _fail(err) from err
+            if not copying:
+                try:
+                    pool.storageVolLookupByName(os.path.basename(file))
+                except libvirt.libvirtError as err:
+                    raise VmmError("native", "migrate", unseen % f"disk {file}") from err
+                continue
             with contextlib.suppress(libvirt.libvirtError):
                 pool.storageVolLookupByName(os.path.basename(file))
                 raise VmmError(
@@ -242,16 +271,18 @@ def _migrate(
         if d.path and d.device == "disk" and not d.readonly
     ]
     source = DomainCheckpoints(dom, src.getURI())
-    pools = destination_pools(dest, dest_uri, files) if copy_storage else contextlib.nullcontext()
+    pools: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
+    if copy_storage or not running:  # a stopped domain's definition moves: its disks must be there
+        pools = destination_pools(dest, dest_uri, files, copying=copy_storage)
     t0 = time.monotonic()
     with pools:
-        if not running and copy_storage:
-            try:
-                dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
-            except libvirt.libvirtError as err:
-                raise _fail(err) from err
-            started_paused = True
         try:
+            if not running and copy_storage:
+                started_paused = True  # first: an interrupt just after the start still stops it
+                try:
+                    dom.createWithFlags(libvirt.VIR_DOMAIN_START_PAUSED)
+                except libvirt.libvirtError as err:
+                    raise _fail(err) from err
             new, saved = carry.migrate_with_checkpoints(
                 source,
                 lambda: _run(dom, lambda: dom.migrate3(dest, params, flags), progress),
@@ -262,17 +293,28 @@ def _migrate(
                 with contextlib.suppress(libvirt.libvirtError):
                     dom.destroy()
             raise
+    # switched over: the rest runs to its end, a cancel now is too late (as in ``_run``)
     total_ms = int((time.monotonic() - t0) * 1000)
     stats: dict[str, Any] = {}
-    if running:
-        with contextlib.suppress(libvirt.libvirtError):
-            stats = new.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
-    names, why = carry.redefine_all(DomainCheckpoints(new, dest_uri), saved)
-    if started_paused:
-        try:
-            new.destroy()
-        except libvirt.libvirtError as err:
-            raise _fail(err) from err
+    try:
+        if running:
+            with contextlib.suppress(libvirt.libvirtError):
+                stats = new.jobStats(libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        names, why = carry.redefine_all(DomainCheckpoints(new, dest_uri), saved)
+    except BaseException as err:  # noqa: BLE001 (a cancel after the switch-over: it stands)
+        names = tuple(n for n, _ in DomainCheckpoints(new, dest_uri).read_or_none())
+        why = ""
+        if len(names) < len(saved):
+            why = (
+                f"the migration was interrupted after it had switched over ({err!r}), before "
+                f"every checkpoint was defined on {dest_uri}"
+            )
+    finally:
+        if started_paused:  # it was off: off there too, never left paused
+            try:
+                new.destroy()
+            except libvirt.libvirtError as err:
+                raise _fail(err) from err
     return Migration(
         checkpoints=names,
         chain_break=why,

@@ -240,7 +240,8 @@ class ExecVmm(Vmm):
     ) -> Migration:
         """``migrate DOMAIN DESTINATION_HOST HOST DEST_URI LIVE COPY_STORAGE BANDWIDTH_MIB``, run
         once (a migration is not retried); a cancel (``progress`` raising) interrupts the script,
-        whose virsh then aborts the migration."""
+        whose virsh then aborts the migration. A script that still ends well had switched over
+        (too late to abort): the migration stands and is returned, as the native driver does."""
         dest = urlsplit(dest_uri).hostname or "localhost"
         yes = {True: "yes", False: "no"}
         args = [domain, dest, self.host_arg, dest_uri, yes[live], yes[copy_storage]]
@@ -269,8 +270,10 @@ class ExecVmm(Vmm):
             except BaseException:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGINT)
-                proc.communicate()
-                raise
+                out, err = proc.communicate()
+                if proc.returncode != 0:
+                    raise
+                # too late: it had switched over; the migration stands
         if proc.returncode != 0:
             raise VmmError(
                 "exec", "migrate", err.strip() or out.strip() or f"exit {proc.returncode}"

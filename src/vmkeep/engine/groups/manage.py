@@ -383,8 +383,9 @@ def recover_group(
 ) -> tuple[dict[str, Any], Warnings]:
     """``group recover GROUP --redeploy``: every member on a failed host redeployed on ``host``
     (``recover_host``'s choice when None), in the group's start order. A member that needs no
-    redeploy (its host works, it is not on a host) is skipped with the reason; a member whose
-    redeploy fails stops the recovery (later members may need it), naming those done."""
+    redeploy (its host works, it is not on a host, it still runs there) is skipped with the
+    reason; a member whose redeploy is refused (nothing to bring it up from) or fails stops the
+    recovery (later members may need it), naming those done."""
     with ctx.catalog.session() as s:
         g = find_group(s, ref)
         name, order = g.name, [m.vm.name for m in g.members]
@@ -395,8 +396,11 @@ def recover_group(
         try:
             redeploy.check(ctx, vm, dest, from_backup)
         except Refused as err:
-            out.append({"vm": vm, "action": "skipped", "why": str(err)})
-            continue
+            if redeploy.is_not_needed(err):
+                out.append({"vm": vm, "action": "skipped", "why": str(err)})
+                continue
+            # on a failed host and cannot be redeployed: later members wait (raised again by
+            # redeploy below, naming those done)
         try:
             result, w = redeploy.redeploy(ctx, vm, dest, from_backup, origin=origin, who=who)
         except VmkeepError as err:
@@ -424,8 +428,10 @@ def recover_host(ctx: Context, ref: str, from_backup: bool = False) -> str:
     for vm, template, old in members:
         try:
             redeploy.failed_member(ctx, vm, from_backup)
-        except Refused:
-            continue
+        except Refused as err:
+            if redeploy.is_not_needed(err):
+                continue
+            raise  # nothing to bring it up from: the recovery is refused before anything moves
         need.append((placement.size_of(template), old))
     if not need:
         raise Refused(

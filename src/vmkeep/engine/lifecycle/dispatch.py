@@ -320,10 +320,13 @@ def recover(
         if last is None:
             raise Refused(f"recover of VM {vm.name}", "it has no action to recover", "")
         action, opts, before = last.action, dict(last.detail.get("opts", {})), last.detail["from"]
-        vm_id, name = vm.id, vm.name
+        vm_id, name, host = vm.id, vm.name, vm.host
     warnings = Warnings()
     hid = _begin_history(ctx, vm_id, "recover", origin, who, {"opts": {how: True}, "of": action})
     try:
+        if action == "migrate" and how != "delete":  # never left paused by the copy
+            where = str(opts.get("host")) if how == "success" else host
+            migration.stop_paused_copy(ctx, name, where, LcmState(before), warnings)
         if how == "success" and action == "migrate":  # it is on the destination now
             migration.moved(ctx, vm_id, str(opts.get("host")), LcmState(before))
         elif how == "success":

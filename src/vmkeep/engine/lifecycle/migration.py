@@ -16,6 +16,7 @@ with a warning that gives that reason: never a silent broken chain.
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +27,8 @@ from vmkeep.catalog.tables import Job, Vm, VmHistory
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.hosts.records import DISABLED, ERROR, OFFLINE, find_host
 from vmkeep.engine.vm.record import find_vm
-from vmkeep.errors import Refused
+from vmkeep.errors import DomainNotFound, HypervisorError, Refused
+from vmkeep.hypervisor import connect
 from vmkeep.hypervisor.vmm import Progress, Vmm
 from vmkeep.model import JobState, LcmState, VmState, Warnings
 
@@ -92,6 +94,23 @@ def migrate(
         "checkpoints": list(moved.checkpoints),
         "chain_break": moved.chain_break,
     }
+    try:
+        _record_move(ctx, vm, source, dest, dest_uri, record)
+    except KeyboardInterrupt:  # a cancel now is too late (the VM has moved): the catalog says so
+        _record_move(ctx, vm, source, dest, dest_uri, record)
+    if moved.chain_break:
+        warnings.add(
+            f"the checkpoints of VM {vm.name} did not follow it to host {dest}, so its next "
+            f"backup starts a new full chain: {moved.chain_break}"
+        )
+    return {"host": dest, "host_uri": dest_uri, "migration": record, LANDS: lands}
+
+
+def _record_move(
+    ctx: Context, vm: Vm, source: str | None, dest: str, dest_uri: str, record: dict[str, Any]
+) -> None:
+    """The VM's row on ``dest``, its queued jobs with it, the migration in its history (each
+    write idempotent: done again when a cancel interrupted it)."""
     with ctx.catalog.session() as s:
         s.execute(update(Vm).where(Vm.id == vm.id).values(host=dest, host_uri=dest_uri))
         if source is not None:  # its queued jobs go with it
@@ -115,12 +134,6 @@ def migrate(
         )
         if row is not None:
             row.detail = {**row.detail, "migration": record}
-    if moved.chain_break:
-        warnings.add(
-            f"the checkpoints of VM {vm.name} did not follow it to host {dest}, so its next "
-            f"backup starts a new full chain: {moved.chain_break}"
-        )
-    return {"host": dest, "host_uri": dest_uri, "migration": record, LANDS: lands}
 
 
 def moved(ctx: Context, vm_id: int, host: str, before: LcmState) -> None:
@@ -133,6 +146,35 @@ def moved(ctx: Context, vm_id: int, host: str, before: LcmState) -> None:
         vm.host, vm.host_uri, vm.error = host, uri, None
         vm.lcm_state = before
         vm.state = VmState.POWEROFF if before == LcmState.POWEROFF else VmState.ACTIVE
+
+
+def stop_paused_copy(
+    ctx: Context, name: str, host: str | None, before: LcmState, warnings: Warnings
+) -> None:
+    """``vm recover`` of a migration whose process died: a POWEROFF VM migrated with
+    ``--copy-storage`` runs paused for the copy, and stays so (on its host, or on the
+    destination ``host`` once it had switched over). Stopped there, as it was: vmkeep never
+    leaves a VM paused. A host that cannot be asked is named in a warning."""
+    if before != LcmState.POWEROFF:
+        return
+    uri = ctx.uri
+    if not ctx.here(host):
+        with ctx.catalog.session() as s:
+            uri = find_host(s, str(host)).uri
+    hv = ctx.hv if uri == ctx.uri else connect(uri)
+    try:
+        info = hv.domain(name)
+        if info.state == VmState.ACTIVE and info.paused:
+            hv.destroy(name)
+    except DomainNotFound:
+        pass
+    except HypervisorError as err:
+        warnings.add(f"VM {name} may be left paused on {uri} by the migration ({err}): stop it "
+                     f"there (virsh -c {uri} destroy {name})")  # fmt: skip
+    finally:
+        if hv is not ctx.hv:
+            with contextlib.suppress(Exception):
+                getattr(hv, "close", lambda: None)()
 
 
 def chain_break_since(s: Session, vm_id: int, since: datetime | None) -> str | None:

@@ -53,6 +53,19 @@ PROBE_TIMEOUT = 5.0  # seconds a TCP connection to the old host's libvirt may ta
 PORTS = {"tcp": 16509, "tls": 16514, "ssh": 22, "libssh": 22, "libssh2": 22}
 
 
+def not_needed(what: str, why: str, fix: str) -> Refused:
+    """The refusal of a redeploy the VM needs none of: it is on no host, or its host works, or
+    it still runs on its old host (a group's recovery skips such a member; any other refusal
+    stops it). A plain Refused for its callers (its error code stays ``Refused``)."""
+    err = Refused(what, why, fix)
+    err.not_needed = True  # type: ignore[attr-defined]
+    return err
+
+
+def is_not_needed(err: BaseException) -> bool:
+    return bool(getattr(err, "not_needed", False))
+
+
 @dataclass
 class Plan:
     """What a redeploy does, decided (and every refusal made) before anything moves."""
@@ -135,7 +148,7 @@ def check(ctx: Context, ref: str, pin: str | None = None, from_backup: bool = Fa
             "Leave out --host to let placement choose, or name a working host.",
         )
     if plan.old_libvirt == "running":
-        raise Refused(
+        raise not_needed(
             f"redeploy of VM {plan.name}",
             f"it still runs on host {plan.old} (its libvirt at {plan.old_uri} says so)",
             "Never two copies of one VM: power it off there first (vmkeep vm poweroff VM "
@@ -154,9 +167,11 @@ def failed_member(ctx: Context, ref: str, from_backup: bool = False) -> Plan:
         vm = find_vm(s, ref)
         what = f"redeploy of VM {vm.name}"
         if vm.host is None:
-            raise Refused(what, "it lives on no host", "Deploy it (vmkeep vm deploy VM --host H).")
+            raise not_needed(
+                what, "it lives on no host", "Deploy it (vmkeep vm deploy VM --host H)."
+            )
         if vm.state in OFF_HOST:
-            raise Refused(
+            raise not_needed(
                 what,
                 f"it is {vm.state}: not on a host",
                 "Deploy it on another host instead (vmkeep vm deploy VM --host H).",
@@ -164,7 +179,7 @@ def failed_member(ctx: Context, ref: str, from_backup: bool = False) -> Plan:
         old = s.execute(select(Host).where(Host.name == vm.host)).scalar_one_or_none()
         failed = failed_why(vm.lcm_state, old, vm.host, ctx.config.cluster.silent_after)
         if failed is None:
-            raise Refused(
+            raise not_needed(
                 what,
                 f"it is {vm.lcm_state} on host {vm.host}, which is {old.state if old else '?'} "
                 "with its daemon alive",
