@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,8 +20,15 @@ from vmkeep.engine.core.context import Context
 from vmkeep.engine.hosts import placement, records
 from vmkeep.engine.service import actions, tokens
 from vmkeep.engine.vm import inventory
-from vmkeep.errors import AlreadyExists, HostNotFound, HostUnavailable, InvalidValue, Refused
-from vmkeep.hypervisor.fake import FakeHypervisor
+from vmkeep.errors import (
+    AlreadyExists,
+    HostNotFound,
+    HostUnavailable,
+    HypervisorError,
+    InvalidValue,
+    Refused,
+)
+from vmkeep.hypervisor.fake import SAMPLE_XML, FakeHypervisor
 from vmkeep.model import JobState
 
 
@@ -274,7 +282,6 @@ def test_the_cli_queues_another_hosts_vm_for_its_daemon_and_follows_it(
 
     from vmkeep.cli import vm_cmd
     from vmkeep.engine.service.actions import RUNNERS
-    from vmkeep.hypervisor.fake import SAMPLE_XML
 
     records.add(ctx, "h2", "qemu+tcp://h2/system")
     add_vm(ctx, "web", "h2")
@@ -306,3 +313,31 @@ def test_the_cli_queues_another_hosts_vm_for_its_daemon_and_follows_it(
         job = s.get(Job, ran[0])
         assert job is not None
         assert (job.kind, job.runs_on, job.state) == ("reset-state", "h2", JobState.DONE)
+
+
+class _Unreachable(FakeHypervisor):
+    """This process's libvirt, down: every look at a domain fails."""
+
+    def states(self) -> dict[str, Any]:
+        raise HypervisorError("cannot reach libvirt")
+
+    def domain(self, name: str) -> Any:
+        raise HypervisorError("cannot reach libvirt")
+
+
+def test_vm_list_and_show_of_other_hosts_vms_never_ask_this_processs_libvirt(
+    ctx: Context,
+) -> None:
+    """Another host's VM is listed and shown from the catalog: this process's libvirt is not
+    asked (it may be down, or hold a stale definition of the same name)."""
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    h1 = on_host(ctx, "h1")
+    h1._hv = _Unreachable()
+    assert [r["name"] for r in inventory.list_vms(h1)] == ["web"]
+    assert inventory.show_vm(h1, "web")["lcm_state"] == "RUNNING"
+    stale = on_host(ctx, "h1")  # a definition of the same name left on this host
+    assert isinstance(stale.hv, FakeHypervisor)
+    stale.hv.define(SAMPLE_XML.format(disk="/stale/vda.qcow2"))
+    shown = inventory.show_vm(stale, "web")
+    assert "/stale/vda.qcow2" not in str(shown), shown
