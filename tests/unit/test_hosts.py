@@ -341,3 +341,41 @@ def test_vm_list_and_show_of_other_hosts_vms_never_ask_this_processs_libvirt(
     stale.hv.define(SAMPLE_XML.format(disk="/stale/vda.qcow2"))
     shown = inventory.show_vm(stale, "web")
     assert "/stale/vda.qcow2" not in str(shown), shown
+
+
+def test_the_cli_queues_a_deploy_for_the_host_it_is_placed_on(
+    ctx: Context,
+    cli_on,  # type: ignore[no-untyped-def]
+) -> None:
+    """No daemon here: ``vm deploy web --host h2`` of a VM undeployed from h1 goes to h2's
+    daemon (where the check places it), not to h1's, whose run would refuse it."""
+    import threading
+
+    from vmkeep.cli import vm_cmd
+
+    for name in ("h1", "h2"):
+        records.add(ctx, name, f"qemu+tcp://{name}/system")
+        monitored(ctx, name, running=0, free_mib=4096)
+    with ctx.catalog.session() as s:
+        s.add(Vm(name="web", uuid="uuid-web", host_uri="qemu+tcp://h1/system", host="h1",
+                 state="UNDEPLOYED", lcm_state="UNDEPLOYED", created=True,
+                 template=SAMPLE_XML.format(disk="/d/vda.qcow2")))  # fmt: skip
+    queued: list[str | None] = []
+
+    def a_daemon() -> None:  # stands in for the daemon the job is for: it just cancels it
+        for _ in range(200):
+            with ctx.catalog.session() as s:
+                job = s.query(Job).filter(Job.state == JobState.QUEUED).first()
+                if job is not None:
+                    queued.append(job.runs_on)
+                    break
+            threading.Event().wait(0.05)
+        if queued:
+            jobs.cancel(ctx, job.id)
+
+    worker = threading.Thread(target=a_daemon)
+    worker.start()
+    code, out = cli_on(ctx, vm_cmd)("vm", "deploy", "web", "--host", "h2")
+    worker.join()
+    assert queued == ["h2"], out
+    assert "queued for host h2's daemon" in out
