@@ -379,3 +379,26 @@ def test_the_cli_queues_a_deploy_for_the_host_it_is_placed_on(
     worker.join()
     assert queued == ["h2"], out
     assert "queued for host h2's daemon" in out
+
+
+def test_backup_cancel_of_a_backup_run_on_another_machine_cancels_its_job(ctx: Context) -> None:
+    """A backup run by another machine's daemon (another host's VM): ``backup cancel`` sets its
+    job's cancel flag (that daemon stops it) instead of refusing with 'busy ... wait for it'."""
+    from vmkeep.catalog.tables import Lock
+    from vmkeep.engine.protect.backup import cancel_backup
+    from vmkeep.errors import BackupFailed
+
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    job_id = jobs.enqueue(ctx, "backup", "web", {}, "api", "t", runs_on="h2")["id"]
+    with ctx.catalog.session() as s:
+        vm_id = s.query(Vm).filter(Vm.name == "web").one().id
+        s.add(Lock(name=f"vm:{vm_id}", host="machine-of-h2", pid=4242, reason="backup"))
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.state, job.host, job.pid = JobState.RUNNING, "machine-of-h2", 4242
+    with pytest.raises(BackupFailed, match="did not stop within"):  # the lock stays: no h2 here
+        cancel_backup(ctx, "web", wait=0.3)
+    with ctx.catalog.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.cancel_requested

@@ -135,22 +135,22 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
         vm = find_vm(s, vm_ref)
         name, vm_id = vm.name, vm.id
     held = holder(ctx.catalog, f"vm:{vm_id}")
-    if (
-        held
-        and held.reason == "backup"
-        and held.host == socket.gethostname()
-        and pid_alive(held.pid)
-    ):
+    here = held is not None and held.host == socket.gethostname()
+    if held and held.reason == "backup" and (not here or pid_alive(held.pid)):
         out: dict[str, Any] = {"vm": name, "cancelled": True, "pid": held.pid}
-        served = [j for j in jobs.running_in(ctx, held.pid) if j["origin"] != "cli"]
-        if not served:
+        running = jobs.running_in(ctx, held.pid, held.host)
+        served = [j for j in running if j["origin"] != "cli"]
+        if here and not served:
             os.kill(held.pid, signal.SIGTERM)
-        else:  # a daemon: never signal it, cancel its job of this VM
-            job = next((j for j in served if j["kind"] == "backup" and j["target"] == name), None)
+        else:  # a daemon (never signalled), or a process of another machine (another host's
+            # daemon): cancel its job of this VM; that process stops it
+            job = next((j for j in running if j["kind"] == "backup" and j["target"] == name), None)
             if job is None:
+                who = f"the vmkeep daemon (pid {held.pid})" if here else (
+                    f"the vmkeep process {held.pid} on {held.host}")  # fmt: skip
                 raise BackupFailed(
                     name,
-                    f"the vmkeep daemon (pid {held.pid}) runs it but no backup job of it is "
+                    f"{who} runs it but no backup job of it is "
                     "RUNNING; see 'vmkeep jobs list --state RUNNING' and cancel it there",
                 )
             try:
