@@ -402,3 +402,24 @@ def test_backup_cancel_of_a_backup_run_on_another_machine_cancels_its_job(ctx: C
     with ctx.catalog.session() as s:
         job = s.get(Job, job_id)
         assert job is not None and job.cancel_requested
+
+
+def test_backup_cancel_never_cleans_up_another_hosts_vm_through_this_libvirt(
+    ctx: Context,
+) -> None:
+    """No live process runs the backup of h2's VM: what a dead one left is on h2's libvirt, so
+    the clean-up is refused here with the fix, this process's libvirt untouched."""
+    from vmkeep.engine.protect.backup import cancel_backup
+
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    with ctx.catalog.session() as s:
+        s.query(Vm).filter(Vm.name == "web").update({"lcm_state": "BACKUP"})
+    h1 = on_host(ctx, "h1")
+    assert isinstance(h1.hv, FakeHypervisor)
+    h1.hv.define(SAMPLE_XML.format(disk="/stale/vda.qcow2"))  # a same-named domain here
+    with pytest.raises(HostUnavailable, match="backup cancel web' there"):
+        cancel_backup(h1, "web", wait=0.3)
+    assert [c for c in h1.hv.calls if c[0] != "define"] == []
+    with ctx.catalog.session() as s:
+        assert s.query(Vm).filter(Vm.name == "web").one().lcm_state == "BACKUP"

@@ -49,7 +49,7 @@ from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.policy import check_overrides
 from vmkeep.engine.vm.record import find_vm, set_lcm, sync_state
 from vmkeep.engine.vm.recovery import recover_vm
-from vmkeep.errors import BackupFailed, VmkeepError, WrongState
+from vmkeep.errors import BackupFailed, HostUnavailable, VmkeepError, WrongState
 from vmkeep.faults import failpoint
 from vmkeep.model import LcmState, Warnings
 
@@ -133,7 +133,7 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
     process runs it, clean up here."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, vm_ref)
-        name, vm_id = vm.name, vm.id
+        name, vm_id, vm_host = vm.name, vm.id, vm.host
     held = holder(ctx.catalog, f"vm:{vm_id}")
     here = held is not None and held.host == socket.gethostname()
     if held and held.reason == "backup" and (not here or pid_alive(held.pid)):
@@ -164,7 +164,16 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
                 return out
             time.sleep(0.2)
         raise BackupFailed(name, f"process {held.pid} did not stop within {wait:.0f} s")
-    # No live vmkeep process runs it: undo whatever a dead one left (lock reclaimed if stale).
+    # No live vmkeep process runs it: undo whatever a dead one left (lock reclaimed if stale),
+    # on the VM's own host only (its libvirt holds the backup's job and checkpoint)
+    if not ctx.here(vm_host):
+        raise HostUnavailable(
+            vm_host,
+            f"no live vmkeep process runs a backup of VM {name}, which lives there; what a dead "
+            "one left is cleaned up on that host",
+            f"Run 'vmkeep backup cancel {name}' there ([cluster] host = {vm_host}), or start its "
+            "daemon: its next action on the VM cleans up first.",
+        )
     with lock(ctx.catalog, f"vm:{vm_id}", "backup cancel", label=f"VM {name}"):
         done = recover_vm(ctx, vm_id, "cancelled after the vmkeep process running it died")
     if not done:
