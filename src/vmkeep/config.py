@@ -23,7 +23,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vmkeep.errors import ConfigError
 from vmkeep.model import ROLES
@@ -139,6 +147,18 @@ class ClusterConfig(_Section):
     # for a silent host's daemon fails
     unknown_after: float = Field(default=60.0, ge=1, le=86400)  # a host unreachable that long:
     # its VMs UNKNOWN
+
+    @model_validator(mode="after")
+    def _beats_within_silence(self) -> ClusterConfig:
+        """A daemon beating less often than ``silent_after`` would look silent between its
+        heartbeats: its queued jobs would fail and its VMs turn UNKNOWN while it runs."""
+        if self.heartbeat_interval >= self.silent_after:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval:g} s) must be below silent_after "
+                f"({self.silent_after:g} s), else a running daemon looks silent; lower "
+                "heartbeat_interval or raise silent_after"
+            )
+        return self
 
 
 class MonitorConfig(_Section):

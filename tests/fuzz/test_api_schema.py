@@ -78,6 +78,9 @@ EXCLUDED_FOR: dict[tuple[str, str], dict[str, str]] = {
         ACCEPTANCE: "schedule is a calendar expression; exactly one of vms/group/pool/all"
     },
     ("PATCH", "/v1/backupjobs/{name}"): {ACCEPTANCE: "schedule is a calendar expression"},
+    ("POST", "/v1/vms/{vm}/actions/recover"): {
+        ACCEPTANCE: "exactly one of how or redeploy; host and from_backup only with redeploy"
+    },
 }
 
 

@@ -44,3 +44,12 @@ def test_wrong_version(tmp_path: Path) -> None:
     f.write_text("version = 9\n")
     with pytest.raises(ConfigError, match="version"):
         load_config(f, environ={})
+
+
+def test_a_heartbeat_slower_than_silence_is_refused_with_the_fix(tmp_path: Path) -> None:
+    """A daemon that beats every 60 s looks silent after 30: refused at load, naming both."""
+    env = {"VMKEEP_DATA_DIR": str(tmp_path), "VMKEEP_CLUSTER_HEARTBEAT_INTERVAL": "60"}
+    with pytest.raises(ConfigError, match=r"cluster.*below silent_after \(30 s\).*lower"):
+        load_config(environ=env)
+    cfg = load_config(environ=env | {"VMKEEP_CLUSTER_SILENT_AFTER": "90"})
+    assert (cfg.cluster.heartbeat_interval, cfg.cluster.silent_after) == (60, 90)

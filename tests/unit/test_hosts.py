@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -19,8 +20,15 @@ from vmkeep.engine.core.context import Context
 from vmkeep.engine.hosts import placement, records
 from vmkeep.engine.service import actions, tokens
 from vmkeep.engine.vm import inventory
-from vmkeep.errors import AlreadyExists, HostNotFound, HostUnavailable, InvalidValue, Refused
-from vmkeep.hypervisor.fake import FakeHypervisor
+from vmkeep.errors import (
+    AlreadyExists,
+    HostNotFound,
+    HostUnavailable,
+    HypervisorError,
+    InvalidValue,
+    Refused,
+)
+from vmkeep.hypervisor.fake import SAMPLE_XML, FakeHypervisor
 from vmkeep.model import JobState
 
 
@@ -274,7 +282,6 @@ def test_the_cli_queues_another_hosts_vm_for_its_daemon_and_follows_it(
 
     from vmkeep.cli import vm_cmd
     from vmkeep.engine.service.actions import RUNNERS
-    from vmkeep.hypervisor.fake import SAMPLE_XML
 
     records.add(ctx, "h2", "qemu+tcp://h2/system")
     add_vm(ctx, "web", "h2")
@@ -306,6 +313,116 @@ def test_the_cli_queues_another_hosts_vm_for_its_daemon_and_follows_it(
         job = s.get(Job, ran[0])
         assert job is not None
         assert (job.kind, job.runs_on, job.state) == ("reset-state", "h2", JobState.DONE)
+
+
+class _Unreachable(FakeHypervisor):
+    """This process's libvirt, down: every look at a domain fails."""
+
+    def states(self) -> dict[str, Any]:
+        raise HypervisorError("cannot reach libvirt")
+
+    def domain(self, name: str) -> Any:
+        raise HypervisorError("cannot reach libvirt")
+
+
+def test_vm_list_and_show_of_other_hosts_vms_never_ask_this_processs_libvirt(
+    ctx: Context,
+) -> None:
+    """Another host's VM is listed and shown from the catalog: this process's libvirt is not
+    asked (it may be down, or hold a stale definition of the same name)."""
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    h1 = on_host(ctx, "h1")
+    h1._hv = _Unreachable()
+    assert [r["name"] for r in inventory.list_vms(h1)] == ["web"]
+    assert inventory.show_vm(h1, "web")["lcm_state"] == "RUNNING"
+    stale = on_host(ctx, "h1")  # a definition of the same name left on this host
+    assert isinstance(stale.hv, FakeHypervisor)
+    stale.hv.define(SAMPLE_XML.format(disk="/stale/vda.qcow2"))
+    shown = inventory.show_vm(stale, "web")
+    assert "/stale/vda.qcow2" not in str(shown), shown
+
+
+def test_the_cli_queues_a_deploy_for_the_host_it_is_placed_on(
+    ctx: Context,
+    cli_on,  # type: ignore[no-untyped-def]
+) -> None:
+    """No daemon here: ``vm deploy web --host h2`` of a VM undeployed from h1 goes to h2's
+    daemon (where the check places it), not to h1's, whose run would refuse it."""
+    import threading
+
+    from vmkeep.cli import vm_cmd
+
+    for name in ("h1", "h2"):
+        records.add(ctx, name, f"qemu+tcp://{name}/system")
+        monitored(ctx, name, running=0, free_mib=4096)
+    with ctx.catalog.session() as s:
+        s.add(Vm(name="web", uuid="uuid-web", host_uri="qemu+tcp://h1/system", host="h1",
+                 state="UNDEPLOYED", lcm_state="UNDEPLOYED", created=True,
+                 template=SAMPLE_XML.format(disk="/d/vda.qcow2")))  # fmt: skip
+    queued: list[str | None] = []
+
+    def a_daemon() -> None:  # stands in for the daemon the job is for: it just cancels it
+        for _ in range(200):
+            with ctx.catalog.session() as s:
+                job = s.query(Job).filter(Job.state == JobState.QUEUED).first()
+                if job is not None:
+                    queued.append(job.runs_on)
+                    break
+            threading.Event().wait(0.05)
+        if queued:
+            jobs.cancel(ctx, job.id)
+
+    worker = threading.Thread(target=a_daemon)
+    worker.start()
+    code, out = cli_on(ctx, vm_cmd)("vm", "deploy", "web", "--host", "h2")
+    worker.join()
+    assert queued == ["h2"], out
+    assert "queued for host h2's daemon" in out
+
+
+def test_backup_cancel_of_a_backup_run_on_another_machine_cancels_its_job(ctx: Context) -> None:
+    """A backup run by another machine's daemon (another host's VM): ``backup cancel`` sets its
+    job's cancel flag (that daemon stops it) instead of refusing with 'busy ... wait for it'."""
+    from vmkeep.catalog.tables import Lock
+    from vmkeep.engine.protect.backup import cancel_backup
+    from vmkeep.errors import BackupFailed
+
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    job_id = jobs.enqueue(ctx, "backup", "web", {}, "api", "t", runs_on="h2")["id"]
+    with ctx.catalog.session() as s:
+        vm_id = s.query(Vm).filter(Vm.name == "web").one().id
+        s.add(Lock(name=f"vm:{vm_id}", host="machine-of-h2", pid=4242, reason="backup"))
+        job = s.get(Job, job_id)
+        assert job is not None
+        job.state, job.host, job.pid = JobState.RUNNING, "machine-of-h2", 4242
+    with pytest.raises(BackupFailed, match="did not stop within"):  # the lock stays: no h2 here
+        cancel_backup(ctx, "web", wait=0.3)
+    with ctx.catalog.session() as s:
+        job = s.get(Job, job_id)
+        assert job is not None and job.cancel_requested
+
+
+def test_backup_cancel_never_cleans_up_another_hosts_vm_through_this_libvirt(
+    ctx: Context,
+) -> None:
+    """No live process runs the backup of h2's VM: what a dead one left is on h2's libvirt, so
+    the clean-up is refused here with the fix, this process's libvirt untouched."""
+    from vmkeep.engine.protect.backup import cancel_backup
+
+    records.add(ctx, "h2", "qemu+tcp://h2/system")
+    add_vm(ctx, "web", "h2")
+    with ctx.catalog.session() as s:
+        s.query(Vm).filter(Vm.name == "web").update({"lcm_state": "BACKUP"})
+    h1 = on_host(ctx, "h1")
+    assert isinstance(h1.hv, FakeHypervisor)
+    h1.hv.define(SAMPLE_XML.format(disk="/stale/vda.qcow2"))  # a same-named domain here
+    with pytest.raises(HostUnavailable, match="backup cancel web' there"):
+        cancel_backup(h1, "web", wait=0.3)
+    assert [c for c in h1.hv.calls if c[0] != "define"] == []
+    with ctx.catalog.session() as s:
+        assert s.query(Vm).filter(Vm.name == "web").one().lcm_state == "BACKUP"
 
 
 def test_a_daemon_that_signs_off_takes_nothing_and_a_waiting_cli_gives_up(

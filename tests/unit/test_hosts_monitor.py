@@ -155,6 +155,7 @@ def test_vms_of_a_silent_daemon_become_unknown_and_its_poll_brings_them_back(two
     monitor.heartbeat(h1, "127.0.0.1:1")
     dispatch.poll(h1)
     assert (vm(h1, "web").state, vm(h1, "web").lcm_state) == ("ACTIVE", "RUNNING")
+    assert vm(h1, "web").error is None  # the sweep's "unknown until it polls again" is gone
 
 
 def test_jobs_for_a_silent_daemon_wait_with_the_reason_then_fail(two) -> None:

@@ -115,11 +115,13 @@ def hosts_up_cmd(count: int) -> None:
 
 
 @hosts_group.command("down")
-def hosts_down_cmd() -> None:
-    """Stop and remove every lab host (this machine's own libvirtd keeps running)."""
+@click.argument("number", type=click.IntRange(2, 200), required=False)
+def hosts_down_cmd(number: int | None) -> None:
+    """Stop and remove every lab host, or only host NUMBER (this machine's own libvirtd keeps
+    running)."""
     from vmkeep.lab import hosts
 
-    for n in hosts.down():
+    for n in hosts.down(number):
         click.echo(f"host{n}: removed")
 
 

@@ -151,9 +151,10 @@ def act(
             return result, Warnings(warnings)
         p = actions.parse(a, params, options=True)
         ctx = ctx_of(click_ctx)
-        host = actions.runs_on(ctx, a, p)
+        from vmkeep.engine.core.trust import LOCAL_ADMIN
+
+        p, host = actions.route(ctx, a, p, LOCAL_ADMIN)
         if host is not None and host != ctx.host:  # another host's VM: its daemon runs it
-            from vmkeep.engine.core.trust import LOCAL_ADMIN
             from vmkeep.engine.hosts.records import check_daemon
 
             check_daemon(ctx, host, a.target_of(p))

@@ -415,12 +415,19 @@ def _start_libvirtd(n: int) -> int:
     return pid
 
 
-def down() -> builtins.list[int]:
+def down(number: int | None = None) -> builtins.list[int]:
     """Every lab host stopped and removed (host 1's libvirtd itself is left running), whoever
-    brought it up."""
+    brought it up; ``number``: only host K >= 2 (its libvirtd, its QEMUs, every process in its
+    namespace: a host failure), the others stay up."""
     _need_root()
     with _locked():
-        return _down()
+        if number is None:
+            return _down()
+        host = LabHost(number)
+        if host.netns is None:
+            raise LabError("host 1 is this machine's own libvirtd: take down hosts 2 and up")
+        _host_down(host)
+        return [number]
 
 
 def _down() -> builtins.list[int]:

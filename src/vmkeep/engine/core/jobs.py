@@ -352,14 +352,13 @@ def cancel(ctx: Context, job_id: int) -> dict[str, Any]:
         return job_dict(j)
 
 
-def running_in(ctx: Context, pid: int) -> list[dict[str, Any]]:
-    """The RUNNING jobs of process ``pid`` on this host: one for a CLI action it records, those
-    of its workers for a daemon (origin other than "cli")."""
+def running_in(ctx: Context, pid: int, machine: str | None = None) -> list[dict[str, Any]]:
+    """The RUNNING jobs of process ``pid`` on this host (``machine``: on that one): one for a
+    CLI action it records, those of its workers for a daemon (origin other than "cli")."""
+    where = machine or socket.gethostname()
     with ctx.catalog.session() as s:
         rows = s.execute(
-            select(Job).where(
-                Job.state == JobState.RUNNING, Job.host == socket.gethostname(), Job.pid == pid
-            )
+            select(Job).where(Job.state == JobState.RUNNING, Job.host == where, Job.pid == pid)
         ).scalars()
         return [job_dict(j) for j in rows]
 

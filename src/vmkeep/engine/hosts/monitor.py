@@ -105,6 +105,18 @@ def _age(now: datetime, t: datetime) -> float:
     return (now - t).total_seconds()
 
 
+# how each reason the sweep writes on a VM ends: the VM's poll, once its state is known again,
+# clears it (``unknown_cleared``)
+UNKNOWN_UNTIL = ("the VM's state is unknown until it polls again",
+                 "the VM's state is unknown until it is reached again")  # fmt: skip
+
+
+def unknown_cleared(error: str | None) -> str | None:
+    """A VM's error once its poll has seen its state: None for the sweep's reason (its host's
+    daemon and libvirt answer again), any other error as it is."""
+    return None if error is not None and error.endswith(UNKNOWN_UNTIL) else error
+
+
 def _unknown_reason(
     h: Host, now: datetime, silent_after: float, unknown_after: float
 ) -> str | None:
@@ -113,11 +125,11 @@ def _unknown_reason(
         return None
     if h.heartbeat_at is not None and _age(now, h.heartbeat_at) > silent_after + unknown_after:
         return (f"host {h.name}'s daemon is silent since {_clock(h.heartbeat_at)} UTC: "
-                "the VM's state is unknown until it polls again")  # fmt: skip
+                f"{UNKNOWN_UNTIL[0]}")  # fmt: skip
     since = h.monitored_at or h.created_at
     if h.state == ERROR and since is not None and _age(now, since) > unknown_after:
         return (f"host {h.name} cannot be reached since {_clock(since)} UTC ({h.error}): "
-                "the VM's state is unknown until it is reached again")  # fmt: skip
+                f"{UNKNOWN_UNTIL[1]}")  # fmt: skip
     return None
 
 

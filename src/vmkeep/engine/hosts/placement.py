@@ -65,12 +65,14 @@ def host_of_group(ctx: Context, name: str) -> str | None:
     return next(iter(hosts), None)
 
 
-def _why_not(h: Host, vcpus: int, memory_kib: int, silent_after: float) -> str | None:
+def _why_not(
+    h: Host, vcpus: int, memory_kib: int, silent_after: float, here: str | None = None
+) -> str | None:
     """Why host ``h`` cannot take a VM of that size now (None: it can)."""
     if h.state != MONITORED:
         return f"it is {h.state}"
     daemon = daemon_state(h, silent_after)
-    if daemon in ("silent", "stopped"):
+    if daemon in ("silent", "stopped") and h.name != here:  # ``here``: this process runs it
         return f"its daemon is {daemon}"
     m = h.monitor or {}
     free = int(m.get("free_memory_kib") or 0)
@@ -100,7 +102,7 @@ def place(
     with ctx.catalog.session() as s:
         if pin is not None:
             h = find_host(s, pin)
-            why = _why_not(h, vcpus, memory_kib, silent)
+            why = _why_not(h, vcpus, memory_kib, silent, ctx.host)
             if why is not None:
                 raise HostUnavailable(pin, why, "Choose another host (vmkeep host list).")
             return h.name
@@ -108,7 +110,7 @@ def place(
         passed: list[str] = []
         fit: list[Host] = []
         for h in hosts:
-            why = exclude_why(h.name, exclude) or _why_not(h, vcpus, memory_kib, silent)
+            why = exclude_why(h.name, exclude) or _why_not(h, vcpus, memory_kib, silent, ctx.host)
             if why is None:
                 fit.append(h)
             else:

@@ -29,6 +29,7 @@ from vmkeep.engine.core.trust import (
     check_nic,
 )
 from vmkeep.engine.hosts import placement
+from vmkeep.engine.hosts.monitor import unknown_cleared
 from vmkeep.engine.hosts.records import find_host
 from vmkeep.engine.lifecycle import migration, operations
 from vmkeep.engine.lifecycle.snapshots import snapshot_list
@@ -395,6 +396,8 @@ def poll(ctx: Context, ref: str | None = None) -> list[dict[str, Any]]:
                     vm.state = state
                 if vm.lcm_state != lcm:
                     vm.lcm_state = lcm
+                if lcm != LcmState.UNKNOWN and vm.error != unknown_cleared(vm.error):
+                    vm.error = None  # the sweep's "unknown until it polls again": it polled
             usage = {k: _number(v) for k, v in record.items() if k != "STATE"}
             vm.usage = usage | {"polled_at": datetime.now(UTC).isoformat()}
             out.append({"vm": name, "poll": record, "state": vm.state, "lcm_state": vm.lcm_state})

@@ -49,7 +49,7 @@ from vmkeep.engine.vm.inventory import vm_action
 from vmkeep.engine.vm.policy import check_overrides
 from vmkeep.engine.vm.record import find_vm, set_lcm, sync_state
 from vmkeep.engine.vm.recovery import recover_vm
-from vmkeep.errors import BackupFailed, VmkeepError, WrongState
+from vmkeep.errors import BackupFailed, HostUnavailable, VmkeepError, WrongState
 from vmkeep.faults import failpoint
 from vmkeep.model import LcmState, Warnings
 
@@ -133,24 +133,24 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
     process runs it, clean up here."""
     with ctx.catalog.session() as s:
         vm = find_vm(s, vm_ref)
-        name, vm_id = vm.name, vm.id
+        name, vm_id, vm_host = vm.name, vm.id, vm.host
     held = holder(ctx.catalog, f"vm:{vm_id}")
-    if (
-        held
-        and held.reason == "backup"
-        and held.host == socket.gethostname()
-        and pid_alive(held.pid)
-    ):
+    here = held is not None and held.host == socket.gethostname()
+    if held and held.reason == "backup" and (not here or pid_alive(held.pid)):
         out: dict[str, Any] = {"vm": name, "cancelled": True, "pid": held.pid}
-        served = [j for j in jobs.running_in(ctx, held.pid) if j["origin"] != "cli"]
-        if not served:
+        running = jobs.running_in(ctx, held.pid, held.host)
+        served = [j for j in running if j["origin"] != "cli"]
+        if here and not served:
             os.kill(held.pid, signal.SIGTERM)
-        else:  # a daemon: never signal it, cancel its job of this VM
-            job = next((j for j in served if j["kind"] == "backup" and j["target"] == name), None)
+        else:  # a daemon (never signalled), or a process of another machine (another host's
+            # daemon): cancel its job of this VM; that process stops it
+            job = next((j for j in running if j["kind"] == "backup" and j["target"] == name), None)
             if job is None:
+                who = f"the vmkeep daemon (pid {held.pid})" if here else (
+                    f"the vmkeep process {held.pid} on {held.host}")  # fmt: skip
                 raise BackupFailed(
                     name,
-                    f"the vmkeep daemon (pid {held.pid}) runs it but no backup job of it is "
+                    f"{who} runs it but no backup job of it is "
                     "RUNNING; see 'vmkeep jobs list --state RUNNING' and cancel it there",
                 )
             try:
@@ -164,7 +164,16 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
                 return out
             time.sleep(0.2)
         raise BackupFailed(name, f"process {held.pid} did not stop within {wait:.0f} s")
-    # No live vmkeep process runs it: undo whatever a dead one left (lock reclaimed if stale).
+    # No live vmkeep process runs it: undo whatever a dead one left (lock reclaimed if stale),
+    # on the VM's own host only (its libvirt holds the backup's job and checkpoint)
+    if not ctx.here(vm_host):
+        raise HostUnavailable(
+            vm_host,
+            f"no live vmkeep process runs a backup of VM {name}, which lives there; what a dead "
+            "one left is cleaned up on that host",
+            f"Run 'vmkeep backup cancel {name}' there ([cluster] host = {vm_host}), or start its "
+            "daemon: its next action on the VM cleans up first.",
+        )
     with lock(ctx.catalog, f"vm:{vm_id}", "backup cancel", label=f"VM {name}"):
         done = recover_vm(ctx, vm_id, "cancelled after the vmkeep process running it died")
     if not done:

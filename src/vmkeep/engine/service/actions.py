@@ -254,6 +254,23 @@ def runs_on(ctx: Context, a: Action, p: P.Params) -> str | None:
     return None
 
 
+# the actions whose host their check chooses: a deploy's placement (or --host), a redeploy's
+# destination
+PLACED_BY_CHECK = frozenset({"vm-deploy", "vm-recover", "group-recover"})
+
+
+def route(ctx: Context, a: Action, p: P.Params, actor: Actor) -> tuple[P.Params, str | None]:
+    """For a process without a daemon: the params and the host whose daemon must run the action
+    (``runs_on``). Where its check chooses the host (``PLACED_BY_CHECK``, in a catalog with
+    hosts) the check runs first, so the host is the one the job will need, not the VM's before
+    it is placed or moved."""
+    from vmkeep.engine.hosts import placement
+
+    if a.kind in PLACED_BY_CHECK and placement.has_hosts(ctx):
+        p = check(ctx, a, p, actor)
+    return p, runs_on(ctx, a, p)
+
+
 def run_here(
     ctx: Context, a: Action, p: P.Params, progress: Progress
 ) -> tuple[dict[str, Any], Warnings]:

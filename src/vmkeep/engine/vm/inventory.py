@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -120,7 +120,9 @@ def list_vms(
             q = q.where(Vm.id > after)
         rows = s.execute(q).all()
         policies = Policies(ctx, s)
-        live = live_states(ctx, s) if reuse else ctx.hv.states()
+        live: dict[str, DomainInfo] = {}
+        if any(ctx.here(row[-1]) for row in rows):  # only other hosts' VMs: libvirt not asked
+            live = live_states(ctx, s) if reuse else ctx.hv.states()
         out, moved = [], []
         for state_file, *shown in rows:
             d = _summary(policies, *shown)
@@ -168,10 +170,10 @@ def show_vm(ctx: Context, ref: str) -> dict[str, Any]:
     with ctx.catalog.session() as s:
         vm = find_vm(s, ref)
         _refresh(ctx, vm)
-        try:
-            info: DomainInfo | None = ctx.hv.domain(vm.name)
-        except DomainNotFound:
-            info = None
+        info: DomainInfo | None = None
+        if ctx.here(vm.host):  # another host's domain is not this process's libvirt's
+            with suppress(DomainNotFound):
+                info = ctx.hv.domain(vm.name)
         return vm_dict(vm, Policies(ctx, s), info)
 
 
