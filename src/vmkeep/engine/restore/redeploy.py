@@ -42,7 +42,7 @@ from vmkeep.engine.core.trust import check_stored_xml, mark_created
 from vmkeep.engine.hosts import placement
 from vmkeep.engine.hosts.records import ERROR, OFFLINE, daemon_state
 from vmkeep.engine.lifecycle import dispatch
-from vmkeep.engine.restore.point import convert_verified, pick_disks
+from vmkeep.engine.restore.point import convert_verified, pick_disks, warn_unsearchable
 from vmkeep.engine.vm.record import find_vm, set_fields, set_lcm, sync_state
 from vmkeep.errors import DomainNotFound, HostUnavailable, Refused, VmkeepError
 from vmkeep.hypervisor import connect
@@ -389,5 +389,7 @@ def _from_point(ctx: Context, plan: Plan) -> tuple[str, dict[str, Any]]:
         convert_verified(ctx, backup_id, chain_key, expected, local, dests)
     for p in paths.values():
         mark_created(p)
+    if not plan.template:  # the data dir's restores/: opened to QEMU's group, as a restore does
+        warn_unsearchable(ctx, folder, plan.warnings)
     return xml, {"from": "backup", "backup": backup_id, "increment": seq,
                  "disks": {d: str(p) for d, p in paths.items()}}  # fmt: skip
