@@ -85,6 +85,9 @@ def _worker(config: Config, stop: threading.Event, slots: WorkSlots) -> None:
             except VmkeepError as err:
                 log.error("claiming a job failed: %s", err)
                 job_id = None
+            except Exception:  # a lost database connection: logged, the worker goes on
+                log.exception("claiming a job failed")
+                job_id = None
             if job_id is not None:
                 log.info("running job %s", job_id)
                 job = jobs.execute(ctx, job_id, RUNNERS)
@@ -102,16 +105,22 @@ def _monitor(config: Config, stop: threading.Event) -> None:
     silent and unreachable hosts (their VMs UNKNOWN, the jobs waiting for them)."""
     ctx = Context(config)
     while True:  # at once: a daemon back after a crash sets its VMs' real state first thing
-        _hosts(ctx)
-        try:
-            for row in dispatch.poll(ctx):
-                if "error" in row:
-                    log.warning("poll of %s: %s", row["vm"], row["error"])
-        except VmkeepError as err:
-            log.error("monitor: %s", err)
-        _sweep(ctx)
+        for step in (_hosts, _poll, _sweep):
+            try:
+                step(ctx)
+            except Exception:  # a bug or a lost database connection: logged, the loop goes on
+                log.exception("monitor loop: %s failed", step.__name__.strip("_"))
         if stop.wait(config.monitor.interval):
             return
+
+
+def _poll(ctx: Context) -> None:
+    try:
+        for row in dispatch.poll(ctx):
+            if "error" in row:
+                log.warning("poll of %s: %s", row["vm"], row["error"])
+    except VmkeepError as err:
+        log.error("monitor: %s", err)
 
 
 def _hosts(ctx: Context) -> None:
@@ -143,6 +152,8 @@ def _heartbeat(ctx: Context, listen: str, stop: threading.Event) -> None:
             host_monitor.heartbeat(ctx, listen)
         except VmkeepError as err:
             log.error("heartbeat of host %s: %s", ctx.host, err)
+        except Exception:  # a lost database connection: logged, the next beat tries again
+            log.exception("heartbeat of host %s failed", ctx.host)
         if stop.wait(ctx.config.cluster.heartbeat_interval):
             return
 

@@ -389,7 +389,8 @@ def poll(ctx: Context, ref: str | None = None) -> list[dict[str, Any]]:
         state, lcm = POLL_STATES[record["STATE"]]
         with ctx.catalog.session() as s:
             vm = s.get(Vm, vm_id)
-            assert vm is not None
+            if vm is None or not ctx.here(vm.host):
+                continue  # removed, or migrated to another host, while it was polled
             saved = vm.state_file is not None and record["STATE"] == "d"
             if not saved and vm.lcm_state not in BUSY_STATES:
                 if vm.state != state:
