@@ -13,7 +13,6 @@ job runs on that host's daemon); docs/hosts.md, "Placement".
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
 from sqlalchemy import select, update
 
@@ -165,15 +164,3 @@ def move_to(ctx: Context, ref: str, host: str) -> None:
     with ctx.catalog.session() as s:
         uri = find_host(s, host).uri
         s.execute(update(Vm).where(vm_key(ref)).values(host=host, host_uri=uri))
-
-
-def candidates(ctx: Context, vcpus: int, memory_kib: int) -> list[dict[str, Any]]:
-    """Every host with its rank position or why it is passed over (``host list --for``)."""
-    silent = ctx.config.cluster.silent_after
-    with ctx.catalog.session() as s:
-        hosts = s.execute(select(Host)).scalars().all()
-        out = [
-            {"host": h.name, "why_not": _why_not(h, vcpus, memory_kib, silent)}
-            for h in sorted(hosts, key=rank_key)
-        ]
-    return out
