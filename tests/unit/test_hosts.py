@@ -460,12 +460,3 @@ def test_a_daemon_that_signs_off_takes_nothing_and_a_waiting_cli_gives_up(
     assert code == 31 and "stopped" in out
     records.heartbeat(ctx, "h2", {"pid": 4343})  # started again
     assert records.show(ctx, "h2")["daemon"] == "alive"
-
-
-def test_a_pinned_deploy_runs_on_its_destination(ctx: Context) -> None:
-    """``vm deploy VM --host H`` of a VM last on another host: H's daemon deploys it (the check
-    places it there), not the old host's."""
-    add_vm(ctx, "web", "h1")
-    a = actions.ACTIONS["vm-deploy"]
-    assert actions.runs_on(ctx, a, actions.parse(a, {"vm": "web", "host": "h2"})) == "h2"
-    assert actions.runs_on(ctx, a, actions.parse(a, {"vm": "web"})) == "h1"

@@ -13,17 +13,15 @@ job runs on that host's daemon); docs/hosts.md, "Placement".
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import select, update
 
 from vmkeep.catalog.tables import Backup, Group, GroupMember, Host, Vm
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.hosts.records import MONITORED, daemon_state, find_host
+from vmkeep.engine.hosts.records import MONITORED, daemon_state, find_host, vm_key
 from vmkeep.engine.hosts.records import host_of_vm as _host_of
 from vmkeep.errors import HostUnavailable, InvalidValue, Refused
 from vmkeep.hypervisor.domain_xml import cpu_memory
-from vmkeep.names import is_id
 
 
 def host_of_vm(ctx: Context, ref: str) -> str | None:
@@ -146,7 +144,7 @@ def deploy_host(ctx: Context, ref: str, pin: str | None = None) -> str | None:
     ``place``'s choice. A catalog without hosts: None, the VM stays as it is (``--host`` is
     refused: there is no host to pin)."""
     with ctx.catalog.session() as s:
-        vm = s.execute(select(Vm).where(_vm_key(ref))).scalar_one_or_none()
+        vm = s.execute(select(Vm).where(vm_key(ref))).scalar_one_or_none()
         if vm is None:
             return None  # the caller's own check names the missing VM
         if s.execute(select(Host.id).limit(1)).first() is None:
@@ -165,20 +163,4 @@ def move_to(ctx: Context, ref: str, host: str) -> None:
     """The VM's row now says it lives on ``host`` (its name and libvirt URI)."""
     with ctx.catalog.session() as s:
         uri = find_host(s, host).uri
-        s.execute(update(Vm).where(_vm_key(ref)).values(host=host, host_uri=uri))
-
-
-def _vm_key(ref: str) -> ColumnElement[bool]:
-    return Vm.id == int(ref) if is_id(ref) else Vm.name == ref
-
-
-def candidates(ctx: Context, vcpus: int, memory_kib: int) -> list[dict[str, Any]]:
-    """Every host with its rank position or why it is passed over (``host list --for``)."""
-    silent = ctx.config.cluster.silent_after
-    with ctx.catalog.session() as s:
-        hosts = s.execute(select(Host)).scalars().all()
-        out = [
-            {"host": h.name, "why_not": _why_not(h, vcpus, memory_kib, silent)}
-            for h in sorted(hosts, key=rank_key)
-        ]
-    return out
+        s.execute(update(Vm).where(vm_key(ref)).values(host=host, host_uri=uri))

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.elements import ColumnElement
 
 from vmkeep.catalog.tables import Host, Job, Vm
 from vmkeep.engine.core.context import Context
@@ -186,10 +187,14 @@ def remove(ctx: Context, name: str) -> dict[str, Any]:
         return out
 
 
+def vm_key(ref: str) -> ColumnElement[bool]:
+    """The VM a reference names: its id (all digits) or its name."""
+    return Vm.id == int(ref) if is_id(ref) else Vm.name == ref
+
+
 def host_of_vm(s: Session, vm_ref: str) -> str | None:
     """The host a VM (name or id) lives on; None for a VM without one (or no such VM)."""
-    key = Vm.id == int(vm_ref) if is_id(vm_ref) else Vm.name == vm_ref
-    host: str | None = s.execute(select(Vm.host).where(key)).scalar()
+    host: str | None = s.execute(select(Vm.host).where(vm_key(vm_ref))).scalar()
     return host
 
 

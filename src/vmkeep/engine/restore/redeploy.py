@@ -43,8 +43,9 @@ from vmkeep.engine.hosts import placement
 from vmkeep.engine.hosts.records import ERROR, OFFLINE, daemon_state
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.restore.point import convert_verified, pick_disks, warn_unsearchable
+from vmkeep.engine.vm.inventory import not_here
 from vmkeep.engine.vm.record import find_vm, set_fields, set_lcm, sync_state
-from vmkeep.errors import DomainNotFound, HostUnavailable, Refused, VmkeepError
+from vmkeep.errors import DomainNotFound, Refused, VmkeepError
 from vmkeep.hypervisor import connect
 from vmkeep.hypervisor.domain_xml import parse_disks, with_disks
 from vmkeep.model import BackupStatus, LcmState, VmState, Warnings
@@ -216,13 +217,7 @@ def redeploy(
     destination's daemon)."""
     plan = check(ctx, ref, pin, from_backup)
     if not ctx.here(plan.dest):
-        raise HostUnavailable(
-            plan.dest,
-            f"the redeploy of VM {plan.name} runs on its destination and this process acts for "
-            + (f"host '{ctx.host}'" if ctx.host else "no host ([cluster] host is not set)"),
-            "Run it through a daemon (any daemon's API queues it for that host's daemon), or on "
-            "that host with [cluster] host set to its name.",
-        )
+        raise not_here(ctx, plan.dest, f"the redeploy of VM {plan.name} runs on its destination")
     with lock(ctx.catalog, f"vm:{plan.vm_id}", "recover", label=f"VM {plan.name}"):
         plan = check(ctx, str(plan.vm_id), plan.dest, from_backup)  # again, under the lock
         detail = {

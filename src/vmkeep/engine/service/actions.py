@@ -235,16 +235,14 @@ def enqueue(
 
 def runs_on(ctx: Context, a: Action, p: P.Params) -> str | None:
     """The host whose daemon must run the action: its VM's (a VM's action, an in-place
-    restore), its group's members' (a group action), the destination of a redeploy (chosen by
-    its check) or of a deploy pinned with ``--host``; None: any daemon (a point's or a datastore's action, a restore as a new VM: on
-    the host of the daemon that runs it)."""
+    restore; a deploy's once its check placed the VM: ``route``), its group's members' (a
+    group action), the destination of a redeploy (chosen by its check); None: any daemon (a
+    point's or a datastore's action, a restore as a new VM: on the host of the daemon that
+    runs it)."""
     from vmkeep.engine.hosts import placement
 
     if a.kind == "group-recover" or (a.kind == "vm-recover" and getattr(p, "redeploy", False)):
         return getattr(p, "host", None)  # the destination: its check chose it
-    pinned = getattr(p, "host", None)
-    if a.kind == "vm-deploy" and pinned:
-        return str(pinned)  # the VM is placed there (its check writes it)
     if a.locks == "vm":
         return placement.host_of_vm(ctx, a.target_of(p))
     if a.locks == "group" and a.kind in ("group-backup", "group-start", "group-stop"):

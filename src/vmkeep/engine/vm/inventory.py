@@ -273,13 +273,19 @@ def check_here(ctx: Context, vm: Vm) -> None:
     """HostUnavailable unless this process drives the VM's host: an action on a VM runs on
     its host (a daemon queues it for that host's daemon)."""
     if not ctx.here(vm.host):
-        raise HostUnavailable(
-            vm.host,
-            f"VM {vm.name} lives there and this process acts for "
-            + (f"host '{ctx.host}'" if ctx.host else "no host ([cluster] host is not set)"),
-            "Run it through a daemon (any daemon's API queues it for that host's daemon), "
-            "or on that host with [cluster] host set to its name.",
-        )
+        raise not_here(ctx, str(vm.host), f"VM {vm.name} lives there")
+
+
+def not_here(ctx: Context, host: str, why: str) -> HostUnavailable:
+    """The refusal of work that must run on ``host`` (``why``) in a process acting for
+    another, with the fix."""
+    return HostUnavailable(
+        host,
+        f"{why} and this process acts for "
+        + (f"host '{ctx.host}'" if ctx.host else "no host ([cluster] host is not set)"),
+        "Run it through a daemon (any daemon's API queues it for that host's daemon), "
+        "or on that host with [cluster] host set to its name.",
+    )
 
 
 def quiesce(ctx: Context, ref: str) -> dict[str, Any]:
