@@ -105,11 +105,11 @@ def _monitor(config: Config, stop: threading.Event) -> None:
     silent and unreachable hosts (their VMs UNKNOWN, the jobs waiting for them)."""
     ctx = Context(config)
     while True:  # at once: a daemon back after a crash sets its VMs' real state first thing
-        for step in (_hosts, _poll, _sweep):
+        for name, step in (("host", _hosts), ("poll", _poll), ("sweep", _sweep)):
             try:
                 step(ctx)
             except Exception:  # a bug or a lost database connection: logged, the loop goes on
-                log.exception("monitor loop: %s failed", step.__name__.strip("_"))
+                log.exception("monitor loop: %s failed", name)
         if stop.wait(config.monitor.interval):
             return
 

@@ -118,13 +118,17 @@ class NativeVmm(Vmm):
         stats |= libvirt.VIR_DOMAIN_STATS_INTERFACE | libvirt.VIR_DOMAIN_STATS_BLOCK
         conn = self.hv.conn
 
-        def sample() -> dict[str, int]:
+        def sample() -> dict[str, int] | None:
             rows = self._call("poll", lambda: conn.domainListGetStats([dom], stats, 0))
+            if not rows:
+                return None  # the domain went away meanwhile (migrated, undefined)
             return {k: int(v) for k, v in rows[0][1].items() if isinstance(v, int | float)}
 
         t0, first = time.monotonic(), sample()
         time.sleep(0.5)
         second, elapsed = sample(), time.monotonic() - t0
+        if first is None or second is None:
+            return {"STATE": "d"}
         cpu = (second.get("cpu.time", 0) - first.get("cpu.time", 0)) / (elapsed * 1e9) * 100
 
         def total(suffix: str, prefix: str) -> int:
