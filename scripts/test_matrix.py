@@ -117,9 +117,7 @@ def _path(node: ast.expr) -> str | None:
     if isinstance(node, ast.Constant) and isinstance(node.value, str):
         text = node.value
     elif isinstance(node, ast.JoinedStr):
-        text = "".join(
-            v.value if isinstance(v, ast.Constant) else "{}" for v in node.values
-        )
+        text = "".join(str(v.value) if isinstance(v, ast.Constant) else "{}" for v in node.values)
     else:
         return None
     return text.split("?")[0] if text.startswith("/") else None
@@ -132,7 +130,9 @@ class Uses:
     names: set[str] = field(default_factory=set)  # functions/fixtures of the module it uses
 
 
-def _scan(fn: ast.AST, commands: set[tuple[str, ...]], routes: list[tuple[str, str, re.Pattern[str]]]) -> Uses:
+def _scan(
+    fn: ast.AST, commands: set[tuple[str, ...]], routes: list[tuple[str, str, re.Pattern[str]]]
+) -> Uses:
     uses = Uses()
     for node in ast.walk(fn):
         if isinstance(node, ast.Name):
@@ -140,7 +140,11 @@ def _scan(fn: ast.AST, commands: set[tuple[str, ...]], routes: list[tuple[str, s
         if isinstance(node, ast.arg):
             uses.names.add(node.arg)
         if isinstance(node, ast.List | ast.Tuple):
-            words = [e.value for e in node.elts if isinstance(e, ast.Constant) and isinstance(e.value, str)]
+            words = [
+                e.value
+                for e in node.elts
+                if isinstance(e, ast.Constant) and isinstance(e.value, str)
+            ]
             if "vmkeep.cli.main" in words:
                 after = words[words.index("vmkeep.cli.main") + 1 :]
                 path = longest_command(after, commands)
@@ -151,7 +155,9 @@ def _scan(fn: ast.AST, commands: set[tuple[str, ...]], routes: list[tuple[str, s
         path = longest_command(_strings(node.args), commands)
         if path:
             uses.commands.add(path)
-        if isinstance(node.func, ast.Attribute) and isinstance(node.func.value, ast.Name | ast.Attribute):
+        if isinstance(node.func, ast.Attribute) and isinstance(
+            node.func.value, ast.Name | ast.Attribute
+        ):
             verb = node.func.attr
             args = list(node.args)
             if verb == "request" and args and isinstance(args[0], ast.Constant):
@@ -174,9 +180,7 @@ def _route_pattern(template: str) -> re.Pattern[str]:
     return re.compile(r"(?:[^/]+|\{\})".join(re.escape(p) for p in parts))
 
 
-def test_uses(
-    commands: set[tuple[str, ...]], api: list[tuple[str, str]]
-) -> dict[str, Uses]:
+def test_uses(commands: set[tuple[str, ...]], api: list[tuple[str, str]]) -> dict[str, Uses]:
     """``module::test`` -> what it runs (its own calls, its helpers' and fixtures')."""
     routes = [(m, t, _route_pattern(t)) for m, t in api]
     out: dict[str, Uses] = {}
