@@ -30,6 +30,7 @@ ENDED = ("DONE", "FAILED", "CANCELLED")
 # The backup stops a few seconds between its start (checkpoint made, QEMU's push job begun)
 # and its copy: the moment a test signals the daemon or cancels the job
 SLOW_COPY = "copy=sleep:4"
+SLOW_FREEZE = "freeze=sleep:4"  # the guest's file systems frozen by its agent meanwhile
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +98,15 @@ def begun(c: httpx.Client, auth: dict[str, str], lab: Lab, vm: str, job_id: int)
     return made.pop()
 
 
+def frozen(c: httpx.Client, auth: dict[str, str], lab: Lab, vm: str, job_id: int) -> None:
+    """Wait until the backup job has frozen the guest's file systems."""
+    deadline = time.monotonic() + 120
+    while lab.hv.fs_freeze_status(vm, 10) != "frozen":
+        job = c.get(f"/v1/jobs/{job_id}", headers=auth).json()
+        assert job["state"] in ("QUEUED", "RUNNING") and time.monotonic() < deadline, job
+        time.sleep(0.1)
+
+
 def checksums(folder: Path, names: list[str]) -> dict[str, str]:
     return {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in names}
 
@@ -139,23 +149,37 @@ def left_behind(vmkeep, lab: Lab, s: Setup) -> list[str]:
     return found
 
 
+@pytest.mark.parametrize(
+    ("moment", "daemon"),
+    [("frozen", ()), ("copying", ("--http-workers", "2"))],
+    ids=["frozen", "copying-http-workers"],
+)
 def test_sigterm_cancels_the_running_backup_and_exits_0(
-    vmkeep, lab: Lab, setup: Setup, monkeypatch: pytest.MonkeyPatch
+    vmkeep,
+    lab: Lab,
+    setup: Setup,
+    monkeypatch: pytest.MonkeyPatch,
+    moment: str,
+    daemon: tuple[str, ...],
 ) -> None:
-    """SIGTERM to `vmkeep daemon` while its job backs up a running guest (POST
-    /v1/vms/{vm}/backup): the daemon cancels the job through the engine's cancel path and exits
-    0; the guest runs on, thawed, with no checkpoint and no half point in the datastore; the
-    restarted daemon shows the job CANCELLED (GET /v1/jobs/{id}), not FAILED "daemon
+    """SIGTERM to `vmkeep daemon` (one process, or with `--http-workers 2`) while its job backs
+    up a running guest (POST /v1/vms/{vm}/backup), with the guest's file systems frozen or
+    while the backup copies: the daemon cancels the job through the engine's cancel path and
+    exits 0; the guest runs on, thawed, with no checkpoint and no half point in the datastore;
+    the restarted daemon shows the job CANCELLED (GET /v1/jobs/{id}), not FAILED "daemon
     restarted"; the next backup is VALID."""
     s = setup
     lab.write_random(s.vm, "/mnt/vda/before", 4)
-    monkeypatch.setenv("VMKEEP_FAILPOINTS", SLOW_COPY)
-    with running_daemon() as (proc, c):
+    monkeypatch.setenv("VMKEEP_FAILPOINTS", SLOW_FREEZE if moment == "frozen" else SLOW_COPY)
+    with running_daemon(*daemon) as (proc, c):
         monkeypatch.delenv("VMKEEP_FAILPOINTS")
         r = c.post(f"/v1/vms/{s.vm}/backup", headers=s.admin, json={"datastore": "ds"})
         assert r.status_code == 202, r.text
         job_id = r.json()["job"]["id"]
-        begun(c, s.admin, lab, s.vm, job_id)
+        if moment == "frozen":
+            frozen(c, s.admin, lab, s.vm, job_id)
+        else:
+            begun(c, s.admin, lab, s.vm, job_id)
         pid = proc.pid
     # running_daemon sent SIGTERM and saw exit code 0; the job's end is in the catalog
     assert left_behind(vmkeep, lab, s) == []
@@ -194,6 +218,14 @@ def test_jobs_cancel_and_token_revoke_from_the_cli(
         assert r.status_code == 202, r.text
         job_id = r.json()["job"]["id"]
         checkpoint = begun(c, ops, lab, s.vm, job_id)
+        # while it writes, its datastore and its chain stay: DELETE /v1/datastores/{ds} and
+        # DELETE /v1/backups/{id} are refused, even forced
+        r = c.delete("/v1/datastores/ds", params={"force": "true"}, headers=s.admin)
+        assert r.status_code == 409, r.text
+        assert f"backups {full['id']} are being written to it" in r.text, r.text
+        r = c.delete(f"/v1/backups/{full['id']}", params={"force": "true"}, headers=s.admin)
+        assert r.status_code == 409, r.text  # before a job is queued
+        assert "a backup of this chain is running" in r.text, r.text
         asked = vmkeep("jobs", "cancel", str(job_id), "--json").json()
         assert asked["id"] == job_id and asked["cancel_requested"], asked
         end = wait_job(c, ops, job_id, ENDED)
