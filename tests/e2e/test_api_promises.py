@@ -151,7 +151,7 @@ def left_behind(vmkeep, lab: Lab, s: Setup) -> list[str]:
 
 @pytest.mark.parametrize(
     ("moment", "daemon"),
-    [("frozen", ()), ("copying", ("--http-workers", "2"))],
+    [("frozen", ("--workers", "1")), ("copying", ("--workers", "1", "--http-workers", "2"))],
     ids=["frozen", "copying-http-workers"],
 )
 def test_sigterm_cancels_the_running_backup_and_exits_0(
@@ -167,7 +167,9 @@ def test_sigterm_cancels_the_running_backup_and_exits_0(
     while the backup copies: the daemon cancels the job through the engine's cancel path and
     exits 0; the guest runs on, thawed, with no checkpoint and no half point in the datastore;
     the restarted daemon shows the job CANCELLED (GET /v1/jobs/{id}), not FAILED "daemon
-    restarted"; the next backup is VALID."""
+    restarted". A scan queued behind it was not taken ("SIGTERM stops taking jobs"): the
+    restarted daemon runs it (POST /v1/datastores/{ds}/scan: no chain left there). The next
+    backup is VALID."""
     s = setup
     lab.write_random(s.vm, "/mnt/vda/before", 4)
     monkeypatch.setenv("VMKEEP_FAILPOINTS", SLOW_FREEZE if moment == "frozen" else SLOW_COPY)
@@ -180,11 +182,16 @@ def test_sigterm_cancels_the_running_backup_and_exits_0(
             frozen(c, s.admin, lab, s.vm, job_id)
         else:
             begun(c, s.admin, lab, s.vm, job_id)
+        r = c.post("/v1/datastores/ds/scan", headers=s.admin)
+        assert r.status_code == 202, r.text
+        queued = r.json()["job"]["id"]
+        assert c.get(f"/v1/jobs/{queued}", headers=s.admin).json()["state"] == "QUEUED"
         pid = proc.pid
     # running_daemon sent SIGTERM and saw exit code 0; the job's end is in the catalog
     assert left_behind(vmkeep, lab, s) == []
     point = vmkeep("backups", "list", "--vm", s.vm, "--json").json()
     assert [(p["status"], p["error"]) for p in point] == [("CANCELLED", "cancelled")], point
+    assert vmkeep("jobs", "show", str(queued), "--json").json()["state"] == "QUEUED"
     with running_daemon() as (_proc, c):
         job = c.get(f"/v1/jobs/{job_id}", headers=s.admin).json()
         assert (job["state"], job["exit_code"], job["pid"]) == (
@@ -193,6 +200,8 @@ def test_sigterm_cancels_the_running_backup_and_exits_0(
             pid,
         ), job
         assert job["error"] == {"code": "Cancelled", "message": "cancelled"}, job
+        scan = wait_job(c, s.admin, queued, ENDED)
+        assert scan["state"] == "DONE" and scan["result"]["chains"] == [], scan
         done = run_job(
             c, s.admin, c.post(f"/v1/vms/{s.vm}/backup", headers=s.admin, json={"datastore": "ds"})
         )
