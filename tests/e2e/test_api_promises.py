@@ -279,11 +279,12 @@ def test_jobs_cancel_and_token_revoke_from_the_cli(
 
 
 def test_point_routes_on_real_points(vmkeep, lab: Lab, setup: Setup) -> None:
-    """The action and catalog routes on a real guest's point: POST /v1/backups/{id}/verify and
-    /copy, DELETE /v1/datastores/{ds} (refused while it holds a point, ?force=true forgets it,
-    the files stay), POST /v1/datastores/{ds}/scan {"import": true} (brings the chain back),
-    DELETE /v1/backups/{id} (the files go), POST /v1/groups (listed by GET /v1/groups and
-    `vmkeep group list`)."""
+    """The action and catalog routes on a real guest's points: POST /v1/backups/{id}/verify and
+    /copy (again later: only the new increment), DELETE /v1/backups/{id}?increment=N (its files
+    go, the chain stays), DELETE /v1/datastores/{ds} (refused while it holds a point,
+    ?force=true forgets it, the files stay), POST /v1/datastores/{ds}/scan {"import": true}
+    (brings the chain back), DELETE /v1/backups/{id} (the files go), POST /v1/groups (listed by
+    GET /v1/groups and `vmkeep group list`)."""
     s = setup
     vmkeep("datastore", "add", "far", "--driver", "dir", "--path", str(s.data / "far"))
     far = s.data / "far"
@@ -310,9 +311,29 @@ def test_point_routes_on_real_points(vmkeep, lab: Lab, setup: Setup) -> None:
         assert (copy["datastore"], copy["status"]) == ("far", "VALID"), copy
         copied = copy["chain"]
         assert stored_chains(far) == {copied}
-        # the point's files, the same bytes in both datastores (each has its own manifest)
-        files = ["0.vda.qcow2", "0.domain.xml"]
+
+        # an increment, copied again: only what is new goes, the same bytes in both datastores
+        lab.write_random(s.vm, "/mnt/vda/more", 2)
+        job = run_job(
+            c, auth, c.post(f"/v1/vms/{s.vm}/backup", headers=auth, json={"datastore": "ds"})
+        )
+        assert (job["result"]["id"], job["result"]["increment"]) == (bid, 1), job
+        job = run_job(c, auth, c.post(f"/v1/backups/{bid}/copy", headers=auth, json={"to": "far"}))
+        assert job["state"] == "DONE" and job["result"]["verified"] is True, job
+        assert (job["result"]["copy"], job["result"]["copied_increments"]) == (cid, [1]), job
+        files = ["0.vda.qcow2", "0.domain.xml", "1.vda.qcow2", "1.domain.xml"]
         assert checksums(far / copied, files) == checksums(s.ds / chain, files)
+
+        # the newest increment deleted: its files go, the chain and its full point stay
+        job = run_job(
+            c, auth, c.delete(f"/v1/backups/{bid}", params={"increment": 1}, headers=auth)
+        )
+        assert job["state"] == "DONE", job
+        assert job["result"]["deleted_files"] == ["1.vda.qcow2", "1.domain.xml"], job
+        assert not (s.ds / chain / "1.vda.qcow2").exists()
+        assert (s.ds / chain / "0.vda.qcow2").exists()
+        shown = c.get(f"/v1/backups/{bid}", headers=auth).json()
+        assert [(i["id"], i["status"]) for i in shown["increments"]] == [(0, "VALID")], shown
 
         # a datastore holding a point: refused (409) naming the fix; forced: forgotten
         r = c.delete("/v1/datastores/far", headers=auth)
@@ -337,8 +358,10 @@ def test_point_routes_on_real_points(vmkeep, lab: Lab, setup: Setup) -> None:
         assert job["state"] == "DONE", job
         found = job["result"]["chains"]
         assert [(f["chain"], f["known"]) for f in found] == [(copied, False)], job
+        assert found[0]["increments"] == [0, 1], job
         back = c.get(f"/v1/backups/{found[0]['imported']}", headers=auth).json()
         assert (back["datastore"], back["chain"], back["status"]) == ("far", copied, "VALID")
+        assert [i["id"] for i in back["increments"]] == [0, 1], back
         job = run_job(c, auth, c.post(f"/v1/backups/{back['id']}/verify", headers=auth))
         assert job["state"] == "DONE" and job["result"]["ok"] is True, job
         # scanned again: known now, nothing imported twice
