@@ -68,15 +68,17 @@ def setup(vmkeep, lab: Lab, guest: str, qemu_reachable_data_dir: Path) -> Setup:
 
 
 def wait_job(c: httpx.Client, auth: dict[str, str], job_id: int, states: tuple[str, ...]) -> Any:
-    """The job once its state is one of ``states`` (the API's long poll answers at its end)."""
+    """The job once its state is one of ``states``: awaiting its end, the API's long poll
+    answers as soon as it ends; awaiting its start, the state is read every 0.1 s."""
     deadline = time.monotonic() + 300
+    wait = {"wait": 2} if set(states) <= set(ENDED) else {}
     while True:
-        job = c.get(f"/v1/jobs/{job_id}", params={"wait": 2}, headers=auth).json()
+        job = c.get(f"/v1/jobs/{job_id}", params=wait, headers=auth).json()
         if job["state"] in states:
             return job
         assert time.monotonic() < deadline, job
-        if job["state"] == "QUEUED" or "RUNNING" in states:
-            time.sleep(0.2)
+        if job["state"] == "QUEUED" or not wait:
+            time.sleep(0.1)
 
 
 def run_job(c: httpx.Client, auth: dict[str, str], answer: httpx.Response) -> Any:
@@ -122,15 +124,15 @@ def stored_chains(ds: Path) -> set[str]:
 
 
 def left_behind(vmkeep, lab: Lab, s: Setup) -> list[str]:
-    """What a backup that did not end VALID left: a guest paused or frozen, a lock or a busy
-    state, a job still running, a checkpoint of no valid point, staged or partial files, a
+    """What a backup that did not end VALID left: a guest paused or frozen, the VM in a busy
+    state (BACKUP while locked), a job still running, a checkpoint of no valid point, staged or partial files, a
     chain in the datastore the catalog has no valid point of."""
     found = []
     info = lab.hv.domain(s.vm)
     if info.state != "ACTIVE" or info.paused:
         found.append(f"guest {info.state}, paused {info.paused}")
-    if (frozen := lab.hv.fs_freeze_status(s.vm, 30)) != "thawed":
-        found.append(f"guest file systems {frozen}")
+    if (fs := lab.hv.fs_freeze_status(s.vm, 30)) != "thawed":
+        found.append(f"guest file systems {fs}")
     if (state := vmkeep("vm", "show", s.vm, "--json").json()["lcm_state"]) != "RUNNING":
         found.append(f"lcm_state {state}")
     running = vmkeep("jobs", "list", "--state", "RUNNING", "--json").json()
