@@ -291,6 +291,25 @@ def test_delete_refused_then_forced(ctx: Context, tmp_path: Path) -> None:
     assert listing.list_backups(ctx) == []
 
 
+def test_a_datastore_is_not_forgotten_while_an_increment_is_written_to_it(
+    ctx: Context, tmp_path: Path
+) -> None:
+    """An increment being added to a VALID chain: `datastore remove --force` is refused as for a
+    new chain (it forgot the chain under the running backup; found by e2e/test_api_promises),
+    and a delete of the chain is refused before its job is queued."""
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 2)
+    with ctx.catalog.session() as s:
+        s.add(Increment(backup_id=bid, seq=2, parent=1, status="RUNNING", started_at=T0))
+    with pytest.raises(Refused, match=f"backups {bid} are being written to it"):
+        delete.remove_datastore(ctx, "ds", force=True)
+    for check in (delete.check_delete, delete.delete_backup):  # a 409 before a job is queued
+        with pytest.raises(Refused, match="a backup of this chain is running"):
+            check(ctx, bid, None, True)
+    with ctx.catalog.session() as s:
+        s.execute(select(Increment).where(Increment.seq == 2)).scalar_one().status = "CANCELLED"
+    assert delete.remove_datastore(ctx, "ds", force=True)["forgotten_backups"] == [bid]
+
+
 def test_copy_keeps_the_note_not_the_protection(ctx: Context, tmp_path: Path) -> None:
     bid = make_chain(ctx, tmp_path, "INCREMENT", 2)
     protect.protect(ctx, bid, 1, actor_name="a")

@@ -36,14 +36,7 @@ def delete_backup(
         with ctx.catalog.session() as s:
             b = find_backup(s, backup_id)
             vm_id, vm_name = b.vm_id, b.vm.name
-            if b.status == BackupStatus.RUNNING or any(
-                i.status == BackupStatus.RUNNING for i in b.increments
-            ):
-                raise Refused(
-                    f"delete of backup {backup_id}",
-                    "a backup of this chain is running",
-                    "Wait for it or cancel it with 'vmkeep backup cancel VM'.",
-                )
+            _check_not_written(b)
             chain, driver = b.chain, driver_of(b.datastore)
             seqs = sorted(i.seq for i in b.increments)
             if increment is None or seqs == [increment]:
@@ -97,6 +90,22 @@ def delete_backup(
     }
 
 
+def being_written(b: Backup) -> bool:
+    """A backup of the chain runs: a new chain, or an increment of a VALID one."""
+    return b.status == BackupStatus.RUNNING or any(
+        i.status == BackupStatus.RUNNING for i in b.increments
+    )
+
+
+def _check_not_written(b: Backup) -> None:
+    if being_written(b):
+        raise Refused(
+            f"delete of backup {b.id}",
+            "a backup of this chain is running",
+            "Wait for it or cancel it with 'vmkeep backup cancel VM'.",
+        )
+
+
 def forget_chain(s: Session, backup_id: int) -> None:
     """The chain's catalog rows gone (its files are already): a group restore point that held
     it keeps its record of the member, without the chain."""
@@ -110,9 +119,11 @@ def forget_chain(s: Session, backup_id: int) -> None:
 
 
 def check_delete(ctx: Context, backup_id: int, increment: int | None, force: bool) -> None:
-    """Refused now (before a job is queued) when the delete would remove a protected point."""
+    """Refused now (before a job is queued) when a backup of the chain runs or the delete would
+    remove a protected point."""
     with ctx.catalog.session() as s:
         b = find_backup(s, backup_id)
+        _check_not_written(b)
         whole = increment is None or sorted(i.seq for i in b.increments) == [increment]
         _check_protected(b, None if whole else increment, force)
 
@@ -155,7 +166,7 @@ def remove_datastore(ctx: Context, ref: str, force: bool = False) -> dict[str, A
                 "--copy-to), or delete them with 'vmkeep backupjob delete NAME'.",
             )
         rows = s.execute(select(Backup).where(Backup.datastore_id == ds.id)).scalars().all()
-        running = [b.id for b in rows if b.status == BackupStatus.RUNNING]
+        running = [b.id for b in rows if being_written(b)]
         if running:
             raise Refused(
                 f"removing datastore {ds.name}",
