@@ -147,6 +147,32 @@ def test_poll_follows_the_hypervisor(ctx: Context, tmp_path: Path) -> None:
     assert (row["state"], row["lcm_state"]) == (VmState.POWEROFF, LcmState.POWEROFF)
 
 
+def test_a_poll_that_saw_the_domain_before_an_action_ended_keeps_the_actions_state(
+    ctx: Context, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The daemon's poll and a job race: the poll reads "running", the suspend job ends
+    (SUSPENDED), then the poll writes; the VM stays SUSPENDED (the next poll sees the truth)."""
+    created(ctx, tmp_path)
+    act(ctx, "deploy")
+    real = dispatch.vmm_of(ctx)
+
+    class Racing:
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(real, attr)
+
+        def poll(self, name: str) -> dict[str, str]:
+            record = real.poll(name)
+            act(ctx, "suspend")  # ends while the poll is on its way
+            return record
+
+    monkeypatch.setattr(dispatch, "vmm_of", lambda _ctx: Racing())
+    [row] = dispatch.poll(ctx)
+    assert row["poll"]["STATE"] == "a" and row["lcm_state"] == LcmState.SUSPENDED, row
+    monkeypatch.undo()
+    [row] = dispatch.poll(ctx)  # the next poll: saved, still SUSPENDED
+    assert row["lcm_state"] == LcmState.SUSPENDED, row
+
+
 def test_nics_and_resize_edit_the_stored_definition(ctx: Context, tmp_path: Path) -> None:
     hv = fake(ctx)
     created(ctx, tmp_path)

@@ -374,13 +374,18 @@ POLL_STATES = {
 def poll(ctx: Context, ref: str | None = None) -> list[dict[str, Any]]:
     """Ask the VMM driver for each VM on the host (or ``ref``); states follow the seed's STATE
     letter unless vmkeep is busy with the VM or keeps it off the host on purpose, and the usage
-    figures are kept for ``vm show`` and ``/metrics``."""
+    figures are kept for ``vm show`` and ``/metrics``. A VM whose state changed while it was
+    polled (an action ended meanwhile) keeps it: the poll saw the domain before the change."""
     vmm = vmm_of(ctx)
     with ctx.catalog.session() as s:
         rows = [find_vm(s, ref)] if ref else list(s.execute(select(Vm).order_by(Vm.id)).scalars())
-        targets = [(v.id, v.name) for v in rows if v.state not in OFF_HOST and ctx.here(v.host)]
+        targets = [
+            (v.id, v.name, (v.state, v.lcm_state))
+            for v in rows
+            if v.state not in OFF_HOST and ctx.here(v.host)
+        ]
     out: list[dict[str, Any]] = []
-    for vm_id, name in targets:
+    for vm_id, name, seen in targets:
         try:
             record = vmm.poll(name)
         except VmkeepError as err:
@@ -392,7 +397,8 @@ def poll(ctx: Context, ref: str | None = None) -> list[dict[str, Any]]:
             if vm is None or not ctx.here(vm.host):
                 continue  # removed, or migrated to another host, while it was polled
             saved = vm.state_file is not None and record["STATE"] == "d"
-            if not saved and vm.lcm_state not in BUSY_STATES:
+            moved = seen != (vm.state, vm.lcm_state)
+            if not saved and not moved and vm.lcm_state not in BUSY_STATES:
                 if vm.state != state:
                     vm.state = state
                 if vm.lcm_state != lcm:
