@@ -25,7 +25,7 @@ fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if ! .venv/bin/python -c "import vmkeep, libvirt, pytest, hypothesis, fastapi, uvicorn, httpx, prometheus_client, schemathesis, psycopg, selenium" 2>/dev/null; then
+if ! .venv/bin/python -c "import vmkeep, libvirt, pytest, random_order, hypothesis, fastapi, uvicorn, httpx, prometheus_client, schemathesis, psycopg, selenium" 2>/dev/null; then
   echo "setup: installing vmkeep into .venv"
   .venv/bin/pip install -q --upgrade pip
   .venv/bin/pip install -q -e '.[test]'

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vmkeep.errors import DomainNotFound
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
 from vmkeep.model import VmState
@@ -151,6 +152,17 @@ def test_killed_mid_swap_the_next_command_puts_the_disk_back(
     assert lab.sha256(vm, "/mnt/vda/a") == a0
 
 
+def _copying_and_answering(hv: Hypervisor, name: str) -> bool:
+    """The instant-restored VM runs, its disk is still being copied, and its agent answers."""
+    try:
+        info = hv.domain(name)
+    except DomainNotFound:  # the restore has not defined it yet
+        return False
+    if info.state != "ACTIVE":  # defined, not started yet
+        return False
+    return hv.block_job(name, "vda") is not None and hv.guest_ping(name, 2)
+
+
 def test_instant_restore_answers_while_its_copy_runs_then_stands_alone(
     vmkeep, lab: Lab, hv: Hypervisor, fresh: str
 ) -> None:
@@ -171,13 +183,9 @@ def test_instant_restore_answers_while_its_copy_runs_then_stands_alone(
     try:
         answered_during_copy = False
         while proc.poll() is None:
-            try:
-                copying = hv.block_job(new, "vda") is not None
-                if copying and hv.guest_ping(new, 2):
-                    answered_during_copy = True
-                    break
-            except Exception:  # noqa: BLE001 (not defined yet)
-                pass
+            if _copying_and_answering(hv, new):
+                answered_during_copy = True
+                break
             time.sleep(0.2)
         up_after = time.monotonic() - t0
         out, err = proc.communicate(timeout=600)

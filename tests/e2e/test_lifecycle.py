@@ -59,6 +59,20 @@ def counter(lab: Lab, vm: str) -> tuple[int, str]:
     return int(out[0]), out[1]
 
 
+def wait_counter_above(lab: Lab, vm: str, value: int, timeout: float = 60) -> int:
+    """Until the guest's counter passed ``value``; returns what it read."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            now, _ = counter(lab, vm)
+        except LabError:  # the loop has not written /tmp/counter yet
+            now = -1
+        if now > value:
+            return now
+        assert time.monotonic() < deadline, f"the counter stayed at {now}"
+        time.sleep(0.1)
+
+
 def state(vmkeep, vm: str) -> tuple[str, str]:  # type: ignore[no-untyped-def]
     row = vmkeep("vm", "show", vm, "--json").json()
     return row["state"], row["lcm_state"]
@@ -104,24 +118,30 @@ def test_lifecycle_through_the_driver(
     vmkeep("vm", "deploy", vm)
     booted(lab, vm)
     assert state(vmkeep, vm) == ("ACTIVE", "RUNNING")
-    vmkeep("vm", "deploy", vm, check=4)
-    vmkeep("vm", "release", vm, check=4)
+    again = vmkeep("vm", "deploy", vm, check=4)
+    assert "RUNNING" in again.err and "deploy needs" in again.err, again.err
+    assert "release needs" in vmkeep("vm", "release", vm, check=4).err
+    assert state(vmkeep, vm) == ("ACTIVE", "RUNNING")  # a refused action changes nothing
 
     # a named system snapshot with memory, reverted by its name: a file written afterwards is
-    # gone after the revert, and a process's in-RAM counter is back to (about) its value at the
-    # snapshot; libvirt knows the snapshot by vmkeep's own name for it, never the user's
+    # gone after the revert, and a process's in-RAM counter is back to its exact value at the
+    # snapshot (the process is stopped while the snapshot is taken, so that value is known);
+    # libvirt knows the snapshot by vmkeep's own name for it, never the user's
     lab.sh(vm, f"({COUNTER}) </dev/null >/dev/null 2>&1 & echo $! > /tmp/counter.pid")
     lab.write_random(vm, "/mnt/vda/kept", 1)
-    time.sleep(0.5)
+    wait_counter_above(lab, vm, 0)
+    lab.sh(vm, "kill -STOP $(cat /tmp/counter.pid)")
+    at_snapshot, pid = counter(lab, vm)
     snap = vmkeep("vm", "snapshot", "create", vm, "before-write", "--json").json()
     assert (snap["snapshot"], snap["name"]) == (1, "before-write"), snap
-    at_snapshot, pid = counter(lab, vm)
+    lab.sh(vm, "kill -CONT $(cat /tmp/counter.pid)")
     lab.write_random(vm, "/mnt/vda/after", 1)
-    time.sleep(3)
-    before_revert, _ = counter(lab, vm)
+    before_revert = wait_counter_above(lab, vm, at_snapshot)
     vmkeep("vm", "snapshot", "revert", vm, "before-write")
     value, same_pid = counter(lab, vm)
-    assert same_pid == pid and value < before_revert, (at_snapshot, value, before_revert)
+    assert (same_pid, value) == (pid, at_snapshot), (at_snapshot, value, before_revert)
+    assert counter(lab, vm)[0] == at_snapshot  # still stopped, as it was at the snapshot
+    lab.sh(vm, "kill -CONT $(cat /tmp/counter.pid)")
     lab.sh(vm, "test -e /mnt/vda/kept")
     with pytest.raises(LabError):
         lab.sh(vm, "test -e /mnt/vda/after")
@@ -134,6 +154,10 @@ def test_lifecycle_through_the_driver(
     assert libvirt_names == [listed[0]["hypervisor_name"]], libvirt_names
     assert "before-write" not in libvirt_names
     vmkeep("vm", "snapshot", "delete", vm, "1")  # all digits: the id
+    assert vmkeep("vm", "snapshot", "list", vm, "--json").json()["snapshots"] == []
+    libvirt_names = subprocess.run(["virsh", "-q", "snapshot-list", vm, "--name"],
+                                   capture_output=True, text=True, check=True).stdout.split()  # fmt: skip
+    assert libvirt_names == [], libvirt_names
 
     # disk hotplug: the guest sees the new block device, then it is gone
     added = vmkeep("vm", "disk", "attach", vm, "--size", "64M", "--json").json()
@@ -162,12 +186,14 @@ def test_lifecycle_through_the_driver(
     assert state(vmkeep, vm) == ("SUSPENDED", "SUSPENDED")
     vmkeep("vm", "poweroff", vm, check=4)
     vmkeep("vm", "resume", vm)
+    assert state(vmkeep, vm) == ("ACTIVE", "RUNNING") and not hv.domain(vm).paused
     assert counter(lab, vm)[1] == pid and counter(lab, vm)[0] >= value
     vmkeep("vm", "stop", vm)
     assert state(vmkeep, vm) == ("STOPPED", "STOPPED")
     with pytest.raises(DomainNotFound):
         hv.domain(vm)  # off the host
     vmkeep("vm", "resume", vm)
+    assert state(vmkeep, vm) == ("ACTIVE", "RUNNING")
     assert counter(lab, vm)[1] == pid
 
     # undeploy (disks kept) / deploy: a fresh boot with the data
@@ -182,12 +208,14 @@ def test_lifecycle_through_the_driver(
 
     fresh_log(lab, vm)
     vmkeep("vm", "reboot", vm, "--hard")
-    booted(lab, vm)
+    booted(lab, vm)  # this boot's READY line: the guest did restart
+    assert state(vmkeep, vm) == ("ACTIVE", "RUNNING")
     vmkeep("vm", "poweroff", vm)
     assert state(vmkeep, vm) == ("POWEROFF", "POWEROFF")
     fresh_log(lab, vm)
     vmkeep("vm", "resume", vm)  # a powered-off VM boots
     booted(lab, vm)
+    assert state(vmkeep, vm) == ("ACTIVE", "RUNNING")
 
     # the guest powers itself off: the next poll sees it
     subprocess.run(["virsh", "-q", "qemu-agent-command", vm,
@@ -258,7 +286,9 @@ def test_exec_driver_retries_and_parallel_actions(
     assert (tmp_path / "calls").read_text().strip() == "3"
     assert state(vmkeep, names[0])[1] == "RUNNING"
     vmkeep("vm", "poweroff", names[0], "--hard")
+    assert state(vmkeep, names[0]) == ("POWEROFF", "POWEROFF")
     vmkeep("vm", "undeploy", names[0])
+    assert state(vmkeep, names[0]) == ("UNDEPLOYED", "UNDEPLOYED")
 
     # -t 3: three deploys at once overlap; -t 1: one after the other
     def deploy_all(threads: int) -> list[tuple[float, float]]:
@@ -285,6 +315,9 @@ def test_exec_driver_retries_and_parallel_actions(
     assert all(spans[i][1] <= spans[i + 1][0] for i in range(2)), spans  # never two at once
     for name in names:
         vmkeep("vm", "terminate", name, "--hard")
+        assert state(vmkeep, name) == ("DONE", "DONE")
+        with pytest.raises(DomainNotFound):
+            hv.domain(name)
 
 
 def test_lifecycle_through_the_api(vmkeep, lab: Lab, hv: Hypervisor, cleanup: list[str]) -> None:
@@ -327,6 +360,9 @@ def test_lifecycle_through_the_api(vmkeep, lab: Lab, hv: Hypervisor, cleanup: li
     assert no_host.status_code == 422 and "host" in no_host.text  # the destination is required
     assert client.post(f"/v1/vms/{vm}/actions/nosuch", headers=admin).status_code in (404, 405)
     vmkeep("vm", "terminate", vm)
+    assert state(vmkeep, vm) == ("DONE", "DONE")
+    with pytest.raises(DomainNotFound):
+        hv.domain(vm)
 
 
 @pytest.mark.parametrize("driver", ["native", "exec"])
@@ -346,7 +382,9 @@ def test_cold_actions_and_imported_vms(
     vmkeep("vm", "deploy", vm)
     booted(lab, vm)
     vmkeep("vm", "resize", vm, "--vcpus", "2", check=4)  # needs POWEROFF
+    assert ">2</vcpu>" not in hv.domain_xml(vm, inactive=True)  # refused: nothing changed
     vmkeep("vm", "poweroff", vm, "--hard")
+    assert state(vmkeep, vm) == ("POWEROFF", "POWEROFF")
 
     vmkeep("vm", "resize", vm, "--vcpus", "2", "--memory", "256")
     vmkeep("vm", "disk-resize", vm, "--disk", "vda", "--size", "192M")
@@ -376,6 +414,7 @@ def test_cold_actions_and_imported_vms(
     vmkeep("vm", "poweroff", vm, "--hard")
     vmkeep("vm", "terminate", vm, "--keep-disks")
     assert (lab.vm_dir(vm) / "disk0.qcow2").is_file()
+    assert state(vmkeep, vm) == ("DONE", "DONE")
 
     # a VM vmkeep did not create: only the imported_vms_actions
     other = f"{PREFIX}lc-imported-{driver}"

@@ -1,5 +1,6 @@
 """Fault-suite fixtures: real libvirtd, QEMU (TCG) and qemu-guest-agent, one shared lab VM per
-module, one catalog and datastore per module, and the real CLI in subprocesses.
+module (``guest``), a catalog, datastore and settings of its own for each test (``harness``), and
+the real CLI in subprocesses.
 
 After every fault, ``Harness.assert_healthy`` checks what the issue promises: no guest frozen,
 suspended or paused (asked of the agent and of libvirt), a consistent catalog (no RUNNING rows,
@@ -244,13 +245,26 @@ class Harness:
         missing = [f for f in stored if not (self.ds / f).exists()]
         assert missing == [], missing
 
-    def agent_pause(self, after: float, seconds: float) -> None:
-        """In the guest: SIGSTOP qemu-ga after ``after`` s, SIGCONT it ``seconds`` later."""
+    def agent_pause(self, seconds: float) -> str:
+        """In the guest: SIGSTOP qemu-ga in a second (once it answered this very command), SIGCONT
+        it ``seconds`` later. Returns a tag the guest prints on its serial console with
+        " stopped" and " resumed": await them with ``wait_console``."""
+        tag = f"vmkeep-test-agent-{uuid.uuid4().hex[:8]}"
         self.lab.sh(
             self.vm,
-            f"(sleep {after}; kill -STOP $(cat /run/qemu-ga.pid); sleep {seconds}; "
-            "kill -CONT $(cat /run/qemu-ga.pid)) </dev/null >/dev/null 2>&1 &",
+            f"(sleep 1; kill -STOP $(cat /run/qemu-ga.pid); echo '{tag} stopped' >/dev/console; "
+            f"sleep {seconds}; kill -CONT $(cat /run/qemu-ga.pid); "
+            f"echo '{tag} resumed' >/dev/console) </dev/null >/dev/null 2>&1 &",
         )
+        return tag
+
+    def wait_console(self, line: str, timeout: float = 90) -> None:
+        """Until the guest printed ``line`` on its serial console (the agent may be stopped)."""
+        log = self.lab.serial_log(self.vm)
+        deadline = time.monotonic() + timeout
+        while line not in (log.read_text(errors="replace") if log.exists() else ""):
+            assert time.monotonic() < deadline, f"the guest never printed {line!r}"
+            time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
@@ -263,11 +277,60 @@ def hv() -> Hypervisor:
     return hv
 
 
+@dataclass
+class Guest:
+    """The module's one lab VM (booting it is the slow part): shared by the module's tests."""
+
+    hv: Hypervisor
+    lab: Lab
+    vm: str
+
+
 @pytest.fixture(scope="module")
-def harness(hv: Hypervisor, request: pytest.FixtureRequest) -> Iterator[Harness]:
+def guest(hv: Hypervisor, request: pytest.FixtureRequest) -> Iterator[Guest]:
     module = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
     lab = Lab(hv, LAB_DIR, prefix=f"{PREFIX}{module}-")
     lab.down()
+    vm = lab.create(f"{PREFIX}{module}-vm", [256 << 20])
+    yield Guest(hv, lab, vm)
+    lab.down()
+
+
+def _fresh_guest(g: Guest) -> None:
+    """What an earlier test may have left on the shared guest, undone before the next one: libvirtd
+    reachable, the VM running, not paused, thawed, and none of vmkeep's checkpoints (their names,
+    ``vmkeep-<backup>-<n>``, would clash with the new catalog's first backups)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            info = g.hv.domain(g.vm)
+            break
+        except HypervisorUnreachable:
+            assert time.monotonic() < deadline, "libvirtd did not come back"
+            g.hv.reconnect(wait=5)
+    if info.state != "ACTIVE":
+        g.lab.start(g.vm)
+    elif info.paused:
+        g.hv.resume(g.vm)
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            if g.hv.fs_freeze_status(g.vm, 5) == "frozen":
+                g.hv.fs_thaw(g.vm, 5)
+            break
+        except HypervisorError:  # the agent is still starting (or was stopped on purpose)
+            assert time.monotonic() < deadline, "the guest agent never answered"
+            time.sleep(1)
+    for cp in g.hv.checkpoints(g.vm):
+        if cp.startswith(CHECKPOINT_PREFIX):
+            g.hv.delete_checkpoint(g.vm, cp)
+
+
+@pytest.fixture
+def harness(guest: Guest) -> Iterator[Harness]:
+    """Each test's own catalog, datastore, settings and files, over the module's guest: a test
+    needs no earlier one, and leaves nothing to the next."""
+    _fresh_guest(guest)
     root = LAB_DIR.parent / "fault-data" / uuid.uuid4().hex[:8]
     data, ds, work = root / "data", root / "ds", root / "work"
     for d in (data, ds, work):
@@ -282,11 +345,9 @@ def harness(hv: Hypervisor, request: pytest.FixtureRequest) -> Iterator[Harness]
         "VMKEEP_AGENT_TIMEOUT": "5",
         "HOME": str(root),
     }
-    vm = lab.create(f"{PREFIX}{module}-vm", [256 << 20])
-    h = Harness(hv, lab, vm, data, ds, work, env)
-    h.run("vm", "import", vm)
-    h.run("vm", "config", vm, "--mode", "increment", "--fs-freeze", "agent")
+    h = Harness(guest.hv, guest.lab, guest.vm, data, ds, work, env)
+    h.run("vm", "import", guest.vm)
+    h.run("vm", "config", guest.vm, "--mode", "increment", "--fs-freeze", "agent")
     h.run("datastore", "add", "ds", "--driver", "dir", "--path", str(ds))
     yield h
-    lab.down()
     shutil.rmtree(root, ignore_errors=True)

@@ -10,6 +10,7 @@ from .conftest import Harness
 
 
 def test_corrupted_increment(harness: Harness) -> None:
+    """`vmkeep restore` and `vmkeep backups verify` of a chain with a flipped byte: exit 17."""
     h = harness
     for _ in range(3):
         h.backup_and_check()
@@ -53,9 +54,10 @@ def libvirt_folders() -> set[str]:
 
 def test_restore_refuses_bad_targets_before_any_work(harness: Harness) -> None:
     """Names and paths are checked before a byte is copied; nothing is left behind; libvirt's
-    own folders are never touched (``--name ..`` once made libvirt delete one)."""
+        own folders are never touched (``--name ..`` once made libvirt delete one). `vmkeep restore`
+    with ``--name``, ``--path``, ``--force``."""
     h = harness
-    p = h.points[-1]
+    p = h.backup_and_check()
     restores = h.data / "restores"
     before = set(restores.iterdir()) if restores.exists() else set()
     snapshot_dir = libvirt_folders()

@@ -223,6 +223,14 @@ def ctrl_c_as_at_a_terminal() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def wait_log(h: Harness, line: str, timeout: float = 120) -> None:
+    """Until the daemon (started by ``daemon``) wrote ``line`` to its stderr."""
+    deadline = time.monotonic() + timeout
+    while line not in h.stderr_file.read_text():
+        assert time.monotonic() < deadline, f"the daemon never logged {line!r}"
+        time.sleep(0.1)
+
+
 def wait_for_running(client: httpx.Client, after: int, timeout: float = 60) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     while True:
@@ -239,7 +247,7 @@ def test_sigkill_of_the_daemon_mid_backup(harness: Harness) -> None:
         h.write()
         job = client.post(f"/v1/vms/{h.vm}/backup", json={"datastore": "ds"}).json()["job"]
         wait_job(client, job["id"], {"RUNNING"})
-        time.sleep(1)
+        wait_log(h, "fail point copy: sleep:6")  # in the copy, for 6 s: killed there
         proc.kill()
         proc.wait()
     h.wait_recovered()  # the guard alone: guest thawed, attempt cleaned up

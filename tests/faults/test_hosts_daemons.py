@@ -309,8 +309,10 @@ def killed_mid_backup(
 
 def test_a_job_for_a_silent_daemon_fails_after_queued_timeout(cluster: Cluster) -> None:
     c = cluster
+    with c.daemon("h2"):  # h2's daemon signs on, then off, whatever test ran before this one
+        wait_for(lambda: records.show(c.ctx, "h2")["daemon"] == "alive", "h2 alive", 30)
     with c.daemon("h1", {"VMKEEP_CLUSTER_QUEUED_TIMEOUT": "4"}) as d1:
-        gone = ("silent", "stopped")  # stopped: it signed off when the last test stopped it
+        gone = ("silent", "stopped")  # stopped: it signed off when it was stopped
         wait_for(lambda: records.show(c.ctx, "h2")["daemon"] in gone, "h2 gone", 30)
         job_id = queue(d1, c.guests["h2"], "reset-state")
         j = ended(d1, job_id, timeout=60)

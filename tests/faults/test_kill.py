@@ -1,5 +1,6 @@
 """SIGKILL of vmkeep at each phase of a backup: the guard recovers the VM at once, with no command
-run; every earlier point still restores bit-identical; the next backup is VALID."""
+run; every earlier point still restores bit-identical; the next backup is VALID. Each test makes
+the chain it needs (its own catalog and datastore: the ``harness`` fixture)."""
 
 from __future__ import annotations
 
@@ -13,57 +14,61 @@ PHASES = ["plan", "freeze", "begin", "copy", "store"]
 
 
 def test_baseline_chain(harness: Harness) -> None:
+    """`vmkeep backup VM -d DS` twice (a full, an increment): both restore bit-identical."""
     for _ in range(2):
         harness.backup_and_check()
     harness.assert_healthy()
 
 
 def _kill_at(h: Harness, phase: str) -> None:
+    """A backup SIGKILLed at ``phase``: recovered by the guard alone, every earlier point still
+    restores bit-identical, and the next backup is VALID."""
+    assert h.points, "a chain to extend first"
+    earlier = list(h.points)
     h.write()
     res = h.backup(check=None, extra={"VMKEEP_FAILPOINTS": f"{phase}=kill"})
     assert res.code == -signal.SIGKILL, (res.code, res.err)
     h.wait_recovered()  # by the guard process alone: no vmkeep command in between
     h.assert_healthy()
+    for p in earlier:
+        h.restore_matches(p)
     h.backup_and_check()
     h.assert_healthy()
 
 
 @pytest.mark.parametrize("phase", PHASES)
 def test_sigkill_at_phase(harness: Harness, phase: str) -> None:
+    """`vmkeep backup VM -d DS` killed at each phase of an increment."""
+    harness.backup_and_check()
     _kill_at(harness, phase)
 
 
-def test_every_earlier_point_restores_bit_identical(harness: Harness) -> None:
-    assert len(harness.points) >= 7
-    for p in harness.points:
-        harness.restore_matches(p)
-
-
 def test_sigkill_while_suspended_resumes_the_vm(harness: Harness) -> None:
+    """`vmkeep vm config VM --fs-freeze suspend`, then a backup killed while the VM is
+    suspended: the guard resumes it."""
     h = harness
     h.run("vm", "config", h.vm, "--fs-freeze", "suspend")
-    try:
-        h.write()
-        res = h.backup(check=None, extra={"VMKEEP_FAILPOINTS": "freeze=kill"})
-        assert res.code == -signal.SIGKILL
-        h.wait_recovered()
-        h.assert_healthy()  # not paused
-    finally:
-        h.run("vm", "config", h.vm, "--fs-freeze", "agent")
+    h.write()
+    res = h.backup(check=None, extra={"VMKEEP_FAILPOINTS": "freeze=kill"})
+    assert res.code == -signal.SIGKILL, (res.code, res.err)
+    h.wait_recovered()
+    h.assert_healthy()  # not paused
     h.backup_and_check()
 
 
 def test_sigkill_during_retention_merge(harness: Harness) -> None:
-    """Killed while merging old increments: the merge is rolled back, the chain stays whole."""
-    harness.run("vm", "config", harness.vm, "--keep-last", "2")
-    _kill_at(harness, "retention")
+    """`vmkeep vm config VM --keep-last 2`: killed while merging old increments, the merge is
+    rolled back, the chain stays whole; the next backup applies KEEP_LAST=2."""
+    h = harness
+    for _ in range(2):  # points 0 and 1; the killed run's point 2 makes point 0 go
+        h.backup_and_check()
+    h.run("vm", "config", h.vm, "--keep-last", "2")
+    _kill_at(h, "retention")
     shown = {
-        b["id"]: {i["id"] for i in b["increments"] if i["status"] == "VALID"}
-        for b in harness.run("backups", "list", "--json").json()
+        b["id"]: sorted(i["id"] for i in b["increments"] if i["status"] == "VALID")
+        for b in h.run("backups", "list", "--json").json()
     }
-    assert sorted(len(v) for v in shown.values())[-1] == 2  # KEEP_LAST=2 applied after all
-    # (the killed run's own point is VALID too but was never printed, so it is not recorded)
-    kept = [p for p in harness.points if p.increment in shown.get(p.backup, set())]
-    assert len(kept) == 1
-    for p in kept:
-        harness.restore_matches(p)
+    last = h.points[-1]
+    # the killed run's point 2 is VALID but was never printed (not recorded); 0 and 1 went
+    assert shown == {last.backup: [2, 3]} and last.increment == 3, (shown, h.points)
+    h.restore_matches(last)

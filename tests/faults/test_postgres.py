@@ -22,9 +22,10 @@ from vmkeep.engine.core.context import Context
 from vmkeep.lab.postgres import server
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def postgres() -> Iterator[str]:
-    """A throwaway PostgreSQL server on a unix socket; yields the catalog URL."""
+    """A throwaway PostgreSQL server on a unix socket, one per test (a catalog shared with the
+    other test would hand its daemons that test's jobs); yields the catalog URL."""
     with server() as url:
         yield url
 
