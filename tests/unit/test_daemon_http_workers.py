@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from vmkeep.api.daemon import GRACE
 from vmkeep.config import load_config
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.service import tokens
@@ -156,4 +157,4 @@ def test_sigterm_ends_open_event_streams_and_the_daemon_stops(
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "event: end" in seen and any("the daemon is stopping" in s for s in seen), seen[-3:]
-    assert ended < 5, ended
+    assert ended < GRACE / 2, ended  # not held open until uvicorn's grace for open requests
