@@ -35,6 +35,7 @@ from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Drill
 from vmkeep.checksums import expected_digests, row_digest
 from vmkeep.datastores import DatastoreDriver
+from vmkeep.engine.core import jobs
 from vmkeep.engine.core.chains import disk_file, find_backup, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
@@ -364,6 +365,7 @@ def run_drill(
     work = ctx.config.data_dir / "drills" / name
     _clear_leftover(ctx, name)
     clear_work(work)  # a killed drill's files, exports and loop devices
+    jobs.recover(ctx)  # and its job, RUNNING in a dead process: FAILED
     work.mkdir(parents=True)
     started = datetime.now(UTC)
     checks: list[Check] = []
