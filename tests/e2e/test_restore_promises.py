@@ -12,6 +12,7 @@ or on another host."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -115,12 +116,21 @@ def gone(hv: Hypervisor, name: str) -> None:
     hv.undefine(name)
 
 
-def backing_of(image: Path) -> str | None:
+def image_info(image: Path) -> dict:
     info = subprocess.run(
         ["qemu-img", "info", "-U", "--output=json", str(image)],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
-    return __import__("json").loads(info.stdout).get("backing-filename")
+    return json.loads(info.stdout)
+
+
+def backing_of(image: Path) -> str | None:
+    return image_info(image).get("backing-filename")
+
+
+def bitmaps(image: Path) -> list[str]:
+    data = image_info(image).get("format-specific", {}).get("data", {})
+    return [b["name"] for b in data.get("bitmaps", [])]
 
 
 def test_no_nic_restores_a_vm_without_an_interface(
@@ -165,12 +175,17 @@ def test_in_place_one_disk_rolls_back_that_disk_only(
     out = res.json()
     assert out["in_place"] and list(out["disks"]) == ["vdb"], out
     assert "disks vda are not in the restore and were left as they are" in res.err
+    # vda's checkpoints were dropped with its bitmaps (a stale one breaks a later checkpoint)
+    vda = next(d.path for d in hv.domain(fresh).disks if d.target == "vda")
+    assert not [b for b in bitmaps(Path(vda)) if b.startswith("vmkeep-")]
     lab.start(fresh)
     assert lab.sha256(fresh, "/mnt/vdb/b") == b0
     assert lab.sha256(fresh, "/mnt/vda/a") == a1
     assert "later" not in lab.sh(fresh, "ls /mnt/vdb").split()
     wrong = vmkeep("restore", str(bid), "--in-place", "--disk", "vdz", check=9)
     assert "vdz" in wrong.err and "vda, vdb" in wrong.err
+    nxt = vmkeep("backup", fresh, "-d", "ds", "--json").json()
+    assert nxt["id"] != bid and nxt["increment"] == 0  # a new full chain, as the warning said
 
 
 def test_instant_restore_cancelled_runs_on_the_untouched_backup(
