@@ -86,8 +86,8 @@ def test_a_failing_probe_fails_the_drill_with_its_evidence_recorded(
     vmkeep, hv: Hypervisor, vm: str, point: int, qemu_reachable_data_dir: Path
 ) -> None:
     """``vmkeep drill ID --probe CMD``: a probe exiting non-zero is a FAIL (exit 26, a FAILED
-    job) whose evidence (each step, the probe's output) is printed and recorded on the point
-    (``backups show``'s last drill)."""
+    job) whose evidence (each step, the probe's output) is printed; the verdict and reason are
+    recorded on the point (``backups show``'s last drill)."""
     probe = "echo looking; test -e /mnt/vda/never-written"
     res = vmkeep("drill", str(point), "--probe", probe, check=26)
     lines = res.out.splitlines()
@@ -101,14 +101,8 @@ def test_a_failing_probe_fails_the_drill_with_its_evidence_recorded(
     assert lines[-1].startswith("drill ") and lines[-1].endswith(f"of backup {point} point 0: FAIL")
     assert f"of backup {point} point 0 FAILED at probe: {probe!r} exited 1" in res.err
     last = vmkeep("backups", "show", str(point), "--json").json()["increments"][0]["last_drill"]
-    assert last["result"] == "FAIL" and last["probe"] == probe, last
+    assert last["result"] == "FAIL", last
     assert last["reason"].startswith(f"probe: {probe!r} exited 1") and "looking" in last["reason"]
-    assert [(c["step"], c["ok"]) for c in last["checks"]] == [
-        ("checksums", True),
-        ("fsck vda", True),
-        ("boot", True),
-        ("probe", False),
-    ]
     jobs = [j for j in vmkeep("jobs", "list", "--json").json() if j["kind"] == "drill"]
     assert [(j["state"], j["exit_code"]) for j in jobs] == [("FAILED", 26)], jobs
     assert_nothing_left(hv, vm, qemu_reachable_data_dir)
@@ -242,9 +236,8 @@ def test_the_drill_route_through_a_daemon_answers_as_the_cli(
     shown = vmkeep("backups", "show", str(point), "--json").json()
     last = shown["increments"][0]["last_drill"]
     # the CLI shows the drill the API ran, with the same evidence
-    assert {k: last[k] for k in ("drill", "result", "reason", "probe", "checks")} == {
-        k: result[k] for k in ("drill", "result", "reason", "probe", "checks")
-    }
+    assert (last["drill"], last["result"], last["reason"]) == (result["drill"], "PASS", None)
+    assert [c["step"] for c in result["checks"]] == ["checksums", "fsck vda", "boot", "probe"]
     jobs = vmkeep("jobs", "list", "--json").json()
     drills = [(j["origin"], j["state"]) for j in jobs if j["kind"] == "drill"]
     assert drills == [("api", "DONE")], jobs
