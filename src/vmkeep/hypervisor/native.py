@@ -464,6 +464,7 @@ class LibvirtHypervisor(LibvirtNetworks, Hypervisor):
             if err.get_error_code() not in (
                 libvirt.VIR_ERR_OPERATION_INVALID,
                 libvirt.VIR_ERR_NO_DOMAIN,
+                libvirt.VIR_ERR_INVALID_ARG,  # "disk vda does not have an active block job"
             ):
                 raise HypervisorError(
                     f"abort block job {name}/{target}: {err.get_error_message()}"

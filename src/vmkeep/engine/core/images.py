@@ -8,7 +8,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from vmkeep.datastores.base import QCOW2_MAGIC
+from vmkeep.datastores.base import QCOW2_MAGIC, qemu_img_info
 from vmkeep.errors import VmkeepError
 
 PARTIAL = ".partial"  # flatten's name for an image being written
@@ -22,6 +22,19 @@ def qemu_img(
     proc = subprocess.run(["qemu-img", *args], capture_output=True, text=True)
     if proc.returncode:
         raise error(f"qemu-img {what or args[0]}: {proc.stderr.strip()}")
+
+
+def drop_bitmaps(path: Path, prefix: str) -> list[str]:
+    """Remove the persistent dirty bitmaps whose name starts with ``prefix`` from a qcow2 image
+    no process has open (a powered-off VM's disk); returns their names."""
+    info = qemu_img_info(path, check=False)
+    if info.get("format") != "qcow2":
+        return []
+    bitmaps = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    names = [str(b["name"]) for b in bitmaps if str(b.get("name", "")).startswith(prefix)]
+    for name in names:
+        qemu_img("bitmap", "--remove", str(path), name, what=f"bitmap --remove {name}")
+    return names
 
 
 def flatten(src: Path, dest: Path, *, ordered: bool = True, fmt: str = "qcow2") -> None:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import socket
 import subprocess
 from dataclasses import asdict, dataclass
@@ -47,6 +46,7 @@ from vmkeep.engine.restore.drill import (
     Check,
     StepFailed,
     boot_check,
+    clear_work,
     point_files,
     probe_check,
     remove_vm,
@@ -120,7 +120,7 @@ def clear_leftovers(ctx: Context, gb_id: int | None = None) -> list[str]:
     for folder in sorted((ctx.config.data_dir / "drills").glob("group-*")):
         owner = folder.name.removeprefix("group-")
         if owner.isdigit() and (int(owner) == gb_id or not _running(ctx, int(owner))):
-            shutil.rmtree(folder, ignore_errors=True)
+            clear_work(folder)  # with a killed check's exports and loop devices
             removed.append(str(folder))
     return removed
 
@@ -289,7 +289,7 @@ def _drill(
     root = ctx.config.data_dir / "drills" / f"group-{gb_id}"
     names = {vm: drill_vm_name(vm, gb_id) for vm, _b, _s in members}
     network: str | None = None
-    shutil.rmtree(root, ignore_errors=True)
+    clear_work(root)
     try:
         staged = {}
         for vm, backup_id, seq in members:  # 1. checksums, overlays, file systems
@@ -327,7 +327,7 @@ def _drill(
             remove_vm(ctx, names[vm])
         if network is not None:
             ctx.hv.network_destroy(network)
-        shutil.rmtree(root, ignore_errors=True)
+        clear_work(root)
 
 
 def _define(

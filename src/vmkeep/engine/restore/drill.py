@@ -19,7 +19,11 @@ case.
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import time
 from dataclasses import asdict, dataclass
@@ -27,9 +31,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from vmkeep.catalog.locks import pid_alive
 from vmkeep.catalog.tables import Drill
 from vmkeep.checksums import expected_digests, row_digest
 from vmkeep.datastores import DatastoreDriver
+from vmkeep.engine.core import jobs
 from vmkeep.engine.core.chains import disk_file, find_backup, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
@@ -38,6 +44,7 @@ from vmkeep.engine.restore.export import export_disk, partitions, stop_export
 from vmkeep.engine.restore.instant import local_folder, make_overlay
 from vmkeep.engine.restore.point import pick_disks, verify_files
 from vmkeep.errors import DrillFailed, HypervisorError, VmkeepError
+from vmkeep.faults import failpoint
 from vmkeep.hypervisor.domain_xml import description, new_domain_xml, with_description
 from vmkeep.hypervisor.reach import open_to_qemu, unreachable_why
 from vmkeep.model import Warnings
@@ -122,6 +129,7 @@ def _check_fs(export: Path, offset: int, size: int, fstype: str, work: Path) -> 
         raise VmkeepError(f"losetup {export}: {loop.stderr.strip()}")
     dev = loop.stdout.strip()
     try:
+        failpoint("drill-fsck")  # the fault hook: killed with the export and loop device up
         if fstype in ("ext2", "ext3", "ext4"):
             return _e2fsck(dev)
         if fstype == "xfs":
@@ -169,6 +177,67 @@ def remove_vm(ctx: Context, name: str) -> None:
     with contextlib.suppress(VmkeepError):
         ctx.hv.destroy(name)
         ctx.hv.undefine(name)
+
+
+def _loops_under(work: Path) -> list[str]:
+    """The loop devices whose backing file lies in ``work``."""
+    proc = _run(["losetup", "--list", "--json", "-O", "NAME,BACK-FILE"])
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return []
+    inside = f"{work}/"
+    return [
+        str(d["name"])
+        for d in json.loads(proc.stdout).get("loopdevices", [])
+        if str(d.get("back-file") or "").startswith(inside)
+    ]
+
+
+def _exports_under(work: Path) -> list[int]:
+    """The qemu-storage-daemon processes serving a file of ``work``."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"qemu-storage-daemon") and f"{work}/".encode() in b" ".join(argv):
+            found.append(int(proc.name))
+    return found
+
+
+def _mounts_under(work: Path) -> list[str]:
+    """The mount points (a FUSE export is one) inside ``work``."""
+    inside = f"{work}/"
+    points = []
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 1:
+            where = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[1])
+            if where.startswith(inside):
+                points.append(where)
+    return points
+
+
+def clear_work(work: Path) -> None:
+    """Remove a drill's work folder with what a killed drill left in it: the file-system
+    check's loop devices, its qemu-storage-daemon exports (FUSE mounts on files of the folder,
+    which ``rmtree`` cannot remove) and their processes."""
+    if not work.exists():
+        return
+    for dev in _loops_under(work):
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+    exports = _exports_under(work)
+    for pid in exports:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # it flushes and unmounts its export
+    deadline = time.monotonic() + 10
+    while any(pid_alive(pid) for pid in exports) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for mountpoint in _mounts_under(work):
+        subprocess.run(["umount", "-l", mountpoint], capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
 
 
 def _isolated_xml(xml: str, name: str, overlays: dict[str, Path], work: Path, seq: int) -> str:
@@ -295,7 +364,8 @@ def run_drill(
     name = drill_name(pf.vm_name, backup_id, seq)
     work = ctx.config.data_dir / "drills" / name
     _clear_leftover(ctx, name)
-    shutil.rmtree(work, ignore_errors=True)
+    clear_work(work)  # a killed drill's files, exports and loop devices
+    jobs.recover(ctx)  # and its job, RUNNING in a dead process: FAILED
     work.mkdir(parents=True)
     started = datetime.now(UTC)
     checks: list[Check] = []
@@ -315,7 +385,7 @@ def run_drill(
             pass
     finally:
         remove_vm(ctx, name)
-        shutil.rmtree(work, ignore_errors=True)
+        clear_work(work)
     failed = next((c for c in checks if not c.ok), None)
     result = "FAIL" if failed else "PASS"
     reason = f"{failed.step}: {failed.detail}" if failed else None

@@ -22,9 +22,15 @@ from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup
 from vmkeep.checksums import row_digest
-from vmkeep.engine.core.chains import disk_file, find_backup, point, reset_checkpoints
+from vmkeep.engine.core.chains import (
+    CHECKPOINT_PREFIX,
+    disk_file,
+    find_backup,
+    point,
+    reset_checkpoints,
+)
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.core.images import flatten
+from vmkeep.engine.core.images import drop_bitmaps, flatten
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.engine.restore.instant import instant_restore
 from vmkeep.engine.restore.memory import memory_entry, resume
@@ -95,6 +101,9 @@ def restore_in_place(
             finally:
                 sync_state(ctx, vm_id, name)
             dropped = reset_checkpoints(ctx, vm_id, name)
+            for d in unchanged:  # a disk left as it is keeps the dropped checkpoints' bitmaps
+                if current[d].path and (current[d].fmt or "qcow2") == "qcow2":
+                    drop_bitmaps(Path(current[d].path), CHECKPOINT_PREFIX)
             if mem is not None:  # the VM running again where it was at that point
                 paths = {d: Path(p) for d, p in result.items()}
                 resumed = resume(ctx, local[mem["name"]], paths, warnings)
