@@ -235,14 +235,15 @@ def test_copy_from_restic_and_scan_import_restic_after_rows_lost(
 def test_restic_retention_merges_forgets_and_prunes(
     vmkeep, lab: Lab, fresh: str, tmp_path: Path, password_file: Path
 ) -> None:
-    """`prune VM --keep-last 2` on a restic store: the two older points are merged away, their
-    snapshots forgotten and their data pruned; the kept points restore their bytes."""
+    """`prune VM --keep-last 2` on a restic store: the full is merged into the next point (now
+    the chain's base), its snapshots forgotten and its data pruned; the kept points restore
+    their bytes."""
     repo = tmp_path / "repo"
     add_restic(vmkeep, "r", repo, password_file)
     sums = [lab.write_random(fresh, "/mnt/vda/f", 4)]
     first = vmkeep("backup", fresh, "-d", "r", "--reset", "--json").json()
     backup_id = first["id"]
-    for i in range(1, 4):
+    for i in range(1, 3):
         sums.append(lab.write_random(fresh, "/mnt/vda/f", 2, seek_mib=i))
         assert vmkeep("backup", fresh, "-d", "r", "--json").json()["increment"] == i
     chain = vmkeep("backups", "show", str(backup_id), "--json").json()["chain"]
@@ -251,14 +252,14 @@ def test_restic_retention_merges_forgets_and_prunes(
 
     done = vmkeep("prune", fresh, "--keep-last", "2", "--json").json()
     decided = {p["increment"]: p["keep"] for p in done["datastores"][0]["points"]}
-    assert decided == {0: False, 1: False, 2: True, 3: True}, done
+    assert decided == {0: False, 1: True, 2: True}, done
     shown = vmkeep("backups", "show", str(backup_id), "--json").json()
-    assert [i["id"] for i in shown["increments"]] == [2, 3]
-    for inc in (2, 3):
+    assert [i["id"] for i in shown["increments"]] == [1, 2]
+    for inc in (1, 2):
         assert restored(vmkeep, tmp_path, backup_id, inc, "/mnt/vda/f") == sums[inc]
     files = snapshot_files(repo, password_file, chain)
-    assert not {"0.vda.qcow2", "1.vda.qcow2", "0.domain.xml", "1.domain.xml"} & set(files), files
-    assert {"2.vda.qcow2", "3.vda.qcow2", "manifest.json"} <= set(files), files
+    assert not {"0.vda.qcow2", "0.domain.xml"} & set(files), files
+    assert {"1.vda.qcow2", "2.vda.qcow2", "manifest.json"} <= set(files), files
     # one snapshot per file name: the rewritten files replaced the old ones
     assert len(files) == len(set(files)), files
     assert du(repo) < before, "the forgotten points' data was not pruned"
