@@ -8,6 +8,7 @@ that restores bit-identical."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -59,7 +60,8 @@ def kill_sshd(server: Sshd) -> None:
     assert server.proc is not None and server.proc.poll() is None, "sshd is not running"
     pids = descendants(server.proc.pid)
     for pid in reversed(pids):
-        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ProcessLookupError):  # a session that ended meanwhile
+            os.kill(pid, signal.SIGKILL)
     server.proc.wait(10)
     server.proc = None
 
