@@ -143,3 +143,35 @@ def test_remote_df_and_urls() -> None:
     for bad in ("restic://r1/vm-a/1.vda.qcow2", "r1/vm-a/7/x", "rsync:///vm/7/x"):
         with pytest.raises(InvalidValue, match="URL"):
             parse_url(bad)
+
+
+def test_an_rsync_store_clears_the_folder_a_store_broken_with_the_host_left(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store whose host died mid-transfer could not remove its .partial-* folder; the next
+    store into the chain does (ssh and rsync run here, on local folders)."""
+    import shutil
+    import subprocess
+
+    store = tmp_path / "store"
+    drv = make_driver("rsync", "s", {"host": "h", "path": str(store)})
+    inner = getattr(drv, "inner", drv)
+
+    def ssh(command: list[str], what: str, timeout: float | None = 600) -> str:
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout
+
+    def rsync(sources: list[str], dest: str, what: str) -> None:
+        for src in sources:
+            shutil.copy(src, dest.split(":", 1)[1])
+
+    monkeypatch.setattr(inner, "_ssh", ssh)
+    monkeypatch.setattr(inner, "_rsync", rsync)
+    chain = store / "vm-a" / "7"
+    (chain / ".partial-0123456789ab").mkdir(parents=True)
+    (chain / ".partial-0123456789ab" / "1.vda.qcow2").write_bytes(b"half")
+    (chain / "0.vda.qcow2").write_bytes(b"full")
+    staged = tmp_path / "1.vda.qcow2"
+    staged.write_bytes(b"increment")
+    inner.backup("vm-a/7", [staged])
+    assert sorted(p.name for p in chain.iterdir()) == ["0.vda.qcow2", "1.vda.qcow2"]
+    assert (chain / "1.vda.qcow2").read_bytes() == b"increment"

@@ -155,7 +155,10 @@ class RsyncDriver(DatastoreDriver):
     def backup(self, chain: str, staged: list[Path]) -> None:
         d = self._dir(chain)
         tmp = f"{d}/{PARTIAL}{uuid.uuid4().hex[:12]}"
-        self._ssh(["mkdir", "-p", tmp], "store")
+        # a store broken with the host (its clean-up could not reach it) left its folder: one
+        # store writes to a chain at a time (the VM's lock), so any other .partial-* is stale
+        stale = f"rm -rf -- {shlex.quote(d)}/{PARTIAL}*"
+        self._ssh(["sh", "-c", f"{stale} && mkdir -p -- {shlex.quote(tmp)}"], "store")
         try:
             self._rsync([str(p) for p in staged], f"{self._remote_name(tmp)}/", "store")
             names = [self.checked_name(chain, p.name) for p in staged]
