@@ -110,4 +110,4 @@ def test_resize_of_an_undeployed_vm_changes_its_template_and_leaves_it_undeploye
     assert "web" not in web.domains  # still off the host
     act(fake_ctx, "deploy")
     xml = web.domains["web"].xml
-    assert "<vcpu>2</vcpu>" in xml and "<memory unit=\"MiB\">512</memory>" in xml, xml
+    assert "<vcpu>2</vcpu>" in xml and '<memory unit="MiB">512</memory>' in xml, xml
