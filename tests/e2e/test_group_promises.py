@@ -89,7 +89,6 @@ def test_vm_import_all_imports_every_lab_domain_once(
 def slow_freezes(lab: Lab, hv: Hypervisor, vms: list[str]) -> None:
     """Each guest's agent runs again with an fsfreeze hook that, while SLOW exists, takes
     HOOK_SECONDS before each freeze (as a database flushing its buffers would)."""
-    old = {}
     for vm in vms:
         lab.sh(vm, f"printf '#!/bin/sh\\necho $1 >> {HOOK}.log\\n[ \"$1\" = freeze ] && "
                    f"[ -e {SLOW} ] && sleep {HOOK_SECONDS}\\nexit 0\\n' > {HOOK} && "
@@ -105,8 +104,6 @@ def slow_freezes(lab: Lab, hv: Hypervisor, vms: list[str]) -> None:
             f"rm -f /run/qemu-ga.pid; sleep 3; {argv} --fsfreeze-hook={HOOK}"
         )
         lab.sh(vm, f"setsid sh -c {shlex.quote(restart)} </dev/null >/dev/null 2>&1 &")
-        old[vm] = pid
-    for vm, pid in old.items():
         wait_for(lambda v=vm: not hv.guest_ping(v, 1), f"{vm}'s old agent gone", 30)
         wait_for(lambda v=vm: hv.guest_ping(v, 2), f"{vm}'s agent with the freeze hook", 60)
         assert lab.sh(vm, "cat /run/qemu-ga.pid").strip() != pid
