@@ -10,9 +10,20 @@ import click
 
 from vmkeep.cli import complete
 from vmkeep.cli.lazy import LazyGroup
-from vmkeep.cli.output import act, ctx_of, emit_json, json_option, kv, read, render, table
+from vmkeep.cli.output import (
+    act,
+    ctx_of,
+    emit_json,
+    json_option,
+    kv,
+    read,
+    render,
+    report_warnings,
+    table,
+)
 from vmkeep.cli.policy_options import NAMES, policy_changes, policy_lines, policy_options
 from vmkeep.cli.remote import segment
+from vmkeep.model import Warnings
 
 COLUMNS = ("id", "name", "state", "lcm_state", "host")
 # lifecycle_cmd.COMMANDS' names (a unit test keeps the two the same)
@@ -70,14 +81,17 @@ def import_cmd(c: click.Context, domain: str | None, all_: bool, as_json: bool) 
 
     if bool(domain) == all_:
         raise click.UsageError("give a DOMAIN or --all (not both)")
-    rows = (
-        inventory.import_all(ctx_of(c)) if all_ else [inventory.import_vm(ctx_of(c), domain or "")]
-    )
+    if all_:
+        rows, warnings = inventory.import_all(ctx_of(c))
+    else:
+        rows, warnings = [inventory.import_vm(ctx_of(c), domain or "")], Warnings()
     if as_json:
         emit_json(rows)
     else:
         for r in rows:
-            click.echo(f"imported {r['name']} (id {r['id']}, {r['lcm_state']})")
+            done = "imported" if r["new"] else "already imported"
+            click.echo(f"{done} {r['name']} (id {r['id']}, {r['lcm_state']})")
+    report_warnings(warnings)
 
 
 def _freeze_command(kind: str, doc: str, state: str, done: str) -> None:

@@ -287,9 +287,9 @@ def restore_group(
         )
         warnings.extend(w)
         restored.append(res | {"from": name})
-    if start:
-        for r in restored:
-            ctx.hv.start(r["vm"])
+    if start:  # in the group's start order, each up before the next (as ``group start``)
+        later = "they are restored and off: start them with 'vmkeep vm resume VM'"
+        _start_in_order(ctx, [r["vm"] for r in restored], True, 120.0, later)
     return {
         "group_backup": gb_id,
         "suffix": suffix,
@@ -314,10 +314,20 @@ def start_group(
     """Start members in start order; each must be up (agent answering, when it has one) before
     the next one starts."""
     with ctx.catalog.session() as s:
-        order = [(m.vm_id, m.vm.name) for m in find_group(s, ref).members]
+        order = [str(m.vm_id) for m in find_group(s, ref).members]
+    later = "--no-wait-agent starts them without waiting"
+    return _start_in_order(ctx, order, wait_agent, timeout, later)
+
+
+def _start_in_order(
+    ctx: Context, refs: list[str], wait_agent: bool, timeout: float, later: str
+) -> list[dict[str, Any]]:
+    """Start the VMs ``refs`` one by one, each up (agent answering, when it has one) before the
+    next; the first that does not come up stops the rest (``later``: what to do about them)."""
     out = []
-    for vm_id, name in order:
-        with vm_action(ctx, str(vm_id), "start") as vm:
+    for ref in refs:
+        with vm_action(ctx, ref, "start") as vm:
+            name = vm.name
             if vm.lcm_state == LcmState.RUNNING:
                 out.append({"vm": name, "action": "already running"})
                 continue
@@ -330,8 +340,7 @@ def start_group(
                 sync_state(ctx, vm.id, name)
                 raise HypervisorError(
                     f"VM {name} started but its guest agent did not answer within "
-                    f"{timeout:.0f} s; later members were not started (--no-wait-agent "
-                    "starts them without waiting)"
+                    f"{timeout:.0f} s; later members were not started ({later})"
                 )
             sync_state(ctx, vm.id, name)
             out.append({"vm": name, "action": "started"})

@@ -251,7 +251,10 @@ def resize(ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings) ->
     if on_host:
         ctx.hv.define(new)
     set_fields(ctx, vm.id, template=new)
-    return {"vcpus": vcpus, "memory_mib": memory}
+    out: dict[str, Any] = {"vcpus": vcpus, "memory_mib": memory}
+    if not on_host:  # no domain for the hypervisor to say anything of: it stays UNDEPLOYED
+        out[migration.LANDS] = (VmState.UNDEPLOYED, LcmState.UNDEPLOYED)
+    return out
 
 
 def disk_resize(
@@ -265,7 +268,20 @@ def disk_resize(
         raise InvalidValue(
             "--disk", target, f"VM {vm.name} has {', '.join(x.target for x in disks)}"
         )
-    if ctx.hv.domain(vm.name).state == VmState.ACTIVE:
+    running = ctx.hv.domain(vm.name).state == VmState.ACTIVE
+    now = (
+        ctx.hv.disk_size(vm.name, d.target)[0]
+        if running
+        else int(qemu_img_info(d.path)["virtual-size"])
+    )
+    if size < now:  # a running disk would be cut under the guest's file system
+        raise InvalidValue(
+            "--size",
+            opts.get("size"),
+            f"disk {d.target} of VM {vm.name} is {now} bytes and disk-resize only grows a disk "
+            "(shrinking it would cut off the guest's data)",
+        )
+    if running:
         vmm.resize_disk(vm.name, d.target, size)
     else:
         qemu_img("resize", "-f", d.fmt, d.path, str(size))

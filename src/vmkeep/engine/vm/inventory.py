@@ -36,7 +36,7 @@ from vmkeep.errors import (
     InvalidValue,
     WrongState,
 )
-from vmkeep.model import DomainInfo, LcmState, VmState
+from vmkeep.model import DomainInfo, LcmState, VmState, Warnings
 from vmkeep.names import check_name
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,8 @@ def _refresh(ctx: Context, vm: Vm, live: dict[str, DomainInfo] | None = None) ->
 
 
 def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
-    """Add a libvirt domain to the catalog (idempotent: re-import refreshes it)."""
+    """Add a libvirt domain to the catalog (idempotent: re-import refreshes it); ``new`` says
+    whether its row was made now (False: it was already imported)."""
     info = ctx.hv.domain(domain)
     try:
         check_name(f"domain name of {domain!r}", info.name)
@@ -91,6 +92,7 @@ def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
         vm = s.execute(select(Vm).where(Vm.uuid == info.uuid)).scalar_one_or_none()
         if vm is None:
             vm = s.execute(select(Vm).where(Vm.name == info.name)).scalar_one_or_none()
+        new = vm is None
         if vm is None:
             vm = Vm(name=info.name, uuid=info.uuid, host_uri=ctx.hv.uri, backup_config={})
             s.add(vm)
@@ -99,11 +101,22 @@ def import_vm(ctx: Context, domain: str) -> dict[str, Any]:
         if vm.lcm_state is None or vm.lcm_state not in BUSY_STATES:
             vm.lcm_state = lcm
         s.flush()
-        return vm_dict(vm, Policies(ctx, s), info)
+        return vm_dict(vm, Policies(ctx, s), info) | {"new": new}
 
 
-def import_all(ctx: Context) -> list[dict[str, Any]]:
-    return [import_vm(ctx, d.name) for d in ctx.hv.list_domains()]
+def import_all(ctx: Context) -> tuple[list[dict[str, Any]], Warnings]:
+    """Import every domain of the host. One that is gone by the time its turn comes (removed
+    meanwhile) is skipped; one whose name vmkeep cannot take is skipped with a warning that
+    says how to fix it, and the others are imported."""
+    rows, warnings = [], Warnings()
+    for d in ctx.hv.list_domains():
+        try:
+            rows.append(import_vm(ctx, d.name))
+        except DomainNotFound:
+            continue
+        except InvalidValue as err:
+            warnings.add(f"domain {d.name!r} was not imported: {err}")
+    return rows, warnings
 
 
 def list_vms(
