@@ -45,11 +45,14 @@ def trio(lab: Lab) -> Iterator[list[str]]:
 
 @pytest.fixture
 def group(vmkeep, trio: list[str], tmp_path: Path, lab: Lab, hv: Hypervisor) -> str:
-    """Group 'app' of the three VMs (fresh catalog), each running with its agent answering."""
+    """Group 'app' of the three VMs (fresh catalog), each running with its agent answering (a
+    test may have killed one's agent) and with no checkpoint an earlier test's catalog left."""
     for name in trio:
         if hv.domain(name).state != "ACTIVE" or not hv.guest_ping(name, 2):
             hv.destroy(name)
             lab.start(name)
+        for cp in hv.checkpoints(name):
+            hv.delete_checkpoint(name, cp)
         vmkeep("vm", "import", name)
         vmkeep("vm", "config", name, "--mode", "increment")
     vmkeep("datastore", "add", "ds", "--driver", "dir", "--path", str(tmp_path / "ds"))

@@ -59,6 +59,9 @@ def ping(name: str, uri: str) -> dict[str, object]:
 
 @pytest.fixture
 def down_after(own_lab: None) -> Iterator[None]:
+    """No lab host up before the test (another test's lease may have left the module's hosts
+    up: ``up`` must start them itself) and none after it."""
+    hosts.down()
     yield
     hosts.down()  # whatever the test left, even when it failed midway
 

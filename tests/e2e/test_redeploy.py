@@ -67,6 +67,14 @@ def own_lab(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(hosts.NET_ENV, NET)  # clean_env removed it; the CLI inherits it
 
 
+@pytest.fixture
+def hosts_up(lab_own: dict[int, str], own_lab: None) -> dict[int, str]:
+    """The module's hosts, host 2 running: every test kills it, so each one brings it back
+    first (its libvirtd restarted in its namespaces; nothing to do when it runs)."""
+    hosts.up(FAIL)
+    return lab_own
+
+
 def monitor(name: str) -> dict[str, Any]:
     """Host ``name`` monitored once by the engine, as its daemon's monitor loop does
     (``engine/hosts/monitor.py``): MONITORED with its figures, or ERROR when its libvirt does
@@ -149,10 +157,10 @@ def short_grace(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
-    lab_own: dict[int, str], lab: Lab, hv: Hypervisor, on: Any, tmp_path: Path, clean_env: Path
+    hosts_up: dict[int, str], lab: Lab, hv: Hypervisor, on: Any, tmp_path: Path, clean_env: Path
 ) -> None:
     ctx = Context(load_config())
-    uri1, urif = lab_own[1], lab_own[FAIL]
+    uri1, urif = hosts_up[1], hosts_up[FAIL]
     records.add(ctx, H1, uri1)
     records.add(ctx, HF, urif)
     monitor(H1)
@@ -264,16 +272,15 @@ def test_host_killed_its_vm_redeployed_and_a_deploy_placed(
     again = on(H1, "backup", name, "--datastore", "ds", "--json").json()
     assert again["id"] != point["id"], again
     on(H1, "vm", "terminate", name, "--hard")  # few guests at a time on this machine
-    hosts.up(FAIL)  # host 2 again for the next test
 
 
 def test_group_recovers_in_its_start_order(
-    lab_own: dict[int, str], lab: Lab, on: Any, tmp_path: Path
+    hosts_up: dict[int, str], lab: Lab, on: Any, tmp_path: Path
 ) -> None:
     """Two members on host 2, host 2 killed: ``group recover --redeploy`` (placed: host 1)
     brings them up in the group's start order, each with its data."""
     ctx = Context(load_config())
-    uri1, urif = lab_own[1], lab_own[FAIL]
+    uri1, urif = hosts_up[1], hosts_up[FAIL]
     records.add(ctx, H1, uri1)
     records.add(ctx, HF, urif)
     monitor(H1)

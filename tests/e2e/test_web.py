@@ -6,7 +6,9 @@ viewer sees no action buttons and gets 403 when it posts a form anyway; a form w
 token is refused; the session cookie is HttpOnly and SameSite=Strict. Every step leaves a
 screenshot in ``.pytest-screens/<run>/`` (docs/screenshots/ holds a few of them).
 
-The tests of this module run in order and share one daemon, one guest and one browser."""
+The tests of this module share one daemon, one guest (with the CLI's backup) and one browser;
+each starts from a browser with no session (``signed_out``) or an operator's (``as_operator``),
+so each stands alone, in any order."""
 
 from __future__ import annotations
 
@@ -94,8 +96,25 @@ def tokens(host: Host) -> dict[str, str]:
     return {role: host.token(f"web-{role}", role) for role in ("operator", "viewer")}
 
 
-# shared between the tests of the module, in their order
+# the point the tests restore and browse: the guest fixture's backup (the backup test's newer
+# one once it ran: both hold NOTE)
 state: dict[str, Any] = {}
+
+
+@pytest.fixture
+def signed_out(browser: Any, host: Host) -> Any:
+    """The module's browser with no session: whatever an earlier test left, its cookies go."""
+    browser.get(f"{host.url}/login")
+    browser.delete_all_cookies()
+    browser.set_window_size(*DESKTOP)
+    return browser
+
+
+@pytest.fixture
+def as_operator(signed_out: Any, host: Host, tokens: dict[str, str]) -> Any:
+    """The module's browser signed in as an operator."""
+    login(signed_out, host, tokens["operator"])
+    return signed_out
 
 
 def css(driver: Any, selector: str) -> list[Any]:
@@ -126,6 +145,18 @@ def login(driver: Any, host: Host, token: str) -> None:
 def logout(driver: Any) -> None:
     one(driver, 'button[data-action="logout"]').click()
     wait_for(lambda: "/login" in driver.current_url, 30, lambda: driver.current_url)
+
+
+def backup_form(driver: Any, host: Host) -> tuple[str, dict[str, str]]:
+    """The VM page's backup form as the signed-in operator sees it: its address and fields
+    (what a viewer or a forged page will try to post)."""
+    driver.get(f"{host.url}/vms/{VM}")
+    form = one(driver, 'form[data-action="backup"]')
+    fields = {
+        i.get_attribute("name"): i.get_attribute("value") or ""
+        for i in form.find_elements("css selector", "input[name], select[name]")
+    }
+    return str(form.get_attribute("action")), fields
 
 
 def post_status(driver: Any, url: str, fields: dict[str, str]) -> int:
@@ -223,8 +254,9 @@ def settled_state(driver: Any, job: str) -> str | None:
         return None
 
 
-# --- the tests, in order ---------------------------------------------------------------------
-def test_operator_logs_in_and_sees_the_vm(browser, host, guest, tokens, screens) -> None:
+# --- the tests --------------------------------------------------------------------------------
+def test_operator_logs_in_and_sees_the_vm(signed_out, host, guest, tokens, screens) -> None:
+    browser = signed_out
     browser.get(f"{host.url}/")
     wait_for(lambda: "/login" in browser.current_url, 30, lambda: browser.current_url)
     screens.shot(browser, "login")
@@ -242,17 +274,12 @@ def test_operator_logs_in_and_sees_the_vm(browser, host, guest, tokens, screens)
     screens.shot(browser, "vms")
 
 
-def test_backup_from_the_vm_page_shows_live_progress(browser, host, guest, tokens, screens) -> None:
+def test_backup_from_the_vm_page_shows_live_progress(
+    as_operator, host, guest, tokens, screens
+) -> None:
+    browser = as_operator
     browser.get(f"{host.url}/vms/{VM}")
     form = one(browser, 'form[data-action="backup"]')
-    # what a viewer will try to post later: this form's address and fields
-    state["backup_form"] = (
-        form.get_attribute("action"),
-        {
-            i.get_attribute("name"): i.get_attribute("value") or ""
-            for i in form.find_elements("css selector", "input[name], select[name]")
-        },
-    )
     screens.shot(browser, "vm-page")
     # another client's download, held open, holds the daemon's one work slot (files requests
     # and jobs share them): the backup waits QUEUED until it is let go, in front of the page
@@ -280,7 +307,8 @@ def test_backup_from_the_vm_page_shows_live_progress(browser, host, guest, token
     screens.shot(browser, "jobs")
 
 
-def test_restore_as_a_new_vm_through_the_wizard(browser, host, guest, screens) -> None:
+def test_restore_as_a_new_vm_through_the_wizard(as_operator, host, guest, screens) -> None:
+    browser = as_operator
     bid = state["backup"]
     browser.get(f"{host.url}/restore?backup={bid}&increment=99")  # no such point: pick again
     assert f"Backup {bid} has no point 99" in alerts(browser)
@@ -335,7 +363,8 @@ def test_restore_as_a_new_vm_through_the_wizard(browser, host, guest, screens) -
     assert "<interface" not in domain_xml(RESTORED)
 
 
-def test_download_a_file_of_the_point(browser, host, guest, screens, downloads) -> None:
+def test_download_a_file_of_the_point(as_operator, host, guest, screens, downloads) -> None:
+    browser = as_operator
     bid = state["backup"]
     browser.get(f"{host.url}/files?backup={bid}")
     one(browser, 'tr[data-file="/web"] a').click()
@@ -355,8 +384,9 @@ def test_download_a_file_of_the_point(browser, host, guest, screens, downloads) 
     assert "no such file" in alerts(browser)
 
 
-def test_a_form_without_its_csrf_token_is_refused(browser, host, guest) -> None:
-    url, fields = state["backup_form"]
+def test_a_form_without_its_csrf_token_is_refused(as_operator, host, guest) -> None:
+    browser = as_operator
+    url, fields = backup_form(browser, host)
     jobs_before = len(host.cli("jobs", "list", "--json").json())  # type: ignore[arg-type]
     without = {k: v for k, v in fields.items() if k != "csrf"}
     assert post_status(browser, url, without) == 403
@@ -364,7 +394,9 @@ def test_a_form_without_its_csrf_token_is_refused(browser, host, guest) -> None:
     assert len(host.cli("jobs", "list", "--json").json()) == jobs_before  # type: ignore[arg-type]
 
 
-def test_a_viewer_sees_no_buttons_and_gets_403(browser, host, guest, tokens, screens) -> None:
+def test_a_viewer_sees_no_buttons_and_gets_403(as_operator, host, guest, tokens, screens) -> None:
+    browser = as_operator
+    url, fields = backup_form(browser, host)  # the operator's form, that the viewer posts
     logout(browser)
     login(browser, host, tokens["viewer"])
     browser.get(f"{host.url}/vms")
@@ -376,7 +408,6 @@ def test_a_viewer_sees_no_buttons_and_gets_403(browser, host, guest, tokens, scr
     assert css(browser, 'form[data-action="backup"], button[data-action="backup"]') == []
     # the viewer's own valid CSRF token (its logout form has it), on the operator's form
     csrf = one(browser, 'form[action="/logout"] input[name="csrf"]').get_attribute("value")
-    url, fields = state["backup_form"]
     jobs_before = len(host.cli("jobs", "list", "--json").json())  # type: ignore[arg-type]
     assert post_status(browser, url, fields | {"csrf": csrf}) == 403
     assert len(host.cli("jobs", "list", "--json").json()) == jobs_before  # type: ignore[arg-type]
@@ -387,8 +418,8 @@ def test_a_viewer_sees_no_buttons_and_gets_403(browser, host, guest, tokens, scr
     logout(browser)
 
 
-def test_pages_at_phone_width(browser, host, guest, tokens, screens) -> None:
-    login(browser, host, tokens["operator"])
+def test_pages_at_phone_width(as_operator, host, guest, screens) -> None:
+    browser = as_operator
     browser.set_window_size(*PHONE)
     try:
         for page, name in (("/", "phone-overview"), ("/vms", "phone-vms"),
