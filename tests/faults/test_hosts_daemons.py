@@ -45,6 +45,11 @@ from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab, postgres
 
 LAB_DIR = Path(os.environ.get("VMKEEP_E2E_LAB_DIR", "/var/lib/vmkeep/lab"))
+# The tests share one two-daemon cluster catalog (its hosts, guests and job numbers) and run in
+# file order: not yet independent of each other (the only module of tests/e2e and tests/faults
+# whose tests are not shuffled).
+pytestmark = pytest.mark.random_order(disabled=True)
+
 PREFIX = os.environ.get("VMKEEP_FAULT_PREFIX", "vmkeep-fault-") + "hostsd-"
 CLUSTER = {  # fast heartbeats and sweeps: silent after 3 s, its VMs UNKNOWN 5 s later
     "VMKEEP_MONITOR_INTERVAL": "1",

@@ -175,3 +175,21 @@ def test_an_rsync_store_clears_the_folder_a_store_broken_with_the_host_left(
     inner.backup("vm-a/7", [staged])
     assert sorted(p.name for p in chain.iterdir()) == ["0.vda.qcow2", "1.vda.qcow2"]
     assert (chain / "1.vda.qcow2").read_bytes() == b"increment"
+
+
+def test_restic_whose_ssh_died_mid_transfer_is_unreachable() -> None:
+    """Seen when the SFTP server was killed in the middle of a backup: retried, exit 24."""
+    from vmkeep.datastores.ssh import classify
+    from vmkeep.errors import DatastoreUnreachable
+
+    err = classify(
+        "rs",
+        "store",
+        "Fatal: unable to save snapshot: ssh command exited: exit status 255\n"
+        "error in cleanup handler: ssh command exited: exit status 255",
+    )
+    assert isinstance(err, DatastoreUnreachable) and err.exit_code == 24
+    refused = classify(
+        "rs", "store", "Permission denied (publickey).\nssh command exited: exit status 255"
+    )
+    assert not isinstance(refused, DatastoreUnreachable)

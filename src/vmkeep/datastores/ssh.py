@@ -39,6 +39,9 @@ UNREACHABLE = (
     # restic when its ssh died before the sftp session started, without ssh's own line (seen
     # under load); a refused login or host key says so first and is classified above
     "unable to start the sftp session",
+    # restic when its ssh died in the middle of the session (the server gone mid-transfer):
+    # ssh's own exit status 255 (a refused login says so first and is classified above)
+    "ssh command exited: exit status 255",
 )
 
 
