@@ -7,15 +7,19 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -108,6 +112,34 @@ def vmkeep(clean_env: Path) -> object:
     return run
 
 
+def guests_up(lab: Lab, hv: Hypervisor, names: list[str]) -> None:
+    """Each of a module's shared lab guests running with its agent answering (an earlier test may
+    have stopped one or killed its agent) and without checkpoints an earlier test's catalog left
+    (their names would clash with a new catalog's first backups)."""
+    for name in names:
+        if hv.domain(name).state != "ACTIVE" or not hv.guest_ping(name, 2):
+            hv.destroy(name)
+            lab.start(name)
+        for cp in hv.checkpoints(name):
+            hv.delete_checkpoint(name, cp)
+
+
+def make_group(
+    vmkeep: Any, lab: Lab, hv: Hypervisor, names: list[str], store: Path, *config: str
+) -> str:
+    """Group 'app' of the lab guests ``names`` (their start order) in the test's fresh catalog,
+    each up (``guests_up``) and imported (then ``vm config NAME *config``), and datastore 'ds'
+    at ``store``."""
+    guests_up(lab, hv, names)
+    for name in names:
+        vmkeep("vm", "import", name)
+        if config:
+            vmkeep("vm", "config", name, *config)
+    vmkeep("datastore", "add", "ds", "--driver", "dir", "--path", str(store))
+    vmkeep("group", "create", "app", *names)
+    return "app"
+
+
 @contextmanager
 def running_daemon(
     *extra: str, log: Path | None = None
@@ -182,3 +214,65 @@ def postgres_url() -> Iterator[str]:
 
     with server() as url:
         yield url
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One POST a ``Webhook`` got: when, what it answered, the body and its signature header."""
+
+    at: float
+    status: int
+    body: bytes
+    signature: str
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class Webhook:
+    """A webhook receiver on loopback that records every POST; it answers 500 to the first
+    ``refuse_first`` requests, 200 after. Its URL carries a token (``?token=...``) vmkeep must
+    never print."""
+
+    def __init__(self, refuse_first: int = 0) -> None:
+        self.got: list[Delivery] = []
+        self.refuse_first = refuse_first
+        self.token = f"hook{secrets.token_hex(6)}"
+        lock = threading.Lock()
+        hook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with lock:
+                    status = 500 if len(hook.got) < hook.refuse_first else 200
+                    sig = self.headers.get("X-Vmkeep-Signature", "")
+                    hook.got.append(Delivery(time.time(), status, body, sig))
+                self.send_response(status)
+                self.end_headers()
+
+            def log_message(self, *_: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_port}/hook?token={self.token}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def delivered(self) -> list[Any]:
+        """The JSON bodies it answered 200."""
+        return [d.json() for d in self.got if d.status == 200]
+
+    def close(self) -> None:
+        """Stop listening (a later delivery is refused by the OS); idempotent."""
+        if self._thread.is_alive():
+            self.server.shutdown()
+            self._thread.join()
+        self.server.server_close()
+
+
+@pytest.fixture
+def webhook() -> Iterator[Webhook]:
+    hook = Webhook()
+    yield hook
+    hook.close()

@@ -12,8 +12,6 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +24,7 @@ from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
 from vmkeep.lab.lab import LabError, read_file_from_image
 
-from .conftest import PREFIX, running_daemon
+from .conftest import PREFIX, Webhook, running_daemon
 
 FINAL = {"DONE", "FAILED", "CANCELLED"}
 # the imported guest may also take the powered-off actions this module drives
@@ -200,43 +198,14 @@ def test_reads_and_quick_writes_match_the_cli(
         assert c.get("/v1/overview").status_code == 401  # no token, no read
 
 
-class Hook:
-    """A webhook receiver on loopback: every POSTed JSON body."""
-
-    def __init__(self) -> None:
-        self.got: list[dict[str, Any]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.got.append(json.loads(body))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    h = Hook()
-    yield h
-    h.server.shutdown()
-
-
 def test_backup_jobs_points_events_and_notifications(
-    vmkeep, lab: Lab, vm: str, ds: str, auth: dict[str, str], hook: Hook
+    vmkeep, lab: Lab, vm: str, ds: str, auth: dict[str, str], webhook: Webhook
 ) -> None:
     """POST|GET|PATCH|DELETE /v1/backupjobs[/{name}], POST /v1/backupjobs/{name}/run, GET
     /v1/events (the run's job as it goes), GET /v1/backups[/{backup}], POST|DELETE
     /v1/backups/{backup}/protect, PUT /v1/backups/{backup}/note, POST /v1/vms/{vm}/prune,
     GET /v1/notifications (each finished job delivered to the webhook)."""
-    write_config(notify=f'webhook_url = "{hook.url}"\n')
+    write_config(notify=f'webhook_url = "{webhook.url}"\n')
     vmkeep("vm", "config", vm, "--mode", "full")
     lab.write_random(vm, "/mnt/vda/api", 1)
     with running_daemon() as (_proc, c):
@@ -309,11 +278,11 @@ def test_backup_jobs_points_events_and_notifications(
         assert [b["id"] for b in vmkeep("backups", "list", "--json").json()] == [second], pruned
         assert c.get(f"/v1/backups/{first}", headers=auth).status_code == 404
 
-        _wait("the webhook deliveries", lambda: len(hook.got) >= 3, 120)
+        _wait("the webhook deliveries", lambda: len(webhook.delivered()) >= 3, 120)
         notes = c.get("/v1/notifications", headers=auth).json()
         sent = {(n["job"], n["target"], n["state"]) for n in notes}
         assert (job["id"], "webhook", "SENT") in sent, notes
-        assert job["id"] in [p["job"] for p in hook.got]
+        assert job["id"] in [p["job"] for p in webhook.delivered()]
         assert c.delete("/v1/backupjobs/nightly", headers=auth).status_code == 200
         assert c.get("/v1/backupjobs/nightly", headers=auth).status_code == 404
         assert vmkeep("backupjob", "list", "--json").json() == []

@@ -13,10 +13,7 @@ import os
 import stat
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +23,7 @@ from vmkeep.config import IMPORTED_VMS_ACTIONS
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
 
-from .conftest import PREFIX, running_daemon
+from .conftest import PREFIX, Webhook, running_daemon
 
 EVERY_ACTION = [*IMPORTED_VMS_ACTIONS, "disk-snapshot-create", "disk-snapshot-revert",
                 "disk-snapshot-delete"]  # fmt: skip
@@ -211,53 +208,24 @@ def test_completion_in_bash_offers_the_vm(vmkeep, vm: str, tmp_path: Path) -> No
     assert tab("vmkeep", "pool", "s") == ["set", "show"]
 
 
-class Hook:
-    """A webhook receiver on loopback: every POST's body and signature header."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[bytes, str]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                hook.got.append((body, self.headers.get("X-Vmkeep-Signature", "")))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook?token=tour123"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    h = Hook()
-    yield h
-    h.server.shutdown()
-
-
-def test_notify_test_reaches_a_webhook(vmkeep, hook: Hook) -> None:
+def test_notify_test_reaches_a_webhook(vmkeep, webhook: Webhook) -> None:
     """vmkeep notify test: one signed POST at the configured webhook; the URL's token is never
     printed; a target that refuses makes it exit 30."""
     config = Path(os.environ["VMKEEP_CONFIG"])
     config.write_text(
-        f'version = 1\n[notify]\nwebhook_url = "{hook.url}"\nwebhook_secret = "tour-secret"\n'
+        f'version = 1\n[notify]\nwebhook_url = "{webhook.url}"\nwebhook_secret = "tour-secret"\n'
     )
     res = vmkeep("notify", "test", "--json")
-    assert "tour123" not in res.out + res.err
+    assert webhook.token not in res.out + res.err
     assert [t["ok"] for t in res.json()["targets"]] == [True], res.out
-    assert len(hook.got) == 1
-    body, sig = hook.got[0]
-    assert json.loads(body)["event"] == "notify.test"
-    assert sig == "sha256=" + hmac.new(b"tour-secret", body, hashlib.sha256).hexdigest()
-    hook.server.shutdown()
-    hook.server.server_close()
+    assert len(webhook.got) == 1
+    got = webhook.got[0]
+    assert got.json()["event"] == "notify.test"
+    want = hmac.new(b"tour-secret", got.body, hashlib.sha256).hexdigest()
+    assert got.signature == f"sha256={want}"
+    webhook.close()
     failed = vmkeep("notify", "test", check=30)
-    assert "webhook" in failed.err and "tour123" not in failed.err, failed.err
+    assert "webhook" in failed.err and webhook.token not in failed.err, failed.err
 
 
 def test_audit_list_shows_api_requests(vmkeep, vm: str) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from vmkeep.engine.restore import drill
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
 
@@ -53,30 +54,11 @@ def drill_domains(hv: Hypervisor, vm: str) -> list[str]:
     return [d.name for d in hv.list_domains() if d.name.startswith(f"{vm}-drill-")]
 
 
-def qsd_pids(under: Path) -> list[int]:
-    """qemu-storage-daemon processes whose command line names a file under ``under``."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            argv = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if (
-            argv
-            and argv[0].endswith(b"qemu-storage-daemon")
-            and str(under).encode() in b" ".join(argv)
-        ):
-            found.append(int(proc.name))
-    return found
-
-
 def assert_nothing_left(hv: Hypervisor, vm: str, data: Path) -> None:
     assert drill_domains(hv, vm) == []
     drills = data / "drills"
     assert not drills.exists() or not any(drills.iterdir()), list(drills.iterdir())
-    assert qsd_pids(data) == []
+    assert drill.exports_under(data) == []
     loops = subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(drills) not in loops, loops
     assert str(drills) not in Path("/proc/mounts").read_text()
@@ -173,7 +155,9 @@ def test_a_killed_drill_is_cleaned_up_by_the_next_drill_of_the_point(
     """``vmkeep drill ID`` SIGKILLed while its VM boots, then while its file systems are checked:
     its marked drill VM, overlays and exports stay behind, and the next drill of that point
     removes them (README: "a leftover of a killed drill is recognised by its description and
-    removed by the next drill of that point") and PASSes; the killed drill's job is FAILED."""
+    removed by the next drill of that point") and PASSes; the killed drill's job is FAILED.
+    A second drill of the point while one runs is refused (exit 8), leaving the running one's VM
+    alone."""
     data = qemu_reachable_data_dir
     name = f"{vm}-drill-{point}-0"
     work = data / "drills" / name
@@ -181,7 +165,15 @@ def test_a_killed_drill_is_cleaned_up_by_the_next_drill_of_the_point(
     def booting() -> bool:
         return name in drill_domains(hv, vm) and hv.domain(name).state == "ACTIVE"
 
-    kill_when(["drill", str(point), "--timeout", "600"], booting, "the drill VM running")
+    def booting_alone() -> bool:
+        if not booting():
+            return False
+        second = vmkeep("drill", str(point), check=8)
+        assert f"backup {point} point 0 is busy: drill by pid" in second.err, second.err
+        assert booting(), "the refused drill touched the running one's VM"
+        return True
+
+    kill_when(["drill", str(point), "--timeout", "600"], booting_alone, "the drill VM running")
     assert "vmkeep restore drill" in hv.domain_xml(name)  # marked as a drill's
     assert (work / "vda.qcow2").exists()
 
@@ -194,7 +186,7 @@ def test_a_killed_drill_is_cleaned_up_by_the_next_drill_of_the_point(
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert drill_domains(hv, vm) == []
-    assert qsd_pids(work), "the killed drill's export is not left"
+    assert drill.exports_under(work), "the killed drill's export is not left"
     assert str(work) in subprocess.run(["losetup", "-a"], capture_output=True, text=True).stdout
     assert str(work) in Path("/proc/mounts").read_text()
 
@@ -202,8 +194,9 @@ def test_a_killed_drill_is_cleaned_up_by_the_next_drill_of_the_point(
     assert out["result"] == "PASS", out
     assert_nothing_left(hv, vm, data)
     jobs = [j for j in vmkeep("jobs", "list", "--json").json() if j["kind"] == "drill"]
-    states = [(j["state"], "died" in (j["error"] or {}).get("message", "")) for j in jobs]
-    assert states == [("DONE", False), ("FAILED", True), ("FAILED", True)], jobs
+    states = [(j["state"], (j["error"] or {}).get("code")) for j in jobs]
+    assert states == [("DONE", None), ("FAILED", "ProcessDied"), ("FAILED", "Locked"),
+                      ("FAILED", "ProcessDied")], jobs  # fmt: skip
 
 
 def test_the_drill_route_through_a_daemon_answers_as_the_cli(

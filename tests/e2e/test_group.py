@@ -29,7 +29,7 @@ from vmkeep.hypervisor.native import LibvirtHypervisor
 from vmkeep.lab import Lab
 from vmkeep.lab.lab import read_file_from_image
 
-from .conftest import PREFIX, running_daemon
+from .conftest import PREFIX, make_group, running_daemon
 
 MEMBERS = [f"{PREFIX}g{i}" for i in (1, 2, 3)]
 
@@ -47,17 +47,7 @@ def trio(lab: Lab) -> Iterator[list[str]]:
 def group(vmkeep, trio: list[str], tmp_path: Path, lab: Lab, hv: Hypervisor) -> str:
     """Group 'app' of the three VMs (fresh catalog), each running with its agent answering (a
     test may have killed one's agent) and with no checkpoint an earlier test's catalog left."""
-    for name in trio:
-        if hv.domain(name).state != "ACTIVE" or not hv.guest_ping(name, 2):
-            hv.destroy(name)
-            lab.start(name)
-        for cp in hv.checkpoints(name):
-            hv.delete_checkpoint(name, cp)
-        vmkeep("vm", "import", name)
-        vmkeep("vm", "config", name, "--mode", "increment")
-    vmkeep("datastore", "add", "ds", "--driver", "dir", "--path", str(tmp_path / "ds"))
-    vmkeep("group", "create", "app", *trio)
-    return "app"
+    return make_group(vmkeep, lab, hv, trio, tmp_path / "ds", "--mode", "increment")
 
 
 class TxWriter(threading.Thread):

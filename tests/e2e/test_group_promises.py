@@ -20,7 +20,7 @@ import pytest
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
 
-from .conftest import PREFIX
+from .conftest import PREFIX, guests_up, make_group
 
 MEMBERS = [f"{PREFIX}gp1", f"{PREFIX}gp2"]
 HOOK = "/run/vmkeep-freeze-hook"  # qemu-ga's fsfreeze hook in the guest (tmpfs: gone at boot)
@@ -41,19 +41,7 @@ def pair(lab: Lab) -> Iterator[list[str]]:
 def group(vmkeep, pair: list[str], tmp_path: Path, lab: Lab, hv: Hypervisor) -> str:
     """Group 'app' of the two guests (start order gp1, gp2) in a fresh catalog, each running
     with its agent answering, and datastore 'ds'."""
-    up(lab, hv, pair)
-    for name in pair:
-        vmkeep("vm", "import", name)
-    vmkeep("datastore", "add", "ds", "--driver", "dir", "--path", str(tmp_path / "ds"))
-    vmkeep("group", "create", "app", *pair)
-    return "app"
-
-
-def up(lab: Lab, hv: Hypervisor, names: list[str]) -> None:
-    for name in names:
-        if hv.domain(name).state != "ACTIVE" or not hv.guest_ping(name, 2):
-            hv.destroy(name)
-            lab.start(name)
+    return make_group(vmkeep, lab, hv, pair, tmp_path / "ds")
 
 
 def wait_for(cond, what: str, timeout: float = 120) -> None:  # type: ignore[no-untyped-def]
@@ -68,7 +56,7 @@ def test_vm_import_all_imports_every_lab_domain_once(
 ) -> None:
     """`vmkeep vm import --all`: every domain of the host lands in the catalog; a second run
     reports the ones already there (same ids) and adds none."""
-    up(lab, hv, pair)
+    guests_up(lab, hv, pair)
     vmkeep("vm", "import", pair[0])  # one is already imported before --all
     before = vmkeep("vm", "list", "--json").json()
     assert [v["name"] for v in before] == [pair[0]]

@@ -10,12 +10,8 @@ merges and restores are real."""
 from __future__ import annotations
 
 import hashlib
-import json
-import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -26,6 +22,8 @@ from vmkeep.engine.core.context import Context
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab
 from vmkeep.lab.lab import read_file_from_image
+
+from .conftest import Webhook
 
 FILE = "/mnt/vda/point"
 
@@ -46,30 +44,9 @@ def _restored_digest(vmkeep, backup: int, seq: int, tmp: Path) -> str:
     return digest
 
 
-class _Hook:
-    """A webhook receiver on loopback: what vmkeep reports."""
-
-    def __init__(self) -> None:
-        self.got: list[dict[str, Any]] = []
-        got = self.got
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
-                self.send_response(200)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-
 def test_calendar_prune_across_chains_then_verify_and_drill_jobs(
     vmkeep, lab: Lab, hv: Hypervisor, agent_vm: str, qemu_reachable_data_dir: Path, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, webhook: Webhook,
 ) -> None:  # fmt: skip
     vm = agent_vm
     for cp in hv.checkpoints(vm):
@@ -151,16 +128,15 @@ def test_calendar_prune_across_chains_then_verify_and_drill_jobs(
     data[len(data) // 2] ^= 0x01
     stored.write_bytes(bytes(data))
     vmkeep("backupjob", "edit", "v", "--reverify-after", "0")
-    hook = _Hook()  # the failed verify is reported
-    monkeypatch.setenv("VMKEEP_NOTIFY_WEBHOOK_URL", hook.url)
+    # the failed verify is reported
+    monkeypatch.setenv("VMKEEP_NOTIFY_WEBHOOK_URL", webhook.url)
     monkeypatch.setenv("VMKEEP_NOTIFY_ON", "failure")
     run = vmkeep("backupjob", "run", "v", "--json", check=17).json()
     states = {j["target"]: (j["state"], j["exit_code"]) for j in run["jobs"]}
     assert states == {str(a): ("DONE", 0), str(b): ("FAILED", 17)}, run
-    assert [(n["event"], n["status"], n["kind"], n["target"]) for n in hook.got] == [
+    assert [(n["event"], n["status"], n["kind"], n["target"]) for n in webhook.delivered()] == [
         ("job.finished", "failed", "verify", str(b))
-    ], hook.got
-    hook.server.shutdown()
+    ], webhook.got
     monkeypatch.delenv("VMKEEP_NOTIFY_WEBHOOK_URL")
     shown = vmkeep("backups", "show", str(b), "--json").json()["increments"]
     assert [(i["id"], i["status"], i["verify_result"]) for i in shown] == [

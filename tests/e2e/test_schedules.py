@@ -10,11 +10,9 @@ import hashlib
 import hmac
 import json
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,43 +20,9 @@ import pytest
 
 from vmkeep.hypervisor import Hypervisor
 
-from .conftest import running_daemon
+from .conftest import Webhook, running_daemon
 
 SECRET = "s3cret-webhook-key"
-
-
-class Hook:
-    """A webhook receiver on loopback: answers 500 to the first request, 200 after."""
-
-    def __init__(self) -> None:
-        self.got: list[tuple[float, int, dict[str, Any], str, bytes]] = []
-        hook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                status = 500 if not hook.got else 200
-                hook.got.append((time.time(), status, json.loads(body),
-                                 self.headers.get("X-Vmkeep-Signature", ""), body))  # fmt: skip
-                self.send_response(status)
-                self.end_headers()
-
-            def log_message(self, *_: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_port}/hook?token=abc123"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def delivered(self) -> list[dict[str, Any]]:
-        return [p for _, status, p, _, _ in self.got if status == 200]
-
-
-@pytest.fixture
-def hook() -> Iterator[Hook]:
-    h = Hook()
-    yield h
-    h.server.shutdown()
 
 
 @pytest.fixture
@@ -90,7 +54,7 @@ def _most_at_once(rows: list[dict[str, Any]]) -> int:
 
 def test_a_pool_policy_backs_up_every_vm_every_night_and_posts_to_a_webhook(
     vmkeep, hv: Hypervisor, agent_vm: str, noagent_vm: str, qemu_reachable_data_dir: Path,
-    tiny_store: Path, hook: Hook, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    tiny_store: Path, webhook: Webhook, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:  # fmt: skip
     vms = sorted([agent_vm, noagent_vm])
     for vm in vms:
@@ -113,7 +77,8 @@ def test_a_pool_policy_backs_up_every_vm_every_night_and_posts_to_a_webhook(
     assert shown["backup_config_sources"]["fs_freeze"] == "pool prod"
 
     monkeypatch.setenv("VMKEEP_LIMITS_MAX_BACKUPS", "1")
-    monkeypatch.setenv("VMKEEP_NOTIFY_WEBHOOK_URL", hook.url)
+    webhook.refuse_first = 1  # refused once, delivered again later
+    monkeypatch.setenv("VMKEEP_NOTIFY_WEBHOOK_URL", webhook.url)
     monkeypatch.setenv("VMKEEP_NOTIFY_WEBHOOK_SECRET", SECRET)
     monkeypatch.setenv("VMKEEP_NOTIFY_RETRY_AFTER", "1")
     # tomorrow 01:59:30 on a clock that runs an hour a second: 02:00 comes at once, the next
@@ -139,7 +104,7 @@ def test_a_pool_policy_backs_up_every_vm_every_night_and_posts_to_a_webhook(
         _wait("two nights of backups", two_nights)
         jobs = vmkeep("jobs", "list", "--json").json()
         _wait("every finished job at the webhook",
-              lambda: len(hook.delivered()) >= len([j for j in jobs if j["state"] in ("DONE", "FAILED")]))  # fmt: skip
+              lambda: len(webhook.delivered()) >= len([j for j in jobs if j["state"] in ("DONE", "FAILED")]))  # fmt: skip
         notes = vmkeep("notify", "list", "--json").json()
 
     nightly = vmkeep("backupjob", "show", "nightly", "--json").json()
@@ -161,24 +126,23 @@ def test_a_pool_policy_backs_up_every_vm_every_night_and_posts_to_a_webhook(
     assert "max_backups: 1 of 1 backups running" in waits, waits
 
     # the webhook: each finished job once, signed; the refused first delivery came again
-    delivered = hook.delivered()
-    for _, status, _, sig, body in hook.got:
-        want = "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()
-        assert hmac.compare_digest(sig, want), (status, sig)
+    delivered = webhook.delivered()
+    for d in webhook.got:
+        want = "sha256=" + hmac.new(SECRET.encode(), d.body, hashlib.sha256).hexdigest()
+        assert hmac.compare_digest(d.signature, want), (d.status, d.signature)
     by = {(p["backupjob"], p["vm"], p["status"]) for p in delivered}
     assert ("nightly", agent_vm, "ok") in by
     assert ("nightly", noagent_vm, "warnings") in by  # no agent answers: crash-consistent
     assert {("nightly-tiny", vm, "failed") for vm in vms} <= by
     failed = [p for p in delivered if p["status"] == "failed"]
     assert all("space" in p["error"]["message"].lower() for p in failed), failed
-    refused = hook.got[0][2]
+    assert webhook.got[0].status == 500
+    refused = webhook.got[0].json()
     assert sum(1 for p in delivered if p["job"] == refused["job"]) == 1  # delivered once, later
     retried = next(n for n in notes if n["job"] == refused["job"] and n["target"] == "webhook")
     assert (retried["state"], retried["attempts"]) == ("SENT", 2)
     # the refused delivery delayed no backup: the next job started before it came again
-    again = next(
-        t for t, status, p, _, _ in hook.got if status == 200 and p["job"] == refused["job"]
-    )
+    again = next(d.at for d in webhook.got if d.status == 200 and d.json()["job"] == refused["job"])
     ended = next(
         datetime.fromisoformat(j["finished"]).timestamp() for j in jobs if j["id"] == refused["job"]
     )
@@ -186,7 +150,7 @@ def test_a_pool_policy_backs_up_every_vm_every_night_and_posts_to_a_webhook(
               if datetime.fromisoformat(j["started"]).timestamp() >= ended)  # fmt: skip
     assert nxt < again, (ended, nxt, again)
     text = log.read_text()
-    assert SECRET not in text and "abc123" not in text  # no secret in the daemon's log
+    assert SECRET not in text and webhook.token not in text  # no secret in the daemon's log
 
     # the daemon was down for three nights: back up, it runs the job once, for the newest slot
     vmkeep("backupjob", "enable", "nightly")

@@ -296,7 +296,7 @@ def guest(hv: Hypervisor, request: pytest.FixtureRequest) -> Iterator[Guest]:
     lab.down()
 
 
-def _fresh_guest(g: Guest) -> None:
+def fresh_guest(g: Guest) -> None:
     """What an earlier test may have left on the shared guest, undone before the next one: libvirtd
     reachable, the VM running, not paused, thawed, and none of vmkeep's checkpoints (their names,
     ``vmkeep-<backup>-<n>``, would clash with the new catalog's first backups)."""
@@ -330,7 +330,7 @@ def _fresh_guest(g: Guest) -> None:
 def harness(guest: Guest) -> Iterator[Harness]:
     """Each test's own catalog, datastore, settings and files, over the module's guest: a test
     needs no earlier one, and leaves nothing to the next."""
-    _fresh_guest(guest)
+    fresh_guest(guest)
     root = LAB_DIR.parent / "fault-data" / uuid.uuid4().hex[:8]
     data, ds, work = root / "data", root / "ds", root / "work"
     for d in (data, ds, work):

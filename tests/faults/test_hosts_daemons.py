@@ -1,6 +1,7 @@
 """One catalog, a daemon per host: two real daemons, ``--host h1`` and ``--host h2``, each with
-its own data dir, on one real PostgreSQL catalog (``vmkeep.lab.postgres``), with a real lab
-guest on each host.
+its own data dir, on one real PostgreSQL catalog (``vmkeep.lab.postgres``: one server for the
+module, a new database for each test), with a real lab guest on each host (shared by the module's
+tests, reset and imported again for each: the tests stand alone, in any order).
 
 Both hosts' daemons drive this machine's libvirtd (the lab's host 1, ``qemu:///system``): the
 two hosts are told apart by the catalog (each guest's ``vms.host``, each job's ``runs_on``), which
@@ -44,11 +45,9 @@ from vmkeep.engine.hosts import records
 from vmkeep.hypervisor import Hypervisor
 from vmkeep.lab import Lab, postgres
 
+from .conftest import Guest, fresh_guest
+
 LAB_DIR = Path(os.environ.get("VMKEEP_E2E_LAB_DIR", "/var/lib/vmkeep/lab"))
-# The tests share one two-daemon cluster catalog (its hosts, guests and job numbers) and run in
-# file order: not yet independent of each other (the only module of tests/e2e and tests/faults
-# whose tests are not shuffled).
-pytestmark = pytest.mark.random_order(disabled=True)
 
 PREFIX = os.environ.get("VMKEEP_FAULT_PREFIX", "vmkeep-fault-") + "hostsd-"
 CLUSTER = {  # fast heartbeats and sweeps: silent after 3 s, its VMs UNKNOWN 5 s later
@@ -188,38 +187,60 @@ def hv() -> Hypervisor:
 
 
 @pytest.fixture(scope="module")
-def cluster(hv: Hypervisor) -> Iterator[Cluster]:
+def pg() -> Iterator[postgres.Postgres]:
+    """One PostgreSQL server for the module; each test has a database of its own on it."""
+    server = postgres.start()
+    try:
+        yield server
+    finally:
+        postgres.stop(server)
+
+
+@pytest.fixture(scope="module")
+def guests(hv: Hypervisor) -> Iterator[dict[str, Guest]]:
+    """A lab guest for host h1 and one for h2 (both on this machine's libvirtd), shared by the
+    module's tests (booting is the slow part); each test imports them into its own catalog."""
     lab = Lab(hv, LAB_DIR, prefix=PREFIX)
     lab.down()
+    try:
+        yield {h: Guest(hv, lab, lab.create(f"{PREFIX}{h}", [64 << 20])) for h in ("h1", "h2")}
+    finally:
+        lab.down()
+
+
+@pytest.fixture
+def cluster(pg: postgres.Postgres, guests: dict[str, Guest]) -> Iterator[Cluster]:
+    """Each test's own catalog (a new database on the module's server) with hosts h1 and h2,
+    an admin token, a ``dir`` datastore and the two guests imported by a process of their host;
+    the guests as a fresh test finds them (running, thawed, none of vmkeep's checkpoints)."""
     root = LAB_DIR.parent / "fault-data" / uuid.uuid4().hex[:8]
     (root / "ds").mkdir(parents=True)
     root.chmod(0o755)
     (root / "config.toml").write_text("version = 1\n")
-    with postgres.server() as url:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VMKEEP_")}
-        env |= CLUSTER | {
-            "VMKEEP_CATALOG_URL": url,
-            "VMKEEP_CONFIG": str(root / "config.toml"),
-            "VMKEEP_DATA_DIR": str(root / "data"),
-            "VMKEEP_AGENT_TIMEOUT": "5",
-            "HOME": str(root),
-        }
-        ctx = Context(load_config(environ=env))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VMKEEP_")}
+    env |= CLUSTER | {
+        "VMKEEP_CATALOG_URL": postgres.create_database(pg, f"t{root.name}"),
+        "VMKEEP_CONFIG": str(root / "config.toml"),
+        "VMKEEP_DATA_DIR": str(root / "data"),
+        "VMKEEP_AGENT_TIMEOUT": "5",
+        "HOME": str(root),
+    }
+    ctx = Context(load_config(environ=env))
+    try:
         for host in ("h1", "h2"):
             records.add(ctx, host, "qemu:///system")
         c = Cluster(root, env, ctx, {})
         c.token = c.run("token", "create", "ops", "--role", "admin")["token"]
         c.run("datastore", "add", "ds", "--driver", "dir", "--path", str(root / "ds"))
-        try:
-            for host in ("h1", "h2"):
-                guest = lab.create(f"{PREFIX}{host}", [64 << 20])
-                # imported by a process of that host: the VM lives there
-                c.run("vm", "import", guest, extra={"VMKEEP_CLUSTER_HOST": host})
-                c.guests[host] = guest
-            yield c
-        finally:
-            lab.down()
-            shutil.rmtree(root, ignore_errors=True)
+        for host, g in guests.items():
+            fresh_guest(g)
+            # imported by a process of that host: the VM lives there
+            c.run("vm", "import", g.vm, extra={"VMKEEP_CLUSTER_HOST": host})
+            c.guests[host] = g.vm
+        yield c
+    finally:
+        ctx.catalog.engine.dispose()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_each_daemon_runs_only_its_own_host_s_jobs(cluster: Cluster) -> None:
@@ -271,7 +292,7 @@ def killed_mid_backup(
     g1, g2 = c.guests["h1"], c.guests[host]
     with c.daemon("h1") as d1:
         with c.daemon(host, {"VMKEEP_FAILPOINTS": "copy=sleep:120"}, python) as d2:
-            # silent since the last test: UNKNOWN until its daemon has polled it at its start
+            # the guest as its daemon polled it at its start
             wait_for(lambda: c.vm(g2).lcm_state == "RUNNING", "the guest polled", proc=d2)
             dead = queue(d1, g2, "backup", {"datastore": "ds"})
             wait_for(lambda: "fail point copy" in d2.text(), "the backup copying", proc=d2)
@@ -314,7 +335,7 @@ def killed_mid_backup(
 
 def test_a_job_for_a_silent_daemon_fails_after_queued_timeout(cluster: Cluster) -> None:
     c = cluster
-    with c.daemon("h2"):  # h2's daemon signs on, then off, whatever test ran before this one
+    with c.daemon("h2"):  # h2's daemon signs on, then off
         wait_for(lambda: records.show(c.ctx, "h2")["daemon"] == "alive", "h2 alive", 30)
     with c.daemon("h1", {"VMKEEP_CLUSTER_QUEUED_TIMEOUT": "4"}) as d1:
         gone = ("silent", "stopped")  # stopped: it signed off when it was stopped
@@ -353,29 +374,37 @@ def test_a_host_its_daemon_cannot_reach_is_error_and_its_vms_unknown(cluster: Cl
 
 
 @pytest.fixture(scope="module")
-def lab_host2(cluster: Cluster) -> Iterator[Lab]:
+def host2_guest() -> Iterator[tuple[Guest, str]]:
     """Lab host 2 (``vmkeep.lab.hosts``: its own libvirtd in its own namespaces) with a guest of
-    its own, and its row ``lab2`` in the catalog; the hosts are taken down afterwards unless
-    another test module still holds a lease on them (``hosts.lease``)."""
+    its own, and the host's URI; the hosts are taken down afterwards unless another test module
+    still holds a lease on them (``hosts.lease``)."""
     from vmkeep.hypervisor import connect
     from vmkeep.lab import hosts
 
     with hosts.lease(2) as up:
         host = up[1]
-        lab = Lab(connect(host.uri), LAB_DIR, prefix=f"{PREFIX}lab2-")
+        hv2 = connect(host.uri)
+        lab = Lab(hv2, LAB_DIR, prefix=f"{PREFIX}lab2-")
         try:
             lab.down()
-            guest = lab.create(f"{PREFIX}lab2-vm", [64 << 20])
-            records.add(cluster.ctx, "lab2", host.uri)
-            cluster.run("vm", "import", guest, extra={"VMKEEP_CLUSTER_HOST": "lab2"})
-            cluster.guests["lab2"] = guest
-            yield lab
+            yield Guest(hv2, lab, lab.create(f"{PREFIX}lab2-vm", [64 << 20])), host.uri
         finally:
             lab.down()
 
 
+@pytest.fixture
+def lab_host2(cluster: Cluster, host2_guest: tuple[Guest, str]) -> Guest:
+    """Lab host 2 as host ``lab2`` of this test's catalog, its guest imported there."""
+    g, uri = host2_guest
+    fresh_guest(g)
+    records.add(cluster.ctx, "lab2", uri)
+    cluster.run("vm", "import", g.vm, extra={"VMKEEP_CLUSTER_HOST": "lab2"})
+    cluster.guests["lab2"] = g.vm
+    return g
+
+
 def test_a_backup_on_lab_host_2_by_the_daemon_inside_it(
-    cluster: Cluster, lab_host2: Lab, hv: Hypervisor
+    cluster: Cluster, lab_host2: Guest, hv: Hypervisor
 ) -> None:
     """h2's daemon runs inside lab host 2's namespaces (``vmkeep lab hosts exec 2``) on the
     same catalog; a backup of its guest queued through h1's daemon runs there."""
@@ -402,7 +431,7 @@ def test_a_backup_on_lab_host_2_by_the_daemon_inside_it(
         assert (h["monitor"]["vms"], h["monitor"]["running"]) == (1, 1), h
 
 
-def test_lab_host_2_s_daemon_killed_mid_backup_recovers(cluster: Cluster, lab_host2: Lab) -> None:
+def test_lab_host_2_s_daemon_killed_mid_backup_recovers(cluster: Cluster, lab_host2: Guest) -> None:
     """The same, with h2's daemon (and the guard process it starts) inside lab host 2."""
     from vmkeep.lab import hosts
 

@@ -34,7 +34,7 @@ def test_clear_work_stops_a_killed_drills_export_and_loop_device(tmp_path: Path)
     try:
         assert str(export) in Path("/proc/mounts").read_text()
         assert drill._loops_under(work) == [loop]
-        assert drill._exports_under(work) == [pid]  # never another process
+        assert drill.exports_under(work) == [pid]  # never another process
         assert drill._mounts_under(work) == [str(export)]
         # what the drill did before: the folder survives (a mount in it), the next mkdir fails
         subprocess.run(["rm", "-rf", str(work)], capture_output=True)

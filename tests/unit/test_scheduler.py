@@ -499,6 +499,34 @@ def test_a_killed_commands_running_row_holds_no_backup_slot(tmp_path: Path) -> N
     assert [(j["target"], j["error"]["code"]) for j in dead] == [("a", "ProcessDied")]
 
 
+def test_the_next_command_ends_a_killed_command_s_job(tmp_path: Path) -> None:
+    """Without a daemon, nothing else would: every in-process action first marks this host's
+    jobs of dead processes FAILED; a live process's job (this one's, another's) is left alone."""
+    import os
+    import socket
+    import subprocess
+
+    ctx = _ctx(tmp_path)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    alive = subprocess.Popen(["sleep", "60"])
+    try:
+        with ctx.catalog.session() as s:
+            for target, pid in (("dead", gone.pid), ("live", alive.pid), ("mine", os.getpid())):
+                s.add(Job(kind="drill", target=target, params={}, origin="cli", who="t",
+                          state="RUNNING", host=socket.gethostname(), pid=pid))  # fmt: skip
+        with jobs.recorded(ctx, "verify", "next", {}) as progress:
+            progress.result = {"ok": True}
+    finally:
+        alive.kill()
+        alive.wait()
+    (dead,) = jobs.list_jobs(ctx, "FAILED")
+    assert (dead["target"], dead["error"]["code"]) == ("dead", "ProcessDied"), dead
+    assert f"(pid {gone.pid}) died" in dead["error"]["message"]
+    assert sorted(j["target"] for j in jobs.list_jobs(ctx, "RUNNING")) == ["live", "mine"]
+    assert [j["target"] for j in jobs.list_jobs(ctx, "DONE")] == ["next"]
+
+
 def test_a_slot_due_between_two_looks_is_on_time_however_long_a_look_takes(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path)
     _vms(ctx, tmp_path, 1)

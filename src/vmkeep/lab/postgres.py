@@ -43,7 +43,11 @@ class Postgres:
     @property
     def url(self) -> str:
         """The catalog URL over the unix socket."""
-        return f"postgresql+psycopg://{PG_USER}@/{DATABASE}?host={self.root}&port={self.port}"
+        return self.database_url(DATABASE)
+
+    def database_url(self, name: str) -> str:
+        """The URL of database ``name`` of this server, over the unix socket."""
+        return f"postgresql+psycopg://{PG_USER}@/{name}?host={self.root}&port={self.port}"
 
     @property
     def tcp_url(self) -> str | None:
@@ -102,11 +106,18 @@ def start(listen: str | None = None, parent: Path | None = None) -> Postgres:
             raise LabError(f"PostgreSQL did not start; its log ends:\n{tail}") from None
         raise
     try:
-        _as_pg(str(PG_BIN / "createdb"), "-h", str(root), "-p", str(port), DATABASE)
+        create_database(pg, DATABASE)
     except BaseException:
         stop(pg)
         raise
     return pg
+
+
+def create_database(pg: Postgres, name: str) -> str:
+    """A new empty database on a running server (a catalog of its own for each test of a module
+    that shares one server); its URL."""
+    _as_pg(str(PG_BIN / "createdb"), "-h", str(pg.root), "-p", str(pg.port), name)
+    return pg.database_url(name)
 
 
 def stop(pg: Postgres) -> None:

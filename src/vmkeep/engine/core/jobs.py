@@ -476,7 +476,10 @@ def recorded(
     ctx: Context, kind: str, target: str, params: dict[str, Any], origin: str = "cli"
 ) -> Iterator[_Progress]:
     """An in-process action (the CLI) recorded as a job; yields its progress callback, whose
-    ``result`` the caller sets. Cancelling the job (``jobs cancel``) stops the action."""
+    ``result`` the caller sets. Cancelling the job (``jobs cancel``) stops the action. First,
+    this host's jobs left RUNNING by dead processes (a killed command) are marked FAILED: a
+    machine without a daemon gets them ended by its next command."""
+    recover(ctx)
     with ctx.catalog.session() as s:  # one transaction: created RUNNING, by this process
         here = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": datetime.now(UTC)}
         job_id = _add(
@@ -496,8 +499,9 @@ def recorded(
 
 
 def recover(ctx: Context) -> list[int]:
-    """Mark this host's RUNNING jobs whose process is gone FAILED (daemon restarted, CLI killed).
-    A claim does the same for the rows it counts against the limits."""
+    """Mark this host's RUNNING jobs whose process is gone FAILED (daemon restarted, CLI killed):
+    run by a daemon as it starts and by every in-process action (``recorded``); a claim does the
+    same for the rows it counts against the limits."""
     host = socket.gethostname()
     failed = []
     with ctx.catalog.session() as s:

@@ -31,11 +31,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from vmkeep.catalog.locks import pid_alive
+from vmkeep.catalog.locks import lock, pid_alive
 from vmkeep.catalog.tables import Drill
 from vmkeep.checksums import expected_digests, row_digest
 from vmkeep.datastores import DatastoreDriver
-from vmkeep.engine.core import jobs
 from vmkeep.engine.core.chains import disk_file, find_backup, point
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.core.stores import driver_of
@@ -192,7 +191,7 @@ def _loops_under(work: Path) -> list[str]:
     ]
 
 
-def _exports_under(work: Path) -> list[int]:
+def exports_under(work: Path) -> list[int]:
     """The qemu-storage-daemon processes serving a file of ``work``."""
     found = []
     for proc in Path("/proc").iterdir():
@@ -228,7 +227,7 @@ def clear_work(work: Path) -> None:
         return
     for dev in _loops_under(work):
         subprocess.run(["losetup", "-d", dev], capture_output=True)
-    exports = _exports_under(work)
+    exports = exports_under(work)
     for pid in exports:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)  # it flushes and unmounts its export
@@ -359,13 +358,23 @@ def run_drill(
     probe: str | None = None,
     boot_timeout: float = BOOT_TIMEOUT,
 ) -> tuple[dict[str, Any], Warnings]:
+    """Boot the point in an isolated VM, check it (``probe``: a command in the guest), remove the
+    VM; the verdict is recorded on the point. One drill of a point at a time: a second one is
+    refused (``Locked``) instead of removing the first one's VM as a leftover."""
     pf = point_files(ctx, backup_id, increment)
-    seq, inc_id = pf.seq, pf.increment_id
+    label = f"backup {backup_id} point {pf.seq}"
+    with lock(ctx.catalog, f"drill:{backup_id}-{pf.seq}", "drill", label=label):
+        return _drill(ctx, pf, probe, boot_timeout)
+
+
+def _drill(
+    ctx: Context, pf: PointFiles, probe: str | None, boot_timeout: float
+) -> tuple[dict[str, Any], Warnings]:
+    backup_id, seq, inc_id = pf.backup_id, pf.seq, pf.increment_id
     name = drill_name(pf.vm_name, backup_id, seq)
     work = ctx.config.data_dir / "drills" / name
     _clear_leftover(ctx, name)
     clear_work(work)  # a killed drill's files, exports and loop devices
-    jobs.recover(ctx)  # and its job, RUNNING in a dead process: FAILED
     work.mkdir(parents=True)
     started = datetime.now(UTC)
     checks: list[Check] = []
