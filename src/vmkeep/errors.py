@@ -159,7 +159,7 @@ class AlreadyExists(VmkeepError):
 
 
 class Locked(VmkeepError):
-    """{} is busy: {} by pid {} on {} since {}. Wait for it to finish (a backup can be stopped with 'vmkeep backup cancel VM')."""
+    """{} is busy: {} by pid {} on {} since {}. Wait for it to finish, or cancel it ('vmkeep jobs cancel ID'; a backup: 'vmkeep backup cancel VM')."""
 
     exit_code = 8
     http_status = 409
