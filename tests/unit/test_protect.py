@@ -663,6 +663,47 @@ def test_an_interrupted_merge_leaves_the_store_as_the_catalog_says_and_a_rerun_r
     assert [(i["id"], i["files"][0].get("full", False)) for i in shown] == [(2, True), (3, False)]
 
 
+@pytest.mark.parametrize("how", ["convert", "files"])
+def test_a_restore_after_a_merge_killed_before_its_catalog_update_takes_the_stored_file(
+    ctx: Context, tmp_path: Path, how: str
+) -> None:
+    """Between the killed merge and the next retention run or verify, a restore of the chain
+    reads the rewritten file (its row's pending checksum): the same point's bytes, restored and
+    recorded, not a point marked DAMAGED. Both ways restores check files: while converting
+    (``convert_verified``) and before use (``verify_files``: instant, export, drill)."""
+    from vmkeep.checksums import expected_digests
+    from vmkeep.engine.points import merge
+    from vmkeep.engine.restore.point import convert_verified, verify_files
+
+    bid = make_chain(ctx, tmp_path, "INCREMENT", 4)
+    vm_id, ds_id = ids(ctx)
+    with ctx.catalog.session() as s:
+        p = retention.plan(ctx, s, vm_id, ds_id, resolve({"keep_last": 2}))
+        b = s.get(Backup, bid)
+        assert b is not None
+        files = {i.seq: [dict(f) for f in i.files] for i in b.increments}
+        driver = stores.driver_of(stores.find_datastore(s, "ds"))
+    merge._rewrite(ctx, driver, p.chains[0], files, [0, 1, 2, 3])  # stored; no catalog update
+    expected = expected_digests(f for q in range(4) for f in files[q])
+    local = {n: tmp_path / "store" / "web" / str(bid) / n for n in expected}
+    new = digest_file(local[disk_file(2, "vda")])
+    assert expected[disk_file(2, "vda")] != new  # rewritten: the catalog says otherwise
+    if how == "convert":
+        dest = tmp_path / "out" / "vda.qcow2"
+        dest.parent.mkdir()
+        convert_verified(ctx, bid, f"web/{bid}", expected, local, {disk_file(3, "vda"): dest})
+        assert all(read_pattern(dest, q) for q in range(4))
+    else:
+        verify_files(ctx, bid, f"web/{bid}", expected, local)
+    shown = listing.show_backup(ctx, bid)["increments"]
+    assert {i["status"] for i in shown} == {"VALID"}
+    row = shown[2]["files"][0]
+    assert (row["digest"], row.get("full"), "pending" in row) == (new, True, False), row
+    local[disk_file(3, "vda")].write_bytes(b"not the point")
+    with pytest.raises(ChecksumMismatch):  # any other bytes are still a damaged point
+        verify_files(ctx, bid, f"web/{bid}", expected, local)
+
+
 @pytest.mark.parametrize("protected", [True, False])
 def test_retention_leaves_a_chain_with_no_valid_point_alone(
     ctx: Context, tmp_path: Path, protected: bool

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import tempfile
 import uuid
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +27,9 @@ from vmkeep.catalog.tables import (
     Increment,
     Vm,
 )
+from vmkeep.checksums import algorithm_of, matches
 from vmkeep.engine.core.context import Context
+from vmkeep.engine.core.images import backing_name
 from vmkeep.errors import BackupNotFound, IncrementDamaged, IncrementNotFound, WrongState
 from vmkeep.model import BackupMode, BackupStatus
 
@@ -240,6 +242,31 @@ def mark_damaged(ctx: Context, backup_id: int, file_name: str, reason: str) -> l
             if inc.seq in damaged and inc.status == BackupStatus.VALID:
                 inc.status, inc.error = BackupStatus.DAMAGED, reason
         return sorted(damaged)
+
+
+def pending_checksums(ctx: Context, backup_id: int) -> dict[str, dict[str, Any]]:
+    """Stored file name -> the ``PENDING`` checksum a retention merge recorded before storing
+    it (left on the row when the merge was killed before its catalog update)."""
+    with ctx.catalog.session() as s:
+        b = s.get(Backup, backup_id)
+        if b is None:
+            return {}
+        return {f["name"]: f[PENDING] for i in b.increments for f in i.files if PENDING in f}
+
+
+def pending_entry(
+    path: Path, got: str, pending: dict[str, Any] | None, stop: Callable[[], bool] | None = None
+) -> dict[str, Any] | None:
+    """A fetched file that does not match its row's checksum (``got`` is its checksum in the
+    row's algorithm) but has the ``PENDING`` one: a killed retention merge stored it, rebased or
+    flattened, reading as the same point. Its new row values for ``adopt_pending``, else None."""
+    if not pending:
+        return None
+    want = str(pending["digest"])
+    same = got == want if algorithm_of(got) == algorithm_of(want) else matches(path, want, stop)[0]
+    if not same:
+        return None
+    return {"digest": want, "size": int(pending["size"]), "full": backing_name(path) is None}
 
 
 def adopt_pending(ctx: Context, backup_id: int, adopted: dict[str, dict[str, Any]]) -> None:

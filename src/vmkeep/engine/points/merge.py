@@ -25,13 +25,14 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 
 from vmkeep.catalog.tables import Backup, GroupBackupMember
-from vmkeep.checksums import algorithm_of, digest_file, matches, row_digest
+from vmkeep.checksums import digest_file, matches, row_digest
 from vmkeep.engine.core.backup_config import BackupConfig
 from vmkeep.engine.core.chains import (
     MERGE_PREFIX,
     PENDING,
     disk_file,
     mark_damaged,
+    pending_entry,
     write_manifest,
 )
 from vmkeep.engine.core.context import Context
@@ -237,9 +238,9 @@ def _checked(
         ok, got = matches(path, row_digest(row))
         if ok:
             continue
-        pending = row.get(PENDING)
-        if pending and digest_file(path, algorithm_of(pending["digest"])) == pending["digest"]:
-            adopted[name] = (str(pending["digest"]), int(pending["size"]))
+        entry = pending_entry(path, got, row.get(PENDING))
+        if entry is not None:
+            adopted[name] = (entry["digest"], entry["size"])
             continue
         mark_damaged(ctx, c.backup, name, f"retention: {name} does not match its checksum")
         raise ChecksumMismatch(f"{c.chain}/{name}", row_digest(row), got)

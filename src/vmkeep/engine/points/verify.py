@@ -14,9 +14,14 @@ from typing import Any
 
 from vmkeep.catalog.tables import Backup
 from vmkeep.checksums import expected_digests, matches
-from vmkeep.engine.core.chains import PENDING, adopt_pending, find_backup, mark_damaged
+from vmkeep.engine.core.chains import (
+    adopt_pending,
+    find_backup,
+    mark_damaged,
+    pending_checksums,
+    pending_entry,
+)
 from vmkeep.engine.core.context import Context
-from vmkeep.engine.core.images import backing_name
 from vmkeep.engine.core.stores import driver_of
 from vmkeep.errors import ChecksumMismatch
 from vmkeep.model import BackupStatus
@@ -46,8 +51,8 @@ def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
             i for i in b.increments if i.status in (BackupStatus.VALID, BackupStatus.DAMAGED)
         ]
         expected = expected_digests(f for i in checked for f in i.files)
-        pending = {f["name"]: f[PENDING] for i in checked for f in i.files if PENDING in f}
         chain_key, driver = b.chain, driver_of(b.datastore)
+    pending = pending_checksums(ctx, backup_id)
     results: list[dict[str, Any]] = []
     adopted: dict[str, dict[str, Any]] = {}
     ctx.config.data_dir.mkdir(parents=True, exist_ok=True)
@@ -55,11 +60,9 @@ def verify(ctx: Context, backup_id: int) -> dict[str, Any]:
         local = driver.restore(chain_key, list(expected), Path(tmp))
         for name, want in expected.items():
             ok, got = matches(local[name], want)
-            if not ok and name in pending:  # stored by a retention merge killed before its
-                ok, got = matches(local[name], pending[name]["digest"])  # catalog update
-                if ok:
-                    full = backing_name(local[name]) is None
-                    adopted[name] = {"digest": got, "size": pending[name]["size"], "full": full}
+            entry = None if ok else pending_entry(local[name], got, pending.get(name))
+            if entry is not None:  # stored by a retention merge killed before its catalog update
+                ok, got, adopted[name] = True, entry["digest"], entry
             if ok and name.endswith(".qcow2"):
                 ok = (
                     subprocess.run(

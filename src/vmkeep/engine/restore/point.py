@@ -23,9 +23,12 @@ from typing import Any
 from vmkeep.catalog.tables import Increment
 from vmkeep.checksums import Stopped, expected_digests, matches, row_digest
 from vmkeep.engine.core.chains import (
+    adopt_pending,
     disk_file,
     find_backup,
     mark_damaged,
+    pending_checksums,
+    pending_entry,
     point,
     point_files,
 )
@@ -138,11 +141,15 @@ def verify_files(
     those built on it) DAMAGED before ChecksumMismatch is raised. Then every qcow2 file's backing
     reference must name another file of the chain (a chain imported from a hostile datastore
     comes with checksums that match: its backing reference must not reach a host file when
-    QEMU, qemu-storage-daemon or qemu-img open it)."""
-    bad = _first_mismatch(expected, local)
+    QEMU, qemu-storage-daemon or qemu-img open it). A file a killed retention merge stored
+    (its row's pending checksum) is taken and recorded, as ``verify`` does."""
+    adopted: dict[str, dict[str, Any]] = {}
+    bad = _first_mismatch(expected, local, None, pending_checksums(ctx, backup_id), adopted)
     if bad is not None:
         raise _damaged(ctx, backup_id, chain_key, *bad)
     check_backing_names(local)
+    if adopted:
+        adopt_pending(ctx, backup_id, adopted)
 
 
 @contextmanager
@@ -163,8 +170,10 @@ def verified(
         verify_files(ctx, backup_id, chain_key, expected, local)  # damaged: say which, mark it
         raise
     stop = threading.Event()
+    pending = pending_checksums(ctx, backup_id)
+    adopted: dict[str, dict[str, Any]] = {}
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="verify") as pool:
-        check = pool.submit(_first_mismatch, expected, local, stop.is_set)
+        check = pool.submit(_first_mismatch, expected, local, stop.is_set, pending, adopted)
         try:
             yield
         except KeyboardInterrupt:  # cancelled: stop hashing (within a slice), do not wait for it
@@ -178,6 +187,8 @@ def verified(
         bad = check.result()
         if bad is not None:
             raise _damaged(ctx, backup_id, chain_key, *bad)
+        if adopted:
+            adopt_pending(ctx, backup_id, adopted)
 
 
 def convert_verified(
@@ -211,13 +222,28 @@ def convert_verified(
 
 
 def _first_mismatch(
-    expected: dict[str, str], local: dict[str, Path], stop: Callable[[], bool] | None = None
+    expected: dict[str, str],
+    local: dict[str, Path],
+    stop: Callable[[], bool] | None = None,
+    pending: dict[str, dict[str, Any]] | None = None,
+    adopted: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[str, str, str] | None:
+    """The first file not matching its checksum (name, expected, got), or None. A file with its
+    row's ``pending`` checksum (a killed retention merge stored it) matches: it goes into
+    ``adopted`` for ``adopt_pending``."""
     for name, want in expected.items():
         try:
             ok, got = matches(local[name], want, stop)
+            entry = (
+                None
+                if ok or pending is None
+                else pending_entry(local[name], got, pending.get(name), stop)
+            )
         except Stopped:
             return None
+        if entry is not None and adopted is not None:
+            adopted[name] = entry
+            continue
         if not ok:
             return name, want, got
     return None
