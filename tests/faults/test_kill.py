@@ -43,6 +43,25 @@ def test_sigkill_at_phase(harness: Harness, phase: str) -> None:
     _kill_at(harness, phase)
 
 
+def test_sigkill_after_a_merge_stored_before_its_catalog_update(harness: Harness) -> None:
+    """`vmkeep vm config VM --keep-last 2`: killed after the merge stored its rewritten file and
+    before the catalog was told (rows with both checksums). Every earlier point restores
+    bit-identical at once, the rewritten file taken by its pending checksum (not a point marked
+    DAMAGED); the next backup finishes the merge."""
+    h = harness
+    for _ in range(2):
+        h.backup_and_check()
+    h.run("vm", "config", h.vm, "--keep-last", "2")
+    _kill_at(h, "retention-stored")
+    shown = {
+        b["id"]: sorted((i["id"], i["status"]) for i in b["increments"])
+        for b in h.run("backups", "list", "--json").json()
+    }
+    last = h.points[-1]
+    assert shown == {last.backup: [(2, "VALID"), (3, "VALID")]}, (shown, h.points)
+    h.restore_matches(last)
+
+
 def test_sigkill_while_suspended_resumes_the_vm(harness: Harness) -> None:
     """`vmkeep vm config VM --fs-freeze suspend`, then a backup killed while the VM is
     suspended: the guard resumes it."""

@@ -251,7 +251,16 @@ class LibvirtHypervisor(LibvirtNetworks, Hypervisor):
             return
         if dom.isActive():
             # flags=0: libvirt uses the guest agent when it is connected, ACPI otherwise.
-            self._call(lambda: dom.shutdownFlags(0), f"shutdown {name}")
+            try:
+                self._call(lambda: dom.shutdownFlags(0), f"shutdown {name}")
+            except HypervisorError as err:
+                # a guest the agent's shutdown took down at once fails libvirt's ACPI fallback
+                # ("domain is not running"): off is what was asked
+                if err.__cause__ is not None and _operation_invalid(err.__cause__):
+                    with contextlib.suppress(libvirt.libvirtError):
+                        if not dom.isActive():
+                            return
+                raise
 
     def undefine(self, name: str) -> None:
         try:
@@ -469,3 +478,11 @@ class LibvirtHypervisor(LibvirtNetworks, Hypervisor):
                 raise HypervisorError(
                     f"abort block job {name}/{target}: {err.get_error_message()}"
                 ) from err
+
+
+def _operation_invalid(err: BaseException) -> bool:
+    """libvirt's "Requested operation is not valid" (a call the domain's state refused)."""
+    return (
+        isinstance(err, libvirt.libvirtError)
+        and err.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+    )

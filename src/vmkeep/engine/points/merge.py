@@ -206,6 +206,7 @@ def _rewrite(
         if changed:
             _mark_pending(ctx, c.backup, {p.name: out.sums[p.name] for p in changed})
             driver.backup(c.chain, changed)
+            failpoint("retention-stored")  # stored, the catalog not yet told (the fault suite)
     return out
 
 
