@@ -159,6 +159,37 @@ def test_a_queued_job_runs_with_the_actor_the_api_named(
     assert [(c.actor.name, c.actor.role, c.origin) for c in seen] == [("ops", "operator", "api")]
 
 
+def test_a_vm_s_jobs_name_it_however_it_was_given(
+    ctx: Context, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """By id or name, queued or run here: the job's target is the VM's name (the overview's
+    failed backups, ``backup cancel`` and notifications look a VM's jobs up by name); an unknown
+    VM stays as typed (its action says it is not found)."""
+    from vmkeep.catalog.tables import Vm
+    from vmkeep.engine.core.trust import Actor
+    from vmkeep.engine.service import overview
+
+    with ctx.catalog.session() as s:
+        vm = Vm(name="web", uuid="u-web", host_uri="fake:///", state="ACTIVE", lcm_state="RUNNING")
+        s.add(vm)
+        s.flush()
+        vm_id = str(vm.id)
+    monkeypatch.setattr(runners, "check_vm_state", lambda _c, _a, p, _actor: p)
+    monkeypatch.setattr(runners, "check_backup", lambda _c, _a, p, _actor: p)
+    q = ACTIONS["quiesce"]
+    assert actions.enqueue(ctx, q, actions.parse(q, {"vm": vm_id}), Actor("ops", "operator"))[
+        "target"] == "web"  # fmt: skip
+    assert actions.enqueue(ctx, q, actions.parse(q, {"vm": "gone"}), Actor("ops", "operator"))[
+        "target"] == "gone"  # fmt: skip
+    b = ACTIONS["backup"]
+    monkeypatch.setattr(runners, "run_backup", _fake({}, [], DrillFailed(1, 1, 0, "x")))
+    with pytest.raises(DrillFailed):  # any error: a failed backup of the VM given by its id
+        actions.run_here(ctx, b, actions.parse(b, {"vm": vm_id, "datastore": "ds"}),
+                         lambda _d, _t: None)  # fmt: skip
+    assert jobs.list_jobs(ctx, "failed")[0]["target"] == "web"
+    assert overview.summary(ctx)["vms"]["failed"] == 1  # the VM's last backup failed
+
+
 def test_the_table_loads_without_pydantic() -> None:
     """A command that hands its action to the daemon loads the table, not the params models."""
     import subprocess

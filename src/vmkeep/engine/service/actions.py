@@ -230,7 +230,25 @@ def enqueue(
     stored = p.model_dump(mode="json", by_alias=True, exclude_none=True)
     stored |= {trust.ROLE_KEY: actor.role, "actor": actor.name}
     job.setdefault("runs_on", runs_on(ctx, a, p))
-    return jobs.enqueue(ctx, a.kind, a.target_of(p), stored, origin, actor.name, max_queued, **job)
+    target = job_target(ctx, a, p)
+    return jobs.enqueue(ctx, a.kind, target, stored, origin, actor.name, max_queued, **job)
+
+
+def job_target(ctx: Context, a: Action, p: P.Params) -> str:
+    """The job row's target: a VM's name however it was given (an id or its name: the
+    overview's failed backups, ``backup cancel`` and notifications find a VM's jobs by its
+    name), anything else as given."""
+    typed = a.target_of(p)
+    if a.target != "vm":
+        return typed
+    from vmkeep.engine.vm.record import find_vm
+    from vmkeep.errors import VmNotFound
+
+    with ctx.catalog.session() as s:
+        try:
+            return find_vm(s, typed).name
+        except VmNotFound:
+            return typed  # the action says so when it runs
 
 
 def runs_on(ctx: Context, a: Action, p: P.Params) -> str | None:
@@ -279,7 +297,7 @@ def run_here(
 
     who = jobs.local_user()
     stored = p.model_dump(mode="json", by_alias=True, exclude_none=True)
-    with jobs.recorded(ctx, a.kind, a.target_of(p), stored) as job:
+    with jobs.recorded(ctx, a.kind, job_target(ctx, a, p), stored) as job:
 
         def both(done: int, total: int) -> None:
             progress(done, total)
