@@ -96,6 +96,30 @@ def test_a_taken_name_is_refused_before_the_hypervisor_is_asked(
     assert act(ctx, "snapshot-create", name="base")["name"] == "base"  # free again
 
 
+def test_a_taken_name_is_refused_before_the_action_is_queued(
+    ctx: Context, hv: FakeHypervisor
+) -> None:
+    """Through the daemon's door (the API's check before queueing): a 409 at once, no job that
+    fails later."""
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.core.trust import Actor
+
+    act(ctx, "snapshot-create", name="base")
+    for kind in ("vm-snapshot-create", "vm-disk-snapshot-create"):
+        if kind == "vm-disk-snapshot-create":
+            act(ctx, "poweroff")  # what a disk snapshot needs
+        a = actions.ACTIONS[kind]
+        with pytest.raises(AlreadyExists, match="'base'") as err:
+            actions.enqueue(ctx, a, actions.parse(a, {"vm": "web", "name": "base"}),
+                            Actor("ops", "operator"))  # fmt: skip
+        assert err.value.http_status == 409
+    assert jobs.list_jobs(ctx) == []
+    a = actions.ACTIONS["vm-disk-snapshot-create"]
+    queued = actions.enqueue(ctx, a, actions.parse(a, {"vm": "web", "name": "other"}),
+                             Actor("ops", "operator"))  # fmt: skip
+    assert (queued["state"], queued["target"]) == ("QUEUED", "web")
+
+
 @pytest.mark.parametrize("bad", ["12", "a/b", "-x", "x" * 65, "a b", "<name>"])
 def test_a_bad_name_is_refused_with_the_rule(ctx: Context, hv: FakeHypervisor, bad: str) -> None:
     calls = len(hv.calls)

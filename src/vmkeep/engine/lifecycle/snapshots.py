@@ -90,6 +90,17 @@ def _new_name(ctx: Context, vm: Vm, name: Any, cmd: str) -> str | None:
     return str(name)
 
 
+# the actions that name a new snapshot, and the command that deletes one
+_NAMING = {"snapshot-create": "snapshot", "disk-snapshot-create": "disk-snapshot"}
+
+
+def check_new_name(ctx: Context, vm: Vm, action: str, opts: dict[str, Any]) -> None:
+    """A new snapshot's name, checked before the action is queued (the action checks it again
+    as it runs): a name taken is refused at once, not as a failed job later."""
+    if action in _NAMING:
+        _new_name(ctx, vm, opts.get("name"), _NAMING[action])
+
+
 def snapshot_create(
     ctx: Context, vmm: Vmm, vm: Vm, opts: dict[str, Any], w: Warnings
 ) -> dict[str, Any]:

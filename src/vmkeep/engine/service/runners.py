@@ -15,7 +15,7 @@ from vmkeep.engine.groups import backup as group_backup
 from vmkeep.engine.groups import drill as group_drill
 from vmkeep.engine.groups import manage
 from vmkeep.engine.hosts import placement
-from vmkeep.engine.lifecycle import dispatch
+from vmkeep.engine.lifecycle import dispatch, snapshots
 from vmkeep.engine.points import copy, delete, listing, prune, scan, verify
 from vmkeep.engine.protect import backup
 from vmkeep.engine.restore import drill, inplace, point, redeploy
@@ -166,10 +166,11 @@ def check_lifecycle(ctx: Context, a: Action, p: P.VmParams, actor: Actor) -> P.P
     if name == "recover":  # any stuck state: it only has to be known
         dispatch.check_allowed(ctx, p.vm, name)
         return p
-    vm = dispatch.check_allowed(ctx, p.vm, name, state=True).name
+    row = dispatch.check_allowed(ctx, p.vm, name, state=True)
+    snapshots.check_new_name(ctx, row, name, opts)  # a name taken: refused before queueing
     if isinstance(p, P.DeployParams):  # placed now: the job goes to that host's daemon
-        placement.deploy_host(ctx, vm, p.host)
-    return p.model_copy(update={"vm": vm})
+        placement.deploy_host(ctx, row.name, p.host)
+    return p.model_copy(update={"vm": row.name})
 
 
 # --- the actions -----------------------------------------------------------------------------
