@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,6 +71,48 @@ def test_lock_of_dead_process_is_reclaimed(tmp_path: Path) -> None:
     with lock(cat, "vm:7", "restore"), cat.session() as s:
         row = s.get(Lock, "vm:7")
         assert row is not None and row.pid == os.getpid() and row.reason == "restore"
+
+
+def test_a_lock_whose_pid_another_process_got_since_is_reclaimed(tmp_path: Path) -> None:
+    """The holder is its pid and that process's start: a live process with the pid, started
+    after the holder died (pid reuse), does not keep the lock; the holder itself does. The
+    same rule ends a job of a process whose pid was reused."""
+    from vmkeep.catalog.locks import pid_alive, proc_start
+    from vmkeep.catalog.tables import Job
+    from vmkeep.config import load_config
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.core.context import Context
+
+    other = subprocess.Popen(["sleep", "60"])  # a live process "with the dead holder's pid"
+    try:
+        start = proc_start(other.pid)
+        assert start is not None and start == proc_start(other.pid)
+        assert pid_alive(other.pid, start) and not pid_alive(other.pid, start - 1)
+        cat = Catalog(f"sqlite:///{tmp_path / 'c.db'}")
+        host = socket.gethostname()
+        with cat.session() as s:
+            s.add(Lock(name="vm:1", host=host, pid=other.pid, pid_start=start - 1, reason="backup"))
+            s.add(Lock(name="vm:2", host=host, pid=other.pid, pid_start=start, reason="backup"))
+        with lock(cat, "vm:1", "restore"), cat.session() as s:  # reclaimed
+            row = s.get(Lock, "vm:1")
+            assert row is not None and (row.pid, row.pid_start) == (
+                os.getpid(),
+                proc_start(os.getpid()),
+            )
+        with pytest.raises(Locked, match="vm:2 is busy: backup"), lock(cat, "vm:2", "x"):
+            pass  # its holder lives
+        ctx = Context(load_config(environ={"VMKEEP_CATALOG_URL": str(cat.engine.url),
+                                            "VMKEEP_DATA_DIR": str(tmp_path)}))  # fmt: skip
+        with ctx.catalog.session() as s:
+            for target, pid_start in (("reused", start - 1), ("alive", start)):
+                s.add(Job(kind="backup", target=target, params={}, origin="cli", who="t",
+                          state="RUNNING", host=host, pid=other.pid, pid_start=pid_start))  # fmt: skip
+        assert [j["target"] for j in jobs.list_jobs(ctx)] == ["alive", "reused"]
+        jobs.recover(ctx)
+        assert [j["target"] for j in jobs.list_jobs(ctx, "RUNNING")] == ["alive"]
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_a_postgresql_url_without_its_driver_names_the_extra(

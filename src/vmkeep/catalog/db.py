@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from vmkeep.errors import CatalogError
 
 # Bump together with a new file in migrations/versions; a unit test checks they agree.
-HEAD_REVISION = "0013"
+HEAD_REVISION = "0014"
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 

@@ -1,6 +1,7 @@
 """Locks are catalog rows (host, pid, reason), so the CLI and the daemon see the same locks.
 
-A lock whose holder is a dead process on this host is reclaimed (Benji ``with_lock``).
+A lock whose holder is a dead process on this host is reclaimed (Benji ``with_lock``); the holder
+is its pid and that process's start, so a pid another process got since does not keep it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import delete, insert, select
 from sqlalchemy.exc import IntegrityError
@@ -21,14 +23,33 @@ from vmkeep.errors import Locked
 log = logging.getLogger(__name__)
 
 
-def pid_alive(pid: int) -> bool:
+def proc_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (``/proc/PID/stat``'s 22nd
+    field); None when it is gone (or there is no /proc)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    try:  # the fields after the command's name, which is in parentheses and may hold any
+        return int(stat[stat.rindex(")") + 2 :].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def pid_alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` of this host runs; with ``start`` (``proc_start`` when it was
+    recorded), whether it is still that process: a pid a dead holder left and another process
+    got since is not it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    if start is None:
         return True
-    return True
+    now = proc_start(pid)
+    return now is None or now == start
 
 
 def holder(catalog: Catalog, name: str) -> Lock | None:
@@ -47,14 +68,18 @@ def acquire(catalog: Catalog, name: str, reason: str, label: str | None = None) 
     for _ in range(2):
         try:
             with catalog.engine.begin() as conn:
-                conn.execute(insert(Lock).values(name=name, host=host, pid=pid, reason=reason))
+                conn.execute(
+                    insert(Lock).values(
+                        name=name, host=host, pid=pid, pid_start=proc_start(pid), reason=reason
+                    )
+                )
             return
         except IntegrityError:
             with catalog.session() as s:
                 holder = s.execute(select(Lock).where(Lock.name == name)).scalar_one_or_none()
                 if holder is None:
                     continue  # released meanwhile: try again
-                if holder.host == host and not pid_alive(holder.pid):
+                if holder.host == host and not pid_alive(holder.pid, holder.pid_start):
                     log.warning(
                         "reclaiming lock %s left by dead process %s (%s)",
                         name,
@@ -81,7 +106,7 @@ def acquire(catalog: Catalog, name: str, reason: str, label: str | None = None) 
 def drop_if_dead(catalog: Catalog, name: str) -> bool:
     """Remove the lock ``name`` when its holder is a dead process on this host."""
     h = holder(catalog, name)
-    if h is None or h.host != socket.gethostname() or pid_alive(h.pid):
+    if h is None or h.host != socket.gethostname() or pid_alive(h.pid, h.pid_start):
         return False
     with catalog.session() as s:
         s.execute(delete(Lock).where(Lock.name == name, Lock.pid == h.pid, Lock.host == h.host))

@@ -206,6 +206,7 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     host: Mapped[str] = mapped_column(String(255))
     pid: Mapped[int] = mapped_column(Integer)
+    pid_start: Mapped[int | None] = mapped_column(BigInteger, default=None)  # as Lock's
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     origin: Mapped[str] = mapped_column(String(16), default="cli")
@@ -269,6 +270,8 @@ class Lock(Base):
     pid: Mapped[int] = mapped_column(Integer)
     reason: Mapped[str] = mapped_column(String(255))
     acquired_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # the holder's start (clock ticks since boot): its pid, reused by another process, is not it
+    pid_start: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class Group(Base):

@@ -29,7 +29,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from vmkeep import errors, jsontext
-from vmkeep.catalog.locks import pid_alive
+from vmkeep.catalog.locks import pid_alive, proc_start
 from vmkeep.catalog.tables import BackupJob, BackupJobRun, Counter, Datastore, Host, Job
 from vmkeep.config import LimitsConfig
 from vmkeep.engine.core import limits
@@ -246,9 +246,13 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
         s.execute(update(Counter).where(Counter.name == "claim").values(value=Counter.value + 1))
         running = limits.Running()
         q = select(Job.id, Job.kind, Job.host, Job.runs_on, Job.datastore, Job.run_id, Job.pid,
-                   Job.origin)  # fmt: skip
+                   Job.pid_start, Job.origin)  # fmt: skip
         for row in s.execute(q.where(Job.state == JobState.RUNNING)).all():
-            if row.host == host and row.pid != os.getpid() and not pid_alive(row.pid):
+            if (
+                row.host == host
+                and row.pid != os.getpid()
+                and not pid_alive(row.pid, row.pid_start)
+            ):
                 _died(s, row.id, row.pid, row.origin)  # a killed command's row holds no slot
                 continue
             running.add(row.kind, row.runs_on or row.host, row.datastore, row.run_id)
@@ -275,6 +279,7 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
                             state=JobState.RUNNING,
                             host=host,
                             pid=os.getpid(),
+                            pid_start=proc_start(os.getpid()),
                             started_at=datetime.now(UTC),
                             wait_reason=None,
                         )
@@ -488,7 +493,9 @@ def recorded(
     machine without a daemon gets them ended by its next command."""
     recover(ctx)
     with ctx.catalog.session() as s:  # one transaction: created RUNNING, by this process
-        here = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": datetime.now(UTC)}
+        pid = os.getpid()
+        here = {"host": socket.gethostname(), "pid": pid, "pid_start": proc_start(pid),
+                "started_at": datetime.now(UTC)}  # fmt: skip
         job_id = _add(
             s, kind, target, params, origin, local_user(), state=JobState.RUNNING, **here
         ).id
@@ -516,7 +523,7 @@ def recover(ctx: Context) -> list[int]:
             select(Job).where(Job.state == JobState.RUNNING, Job.host == host)
         ).scalars()
         for j in list(rows):
-            if j.pid != os.getpid() and not pid_alive(j.pid):
+            if j.pid != os.getpid() and not pid_alive(j.pid, j.pid_start):
                 _died(s, j.id, j.pid, j.origin)
                 failed.append(j.id)
     return failed

@@ -128,7 +128,7 @@ def clear_leftovers(ctx: Context, gb_id: int | None = None) -> list[str]:
 def _running(ctx: Context, gb_id: int) -> bool:
     """A drill of ``gb_id`` runs: a live process (or one on another host) holds its lock."""
     h = holder(ctx.catalog, f"group-drill:{gb_id}")
-    return h is not None and (h.host != socket.gethostname() or pid_alive(h.pid))
+    return h is not None and (h.host != socket.gethostname() or pid_alive(h.pid, h.pid_start))
 
 
 def _members(ctx: Context, gb_id: int) -> tuple[str, list[tuple[str, int, int]]]:

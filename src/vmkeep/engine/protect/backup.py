@@ -136,7 +136,7 @@ def cancel_backup(ctx: Context, vm_ref: str, wait: float = 60.0) -> dict[str, An
         name, vm_id, vm_host = vm.name, vm.id, vm.host
     held = holder(ctx.catalog, f"vm:{vm_id}")
     here = held is not None and held.host == socket.gethostname()
-    if held and held.reason == "backup" and (not here or pid_alive(held.pid)):
+    if held and held.reason == "backup" and (not here or pid_alive(held.pid, held.pid_start)):
         out: dict[str, Any] = {"vm": name, "cancelled": True, "pid": held.pid}
         running = jobs.running_in(ctx, held.pid, held.host)
         served = [j for j in running if j["origin"] != "cli"]
