@@ -20,6 +20,7 @@ keeps the two in sync.
     ├── WrongState                 4  409
     ├── Locked                     8  409
     ├── InvalidValue               9  400
+    │   └── MissingValue
     ├── HypervisorError           10  502
     │   ├── HypervisorUnreachable 11  503
     │   │   └── HypervisorConnectionLost
@@ -170,6 +171,10 @@ class InvalidValue(VmkeepError):
 
     exit_code = 9
     http_status = 400
+
+
+class MissingValue(InvalidValue):
+    """{} is required: {}"""
 
 
 class HypervisorError(VmkeepError):

@@ -15,7 +15,7 @@ from vmkeep.engine.core import jobs, states
 from vmkeep.engine.core.context import Context
 from vmkeep.engine.service import actions, runners, tokens
 from vmkeep.engine.service.actions import ACTIONS, Action, Caller
-from vmkeep.errors import DrillFailed, InvalidValue
+from vmkeep.errors import DrillFailed, InvalidValue, MissingValue
 from vmkeep.model import Warnings
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "vmkeep"
@@ -56,6 +56,9 @@ def test_bad_params_name_the_field() -> None:
         actions.parse(ACTIONS["restore"], {"backup": -1}, options=True)
     with pytest.raises(InvalidValue, match="kind"):
         actions.action("nosuch")
+    # a missing field is named, not the whole request as its value
+    with pytest.raises(MissingValue, match=r"^--datastore is required: backup needs it$"):
+        actions.parse(ACTIONS["backup"], {"vm": "a"}, options=True)
 
 
 def _calls(module: Path) -> set[str]:

@@ -184,7 +184,7 @@ def parse(a: Action, data: dict[str, Any], *, options: bool = False) -> P.Params
     (``options``: as the CLI calls it, ``--copy-bwlimit`` or the argument ``BACKUP``)."""
     from pydantic import ValidationError
 
-    from vmkeep.errors import InvalidValue
+    from vmkeep.errors import InvalidValue, MissingValue
 
     try:
         return a.model.model_validate(data)
@@ -193,6 +193,8 @@ def parse(a: Action, data: dict[str, Any], *, options: bool = False) -> P.Params
         where = ".".join(str(x) for x in first.get("loc", ())) or a.kind
         if options and where in a.model.model_fields:
             where = where.upper() if where == a.target else "--" + where.replace("_", "-")
+        if first.get("type") == "missing":  # its input is the whole request: not shown
+            raise MissingValue(where, f"{a.kind} needs it") from None
         raise InvalidValue(where, first.get("input"), first.get("msg", "")) from None
 
 
