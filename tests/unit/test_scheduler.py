@@ -527,6 +527,50 @@ def test_the_next_command_ends_a_killed_command_s_job(tmp_path: Path) -> None:
     assert [j["target"] for j in jobs.list_jobs(ctx, "DONE")] == ["next"]
 
 
+def test_a_vm_s_jobs_run_one_after_another_the_next_waits_with_its_reason(
+    tmp_path: Path,
+) -> None:
+    """A backup of a VM queued while another of its jobs runs (last night's, still going) is
+    queued, not refused; it waits, saying for which job, while another VM's job starts; it goes
+    once that job ended. A way out of a stuck VM (reset-state) never waits."""
+    from vmkeep.engine.core.trust import Actor
+    from vmkeep.engine.service import actions
+    from vmkeep.engine.vm import record
+    from vmkeep.errors import WrongState
+
+    ctx = _ctx(tmp_path)
+    a, b = _vms(ctx, tmp_path, 2)
+    ops = Actor("ops", "operator")
+    backup = actions.action("backup")
+
+    def queue(vm: str, kind: str = "backup") -> int:
+        act = actions.action(kind)
+        data = {"vm": vm, "datastore": "ds"} if kind == "backup" else {"vm": vm}
+        return int(actions.enqueue(ctx, act, actions.parse(act, data), ops)["id"])
+
+    first = queue(a)
+    assert jobs.claim(ctx, one_per_target=actions.ONE_PER_VM) == first  # RUNNING, this process
+    with ctx.catalog.session() as s:  # the VM as its running backup leaves it
+        vm_id = record.find_vm(s, a).id
+    record.set_fields(ctx, vm_id, lcm_state="BACKUP")
+    second, other = queue(a), queue(b)  # the busy VM's backup is queued, not refused
+    assert jobs.claim(ctx, one_per_target=actions.ONE_PER_VM) == other
+    waiting = jobs.get(ctx, second)
+    assert (waiting["state"], waiting["waiting"]) == (
+        "QUEUED", f"waits for job {first} of VM {a} to end"), waiting  # fmt: skip
+    assert jobs.claim(ctx, one_per_target=actions.ONE_PER_VM) is None  # still waiting
+    way_out = queue(a, "reset-state")
+    assert jobs.claim(ctx, one_per_target=actions.ONE_PER_VM) == way_out
+    jobs._finish(ctx, first, jobs.JobState.DONE)
+    assert jobs.claim(ctx, one_per_target=actions.ONE_PER_VM) == second
+    # a VM in a state no backup allows, with no job of it running: refused at once
+    record.set_fields(ctx, vm_id, lcm_state="BACKUP")
+    for job_id in (second, way_out):
+        jobs._finish(ctx, job_id, jobs.JobState.DONE)
+    with pytest.raises(WrongState):
+        actions.enqueue(ctx, backup, actions.parse(backup, {"vm": a, "datastore": "ds"}), ops)
+
+
 def test_a_slot_due_between_two_looks_is_on_time_however_long_a_look_takes(tmp_path: Path) -> None:
     ctx = _ctx(tmp_path)
     _vms(ctx, tmp_path, 1)

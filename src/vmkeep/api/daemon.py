@@ -53,7 +53,7 @@ from vmkeep.engine.hosts import records
 from vmkeep.engine.hosts.records import find_host
 from vmkeep.engine.lifecycle import dispatch
 from vmkeep.engine.service import notify, scheduler
-from vmkeep.engine.service.actions import RUNNERS
+from vmkeep.engine.service.actions import ONE_PER_VM, RUNNERS
 from vmkeep.engine.service.workers import WorkSlots
 from vmkeep.errors import InvalidValue, VmkeepError
 from vmkeep.model import JobState
@@ -81,7 +81,7 @@ def _worker(config: Config, stop: threading.Event, slots: WorkSlots) -> None:
             continue  # every slot is taken (jobs, files requests): look again
         try:
             try:
-                job_id = jobs.claim(ctx)
+                job_id = jobs.claim(ctx, one_per_target=ONE_PER_VM)
             except VmkeepError as err:
                 log.error("claiming a job failed: %s", err)
                 job_id = None

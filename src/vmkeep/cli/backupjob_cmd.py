@@ -269,13 +269,13 @@ def _wait_all(ctx: Any, ids: list[int]) -> None:
     never holds a backup up); one that fails stays in the outbox for a daemon to retry."""
     from vmkeep.engine.core import jobs
     from vmkeep.engine.service import notify
-    from vmkeep.engine.service.actions import RUNNERS
+    from vmkeep.engine.service.actions import ONE_PER_VM, RUNNERS
 
     reports = 0
     try:
         for job_id in ids:
             while jobs.get(ctx, job_id)["state"] not in jobs.FINAL:
-                if jobs.claim(ctx, only=job_id) == job_id:
+                if jobs.claim(ctx, only=job_id, one_per_target=ONE_PER_VM) == job_id:
                     job = jobs.execute(ctx, job_id, RUNNERS)
                     reports += notify.job_ended(ctx, job)
                     if job["state"] == "CANCELLED":

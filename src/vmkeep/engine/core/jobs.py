@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -223,9 +223,14 @@ def changes_since(
     return changed_jobs, changed_vms, max(marks) if marks else datetime.now(UTC)
 
 
-def claim(ctx: Context, only: int | None = None) -> int | None:
+def claim(
+    ctx: Context, only: int | None = None, one_per_target: Collection[str] = ()
+) -> int | None:
     """Take the next QUEUED job this process may start (``limits.py``: priority, then the
     oldest, within the limits); None when there is none (``only``: that job, if it may start).
+    A job of a kind in ``one_per_target`` (the actions that lock their VM: the action table's
+    ``ONE_PER_VM``) waits while such a job of its target runs, instead of failing on the VM's
+    lock: a night's backup queued while the last one still runs goes after it.
     Claimers (threads, daemons on one catalog) take turns on the ``claim`` counter, so each job
     is won once and the limits are counted exactly. A job passed over keeps the reason on its
     row.
@@ -245,8 +250,9 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
     with ctx.catalog.session() as s:
         s.execute(update(Counter).where(Counter.name == "claim").values(value=Counter.value + 1))
         running = limits.Running()
-        q = select(Job.id, Job.kind, Job.host, Job.runs_on, Job.datastore, Job.run_id, Job.pid,
-                   Job.pid_start, Job.origin)  # fmt: skip
+        q = select(Job.id, Job.kind, Job.target, Job.host, Job.runs_on, Job.datastore,
+                   Job.run_id, Job.pid, Job.pid_start, Job.origin)  # fmt: skip
+        busy: dict[str, int] = {}  # target -> its running job, for one_per_target's kinds
         for row in s.execute(q.where(Job.state == JobState.RUNNING)).all():
             if (
                 row.host == host
@@ -256,8 +262,10 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
                 _died(s, row.id, row.pid, row.origin)  # a killed command's row holds no slot
                 continue
             running.add(row.kind, row.runs_on or row.host, row.datastore, row.run_id)
+            if row.kind in one_per_target:
+                busy[row.target] = row.id
         limit_cfg, limit_host = _host_limits(ctx, s, host)
-        cols = (Job.id, Job.kind, Job.datastore, Job.run_id, Job.wait_reason)
+        cols = (Job.id, Job.kind, Job.target, Job.datastore, Job.run_id, Job.wait_reason)
         queued = s.execute(
             select(*cols).where(queued_now).order_by(Job.priority.desc(), Job.id)
         ).all()
@@ -266,6 +274,11 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
         reasons: dict[tuple[bool, str | None, int | None], str] = {}
         stale: dict[str, list[int]] = {}
         for r in queued:
+            if r.kind in one_per_target and r.target in busy:
+                after = f"waits for job {busy[r.target]} of VM {r.target} to end"
+                if r.wait_reason != after:
+                    stale.setdefault(after, []).append(r.id)
+                continue
             run = r.run_id if r.run_id in sequential else None
             alike = (r.kind in limits.BACKUP_KINDS, r.datastore, run)
             if alike not in reasons:
@@ -293,6 +306,17 @@ def claim(ctx: Context, only: int | None = None) -> int | None:
                 stale.setdefault(reasons[alike], []).append(r.id)
         _mark_waiting(s, stale)
         return None
+
+
+def running_on(ctx: Context, target: str, kinds: Collection[str]) -> int | None:
+    """The RUNNING job of one of ``kinds`` on ``target`` (a VM's name), if one runs."""
+    with ctx.catalog.session() as s:
+        found = s.execute(
+            select(Job.id).where(
+                Job.state == JobState.RUNNING, Job.target == target, Job.kind.in_(list(kinds))
+            )
+        ).first()
+    return None if found is None else int(found[0])
 
 
 def _runs_here(ctx: Context) -> Any:

@@ -326,3 +326,14 @@ def _job_runner(
 RUNNERS: dict[str, Callable[[Context, dict[str, Any], Progress], Any]] = {
     a.kind: partial(_job_runner, a) for a in _TABLE
 }
+# the actions that lock the VM they name: a daemon runs one of them per VM at a time, the next
+# waits for it (``jobs.claim``'s one_per_target) instead of failing on the VM's lock. Not the
+# ways out of a stuck VM, which must never wait behind what is stuck: a thaw, reset-state,
+# recover.
+ONE_PER_VM = frozenset(
+    a.kind
+    for a in _TABLE
+    if a.locks == "vm"
+    and a.target == "vm"
+    and a.kind not in ("unquiesce", "reset-state", "vm-recover")
+)

@@ -23,7 +23,7 @@ from vmkeep.engine.service import params as P
 from vmkeep.engine.service import tokens
 from vmkeep.engine.vm import inventory, policy
 from vmkeep.engine.vm.record import find_vm
-from vmkeep.errors import DrillFailed, Forbidden, VmkeepError
+from vmkeep.errors import DrillFailed, Forbidden, VmkeepError, WrongState
 from vmkeep.model import Warnings
 
 if TYPE_CHECKING:
@@ -42,8 +42,20 @@ def _check_policy(ctx: Context, p: P.BackupParams | P.GroupBackupParams, actor: 
 
 
 def check_backup(ctx: Context, _a: Action, p: P.BackupParams, actor: Actor) -> P.Params:
+    """The VM's state allows a backup, or another job of this VM runs (a backup queued while
+    the last one still runs: it waits for it, ``jobs.claim``, and checks the state as it
+    starts); the datastores exist."""
+    from vmkeep.engine.core import jobs
+    from vmkeep.engine.service.actions import ONE_PER_VM
+
     _check_policy(ctx, p, actor)
-    name = inventory.check_action(ctx, p.vm, "backup")
+    try:
+        name = inventory.check_action(ctx, p.vm, "backup")
+    except WrongState as err:
+        with ctx.catalog.session() as s:
+            name = find_vm(s, p.vm).name
+        if jobs.running_on(ctx, name, ONE_PER_VM) is None:
+            raise err from None
     stores.check_exists(ctx, p.datastore)  # 404 now, not a failed job later
     if p.copy_to:
         stores.check_exists(ctx, p.copy_to)
