@@ -663,14 +663,15 @@ def test_an_interrupted_merge_leaves_the_store_as_the_catalog_says_and_a_rerun_r
     assert [(i["id"], i["files"][0].get("full", False)) for i in shown] == [(2, True), (3, False)]
 
 
-@pytest.mark.parametrize("how", ["convert", "files"])
+@pytest.mark.parametrize("how", ["convert", "files", "copy"])
 def test_a_restore_after_a_merge_killed_before_its_catalog_update_takes_the_stored_file(
     ctx: Context, tmp_path: Path, how: str
 ) -> None:
     """Between the killed merge and the next retention run or verify, a restore of the chain
     reads the rewritten file (its row's pending checksum): the same point's bytes, restored and
     recorded, not a point marked DAMAGED. Both ways restores check files: while converting
-    (``convert_verified``) and before use (``verify_files``: instant, export, drill)."""
+    (``convert_verified``) and before use (``verify_files``: instant, export, drill); a copy to
+    another datastore too."""
     from vmkeep.checksums import expected_digests
     from vmkeep.engine.points import merge
     from vmkeep.engine.restore.point import convert_verified, verify_files
@@ -693,8 +694,12 @@ def test_a_restore_after_a_merge_killed_before_its_catalog_update_takes_the_stor
         dest.parent.mkdir()
         convert_verified(ctx, bid, f"web/{bid}", expected, local, {disk_file(3, "vda"): dest})
         assert all(read_pattern(dest, q) for q in range(4))
-    else:
+    elif how == "files":
         verify_files(ctx, bid, f"web/{bid}", expected, local)
+    else:
+        copied = copy.copy_backup(ctx, bid, "ds2")
+        there = listing.show_backup(ctx, copied["copy"])["increments"]
+        assert there[2]["files"][0]["digest"] == new and "pending" not in there[2]["files"][0]
     shown = listing.show_backup(ctx, bid)["increments"]
     assert {i["status"] for i in shown} == {"VALID"}
     row = shown[2]["files"][0]

@@ -155,7 +155,10 @@ class RsyncDriver(DatastoreDriver):
     def backup(self, chain: str, staged: list[Path]) -> None:
         d = self._dir(chain)
         tmp = f"{d}/{PARTIAL}{uuid.uuid4().hex[:12]}"
-        self._ssh(["sh", "-c", f"{self._clear_broken(d)} mkdir -p -- {shlex.quote(tmp)}"], "store")
+        # a store broken with the host (its clean-up could not reach it) left its folder: one
+        # store writes to a chain at a time (the VM's lock), so any other .partial-* is stale
+        stale = f"rm -rf -- {shlex.quote(d)}/{PARTIAL}*"
+        self._ssh(["sh", "-c", f"{stale} && mkdir -p -- {shlex.quote(tmp)}"], "store")
         try:
             self._rsync([str(p) for p in staged], f"{self._remote_name(tmp)}/", "store")
             names = [self.checked_name(chain, p.name) for p in staged]
@@ -172,23 +175,6 @@ class RsyncDriver(DatastoreDriver):
             with contextlib.suppress(DatastoreError):  # else the next rm of the chain removes it
                 self._ssh(["rm", "-rf", "--", tmp], "store cleanup")
             raise
-
-    def _clear_broken(self, d: str) -> str:
-        """Shell commands removing what stores broken with the host left (their clean-up could
-        not reach it): ``.partial-*`` folders in this chain, and the VM's other chain folders
-        that hold nothing else (a first full that never stored a file). Only one store writes
-        to a VM's chains at a time (the VM's lock: backups, copies), so these are stale."""
-        parent = d.rsplit("/", 1)[0]
-        here = f"rm -rf -- {shlex.quote(d)}/{PARTIAL}* &&"
-        if parent == self.options.path:
-            return here
-        mine = shlex.quote(f"{d}/")
-        others = (
-            f'for c in {shlex.quote(parent)}/*/; do [ -d "$c" ] && [ "$c" != {mine} ] || '
-            f'continue; [ -z "$(ls -A -- "$c" | grep -v "^\\{PARTIAL}")" ] && '
-            f'rm -rf -- "$c"; done; true &&'
-        )
-        return f"{here} {others}"
 
     def restore(self, chain: str, names: list[str], workdir: Path) -> dict[str, Path]:
         d = self._dir(chain)

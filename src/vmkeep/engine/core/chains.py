@@ -277,16 +277,17 @@ def adopt_pending(ctx: Context, backup_id: int, adopted: dict[str, dict[str, Any
         if b is None:
             return
         for inc in b.increments:
-            rows = []
-            for f in inc.files:
-                if f["name"] in adopted:
-                    new = adopted[f["name"]]
-                    f = {k: v for k, v in f.items() if k not in (PENDING, "sha256", "full")}
-                    f.update(digest=new["digest"], size=new["size"])
-                    if new["full"]:
-                        f["full"] = True
-                rows.append(f)
-            inc.files = rows
+            inc.files = [adopted_row(f, adopted[f["name"]]) if f["name"] in adopted else f
+                         for f in inc.files]  # fmt: skip
+
+
+def adopted_row(f: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """A file row with the values ``pending_entry`` found for its stored file."""
+    out = {k: v for k, v in f.items() if k not in (PENDING, "sha256", "full")}
+    out.update(digest=new["digest"], size=new["size"])
+    if new["full"]:
+        out["full"] = True
+    return out
 
 
 def write_manifest(ctx: Context, driver: DatastoreDriver, backup_id: int) -> None:

@@ -15,9 +15,13 @@ from vmkeep.catalog.tables import Backup, Increment
 from vmkeep.checksums import expected_digests, matches, row_digest
 from vmkeep.datastores import DatastoreDriver
 from vmkeep.engine.core.chains import (
+    PENDING,
+    adopt_pending,
+    adopted_row,
     chain_locked,
     find_backup,
     needed_by_protected,
+    pending_entry,
     valid_increments,
     write_manifest,
 )
@@ -91,7 +95,10 @@ def _copy_locked(
                 names = [f["name"] for f in files]
                 work = Path(tmp) / str(seq)
                 local = src_driver.restore(chain, names, work / "in")
-                _check_sums(chain, files, local)
+                if adopted := _check_sums(chain, files, local):  # as verify and restore do
+                    adopt_pending(ctx, backup_id, adopted)
+                    files[:] = [adopted_row(f, adopted[f["name"]]) if f["name"] in adopted
+                                else f for f in files]  # fmt: skip
                 (work / "stage").mkdir(parents=True)
                 staged = []
                 for n in names:  # the driver may move staged files: never hand it the source's
@@ -195,11 +202,20 @@ def _inc_fields(i: Increment) -> dict[str, Any]:
     }
 
 
-def _check_sums(where: str, files: list[dict[str, Any]], local: dict[str, Path]) -> None:
+def _check_sums(
+    where: str, files: list[dict[str, Any]], local: dict[str, Path]
+) -> dict[str, dict[str, Any]]:
+    """Each file against its row's checksum, or the pending one a retention merge killed before
+    its catalog update recorded (those are returned, for ``adopt_pending``)."""
+    adopted = {}
     for f in files:
         ok, got = matches(local[f["name"]], row_digest(f))
-        if not ok:
+        entry = None if ok else pending_entry(local[f["name"]], got, f.get(PENDING))
+        if entry is not None:
+            adopted[f["name"]] = entry
+        elif not ok:
             raise ChecksumMismatch(f"{where}/{f['name']}", row_digest(f), got)
+    return adopted
 
 
 # --- download ----------------------------------------------------------------------------------

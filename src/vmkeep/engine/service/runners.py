@@ -42,11 +42,10 @@ def _check_policy(ctx: Context, p: P.BackupParams | P.GroupBackupParams, actor: 
 
 
 def check_backup(ctx: Context, _a: Action, p: P.BackupParams, actor: Actor) -> P.Params:
-    """The VM's state allows a backup, or another job of this VM runs (a backup queued while
-    the last one still runs: it waits for it, ``jobs.claim``, and checks the state as it
-    starts); the datastores exist."""
+    """The VM's state allows a backup, or a backup (or prune) job of this VM runs: a backup
+    queued while the last one still runs waits for it (``jobs.claim``) and checks the state
+    as it starts; the datastores exist."""
     from vmkeep.engine.core import jobs
-    from vmkeep.engine.service.actions import ONE_PER_VM
 
     _check_policy(ctx, p, actor)
     try:
@@ -54,7 +53,7 @@ def check_backup(ctx: Context, _a: Action, p: P.BackupParams, actor: Actor) -> P
     except WrongState as err:
         with ctx.catalog.session() as s:
             name = find_vm(s, p.vm).name
-        if jobs.running_on(ctx, name, ONE_PER_VM) is None:
+        if jobs.running_on(ctx, name, ("backup", "prune")) is None:
             raise err from None
     stores.check_exists(ctx, p.datastore)  # 404 now, not a failed job later
     if p.copy_to:
