@@ -45,11 +45,15 @@ numbers = st.one_of(
 )
 
 
+# what libvirtd makes there itself, coming and going with the tests running at the same time:
+# a domain's runtime folder (``domain-N-NAME``) and a capabilities probe's (``qmp-XXXXXX``)
+LIBVIRT_OWN = ("domain-", "qmp-")
+
+
 def snapshot() -> dict[Path, set[str]]:
-    """The folders' entries; libvirt's per-domain runtime folders (``domain-N-NAME``) are left
-    out: they come and go with the VMs of tests running at the same time."""
+    """The folders' entries, without libvirtd's own comings and goings (``LIBVIRT_OWN``)."""
     return {
-        p: {e for e in os.listdir(p) if not e.startswith("domain-")}
+        p: {e for e in os.listdir(p) if not e.startswith(LIBVIRT_OWN)}
         for p in SENTINELS
         if p.is_dir()
     }
