@@ -25,6 +25,9 @@ class Dom:
     def isActive(self) -> bool:  # noqa: N802 (libvirt's name)
         return self.active
 
+    def destroy(self) -> None:
+        self.shutdownFlags(0)  # the same race: off between the check and the call
+
     def shutdownFlags(self, _flags: int) -> None:  # noqa: N802
         if self.goes_down:
             self.active = False  # the agent's poweroff was quicker than libvirt's fallback
@@ -49,3 +52,11 @@ def test_a_guest_already_off_after_the_shutdown_call_is_no_error() -> None:
 def test_a_refused_shutdown_of_a_running_guest_is_an_error() -> None:
     with pytest.raises(HypervisorError, match="shutdown web: Requested operation is not valid"):
         _hv(Dom(goes_down=False)).shutdown("web")
+
+
+def test_a_guest_that_powered_off_before_its_destroy_is_no_error() -> None:
+    dom = Dom(goes_down=True)
+    _hv(dom).destroy("web")  # a group stop --force after its timeout: the guest just went down
+    assert not dom.active
+    with pytest.raises(HypervisorError, match="destroy web"):
+        _hv(Dom(goes_down=False)).destroy("web")

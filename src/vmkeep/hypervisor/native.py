@@ -242,7 +242,11 @@ class LibvirtHypervisor(LibvirtNetworks, Hypervisor):
         except DomainNotFound:
             return
         if dom.isActive():
-            self._call(dom.destroy, f"destroy {name}")
+            try:
+                self._call(dom.destroy, f"destroy {name}")
+            except HypervisorError as err:
+                if not _went_off(dom, err):  # it powered off by itself meanwhile: off it is
+                    raise
 
     def shutdown(self, name: str) -> None:
         try:
@@ -256,11 +260,8 @@ class LibvirtHypervisor(LibvirtNetworks, Hypervisor):
             except HypervisorError as err:
                 # a guest the agent's shutdown took down at once fails libvirt's ACPI fallback
                 # ("domain is not running"): off is what was asked
-                if err.__cause__ is not None and _operation_invalid(err.__cause__):
-                    with contextlib.suppress(libvirt.libvirtError):
-                        if not dom.isActive():
-                            return
-                raise
+                if not _went_off(dom, err):
+                    raise
 
     def undefine(self, name: str) -> None:
         try:
@@ -480,9 +481,16 @@ class LibvirtHypervisor(LibvirtNetworks, Hypervisor):
                 ) from err
 
 
-def _operation_invalid(err: BaseException) -> bool:
-    """libvirt's "Requested operation is not valid" (a call the domain's state refused)."""
-    return (
-        isinstance(err, libvirt.libvirtError)
-        and err.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
-    )
+def _went_off(dom: libvirt.virDomain, err: HypervisorError) -> bool:
+    """A shutdown or destroy refused with "Requested operation is not valid" by a domain that
+    is off now: it powered off between the check and the call."""
+    cause = err.__cause__
+    if not (
+        isinstance(cause, libvirt.libvirtError)
+        and cause.get_error_code() == libvirt.VIR_ERR_OPERATION_INVALID
+    ):
+        return False
+    try:
+        return not dom.isActive()
+    except libvirt.libvirtError:
+        return False
